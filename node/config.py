@@ -1,0 +1,152 @@
+"""Node configuration: flags, their environment variables and defaults, validated.
+
+Every flag `--foo-bar` can also be set as `LEDGER_FOO_BAR`; a flag on the
+command line wins over the environment. Validation raises ConfigError with a
+message meant for a person (never `assert`, which `python -O` strips).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from node import __version__
+
+DEFAULT_PORT = 7400
+DEFAULT_MAX_PAYLOAD = 4 << 20
+DEFAULT_HOT_BYTES = 64 << 20
+MIN_MAX_REQUEST = 16 << 20
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str | None
+    data: str
+    host: str
+    port: int
+    pub_port: int | None
+    durability: str
+    flush_ms: int
+    max_payload: int
+    hot_bytes: int
+    log_level: str
+
+    @property
+    def sync(self) -> bool:
+        return self.durability == "sync"
+
+    @property
+    def max_request(self) -> int:
+        """Largest request frame accepted: a payload at the limit plus room for the rest."""
+        return max(self.max_payload + (1 << 20), MIN_MAX_REQUEST)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_MULT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4194304', '4MiB', '4M', '512k' -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use bytes, or a number with K, M or G)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _MULT[unit]
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: port must be 0..65535, got {port!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ledger-node",
+        description="Run a Converge Ledger node. Every flag can also be set by its LEDGER_* "
+        "environment variable (shown in brackets); flags win.",
+    )
+    p.add_argument("--id", help="node id, kept in the data folder; generated on first start [LEDGER_ID]")
+    p.add_argument("--data", help="data folder (LevelDB), or :memory: for a throw-away node "
+                   "[LEDGER_DATA] (default ./ledger-data)")
+    p.add_argument("--listen", help="HOST:PORT of the request (ROUTER) socket; port 0 picks a free "
+                   "one [LEDGER_LISTEN] (default 127.0.0.1:7400)")
+    p.add_argument("--pub-port", help="port of the watch (PUB) socket [LEDGER_PUB_PORT] "
+                   "(default: listen port + 1, or a free port when listening on port 0)")
+    p.add_argument("--durability", choices=("async", "sync"),
+                   help="async: acknowledged in RAM, on disk within --flush-ms; sync: fsynced "
+                   "before the reply, appends in flight share one fsync [LEDGER_DURABILITY] (default async)")
+    p.add_argument("--flush-ms", help="async mode: longest time an acknowledged append stays "
+                   "only in RAM [LEDGER_FLUSH_MS] (default 10)")
+    p.add_argument("--max-payload", help="largest payload in bytes (4MiB, 512K, ... accepted) "
+                   "[LEDGER_MAX_PAYLOAD] (default 4MiB)")
+    p.add_argument("--hot-bytes", help="RAM for recent entries of all contexts together "
+                   "[LEDGER_HOT_BYTES] (default 64MiB)")
+    p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
+    p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
+    return p
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+
+    def pick(flag: str | None, name: str, default: str) -> str:
+        if flag is not None:
+            return flag
+        return env.get("LEDGER_" + name, default)
+
+    node_id = pick(args.id, "ID", "") or None
+    if node_id is not None and not ID_RE.match(node_id):
+        raise ConfigError(
+            f"--id must be 1..64 characters of letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit; got {node_id!r}"
+        )
+    data = pick(args.data, "DATA", "./ledger-data")
+    host, port = parse_hostport(pick(args.listen, "LISTEN", f"127.0.0.1:{DEFAULT_PORT}"), "--listen")
+    pub_raw = pick(args.pub_port, "PUB_PORT", "")
+    pub_port: int | None
+    if pub_raw:
+        if not pub_raw.isdigit() or not 0 <= int(pub_raw) <= 65535:
+            raise ConfigError(f"--pub-port must be 0..65535, got {pub_raw!r}")
+        pub_port = int(pub_raw)
+    else:
+        pub_port = None if port == 0 else port + 1
+        if pub_port is not None and pub_port > 65535:
+            raise ConfigError(f"--listen port {port} leaves no room for the PUB socket; set --pub-port")
+    if pub_port is not None and pub_port != 0 and pub_port == port:
+        raise ConfigError("--pub-port must differ from the --listen port")
+    durability = pick(args.durability, "DURABILITY", "async")
+    if durability not in ("async", "sync"):
+        raise ConfigError(f"--durability must be async or sync, got {durability!r}")
+    flush_raw = pick(args.flush_ms, "FLUSH_MS", "10")
+    if not flush_raw.isdigit() or not 1 <= int(flush_raw) <= 60_000:
+        raise ConfigError(f"--flush-ms must be an integer from 1 to 60000, got {flush_raw!r}")
+    try:
+        max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
+        hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 1 <= max_payload <= 1 << 30:
+        raise ConfigError(f"--max-payload must be from 1 byte to 1GiB, got {max_payload}")
+    level = pick(args.log_level, "LOG_LEVEL", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
+    return Config(
+        node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
+        durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
+        hot_bytes=hot_bytes, log_level=level,
+    )

@@ -1,0 +1,661 @@
+"""The ledger engine: contexts, appends, reads, proofs, loads; no sockets, no threads.
+
+It owns the in-memory state of every context (size, Merkle frontier, hot tail)
+and the write-behind buffer. It never writes entries to disk itself on the
+append path: appends go to `pending` (a dict of key -> value, so lookups of
+not-yet-flushed nodes and dedup ids stay O(1)); the server hands that buffer
+to its flusher thread with `take_pending()` and reports completion with
+`mark_flushed()`. Everything below `flushed_seq` of a context is on disk;
+only such entries may leave the hot tail.
+
+Errors are raised as `protocol.errors.LedgerError` subclasses, which the
+server turns into error replies with their stable code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from node import storage as st
+from node.storage import KV
+from protocol import codec, merkle
+from protocol.entry import Entry, decode_entry, leaf_hash
+from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
+from protocol.lamport import LamportClock, needs_reservation, next_reservation
+from protocol.snapshot import SnapshotVerifier
+
+log = logging.getLogger(__name__)
+
+MAX_REPLY_BYTES = 16 << 20
+MAX_SCAN = 100_000  # entries examined by one filtered get before it returns `more`
+HOT_ENTRY_OVERHEAD = 160  # bytes of Python objects per hot-tail entry, beyond the blob
+LOAD_IDLE_S = 120.0
+LOAD_COMMIT_CHUNK = 10_000
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+
+
+class DataDirError(Exception):
+    """The data folder cannot be used as asked (wrong node id, newer format)."""
+
+
+class ContextState:
+    """What the node keeps in RAM for one context."""
+
+    __slots__ = (
+        "name", "id", "writer", "size", "frontier", "last_lamport", "tail",
+        "flushed_seq", "created_ns",
+    )
+
+    def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
+        self.name = name
+        self.id = ctx_id
+        self.writer = writer
+        self.size = 0
+        self.frontier = merkle.Frontier()
+        self.last_lamport = 0
+        # seq -> (key, encoded entry); recent entries, bounded by the node-wide budget
+        self.tail: dict[int, tuple[str, bytes]] = {}
+        self.flushed_seq = 0
+        self.created_ns = created_ns
+
+
+@dataclass
+class LoadSession:
+    context: str
+    load_id: str
+    load_no: int
+    size: int
+    root: bytes
+    fail_if_exists: bool
+    existing_size: int
+    existing_root: bytes
+    verifier: SnapshotVerifier
+    prefix_root: bytes | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    ctx: ContextState
+    blobs: list[bytes]
+    last_seq: int
+    deduplicated: bool
+
+
+class Ledger:
+    def __init__(
+        self,
+        kv: KV,
+        *,
+        node_id: str | None = None,
+        max_payload: int = 4 << 20,
+        hot_bytes: int = 64 << 20,
+        now_ns: Callable[[], int] = time.time_ns,
+        sync_meta: bool = True,
+    ) -> None:
+        self.kv = kv
+        self.max_payload = max_payload
+        self.hot_limit = hot_bytes
+        self.now_ns = now_ns
+        self._sync_meta = sync_meta
+        self.contexts: dict[str, ContextState] = {}
+        self._names: list[str] = []  # sorted, for paging
+        self.pending: dict[bytes, bytes] = {}
+        self.inflight: dict[bytes, bytes] = {}
+        self._dirty: dict[ContextState, int] = {}
+        self._hot: collections.deque[tuple[ContextState, int, int]] = collections.deque()
+        self.hot_bytes = 0
+        self.entries_total = 0
+        self.loads: dict[str, LoadSession] = {}
+        self._next_load_no = 1
+        self.node_id = self._open(node_id)
+
+    # -- start-up ----------------------------------------------------------
+
+    def _open(self, wanted_id: str | None) -> str:
+        kv = self.kv
+        fmt = kv.get(st.meta_key("format"))
+        if fmt is not None and fmt != st.FORMAT_VERSION:
+            raise DataDirError(
+                f"data folder has storage format {fmt.decode(errors='replace')}, "
+                f"this version reads {st.FORMAT_VERSION.decode()}"
+            )
+        stored = kv.get(st.meta_key("node_id"))
+        puts: list[tuple[bytes, bytes]] = []
+        if stored is None:
+            node_id = wanted_id or "node-" + os.urandom(4).hex()
+            puts.append((st.meta_key("node_id"), node_id.encode()))
+            puts.append((st.meta_key("format"), st.FORMAT_VERSION))
+        else:
+            node_id = stored.decode()
+            if wanted_id and wanted_id != node_id:
+                raise DataDirError(
+                    f"data folder belongs to node {node_id!r}, not {wanted_id!r}; "
+                    "use another --data folder or drop --id"
+                )
+        reserved_raw = kv.get(st.meta_key("lamport"))
+        self._reserved = int(reserved_raw) if reserved_raw else 0
+        self.clock = LamportClock(self._reserved)
+        nxt = kv.get(st.meta_key("next_ctx"))
+        self._next_ctx = int(nxt) if nxt else 1
+        # Loads that were in progress when the node stopped are abandoned.
+        stale = [k for k, _ in kv.scan(st.STAGE, st.prefix_end(st.STAGE))]
+        if stale:
+            log.info("discarding %d staged entries of unfinished loads", len(stale))
+            kv.write((), stale, sync=False)
+        if puts:
+            kv.write(puts, sync=self._sync_meta)
+        for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
+            info = _unpackb(value)
+            name = key[1:].decode()
+            ctx = ContextState(name, info["id"], info["writer"], info.get("created_ns", 0))
+            last = next(kv.scan(st.entry_prefix(ctx.id), st.prefix_end(st.entry_prefix(ctx.id)), reverse=True), None)
+            if last is not None:
+                ctx.size = st.seq_of_entry_key(last[0])
+                e = _unpackb(last[1])
+                ctx.last_lamport = e["lamport"]
+                self.clock.observe(e["lamport"])
+                ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
+            ctx.flushed_seq = ctx.size
+            self.contexts[name] = ctx
+            self._names.append(name)
+            self.entries_total += ctx.size
+            if ctx.id >= self._next_ctx:
+                self._next_ctx = ctx.id + 1
+        self._names.sort()
+        return node_id
+
+    def _kv_node_getter(self, ctx_id: int) -> merkle.GetNode:
+        def get(level: int, index: int) -> bytes:
+            v = self.kv.get(st.node_key(ctx_id, level, index))
+            if v is None:
+                raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
+            return v
+        return get
+
+    # -- lookups -------------------------------------------------------------
+
+    def _lookup(self, key: bytes) -> bytes | None:
+        v = self.pending.get(key)
+        if v is None:
+            v = self.inflight.get(key)
+            if v is None:
+                v = self.kv.get(key)
+        return v
+
+    def node_getter(self, ctx: ContextState) -> merkle.GetNode:
+        frontier = ctx.frontier
+
+        def get(level: int, index: int) -> bytes:
+            nodes = frontier.nodes
+            if level < len(nodes) and index == (frontier.size >> level) - 1:
+                return nodes[level]
+            v = self._lookup(st.node_key(ctx.id, level, index))
+            if v is None:
+                raise InternalError(f"Merkle node ({level}, {index}) of {ctx.name!r} is missing")
+            return v
+        return get
+
+    def context(self, name: str) -> ContextState:
+        ctx = self.contexts.get(name)
+        if ctx is None:
+            raise NotFound(f"context {name!r} does not exist", {"context": name})
+        return ctx
+
+    # -- the clock -------------------------------------------------------------
+
+    def _tick(self, after: int | None) -> int:
+        v = self.clock.tick(after)
+        if needs_reservation(v, self._reserved):
+            self._reserve(v)
+        return v
+
+    def _reserve(self, v: int) -> None:
+        r = next_reservation(v)
+        self.kv.write([(st.meta_key("lamport"), str(r).encode())], sync=self._sync_meta)
+        self._reserved = r
+
+    def observe(self, lamport: int) -> None:
+        """Advance past a clock seen elsewhere, keeping the reservation ahead."""
+        self.clock.observe(lamport)
+        if needs_reservation(self.clock.value, self._reserved):
+            self._reserve(self.clock.value)
+
+    # -- appends ---------------------------------------------------------------
+
+    def _create(self, name: str) -> ContextState:
+        ctx_id = self._next_ctx
+        self._next_ctx += 1
+        now = self.now_ns()
+        ctx = ContextState(name, ctx_id, self.node_id, now)
+        self.pending[st.ctx_key(name)] = _packb({"id": ctx_id, "writer": self.node_id, "created_ns": now})
+        self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
+        self.contexts[name] = ctx
+        bisect.insort(self._names, name)
+        return ctx
+
+    def _dedup_hit(self, ctx: ContextState | None, dedup_id: bytes | None) -> AppendResult | None:
+        if dedup_id is None or ctx is None:
+            return None
+        raw = self._lookup(st.dedup_key(ctx.id, dedup_id))
+        if raw is None:
+            return None
+        first, count = st.parse_dedup_value(raw)
+        blobs = [self._entry_blob(ctx, s) for s in range(first, first + count)]
+        return AppendResult(ctx, blobs, first + count - 1, True)
+
+    def _check_expect(self, ctx: ContextState | None, name: str, expect: int | None) -> None:
+        if expect is None:
+            return
+        actual = ctx.size if ctx is not None else 0
+        if actual != expect:
+            raise Conflict(
+                f"context {name!r} is at seq {actual}, not {expect}",
+                {"actual_seq": actual, "expected_seq": expect},
+            )
+
+    def _add(self, ctx: ContextState, key: str, payload: bytes, metadata: dict[str, str], lamport: int, ts: int) -> bytes:
+        seq = ctx.size + 1
+        name = ctx.name
+        writer = self.node_id
+        h = leaf_hash(name, seq, key, payload, metadata, lamport, ts, writer)
+        blob = _packb({
+            "context": name, "seq": seq, "key": key, "payload": payload, "metadata": metadata,
+            "lamport": lamport, "ts_ns": ts, "writer": writer, "hash": h,
+        })
+        self._store(ctx, seq, key, blob, h, lamport)
+        return blob
+
+    def _store(self, ctx: ContextState, seq: int, key: str, blob: bytes, h: bytes, lamport: int) -> None:
+        pending = self.pending
+        cid = ctx.id
+        for level, index, nh in ctx.frontier.append(h):
+            pending[st.node_key(cid, level, index)] = nh
+        pending[st.entry_key(cid, seq)] = blob
+        ctx.size = seq
+        ctx.last_lamport = lamport
+        ctx.tail[seq] = (key, blob)
+        n = len(blob) + HOT_ENTRY_OVERHEAD
+        self._hot.append((ctx, seq, n))
+        self.hot_bytes += n
+        self._dirty[ctx] = seq
+        self.entries_total += 1
+
+    def append(self, req: codec.Append) -> AppendResult:
+        ctx = self.contexts.get(req.context)
+        hit = self._dedup_hit(ctx, req.dedup_id)
+        if hit is not None:
+            return hit
+        self._check_expect(ctx, req.context, req.expect_seq)
+        if ctx is None:
+            ctx = self._create(req.context)
+        lamport = self._tick(req.after_lamport)
+        blob = self._add(ctx, req.key, req.payload, req.metadata, lamport, self.now_ns())
+        if req.dedup_id is not None:
+            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
+        return AppendResult(ctx, [blob], ctx.size, False)
+
+    def append_batch(self, req: codec.AppendBatch) -> AppendResult:
+        total = sum(len(it.payload) for it in req.items)
+        if total > max(self.max_payload, MAX_REPLY_BYTES // 2):
+            raise TooLarge(f"batch payloads add up to {total} bytes; split the batch")
+        ctx = self.contexts.get(req.context)
+        hit = self._dedup_hit(ctx, req.dedup_id)
+        if hit is not None:
+            return hit
+        self._check_expect(ctx, req.context, req.expect_seq)
+        if ctx is None:
+            ctx = self._create(req.context)
+        first = ctx.size + 1
+        ts = self.now_ns()
+        after = req.after_lamport
+        blobs = []
+        # Everything is validated before this point, so the batch cannot fail halfway.
+        for it in req.items:
+            lamport = self._tick(after)
+            after = None
+            blobs.append(self._add(ctx, it.key, it.payload, it.metadata, lamport, ts))
+        if req.dedup_id is not None:
+            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(first, len(blobs))
+        return AppendResult(ctx, blobs, ctx.size, False)
+
+    # -- write-behind ----------------------------------------------------------
+
+    def has_pending(self) -> bool:
+        return bool(self.pending)
+
+    def take_pending(self) -> tuple[dict[bytes, bytes], dict[ContextState, int]]:
+        """Hand the write buffer to the flusher; it stays readable as `inflight`."""
+        batch, dirty = self.pending, self._dirty
+        self.pending = {}
+        self._dirty = {}
+        self.inflight = batch
+        return batch, dirty
+
+    def mark_flushed(self, dirty: dict[ContextState, int]) -> None:
+        for ctx, seq in dirty.items():
+            if seq > ctx.flushed_seq:
+                ctx.flushed_seq = seq
+        self.inflight = {}
+        self.evict()
+
+    def flush_sync(self, sync: bool = True) -> None:
+        """Write everything pending now, in this thread (shutdown, tests)."""
+        if not self.pending:
+            return
+        batch, dirty = self.take_pending()
+        self.kv.write(batch.items(), sync=sync)
+        self.mark_flushed(dirty)
+
+    def durable(self, ctx: ContextState, seq: int) -> bool:
+        return ctx.flushed_seq >= seq
+
+    def evict(self) -> None:
+        hot = self._hot
+        limit = self.hot_limit
+        while self.hot_bytes > limit and hot:
+            ctx, seq, n = hot[0]
+            if seq > ctx.flushed_seq:
+                break  # not on disk yet; stays in RAM until flushed
+            hot.popleft()
+            ctx.tail.pop(seq, None)
+            self.hot_bytes -= n
+
+    # -- reads -------------------------------------------------------------------
+
+    def _entry_blob(self, ctx: ContextState, seq: int) -> bytes:
+        hot = ctx.tail.get(seq)
+        if hot is not None:
+            return hot[1]
+        v = self._lookup(st.entry_key(ctx.id, seq))
+        if v is None:
+            raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
+        return v
+
+    def _iter_blobs(self, ctx: ContextState, first: int, last: int) -> Iterator[tuple[int, str | None, bytes]]:
+        """(seq, key or None when unknown, blob) for first..last, RAM before disk."""
+        tail = ctx.tail
+        disk: Iterator[tuple[bytes, bytes]] | None = None
+        for seq in range(first, last + 1):
+            hot = tail.get(seq)
+            if hot is not None:
+                yield seq, hot[0], hot[1]
+                continue
+            if disk is None:
+                disk = self.kv.scan(st.entry_key(ctx.id, seq), st.entry_key(ctx.id, last + 1))
+            for k, v in disk:
+                s = st.seq_of_entry_key(k)
+                if s == seq:
+                    yield seq, None, v
+                    break
+                if s > seq:
+                    raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
+            else:
+                v2 = self._lookup(st.entry_key(ctx.id, seq))
+                if v2 is None:
+                    raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
+                yield seq, None, v2
+
+    def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
+        """(encoded entries, last seq of the context, more remain, next `after`)."""
+        ctx = self.contexts.get(req.context)
+        if ctx is None or req.after >= ctx.size:
+            size = ctx.size if ctx else 0
+            return [], size, False, max(req.after, 0) if ctx else req.after
+        out: list[bytes] = []
+        nbytes = 0
+        examined = 0
+        last_seen = req.after
+        want = req.key
+        for seq, key, blob in self._iter_blobs(ctx, req.after + 1, ctx.size):
+            if want is not None:
+                if key is None:
+                    key = _unpackb(blob)["key"]
+                if key != want:
+                    last_seen = seq
+                    examined += 1
+                    if examined >= MAX_SCAN:
+                        break
+                    continue
+            if out and nbytes + len(blob) > MAX_REPLY_BYTES:
+                break
+            out.append(blob)
+            nbytes += len(blob)
+            last_seen = seq
+            examined += 1
+            if len(out) >= req.limit or examined >= MAX_SCAN:
+                break
+        return out, ctx.size, last_seen < ctx.size, last_seen
+
+    def head(self, name: str) -> dict[str, Any]:
+        ctx = self.context(name)
+        return {
+            "context": name,
+            "size": ctx.size,
+            "root": ctx.frontier.root(),
+            "lamport": ctx.last_lamport,
+            "writer": ctx.writer,
+        }
+
+    def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        names = self._names
+        i = 0 if after is None else bisect.bisect_right(names, after)
+        page = names[i:i + limit]
+        out = [{"name": n, "size": self.contexts[n].size} for n in page]
+        return out, i + limit < len(names)
+
+    def root_at(self, ctx: ContextState, size: int) -> bytes:
+        if size == ctx.size:
+            return ctx.frontier.root()
+        return merkle.root_at(size, self.node_getter(ctx))
+
+    def _size_arg(self, ctx: ContextState, size: int | None) -> int:
+        if size is None:
+            return ctx.size
+        if size > ctx.size:
+            raise NotFound(f"context {ctx.name!r} has {ctx.size} entries, not {size}", {"size": ctx.size})
+        return size
+
+    def snapshot_page(self, req: codec.Snapshot) -> tuple[dict[str, Any], list[bytes]]:
+        ctx = self.context(req.context)
+        size = self._size_arg(ctx, req.size)
+        out: list[bytes] = []
+        nbytes = 0
+        last = min(size, req.after + req.limit)
+        last_seen = req.after
+        if req.after < size:
+            for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last):
+                if out and nbytes + len(blob) > MAX_REPLY_BYTES:
+                    break
+                out.append(blob)
+                nbytes += len(blob)
+                last_seen = seq
+        fields = {
+            "context": ctx.name,
+            "size": size,
+            "root": self.root_at(ctx, size),
+            "more": last_seen < size,
+            "next_after": last_seen,
+        }
+        return fields, out
+
+    def proof(self, req: codec.Proof) -> dict[str, Any]:
+        ctx = self.context(req.context)
+        size = self._size_arg(ctx, req.size)
+        if req.seq > size:
+            raise NotFound(f"seq {req.seq} is beyond size {size} of {ctx.name!r}", {"size": size})
+        get = self.node_getter(ctx)
+        return {
+            "context": ctx.name,
+            "seq": req.seq,
+            "size": size,
+            "leaf": get(0, req.seq - 1),
+            "path": merkle.inclusion_path(req.seq - 1, size, get),
+            "root": self.root_at(ctx, size),
+        }
+
+    def consistency(self, req: codec.Consistency) -> dict[str, Any]:
+        ctx = self.context(req.context)
+        second = self._size_arg(ctx, req.second)
+        if req.first > second:
+            raise BadRequest(f"first ({req.first}) must not exceed second ({second})")
+        get = self.node_getter(ctx)
+        return {
+            "context": ctx.name,
+            "first": req.first,
+            "second": second,
+            "first_root": self.root_at(ctx, req.first),
+            "second_root": self.root_at(ctx, second),
+            "proof": merkle.consistency_proof(req.first, second, get),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "lamport": self.clock.value,
+            "contexts": len(self.contexts),
+            "entries": self.entries_total,
+            "hot_bytes": self.hot_bytes,
+            "hot_limit": self.hot_limit,
+            "pending_writes": len(self.pending) + len(self.inflight),
+            "loads_in_progress": len(self.loads),
+        }
+
+    # -- load ----------------------------------------------------------------
+
+    def _drop_load(self, s: LoadSession) -> None:
+        self.loads.pop(s.load_id, None)
+        p = st.stage_prefix(s.load_no)
+        keys = [k for k, _ in self.kv.scan(p, st.prefix_end(p))]
+        if keys:
+            self.kv.write((), keys)
+
+    def expire_loads(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for s in list(self.loads.values()):
+            if now - s.last_used > LOAD_IDLE_S:
+                log.warning("abandoning load %r of context %r after %.0f s idle", s.load_id, s.context, now - s.last_used)
+                self._drop_load(s)
+
+    def load(self, req: codec.Load, sync: bool) -> dict[str, Any] | None:
+        """Stage a chunk of a snapshot; on `final`, verify all and commit.
+
+        Returns None for an intermediate chunk, else the committed head.
+        Nothing becomes visible unless every hash and the root check out.
+        """
+        s = self.loads.get(req.load_id)
+        existing = self.contexts.get(req.context)
+        if s is None:
+            first = req.entries[0].seq if req.entries else 1
+            if first != 1:
+                raise BadRequest(f"load {req.load_id!r} is unknown (expired?); start again from seq 1")
+            if existing is not None and req.fail_if_exists:
+                raise Conflict(f"context {req.context!r} already exists", {"size": existing.size})
+            if existing is not None and existing.size > req.size:
+                raise Conflict(
+                    f"context {req.context!r} has {existing.size} entries, more than the snapshot's {req.size}",
+                    {"size": existing.size},
+                )
+            s = LoadSession(
+                context=req.context, load_id=req.load_id, load_no=self._next_load_no,
+                size=req.size, root=req.root, fail_if_exists=req.fail_if_exists,
+                existing_size=existing.size if existing else 0,
+                existing_root=existing.frontier.root() if existing else merkle.EMPTY_ROOT,
+                verifier=SnapshotVerifier(req.context, req.size, req.root),
+            )
+            s.prefix_root = merkle.EMPTY_ROOT if s.existing_size == 0 else None
+            self._next_load_no += 1
+            self.loads[req.load_id] = s
+        elif (s.context, s.size, s.root) != (req.context, req.size, req.root):
+            raise BadRequest(f"load {req.load_id!r} was started for another context, size or root")
+        s.last_used = time.monotonic()
+        try:
+            staged = []
+            for e in req.entries:
+                s.verifier.add(e)
+                if s.verifier.count == s.existing_size:
+                    s.prefix_root = s.verifier.frontier.root()
+                staged.append((st.stage_key(s.load_no, e.seq), e.encode()))
+            if staged:
+                self.kv.write(staged)
+            if not req.final:
+                return None
+            s.verifier.finish()
+        except IntegrityError:
+            self._drop_load(s)
+            raise
+        try:
+            return self._commit_load(s, sync)
+        finally:
+            self._drop_load(s)
+
+    def _commit_load(self, s: LoadSession, sync: bool) -> dict[str, Any]:
+        ctx = self.contexts.get(s.context)
+        if ctx is not None:
+            if s.fail_if_exists and s.existing_size == 0:
+                raise Conflict(f"context {s.context!r} was created during the load")
+            if ctx.size != s.existing_size:
+                raise Conflict(f"context {s.context!r} grew during the load; load again")
+            if s.prefix_root != ctx.frontier.root():
+                raise Conflict(
+                    f"context {s.context!r} holds a different history than the snapshot "
+                    f"(they differ within the first {ctx.size} entries); nothing was loaded",
+                    {"size": ctx.size},
+                )
+        elif s.size == 0:
+            # An empty snapshot creates an empty context.
+            ctx = self._create(s.context)
+            self.flush_created(ctx)
+            return self.head(s.context)
+        if ctx is None:
+            ctx = self._create(s.context)
+        start = ctx.size + 1
+        puts: list[tuple[bytes, bytes]] = []
+        # The context record must reach disk with (or before) its entries.
+        for k in (st.ctx_key(ctx.name), st.meta_key("next_ctx")):
+            v = self.pending.pop(k, None)
+            if v is not None:
+                puts.append((k, v))
+        max_lamport = 0
+        p = st.stage_prefix(s.load_no)
+        for k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
+            e = decode_entry(blob)
+            for level, index, nh in ctx.frontier.append(e.hash):
+                puts.append((st.node_key(ctx.id, level, index), nh))
+            puts.append((st.entry_key(ctx.id, e.seq), blob))
+            ctx.size = e.seq
+            ctx.last_lamport = e.lamport
+            max_lamport = max(max_lamport, e.lamport)
+            self.entries_total += 1
+            if len(puts) >= LOAD_COMMIT_CHUNK * 3:
+                self.kv.write(puts)
+                puts = []
+        self.kv.write(puts, sync=sync)
+        if ctx.size != s.size or ctx.frontier.root() != s.root:
+            raise IntegrityError("staged entries changed before commit")  # storage fault
+        self.observe(max_lamport)
+        return self.head(s.context)
+
+    def flush_created(self, ctx: ContextState) -> None:
+        puts = []
+        for k in (st.ctx_key(ctx.name), st.meta_key("next_ctx")):
+            v = self.pending.pop(k, None)
+            if v is not None:
+                puts.append((k, v))
+        if puts:
+            self.kv.write(puts)
+
+
+def decode_blob(blob: bytes) -> Entry:
+    return decode_entry(blob)

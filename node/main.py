@@ -1,0 +1,89 @@
+"""`ledger-node`: parse configuration, open storage, bind, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from node import __version__
+from node.config import ConfigError, parse
+from node.ledger import DataDirError, Ledger
+from node.server import Server
+from node.sockets import AddressInUse
+from node.storage import KV, LevelDBKV, MemoryKV, StorageLocked
+
+log = logging.getLogger("node")
+
+
+def _fail(msg: str) -> int:
+    print(f"ledger-node: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse(argv)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    kv: KV
+    if cfg.data == ":memory:":
+        kv = MemoryKV()
+    else:
+        try:
+            os.makedirs(cfg.data, exist_ok=True)
+            kv = LevelDBKV(cfg.data)
+        except StorageLocked:
+            return _fail(
+                f"data folder {cfg.data!r} is in use by another ledger-node (its LevelDB lock is held); "
+                "stop that node or choose another --data"
+            )
+        except OSError as exc:
+            return _fail(f"cannot open data folder {cfg.data!r}: {exc}")
+        except Exception as exc:  # plyvel.Error and friends (corruption, permissions)
+            return _fail(f"cannot open data folder {cfg.data!r}: {exc}")
+    try:
+        ledger = Ledger(
+            kv, node_id=cfg.node_id, max_payload=cfg.max_payload, hot_bytes=cfg.hot_bytes,
+            sync_meta=cfg.data != ":memory:",
+        )
+    except DataDirError as exc:
+        kv.close()
+        return _fail(str(exc))
+    try:
+        server = Server(cfg, ledger)
+    except AddressInUse as exc:
+        kv.close()
+        return _fail(f"cannot listen: {exc}; stop whatever uses it or pick another --listen / --pub-port")
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+
+    def ready() -> None:
+        flush = f"flushed within {cfg.flush_ms} ms" if not cfg.sync else "fsynced before every reply"
+        print(
+            f"ledger-node {__version__} id={ledger.node_id}\n"
+            f"  requests (ROUTER): {server.router_address}\n"
+            f"  watch (PUB):       {server.pub_address}\n"
+            f"  data:              {cfg.data} ({len(ledger.contexts)} contexts, {ledger.entries_total} entries)\n"
+            f"  durability:        {cfg.durability} ({flush})\n"
+            f"ready router={server.router_address} pub={server.pub_address} id={ledger.node_id}",
+            flush=True,
+        )
+
+    try:
+        server.run(ready)
+    finally:
+        kv.close()
+    print("ledger-node: stopped cleanly", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The node's event loop: the ROUTER socket, request dispatch, group commit.
+
+One thread owns every socket and the engine (`Ledger`). A second thread, the
+flusher, only writes batches to LevelDB (plyvel releases the GIL while
+LevelDB writes and fsyncs) and wakes the loop through an inproc PAIR when a
+batch is on disk. At most one batch is in flight; appends that arrive
+meanwhile form the next group, so in sync mode many appends share one fsync.
+
+Replies that promise durability the node does not have yet (sync mode) are
+held until the batch holding their entry is on disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from node import __version__, sockets
+from node.config import Config
+from node.ledger import ContextState, Ledger
+from node.storage import KV
+from protocol import codec
+from protocol.codec import RequestId
+from protocol.errors import INTERNAL, BAD_REQUEST, LedgerError, RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
+ASYNC_FORCE_FLUSH = 50_000  # pending writes that trigger a flush before the deadline
+
+
+class Flusher(threading.Thread):
+    """Writes handed-off batches; reports each one done through `done` + a wake-up."""
+
+    def __init__(self, kv: KV, wake: zmq.Socket, sync: bool) -> None:
+        super().__init__(name="ledger-flusher", daemon=True)
+        self.kv = kv
+        self.sync = sync
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.done: collections.deque[Any] = collections.deque()
+        self._wake = wake
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            batch, dirty = job
+            delay = 0.05
+            while True:
+                try:
+                    self.kv.write(batch.items(), sync=self.sync)
+                    break
+                except Exception:
+                    # Keep the batch (it is still served from RAM) and retry:
+                    # dropping it would lose acknowledged appends.
+                    log.exception("writing %d keys to storage failed; retrying in %.2f s", len(batch), delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.done.append(dirty)
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the loop polls `done` on a timer too
+        self._wake.close(linger=0)
+
+
+class Server:
+    def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.zctx = zctx or zmq.Context.instance()
+        self.started = time.monotonic()
+        self.stopping = False
+        self.router, self.port = sockets.router(self.zctx, config.host, config.port, config.max_request)
+        try:
+            self.pub, self.pub_port = sockets.pub(
+                self.zctx, config.host, 0 if config.pub_port is None else config.pub_port
+            )
+        except Exception:
+            self.router.close(linger=0)
+            raise
+        self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
+        self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
+        self.flushing = False
+        self.pending_since: float | None = None
+        self.flush_delay = config.flush_ms / 2000.0
+        self.held: list[tuple[ContextState, int, list[bytes]]] = []
+        self.handlers: dict[str, Callable[[Any], bytes | tuple[ContextState, int, bytes] | None]] = {
+            "append": self.rpc_append,
+            "append_batch": self.rpc_append_batch,
+            "get": self.rpc_get,
+            "head": self.rpc_head,
+            "contexts": self.rpc_contexts,
+            "status": self.rpc_status,
+            "ping": self.rpc_ping,
+            "snapshot": self.rpc_snapshot,
+            "load": self.rpc_load,
+            "proof": self.rpc_proof,
+            "consistency": self.rpc_consistency,
+        }
+        self.requests = 0
+        self._rid: RequestId = None
+
+    # -- addresses ---------------------------------------------------------------
+
+    @property
+    def router_address(self) -> str:
+        return f"tcp://{_fmt_host(self.config.host)}:{self.port}"
+
+    @property
+    def pub_address(self) -> str:
+        return f"tcp://{_fmt_host(self.config.host)}:{self.pub_port}"
+
+    # -- the loop ----------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        self.flusher.start()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        router = self.router
+        handle = self.handle
+        last_housekeeping = time.monotonic()
+        if ready is not None:
+            ready()
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(self._poll_timeout()))
+                if router in events:
+                    for _ in range(MAX_BURST):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        handle(frames)
+                if self._wake_rx in events:
+                    self._drain_wake()
+                self._collect_done()
+                self._maybe_handoff()
+                now = time.monotonic()
+                if now - last_housekeeping > 1.0:
+                    last_housekeeping = now
+                    self.ledger.expire_loads()
+        finally:
+            self._shutdown()
+
+    def _poll_timeout(self) -> int:
+        if self.pending_since is not None and not self.flushing:
+            left = self.pending_since + self.flush_delay - time.monotonic()
+            return max(0, int(left * 1000) + 1)
+        return 100
+
+    def _drain_wake(self) -> None:
+        while True:
+            try:
+                self._wake_rx.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _collect_done(self) -> None:
+        done = self.flusher.done
+        while done:
+            dirty = done.popleft()
+            self.ledger.mark_flushed(dirty)
+            self.flushing = False
+        if self.held and not self.flushing:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        keep = []
+        for ctx, seq, frames in self.held:
+            if self.ledger.durable(ctx, seq):
+                self._send(frames)
+            else:
+                keep.append((ctx, seq, frames))
+        self.held = keep
+
+    def _maybe_handoff(self, force: bool = False) -> None:
+        ledger = self.ledger
+        if self.flushing or not ledger.pending:
+            if not ledger.pending:
+                self.pending_since = None
+            return
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+        due = (
+            force
+            or self.config.sync
+            or len(ledger.pending) >= ASYNC_FORCE_FLUSH
+            or time.monotonic() - self.pending_since >= self.flush_delay
+        )
+        if not due:
+            return
+        batch, dirty = ledger.take_pending()
+        self.pending_since = None
+        self.flushing = True
+        self.flusher.jobs.put((batch, dirty))
+
+    def _shutdown(self) -> None:
+        log.info("stopping: flushing pending writes")
+        # Stop taking requests, finish the write in flight, write the rest synchronously.
+        deadline = time.monotonic() + 30
+        while self.flushing and time.monotonic() < deadline:
+            if self.flusher.done:
+                self._collect_done()
+            else:
+                time.sleep(0.001)
+        self.flusher.jobs.put(None)
+        self.flusher.join(timeout=30)
+        self.ledger.flush_sync(sync=True)
+        self._release_held()
+        for s in (self.router, self.pub, self._wake_rx):
+            s.close(linger=sockets.LINGER_MS)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading. Its
+            # request was served; the client retries (safely, with dedup_id).
+            log.debug("reply dropped: %s", exc)
+
+    def handle(self, frames: list[bytes]) -> None:
+        self.requests += 1
+        if len(frames) < 2:
+            return  # nothing after the identity: nobody to answer
+        ident = frames[0]
+        envelope = frames[1:-1]
+        if envelope and (len(envelope) > 1 or envelope[0] != b""):
+            self._send([ident, codec.encode_error(
+                None, BAD_REQUEST,
+                "a request is one frame (optionally after one empty delimiter frame); "
+                f"got {len(frames) - 1} frames")])
+            return
+        rid: RequestId = None
+        try:
+            m = codec.unpack_request(frames[-1])
+            rid = codec.peek_id(m)
+            env = codec.parse_request(m, self.ledger.max_payload)
+            self._rid = rid
+            out = self.handlers[env.op](env.request)
+        except RemoteProtocolError as exc:
+            out = codec.encode_error(rid, exc.code, exc.message, exc.details)
+        except LedgerError as exc:
+            out = codec.encode_error(rid, exc.code, exc.message, exc.details)
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("internal error while serving a request")
+            out = codec.encode_error(rid, INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        if out is None:
+            return
+        if isinstance(out, tuple):
+            ctx, seq, body = out
+            reply = [ident, *envelope, body]
+            if self.ledger.durable(ctx, seq):
+                self._send(reply)
+            else:
+                self.held.append((ctx, seq, reply))
+            return
+        self._send([ident, *envelope, out])
+
+    def _needs_durable(self, ctx: ContextState, seq: int, body: bytes) -> bytes | tuple[ContextState, int, bytes]:
+        if self.config.sync and not self.ledger.durable(ctx, seq):
+            return (ctx, seq, body)
+        return body
+
+    def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes]:
+        res = self.ledger.append(req)
+        fields = {"deduplicated": True} if res.deduplicated else {}
+        return self._needs_durable(res.ctx, res.last_seq, codec.encode_reply(self._rid, fields, {"entry": res.blobs[0]}))
+
+    def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes]:
+        res = self.ledger.append_batch(req)
+        fields: dict[str, Any] = {"first_seq": res.last_seq - len(res.blobs) + 1, "last_seq": res.last_seq}
+        if res.deduplicated:
+            fields["deduplicated"] = True
+        return self._needs_durable(res.ctx, res.last_seq, codec.encode_reply(self._rid, fields, {"entries": res.blobs}))
+
+    def rpc_get(self, req: codec.Get) -> bytes:
+        blobs, last_seq, more, next_after = self.ledger.get(req)
+        return codec.encode_reply(
+            self._rid, {"last_seq": last_seq, "more": more, "next_after": next_after}, {"entries": blobs}
+        )
+
+    def rpc_head(self, req: codec.Head) -> bytes:
+        return codec.encode_reply(self._rid, self.ledger.head(req.context))
+
+    def rpc_contexts(self, req: codec.Contexts) -> bytes:
+        items, more = self.ledger.list_contexts(req.after, req.limit)
+        fields: dict[str, Any] = {"contexts": items, "more": more}
+        if items:
+            fields["next_after"] = items[-1]["name"]
+        return codec.encode_reply(self._rid, fields)
+
+    def rpc_status(self, req: codec.Status) -> bytes:
+        fields = self.ledger.status()
+        fields.update({
+            "version": __version__,
+            "protocol": codec.PROTOCOL_VERSION,
+            "router": self.router_address,
+            "pub": self.pub_address,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "durability": self.config.durability,
+            "flush_ms": self.config.flush_ms,
+            "max_payload": self.config.max_payload,
+            "max_request": self.config.max_request,
+            "data": self.config.data,
+        })
+        return codec.encode_reply(self._rid, fields)
+
+    def rpc_ping(self, req: codec.Ping) -> bytes:
+        return codec.encode_reply(self._rid, {"node_id": self.ledger.node_id})
+
+    def rpc_snapshot(self, req: codec.Snapshot) -> bytes:
+        fields, blobs = self.ledger.snapshot_page(req)
+        return codec.encode_reply(self._rid, fields, {"entries": blobs})
+
+    def rpc_load(self, req: codec.Load) -> bytes:
+        head = self.ledger.load(req, sync=self.config.sync)
+        if head is None:
+            return codec.encode_reply(self._rid, {"done": False, "received": len(req.entries)})
+        head["done"] = True
+        return codec.encode_reply(self._rid, head)
+
+    def rpc_proof(self, req: codec.Proof) -> bytes:
+        return codec.encode_reply(self._rid, self.ledger.proof(req))
+
+    def rpc_consistency(self, req: codec.Consistency) -> bytes:
+        return codec.encode_reply(self._rid, self.ledger.consistency(req))
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,391 @@
+"""The reference Python client of protocol v1 (the one module of `protocol` with sockets).
+
+Synchronous, with timeouts, pipelining (`submit` many requests, then
+`result` each) and retries that are safe: reads are retried freely; appends
+are retried only when they carry a `dedup_id`, which makes a retry return the
+original entry instead of appending twice. Every error reply raises the
+exception class of its code (`protocol.errors`). What the node proves (entry
+hashes, inclusion and consistency proofs, snapshot roots) is verified here
+before it is returned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import msgpack
+import zmq
+
+from protocol import codec, merkle
+from protocol.entry import Entry, entry_from_wire
+from protocol.errors import (
+    IntegrityError,
+    LedgerError,
+    RemoteProtocolError,
+    TooLarge,
+    Timeout,
+    error_for,
+)
+from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_WINDOW = 1000
+LOAD_CHUNK_BYTES = 4 << 20
+
+
+def normalize_address(address: str) -> str:
+    """'host:port' or 'tcp://host:port' -> 'tcp://host:port'."""
+    if "://" in address:
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"node address must be HOST:PORT, got {address!r}")
+    return f"tcp://{host or '127.0.0.1'}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    context: str
+    size: int
+    root: bytes
+    lamport: int
+    writer: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    entries: list[Entry]
+    last_seq: int
+    more: bool
+    next_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class InclusionProof:
+    context: str
+    seq: int
+    size: int
+    leaf: bytes
+    path: list[bytes]
+    root: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyProof:
+    context: str
+    first: int
+    second: int
+    first_root: bytes
+    second_root: bytes
+    proof: list[bytes]
+
+
+class Client:
+    """A connection to one node. Not thread-safe (neither are ZeroMQ sockets)."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:7400",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 1,
+        verify: bool = True,
+        zctx: zmq.Context | None = None,
+    ) -> None:
+        self.address = normalize_address(address)
+        self.timeout = timeout
+        self.retries = retries
+        self.verify = verify
+        self._zctx = zctx or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._next_id = int.from_bytes(os.urandom(3), "big") << 20
+        self._stash: dict[Any, dict[str, Any]] = {}
+        self._sent: dict[Any, bytes] = {}
+        self._connect()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _connect(self) -> None:
+        s = self._zctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.connect(self.address)
+        self._sock = s
+
+    def _reconnect(self) -> None:
+        # Lazy Pirate: a fresh socket drops whatever the old one still queued.
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, op: str, **fields: Any) -> int:
+        """Send a request without waiting; returns its id for `result`."""
+        rid = self._next_id
+        self._next_id += 1
+        frame = codec.encode_request(op, rid, {k: v for k, v in fields.items() if v is not None})
+        self._sent[rid] = frame
+        assert self._sock is not None, "client is closed"
+        self._sock.send(frame)
+        return rid
+
+    def result(self, rid: int, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the reply to `rid`; raise its error, or Timeout."""
+        reply = self._wait(rid, self.timeout if timeout is None else timeout)
+        self._sent.pop(rid, None)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            details = {k: v for k, v in err.items() if k not in ("code", "message")}
+            raise error_for(str(err.get("code", "INTERNAL")), str(err.get("message", "")), details)
+        return reply
+
+    def _wait(self, rid: int, timeout: float) -> dict[str, Any]:
+        if rid in self._stash:
+            return self._stash.pop(rid)
+        sock = self._sock
+        assert sock is not None, "client is closed"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    raise Timeout(
+                        f"no answer from {self.address} within {timeout:g} s (is ledger-node running there?)",
+                        {"address": self.address},
+                    )
+                continue
+            frames = sock.recv_multipart()
+            try:
+                reply = codec.decode_reply(frames[-1])
+            except RemoteProtocolError:
+                continue  # not a reply we can read: ignore it
+            got = reply.get("id")
+            if got == rid:
+                return reply
+            if got in self._sent:
+                self._stash[got] = reply
+
+    def call(self, op: str, *, retry: bool = True, **fields: Any) -> dict[str, Any]:
+        """One request and its reply, retried on timeout when `retry` is safe."""
+        attempts = 1 + (self.retries if retry else 0)
+        for attempt in range(attempts):
+            rid = self.submit(op, **fields)
+            try:
+                return self.result(rid)
+            except Timeout:
+                self._sent.pop(rid, None)
+                self._reconnect()
+                if attempt + 1 >= attempts:
+                    if not retry:
+                        raise Timeout(
+                            f"no answer from {self.address} within {self.timeout:g} s; the {op} may or "
+                            "may not have been applied (pass dedup_id to make retries safe)",
+                            {"address": self.address},
+                        ) from None
+                    raise
+        raise AssertionError("unreachable")
+
+    def _entry(self, m: Any) -> Entry:
+        try:
+            e = entry_from_wire(m)
+        except RemoteProtocolError as exc:
+            raise IntegrityError(f"node sent a malformed entry: {exc.message}") from None
+        if self.verify:
+            e.verify()
+        return e
+
+    # -- operations ------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return str(self.call("ping")["node_id"])
+
+    def append(
+        self,
+        context: str,
+        payload: bytes | str,
+        *,
+        key: str = "",
+        metadata: Mapping[str, str] | None = None,
+        dedup_id: bytes | str | None = None,
+        expect_seq: int | None = None,
+        after_lamport: int | None = None,
+    ) -> Entry:
+        if isinstance(payload, str):
+            payload = payload.encode()
+        r = self.call(
+            "append", retry=dedup_id is not None, context=context, key=key, payload=payload,
+            metadata=dict(metadata) if metadata else None, dedup_id=dedup_id,
+            expect_seq=expect_seq, after_lamport=after_lamport,
+        )
+        return self._entry(r["entry"])
+
+    def append_batch(
+        self,
+        context: str,
+        items: Iterable[tuple[str, bytes | str, Mapping[str, str] | None] | bytes | str],
+        *,
+        dedup_id: bytes | str | None = None,
+        expect_seq: int | None = None,
+        after_lamport: int | None = None,
+    ) -> list[Entry]:
+        """Append many entries atomically. Items are payloads or (key, payload, metadata)."""
+        entries = []
+        for it in items:
+            if isinstance(it, (bytes, str)):
+                entries.append({"key": "", "payload": it})
+            else:
+                k, p, md = it
+                entries.append({"key": k, "payload": p, "metadata": dict(md) if md else None})
+        r = self.call(
+            "append_batch", retry=dedup_id is not None, context=context, entries=entries,
+            dedup_id=dedup_id, expect_seq=expect_seq, after_lamport=after_lamport,
+        )
+        return [self._entry(m) for m in r["entries"]]
+
+    def append_many(
+        self,
+        context: str,
+        payloads: Iterable[bytes | str],
+        *,
+        key: str = "",
+        metadata: Mapping[str, str] | None = None,
+        window: int = DEFAULT_WINDOW,
+        dedup_prefix: str | None = None,
+    ) -> Iterator[Entry]:
+        """Pipelined appends, up to `window` in flight; yields entries in order."""
+        inflight: list[int] = []
+        md = dict(metadata) if metadata else None
+        for i, p in enumerate(payloads):
+            if isinstance(p, str):
+                p = p.encode()
+            dd = f"{dedup_prefix}:{i}" if dedup_prefix else None
+            inflight.append(self.submit("append", context=context, key=key, payload=p, metadata=md, dedup_id=dd))
+            if len(inflight) >= window:
+                yield self._entry(self.result(inflight.pop(0))["entry"])
+        for rid in inflight:
+            yield self._entry(self.result(rid)["entry"])
+
+    def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None) -> GetResult:
+        r = self.call("get", context=context, key=key, after=after, limit=limit)
+        return GetResult([self._entry(m) for m in r["entries"]], r["last_seq"], r["more"], r["next_after"])
+
+    def iter_entries(self, context: str, *, key: str | None = None, after: int = 0) -> Iterator[Entry]:
+        """Every entry after `after` (as of the time each page is read), paging."""
+        while True:
+            page = self.get(context, key=key, after=after, limit=codec.MAX_GET_LIMIT)
+            yield from page.entries
+            if not page.more:
+                return
+            after = page.next_after
+
+    def head(self, context: str) -> Head:
+        r = self.call("head", context=context)
+        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
+
+    def contexts(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = None
+        while True:
+            r = self.call("contexts", after=after, limit=codec.MAX_CONTEXTS_LIMIT)
+            out.extend(r["contexts"])
+            if not r["more"] or not r["contexts"]:
+                return out
+            after = r["next_after"]
+
+    def status(self) -> dict[str, Any]:
+        r = self.call("status")
+        return {k: v for k, v in r.items() if k not in ("v", "id", "ok")}
+
+    def proof(self, context: str, seq: int, size: int | None = None) -> InclusionProof:
+        r = self.call("proof", context=context, seq=seq, size=size)
+        p = InclusionProof(r["context"], r["seq"], r["size"], r["leaf"], list(r["path"]), r["root"])
+        merkle.verify_inclusion(p.leaf, p.seq - 1, p.size, p.path, p.root)
+        return p
+
+    def consistency(
+        self, context: str, first: int, second: int | None = None, *, first_root: bytes | None = None
+    ) -> ConsistencyProof:
+        r = self.call("consistency", context=context, first=first, second=second)
+        p = ConsistencyProof(r["context"], r["first"], r["second"], r["first_root"], r["second_root"], list(r["proof"]))
+        if first_root is not None and first_root != p.first_root:
+            raise IntegrityError(f"the node's root at size {first} is not the one you know")
+        merkle.verify_consistency(p.first, p.second, p.first_root, p.second_root, p.proof)
+        return p
+
+    def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None) -> dict[str, Any]:
+        """Write a verified snapshot of `context` (at `size`, default now) to `out`."""
+        r = self.call("snapshot", context=context, size=size, after=0, limit=codec.MAX_GET_LIMIT)
+        size, root = r["size"], r["root"]
+        verifier = SnapshotVerifier(context, size, root)
+        out.write(encode_header(context, size, root))
+        pk = msgpack.Packer(use_bin_type=True)
+        while True:
+            for m in r["entries"]:
+                e = self._entry(m)
+                verifier.add(e)
+                out.write(pk.pack(m))
+            if not r["more"]:
+                break
+            r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
+            if r["root"] != root:
+                raise IntegrityError("the node changed its root for a fixed size during the snapshot")
+        verifier.finish()
+        return {"context": context, "size": size, "root": root}
+
+    def load(self, context: str, src: IO[bytes], *, fail_if_exists: bool = False,
+             chunk_bytes: int = LOAD_CHUNK_BYTES) -> Head:
+        """Load a snapshot file; the node re-verifies everything before it writes."""
+        header, entries = read_snapshot(src)
+        if header["context"] != context:
+            raise LedgerError(
+                f"the snapshot is of context {header['context']!r}, not {context!r} "
+                "(entries are hashed with their context name and cannot be renamed)"
+            )
+        load_id = os.urandom(8).hex()
+        base = {"context": context, "load_id": load_id, "size": header["size"], "root": header["root"],
+                "fail_if_exists": fail_if_exists}
+        verifier = SnapshotVerifier(context, header["size"], header["root"])
+        chunk: list[dict[str, Any]] = []
+        nbytes = 0
+        for e in entries:
+            verifier.add(e)  # fail early here; the node checks again
+            if len(e.payload) > chunk_bytes:
+                raise TooLarge(f"entry #{e.seq} is larger than a load chunk")
+            if chunk and nbytes + len(e.payload) + 512 > chunk_bytes:
+                self.call("load", retry=False, entries=chunk, final=False, **base)
+                chunk, nbytes = [], 0
+            chunk.append(e.to_wire())
+            nbytes += len(e.payload) + 512
+        verifier.finish()
+        r = self.call("load", retry=False, entries=chunk, final=True, **base)
+        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
+
+    def verify_context(self, context: str) -> dict[str, Any]:
+        """Download a context at its current size, re-hash everything, recompute the root."""
+        first = self.call("snapshot", context=context, after=0, limit=codec.MAX_GET_LIMIT)
+        size, root = first["size"], first["root"]
+        verifier = SnapshotVerifier(context, size, root)
+        r = first
+        while True:
+            for m in r["entries"]:
+                verifier.add(entry_from_wire(m))
+            if not r["more"]:
+                break
+            r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
+        verifier.finish()
+        return {"context": context, "size": size, "root": root, "ok": True}

@@ -1,0 +1,483 @@
+"""Protocol v1 messages: request types, decoding with validation, reply encoding.
+
+Theory of operation
+-------------------
+A request is one msgpack map: {"v": 1, "id": ..., "op": "<name>", ...fields}.
+`decode_request` turns bytes into one of the frozen request dataclasses below
+or raises `RemoteProtocolError` (the only error it raises on bad input; the
+node turns it into an error reply that echoes `id` when it could be read).
+Unknown fields are ignored so that later minor additions stay compatible; a
+higher `v` than we speak is refused with UNSUPPORTED_VERSION.
+
+Replies are maps {"v": 1, "id": ..., "ok": true, ...} or
+{"v": 1, "id": ..., "ok": false, "error": {"code", "message", ...}}.
+Entries in replies are spliced in already encoded (`encode_reply(raw=...)`),
+so the node never re-encodes a stored entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgpack
+
+from protocol.entry import (
+    MAX_CONTEXT_BYTES,
+    MAX_KEY_BYTES,
+    Entry,
+    check_metadata,
+    check_name,
+    entry_from_wire,
+)
+from protocol.errors import (
+    BAD_REQUEST,
+    TOO_LARGE,
+    UNKNOWN_OP,
+    UNSUPPORTED_VERSION,
+    RemoteProtocolError,
+)
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+MAX_ID_BYTES = 64
+MAX_DEDUP_BYTES = 128
+MAX_GET_LIMIT = 10_000
+DEFAULT_GET_LIMIT = 1_000
+MAX_BATCH = 100_000
+MAX_CONTEXTS_LIMIT = 10_000
+U64 = 1 << 64
+
+RequestId = Union[int, str, bytes, None]
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    context: str
+    key: str
+    payload: bytes
+    metadata: dict[str, str]
+    dedup_id: bytes | None = None
+    expect_seq: int | None = None
+    after_lamport: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    key: str
+    payload: bytes
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendBatch:
+    context: str
+    items: tuple[BatchItem, ...]
+    dedup_id: bytes | None = None
+    expect_seq: int | None = None
+    after_lamport: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    context: str
+    key: str | None = None
+    after: int = 0
+    limit: int = DEFAULT_GET_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    context: str
+
+
+@dataclass(frozen=True, slots=True)
+class Contexts:
+    after: str | None = None
+    limit: int = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    context: str
+    size: int | None = None
+    after: int = 0
+    limit: int = DEFAULT_GET_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    context: str
+    load_id: str
+    size: int
+    root: bytes
+    entries: tuple[Entry, ...]
+    final: bool = False
+    fail_if_exists: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    context: str
+    seq: int
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    context: str
+    first: int
+    second: int | None = None
+
+
+Request = Union[
+    Append, AppendBatch, Get, Head, Contexts, Status, Ping, Snapshot, Load, Proof, Consistency
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded request: its id (echoed in the reply), its op and its body."""
+
+    id: RequestId
+    op: str
+    request: Request
+
+
+def _bad(msg: str) -> RemoteProtocolError:
+    return RemoteProtocolError(BAD_REQUEST, msg)
+
+
+def _context(m: Mapping[str, Any]) -> str:
+    if "context" not in m:
+        raise _bad("missing field 'context'")
+    return check_name("context", m["context"], MAX_CONTEXT_BYTES)
+
+
+def _opt_uint(m: Mapping[str, Any], name: str, default: int | None = None) -> int | None:
+    v = m.get(name)
+    if v is None:
+        return default
+    if type(v) is not int or v < 0 or v >= U64:
+        raise _bad(f"{name} must be an unsigned 64-bit integer")
+    return v
+
+
+def _limit(m: Mapping[str, Any], default: int, maximum: int) -> int:
+    v = m.get("limit")
+    if v is None:
+        return default
+    if type(v) is not int or not 1 <= v <= maximum:
+        raise _bad(f"limit must be an integer from 1 to {maximum}")
+    return v
+
+
+def _payload(v: object, max_payload: int) -> bytes:
+    if isinstance(v, bytes):
+        b = v
+    elif isinstance(v, str):
+        try:
+            b = v.encode()
+        except UnicodeEncodeError:
+            raise _bad("payload string is not valid UTF-8 (send binary instead)") from None
+    elif v is None:
+        b = b""
+    else:
+        raise _bad(f"payload must be binary, got {type(v).__name__}")
+    if len(b) > max_payload:
+        raise RemoteProtocolError(
+            TOO_LARGE,
+            f"payload is {len(b)} bytes, the limit is {max_payload}",
+            {"limit": max_payload},
+        )
+    return b
+
+
+def _key(v: object) -> str:
+    if v is None:
+        return ""
+    return check_name("key", v, MAX_KEY_BYTES, min_bytes=0)
+
+
+def _dedup(m: Mapping[str, Any]) -> bytes | None:
+    v = m.get("dedup_id")
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v = v.encode()
+        except UnicodeEncodeError:
+            raise _bad("dedup_id is not valid UTF-8") from None
+    if not isinstance(v, bytes) or not 1 <= len(v) <= MAX_DEDUP_BYTES:
+        raise _bad(f"dedup_id must be 1..{MAX_DEDUP_BYTES} bytes (string or binary)")
+    return v
+
+
+def _bool(m: Mapping[str, Any], name: str) -> bool:
+    v = m.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(f"{name} must be true or false")
+    return v
+
+
+def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
+    return Append(
+        context=_context(m),
+        key=_key(m.get("key")),
+        payload=_payload(m.get("payload"), max_payload),
+        metadata=check_metadata(m.get("metadata")),
+        dedup_id=_dedup(m),
+        expect_seq=_opt_uint(m, "expect_seq"),
+        after_lamport=_opt_uint(m, "after_lamport"),
+    )
+
+
+def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
+    raw = m.get("entries")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("entries must be a non-empty array of {key, payload, metadata} maps")
+    if len(raw) > MAX_BATCH:
+        raise RemoteProtocolError(TOO_LARGE, f"a batch holds at most {MAX_BATCH} entries")
+    items = []
+    total = 0
+    for i, it in enumerate(raw):
+        if not isinstance(it, dict):
+            raise _bad(f"entries[{i}] must be a map")
+        try:
+            p = _payload(it.get("payload"), max_payload)
+            item = BatchItem(_key(it.get("key")), p, check_metadata(it.get("metadata")))
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(e.code, f"entries[{i}]: {e.message}", e.details) from None
+        total += len(p)
+        items.append(item)
+    return AppendBatch(
+        context=_context(m),
+        items=tuple(items),
+        dedup_id=_dedup(m),
+        expect_seq=_opt_uint(m, "expect_seq"),
+        after_lamport=_opt_uint(m, "after_lamport"),
+    )
+
+
+def _parse_get(m: Mapping[str, Any], max_payload: int) -> Get:
+    k = m.get("key")
+    return Get(
+        context=_context(m),
+        key=None if k is None else _key(k),
+        after=_opt_uint(m, "after", 0) or 0,
+        limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
+    )
+
+
+def _parse_head(m: Mapping[str, Any], max_payload: int) -> Head:
+    return Head(_context(m))
+
+
+def _parse_contexts(m: Mapping[str, Any], max_payload: int) -> Contexts:
+    a = m.get("after")
+    return Contexts(
+        after=None if a is None else check_name("after", a, MAX_CONTEXT_BYTES),
+        limit=_limit(m, 1_000, MAX_CONTEXTS_LIMIT),
+    )
+
+
+def _parse_status(m: Mapping[str, Any], max_payload: int) -> Status:
+    return Status()
+
+
+def _parse_ping(m: Mapping[str, Any], max_payload: int) -> Ping:
+    return Ping()
+
+
+def _parse_snapshot(m: Mapping[str, Any], max_payload: int) -> Snapshot:
+    return Snapshot(
+        context=_context(m),
+        size=_opt_uint(m, "size"),
+        after=_opt_uint(m, "after", 0) or 0,
+        limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
+    )
+
+
+def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
+    load_id = m.get("load_id")
+    if not isinstance(load_id, str) or not 1 <= len(load_id) <= MAX_ID_BYTES:
+        raise _bad(f"load_id must be a string of 1..{MAX_ID_BYTES} characters")
+    size = _opt_uint(m, "size")
+    if size is None:
+        raise _bad("missing field 'size'")
+    root = m.get("root")
+    if not isinstance(root, bytes) or len(root) != 32:
+        raise _bad("root must be 32 bytes of binary")
+    raw = m.get("entries", [])
+    if not isinstance(raw, list):
+        raise _bad("entries must be an array of entry maps")
+    entries = []
+    for i, e in enumerate(raw):
+        try:
+            entries.append(entry_from_wire(e))
+        except RemoteProtocolError as err:
+            raise _bad(f"entries[{i}]: {err.message}") from None
+    return Load(
+        context=_context(m),
+        load_id=load_id,
+        size=size,
+        root=root,
+        entries=tuple(entries),
+        final=_bool(m, "final"),
+        fail_if_exists=_bool(m, "fail_if_exists"),
+    )
+
+
+def _parse_proof(m: Mapping[str, Any], max_payload: int) -> Proof:
+    seq = _opt_uint(m, "seq")
+    if seq is None or seq < 1:
+        raise _bad("seq must be an integer of at least 1")
+    return Proof(_context(m), seq, _opt_uint(m, "size"))
+
+
+def _parse_consistency(m: Mapping[str, Any], max_payload: int) -> Consistency:
+    first = _opt_uint(m, "first")
+    if first is None:
+        raise _bad("missing field 'first'")
+    return Consistency(_context(m), first, _opt_uint(m, "second"))
+
+
+PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
+    "append": _parse_append,
+    "append_batch": _parse_batch,
+    "get": _parse_get,
+    "head": _parse_head,
+    "contexts": _parse_contexts,
+    "status": _parse_status,
+    "ping": _parse_ping,
+    "snapshot": _parse_snapshot,
+    "load": _parse_load,
+    "proof": _parse_proof,
+    "consistency": _parse_consistency,
+}
+
+OPS = tuple(PARSERS)
+
+
+def _check_id(v: object) -> RequestId:
+    if v is None:
+        return None
+    if type(v) is int:
+        if not -(1 << 63) <= v < U64:
+            raise _bad("id must fit in 64 bits")
+        return v
+    if isinstance(v, (str, bytes)):
+        if len(v) > MAX_ID_BYTES:
+            raise _bad(f"id must be at most {MAX_ID_BYTES} bytes")
+        return v
+    raise _bad("id must be an integer, a string or binary")
+
+
+def peek_id(m: object) -> RequestId:
+    """The request id, if one can be read, for addressing an error reply."""
+    if isinstance(m, dict):
+        try:
+            return _check_id(m.get("id"))
+        except RemoteProtocolError:
+            return None
+    return None
+
+
+def unpack_request(frame: bytes) -> dict[str, Any]:
+    """Bytes to a map, or RemoteProtocolError."""
+    try:
+        m = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, ...
+        raise _bad(f"request is not a msgpack map ({type(exc).__name__})") from None
+    if not isinstance(m, dict):
+        raise _bad(f"request must be a msgpack map, got {type(m).__name__}")
+    return m
+
+
+def parse_request(m: dict[str, Any], max_payload: int) -> Envelope:
+    """A decoded map to an Envelope, validating every field."""
+    rid = _check_id(m.get("id"))
+    v = m.get("v")
+    if type(v) is not int:
+        raise _bad("missing or non-integer protocol version 'v'")
+    if v not in SUPPORTED_VERSIONS:
+        raise RemoteProtocolError(
+            UNSUPPORTED_VERSION,
+            f"protocol version {v} is not supported; this node speaks {list(SUPPORTED_VERSIONS)}",
+            {"supported": list(SUPPORTED_VERSIONS)},
+        )
+    op = m.get("op")
+    if not isinstance(op, str):
+        raise _bad("missing or non-string field 'op'")
+    parser = PARSERS.get(op)
+    if parser is None:
+        raise RemoteProtocolError(
+            UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", {"ops": list(OPS)}
+        )
+    return Envelope(rid, op, parser(m, max_payload))
+
+
+def decode_request(frame: bytes, max_payload: int) -> Envelope:
+    return parse_request(unpack_request(frame), max_payload)
+
+
+# -- replies ---------------------------------------------------------------
+
+def encode_reply(rid: RequestId, fields: Mapping[str, Any], raw: Mapping[str, bytes | Sequence[bytes]] | None = None) -> bytes:
+    """An ok reply. `raw` values are pre-encoded msgpack (a bytes object is
+    one value, a list of bytes objects becomes an array of them)."""
+    n = 3 + len(fields) + (len(raw) if raw else 0)
+    pk = msgpack.Packer(use_bin_type=True)
+    out = [pk.pack_map_header(n), pk.pack("v"), pk.pack(PROTOCOL_VERSION), pk.pack("id"), pk.pack(rid), pk.pack("ok"), pk.pack(True)]
+    for k, v in fields.items():
+        out.append(pk.pack(k))
+        out.append(pk.pack(v))
+    if raw:
+        for k, rv in raw.items():
+            out.append(pk.pack(k))
+            if isinstance(rv, bytes):
+                out.append(rv)
+            else:
+                out.append(pk.pack_array_header(len(rv)))
+                out.extend(rv)
+    return b"".join(out)
+
+
+def encode_error(rid: RequestId, code: str, message: str, details: Mapping[str, Any] | None = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        for k, v in details.items():
+            if k not in err:
+                err[k] = v
+    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err}, use_bin_type=True)
+
+
+def encode_request(op: str, rid: RequestId, fields: Mapping[str, Any]) -> bytes:
+    m: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "op": op}
+    m.update(fields)
+    return msgpack.packb(m, use_bin_type=True)
+
+
+def decode_reply(frame: bytes) -> dict[str, Any]:
+    """A reply frame to a map (client side). Raises RemoteProtocolError on junk."""
+    try:
+        m = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise _bad(f"reply is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(m, dict) or "ok" not in m:
+        raise _bad("reply is not a protocol v1 reply map")
+    return m

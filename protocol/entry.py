@@ -1,0 +1,197 @@
+"""Entries: the data model, their leaf hash and their wire form.
+
+The leaf hash is defined over a fixed binary layout rather than over msgpack,
+so that any language can recompute it without a canonical msgpack encoder:
+
+    SHA-256( 0x00
+             || u64be(seq) || u64be(lamport) || u64be(ts_ns)
+             || lp(context) || lp(writer) || lp(key)
+             || u32be(number of metadata pairs)
+             || lp(k1) || lp(v1) || ...   pairs sorted by the UTF-8 bytes of k
+             || lp(payload) )
+
+where lp(x) is u32be(len(x)) || x and strings are UTF-8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from protocol.errors import IntegrityError, RemoteProtocolError, BAD_REQUEST
+
+LEAF_PREFIX = b"\x00"
+
+MAX_CONTEXT_BYTES = 256
+MAX_KEY_BYTES = 256
+MAX_WRITER_BYTES = 64
+MAX_META_PAIRS = 64
+MAX_META_KEY_BYTES = 256
+MAX_META_VALUE_BYTES = 4096
+
+ENTRY_FIELDS = ("context", "seq", "key", "payload", "metadata", "lamport", "ts_ns", "writer", "hash")
+
+_head = struct.Struct(">QQQ")
+_u32 = struct.Struct(">I")
+_sha256 = hashlib.sha256
+
+
+def _lp(b: bytes) -> bytes:
+    return _u32.pack(len(b)) + b
+
+
+def leaf_hash(
+    context: str,
+    seq: int,
+    key: str,
+    payload: bytes,
+    metadata: Mapping[str, str],
+    lamport: int,
+    ts_ns: int,
+    writer: str,
+) -> bytes:
+    """The Merkle leaf of an entry: commits to every field, seq included."""
+    parts = [
+        LEAF_PREFIX,
+        _head.pack(seq, lamport, ts_ns),
+        _lp(context.encode()),
+        _lp(writer.encode()),
+        _lp(key.encode()),
+        _u32.pack(len(metadata)),
+    ]
+    if metadata:
+        for k, v in sorted((k.encode(), v.encode()) for k, v in metadata.items()):
+            parts.append(_lp(k))
+            parts.append(_lp(v))
+    parts.append(_lp(payload))
+    return _sha256(b"".join(parts)).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored record. Never changed once written."""
+
+    context: str
+    seq: int
+    key: str
+    payload: bytes
+    metadata: dict[str, str] = field(default_factory=dict)
+    lamport: int = 0
+    ts_ns: int = 0
+    writer: str = ""
+    hash: bytes = b""
+
+    def computed_hash(self) -> bytes:
+        return leaf_hash(
+            self.context, self.seq, self.key, self.payload, self.metadata,
+            self.lamport, self.ts_ns, self.writer,
+        )
+
+    def verify(self) -> None:
+        """Raise IntegrityError unless `hash` is the leaf hash of the fields."""
+        if self.computed_hash() != self.hash:
+            raise IntegrityError(f"entry {self.context!r}#{self.seq} does not match its hash")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "seq": self.seq,
+            "key": self.key,
+            "payload": self.payload,
+            "metadata": self.metadata,
+            "lamport": self.lamport,
+            "ts_ns": self.ts_ns,
+            "writer": self.writer,
+            "hash": self.hash,
+        }
+
+    def encode(self) -> bytes:
+        return encode_entry_map(self.to_wire())
+
+
+_packer_opts: dict[str, Any] = {"use_bin_type": True}
+
+
+def encode_entry_map(m: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(m, **_packer_opts)
+
+
+def _bad(msg: str) -> RemoteProtocolError:
+    return RemoteProtocolError(BAD_REQUEST, msg)
+
+
+def check_name(what: str, value: object, max_bytes: int, min_bytes: int = 1) -> str:
+    """Validate a UTF-8 string field; returns it or raises RemoteProtocolError."""
+    if not isinstance(value, str):
+        raise _bad(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        n = len(value.encode())
+    except UnicodeEncodeError:
+        raise _bad(f"{what} is not valid UTF-8") from None
+    if n < min_bytes or n > max_bytes:
+        if min_bytes == 1 and n == 0:
+            raise _bad(f"{what} must not be empty")
+        raise _bad(f"{what} must be {min_bytes}..{max_bytes} bytes of UTF-8, got {n}")
+    return value
+
+
+def check_metadata(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"metadata must be a map of strings, got {type(value).__name__}")
+    if len(value) > MAX_META_PAIRS:
+        raise _bad(f"metadata has {len(value)} pairs, at most {MAX_META_PAIRS} allowed")
+    for k, v in value.items():
+        check_name("metadata key", k, MAX_META_KEY_BYTES)
+        check_name(f"metadata value of {k!r}", v, MAX_META_VALUE_BYTES, min_bytes=0)
+    return value
+
+
+def _uint(what: str, value: object) -> int:
+    if type(value) is not int or value < 0 or value >= 1 << 64:
+        raise _bad(f"{what} must be an unsigned 64-bit integer")
+    return value
+
+
+def entry_from_wire(m: object) -> Entry:
+    """An Entry from its wire map, every field checked (hash not verified)."""
+    if not isinstance(m, dict):
+        raise _bad("an entry must be a map")
+    missing = [f for f in ENTRY_FIELDS if f not in m]
+    if missing:
+        raise _bad(f"entry is missing {', '.join(missing)}")
+    payload = m["payload"]
+    if not isinstance(payload, bytes):
+        raise _bad("entry payload must be binary")
+    h = m["hash"]
+    if not isinstance(h, bytes) or len(h) != 32:
+        raise _bad("entry hash must be 32 bytes of binary")
+    seq = _uint("entry seq", m["seq"])
+    if seq < 1:
+        raise _bad("entry seq starts at 1")
+    return Entry(
+        context=check_name("context", m["context"], MAX_CONTEXT_BYTES),
+        seq=seq,
+        key=check_name("key", m["key"], MAX_KEY_BYTES, min_bytes=0),
+        payload=payload,
+        metadata=check_metadata(m["metadata"]),
+        lamport=_uint("entry lamport", m["lamport"]),
+        ts_ns=_uint("entry ts_ns", m["ts_ns"]),
+        writer=check_name("writer", m["writer"], MAX_WRITER_BYTES),
+        hash=h,
+    )
+
+
+def decode_entry(blob: bytes) -> Entry:
+    """Decode one encoded entry (as stored or as sent in a reply)."""
+    try:
+        m = msgpack.unpackb(blob, raw=False, unicode_errors="surrogateescape")
+    except Exception as exc:  # msgpack raises several types for junk
+        raise _bad(f"entry is not valid msgpack: {exc}") from None
+    return entry_from_wire(m)

@@ -1,0 +1,153 @@
+"""Shared fixtures: real `ledger-node` processes on free loopback ports, cleaned up.
+
+Nodes listen on 127.0.0.1 port 0 (the node binds a free port and prints it in
+its ready line), so tests never race for fixed ports. Every process started
+here is stopped (SIGTERM, then SIGKILL) at teardown, and every client closed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+class NodeProcess:
+    """A `ledger-node` child process and what it printed."""
+
+    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data = data
+        self.args = list(args)
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self.address = ""
+        self.pub = ""
+        self.node_id = ""
+
+    def start(self, timeout: float = 15.0) -> NodeProcess:
+        cmd = [sys.executable, "-m", "node.main", "--data", str(self.data), *self.args]
+        if not any(a.startswith("--listen") for a in self.args):
+            cmd += ["--listen", "127.0.0.1:0"]
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.lines = []
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        )
+        ready = threading.Event()
+
+        def reader(proc: subprocess.Popen[str]) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                self.lines.append(line)
+                m = READY.match(line)
+                if m:
+                    self.address, self.pub, self.node_id = m.groups()
+                    ready.set()
+
+        threading.Thread(target=reader, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = "\n".join(self.lines)
+                self.kill()
+                raise RuntimeError(f"ledger-node did not become ready:\n{out}")
+        return self
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(5)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    """A private ZeroMQ context that must terminate at teardown (a leaked socket fails)."""
+    ctx = zmq.Context()
+    yield ctx
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    t = threading.Thread(target=term, daemon=True)
+    t.start()
+    if not done.wait(10):
+        pytest.fail("a ZeroMQ socket was left open (context.term() hung)")
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator:
+    """Start nodes: `node_factory(*flags, data=None, name='n1')`; all stopped at teardown."""
+    started: list[NodeProcess] = []
+
+    def make(*args: str, data: Path | None = None, name: str = "n1", env: dict[str, str] | None = None,
+             start: bool = True) -> NodeProcess:
+        n = NodeProcess(data or tmp_path / name, *args, env=env)
+        started.append(n)
+        return n.start() if start else n
+
+    yield make
+    for n in started:
+        n.kill()
+
+
+@pytest.fixture
+def node(node_factory) -> NodeProcess:
+    """One running node with default flags on a free port."""
+    return node_factory()
+
+
+@pytest.fixture
+def client(node: NodeProcess, zctx: zmq.Context) -> Iterator:
+    from protocol.client import Client
+
+    c = Client(node.address, timeout=5.0, zctx=zctx)
+    yield c
+    c.close()

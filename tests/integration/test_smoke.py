@@ -1,0 +1,19 @@
+"""A node starts, appends, reads and stops cleanly."""
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_append_get_head_roundtrip(node, client):
+    e = client.append("c1", b"hello", key="facts", metadata={"agent": "a1"})
+    assert (e.seq, e.key, e.payload, e.metadata, e.writer) == (1, "facts", b"hello", {"agent": "a1"}, node.node_id)
+    got = client.get("c1")
+    assert [x.payload for x in got.entries] == [b"hello"]
+    assert got.last_seq == 1 and not got.more
+    h = client.head("c1")
+    assert h.size == 1 and h.root == e.hash  # the root of one leaf is the leaf
+
+
+def test_sigterm_exits_zero(node):
+    assert node.stop() == 0

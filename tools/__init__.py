@@ -1,0 +1,1 @@
+"""Command-line tools: the `ledger` client CLI (and later the benchmark, cluster and chaos tools)."""
