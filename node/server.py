@@ -138,12 +138,16 @@ class Server:
             while not self.stopping:
                 events = dict(poller.poll(self._poll_timeout()))
                 if router in events:
-                    for _ in range(MAX_BURST):
+                    for i in range(1, MAX_BURST + 1):
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         handle(frames)
+                        if not i & 255:
+                            # a long burst must not hold writes past their deadline
+                            self._collect_done()
+                            self._maybe_handoff()
                 if self._wake_rx in events:
                     self._drain_wake()
                 self._collect_done()
@@ -158,8 +162,8 @@ class Server:
     def _poll_timeout(self) -> int:
         if self.pending_since is not None and not self.flushing:
             left = self.pending_since + self.flush_delay - time.monotonic()
-            return max(0, int(left * 1000) + 1)
-        return 100
+            return max(0, min(100, int(left * 1000) + 1))
+        return 100  # wake often enough to notice a stop signal
 
     def _drain_wake(self) -> None:
         while True:
@@ -234,6 +238,12 @@ class Server:
             log.debug("reply dropped: %s", exc)
 
     def handle(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except Exception:  # never let one request take the node down
+            log.exception("unexpected failure while answering a request; dropped it")
+
+    def _handle(self, frames: list[bytes]) -> None:
         self.requests += 1
         if len(frames) < 2:
             return  # nothing after the identity: nobody to answer

@@ -380,6 +380,11 @@ def _check_id(v: object) -> RequestId:
         if not -(1 << 63) <= v < U64:
             raise _bad("id must fit in 64 bits")
         return v
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            raise _bad("id is not valid UTF-8") from None
     if isinstance(v, (str, bytes)):
         if len(v) > MAX_ID_BYTES:
             raise _bad(f"id must be at most {MAX_ID_BYTES} bytes")
@@ -463,7 +468,15 @@ def encode_error(rid: RequestId, code: str, message: str, details: Mapping[str, 
         for k, v in details.items():
             if k not in err:
                 err[k] = v
-    return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err}, use_bin_type=True)
+    try:
+        return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err}, use_bin_type=True)
+    except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+        # Something echoed from bad input cannot be encoded: answer without it.
+        safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return msgpack.packb(
+            {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": {"code": code, "message": safe}},
+            use_bin_type=True,
+        )
 
 
 def encode_request(op: str, rid: RequestId, fields: Mapping[str, Any]) -> bytes:

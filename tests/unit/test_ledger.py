@@ -1,0 +1,315 @@
+"""The engine (node.ledger.Ledger) on the in-memory KV: deterministic, no sockets."""
+
+from __future__ import annotations
+
+import io
+
+import msgpack
+import pytest
+
+from node import storage as st
+from node.ledger import HOT_ENTRY_OVERHEAD, Ledger
+from node.storage import MemoryKV
+from protocol import codec, merkle
+from protocol.entry import Entry, decode_entry
+from protocol.errors import Conflict, IntegrityError, NotFound, RemoteProtocolError
+from protocol.lamport import RESERVE_STEP
+from protocol.snapshot import encode_header, read_snapshot
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000_000_000_000
+
+    def __call__(self) -> int:
+        self.t += 1000
+        return self.t
+
+
+def make(kv: MemoryKV | None = None, **kw) -> Ledger:
+    return Ledger(kv if kv is not None else MemoryKV(), node_id=kw.pop("node_id", "n1"), now_ns=FakeClock(),
+                  sync_meta=False, **kw)
+
+
+def app(led: Ledger, ctx: str = "c1", payload: bytes = b"x", **kw) -> Entry:
+    req = codec.Append(context=ctx, key=kw.pop("key", ""), payload=payload, metadata=kw.pop("metadata", {}), **kw)
+    return decode_entry(led.append(req).blobs[0])
+
+
+def test_seq_dense_lamport_increasing_and_hash_valid():
+    led = make()
+    es = [app(led, payload=bytes([i])) for i in range(10)]
+    assert [e.seq for e in es] == list(range(1, 11))
+    assert all(b.lamport > a.lamport for a, b in zip(es, es[1:]))
+    for e in es:
+        e.verify()
+        assert e.writer == "n1" and e.context == "c1"
+
+
+def test_after_lamport_makes_entry_causally_later():
+    led = make()
+    e = app(led, after_lamport=10_000)
+    assert e.lamport > 10_000
+    # and the clock stays past it for other contexts too
+    assert app(led, "other").lamport > e.lamport
+
+
+def test_dedup_returns_original_and_appends_nothing():
+    led = make()
+    first = app(led, payload=b"a", dedup_id=b"id-1")
+    app(led, payload=b"b")
+    again = led.append(codec.Append("c1", "", b"DIFFERENT", {}, dedup_id=b"id-1"))
+    assert again.deduplicated
+    assert decode_entry(again.blobs[0]) == first
+    assert led.contexts["c1"].size == 2
+
+
+def test_dedup_survives_restart_after_flush():
+    kv = MemoryKV()
+    led = make(kv)
+    first = app(led, dedup_id=b"retry-me")
+    led.flush_sync()
+    led2 = make(kv)
+    res = led2.append(codec.Append("c1", "", b"x", {}, dedup_id=b"retry-me"))
+    assert res.deduplicated and decode_entry(res.blobs[0]) == first
+    assert led2.contexts["c1"].size == 1
+
+
+def test_dedup_remembers_at_least_ten_thousand_ids():
+    led = make()
+    for i in range(10_050):
+        led.append(codec.Append("c1", "", b"p", {}, dedup_id=f"d{i}".encode()))
+        if i % 2000 == 0:
+            led.flush_sync()
+    res = led.append(codec.Append("c1", "", b"p", {}, dedup_id=b"d0"))
+    assert res.deduplicated and res.last_seq == 1
+
+
+def test_expect_seq_conflict_reports_actual():
+    led = make()
+    app(led)
+    with pytest.raises(Conflict) as ei:
+        app(led, expect_seq=0)
+    assert ei.value.details["actual_seq"] == 1
+    assert app(led, expect_seq=1).seq == 2
+    # a missing context is at seq 0
+    assert app(led, "fresh", expect_seq=0).seq == 1
+
+
+def test_batch_is_one_unit_and_invalid_batch_appends_nothing():
+    led = make()
+    res = led.append_batch(codec.AppendBatch("c1", tuple(codec.BatchItem("k", bytes([i]), {}) for i in range(5))))
+    assert [decode_entry(b).seq for b in res.blobs] == [1, 2, 3, 4, 5]
+    frame = msgpack.packb({"v": 1, "id": 1, "op": "append_batch", "context": "c1",
+                           "entries": [{"payload": b"ok"}, {"payload": 5}]})
+    with pytest.raises(RemoteProtocolError) as ei:
+        codec.decode_request(frame, 1024)
+    assert "entries[1]" in ei.value.message
+    assert led.contexts["c1"].size == 5
+
+
+def test_restart_restores_state_without_rehashing(monkeypatch):
+    kv = MemoryKV()
+    led = make(kv)
+    for c in ("a", "b"):
+        for i in range(1000):
+            app(led, c, payload=str(i).encode())
+    roots = {c: led.head(c)["root"] for c in ("a", "b")}
+    clock = led.clock.value
+    led.flush_sync()
+
+    calls = {"inner": 0, "leaf": 0}
+    real_inner = merkle.inner_hash
+
+    def counting_inner(a: bytes, b: bytes) -> bytes:
+        calls["inner"] += 1
+        return real_inner(a, b)
+
+    monkeypatch.setattr(merkle, "inner_hash", counting_inner)
+    import node.ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "leaf_hash", lambda *a, **k: calls.__setitem__("leaf", calls["leaf"] + 1))
+    led2 = make(kv)
+    assert {c: led2.head(c)["root"] for c in ("a", "b")} == roots
+    assert calls["leaf"] == 0
+    assert calls["inner"] <= 2 * 2 * 11  # O(log n) per context, for the two roots
+    assert led2.clock.value >= clock
+    assert led2.contexts["a"].size == 1000
+
+
+def test_clock_never_decreases_when_unflushed_writes_are_lost():
+    kv = MemoryKV()
+    led = make(kv)
+    handed_out = [app(led).lamport for _ in range(50)]
+    # no flush: a kill -9 in async mode loses the pending entries, not the clock
+    led2 = make(kv)
+    assert app(led2).lamport > max(handed_out)
+
+
+def test_reservation_written_once_per_step():
+    kv = MemoryKV()
+    led = make(kv)
+    writes = []
+    real = kv.write
+
+    def spy(puts, deletes=(), sync=False):
+        puts = list(puts)
+        writes.extend(k for k, _ in puts)
+        return real(puts, deletes, sync)
+
+    kv.write = spy  # type: ignore[method-assign]
+    for _ in range(1000):
+        app(led)
+    assert writes.count(st.meta_key("lamport")) == 1
+    assert int(kv.get(st.meta_key("lamport"))) >= 1000
+    app(led, after_lamport=5 * RESERVE_STEP)
+    assert int(kv.get(st.meta_key("lamport"))) > 5 * RESERVE_STEP
+
+
+def test_hot_tail_is_bounded_and_cold_reads_come_from_storage():
+    led = make(hot_bytes=20_000)
+    payloads = [bytes([i % 256]) * 300 for i in range(500)]
+    for p in payloads:
+        app(led, payload=p)
+        if led.contexts["c1"].size % 50 == 0:
+            led.flush_sync()
+    led.flush_sync()
+    assert led.hot_bytes <= 20_000
+    assert len(led.contexts["c1"].tail) < 500
+    blobs, last, more, nxt = led.get(codec.Get("c1", after=0, limit=10_000))
+    assert [decode_entry(b).payload for b in blobs] == payloads
+    assert last == 500 and not more and nxt == 500
+
+
+def test_unflushed_entries_are_never_evicted():
+    led = make(hot_bytes=1)
+    for i in range(100):
+        app(led, payload=b"y" * 100)
+    assert len(led.contexts["c1"].tail) == 100  # nothing on disk yet, so nothing may leave RAM
+    led.flush_sync()
+    assert led.contexts["c1"].tail == {}
+    assert led.hot_bytes == 0
+    assert len(led.get(codec.Get("c1", limit=1000))[0]) == 100
+
+
+def test_get_key_filter_after_limit_and_paging():
+    led = make()
+    for i in range(30):
+        app(led, key="facts" if i % 3 == 0 else "traces", payload=str(i).encode())
+    blobs, last, more, nxt = led.get(codec.Get("c1", key="facts", after=0, limit=4))
+    es = [decode_entry(b) for b in blobs]
+    assert [e.seq for e in es] == [1, 4, 7, 10] and all(e.key == "facts" for e in es)
+    assert more and nxt == 10 and last == 30
+    blobs, _, more, nxt = led.get(codec.Get("c1", key="facts", after=nxt, limit=100))
+    assert [decode_entry(b).seq for b in blobs] == [13, 16, 19, 22, 25, 28]
+    assert not more and nxt == 30
+    assert led.get(codec.Get("missing")) == ([], 0, False, 0)
+
+
+def test_head_and_proofs_verify():
+    led = make()
+    for i in range(37):
+        app(led, payload=str(i).encode())
+    h = led.head("c1")
+    assert h["size"] == 37 and h["writer"] == "n1"
+    for seq in (1, 2, 17, 37):
+        p = led.proof(codec.Proof("c1", seq))
+        merkle.verify_inclusion(p["leaf"], seq - 1, 37, p["path"], h["root"])
+    for first in (0, 1, 5, 16, 36, 37):
+        c = led.consistency(codec.Consistency("c1", first))
+        merkle.verify_consistency(first, 37, c["first_root"], c["second_root"], c["proof"])
+    with pytest.raises(NotFound):
+        led.proof(codec.Proof("c1", 38))
+    with pytest.raises(NotFound):
+        led.head("nope")
+
+
+# -- snapshot and load -------------------------------------------------------------
+
+
+def snapshot_bytes(led: Ledger, ctx: str) -> bytes:
+    fields, blobs = led.snapshot_page(codec.Snapshot(ctx, limit=10_000))
+    assert not fields["more"]
+    return encode_header(ctx, fields["size"], fields["root"]) + b"".join(blobs)
+
+
+def load_bytes(led: Ledger, ctx: str, blob: bytes, *, fail_if_exists: bool = False, chunk: int = 7) -> dict | None:
+    header, entries = read_snapshot(io.BytesIO(blob))
+    es = list(entries)
+    out = None
+    for i in range(0, max(len(es), 1), chunk):
+        part = es[i:i + chunk]
+        final = i + chunk >= len(es)
+        out = led.load(codec.Load(ctx, "L1", header["size"], header["root"], tuple(part), final, fail_if_exists),
+                       sync=False)
+    return out
+
+
+def keys_of(kv: MemoryKV) -> list[bytes]:
+    return [k for k, _ in kv.scan(b"", b"\xff" * 8)]
+
+
+def test_snapshot_load_roundtrip_into_fresh_node():
+    src = make()
+    for i in range(40):
+        app(src, "ctx", payload=str(i).encode(), metadata={"i": str(i)})
+    blob = snapshot_bytes(src, "ctx")
+    dst = make(node_id="n2")
+    head = load_bytes(dst, "ctx", blob)
+    assert head is not None and head["root"] == src.head("ctx")["root"] and head["size"] == 40
+    assert dst.clock.value >= src.clock.value  # the clock advanced past every loaded entry
+    assert not any(k.startswith(st.STAGE) for k in keys_of(dst.kv))  # staging cleaned up
+    dst.flush_sync()
+    again = make(dst.kv, node_id="n2")
+    assert again.head("ctx")["root"] == head["root"]
+
+
+@pytest.mark.parametrize("damage", ["payload", "truncate", "root"])
+def test_corrupted_load_writes_nothing(damage):
+    src = make()
+    for i in range(20):
+        app(src, "ctx", payload=f"entry-{i}".encode())
+    blob = snapshot_bytes(src, "ctx")
+    if damage == "payload":
+        blob = blob.replace(b"entry-13", b"entry-99")
+    elif damage == "truncate":
+        header, entries = read_snapshot(io.BytesIO(blob))
+        es = list(entries)[:-1]
+        blob = encode_header("ctx", header["size"], header["root"]) + b"".join(e.encode() for e in es)
+    else:
+        blob = blob.replace(src.head("ctx")["root"], b"\x00" * 32)
+    dst = make(node_id="n2")
+    before = keys_of(dst.kv)
+    with pytest.raises(IntegrityError):
+        load_bytes(dst, "ctx", blob)
+    assert "ctx" not in dst.contexts
+    dst.flush_sync()
+    assert keys_of(dst.kv) == before
+
+
+def test_load_fail_if_exists_and_fork_refused_and_prefix_extended():
+    src = make()
+    for i in range(10):
+        app(src, "ctx", payload=str(i).encode())
+    blob = snapshot_bytes(src, "ctx")
+    # prefix: a node holding the first 4 entries (same history) is extended
+    dst = make(node_id="n2")
+    load_bytes(dst, "ctx", snapshot_bytes_prefix(src, "ctx", 4))
+    assert dst.contexts["ctx"].size == 4
+    head = load_bytes(dst, "ctx", blob)
+    assert head is not None and head["size"] == 10 and head["root"] == src.head("ctx")["root"]
+    with pytest.raises(Conflict):
+        load_bytes(dst, "ctx", blob, fail_if_exists=True)
+    # fork: a different history of the same name is refused and left alone
+    other = make(node_id="n3")
+    app(other, "ctx", payload=b"different")
+    with pytest.raises(Conflict):
+        load_bytes(other, "ctx", blob)
+    assert other.contexts["ctx"].size == 1
+
+
+def snapshot_bytes_prefix(led: Ledger, ctx: str, size: int) -> bytes:
+    fields, blobs = led.snapshot_page(codec.Snapshot(ctx, size=size, limit=10_000))
+    return encode_header(ctx, size, fields["root"]) + b"".join(blobs)
