@@ -42,6 +42,8 @@ LOAD_IDLE_S = 120.0
 LOAD_COMMIT_CHUNK = 10_000
 
 _packb = msgpack.Packer(use_bin_type=True).pack
+_node_key = st.node_key
+_entry_key = st.entry_key
 _unpackb = msgpack.unpackb
 
 
@@ -178,6 +180,11 @@ class Ledger:
 
     def _kv_node_getter(self, ctx_id: int) -> merkle.GetNode:
         def get(level: int, index: int) -> bytes:
+            if level == 0:  # leaves are not stored twice: they are the entries' hashes
+                blob = self.kv.get(st.entry_key(ctx_id, index + 1))
+                if blob is None:
+                    raise InternalError(f"entry #{index + 1} of context #{ctx_id} is missing from storage")
+                return _unpackb(blob)["hash"]  # type: ignore[no-any-return]
             v = self.kv.get(st.node_key(ctx_id, level, index))
             if v is None:
                 raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
@@ -201,6 +208,8 @@ class Ledger:
             nodes = frontier.nodes
             if level < len(nodes) and index == (frontier.size >> level) - 1:
                 return nodes[level]
+            if level == 0:
+                return _unpackb(self._entry_blob(ctx, index + 1))["hash"]  # type: ignore[no-any-return]
             v = self._lookup(st.node_key(ctx.id, level, index))
             if v is None:
                 raise InternalError(f"Merkle node ({level}, {index}) of {ctx.name!r} is missing")
@@ -280,9 +289,12 @@ class Ledger:
     def _store(self, ctx: ContextState, seq: int, key: str, blob: bytes, h: bytes, lamport: int) -> None:
         pending = self.pending
         cid = ctx.id
-        for level, index, nh in ctx.frontier.append(h):
-            pending[st.node_key(cid, level, index)] = nh
-        pending[st.entry_key(cid, seq)] = blob
+        done = ctx.frontier.append(h)
+        # done[0] is the leaf itself: it lives in the entry, not stored twice
+        for i in range(1, len(done)):
+            level, index, nh = done[i]
+            pending[_node_key(cid, level, index)] = nh
+        pending[_entry_key(cid, seq)] = blob
         ctx.size = seq
         ctx.last_lamport = lamport
         ctx.tail[seq] = (key, blob)
@@ -631,7 +643,7 @@ class Ledger:
         p = st.stage_prefix(s.load_no)
         for k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
             e = decode_entry(blob)
-            for level, index, nh in ctx.frontier.append(e.hash):
+            for level, index, nh in ctx.frontier.append(e.hash)[1:]:
                 puts.append((st.node_key(ctx.id, level, index), nh))
             puts.append((st.entry_key(ctx.id, e.seq), blob))
             ctx.size = e.seq

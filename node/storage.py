@@ -10,7 +10,8 @@ numeric order):
     b"M" + name                           node meta: node_id, lamport (reserved), format, next_ctx
     b"C" + context (UTF-8)                msgpack {"id": u32, "writer": str, "created_ns": int}
     b"E" + u32 ctx_id + u64 seq           the entry, as its wire msgpack map
-    b"N" + u32 ctx_id + u8 level + u64 i  32-byte hash of complete Merkle node (level, i)
+    b"N" + u32 ctx_id + u8 level + u64 i  32-byte hash of complete Merkle node (level, i), level >= 1
+                                          (level-0 nodes are the entries' own `hash` fields)
     b"D" + u32 ctx_id + dedup_id          u64 first seq + u32 count of the append it names
     b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted at start-up)
 """

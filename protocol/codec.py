@@ -235,6 +235,20 @@ def _bool(m: Mapping[str, Any], name: str) -> bool:
 
 
 def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
+    # Fast path for the common, plainly valid append (ASCII names, binary
+    # payload, no options); anything else takes the full validation below.
+    c = m.get("context")
+    k = m.get("key", "")
+    p = m.get("payload")
+    md = m.get("metadata")
+    if (
+        type(c) is str and 0 < len(c) <= MAX_CONTEXT_BYTES and c.isascii()
+        and type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii()
+        and type(p) is bytes and len(p) <= max_payload
+        and (md is None or (type(md) is dict and not md)) and m.get("dedup_id") is None
+        and m.get("expect_seq") is None and m.get("after_lamport") is None
+    ):
+        return Append(c, k, p, {})
     return Append(
         context=_context(m),
         key=_key(m.get("key")),
@@ -442,22 +456,39 @@ def decode_request(frame: bytes, max_payload: int) -> Envelope:
 
 # -- replies ---------------------------------------------------------------
 
-def encode_reply(rid: RequestId, fields: Mapping[str, Any], raw: Mapping[str, bytes | Sequence[bytes]] | None = None) -> bytes:
+_OK_PREFIX = b"\xa1v\x01\xa2ok\xc3\xa2id"  # "v": 1, "ok": true, "id" (its value follows)
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def _map_header(n: int) -> bytes:
+    return bytes((0x80 | n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_reply(
+    rid: RequestId, fields: Mapping[str, Any], raw: Mapping[str, bytes | Sequence[bytes]] | None = None
+) -> bytes:
     """An ok reply. `raw` values are pre-encoded msgpack (a bytes object is
     one value, a list of bytes objects becomes an array of them)."""
     n = 3 + len(fields) + (len(raw) if raw else 0)
-    pk = msgpack.Packer(use_bin_type=True)
-    out = [pk.pack_map_header(n), pk.pack("v"), pk.pack(PROTOCOL_VERSION), pk.pack("id"), pk.pack(rid), pk.pack("ok"), pk.pack(True)]
+    out = [_map_header(n), _OK_PREFIX, _pack(rid)]
     for k, v in fields.items():
-        out.append(pk.pack(k))
-        out.append(pk.pack(v))
+        out.append(_pack(k))
+        out.append(_pack(v))
     if raw:
         for k, rv in raw.items():
-            out.append(pk.pack(k))
+            out.append(_pack(k))
             if isinstance(rv, bytes):
                 out.append(rv)
             else:
-                out.append(pk.pack_array_header(len(rv)))
+                out.append(_array_header(len(rv)))
                 out.extend(rv)
     return b"".join(out)
 

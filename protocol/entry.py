@@ -41,8 +41,7 @@ _u32 = struct.Struct(">I")
 _sha256 = hashlib.sha256
 
 
-def _lp(b: bytes) -> bytes:
-    return _u32.pack(len(b)) + b
+_u32p = _u32.pack
 
 
 def leaf_hash(
@@ -56,20 +55,20 @@ def leaf_hash(
     writer: str,
 ) -> bytes:
     """The Merkle leaf of an entry: commits to every field, seq included."""
-    parts = [
-        LEAF_PREFIX,
-        _head.pack(seq, lamport, ts_ns),
-        _lp(context.encode()),
-        _lp(writer.encode()),
-        _lp(key.encode()),
-        _u32.pack(len(metadata)),
-    ]
+    c = context.encode()
+    w = writer.encode()
+    k = key.encode()
     if metadata:
-        for k, v in sorted((k.encode(), v.encode()) for k, v in metadata.items()):
-            parts.append(_lp(k))
-            parts.append(_lp(v))
-    parts.append(_lp(payload))
-    return _sha256(b"".join(parts)).digest()
+        pairs = sorted((mk.encode(), mv.encode()) for mk, mv in metadata.items())
+        meta = b"".join(_u32p(len(mk)) + mk + _u32p(len(mv)) + mv for mk, mv in pairs)
+    else:
+        meta = b""
+    # One join instead of many small writes: this runs on every append.
+    return _sha256(b"".join((
+        LEAF_PREFIX, _head.pack(seq, lamport, ts_ns),
+        _u32p(len(c)), c, _u32p(len(w)), w, _u32p(len(k)), k,
+        _u32p(len(metadata)), meta, _u32p(len(payload)), payload,
+    ))).digest()
 
 
 @dataclass(frozen=True, slots=True)
