@@ -46,6 +46,8 @@ class Flusher(threading.Thread):
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.done: collections.deque[Any] = collections.deque()
         self._wake = wake
+        self.batches = 0  # storage writes done (each one fsync in sync mode)
+        self.keys = 0
 
     def run(self) -> None:
         while True:
@@ -57,6 +59,8 @@ class Flusher(threading.Thread):
             while True:
                 try:
                     self.kv.write(batch.items(), sync=self.sync)
+                    self.batches += 1
+                    self.keys += len(batch)
                     break
                 except Exception:
                     # Keep the batch (it is still served from RAM) and retry:
@@ -323,6 +327,8 @@ class Server:
             "pub": self.pub_address,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "durability": self.config.durability,
+            "write_batches": self.flusher.batches,
+            "written_keys": self.flusher.keys,
             "flush_ms": self.config.flush_ms,
             "max_payload": self.config.max_payload,
             "max_request": self.config.max_request,

@@ -53,6 +53,17 @@ def test_sync_mode_acknowledged_appends_survive_kill_9(node_factory, zctx):
     assert [(e.seq, e.hash) for e in got[: len(acked)]] == [(e.seq, e.hash) for e in acked]
 
 
+def test_sync_mode_groups_concurrent_appends_into_shared_fsyncs(node_factory, zctx):
+    n = node_factory("--durability", "sync")
+    with Client(n.address, zctx=zctx) as c:
+        before = c.status()["write_batches"]
+        for _ in c.append_many("grouped", (b"x" for _ in range(2000)), window=500):
+            pass
+        batches = c.status()["write_batches"] - before
+    # one fsync per append would be 2,000 batches; group commit shares them
+    assert 1 <= batches <= 400, batches
+
+
 def test_async_kill_9_never_moves_the_clock_back(node_factory, zctx):
     n = node_factory()
     with Client(n.address, zctx=zctx) as c:
