@@ -641,7 +641,7 @@ class Ledger:
                 puts.append((k, v))
         max_lamport = 0
         p = st.stage_prefix(s.load_no)
-        for k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
+        for _k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
             e = decode_entry(blob)
             for level, index, nh in ctx.frontier.append(e.hash)[1:]:
                 puts.append((st.node_key(ctx.id, level, index), nh))

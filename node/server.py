@@ -28,7 +28,7 @@ from node.ledger import ContextState, Ledger
 from node.storage import KV
 from protocol import codec
 from protocol.codec import RequestId
-from protocol.errors import INTERNAL, BAD_REQUEST, LedgerError, RemoteProtocolError
+from protocol.errors import BAD_REQUEST, INTERNAL, LedgerError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from protocol.errors import (
     IntegrityError,
     LedgerError,
     RemoteProtocolError,
-    TooLarge,
     Timeout,
+    TooLarge,
     error_for,
 )
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
@@ -94,14 +94,14 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 1,
         verify: bool = True,
-        zctx: zmq.Context | None = None,
+        zctx: zmq.Context[Any] | None = None,
     ) -> None:
         self.address = normalize_address(address)
         self.timeout = timeout
         self.retries = retries
         self.verify = verify
         self._zctx = zctx or zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
+        self._sock: zmq.Socket[Any] | None = None
         self._next_id = int.from_bytes(os.urandom(3), "big") << 20
         self._stash: dict[Any, dict[str, Any]] = {}
         self._sent: dict[Any, bytes] = {}
@@ -244,7 +244,7 @@ class Client:
         after_lamport: int | None = None,
     ) -> list[Entry]:
         """Append many entries atomically. Items are payloads or (key, payload, metadata)."""
-        entries = []
+        entries: list[dict[str, Any]] = []
         for it in items:
             if isinstance(it, (bytes, str)):
                 entries.append({"key": "", "payload": it})

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -50,7 +50,7 @@ MAX_BATCH = 100_000
 MAX_CONTEXTS_LIMIT = 10_000
 U64 = 1 << 64
 
-RequestId = Union[int, str, bytes, None]
+RequestId = int | str | bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +142,7 @@ class Consistency:
     second: int | None = None
 
 
-Request = Union[
-    Append, AppendBatch, Get, Head, Contexts, Status, Ping, Snapshot, Load, Proof, Consistency
-]
+Request = Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,20 +498,23 @@ def encode_error(rid: RequestId, code: str, message: str, details: Mapping[str, 
             if k not in err:
                 err[k] = v
     try:
-        return msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err}, use_bin_type=True)
+        out: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err}, use_bin_type=True)
+        return out
     except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
         # Something echoed from bad input cannot be encoded: answer without it.
         safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        return msgpack.packb(
+        fallback: bytes = msgpack.packb(
             {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": {"code": code, "message": safe}},
             use_bin_type=True,
         )
+        return fallback
 
 
 def encode_request(op: str, rid: RequestId, fields: Mapping[str, Any]) -> bytes:
     m: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "op": op}
     m.update(fields)
-    return msgpack.packb(m, use_bin_type=True)
+    out: bytes = msgpack.packb(m, use_bin_type=True)
+    return out
 
 
 def decode_reply(frame: bytes) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import IntegrityError, RemoteProtocolError, BAD_REQUEST
+from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
 
 LEAF_PREFIX = b"\x00"
 
@@ -117,7 +117,8 @@ _packer_opts: dict[str, Any] = {"use_bin_type": True}
 
 
 def encode_entry_map(m: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(m, **_packer_opts)
+    out: bytes = msgpack.packb(m, **_packer_opts)
+    return out
 
 
 def _bad(msg: str) -> RemoteProtocolError:

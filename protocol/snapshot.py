@@ -29,10 +29,11 @@ VERSION = 1
 
 
 def encode_header(context: str, size: int, root: bytes) -> bytes:
-    return msgpack.packb(
+    out: bytes = msgpack.packb(
         {"format": FORMAT, "version": VERSION, "context": context, "size": size, "root": root},
         use_bin_type=True,
     )
+    return out
 
 
 def check_header(h: object) -> dict[str, Any]:

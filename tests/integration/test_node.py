@@ -67,7 +67,7 @@ def test_sync_mode_groups_concurrent_appends_into_shared_fsyncs(node_factory, zc
 def test_async_kill_9_never_moves_the_clock_back(node_factory, zctx):
     n = node_factory()
     with Client(n.address, zctx=zctx) as c:
-        for e in c.append_many("a", (b"x" for _ in range(500))):
+        for _ in c.append_many("a", (b"x" for _ in range(500))):
             pass
         time.sleep(0.2)  # well past --flush-ms: these 500 are on disk
         top = max(e.lamport for e in c.append_many("a", (b"y" for _ in range(300))))

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from node import storage as st
-from node.ledger import HOT_ENTRY_OVERHEAD, Ledger
+from node.ledger import Ledger
 from node.storage import MemoryKV
 from protocol import codec, merkle
 from protocol.entry import Entry, decode_entry
@@ -42,7 +42,7 @@ def test_seq_dense_lamport_increasing_and_hash_valid():
     led = make()
     es = [app(led, payload=bytes([i])) for i in range(10)]
     assert [e.seq for e in es] == list(range(1, 11))
-    assert all(b.lamport > a.lamport for a, b in zip(es, es[1:]))
+    assert all(b.lamport > a.lamport for a, b in zip(es, es[1:], strict=False))
     for e in es:
         e.verify()
         assert e.writer == "n1" and e.context == "c1"
@@ -185,7 +185,7 @@ def test_hot_tail_is_bounded_and_cold_reads_come_from_storage():
 
 def test_unflushed_entries_are_never_evicted():
     led = make(hot_bytes=1)
-    for i in range(100):
+    for _ in range(100):
         app(led, payload=b"y" * 100)
     assert len(led.contexts["c1"].tail) == 100  # nothing on disk yet, so nothing may leave RAM
     led.flush_sync()
