@@ -38,6 +38,7 @@ class Config:
     max_payload: int
     hot_bytes: int
     log_level: str
+    write_buffer: int = 32 << 20
 
     @property
     def sync(self) -> bool:
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "[LEDGER_MAX_PAYLOAD] (default 4MiB)")
     p.add_argument("--hot-bytes", help="RAM for recent entries of all contexts together "
                    "[LEDGER_HOT_BYTES] (default 64MiB)")
+    p.add_argument("--write-buffer", help="RAM for appends acknowledged but not yet on disk; when full, "
+                   "the node stops reading requests until storage catches up [LEDGER_WRITE_BUFFER] (default 32MiB)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -138,6 +141,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     try:
         max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
         hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
+        write_buffer = parse_size(pick(args.write_buffer, "WRITE_BUFFER", str(32 << 20)))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not 1 <= max_payload <= 1 << 30:
@@ -148,5 +152,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     return Config(
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
-        hot_bytes=hot_bytes, log_level=level,
+        hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
     )

@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 16 << 20
 MAX_SCAN = 100_000  # entries examined by one filtered get before it returns `more`
-HOT_ENTRY_OVERHEAD = 160  # bytes of Python objects per hot-tail entry, beyond the blob
+HOT_ENTRY_OVERHEAD = 320  # bytes of Python objects per hot-tail entry beyond the blob (measured, rounded up)
 LOAD_IDLE_S = 120.0
 LOAD_COMMIT_CHUNK = 10_000
+# Merkle nodes below this level are not stored: a level-3 node covers 8 entries,
+# so an append writes 1/8 of a node key on average instead of 2, and any lower
+# node is rebuilt from at most 8 entry hashes (a constant factor on proofs).
+STORED_MIN_LEVEL = 3
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
@@ -115,6 +119,9 @@ class Ledger:
         self._names: list[str] = []  # sorted, for paging
         self.pending: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
+        # bytes of entries waiting for storage (pending) and being written (inflight)
+        self.pending_bytes = 0
+        self.inflight_bytes = 0
         self._dirty: dict[ContextState, int] = {}
         self._hot: collections.deque[tuple[ContextState, int, int]] = collections.deque()
         self.hot_bytes = 0
@@ -179,17 +186,14 @@ class Ledger:
         return node_id
 
     def _kv_node_getter(self, ctx_id: int) -> merkle.GetNode:
-        def get(level: int, index: int) -> bytes:
-            if level == 0:  # leaves are not stored twice: they are the entries' hashes
-                blob = self.kv.get(st.entry_key(ctx_id, index + 1))
-                if blob is None:
-                    raise InternalError(f"entry #{index + 1} of context #{ctx_id} is missing from storage")
-                return _unpackb(blob)["hash"]  # type: ignore[no-any-return]
-            v = self.kv.get(st.node_key(ctx_id, level, index))
-            if v is None:
-                raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
-            return v
-        return get
+        """Complete Merkle nodes straight from storage (start-up, before any state)."""
+        def leaf(index: int) -> bytes:
+            blob = self.kv.get(st.entry_key(ctx_id, index + 1))
+            if blob is None:
+                raise InternalError(f"entry #{index + 1} of context #{ctx_id} is missing from storage")
+            return _unpackb(blob)["hash"]  # type: ignore[no-any-return]
+
+        return _getter(leaf, lambda key: self.kv.get(key), ctx_id)
 
     # -- lookups -------------------------------------------------------------
 
@@ -202,18 +206,15 @@ class Ledger:
         return v
 
     def node_getter(self, ctx: ContextState) -> merkle.GetNode:
+        """Complete Merkle nodes of a context: frontier, then write buffer, then storage."""
         frontier = ctx.frontier
+        inner = _getter(lambda index: _unpackb(self._entry_blob(ctx, index + 1))["hash"], self._lookup, ctx.id)
 
         def get(level: int, index: int) -> bytes:
             nodes = frontier.nodes
             if level < len(nodes) and index == (frontier.size >> level) - 1:
                 return nodes[level]
-            if level == 0:
-                return _unpackb(self._entry_blob(ctx, index + 1))["hash"]  # type: ignore[no-any-return]
-            v = self._lookup(st.node_key(ctx.id, level, index))
-            if v is None:
-                raise InternalError(f"Merkle node ({level}, {index}) of {ctx.name!r} is missing")
-            return v
+            return inner(level, index)
         return get
 
     def context(self, name: str) -> ContextState:
@@ -290,8 +291,9 @@ class Ledger:
         pending = self.pending
         cid = ctx.id
         done = ctx.frontier.append(h)
-        # done[0] is the leaf itself: it lives in the entry, not stored twice
-        for i in range(1, len(done)):
+        # Only nodes of level >= STORED_MIN_LEVEL are stored; lower ones are
+        # recomputed from the entries' own hashes when a proof needs them.
+        for i in range(STORED_MIN_LEVEL, len(done)):
             level, index, nh = done[i]
             pending[_node_key(cid, level, index)] = nh
         pending[_entry_key(cid, seq)] = blob
@@ -302,6 +304,7 @@ class Ledger:
         self._hot.append((ctx, seq, n))
         self.hot_bytes += n
         self._dirty[ctx] = seq
+        self.pending_bytes += n
         self.entries_total += 1
 
     def append(self, req: codec.Append) -> AppendResult:
@@ -353,13 +356,20 @@ class Ledger:
         self.pending = {}
         self._dirty = {}
         self.inflight = batch
+        self.inflight_bytes = self.pending_bytes
+        self.pending_bytes = 0
         return batch, dirty
+
+    def buffered(self) -> tuple[int, int]:
+        """(keys, entry bytes) held in RAM waiting for storage."""
+        return len(self.pending) + len(self.inflight), self.pending_bytes + self.inflight_bytes
 
     def mark_flushed(self, dirty: dict[ContextState, int]) -> None:
         for ctx, seq in dirty.items():
             if seq > ctx.flushed_seq:
                 ctx.flushed_seq = seq
         self.inflight = {}
+        self.inflight_bytes = 0
         self.evict()
 
     def flush_sync(self, sync: bool = True) -> None:
@@ -643,7 +653,7 @@ class Ledger:
         p = st.stage_prefix(s.load_no)
         for _k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
             e = decode_entry(blob)
-            for level, index, nh in ctx.frontier.append(e.hash)[1:]:
+            for level, index, nh in ctx.frontier.append(e.hash)[STORED_MIN_LEVEL:]:
                 puts.append((st.node_key(ctx.id, level, index), nh))
             puts.append((st.entry_key(ctx.id, e.seq), blob))
             ctx.size = e.seq
@@ -667,6 +677,22 @@ class Ledger:
                 puts.append((k, v))
         if puts:
             self.kv.write(puts)
+
+
+def _getter(
+    leaf: Callable[[int], bytes], lookup: Callable[[bytes], bytes | None], ctx_id: int
+) -> merkle.GetNode:
+    """A GetNode over storage: leaves from entries, low levels rebuilt, the rest read."""
+    def get(level: int, index: int) -> bytes:
+        if level == 0:
+            return leaf(index)
+        if level < STORED_MIN_LEVEL:
+            return merkle.inner_hash(get(level - 1, 2 * index), get(level - 1, 2 * index + 1))
+        v = lookup(st.node_key(ctx_id, level, index))
+        if v is None:
+            raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
+        return v
+    return get
 
 
 def decode_blob(blob: bytes) -> Entry:

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
 ASYNC_FORCE_FLUSH = 50_000  # pending writes that trigger a flush before the deadline
+# Back-pressure: past either bound the node stops reading requests until the
+# flusher catches up, so a writer faster than the disk cannot fill the RAM.
+MAX_BUFFERED_KEYS = 200_000
 
 
 class Flusher(threading.Thread):
@@ -54,13 +57,13 @@ class Flusher(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 break
-            batch, dirty = job
+            commit, nkeys, dirty = job
             delay = 0.05
             while True:
                 try:
-                    self.kv.write(batch.items(), sync=self.sync)
+                    commit()
                     self.batches += 1
-                    self.keys += len(batch)
+                    self.keys += nkeys
                     break
                 except Exception:
                     # Keep the batch (it is still served from RAM) and retry:
@@ -111,6 +114,7 @@ class Server:
             "consistency": self.rpc_consistency,
         }
         self.requests = 0
+        self.backpressure_waits = 0
         self._rid: RequestId = None
 
     # -- addresses ---------------------------------------------------------------
@@ -140,6 +144,9 @@ class Server:
             ready()
         try:
             while not self.stopping:
+                if self._backlogged():
+                    self._wait_for_flush()
+                    continue
                 events = dict(poller.poll(self._poll_timeout()))
                 if router in events:
                     for i in range(1, MAX_BURST + 1):
@@ -152,6 +159,8 @@ class Server:
                             # a long burst must not hold writes past their deadline
                             self._collect_done()
                             self._maybe_handoff()
+                            if self._backlogged():
+                                break
                 if self._wake_rx in events:
                     self._drain_wake()
                 self._collect_done()
@@ -162,6 +171,17 @@ class Server:
                     self.ledger.expire_loads()
         finally:
             self._shutdown()
+
+    def _backlogged(self) -> bool:
+        keys, nbytes = self.ledger.buffered()
+        return keys >= MAX_BUFFERED_KEYS or nbytes >= self.config.write_buffer
+
+    def _wait_for_flush(self) -> None:
+        self.backpressure_waits += 1
+        if self._wake_rx.poll(100):
+            self._drain_wake()
+        self._collect_done()
+        self._maybe_handoff(force=True)
 
     def _poll_timeout(self) -> int:
         if self.pending_since is not None and not self.flushing:
@@ -211,9 +231,10 @@ class Server:
         if not due:
             return
         batch, dirty = ledger.take_pending()
+        commit = ledger.kv.prepare(batch.items(), sync=self.config.sync)
         self.pending_since = None
         self.flushing = True
-        self.flusher.jobs.put((batch, dirty))
+        self.flusher.jobs.put((commit, len(batch), dirty))
 
     def _shutdown(self) -> None:
         log.info("stopping: flushing pending writes")
@@ -328,6 +349,7 @@ class Server:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "durability": self.config.durability,
             "write_batches": self.flusher.batches,
+            "backpressure_waits": self.backpressure_waits,
             "written_keys": self.flusher.keys,
             "flush_ms": self.config.flush_ms,
             "max_payload": self.config.max_payload,

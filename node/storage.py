@@ -10,8 +10,9 @@ numeric order):
     b"M" + name                           node meta: node_id, lamport (reserved), format, next_ctx
     b"C" + context (UTF-8)                msgpack {"id": u32, "writer": str, "created_ns": int}
     b"E" + u32 ctx_id + u64 seq           the entry, as its wire msgpack map
-    b"N" + u32 ctx_id + u8 level + u64 i  32-byte hash of complete Merkle node (level, i), level >= 1
-                                          (level-0 nodes are the entries' own `hash` fields)
+    b"N" + u32 ctx_id + u8 level + u64 i  32-byte hash of complete Merkle node (level, i), level >= 3
+                                          (leaves are the entries' own `hash` fields; levels 1-2
+                                          are rebuilt from at most 8 leaves when a proof needs them)
     b"D" + u32 ctx_id + dedup_id          u64 first seq + u32 count of the append it names
     b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted at start-up)
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 META = b"M"
@@ -103,6 +104,10 @@ class KV(Protocol):
 
     def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None: ...
 
+    def prepare(self, puts: Iterable[tuple[bytes, bytes]], sync: bool = False) -> Callable[[], None]:
+        """Stage an atomic write now; the returned callable performs it (in any thread)."""
+        ...
+
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]: ...
 
     def close(self) -> None: ...
@@ -127,6 +132,10 @@ class MemoryKV:
             if self._data.pop(k, None) is not None:
                 i = bisect.bisect_left(self._keys, k)
                 del self._keys[i]
+
+    def prepare(self, puts: Iterable[tuple[bytes, bytes]], sync: bool = False) -> Callable[[], None]:
+        items = list(puts)
+        return lambda: self.write(items, sync=sync)
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         lo = bisect.bisect_left(self._keys, start)
@@ -175,6 +184,16 @@ class LevelDBKV:
         for k in deletes:
             wb.delete(k)
         wb.write()
+
+    def prepare(self, puts: Iterable[tuple[bytes, bytes]], sync: bool = False) -> Callable[[], None]:
+        # Building the batch needs the GIL (one Python call per key), so the
+        # caller's thread does it; the returned write runs in C++ with the GIL
+        # released, so a flusher thread really works in parallel.
+        wb = self._db.write_batch(sync=sync)
+        put = wb.put
+        for k, v in puts:
+            put(k, v)
+        return wb.write  # type: ignore[no-any-return]
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         it = self._db.iterator(start=start, stop=stop, reverse=reverse)

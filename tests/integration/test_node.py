@@ -64,6 +64,16 @@ def test_sync_mode_groups_concurrent_appends_into_shared_fsyncs(node_factory, zc
     assert 1 <= batches <= 400, batches
 
 
+def test_write_buffer_applies_back_pressure_and_loses_nothing(node_factory, zctx):
+    n = node_factory("--write-buffer", "16K")
+    with Client(n.address, zctx=zctx) as c:
+        acked = [e.seq for e in c.append_many("bp", (b"z" * 200 for _ in range(3000)), window=1000)]
+        s = c.status()
+        assert acked == list(range(1, 3001))
+        assert s["backpressure_waits"] > 0  # the node paused reading instead of buffering 600 KB
+        assert c.verify_context("bp")["size"] == 3000
+
+
 def test_async_kill_9_never_moves_the_clock_back(node_factory, zctx):
     n = node_factory()
     with Client(n.address, zctx=zctx) as c:
