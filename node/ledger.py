@@ -21,14 +21,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 from node import storage as st
 from node.storage import KV
 from protocol import codec, merkle
-from protocol.entry import Entry, decode_entry, leaf_hash
+from protocol.entry import Entry, decode_entry, leaf_hash_raw
 from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
 from protocol.lamport import LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
@@ -59,12 +59,13 @@ class ContextState:
     """What the node keeps in RAM for one context."""
 
     __slots__ = (
-        "name", "id", "writer", "size", "frontier", "last_lamport", "tail",
+        "name", "name_bytes", "id", "writer", "size", "frontier", "last_lamport", "tail",
         "flushed_seq", "created_ns",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
         self.name = name
+        self.name_bytes = name.encode()
         self.id = ctx_id
         self.writer = writer
         self.size = 0
@@ -91,8 +92,8 @@ class LoadSession:
     last_used: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
+    # a NamedTuple, not a frozen dataclass: built once per append on the hot path
     ctx: ContextState
     blobs: list[bytes]
     last_seq: int
@@ -129,6 +130,7 @@ class Ledger:
         self.loads: dict[str, LoadSession] = {}
         self._next_load_no = 1
         self.node_id = self._open(node_id)
+        self._writer_bytes = self.node_id.encode()
 
     # -- start-up ----------------------------------------------------------
 
@@ -279,7 +281,7 @@ class Ledger:
         seq = ctx.size + 1
         name = ctx.name
         writer = self.node_id
-        h = leaf_hash(name, seq, key, payload, metadata, lamport, ts, writer)
+        h = leaf_hash_raw(ctx.name_bytes, seq, key.encode(), payload, metadata, lamport, ts, self._writer_bytes)
         blob = _packb({
             "context": name, "seq": seq, "key": key, "payload": payload, "metadata": metadata,
             "lamport": lamport, "ts_ns": ts, "writer": writer, "hash": h,
@@ -290,11 +292,9 @@ class Ledger:
     def _store(self, ctx: ContextState, seq: int, key: str, blob: bytes, h: bytes, lamport: int) -> None:
         pending = self.pending
         cid = ctx.id
-        done = ctx.frontier.append(h)
         # Only nodes of level >= STORED_MIN_LEVEL are stored; lower ones are
         # recomputed from the entries' own hashes when a proof needs them.
-        for i in range(STORED_MIN_LEVEL, len(done)):
-            level, index, nh = done[i]
+        for level, index, nh in ctx.frontier.append(h, STORED_MIN_LEVEL):
             pending[_node_key(cid, level, index)] = nh
         pending[_entry_key(cid, seq)] = blob
         ctx.size = seq
@@ -309,13 +309,21 @@ class Ledger:
 
     def append(self, req: codec.Append) -> AppendResult:
         ctx = self.contexts.get(req.context)
-        hit = self._dedup_hit(ctx, req.dedup_id)
-        if hit is not None:
-            return hit
-        self._check_expect(ctx, req.context, req.expect_seq)
+        if req.dedup_id is not None:
+            hit = self._dedup_hit(ctx, req.dedup_id)
+            if hit is not None:
+                return hit
+        if req.expect_seq is not None:
+            self._check_expect(ctx, req.context, req.expect_seq)
         if ctx is None:
             ctx = self._create(req.context)
-        lamport = self._tick(req.after_lamport)
+        clock = self.clock
+        after = req.after_lamport
+        if after is None and clock.value < self._reserved:
+            clock.value += 1  # the common case of _tick, inlined
+            lamport = clock.value
+        else:
+            lamport = self._tick(after)
         blob = self._add(ctx, req.key, req.payload, req.metadata, lamport, self.now_ns())
         if req.dedup_id is not None:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
@@ -653,7 +661,7 @@ class Ledger:
         p = st.stage_prefix(s.load_no)
         for _k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
             e = decode_entry(blob)
-            for level, index, nh in ctx.frontier.append(e.hash)[STORED_MIN_LEVEL:]:
+            for level, index, nh in ctx.frontier.append(e.hash, STORED_MIN_LEVEL):
                 puts.append((st.node_key(ctx.id, level, index), nh))
             puts.append((st.entry_key(ctx.id, e.seq), blob))
             ctx.size = e.seq

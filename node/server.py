@@ -68,7 +68,7 @@ class Flusher(threading.Thread):
                 except Exception:
                     # Keep the batch (it is still served from RAM) and retry:
                     # dropping it would lose acknowledged appends.
-                    log.exception("writing %d keys to storage failed; retrying in %.2f s", len(batch), delay)
+                    log.exception("writing %d keys to storage failed; retrying in %.2f s", nkeys, delay)
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
             self.done.append(dirty)
@@ -314,7 +314,9 @@ class Server:
     def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes]:
         res = self.ledger.append(req)
         fields = {"deduplicated": True} if res.deduplicated else {}
-        return self._needs_durable(res.ctx, res.last_seq, codec.encode_reply(self._rid, fields, {"entry": res.blobs[0]}))
+        body = (codec.encode_reply(self._rid, fields, {"entry": res.blobs[0]}) if fields
+                else codec.encode_entry_reply(self._rid, res.blobs[0]))
+        return self._needs_durable(res.ctx, res.last_seq, body)
 
     def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes]:
         res = self.ledger.append_batch(req)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -53,8 +53,9 @@ U64 = 1 << 64
 RequestId = int | str | bytes | None
 
 
-@dataclass(frozen=True, slots=True)
-class Append:
+class Append(NamedTuple):
+    # NamedTuple rather than a frozen dataclass (immutable all the same): a frozen
+    # dataclass costs about 1 us more to build, and this one is built per append.
     context: str
     key: str
     payload: bytes
@@ -145,8 +146,7 @@ class Consistency:
 Request = Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A decoded request: its id (echoed in the reply), its op and its body."""
 
     id: RequestId
@@ -489,6 +489,14 @@ def encode_reply(
                 out.append(_array_header(len(rv)))
                 out.extend(rv)
     return b"".join(out)
+
+
+_APPEND_REPLY_HEAD = _map_header(4) + _OK_PREFIX
+
+
+def encode_entry_reply(rid: RequestId, entry: bytes) -> bytes:
+    """`encode_reply(rid, {}, {"entry": entry})`, specialised: it answers every append."""
+    return b"".join((_APPEND_REPLY_HEAD, _pack(rid), b"\xa5entry", entry))
 
 
 def encode_error(rid: RequestId, code: str, message: str, details: Mapping[str, Any] | None = None) -> bytes:

@@ -55,9 +55,20 @@ def leaf_hash(
     writer: str,
 ) -> bytes:
     """The Merkle leaf of an entry: commits to every field, seq included."""
-    c = context.encode()
-    w = writer.encode()
-    k = key.encode()
+    return leaf_hash_raw(context.encode(), seq, key.encode(), payload, metadata, lamport, ts_ns, writer.encode())
+
+
+def leaf_hash_raw(
+    c: bytes,
+    seq: int,
+    k: bytes,
+    payload: bytes,
+    metadata: Mapping[str, str],
+    lamport: int,
+    ts_ns: int,
+    w: bytes,
+) -> bytes:
+    """`leaf_hash` with context, key and writer already UTF-8 encoded (hot path)."""
     if metadata:
         pairs = sorted((mk.encode(), mv.encode()) for mk, mv in metadata.items())
         meta = b"".join(_u32p(len(mk)) + mk + _u32p(len(mv)) + mv for mk, mv in pairs)

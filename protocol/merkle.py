@@ -251,10 +251,11 @@ class Frontier:
         nodes = [get(level, (size >> level) - 1) for level in range(size.bit_length())]
         return cls(size, nodes)
 
-    def append(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
-        """Add a leaf; return every (level, index, hash) that became complete."""
+    def append(self, leaf: bytes, keep_from: int = 0) -> list[tuple[int, int, bytes]]:
+        """Add a leaf; return every (level, index, hash) of level >= `keep_from`
+        that became complete (the caller persists them)."""
         index = self.size
-        done = [(0, index, leaf)]
+        done = [(0, index, leaf)] if keep_from == 0 else []
         nodes = self.nodes
         node = leaf
         level = 0
@@ -265,7 +266,8 @@ class Frontier:
             level += 1
             index //= 2
             node = parent
-            done.append((level, index, parent))
+            if level >= keep_from:
+                done.append((level, index, parent))
         if level < len(nodes):
             nodes[level] = node
         else:

@@ -130,7 +130,7 @@ def test_restart_restores_state_without_rehashing(monkeypatch):
     monkeypatch.setattr(merkle, "inner_hash", counting_inner)
     import node.ledger as ledger_mod
 
-    monkeypatch.setattr(ledger_mod, "leaf_hash", lambda *a, **k: calls.__setitem__("leaf", calls["leaf"] + 1))
+    monkeypatch.setattr(ledger_mod, "leaf_hash_raw", lambda *a, **k: calls.__setitem__("leaf", calls["leaf"] + 1))
     led2 = make(kv)
     assert {c: led2.head(c)["root"] for c in ("a", "b")} == roots
     assert calls["leaf"] == 0
