@@ -28,7 +28,7 @@ import msgpack
 from node import storage as st
 from node.storage import KV
 from protocol import codec, merkle
-from protocol.entry import Entry, decode_entry, leaf_hash_raw
+from protocol.entry import Entry, decode_entry, encode_entry_parts, leaf_hash_raw, packed_str
 from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
 from protocol.lamport import LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
@@ -59,13 +59,14 @@ class ContextState:
     """What the node keeps in RAM for one context."""
 
     __slots__ = (
-        "name", "name_bytes", "id", "writer", "size", "frontier", "last_lamport", "tail",
+        "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
         "flushed_seq", "created_ns",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
         self.name = name
         self.name_bytes = name.encode()
+        self.name_packed = packed_str(name)
         self.id = ctx_id
         self.writer = writer
         self.size = 0
@@ -131,6 +132,7 @@ class Ledger:
         self._next_load_no = 1
         self.node_id = self._open(node_id)
         self._writer_bytes = self.node_id.encode()
+        self._writer_packed = packed_str(self.node_id)
 
     # -- start-up ----------------------------------------------------------
 
@@ -279,13 +281,8 @@ class Ledger:
 
     def _add(self, ctx: ContextState, key: str, payload: bytes, metadata: dict[str, str], lamport: int, ts: int) -> bytes:
         seq = ctx.size + 1
-        name = ctx.name
-        writer = self.node_id
         h = leaf_hash_raw(ctx.name_bytes, seq, key.encode(), payload, metadata, lamport, ts, self._writer_bytes)
-        blob = _packb({
-            "context": name, "seq": seq, "key": key, "payload": payload, "metadata": metadata,
-            "lamport": lamport, "ts_ns": ts, "writer": writer, "hash": h,
-        })
+        blob = encode_entry_parts(ctx.name_packed, seq, key, payload, metadata, lamport, ts, self._writer_packed, h)
         self._store(ctx, seq, key, blob, h, lamport)
         return blob
 
@@ -342,13 +339,45 @@ class Ledger:
             ctx = self._create(req.context)
         first = ctx.size + 1
         ts = self.now_ns()
-        after = req.after_lamport
+        items = req.items
+        # Lamports first..first+n-1, reserved on disk in one step if needed.
+        first_lamport = self._tick(req.after_lamport)
+        last_lamport = first_lamport + len(items) - 1
+        if needs_reservation(last_lamport, self._reserved):
+            self._reserve(last_lamport)
+        self.clock.value = last_lamport
+        # Everything was validated before this point, so the batch cannot fail
+        # halfway. The loop is _add/_store inlined: it runs once per entry.
+        pending = self.pending
+        tail = ctx.tail
+        hot_append = self._hot.append
+        fappend = ctx.frontier.append
+        cid = ctx.id
+        cb, cp = ctx.name_bytes, ctx.name_packed
+        wb, wp = self._writer_bytes, self._writer_packed
         blobs = []
-        # Everything is validated before this point, so the batch cannot fail halfway.
-        for it in req.items:
-            lamport = self._tick(after)
-            after = None
-            blobs.append(self._add(ctx, it.key, it.payload, it.metadata, lamport, ts))
+        nbytes = 0
+        seq = first - 1
+        lamport = first_lamport - 1
+        for key, payload, metadata in items:
+            seq += 1
+            lamport += 1
+            h = leaf_hash_raw(cb, seq, key.encode(), payload, metadata, lamport, ts, wb)
+            blob = encode_entry_parts(cp, seq, key, payload, metadata, lamport, ts, wp, h)
+            for level, index, nh in fappend(h, STORED_MIN_LEVEL):
+                pending[_node_key(cid, level, index)] = nh
+            pending[_entry_key(cid, seq)] = blob
+            tail[seq] = (key, blob)
+            n = len(blob) + HOT_ENTRY_OVERHEAD
+            hot_append((ctx, seq, n))
+            nbytes += n
+            blobs.append(blob)
+        ctx.size = seq
+        ctx.last_lamport = lamport
+        self.hot_bytes += nbytes
+        self.pending_bytes += nbytes
+        self._dirty[ctx] = seq
+        self.entries_total += len(items)
         if req.dedup_id is not None:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(first, len(blobs))
         return AppendResult(ctx, blobs, ctx.size, False)

@@ -65,8 +65,8 @@ class Append(NamedTuple):
     after_lamport: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
+class BatchItem(NamedTuple):
+    # a NamedTuple for the same reason as Append: one per batched entry
     key: str
     payload: bytes
     metadata: dict[str, str]
@@ -269,6 +269,14 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
     for i, it in enumerate(raw):
         if not isinstance(it, dict):
             raise _bad(f"entries[{i}] must be a map")
+        k = it.get("key", "")
+        p = it.get("payload")
+        md = it.get("metadata")
+        if (type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii() and type(p) is bytes
+                and len(p) <= max_payload and (md is None or (type(md) is dict and not md))):
+            items.append(BatchItem(k, p, {}))  # fast path: plainly valid
+            total += len(p)
+            continue
         try:
             p = _payload(it.get("payload"), max_payload)
             item = BatchItem(_key(it.get("key")), p, check_metadata(it.get("metadata")))
