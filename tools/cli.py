@@ -1,0 +1,594 @@
+"""`ledger`: the command-line client of a Converge Ledger node.
+
+A thin shell over the reference client (`protocol.client.Client`): it parses
+arguments, reads local input (payloads, snapshot files) before it talks to the
+node, calls the client, and prints results either for people or, with
+`--json`, as exactly one JSON object per line.
+
+Exit codes: 0 success; 1 an error from the node, a failed verification or a
+node that does not answer; 2 a usage error or bad local input (a missing file,
+a malformed --meta); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+import zmq
+
+from protocol import codec
+from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
+from protocol.entry import Entry
+from protocol.errors import IntegrityError, LedgerError, RemoteProtocolError, TooLarge
+from protocol.snapshot import read_snapshot
+
+DEFAULT_NODE = "127.0.0.1:7400"
+PROG = "ledger"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Payloads above this are checked against the node's own limit first: a frame
+# above the node's request limit is dropped by ZeroMQ without a reply, which
+# would look like a dead node instead of a clear TOO_LARGE.
+LARGE_PAYLOAD = 1 << 20
+
+
+class UsageError(Exception):
+    """Bad arguments or bad local input; exit code 2."""
+
+
+# -- argument parsing ------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
+def _uint(text: str) -> int:
+    if not text.isdigit() or int(text) >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _seq(text: str) -> int:
+    v = _uint(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("seq starts at 1")
+    return v
+
+
+def _meta(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (no '=')")
+    if not k:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (empty key)")
+    return k, v
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    # The same options on the top-level parser and on every command, so that
+    # `ledger head c1 --json` works as well as `ledger --json head c1`.
+    # SUPPRESS keeps a command's unset option from hiding the top-level one.
+    p = argparse.ArgumentParser(add_help=False)
+    d: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("--node", metavar="HOST:PORT", help=f"node to talk to (default $LEDGER_NODE or {DEFAULT_NODE})", **d)
+    p.add_argument("--json", action="store_true", help="one JSON object per line", **d)
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"how long to wait for the node to answer (default {DEFAULT_TIMEOUT:g})",
+        **d,
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options(defaults=False)
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Command-line client of a Converge Ledger node.",
+        epilog="Exit codes: 0 ok, 1 error from the node or failed verification, 2 usage error, 130 interrupted.",
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    a = sub.add_parser(
+        "append",
+        parents=[common],
+        help="append one entry (or one per line with --lines)",
+        description="Append an entry. The payload comes from PAYLOAD, or --file, or else all of stdin.",
+    )
+    a.add_argument("context")
+    a.add_argument("payload", nargs="?", help="the payload as text (default: --file, else stdin)")
+    a.add_argument("--key", default="", help="type tag of the entry (facts, intents, traces, ...)")
+    a.add_argument(
+        "--meta", type=_meta, action="append", default=[], metavar="K=V", help="a metadata pair; may be repeated"
+    )
+    a.add_argument("--file", metavar="PATH", help="read the payload from this file (raw bytes)")
+    a.add_argument(
+        "--lines",
+        action="store_true",
+        help="one entry per line of stdin (or of --file), pipelined; one output line per entry",
+    )
+    a.add_argument(
+        "--dedup-id",
+        metavar="ID",
+        help="a retry with the same id returns the original entry (with --lines: ID:0, ID:1, ...); "
+        "default: a random id, so the client's own retry is safe",
+    )
+    a.add_argument("--expect-seq", type=_uint, metavar="N", help="append only if the context's last seq is N")
+    a.add_argument("--after-lamport", type=_uint, metavar="N", help="the entry's lamport will be greater than N")
+
+    g = sub.add_parser("get", parents=[common], help="print entries of a context")
+    g.add_argument("context")
+    g.add_argument("--key", help="only entries with this key")
+    g.add_argument("--after", type=_uint, default=0, metavar="N", help="only entries with seq > N")
+    g.add_argument("--limit", type=_uint, metavar="N", help="print at most N entries (default: all)")
+
+    h = sub.add_parser("head", parents=[common], help="size, Merkle root, last lamport and writer of a context")
+    h.add_argument("context")
+
+    sub.add_parser("contexts", parents=[common], help="every context with its size")
+    sub.add_parser("status", parents=[common], help="the node's status")
+
+    s = sub.add_parser("snapshot", parents=[common], help="write a verified snapshot file of a context")
+    s.add_argument("context")
+    s.add_argument("-o", "--output", required=True, metavar="FILE", help="the snapshot file to write")
+
+    ld = sub.add_parser("load", parents=[common], help="load a snapshot file into a context")
+    ld.add_argument("context")
+    ld.add_argument("file")
+    ld.add_argument("--fail-if-exists", action="store_true", help="refuse if the context already exists")
+
+    pr = sub.add_parser("proof", parents=[common], help="inclusion proof of one entry, verified locally")
+    pr.add_argument("context")
+    pr.add_argument("seq", type=_seq)
+
+    v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
+    v.add_argument("context")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and fill in defaults; argparse exits (SystemExit) on a usage error."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if getattr(args, "node", None) is None:
+        args.node = os.environ.get("LEDGER_NODE") or DEFAULT_NODE
+    if getattr(args, "timeout", None) is None:
+        args.timeout = DEFAULT_TIMEOUT
+    args.json = bool(getattr(args, "json", False))
+    if args.command == "append":
+        if args.lines and args.payload is not None:
+            p.error("append: give PAYLOAD or --lines, not both")
+        if args.payload is not None and args.file is not None:
+            p.error("append: give PAYLOAD or --file, not both")
+        if args.lines and (args.expect_seq is not None or args.after_lamport is not None):
+            p.error("append: --expect-seq and --after-lamport apply to one entry; they cannot be used with --lines")
+    return args
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def _hex(b: bytes) -> str:
+    return b.hex()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def entry_json(e: Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {"context": e.context, "seq": e.seq, "key": e.key}
+    try:
+        d["payload"] = e.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        d["payload_b64"] = base64.b64encode(e.payload).decode("ascii")
+    d.update(metadata=dict(e.metadata), lamport=e.lamport, ts_ns=e.ts_ns, writer=e.writer, hash=_hex(e.hash))
+    return d
+
+
+def _payload_text(p: bytes) -> str:
+    try:
+        t = p.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<{len(p)} bytes, base64> {base64.b64encode(p).decode('ascii')}"
+    # Newlines or control characters would break the one-entry-per-line layout.
+    if t.isprintable():
+        return t
+    return json.dumps(t, ensure_ascii=False)
+
+
+def entry_text(e: Entry) -> str:
+    parts = [f"{e.context}#{e.seq}"]
+    if e.key:
+        parts.append(f"[{e.key}]")
+    parts.append(f"lamport={e.lamport} writer={e.writer}")
+    if e.metadata:
+        parts.append("{" + ", ".join(f"{k}={v}" for k, v in sorted(e.metadata.items())) + "}")
+    return " ".join(parts) + "  " + _payload_text(e.payload)
+
+
+def head_json(h: Head) -> dict[str, Any]:
+    return {"context": h.context, "size": h.size, "root": _hex(h.root), "lamport": h.lamport, "writer": h.writer}
+
+
+class Output:
+    """Writes results to stdout, as JSON lines or for people."""
+
+    def __init__(self, as_json: bool, stream: IO[str] | None = None) -> None:
+        self.as_json = as_json
+        self.stream = stream if stream is not None else sys.stdout
+
+    def line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+
+    def obj(self, d: dict[str, Any]) -> None:
+        self.line(json.dumps(_jsonable(d), ensure_ascii=False, separators=(",", ":")))
+
+    def entry(self, e: Entry) -> None:
+        if self.as_json:
+            self.obj(entry_json(e))
+        else:
+            self.line(entry_text(e))
+
+    def fields(self, d: dict[str, Any]) -> None:
+        """A summary: one JSON object, or `key: value` lines."""
+        if self.as_json:
+            self.obj(d)
+            return
+        for k, v in d.items():
+            if isinstance(v, list):
+                self.line(f"{k}:")
+                for x in v:
+                    self.line(f"  {_jsonable(x)}")
+            else:
+                self.line(f"{k}: {_jsonable(v)}")
+
+
+# -- local input -------------------------------------------------------------------
+
+
+def _stdin_bytes() -> IO[bytes]:
+    stream: Any = sys.stdin
+    src: IO[bytes] = stream.buffer if hasattr(stream, "buffer") else stream
+    return src
+
+
+def _read_payload(args: argparse.Namespace) -> bytes:
+    if args.payload is not None:
+        return str(args.payload).encode("utf-8", "surrogateescape")
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read --file {args.file!r}: {exc.strerror or exc}") from None
+    if sys.stdin is None:
+        raise UsageError("no payload: give PAYLOAD, --file or pipe it on stdin")
+    if sys.stdin.isatty():
+        sys.stderr.write("ledger: reading the payload from stdin (end with Ctrl-D)\n")
+    return _stdin_bytes().read()
+
+
+def _lines(src: IO[bytes]) -> Iterator[bytes]:
+    """Lines without their terminator ('\\n' or '\\r\\n'), read lazily."""
+    for raw in src:
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        yield raw
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_append(c: Client, args: argparse.Namespace, out: Output, payload: bytes | None = None) -> int:
+    metadata = dict(args.meta) or None
+    if args.lines:
+        src: IO[bytes]
+        if args.file is not None:
+            try:
+                src = open(args.file, "rb")
+            except OSError as exc:
+                raise UsageError(f"cannot read --file {args.file!r}: {exc.strerror or exc}") from None
+        else:
+            if sys.stdin is None:
+                raise UsageError("--lines reads stdin, but there is none")
+            src = _stdin_bytes()
+        try:
+            for e in c.append_many(
+                args.context, _lines(src), key=args.key, metadata=metadata, dedup_prefix=args.dedup_id
+            ):
+                out.entry(e)
+        finally:
+            if args.file is not None:
+                src.close()
+        return EXIT_OK
+
+    if payload is None:
+        payload = _read_payload(args)
+    if len(payload) > LARGE_PAYLOAD:
+        limit = c.status().get("max_payload")
+        if isinstance(limit, int) and len(payload) > limit:
+            raise TooLarge(f"payload is {len(payload)} bytes, the node's limit is {limit}", {"limit": limit})
+    # A random dedup id makes the client's retry after a timeout safe: a retry
+    # of an append that did land returns that entry instead of a second one.
+    dedup = args.dedup_id if args.dedup_id is not None else "cli-" + os.urandom(12).hex()
+    e = c.append(
+        args.context,
+        payload,
+        key=args.key,
+        metadata=metadata,
+        dedup_id=dedup,
+        expect_seq=args.expect_seq,
+        after_lamport=args.after_lamport,
+    )
+    out.entry(e)
+    return EXIT_OK
+
+
+def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.limit is None:
+        for e in c.iter_entries(args.context, key=args.key, after=args.after):
+            out.entry(e)
+        return EXIT_OK
+    left, after = args.limit, args.after
+    # A page may hold fewer entries than asked (reply size cap), so keep paging.
+    while left > 0:
+        page = c.get(args.context, key=args.key, after=after, limit=min(left, codec.MAX_GET_LIMIT))
+        for e in page.entries[:left]:
+            out.entry(e)
+        left -= len(page.entries)
+        if not page.more:
+            break
+        after = page.next_after
+    return EXIT_OK
+
+
+def cmd_head(c: Client, args: argparse.Namespace, out: Output) -> int:
+    out.fields(head_json(c.head(args.context)))
+    return EXIT_OK
+
+
+def cmd_contexts(c: Client, args: argparse.Namespace, out: Output) -> int:
+    items = c.contexts()
+    if out.as_json:
+        for it in items:
+            out.obj({"name": it["name"], "size": it["size"]})
+        return EXIT_OK
+    width = max((len(str(it["name"])) for it in items), default=0)
+    for it in items:
+        out.line(f"{it['name']:<{width}}  {it['size']}")
+    return EXIT_OK
+
+
+def cmd_status(c: Client, args: argparse.Namespace, out: Output) -> int:
+    out.fields(c.status())
+    return EXIT_OK
+
+
+def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
+    target = os.path.abspath(args.output)
+    # Written beside the target and renamed only once verified and synced, so
+    # a failure or Ctrl-C never leaves a partial file under the target's name.
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial")
+    # O_EXCL: never follow or clobber anything already there; mode 0o666 so
+    # the finished file gets the usual umask permissions (mkstemp gives 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            info = c.snapshot(args.context, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    out.fields(
+        {
+            "context": info["context"],
+            "size": info["size"],
+            "root": _hex(info["root"]),
+            "file": args.output,
+            "bytes": os.path.getsize(target),
+        }
+    )
+    return EXIT_OK
+
+
+def cmd_load(c: Client, args: argparse.Namespace, out: Output, src: IO[bytes]) -> int:
+    h = c.load(args.context, src, fail_if_exists=args.fail_if_exists)
+    d = head_json(h)
+    d["file"] = args.file
+    out.fields(d)
+    return EXIT_OK
+
+
+def cmd_proof(c: Client, args: argparse.Namespace, out: Output) -> int:
+    p = c.proof(args.context, args.seq)  # the client verifies the path against the root
+    page = c.get(args.context, after=args.seq - 1, limit=1)
+    if not page.entries or page.entries[0].seq != args.seq:
+        raise IntegrityError(f"the node proved entry #{args.seq} of {args.context!r} but did not return it")
+    if page.entries[0].hash != p.leaf:
+        raise IntegrityError(f"entry #{args.seq} of {args.context!r} does not hash to the proven leaf")
+    d = {
+        "context": p.context,
+        "seq": p.seq,
+        "size": p.size,
+        "leaf": _hex(p.leaf),
+        "root": _hex(p.root),
+        "path": [_hex(x) for x in p.path],
+        "verified": True,
+    }
+    if out.as_json:
+        out.obj(d)
+    else:
+        d.pop("verified")
+        out.fields(d)
+        out.line("verified")
+    return EXIT_OK
+
+
+def cmd_verify(c: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        r = c.verify_context(args.context)
+    except RemoteProtocolError as exc:  # a malformed entry from the node
+        raise IntegrityError(f"the node sent a malformed entry: {exc.message}") from None
+    if out.as_json:
+        out.obj({"context": r["context"], "size": r["size"], "root": _hex(r["root"]), "verified": True})
+    else:
+        out.line(f"verified {r['context']}: {r['size']} entries, root {_hex(r['root'])}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "get": cmd_get,
+    "head": cmd_head,
+    "contexts": cmd_contexts,
+    "status": cmd_status,
+    "snapshot": cmd_snapshot,
+    "proof": cmd_proof,
+    "verify": cmd_verify,
+}
+
+
+def _node_address(text: str) -> str:
+    try:
+        address = normalize_address(text)
+    except ValueError as exc:
+        raise UsageError(f"--node: {exc}") from None
+    if address.startswith("tcp://"):
+        port = address.rpartition(":")[2]
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"--node: port must be 1..65535, got {port!r}")
+    return address
+
+
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {path!r}: it is a folder")
+
+
+def _open_snapshot(args: argparse.Namespace) -> IO[bytes]:
+    """The snapshot file of a load, its header checked (entries are checked while loading)."""
+    try:
+        src = open(args.file, "rb")
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file!r}: {exc.strerror or exc}") from None
+    try:
+        header, _ = read_snapshot(src)
+        if header["context"] != args.context:
+            # The client would refuse too, but as a generic error; say it plainly.
+            raise UsageError(
+                f"{args.file!r} is a snapshot of context {header['context']!r}, not {args.context!r} "
+                "(entries are hashed with their context name and cannot be renamed)"
+            )
+        src.seek(0)
+    except IntegrityError as exc:
+        src.close()
+        raise UsageError(f"{args.file!r}: {exc.message}") from None
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def run(args: argparse.Namespace, out: Output | None = None) -> int:
+    """Run one parsed command; errors propagate (see `main`)."""
+    out = out or Output(args.json)
+    address = _node_address(args.node)
+    # Local input first: a missing file is reported without waiting on a node.
+    payload: bytes | None = None
+    load_src: IO[bytes] | None = None
+    if args.command == "append":
+        if args.file is not None and not os.path.isfile(args.file):
+            raise UsageError(f"cannot read --file {args.file!r}: no such file")
+        if not args.lines:
+            payload = _read_payload(args)
+    elif args.command == "snapshot":
+        _check_output(args.output)
+    elif args.command == "load":
+        load_src = _open_snapshot(args)
+    zctx: zmq.Context[Any] = zmq.Context()
+    try:
+        try:
+            c = Client(address, timeout=args.timeout, zctx=zctx)
+        except zmq.ZMQError as exc:
+            raise UsageError(f"--node: cannot connect to {address}: {exc.strerror}") from None
+        try:
+            # One ping without retry, so a node that is not there is reported
+            # after --timeout, not after every retry of the real request.
+            c.result(c.submit("ping"))
+            if args.command == "append":
+                return cmd_append(c, args, out, payload)
+            if load_src is not None:
+                return cmd_load(c, args, out, load_src)
+            return COMMANDS[args.command](c, args, out)
+        finally:
+            c.close()
+    finally:
+        if load_src is not None:
+            load_src.close()
+        zctx.destroy(linger=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `ledger` console script. Returns the exit code."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    err = sys.stderr
+    try:
+        return run(args)
+    except UsageError as exc:
+        err.write(f"{PROG}: error: {exc}\n")
+        return EXIT_USAGE
+    except LedgerError as exc:
+        err.write(f"{PROG}: error: {exc}\n")  # "CODE: message"
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.write(f"{PROG}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`ledger get c | head`): not an error worth a traceback.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_ERROR
+    except OSError as exc:  # writing the snapshot, reading stdin, ...
+        err.write(f"{PROG}: error: {exc}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
