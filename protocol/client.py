@@ -23,8 +23,8 @@ import zmq
 from protocol import codec, merkle
 from protocol.entry import Entry, entry_from_wire
 from protocol.errors import (
+    BadRequest,
     IntegrityError,
-    LedgerError,
     RemoteProtocolError,
     Timeout,
     TooLarge,
@@ -112,6 +112,8 @@ class Client:
     def _connect(self) -> None:
         s = self._zctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        if "[" in self.address:
+            s.setsockopt(zmq.IPV6, 1)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
         s.connect(self.address)
@@ -179,6 +181,19 @@ class Client:
                 return reply
             if got in self._sent:
                 self._stash[got] = reply
+
+    def _ready(self, rid: int) -> bool:
+        """Whether the reply to `rid` has arrived (reads what is queued, never waits)."""
+        sock = self._sock
+        while rid not in self._stash and sock is not None and sock.poll(0, zmq.POLLIN):
+            frames = sock.recv_multipart()
+            try:
+                reply = codec.decode_reply(frames[-1])
+            except RemoteProtocolError:
+                continue
+            if reply.get("id") in self._sent:
+                self._stash[reply["id"]] = reply
+        return rid in self._stash
 
     def call(self, op: str, *, retry: bool = True, **fields: Any) -> dict[str, Any]:
         """One request and its reply, retried on timeout when `retry` is safe."""
@@ -277,6 +292,10 @@ class Client:
             inflight.append(self.submit("append", context=context, key=key, payload=p, metadata=md, dedup_id=dd))
             if len(inflight) >= window:
                 yield self._entry(self.result(inflight.pop(0))["entry"])
+            # Hand back what is already acknowledged, so a slow producer
+            # (`tail -f | ledger append --lines`) sees progress at once.
+            while inflight and self._ready(inflight[0]):
+                yield self._entry(self.result(inflight.pop(0))["entry"])
         for rid in inflight:
             yield self._entry(self.result(rid)["entry"])
 
@@ -352,7 +371,7 @@ class Client:
         """Load a snapshot file; the node re-verifies everything before it writes."""
         header, entries = read_snapshot(src)
         if header["context"] != context:
-            raise LedgerError(
+            raise BadRequest(
                 f"the snapshot is of context {header['context']!r}, not {context!r} "
                 "(entries are hashed with their context name and cannot be renamed)"
             )
@@ -383,7 +402,11 @@ class Client:
         r = first
         while True:
             for m in r["entries"]:
-                verifier.add(entry_from_wire(m))
+                try:
+                    e = entry_from_wire(m)
+                except RemoteProtocolError as exc:
+                    raise IntegrityError(f"node sent a malformed entry: {exc.message}") from None
+                verifier.add(e)
             if not r["more"]:
                 break
             r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)

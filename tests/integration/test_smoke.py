@@ -17,3 +17,24 @@ def test_append_get_head_roundtrip(node, client):
 
 def test_sigterm_exits_zero(node):
     assert node.stop() == 0
+
+
+def test_append_many_hands_back_acknowledged_entries_while_input_is_slow(client):
+    import time
+
+    produced = []
+    seen_when_produced = []
+    got = []
+
+    def slow():
+        for i in range(10):
+            time.sleep(0.02)  # a producer like `tail -f`
+            seen_when_produced.append(len(got))
+            produced.append(i)
+            yield f"line {i}"
+
+    for e in client.append_many("slow", slow(), window=1000):
+        got.append(e)
+    assert [e.seq for e in got] == list(range(1, 11))
+    # entries came back while the producer was still producing, not all at the end
+    assert seen_when_produced[-1] >= 5, seen_when_produced
