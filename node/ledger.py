@@ -125,7 +125,11 @@ class Ledger:
         self.pending_bytes = 0
         self.inflight_bytes = 0
         self._dirty: dict[ContextState, int] = {}
-        self._hot: collections.deque[tuple[ContextState, int, int]] = collections.deque()
+        # (context id, seq, bytes) in append order, for eviction. Plain ints, not
+        # the ContextState: tuples of ints are untracked by the cyclic GC, so a
+        # full hot tail does not turn every GC pass into a 50 ms pause.
+        self._hot: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._by_id: dict[int, ContextState] = {}
         self.hot_bytes = 0
         self.entries_total = 0
         self.loads: dict[str, LoadSession] = {}
@@ -182,6 +186,7 @@ class Ledger:
                 ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
             ctx.flushed_seq = ctx.size
             self.contexts[name] = ctx
+            self._by_id[ctx.id] = ctx
             self._names.append(name)
             self.entries_total += ctx.size
             if ctx.id >= self._next_ctx:
@@ -256,6 +261,7 @@ class Ledger:
         self.pending[st.ctx_key(name)] = _packb({"id": ctx_id, "writer": self.node_id, "created_ns": now})
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
         self.contexts[name] = ctx
+        self._by_id[ctx_id] = ctx
         bisect.insort(self._names, name)
         return ctx
 
@@ -298,7 +304,7 @@ class Ledger:
         ctx.last_lamport = lamport
         ctx.tail[seq] = (key, blob)
         n = len(blob) + HOT_ENTRY_OVERHEAD
-        self._hot.append((ctx, seq, n))
+        self._hot.append((ctx.id, seq, n))
         self.hot_bytes += n
         self._dirty[ctx] = seq
         self.pending_bytes += n
@@ -369,7 +375,7 @@ class Ledger:
             pending[_entry_key(cid, seq)] = blob
             tail[seq] = (key, blob)
             n = len(blob) + HOT_ENTRY_OVERHEAD
-            hot_append((ctx, seq, n))
+            hot_append((cid, seq, n))
             nbytes += n
             blobs.append(blob)
         ctx.size = seq
@@ -423,8 +429,10 @@ class Ledger:
     def evict(self) -> None:
         hot = self._hot
         limit = self.hot_limit
+        by_id = self._by_id
         while self.hot_bytes > limit and hot:
-            ctx, seq, n = hot[0]
+            cid, seq, n = hot[0]
+            ctx = by_id[cid]
             if seq > ctx.flushed_seq:
                 break  # not on disk yet; stays in RAM until flushed
             hot.popleft()
