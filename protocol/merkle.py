@@ -126,7 +126,9 @@ def inclusion_path(index: int, size: int, get: GetNode) -> list[bytes]:
 
 def root_from_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
     """The root that `path` proves `leaf` at `index` to be under, at `size`."""
-    _check_index(index, size)
+    # index and size come with an untrusted proof: out of range is a bad proof, not a caller bug.
+    if not 0 <= index < size:
+        raise IntegrityError(f"inclusion proof names leaf {index} outside a tree of size {size}")
     node = leaf
     level = 0
     count = size

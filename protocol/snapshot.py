@@ -85,24 +85,46 @@ class SnapshotVerifier:
             raise IntegrityError("snapshot root does not match its entries")
 
 
+class _CountingReader:
+    """Counts the bytes the unpacker reads: its iteration ends quietly on a cut-off
+    object, so a clean end is told from a truncated one by comparing with the end
+    of the last whole object."""
+
+    __slots__ = ("f", "count")
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.count += len(b)
+        return b
+
+
 def read_snapshot(f: IO[bytes]) -> tuple[dict[str, Any], Iterator[Entry]]:
     """Header and an iterator over the entries of a snapshot file (unverified)."""
-    unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=256 * 1024 * 1024)
+    src = _CountingReader(f)
+    unpacker = msgpack.Unpacker(src, raw=False, max_buffer_size=256 * 1024 * 1024)
     try:
         header = check_header(next(unpacker))
     except StopIteration:
-        raise IntegrityError("snapshot file is empty") from None
+        raise IntegrityError("snapshot file is empty" if src.count == 0 else "snapshot header is truncated") from None
     except (ValueError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"snapshot header is not valid msgpack ({exc})") from None
 
     def entries() -> Iterator[Entry]:
+        end = unpacker.tell()
         try:
             for m in unpacker:
+                end = unpacker.tell()
                 try:
                     yield entry_from_wire(m)
                 except RemoteProtocolError as exc:
                     raise IntegrityError(f"snapshot holds a malformed entry: {exc.message}") from None
         except (ValueError, msgpack.UnpackException) as exc:
             raise IntegrityError(f"snapshot is corrupted ({type(exc).__name__})") from None
+        if end != src.count:
+            raise IntegrityError("snapshot ends inside an entry (truncated or trailing bytes)")
 
     return header, entries()
