@@ -330,10 +330,29 @@ class Client:
         r = self.call("status")
         return {k: v for k, v in r.items() if k not in ("v", "id", "ok")}
 
-    def proof(self, context: str, seq: int, size: int | None = None) -> InclusionProof:
+    def proof(self, context: str, seq: int, size: int | None = None, *, check_entry: bool = True) -> InclusionProof:
+        """An inclusion proof of entry `seq`, verified.
+
+        With `check_entry` (the default) the entry itself is fetched too and must
+        re-hash to the proven leaf with this very seq: a proof over hashes alone
+        shows that *some* leaf is in the tree, the entry check shows which one.
+        """
+        if seq < 1:
+            raise BadRequest("seq starts at 1")
         r = self.call("proof", context=context, seq=seq, size=size)
         p = InclusionProof(r["context"], r["seq"], r["size"], r["leaf"], list(r["path"]), r["root"])
+        if (p.context, p.seq) != (context, seq) or (size is not None and p.size != size):
+            raise IntegrityError("the node proved something other than what was asked")
         merkle.verify_inclusion(p.leaf, p.seq - 1, p.size, p.path, p.root)
+        if check_entry:
+            r2 = self.call("get", context=context, after=seq - 1, limit=1)
+            entries = r2["entries"]
+            if not entries:
+                raise IntegrityError(f"the node proved seq {seq} but does not serve it")
+            e = entry_from_wire(entries[0]) if not self.verify else self._entry(entries[0])
+            e.verify()
+            if e.seq != seq or e.context != context or e.hash != p.leaf:
+                raise IntegrityError(f"entry #{seq} does not hash to the proven leaf")
         return p
 
     def consistency(

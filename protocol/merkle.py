@@ -5,13 +5,16 @@ Theory of operation
 Leaves are entry hashes (see `protocol.entry.leaf_hash`, which starts with
 0x00 and commits to the entry's seq). An inner node is
 SHA-256(0x01 || left || right). The tree is Bitcoin-style: at every level an
-odd last node is paired with itself. The root of the empty log is
-SHA-256(0x02). The root of a single leaf is that leaf.
+odd last node is paired with itself; the top node of a single leaf is that
+leaf. The published *root* of a log of n entries binds the size:
+SHA-256(0x02 || u64be(n) || top node), and for n = 0, SHA-256(0x02 || u64be(0)).
 
 Because leaves commit to their seq, the duplicated last node can never equal a
 real neighbour, so the CVE-2012-2459 mutation ([a,b,c] versus [a,b,c,c]) gives
 a different root; domain separation keeps a leaf from passing as an inner node.
-Roots are only ever compared together with their size.
+Binding the size into the root means a proof can never be replayed at another
+size (without it, the top node of [l0,l1,l2] is also that of [l0,l1,l2,l2], so
+hash-only proofs for the phantom 4-leaf log would verify).
 
 Node (level, index) covers leaves [index * 2**level, (index + 1) * 2**level).
 It is *complete* in a log of size n when it lies entirely inside [0, n); a
@@ -35,7 +38,15 @@ from protocol.errors import IntegrityError
 
 HASH_LEN = 32
 INNER_PREFIX = b"\x01"
-EMPTY_ROOT = hashlib.sha256(b"\x02").digest()
+ROOT_PREFIX = b"\x02"
+
+
+def bind_root(size: int, tree_hash: bytes) -> bytes:
+    """The published root: the tree hash bound to the size it covers."""
+    return hashlib.sha256(ROOT_PREFIX + size.to_bytes(8, "big") + tree_hash).digest()
+
+
+EMPTY_ROOT = bind_root(0, b"")
 
 GetNode = Callable[[int, int], bytes]
 
@@ -61,6 +72,11 @@ def root_at(n: int, get: GetNode) -> bytes:
     """Root of the first n leaves, from complete nodes only (its peaks)."""
     if n == 0:
         return EMPTY_ROOT
+    return bind_root(n, tree_hash_at(n, get))
+
+
+def tree_hash_at(n: int, get: GetNode) -> bytes:
+    """The top node of the Bitcoin-style tree over the first n >= 1 leaves."""
     level = (n & -n).bit_length() - 1  # the smallest peak's level
     count = n >> level  # nodes at this level; odd by construction
     edge = get(level, count - 1)
@@ -148,7 +164,7 @@ def root_from_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes
         level += 1
     if used != len(path):
         raise IntegrityError("inclusion proof is too long")
-    return node
+    return bind_root(size, node)
 
 
 def verify_inclusion(

@@ -164,8 +164,9 @@ def merkle_root_vectors() -> dict[str, Any]:
     return {
         "description": "Merkle roots of the first n leaves, n = 0..33. Leaf i (0-based) is the leaf hash of the "
                        "entry with seq i+1 made from the template. Inner node = SHA-256(0x01 || left || right); "
-                       "an odd last node of a level is paired with itself; the empty root is SHA-256(0x02); a "
-                       "single leaf is its own root.",
+                       "an odd last node of a level is paired with itself; a single leaf is its own top node. "
+                       "The root binds the size: SHA-256(0x02 || u64be(n) || top node); the empty root is "
+                       "SHA-256(0x02 || u64be(0)).",
         "conventions": CONVENTIONS,
         "leaf_template": LEAF_TEMPLATE,
         "leaves": [{"index": i, "seq": i + 1, "hash": h.hex()} for i, h in enumerate(leaves)],

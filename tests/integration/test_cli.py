@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import zmq
 
-from protocol import codec
+from protocol import codec, merkle
 from protocol.entry import Entry, leaf_hash
 from protocol.merkle import Frontier
 from tools import cli
@@ -490,7 +490,7 @@ def test_proof_reports_an_entry_that_is_not_the_proven_leaf(capsys, lying_node):
     addr, replies = lying_node
     proven, served = _entry("c1", 1, b"proven"), _entry("c1", 1, b"served")
     replies["proof"] = (
-        {"context": "c1", "seq": 1, "size": 1, "leaf": proven.hash, "path": [], "root": proven.hash},
+        {"context": "c1", "seq": 1, "size": 1, "leaf": proven.hash, "path": [], "root": merkle.bind_root(1, proven.hash)},
         None,
     )
     replies["get"] = ({"last_seq": 1, "more": False, "next_after": 1}, {"entries": [served.encode()]})

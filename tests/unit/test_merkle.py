@@ -1,8 +1,9 @@
 """protocol.merkle against a naive reference tree written here, from the spec alone.
 
 The reference builds every level from the leaf list (an odd last node is paired
-with itself, inner = SHA-256(0x01 || left || right), the empty root is
-SHA-256(0x02), a single leaf is its own root). The module under test must agree
+with itself, inner = SHA-256(0x01 || left || right), a single leaf is its own top
+node) and binds the size: root = SHA-256(0x02 || u64be(n) || top node), and
+SHA-256(0x02 || u64be(0)) for the empty log. The module under test must agree
 with it for every size and prefix, its proofs must verify and every tampered
 proof must fail with IntegrityError, and roots and proofs must cost O(log n)
 hashes and node look-ups.
@@ -39,7 +40,11 @@ def naive_inner(left: bytes, right: bytes) -> bytes:
     return sha(b"\x01" + left + right)
 
 
-NAIVE_EMPTY = sha(b"\x02")
+def naive_bind(n: int, top: bytes) -> bytes:
+    return sha(b"\x02" + n.to_bytes(8, "big") + top)
+
+
+NAIVE_EMPTY = naive_bind(0, b"")
 
 
 def naive_levels(leaves: list[bytes]) -> list[list[bytes]]:
@@ -54,10 +59,14 @@ def naive_levels(leaves: list[bytes]) -> list[list[bytes]]:
     return levels
 
 
+def naive_top(leaves: list[bytes]) -> bytes:
+    return naive_levels(leaves)[-1][0]
+
+
 def naive_root(leaves: list[bytes]) -> bytes:
     if not leaves:
         return NAIVE_EMPTY
-    return naive_levels(leaves)[-1][0]
+    return naive_bind(len(leaves), naive_top(leaves))
 
 
 def naive_path(leaves: list[bytes], index: int) -> list[bytes]:
@@ -105,12 +114,14 @@ def flip(b: bytes, pos: int = 0) -> bytes:
 
 def test_reference_matches_hand_computed_small_trees():
     a, b, c = (sha(x) for x in (b"a", b"b", b"c"))
-    assert naive_root([]) == hashlib.sha256(b"\x02").digest()
-    assert naive_root([a]) == a
-    assert naive_root([a, b]) == hashlib.sha256(b"\x01" + a + b).digest()
+    assert naive_root([]) == hashlib.sha256(b"\x02" + bytes(8)).digest()
+    assert naive_top([a]) == a
+    assert naive_root([a]) == hashlib.sha256(b"\x02" + (1).to_bytes(8, "big") + a).digest()
+    assert naive_top([a, b]) == hashlib.sha256(b"\x01" + a + b).digest()
     ab = naive_inner(a, b)
     cc = naive_inner(c, c)
-    assert naive_root([a, b, c]) == naive_inner(ab, cc)
+    assert naive_top([a, b, c]) == naive_inner(ab, cc)
+    assert naive_root([a, b, c]) == naive_bind(3, naive_inner(ab, cc))
 
 
 def test_constants_and_inner_hash_follow_the_spec():
@@ -252,7 +263,7 @@ def check_inclusion_for_every_leaf(leaves: list[bytes]) -> None:
     n = len(leaves)
     levels = naive_levels(leaves)
     nodes = complete_nodes(leaves)
-    root = levels[-1][0]
+    root = naive_bind(n, levels[-1][0])
     get = getter(nodes, n)
     longer = leaves + make_leaves(n, b"more")
     other_roots = {size: naive_root(longer[:size]) for size in (n - 1, n + 1, 2 * n) if size > 0}
@@ -277,11 +288,12 @@ def check_inclusion_for_every_leaf(leaves: list[bytes]) -> None:
         bad_cases.append((leaf, i, n, path, flip(root)))
         for other in (i - 1, i + 1, n, -1):  # wrong index, in range or not
             bad_cases.append((leaf, other, n, path, root))
-        # Wrong size, checked against the root of that size (a root does not commit to
-        # its size: for some leaves, e.g. index 0 at sizes 11 and 12, the proof has the
-        # same shape and would verify against the root it was made for).
+        # Wrong size, checked against the root of that size, and against this root:
+        # the root binds its size, so a proof never verifies at another size
+        # (index 0 has the same path shape at sizes 11 and 12, for example).
         for size, other_root in other_roots.items():
             bad_cases.append((leaf, i, size, path, other_root))
+            bad_cases.append((leaf, i, size, path, root))
         bad_cases.append((leaf, i, n, path + [leaf], root))  # extra element
         bad_cases.append((leaf, i, n, [leaf] + path, root))
         if path:
@@ -551,14 +563,17 @@ def frontier_root(leaves: list[bytes]) -> bytes:
 
 
 def test_duplicated_raw_leaf_collides_in_a_tree_without_seq_commitment():
-    # The attack is real for bare leaf hashes: a Bitcoin-style tree cannot tell
-    # [h1, h2, h3] from [h1, h2, h3, h3]. That is why leaves must commit to seq.
+    # The attack is real for bare leaf hashes: a Bitcoin-style tree's top node cannot
+    # tell [h1, h2, h3] from [h1, h2, h3, h3]. That is why leaves must commit to seq
+    # (and why the published root also binds the size).
     h1, h2, h3 = (sha(x) for x in (b"a", b"b", b"c"))
-    assert naive_root([h1, h2, h3]) == naive_root([h1, h2, h3, h3])
-    assert frontier_root([h1, h2, h3]) == frontier_root([h1, h2, h3, h3])
+    assert naive_top([h1, h2, h3]) == naive_top([h1, h2, h3, h3])
     # ... and likewise one level up ([x1..x6] vs [x1..x6, x5, x6])
     xs = make_leaves(6)
-    assert naive_root(xs) == naive_root(xs + xs[4:6])
+    assert naive_top(xs) == naive_top(xs + xs[4:6])
+    # the size-bound roots differ even for such bare leaves
+    assert naive_root([h1, h2, h3]) != naive_root([h1, h2, h3, h3])
+    assert frontier_root([h1, h2, h3]) != frontier_root([h1, h2, h3, h3])
 
 
 def test_duplicated_entry_cannot_collide_because_leaves_commit_to_seq():
@@ -579,19 +594,21 @@ def test_a_leaf_cannot_pass_for_an_inner_node():
     assert merkle.inner_hash(h1, h2) != sha(b"\x00" + h1 + h2)
 
 
-def test_proofs_alone_do_not_bind_the_size_the_seq_in_the_leaf_does():
-    # A Bitcoin-style root does not commit to its size: the root of [l0, l1, l2] is
-    # also the root of the (invalid) log [l0, l1, l2, l2]. Hash-only proofs for that
-    # phantom size-4 log verify, so a verifier must tie a leaf to its seq by
-    # re-hashing the entry (leaf_hash commits to seq) and keep (size, root) together.
+def test_a_proof_cannot_be_replayed_at_a_phantom_size():
+    # Without the size in the root, the top node of [l0, l1, l2] is also the top node
+    # of the phantom log [l0, l1, l2, l2], and hash-only proofs for that size-4 log
+    # would verify against the size-3 root. Binding the size makes both fail.
     es = [dict(context="ctx", seq=s, key="k", payload=b"p%d" % s, metadata={}, lamport=s, ts_ns=0, writer="w")
           for s in (1, 2, 3)]
     l0, l1, l2 = (leaf_hash(**e) for e in es)
     r3 = naive_root([l0, l1, l2])
     a = merkle.inner_hash(l0, l1)
-    merkle.verify_consistency(2, 4, a, r3, [a, merkle.inner_hash(l2, l2)])
-    merkle.verify_inclusion(l2, 3, 4, [l2, a], r3)
-    # The defence: the leaf proved at index 3 must be the hash of an entry with seq 4,
-    # and the only entry with leaf l2 has seq 3.
+    assert naive_top([l0, l1, l2]) == naive_top([l0, l1, l2, l2])  # the phantom exists at the top node
+    with pytest.raises(IntegrityError):
+        merkle.verify_consistency(2, 4, naive_root([l0, l1]), r3, [a, merkle.inner_hash(l2, l2)])
+    with pytest.raises(IntegrityError):
+        merkle.verify_inclusion(l2, 3, 4, [l2, a], r3)
+    # and the leaf itself still commits to its seq: no entry with seq 4 hashes to l2
     claimed = dict(es[2], seq=4)
     assert leaf_hash(**claimed) != l2
+

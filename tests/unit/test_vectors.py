@@ -104,8 +104,8 @@ def test_leaves_follow_the_template():
 def test_roots_for_sizes_0_to_33():
     roots = MERKLE["roots"]
     assert [r["size"] for r in roots] == list(range(34))
-    assert h(roots[0]["root"]) == hashlib.sha256(b"\x02").digest()
-    assert h(roots[1]["root"]) == LEAVES[0]
+    assert h(roots[0]["root"]) == hashlib.sha256(b"\x02" + bytes(8)).digest()
+    assert h(roots[1]["root"]) == hashlib.sha256(b"\x02" + (1).to_bytes(8, "big") + LEAVES[0]).digest()
     f = merkle.Frontier()
     nodes = {}
     for r in roots:
