@@ -333,9 +333,7 @@ def _parse_snapshot(m: Mapping[str, Any], max_payload: int) -> Snapshot:
 
 
 def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
-    load_id = m.get("load_id")
-    if not isinstance(load_id, str) or not 1 <= len(load_id) <= MAX_ID_BYTES:
-        raise _bad(f"load_id must be a string of 1..{MAX_ID_BYTES} characters")
+    load_id = check_name("load_id", m.get("load_id"), MAX_ID_BYTES)
     size = _opt_uint(m, "size")
     if size is None:
         raise _bad("missing field 'size'")
