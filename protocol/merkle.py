@@ -77,37 +77,36 @@ def root_at(n: int, get: GetNode) -> bytes:
 
 def tree_hash_at(n: int, get: GetNode) -> bytes:
     """The top node of the Bitcoin-style tree over the first n >= 1 leaves."""
-    level = (n & -n).bit_length() - 1  # the smallest peak's level
-    count = n >> level  # nodes at this level; odd by construction
-    edge = get(level, count - 1)
-    while count > 1:
-        if count % 2 == 0:
-            edge = inner_hash(get(level, count - 2), edge)
-        else:
-            edge = inner_hash(edge, edge)
-        count = (count + 1) // 2
-        level += 1
-    return edge
+    return _walk_edge(n, get, None)
 
 
 def _edges(n: int, get: GetNode) -> dict[int, bytes]:
     """Hash of the last node at every level of a tree of n leaves (n > 0)."""
     edges: dict[int, bytes] = {}
-    level = (n & -n).bit_length() - 1
-    count = n >> level
-    # Below the smallest peak the last node of each level is complete.
-    for low in range(level + 1):
-        edges[low] = get(low, (n >> low) - 1)
-    edge = edges[level]
-    while count > 1:
+    _walk_edge(n, get, edges)
+    return edges
+
+
+def _walk_edge(n: int, get: GetNode, edges: dict[int, bytes] | None) -> bytes:
+    """Climb the right edge from the smallest peak; optionally record every level."""
+    level = (n & -n).bit_length() - 1  # the smallest peak's level
+    count = n >> level  # nodes at this level; odd by construction
+    if edges is not None:
+        # below the smallest peak the last node of each level is complete
+        for low in range(level):
+            edges[low] = get(low, (n >> low) - 1)
+    edge = get(level, count - 1)
+    while True:
+        if edges is not None:
+            edges[level] = edge
+        if count == 1:
+            return edge
         if count % 2 == 0:
             edge = inner_hash(get(level, count - 2), edge)
         else:
             edge = inner_hash(edge, edge)
         count = (count + 1) // 2
         level += 1
-        edges[level] = edge
-    return edges
 
 
 def _check_index(index: int, size: int) -> None:
