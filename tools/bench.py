@@ -1,4 +1,4 @@
-"""`ledger-bench`: the ledger side by side with a bare pyzmq server and Redis Streams.
+"""ledger-bench: the ledger side by side with a bare pyzmq server and Redis Streams.
 
 Every system runs in its own process on loopback, started here on free ports,
 and is driven from this process one scenario slice at a time, interleaved over
