@@ -622,6 +622,11 @@ class Ledger:
         Nothing becomes visible unless every hash and the root check out.
         """
         s = self.loads.get(req.load_id)
+        if req.abort:
+            # the client gave up (its own check failed, or the user stopped it)
+            if s is not None:
+                self._drop_load(s)
+            return {"context": req.context, "aborted": True}
         existing = self.contexts.get(req.context)
         if s is None:
             first = req.entries[0].seq if req.entries else 1

@@ -369,6 +369,8 @@ class Server:
 
     def rpc_load(self, req: codec.Load) -> bytes:
         head = self.ledger.load(req, sync=self.config.sync)
+        if head is not None and head.get("aborted"):
+            return codec.encode_reply(self._rid, {"done": True, "aborted": True})
         if head is None:
             return codec.encode_reply(self._rid, {"done": False, "received": len(req.entries)})
         head["done"] = True

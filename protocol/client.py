@@ -25,6 +25,7 @@ from protocol.entry import Entry, entry_from_wire
 from protocol.errors import (
     BadRequest,
     IntegrityError,
+    LedgerError,
     RemoteProtocolError,
     Timeout,
     TooLarge,
@@ -400,16 +401,26 @@ class Client:
         verifier = SnapshotVerifier(context, header["size"], header["root"])
         chunk: list[dict[str, Any]] = []
         nbytes = 0
-        for e in entries:
-            verifier.add(e)  # fail early here; the node checks again
-            if len(e.payload) > chunk_bytes:
-                raise TooLarge(f"entry #{e.seq} is larger than a load chunk")
-            if chunk and nbytes + len(e.payload) + 512 > chunk_bytes:
-                self.call("load", retry=False, entries=chunk, final=False, **base)
-                chunk, nbytes = [], 0
-            chunk.append(e.to_wire())
-            nbytes += len(e.payload) + 512
-        verifier.finish()
+        sent = False
+        try:
+            for e in entries:
+                verifier.add(e)  # fail early here; the node checks again
+                if len(e.payload) > chunk_bytes:
+                    raise TooLarge(f"entry #{e.seq} is larger than a load chunk")
+                if chunk and nbytes + len(e.payload) + 512 > chunk_bytes:
+                    sent = True
+                    self.call("load", retry=False, entries=chunk, final=False, **base)
+                    chunk, nbytes = [], 0
+                chunk.append(e.to_wire())
+                nbytes += len(e.payload) + 512
+            verifier.finish()
+        except BaseException:
+            if sent:  # do not leave staged chunks on the node until they expire
+                try:
+                    self.call("load", retry=False, abort=True, **base)
+                except LedgerError:
+                    pass
+            raise
         r = self.call("load", retry=False, entries=chunk, final=True, **base)
         return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
 

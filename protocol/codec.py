@@ -127,6 +127,7 @@ class Load:
     entries: tuple[Entry, ...]
     final: bool = False
     fail_if_exists: bool = False
+    abort: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +357,7 @@ def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
         root=root,
         entries=tuple(entries),
         final=_bool(m, "final"),
+        abort=_bool(m, "abort"),
         fail_if_exists=_bool(m, "fail_if_exists"),
     )
 

@@ -204,3 +204,22 @@ def test_many_concurrent_clients_get_dense_seqs(node, zctx):
     assert seqs == list(range(1, 801))
     with Client(node.address, zctx=zctx) as c:
         c.verify_context("shared")
+
+
+def test_client_aborts_a_load_whose_file_turns_out_corrupt(node_factory, zctx, tmp_path):
+    import io
+
+    src = node_factory(name="src")
+    dst = node_factory(name="dst")
+    with Client(src.address, zctx=zctx) as c:
+        c.append_batch("ctx", [("k", f"entry-{i:04d}".encode(), None) for i in range(300)])
+        buf = io.BytesIO()
+        c.snapshot("ctx", buf)
+    damaged = buf.getvalue().replace(b"entry-0250", b"entry-9999")  # late in the file
+    with Client(dst.address, zctx=zctx) as c:
+        with pytest.raises(Exception) as ei:
+            c.load("ctx", io.BytesIO(damaged), chunk_bytes=4096)  # many chunks go out first
+        assert "INTEGRITY" in str(ei.value) or "hash" in str(ei.value)
+        s = c.status()
+        assert s["loads_in_progress"] == 0  # aborted, not left to expire
+        assert s["contexts"] == 0

@@ -313,3 +313,18 @@ def test_load_fail_if_exists_and_fork_refused_and_prefix_extended():
 def snapshot_bytes_prefix(led: Ledger, ctx: str, size: int) -> bytes:
     fields, blobs = led.snapshot_page(codec.Snapshot(ctx, size=size, limit=10_000))
     return encode_header(ctx, size, fields["root"]) + b"".join(blobs)
+
+
+def test_aborted_load_drops_its_staged_entries():
+    src = make()
+    for i in range(10):
+        app(src, "ctx", payload=str(i).encode())
+    header, entries = read_snapshot(io.BytesIO(snapshot_bytes(src, "ctx")))
+    es = list(entries)
+    dst = make(node_id="n2")
+    assert dst.load(codec.Load("ctx", "L9", 10, header["root"], tuple(es[:5])), sync=False) is None
+    assert any(k.startswith(st.STAGE) for k in keys_of(dst.kv))
+    assert dst.status()["loads_in_progress"] == 1
+    dst.load(codec.Load("ctx", "L9", 10, header["root"], (), abort=True), sync=False)
+    assert not any(k.startswith(st.STAGE) for k in keys_of(dst.kv))
+    assert dst.status()["loads_in_progress"] == 0 and "ctx" not in dst.contexts
