@@ -38,7 +38,7 @@ class Config:
     max_payload: int
     hot_bytes: int
     log_level: str
-    write_buffer: int = 32 << 20
+    write_buffer: int = 16 << 20
 
     @property
     def sync(self) -> bool:
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-bytes", help="RAM for recent entries of all contexts together "
                    "[LEDGER_HOT_BYTES] (default 64MiB)")
     p.add_argument("--write-buffer", help="RAM for appends acknowledged but not yet on disk; when full, "
-                   "the node stops reading requests until storage catches up [LEDGER_WRITE_BUFFER] (default 32MiB)")
+                   "the node stops reading requests until storage catches up [LEDGER_WRITE_BUFFER] (default 16MiB)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -141,7 +141,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     try:
         max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
         hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
-        write_buffer = parse_size(pick(args.write_buffer, "WRITE_BUFFER", str(32 << 20)))
+        write_buffer = parse_size(pick(args.write_buffer, "WRITE_BUFFER", str(16 << 20)))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not 1 <= max_payload <= 1 << 30:

@@ -33,7 +33,8 @@ from protocol.errors import BAD_REQUEST, INTERNAL, LedgerError, RemoteProtocolEr
 log = logging.getLogger(__name__)
 
 MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
-ASYNC_FORCE_FLUSH = 50_000  # pending writes that trigger a flush before the deadline
+ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a flush before the deadline
+FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
 # flusher catches up, so a writer faster than the disk cannot fill the RAM.
 MAX_BUFFERED_KEYS = 200_000
@@ -149,14 +150,17 @@ class Server:
                     continue
                 events = dict(poller.poll(self._poll_timeout()))
                 if router in events:
+                    ledger = self.ledger
                     for i in range(1, MAX_BURST + 1):
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         handle(frames)
-                        if not i & 255:
-                            # a long burst must not hold writes past their deadline
+                        if not i & 63 or ledger.pending_bytes >= FORCE_FLUSH_BYTES:
+                            # A long burst (a pipelined writer never lets the socket
+                            # run dry) must not hold writes past their deadline, nor
+                            # let a few big batches run past the write buffer.
                             self._collect_done()
                             self._maybe_handoff()
                             if self._backlogged():
@@ -226,6 +230,7 @@ class Server:
             force
             or self.config.sync
             or len(ledger.pending) >= ASYNC_FORCE_FLUSH
+            or ledger.pending_bytes >= FORCE_FLUSH_BYTES
             or time.monotonic() - self.pending_since >= self.flush_delay
         )
         if not due:
