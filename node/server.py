@@ -159,6 +159,10 @@ class Server:
                         except zmq.Again:
                             break
                         handle(frames)
+                        if self._outbox and not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            # nothing else waiting: answer now rather than after the
+                            # next (failing) read, so a lone request loses no time
+                            self._flush_outbox()
                         if not i & 63 or ledger.pending_bytes >= FORCE_FLUSH_BYTES:
                             self._flush_outbox()
                             # A long burst (a pipelined writer never lets the socket
