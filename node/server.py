@@ -282,10 +282,14 @@ class Server:
         if not out:
             return
         self._outbox = []
-        send = self.router.send_multipart
+        send = self.router.send
+        more = zmq.NOBLOCK | zmq.SNDMORE
         for frames in out:
             try:
-                send(frames, zmq.NOBLOCK)
+                # frame by frame: cheaper than send_multipart's generic path
+                for f in frames[:-1]:
+                    send(f, more)
+                send(frames[-1], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading. Its
                 # request was served; the client retries (safely, with dedup_id).
@@ -310,13 +314,15 @@ class Server:
                 f"got {len(frames) - 1} frames")])
             return
         rid: RequestId = None
+        m = None
         try:
             m = codec.unpack_request(frames[-1])
-            rid = codec.peek_id(m)
             env = codec.parse_request(m, self.ledger.max_payload)
-            self._rid = rid
+            self._rid = rid = env.id
             out = self.handlers[env.op](env.request)
         except RemoteProtocolError as exc:
+            if rid is None:
+                rid = codec.peek_id(m)
             out = codec.encode_error(rid, exc.code, exc.message, exc.details)
         except LedgerError as exc:
             out = codec.encode_error(rid, exc.code, exc.message, exc.details)
