@@ -39,6 +39,7 @@ class Config:
     hot_bytes: int
     log_level: str
     write_buffer: int = 16 << 20
+    watch_heartbeat_ms: int = 1000
 
     @property
     def sync(self) -> bool:
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "[LEDGER_HOT_BYTES] (default 64MiB)")
     p.add_argument("--write-buffer", help="RAM for appends acknowledged but not yet on disk; when full, "
                    "the node stops reading requests until storage catches up [LEDGER_WRITE_BUFFER] (default 16MiB)")
+    p.add_argument("--watch-heartbeat-ms", help="a watched context that published nothing for this long "
+                   "gets a head message, so watchers tell a quiet context from a dead node "
+                   "[LEDGER_WATCH_HEARTBEAT_MS] (default 1000)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -146,6 +150,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(str(exc)) from None
     if not 1 <= max_payload <= 1 << 30:
         raise ConfigError(f"--max-payload must be from 1 byte to 1GiB, got {max_payload}")
+    hb_raw = pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000")
+    if not hb_raw.isdigit() or not 10 <= int(hb_raw) <= 60_000:
+        raise ConfigError(f"--watch-heartbeat-ms must be an integer from 10 to 60000, got {hb_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -153,4 +160,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
+        watch_heartbeat_ms=int(hb_raw),
     )

@@ -27,7 +27,7 @@ import msgpack
 
 from node import storage as st
 from node.storage import KV
-from protocol import codec, merkle
+from protocol import codec, merkle, watch
 from protocol.entry import Entry, decode_entry, encode_entry_parts, leaf_hash_raw, packed_str
 from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
 from protocol.lamport import LamportClock, needs_reservation, next_reservation
@@ -60,7 +60,7 @@ class ContextState:
 
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
-        "flushed_seq", "created_ns",
+        "flushed_seq", "created_ns", "topic", "published_seq",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -76,6 +76,8 @@ class ContextState:
         self.tail: dict[int, tuple[str, bytes]] = {}
         self.flushed_seq = 0
         self.created_ns = created_ns
+        self.topic = watch.topic(name)  # exact-match watch topic
+        self.published_seq = 0  # entries up to here were published (or nobody watched them)
 
 
 @dataclass
@@ -185,6 +187,7 @@ class Ledger:
                 self.clock.observe(e["lamport"])
                 ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
             ctx.flushed_seq = ctx.size
+            ctx.published_seq = ctx.size
             self.contexts[name] = ctx
             self._by_id[ctx.id] = ctx
             self._names.append(name)
@@ -217,7 +220,7 @@ class Ledger:
     def node_getter(self, ctx: ContextState) -> merkle.GetNode:
         """Complete Merkle nodes of a context: frontier, then write buffer, then storage."""
         frontier = ctx.frontier
-        inner = _getter(lambda index: _unpackb(self._entry_blob(ctx, index + 1))["hash"], self._lookup, ctx.id)
+        inner = _getter(lambda index: _unpackb(self.entry_blob(ctx, index + 1))["hash"], self._lookup, ctx.id)
 
         def get(level: int, index: int) -> bytes:
             nodes = frontier.nodes
@@ -272,7 +275,7 @@ class Ledger:
         if raw is None:
             return None
         first, count = st.parse_dedup_value(raw)
-        blobs = [self._entry_blob(ctx, s) for s in range(first, first + count)]
+        blobs = [self.entry_blob(ctx, s) for s in range(first, first + count)]
         return AppendResult(ctx, blobs, first + count - 1, True)
 
     def _check_expect(self, ctx: ContextState | None, name: str, expect: int | None) -> None:
@@ -390,6 +393,8 @@ class Ledger:
 
     # -- write-behind ----------------------------------------------------------
 
+    empty_root = merkle.EMPTY_ROOT
+
     def has_pending(self) -> bool:
         return bool(self.pending)
 
@@ -441,7 +446,7 @@ class Ledger:
 
     # -- reads -------------------------------------------------------------------
 
-    def _entry_blob(self, ctx: ContextState, seq: int) -> bytes:
+    def entry_blob(self, ctx: ContextState, seq: int) -> bytes:
         hot = ctx.tail.get(seq)
         if hot is not None:
             return hot[1]
@@ -714,6 +719,7 @@ class Ledger:
                 self.kv.write(puts)
                 puts = []
         self.kv.write(puts, sync=sync)
+        ctx.flushed_seq = ctx.size  # written above, in storage: servable and publishable
         if ctx.size != s.size or ctx.frontier.root() != s.root:
             raise IntegrityError("staged entries changed before commit")  # storage fault
         self.observe(max_lamport)

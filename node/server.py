@@ -25,6 +25,7 @@ import zmq
 from node import __version__, sockets
 from node.config import Config
 from node.ledger import ContextState, Ledger
+from node.publisher import Publisher
 from node.storage import KV
 from protocol import codec
 from protocol.codec import RequestId
@@ -90,12 +91,13 @@ class Server:
         self.stopping = False
         self.router, self.port = sockets.router(self.zctx, config.host, config.port, config.max_request)
         try:
-            self.pub, self.pub_port = sockets.pub(
+            self.pub, self.pub_port = sockets.xpub(
                 self.zctx, config.host, 0 if config.pub_port is None else config.pub_port
             )
         except Exception:
             self.router.close(linger=0)
             raise
+        self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms)
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
         self.flushing = False
@@ -140,9 +142,12 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         router = self.router
         handle = self.handle
-        last_housekeeping = time.monotonic()
+        publisher = self.publisher
+        last_housekeeping = last_heartbeat = time.monotonic()
+        heartbeat_check = min(0.1, publisher.heartbeat_s / 4)
         if ready is not None:
             ready()
         try:
@@ -165,6 +170,7 @@ class Server:
                             self._flush_outbox()
                         if not i & 63 or ledger.pending_bytes >= FORCE_FLUSH_BYTES:
                             self._flush_outbox()
+                            publisher.publish()
                             # A long burst (a pipelined writer never lets the socket
                             # run dry) must not hold writes past their deadline, nor
                             # let a few big batches run past the write buffer.
@@ -173,11 +179,17 @@ class Server:
                             if self._backlogged():
                                 break
                     self._flush_outbox()
+                    publisher.publish()
                 if self._wake_rx in events:
                     self._drain_wake()
+                if self.pub in events:
+                    publisher.on_subscriptions()
                 self._collect_done()
                 self._maybe_handoff()
                 now = time.monotonic()
+                if now - last_heartbeat >= heartbeat_check:
+                    last_heartbeat = now
+                    publisher.heartbeat()
                 if now - last_housekeeping > 1.0:
                     last_housekeeping = now
                     self.ledger.expire_loads()
@@ -216,6 +228,8 @@ class Server:
             self.flushing = False
         if self.held and not self.flushing:
             self._release_held()
+        if self.publisher.due:
+            self.publisher.publish()
 
     def _release_held(self) -> None:
         keep = []
@@ -348,6 +362,7 @@ class Server:
 
     def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes]:
         res = self.ledger.append(req)
+        self.publisher.due[res.ctx] = None
         fields = {"deduplicated": True} if res.deduplicated else {}
         body = (codec.encode_reply(self._rid, fields, {"entry": res.blobs[0]}) if fields
                 else codec.encode_entry_reply(self._rid, res.blobs[0]))
@@ -355,6 +370,7 @@ class Server:
 
     def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes]:
         res = self.ledger.append_batch(req)
+        self.publisher.due[res.ctx] = None
         fields: dict[str, Any] = {"first_seq": res.last_seq - len(res.blobs) + 1, "last_seq": res.last_seq}
         if res.deduplicated:
             fields["deduplicated"] = True
@@ -367,7 +383,9 @@ class Server:
         )
 
     def rpc_head(self, req: codec.Head) -> bytes:
-        return codec.encode_reply(self._rid, self.ledger.head(req.context))
+        fields = self.ledger.head(req.context)
+        fields["watchers"] = self.publisher.watchers(req.context)
+        return codec.encode_reply(self._rid, fields)
 
     def rpc_contexts(self, req: codec.Contexts) -> bytes:
         items, more = self.ledger.list_contexts(req.after, req.limit)
@@ -393,6 +411,7 @@ class Server:
             "max_request": self.config.max_request,
             "data": self.config.data,
         })
+        fields.update(self.publisher.status())
         return codec.encode_reply(self._rid, fields)
 
     def rpc_ping(self, req: codec.Ping) -> bytes:
@@ -408,6 +427,9 @@ class Server:
             return codec.encode_reply(self._rid, {"done": True, "aborted": True})
         if head is None:
             return codec.encode_reply(self._rid, {"done": False, "received": len(req.entries)})
+        ctx = self.ledger.contexts.get(req.context)
+        if ctx is not None:
+            self.publisher.mark(ctx)
         head["done"] = True
         return codec.encode_reply(self._rid, head)
 

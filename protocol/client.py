@@ -11,24 +11,27 @@ before it is returned.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
 import msgpack
 import zmq
 
-from protocol import codec, merkle
+from protocol import codec, merkle, watch
 from protocol.entry import Entry, entry_from_wire
 from protocol.errors import (
     BadRequest,
     IntegrityError,
     LedgerError,
+    NotFound,
     RemoteProtocolError,
     Timeout,
     TooLarge,
+    Unavailable,
     error_for,
 )
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
@@ -55,6 +58,7 @@ class Head:
     root: bytes
     lamport: int
     writer: str
+    watchers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +319,31 @@ class Client:
 
     def head(self, context: str) -> Head:
         r = self.call("head", context=context)
-        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
+        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0))
+
+    def pub_address(self) -> str:
+        """The node's watch (PUB) address, reached through the host this client uses."""
+        pub = str(self.status()["pub"])
+        port = pub.rpartition(":")[2]
+        host = self.address.split("://", 1)[1].rpartition(":")[0]
+        return f"tcp://{host}:{port}"
+
+    def watch(
+        self,
+        context: str,
+        after: int | None = None,
+        key: str | None = None,
+        **options: Any,
+    ) -> Watch:
+        """Entries of `context` in seq order, exactly once, live.
+
+        `after=None`: only entries appended from now on; `after=N`: every entry
+        with seq > N, then live. `key` filters both phases. Options:
+        `pub_address`, `max_outage` (seconds to wait for a node that stopped
+        answering before raising Unavailable; default forever), `on_event`
+        (called with (kind, text) on outages, restarts and warnings).
+        """
+        return Watch(self, context, after, key, **options)
 
     def contexts(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -442,3 +470,243 @@ class Client:
             r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
         verifier.finish()
         return {"context": context, "size": size, "root": root, "ok": True}
+
+
+class Watch:
+    """A live, exactly-once, in-order stream of one context's entries (see `Client.watch`).
+
+    Iterate it for entries; `close()` (or leaving a `with` block) releases its
+    socket. It subscribes first, waits until the node confirms the
+    subscription, catches up over the request socket, then delivers live
+    entries, refilling by seq whatever PUB/SUB dropped. If the node stops
+    answering it keeps trying (forever, unless `max_outage` is set) and resumes
+    after the last entry it delivered.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        context: str,
+        after: int | None = None,
+        key: str | None = None,
+        *,
+        pub_address: str | None = None,
+        max_outage: float | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+        rcvhwm: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.context = context
+        self.key = key
+        self.max_outage = max_outage
+        self.on_event = on_event or (lambda kind, text: None)
+        self.heartbeat_s = 1.0
+        self.boot: str | None = None
+        self.refills = 0
+        self.outages = 0
+        self._ready: collections.deque[Entry] = collections.deque()
+        self._early: list[watch.WatchMsg] = []
+        self._sub: zmq.Socket[Any] | None = None
+        self._topic = watch.topic(context)
+        if pub_address is None:
+            pub_address = client.pub_address()
+        self.pub_address = normalize_address(pub_address)
+        sub = client._zctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        if "[" in self.pub_address:
+            sub.setsockopt(zmq.IPV6, 1)
+        sub.connect(self.pub_address)
+        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        self._sub = sub
+        try:
+            self._confirm_subscription()
+            if after is None:
+                try:
+                    after = client.head(context).size
+                except NotFound:
+                    after = 0
+            self.cursor = watch.WatchCursor(context, after, key)
+            for m in self._early:
+                self._on_message(m)
+            self._early = []
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def last_seq(self) -> int:
+        """Every entry up to this seq has been delivered (or skipped by the key filter)."""
+        return self.cursor.last
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Watch:
+        return self
+
+    # -- the stream ----------------------------------------------------------------
+
+    def _confirm_subscription(self) -> None:
+        """Wait for the node's greeting: from then on, live delivery is complete."""
+        sub = self._sub
+        assert sub is not None
+        deadline = time.monotonic() + self.client.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # No greeting (an older node, or the PUB port is unreachable): go on;
+                # completeness then rests on seq gaps and heads, as always.
+                self.on_event("warning", f"no greeting on {self.pub_address}; watching without it")
+                return
+            if not sub.poll(int(left * 1000) + 1, zmq.POLLIN):
+                continue
+            m = self._decode(sub.recv_multipart())
+            if m is None:
+                continue
+            self._early.append(m)
+            if isinstance(m, watch.HeadMsg):
+                self._note_head(m)
+                return
+
+    def _decode(self, frames: list[bytes]) -> watch.WatchMsg | None:
+        try:
+            m = watch.decode_message(frames)
+        except RemoteProtocolError as exc:
+            self.on_event("warning", f"ignored a malformed watch message: {exc.message}")
+            return None
+        if isinstance(m, watch.EntriesMsg) and self.client.verify:
+            for e in m.entries:
+                e.verify()
+        return m
+
+    def _note_head(self, m: watch.HeadMsg) -> bool:
+        """Record a head's heartbeat and boot; True when the node restarted since the last one."""
+        if m.heartbeat_ms:
+            self.heartbeat_s = m.heartbeat_ms / 1000.0
+        restarted = self.boot is not None and m.boot != self.boot
+        self.boot = m.boot
+        return restarted
+
+    def _on_message(self, m: watch.WatchMsg) -> None:
+        if isinstance(m, watch.EntriesMsg):
+            self._ready.extend(self.cursor.on_entries(m.entries))
+            return
+        if self._note_head(m):
+            self.on_event("restarted", f"node restarted (now {m.node_id}); resuming after #{self.cursor.last}")
+            self._check_continuity()
+        self.cursor.on_head(m.size)
+
+    def _refill(self) -> None:
+        c = self.client
+        cur = self.cursor
+        while True:
+            page = c.get(self.context, key=self.key, after=cur.refill_after(), limit=codec.MAX_GET_LIMIT)
+            self._ready.extend(cur.on_page(page.entries, page.next_after, page.last_seq, page.more))
+            self.refills += 1
+            if not page.more or self._ready:
+                return
+
+    def _check_continuity(self) -> None:
+        """After a restart or an outage: the node must still hold what was delivered."""
+        cur = self.cursor
+        if cur.last == 0:
+            return
+        try:
+            head_size = self.client.head(self.context).size
+        except NotFound:
+            head_size = 0
+        cur.on_head(head_size)  # raises if the node holds fewer entries than were delivered
+        if cur.last_hash is not None:
+            page = self.client.get(self.context, after=cur.last - 1, limit=1)
+            if not page.entries or page.entries[0].hash != cur.last_hash:
+                raise IntegrityError(
+                    f"entry {self.context!r}#{cur.last} on the node is not the one this watch delivered; "
+                    "the node's history changed (lost writes under async durability?)",
+                    {"context": self.context, "seq": cur.last},
+                )
+
+    def _outage(self, why: str) -> None:
+        """The node is not answering: wait until it does, then resume where we were."""
+        self.outages += 1
+        self.on_event("lost", f"node at {self.client.address} is not answering ({why}); retrying")
+        started = time.monotonic()
+        while True:
+            if self.max_outage is not None and time.monotonic() - started > self.max_outage:
+                raise Unavailable(
+                    f"node at {self.client.address} did not come back within {self.max_outage:g} s",
+                    {"address": self.client.address},
+                )
+            try:
+                self.client.call("ping", retry=False)
+                break
+            except (Timeout, Unavailable):
+                continue
+        self._check_continuity()
+        self.on_event("back", f"node at {self.client.address} is back; resuming after #{self.cursor.last}")
+
+    def _read_queued(self, sub: zmq.Socket[Any], most: int = 1000) -> None:
+        for _ in range(most):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            m = self._decode(frames)
+            if m is not None:
+                self._on_message(m)
+
+    @property
+    def socket(self) -> zmq.Socket[Any] | None:
+        """The SUB socket, for a caller that multiplexes many watches in one poller."""
+        return self._sub
+
+    def drain(self) -> list[Entry]:
+        """Without waiting for new messages: every entry deliverable now, in order.
+
+        For callers that poll `socket` themselves (many watches in one thread).
+        Gaps are refilled over the request socket, which may take a round trip.
+        """
+        sub = self._sub
+        if sub is None:
+            return []
+        self._read_queued(sub, most=100_000)
+        if self.cursor.needs_refill():
+            while True:
+                self._refill()
+                if not self.cursor.needs_refill():
+                    break
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def __next__(self) -> Entry:
+        ready = self._ready
+        while not ready:
+            sub = self._sub
+            if sub is None:
+                raise StopIteration
+            try:
+                if self.cursor.needs_refill():
+                    self._refill()
+                    continue
+                silence = max(3 * self.heartbeat_s, 1.0) + 0.5
+                if sub.poll(int(silence * 1000), zmq.POLLIN):
+                    self._read_queued(sub)
+                    continue
+                # Silence for three heartbeats: a dead node, or a lost subscription.
+                try:
+                    self.client.call("ping", retry=False)
+                except (Timeout, Unavailable):
+                    self._outage("no heartbeat")
+                self._refill()
+            except Timeout as exc:
+                self._outage(exc.message)
+        return ready.popleft()

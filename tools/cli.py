@@ -158,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
     v.add_argument("context")
+
+    w = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="print a context's entries as they are appended, until interrupted",
+        description="Follow a context: every entry after --after (default: only new ones), then live, "
+        "exactly once and in order. Survives restarts of the node (notes go to stderr). "
+        "Stop with Ctrl-C.",
+    )
+    w.add_argument("context")
+    w.add_argument("--after", type=_uint, metavar="N", help="start with the entries after seq N (default: only new ones)")
+    w.add_argument("--key", help="only entries with this key")
+    w.add_argument("--count", type=_uint, metavar="N", help="stop after printing N entries")
+    w.add_argument("--max-outage", type=_positive_float, metavar="SECONDS",
+                   help="give up (exit 1) when the node stays unreachable this long (default: keep trying)")
     return p
 
 
@@ -229,7 +244,8 @@ def entry_text(e: Entry) -> str:
 
 
 def head_json(h: Head) -> dict[str, Any]:
-    return {"context": h.context, "size": h.size, "root": _hex(h.root), "lamport": h.lamport, "writer": h.writer}
+    return {"context": h.context, "size": h.size, "root": _hex(h.root), "lamport": h.lamport, "writer": h.writer,
+            "watchers": h.watchers}
 
 
 class Output:
@@ -364,6 +380,24 @@ def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_watch(c: Client, args: argparse.Namespace, out: Output) -> int:
+    def note(kind: str, text: str) -> None:
+        sys.stderr.write(f"{PROG}: {text}\n")
+        sys.stderr.flush()
+
+    printed = 0
+    with c.watch(args.context, after=args.after, key=args.key, max_outage=args.max_outage, on_event=note) as w:
+        if args.count == 0:
+            return EXIT_OK
+        for e in w:
+            out.entry(e)
+            out.stream.flush()  # a watcher is read live, often through a pipe
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                break
+    return EXIT_OK
+
+
 def cmd_head(c: Client, args: argparse.Namespace, out: Output) -> int:
     out.fields(head_json(c.head(args.context)))
     return EXIT_OK
@@ -471,6 +505,7 @@ COMMANDS = {
     "snapshot": cmd_snapshot,
     "proof": cmd_proof,
     "verify": cmd_verify,
+    "watch": cmd_watch,
 }
 
 

@@ -259,7 +259,7 @@ def test_head_contexts_status_json(capsys, node, client):
     client.append("beta", b"3")
     rc, out, _ = run(capsys, node, "head", "beta")
     h = one(out)
-    assert rc == 0 and set(h) == {"context", "size", "root", "lamport", "writer"}
+    assert rc == 0 and set(h) == {"context", "size", "root", "lamport", "writer", "watchers"}
     assert (h["context"], h["size"], h["writer"]) == ("beta", 2, node.node_id)
     assert h["root"] == client.head("beta").root.hex() and h["lamport"] > last.lamport
 

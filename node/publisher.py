@@ -1,0 +1,210 @@
+"""The watch side of a node: the XPUB socket, the watch registry, publishing, heartbeats.
+
+The XPUB socket runs with XPUB_VERBOSER, so every subscribe and unsubscribe
+(including the unsubscriptions ZeroMQ generates when a watcher disconnects)
+reaches `on_subscriptions`; the registry counts watchers per topic from them.
+
+Publishing is pull-based: the server marks a context due (`mark`) when it
+grows, and `publish()` (end of every burst, and after every flush) sends what
+each due context has beyond `ContextState.published_seq` that is already
+acknowledged: everything in async mode, only what is on disk in sync mode, so
+a watcher never sees an entry a crash could take back. A context nobody
+watches costs one pointer move. Each context is published in its own
+try/except: a fault there (counted and logged) never reaches another context
+or the appends. Sends never block: past the high-water mark ZeroMQ drops
+messages for that watcher, who refills by seq.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from node.ledger import ContextState, Ledger
+from protocol import watch
+
+log = logging.getLogger(__name__)
+
+MAX_MSG_ENTRIES = 1_000  # entries per published message
+MAX_MSG_BYTES = 1 << 20  # ... or bytes, whichever comes first
+MAX_PUBLISH_PER_CALL = 20_000  # entries per context per publish() call; the rest next time
+
+
+class Publisher:
+    def __init__(self, sock: zmq.Socket, ledger: Ledger, *, sync: bool, heartbeat_ms: int,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.sock = sock
+        self.ledger = ledger
+        self.sync = sync
+        self.heartbeat_ms = heartbeat_ms
+        self.heartbeat_s = heartbeat_ms / 1000.0
+        self.now = now
+        self.boot = os.urandom(8).hex()  # tells watchers that the node restarted
+        self.due: dict[ContextState, None] = {}
+        self.counts: dict[bytes, int] = {}  # exact context topic -> watchers
+        self.other_subs = 0  # prefix / wildcard subscriptions (they may match any context)
+        self.last_sent: dict[bytes, float] = {}
+        self.published_entries = 0
+        self.published_messages = 0
+        self.heartbeats = 0
+        self.errors = 0
+        self.errors_by_context: dict[str, int] = {}
+        self.send_drops = 0
+
+    # -- the registry --------------------------------------------------------------
+
+    def on_subscriptions(self) -> None:
+        """Read every pending (un)subscription; greet each new watcher with a head."""
+        sock = self.sock
+        greet: set[bytes] = set()
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not msg:
+                continue
+            sub, t = msg[0] == 1, msg[1:]
+            if msg[0] > 1:
+                continue  # not a subscription message (XPUB passes other sends through)
+            if watch.context_of_topic(t) is None:
+                self.other_subs = max(0, self.other_subs + (1 if sub else -1))
+                continue
+            n = self.counts.get(t, 0) + (1 if sub else -1)
+            if n > 0:
+                self.counts[t] = n
+            else:
+                self.counts.pop(t, None)
+                self.last_sent.pop(t, None)
+            if sub:
+                greet.add(t)
+        for t in greet:
+            # The greeting tells the new watcher its subscription is active (the
+            # moment from which live delivery is complete up to HWM drops).
+            self._send_head(t)
+
+    def watchers(self, context: str) -> int:
+        return self.counts.get(watch.topic(context), 0)
+
+    def watched(self, ctx: ContextState) -> bool:
+        return self.other_subs > 0 or ctx.topic in self.counts
+
+    # -- publishing ----------------------------------------------------------------
+
+    def mark(self, ctx: ContextState) -> None:
+        self.due[ctx] = None
+
+    def publish(self) -> None:
+        if not self.due:
+            return
+        due = self.due
+        self.due = {}
+        for ctx in due:
+            limit = ctx.flushed_seq if self.sync else ctx.size
+            if limit <= ctx.published_seq:
+                if ctx.size > ctx.published_seq:
+                    self.due[ctx] = None  # not on disk yet (sync): next time
+                continue
+            if not self.watched(ctx):
+                ctx.published_seq = limit
+                continue
+            try:
+                self._publish_context(ctx, limit)
+            except Exception:
+                # Isolate the fault to this context: skip what failed (watchers
+                # refill it by seq) and keep serving everything else.
+                self.errors += 1
+                self.errors_by_context[ctx.name] = self.errors_by_context.get(ctx.name, 0) + 1
+                log.exception("publishing entries %d..%d of %r failed; its watchers will refill them",
+                              ctx.published_seq + 1, limit, ctx.name)
+                ctx.published_seq = limit
+            if ctx.size > ctx.published_seq:
+                self.due[ctx] = None
+
+    def _publish_context(self, ctx: ContextState, limit: int) -> None:
+        start = ctx.published_seq + 1
+        end = min(limit, ctx.published_seq + MAX_PUBLISH_PER_CALL)
+        blobs: list[bytes] = []
+        nbytes = 0
+        entry_blob = self.ledger.entry_blob
+        for seq in range(start, end + 1):
+            b = entry_blob(ctx, seq)
+            blobs.append(b)
+            nbytes += len(b)
+            if len(blobs) >= MAX_MSG_ENTRIES or nbytes >= MAX_MSG_BYTES:
+                self._send_entries(ctx, blobs)
+                ctx.published_seq = seq
+                blobs, nbytes = [], 0
+        if blobs:
+            self._send_entries(ctx, blobs)
+        ctx.published_seq = end
+
+    def encode_entries(self, ctx: ContextState, blobs: list[bytes]) -> bytes:
+        return watch.encode_entries(ctx.name_packed, blobs)
+
+    def _send_entries(self, ctx: ContextState, blobs: list[bytes]) -> None:
+        body = self.encode_entries(ctx, blobs)
+        self._send(ctx.topic, body)
+        self.published_entries += len(blobs)
+        self.published_messages += 1
+
+    def _send(self, t: bytes, body: bytes) -> None:
+        try:
+            self.sock.send(t, zmq.NOBLOCK | zmq.SNDMORE)
+            self.sock.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            self.send_drops += 1  # XPUB does not block by default; only with XPUB_NODROP
+        self.last_sent[t] = self.now()
+
+    # -- heartbeats -------------------------------------------------------------------
+
+    def _send_head(self, t: bytes) -> None:
+        name = watch.context_of_topic(t)
+        if name is None:
+            return
+        ctx = self.ledger.contexts.get(name)
+        if ctx is None:
+            size, lamport, root = 0, 0, self.ledger.empty_root
+        else:
+            # A watcher must never learn of a size whose entries it cannot read yet.
+            size = ctx.published_seq if self.watched(ctx) else (ctx.flushed_seq if self.sync else ctx.size)
+            lamport, root = ctx.last_lamport, self.ledger.root_at(ctx, size)
+        body = watch.encode_head(name, size, lamport, root, self.ledger.node_id, self.boot,
+                                 self.heartbeat_ms, self.counts.get(t, 0))
+        self._send(t, body)
+        self.heartbeats += 1
+
+    def heartbeat(self) -> None:
+        """A head for every watched context that has been quiet for a heartbeat interval."""
+        if not self.counts:
+            return
+        now = self.now()
+        last = self.last_sent
+        hb = self.heartbeat_s
+        for t in list(self.counts):
+            if now - last.get(t, 0.0) >= hb:
+                try:
+                    self._send_head(t)
+                except Exception:
+                    self.errors += 1
+                    log.exception("heartbeat for topic %r failed", t)
+
+    def status(self) -> dict[str, Any]:
+        top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:100]
+        return {
+            "watchers": sum(self.counts.values()),
+            "watched_contexts": len(self.counts),
+            "wildcard_subscriptions": self.other_subs,
+            "watchers_by_context": {watch.context_of_topic(t): n for t, n in top},
+            "published_entries": self.published_entries,
+            "published_messages": self.published_messages,
+            "watch_heartbeats": self.heartbeats,
+            "publish_errors": self.errors,
+            "publish_errors_by_context": dict(list(self.errors_by_context.items())[:100]),
+            "heartbeat_ms": self.heartbeat_ms,
+        }

@@ -1,0 +1,283 @@
+"""The watch stream: topics, the messages a node publishes, and a watcher's cursor.
+
+Theory of operation
+-------------------
+A node publishes on its watch (XPUB) socket two-frame messages: a *topic*
+(`topic(context)`: the context name's UTF-8 length as 2 bytes big-endian, then
+the name) and a msgpack body. ZeroMQ filters subscriptions by prefix; the
+length in front makes a topic an exact match, so a watcher of `c1` never
+receives `c10`. Bodies are
+
+- `entries`: consecutive stored entries of one context, ascending seq;
+- `head`: the context's size, sent when a watcher subscribes and whenever the
+  context has published nothing for one heartbeat interval, so that a watcher
+  tells a quiet context from a dead node and notices entries it missed.
+
+PUB/SUB is never complete (a new subscriber misses what was sent before its
+subscription arrived; a slow one loses messages past the high-water mark), so
+completeness comes from seq numbers: `WatchCursor` is the pure state of one
+watcher. It delivers entries exactly once and in seq order, holds back entries
+that arrive ahead of a gap, and says when the gap must be refilled over the
+request socket (`needs_refill`, then `on_page` with what `get` returned).
+It never reads sockets or clocks; `protocol.client.Watch` drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from protocol.codec import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from protocol.entry import MAX_CONTEXT_BYTES, Entry, check_name, entry_from_wire
+from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
+
+ENTRIES = "entries"
+HEAD = "head"
+MAX_AHEAD = 10_000  # live entries a cursor holds back while a gap is refilled
+
+
+def topic(context: str) -> bytes:
+    """The exact-match topic frame of a context: u16be(len(name)) || name."""
+    name = context.encode()
+    return len(name).to_bytes(2, "big") + name
+
+
+def context_of_topic(t: bytes) -> str | None:
+    """The context a subscription topic names exactly, or None (a prefix/wildcard)."""
+    if len(t) < 3 or int.from_bytes(t[:2], "big") != len(t) - 2:
+        return None
+    try:
+        return t[2:].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+# -- bodies (node side: encode; watcher side: decode) ----------------------------
+
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_ENTRIES_HEAD = b"\x84\xa1v\x01\xa4type\xa7entries\xa7context"
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_entries(context_packed: bytes, blobs: Sequence[bytes]) -> bytes:
+    """An `entries` body from already-encoded entry maps (spliced, not re-encoded)."""
+    return b"".join((_ENTRIES_HEAD, context_packed, b"\xa7entries", _array_header(len(blobs)), *blobs))
+
+
+def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str, boot: str,
+                heartbeat_ms: int, watchers: int) -> bytes:
+    out: bytes = _pack({
+        "v": PROTOCOL_VERSION, "type": HEAD, "context": context, "size": size, "lamport": lamport,
+        "root": root, "node_id": node_id, "boot": boot, "heartbeat_ms": heartbeat_ms, "watchers": watchers,
+    })
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class EntriesMsg:
+    context: str
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeadMsg:
+    context: str
+    size: int
+    lamport: int
+    root: bytes
+    node_id: str
+    boot: str
+    heartbeat_ms: int
+    watchers: int
+
+
+WatchMsg = EntriesMsg | HeadMsg
+
+
+def _bad(msg: str) -> RemoteProtocolError:
+    return RemoteProtocolError(BAD_REQUEST, msg)
+
+
+def _uint(m: dict[str, Any], name: str) -> int:
+    v = m.get(name)
+    if type(v) is not int or not 0 <= v < 1 << 64:
+        raise _bad(f"watch message: {name} must be an unsigned 64-bit integer")
+    return v
+
+
+def decode_message(frames: Sequence[bytes]) -> WatchMsg:
+    """A published message (topic frame, body frame) -> EntriesMsg or HeadMsg.
+
+    Raises RemoteProtocolError for anything malformed, including a body whose
+    context is not the one its topic names. Entry hashes are not verified here.
+    """
+    if len(frames) != 2:
+        raise _bad(f"watch message must have 2 frames, got {len(frames)}")
+    t, body = frames
+    name = context_of_topic(t)
+    if name is None:
+        raise _bad("watch message topic is not a context topic")
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for junk
+        raise _bad(f"watch message is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(m, dict):
+        raise _bad("watch message body must be a map")
+    if m.get("v") not in SUPPORTED_VERSIONS:
+        raise _bad(f"watch message has unsupported version {m.get('v')!r}")
+    context = check_name("context", m.get("context"), MAX_CONTEXT_BYTES)
+    if context != name:
+        raise _bad(f"watch message for {context!r} arrived under the topic of {name!r}")
+    kind = m.get("type")
+    if kind == ENTRIES:
+        raw = m.get("entries")
+        if not isinstance(raw, list):
+            raise _bad("watch message: entries must be an array")
+        entries = tuple(entry_from_wire(e) for e in raw)
+        prev = None
+        for e in entries:
+            if e.context != context:
+                raise _bad(f"watch message for {context!r} holds an entry of {e.context!r}")
+            if prev is not None and e.seq != prev + 1:
+                raise _bad("watch message entries are not consecutive")
+            prev = e.seq
+        return EntriesMsg(context, entries)
+    if kind == HEAD:
+        root = m.get("root")
+        if not isinstance(root, bytes) or len(root) != 32:
+            raise _bad("watch message: root must be 32 bytes")
+        node_id = m.get("node_id")
+        boot = m.get("boot")
+        if not isinstance(node_id, str) or not isinstance(boot, str):
+            raise _bad("watch message: node_id and boot must be strings")
+        return HeadMsg(context, _uint(m, "size"), _uint(m, "lamport"), root, node_id, boot,
+                       _uint(m, "heartbeat_ms"), _uint(m, "watchers"))
+    # A receiver MUST ignore message types it does not know (later additions).
+    raise _bad(f"unknown watch message type {kind!r}")
+
+
+# -- the watcher's cursor -----------------------------------------------------------
+
+
+class WatchCursor:
+    """Exactly-once, in-order delivery for one watcher of one context.
+
+    `last` is the highest seq already handed out or skipped by the key filter:
+    every entry up to it is done with. `known_size` is the largest size the
+    node has shown (by an entry or a head); a refill is due while it is ahead
+    of `last`.
+    """
+
+    def __init__(self, context: str, after: int, key: str | None = None, max_ahead: int = MAX_AHEAD) -> None:
+        self.context = context
+        self.key = key
+        self.last = after
+        self.known_size = after
+        self.max_ahead = max_ahead
+        self.last_hash: bytes | None = None  # hash of entry #last, when this cursor saw it
+        self.ahead: dict[int, Entry] = {}
+        self.delivered = 0
+        self.duplicates = 0
+        self.dropped_ahead = 0
+
+    def needs_refill(self) -> bool:
+        return self.known_size > self.last
+
+    def _advance(self, e: Entry, out: list[Entry]) -> None:
+        self.last = e.seq
+        self.last_hash = e.hash
+        if self.key is None or e.key == self.key:
+            out.append(e)
+            self.delivered += 1
+
+    def _drain_ahead(self, out: list[Entry]) -> None:
+        ahead = self.ahead
+        while ahead:
+            nxt = ahead.pop(self.last + 1, None)
+            if nxt is None:
+                # drop what the refill already covered
+                for s in [s for s in ahead if s <= self.last]:
+                    del ahead[s]
+                    self.duplicates += 1
+                return
+            self._advance(nxt, out)
+
+    def on_entries(self, entries: Iterable[Entry]) -> list[Entry]:
+        """Live entries in; the ones now deliverable, in order, out."""
+        out: list[Entry] = []
+        for e in entries:
+            if e.seq > self.known_size:
+                self.known_size = e.seq
+            if e.seq <= self.last:
+                self.duplicates += 1
+            elif e.seq == self.last + 1:
+                self._advance(e, out)
+                if self.ahead:
+                    self._drain_ahead(out)
+            elif e.seq in self.ahead:
+                self.duplicates += 1
+            elif len(self.ahead) < self.max_ahead:
+                self.ahead[e.seq] = e
+            else:
+                self.dropped_ahead += 1  # the refill fetches it again
+        return out
+
+    def on_head(self, size: int) -> None:
+        """A head message (or any other word of the context's size) arrived."""
+        if size < self.last:
+            raise IntegrityError(
+                f"the node now holds {size} entries of {self.context!r} but already delivered entry "
+                f"#{self.last}: it lost acknowledged entries (a crash under async durability?) and "
+                "its history may have diverged from what this watcher saw",
+                {"context": self.context, "size": size, "delivered_seq": self.last},
+            )
+        if size > self.known_size:
+            self.known_size = size
+
+    def refill_after(self) -> int:
+        """The `after` argument of the next refill `get`."""
+        return self.last
+
+    def on_page(self, entries: Sequence[Entry], next_after: int, size: int, more: bool = False) -> list[Entry]:
+        """What a refill `get(after=refill_after(), key=key)` returned; deliverable entries out.
+
+        With a key filter the node returns only matching entries and
+        `next_after`, the last seq it examined; everything up to it is done.
+        A last page (`more` false) brings the cursor up to date with `size`:
+        the node reads its size after everything it published before.
+        """
+        out: list[Entry] = []
+        prev = self.last
+        for e in entries:
+            if e.context != self.context or e.seq <= prev:
+                raise IntegrityError(
+                    f"refill of {self.context!r} after #{self.last} returned {e.context!r}#{e.seq} out of order"
+                )
+            if self.key is not None and e.key != self.key:
+                raise IntegrityError(f"refill with key {self.key!r} returned an entry of key {e.key!r}")
+            if self.key is None and e.seq != prev + 1:
+                raise IntegrityError(f"refill of {self.context!r} skipped from #{prev} to #{e.seq}")
+            prev = e.seq
+            self._advance(e, out)
+        if next_after > self.last:
+            if next_after < prev:
+                raise IntegrityError("refill returned entries beyond its own next_after")
+            self.last = next_after
+            if not entries or entries[-1].seq != next_after:
+                self.last_hash = None  # skipped by the node's key filter, unseen here
+        self.on_head(size)
+        if not more:
+            self.known_size = size
+        if self.ahead:
+            self._drain_ahead(out)
+        return out
