@@ -40,6 +40,7 @@ class Config:
     log_level: str
     write_buffer: int = 16 << 20
     watch_heartbeat_ms: int = 1000
+    watch_queue: int = 10_000
 
     @property
     def sync(self) -> bool:
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-heartbeat-ms", help="a watched context that published nothing for this long "
                    "gets a head message, so watchers tell a quiet context from a dead node "
                    "[LEDGER_WATCH_HEARTBEAT_MS] (default 1000)")
+    p.add_argument("--watch-queue", help="messages queued per watcher before that watcher's messages are "
+                   "dropped (it refills them by seq when it reads again); bounds the node's RAM per slow "
+                   "watcher [LEDGER_WATCH_QUEUE] (default 10000)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -153,6 +157,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     hb_raw = pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000")
     if not hb_raw.isdigit() or not 10 <= int(hb_raw) <= 60_000:
         raise ConfigError(f"--watch-heartbeat-ms must be an integer from 10 to 60000, got {hb_raw!r}")
+    wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "10000")
+    if not wq_raw.isdigit() or not 1 <= int(wq_raw) <= 1_000_000:
+        raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -160,5 +167,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
-        watch_heartbeat_ms=int(hb_raw),
+        watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw),
     )

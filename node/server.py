@@ -92,7 +92,7 @@ class Server:
         self.router, self.port = sockets.router(self.zctx, config.host, config.port, config.max_request)
         try:
             self.pub, self.pub_port = sockets.xpub(
-                self.zctx, config.host, 0 if config.pub_port is None else config.pub_port
+                self.zctx, config.host, 0 if config.pub_port is None else config.pub_port, config.watch_queue
             )
         except Exception:
             self.router.close(linger=0)

@@ -44,14 +44,14 @@ def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.So
     return s, _bind(s, host, port)
 
 
-def xpub(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, int]:
+def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zmq.Socket, int]:
     """The watch socket. XPUB_VERBOSER hands the node every subscribe and every
     unsubscribe (disconnects included), which the watch registry counts. Sends
     never block: past SNDHWM a slow watcher's messages are dropped (it refills
     by seq), so no watcher can slow the writer."""
     s = ctx.socket(zmq.XPUB)
     s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SNDHWM, PUB_HWM)
+    s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
     s.setsockopt(zmq.XPUB_VERBOSER, 1)
     return s, _bind(s, host, port)

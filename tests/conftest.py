@@ -80,6 +80,14 @@ class NodeProcess:
                 raise RuntimeError(f"ledger-node did not become ready:\n{out}")
         return self
 
+    def pin_ports(self) -> NodeProcess:
+        """Make the next start() listen on the ports this run got (a restart "in place")."""
+        host_port = self.address.split("://", 1)[1]
+        pub_port = self.pub.rpartition(":")[2]
+        self.args = [a for a in self.args if not a.startswith(("--listen", "--pub-port"))]
+        self.args += [f"--listen={host_port}", f"--pub-port={pub_port}"]
+        return self
+
     def output(self) -> str:
         return "\n".join(self.lines)
 

@@ -1,0 +1,392 @@
+"""Watch against real nodes: exactly-once through catch-up and live, topics, registry, restarts, stalls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zmq
+
+from node.config import Config
+from node.ledger import Ledger
+from node.server import Server
+from node.storage import MemoryKV
+from protocol import watch
+from protocol.client import Client, Watch
+from protocol.entry import Entry
+from protocol.errors import IntegrityError, Unavailable
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def collect(w: Watch, n: int, timeout: float = 30.0) -> list[Entry]:
+    """The next n entries of a watch, in a thread so a hang fails instead of blocking."""
+    got: list[Entry] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for e in w:
+                got.append(e)
+                if len(got) >= n:
+                    return
+        except BaseException as exc:  # surfaced to the test below
+            err.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if err:
+        raise err[0]
+    assert not t.is_alive(), f"watch delivered {len(got)} of {n} entries within {timeout} s"
+    return got
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def appender(address: str, context: str, n: int, zctx: zmq.Context, **kw: Any) -> threading.Thread:
+    def run() -> None:
+        with Client(address, zctx=zctx, timeout=20) as c:
+            for _ in c.append_many(context, (f"e{i}".encode() for i in range(n)), **kw):
+                pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_catch_up_then_live_exactly_once_while_appends_race(node, zctx):
+    with Client(node.address, zctx=zctx) as c:
+        for _ in c.append_many("race", (b"pre" for _ in range(700))):
+            pass
+        t = appender(node.address, "race", 5000, zctx, window=50)  # racing the subscription
+        with c.watch("race", after=0) as w:
+            got = collect(w, 5700)
+            t.join(30)
+            assert [e.seq for e in got] == list(range(1, 5701))
+            stored = list(c.iter_entries("race"))
+            assert [e.hash for e in got] == [e.hash for e in stored]
+            assert w.cursor.delivered == 5700
+
+
+def test_after_none_delivers_only_new_entries_and_after_n_the_rest(client):
+    for i in range(5):
+        client.append("fresh", f"old{i}")
+    with client.watch("fresh") as w:
+        client.append("fresh", "new")
+        (e,) = collect(w, 1)
+        assert (e.seq, e.payload) == (6, b"new")
+    with client.watch("fresh", after=3) as w:
+        assert [e.seq for e in collect(w, 3)] == [4, 5, 6]
+    with client.watch("not-yet") as w:  # a context that does not exist yet
+        client.append("not-yet", "first")
+        assert [e.seq for e in collect(w, 1)] == [1]
+
+
+def test_topics_are_exact_and_quiet_contexts_get_heads(node_factory, zctx):
+    n = node_factory("--watch-heartbeat-ms", "100")
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(n.pub)
+    sub.setsockopt(zmq.SUBSCRIBE, watch.topic("c1"))
+    try:
+        with Client(n.address, zctx=zctx) as c:
+            greeting = watch.decode_message(sub.recv_multipart()) if sub.poll(5000) else None
+            assert isinstance(greeting, watch.HeadMsg) and greeting.size == 0 and greeting.heartbeat_ms == 100
+            for name in ("c10", "c1", "c", "c1\x00", "c1x", "c1"):
+                c.append(name, name)
+            seen: list[watch.WatchMsg] = []
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                if sub.poll(50):
+                    seen.append(watch.decode_message(sub.recv_multipart()))
+        entries = [e for m in seen if isinstance(m, watch.EntriesMsg) for e in m.entries]
+        assert [(e.context, e.seq) for e in entries] == [("c1", 1), ("c1", 2)]
+        heads = [m for m in seen if isinstance(m, watch.HeadMsg)]
+        # quiet for a second at 100 ms heartbeats: several heads, all with the full size
+        assert len(heads) >= 3 and all(h.context == "c1" and h.size == 2 for h in heads[1:])
+    finally:
+        sub.close(linger=0)
+
+
+def test_key_filter_applies_to_catch_up_and_live(client):
+    for i in range(20):
+        client.append("keyed", f"a{i}", key="facts" if i % 3 == 0 else "traces")
+    with client.watch("keyed", after=0, key="facts") as w:
+        first = collect(w, 7)
+        assert [e.seq for e in first] == [1, 4, 7, 10, 13, 16, 19]
+        for i in range(20, 40):
+            client.append("keyed", f"b{i}", key="facts" if i % 3 == 0 else "traces")
+        live = collect(w, 7)
+        assert [e.seq for e in live] == [22, 25, 28, 31, 34, 37, 40]
+        assert {e.key for e in first + live} == {"facts"}
+
+
+def test_registry_counts_watchers_per_context_in_head_and_status(client):
+    ws = [client.watch("reg-a") for _ in range(3)] + [client.watch("reg-b")]
+    try:
+        client.append("reg-a", "x")
+        client.append("reg-b", "y")
+        assert client.head("reg-a").watchers == 3
+        assert client.head("reg-b").watchers == 1
+        st = client.status()
+        assert st["watchers"] == 4 and st["watched_contexts"] == 2
+        assert st["watchers_by_context"] == {"reg-a": 3, "reg-b": 1}
+        ws[0].close()
+        ws[1].close()
+        wait_for(lambda: client.head("reg-a").watchers == 1, what="unsubscriptions of closed watchers")
+        assert client.status()["watchers"] == 2
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_watch_survives_kill_9_and_restart_of_its_node(node_factory, zctx):
+    n = node_factory("--durability", "sync", "--watch-heartbeat-ms", "100").pin_ports()
+    events: list[tuple[str, str]] = []
+    with Client(n.address, zctx=zctx, timeout=2) as wc, Client(n.address, zctx=zctx, timeout=2) as c:
+        for i in range(200):
+            c.append("survive", f"a{i}", dedup_id=f"a{i}")
+        w = wc.watch("survive", after=0, on_event=lambda k, t: events.append((k, t)))
+        with w:
+            assert [e.seq for e in collect(w, 200)] == list(range(1, 201))
+            n.kill()
+            n.start()
+            for i in range(300):
+                c.append("survive", f"b{i}", dedup_id=f"b{i}")
+            got = collect(w, 300, timeout=60)
+        assert [e.seq for e in got] == list(range(201, 501))
+        assert [e.payload for e in got] == [f"b{i}".encode() for i in range(300)]
+        assert any(k in ("lost", "restarted") for k, _ in events), events
+
+
+def test_watch_refuses_to_continue_when_the_node_lost_what_it_delivered(node_factory, zctx):
+    # async durability with a minute-long flush: a kill -9 loses every acknowledged append
+    n = node_factory("--flush-ms", "60000", "--watch-heartbeat-ms", "100").pin_ports()
+    with Client(n.address, zctx=zctx, timeout=2) as c:
+        c.append("lossy", "durable")
+        c.call("status")
+        n.stop()  # a clean stop writes it
+        n.start()
+        with c.watch("lossy", after=0) as w:
+            for i in range(5):
+                c.append("lossy", f"volatile{i}")
+            assert [e.seq for e in collect(w, 6)] == list(range(1, 7))
+            n.kill()
+            n.start()
+            c.append("lossy", "a different #2")
+            with pytest.raises(IntegrityError, match="lost|changed"):
+                collect(w, 1, timeout=30)
+
+
+def test_stalled_watcher_never_blocks_appends_and_refills_when_it_reads_again(node_factory, zctx):
+    n = node_factory("--watch-queue", "10")
+    with Client(n.address, zctx=zctx, timeout=10) as client:
+        stalled = client.watch("stall", after=0, rcvhwm=10)
+        active = client.watch("stall", after=0)
+        try:
+            got_active: list[Entry] = []
+            reader = threading.Thread(target=lambda: got_active.extend(collect(active, 4000, timeout=90)), daemon=True)
+            reader.start()
+            payload = b"p" * 8192  # 32 MB in all: more than the kernel's socket buffers hold
+            t0 = time.monotonic()
+            acked = []
+            with Client(n.address, zctx=zctx, timeout=10) as writer:
+                for _ in range(4000):
+                    acked.append(writer.append("stall", payload).seq)
+            assert acked == list(range(1, 4001))
+            assert time.monotonic() - t0 < 60  # a hang, not a speed check: the bench measures speed
+            reader.join(90)
+            assert [e.seq for e in got_active] == acked
+            got = collect(stalled, 4000)  # it reads again: what the node dropped is refilled by seq
+            assert [e.seq for e in got] == acked
+            assert stalled.refills >= 1 and stalled.cursor.delivered == 4000
+        finally:
+            stalled.close()
+            active.close()
+
+
+def test_many_watchers_over_many_contexts_each_get_everything_in_order(client, zctx):
+    contexts = [f"fan{i}" for i in range(20)]
+    watches = [client.watch(name, after=0) for name in contexts for _ in range(10)]
+    try:
+        for name in contexts:
+            client.append_batch(name, [f"{name}:{i}" for i in range(50)])
+        t = appender(client.address, "fan0", 500, zctx)
+        poller = zmq.Poller()
+        for w in watches:
+            poller.register(w.socket, zmq.POLLIN)
+        want = {name: 50 for name in contexts}
+        want["fan0"] = 550
+        got: dict[int, list[int]] = {i: [] for i in range(len(watches))}
+        deadline = time.monotonic() + 60
+        while any(len(got[i]) < want[w.context] for i, w in enumerate(watches)):
+            assert time.monotonic() < deadline, "watchers did not receive everything"
+            poller.poll(200)
+            for i, w in enumerate(watches):
+                got[i].extend(e.seq for e in w.drain())
+        t.join(30)
+        for i, w in enumerate(watches):
+            assert got[i] == list(range(1, want[w.context] + 1)), w.context
+        assert client.status()["watchers"] == 200
+    finally:
+        for w in watches:
+            w.close()
+
+
+def test_garbage_on_the_watch_socket_does_not_hurt_the_node(node, client, zctx):
+    xsub = zctx.socket(zmq.XSUB)
+    xsub.setsockopt(zmq.LINGER, 0)
+    xsub.connect(node.pub)
+    try:
+        for junk in (b"", b"\x07junk", b"\x00", b"\x01\xff\xff", b"\x00\x00\x05ab", b"\x02" * 1000):
+            xsub.send(junk)
+        with socket_garbage(node.pub):
+            pass
+        with client.watch("after-junk", after=0) as w:
+            client.append("after-junk", "ok")
+            assert [e.payload for e in collect(w, 1)] == [b"ok"]
+        assert client.status()["publish_errors"] == 0
+    finally:
+        xsub.close(linger=0)
+
+
+class socket_garbage:
+    """A raw TCP connection to `address` that sends bytes that are not ZMTP."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        host, _, port = address.split("://", 1)[1].rpartition(":")
+        self.s = socket.create_connection((host, int(port)), timeout=5)
+        self.s.sendall(os.urandom(4096))
+
+    def __enter__(self) -> socket_garbage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s.close()
+
+
+def test_bad_watch_heartbeat_flag_is_a_clear_error():
+    p = subprocess.run([sys.executable, "-m", "node.main", "--data", ":memory:", "--listen", "127.0.0.1:0",
+                        "--watch-heartbeat-ms", "5"], capture_output=True, text=True, timeout=20)
+    assert p.returncode == 2
+    assert "--watch-heartbeat-ms must be an integer from 10 to 60000" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "node.main", "--data", ":memory:", "--listen", "127.0.0.1:0",
+                        "--watch-queue", "none"], capture_output=True, text=True, timeout=20)
+    assert p.returncode == 2 and "--watch-queue must be an integer" in p.stderr
+
+
+def test_unreachable_node_ends_a_watch_after_max_outage(node_factory, zctx):
+    n = node_factory("--watch-heartbeat-ms", "100")
+    with Client(n.address, zctx=zctx, timeout=0.5) as c:
+        c.append("gone", "x")
+        with c.watch("gone", after=0, max_outage=1.0) as w:
+            assert len(collect(w, 1)) == 1
+            n.kill()
+            with pytest.raises(Unavailable, match="did not come back"):
+                collect(w, 1, timeout=30)
+
+
+# -- a fault while publishing one context stays in that context -----------------------
+
+
+def test_a_publish_fault_in_one_context_leaves_other_watchers_and_appends_alone(zctx):
+    cfg = Config(node_id="fault", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability="async",
+                 flush_ms=5, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info", watch_heartbeat_ms=100)
+    server = Server(cfg, Ledger(MemoryKV(), node_id="fault", sync_meta=False), zctx=zctx)
+    real = server.publisher.encode_entries
+
+    def faulty(ctx: Any, blobs: list[bytes]) -> bytes:
+        if ctx.name == "bad":
+            raise RuntimeError("injected publish fault")
+        return real(ctx, blobs)
+
+    server.publisher.encode_entries = faulty  # type: ignore[method-assign]
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        with Client(server.router_address, zctx=zctx) as c:
+            with c.watch("good", after=0) as good, c.watch("bad", after=0) as bad:
+                for i in range(300):
+                    c.append("bad", f"b{i}")
+                    c.append("good", f"g{i}")
+                assert [e.seq for e in collect(good, 300)] == list(range(1, 301))
+                assert good.refills <= 1  # live: only the catch-up read
+                # the faulty context's watchers still get everything, by refill from heads
+                assert [e.seq for e in collect(bad, 300)] == list(range(1, 301))
+                st = c.status()
+                assert st["publish_errors"] > 0 and st["publish_errors_by_context"].keys() == {"bad"}
+                assert c.head("bad").size == 300 and c.verify_context("bad")["ok"]
+    finally:
+        server.stop()
+        t.join(10)
+
+
+# -- the CLI -------------------------------------------------------------------------
+
+
+def test_cli_watch_prints_entries_as_json_and_stops_after_count(node, client, capsys):
+    from tools import cli
+
+    for i in range(3):
+        client.append("cli-w", f"p{i}", key="facts")
+    rc = cli.main(["--node", node.address.split("://")[1], "--json", "watch", "cli-w", "--after", "1",
+                   "--count", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert [json.loads(line)["seq"] for line in out] == [2, 3]
+    assert {json.loads(line)["key"] for line in out} == {"facts"}
+
+
+def test_cli_watch_follows_a_restarted_node_and_exits_130_on_ctrl_c(node_factory, zctx):
+    n = node_factory("--durability", "sync", "--watch-heartbeat-ms", "100").pin_ports()
+    host_port = n.address.split("://")[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "--node", host_port, "--timeout", "1", "watch",
+                             "follow", "--after", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with Client(n.address, zctx=zctx, timeout=2) as c:
+            for i in range(3):
+                c.append("follow", f"before{i}")
+            wait_for(lambda: len(lines) == 3, 20, "the first entries")
+            n.kill()
+            n.start()
+            for i in range(3):
+                c.append("follow", f"after{i}")
+            wait_for(lambda: len(lines) == 6, 30, "entries after the restart")
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(20)
+        assert rc == 130
+        assert [line.split()[0] for line in lines] == [f"follow#{i}" for i in range(1, 7)]
+        assert [line.split()[-1] for line in lines] == [f"before{i}" for i in range(3)] + [f"after{i}" for i in range(3)]
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "not answering" in err or "restarted" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
