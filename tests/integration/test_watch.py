@@ -338,6 +338,69 @@ def test_a_publish_fault_in_one_context_leaves_other_watchers_and_appends_alone(
         t.join(10)
 
 
+class GatedKV(MemoryKV):
+    """A store whose writes wait for `gate`: a disk that has not fsynced yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def prepare(self, puts: Any, sync: bool = False) -> Callable[[], None]:
+        commit = super().prepare(puts, sync)
+
+        def gated() -> None:
+            self.gate.wait(30)
+            commit()
+        return gated
+
+
+def test_sync_mode_publishes_only_entries_on_disk(zctx):
+    cfg = Config(node_id="gated", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability="sync",
+                 flush_ms=5, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info", watch_heartbeat_ms=50)
+    kv = GatedKV()
+    server = Server(cfg, Ledger(kv, node_id="gated", sync_meta=False), zctx=zctx)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(server.pub_address)
+    sub.setsockopt(zmq.SUBSCRIBE, watch.topic("gated"))
+    try:
+        assert sub.poll(5000)  # the greeting
+        assert watch.decode_message(sub.recv_multipart()) == watch.HeadMsg(
+            "gated", 0, 0, watch_empty_root(), "gated", server.publisher.boot, 50, 1)
+        with Client(server.router_address, zctx=zctx, timeout=10) as c:
+            rid = c.submit("append", context="gated", payload=b"x")  # its reply waits for the disk
+            seen = []
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                if sub.poll(50):
+                    seen.append(watch.decode_message(sub.recv_multipart()))
+            # heads went out meanwhile, none counting the entry, and no entry was published
+            assert seen and all(isinstance(m, watch.HeadMsg) and m.size == 0 for m in seen)
+            kv.gate.set()
+            assert c.result(rid)["entry"]["seq"] == 1
+            deadline = time.monotonic() + 5
+            entries: list[Entry] = []
+            while not entries and time.monotonic() < deadline:
+                if sub.poll(100):
+                    m = watch.decode_message(sub.recv_multipart())
+                    if isinstance(m, watch.EntriesMsg):
+                        entries.extend(m.entries)
+            assert [e.seq for e in entries] == [1]
+    finally:
+        kv.gate.set()
+        sub.close(linger=0)
+        server.stop()
+        t.join(10)
+
+
+def watch_empty_root() -> bytes:
+    from protocol.merkle import EMPTY_ROOT
+
+    return EMPTY_ROOT
+
+
 # -- the CLI -------------------------------------------------------------------------
 
 

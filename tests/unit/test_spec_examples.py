@@ -50,3 +50,13 @@ def test_example_leaf_preimage_is_shown_byte_for_byte():
 
     pre = next(b for b in hex_blocks() if b.startswith("00") and len(b) > 100)
     assert hashlib.sha256(bytes.fromhex(pre)).digest() == leaf_hash(**FIELDS)
+
+
+def test_example_watch_message_is_the_published_bytes():
+    from protocol import watch
+    from protocol.entry import packed_str
+
+    e = Entry(hash=leaf_hash(**FIELDS), **FIELDS)
+    blocks = hex_blocks()
+    assert watch.topic("notes").hex() in blocks
+    assert watch.encode_entries(packed_str("notes"), [e.encode()]).hex() in blocks
