@@ -521,11 +521,17 @@ class Watch:
         self._sub = sub
         try:
             self._confirm_subscription()
+            try:
+                size = client.head(context).size
+            except NotFound:
+                size = 0
             if after is None:
-                try:
-                    after = client.head(context).size
-                except NotFound:
-                    after = 0
+                after = size
+            elif after > size:
+                raise BadRequest(
+                    f"context {context!r} has {size} entries; cannot watch after #{after}, beyond its end",
+                    {"context": context, "size": size},
+                )
             self.cursor = watch.WatchCursor(context, after, key)
             for m in self._early:
                 self._on_message(m)

@@ -22,7 +22,7 @@ from node.storage import MemoryKV
 from protocol import watch
 from protocol.client import Client, Watch
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, Unavailable
+from protocol.errors import BadRequest, IntegrityError, Unavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,6 +95,13 @@ def test_after_none_delivers_only_new_entries_and_after_n_the_rest(client):
     with client.watch("not-yet") as w:  # a context that does not exist yet
         client.append("not-yet", "first")
         assert [e.seq for e in collect(w, 1)] == [1]
+
+
+def test_watching_after_the_end_of_a_context_is_a_clear_error(client):
+    client.append("short", "only")
+    with pytest.raises(BadRequest, match="has 1 entries; cannot watch after #5"):
+        client.watch("short", after=5)
+    wait_for(lambda: client.status()["watchers"] == 0, what="the refused watch to close its subscription")
 
 
 def test_topics_are_exact_and_quiet_contexts_get_heads(node_factory, zctx):
