@@ -630,7 +630,7 @@ class Watch:
             head_size = self.client.head(self.context).size
         except NotFound:
             head_size = 0
-        cur.on_head(head_size)  # raises if the node holds fewer entries than were delivered
+        cur.check_size(head_size)  # raises if the node holds fewer entries than were delivered
         if cur.last_hash is not None:
             page = self.client.get(self.context, after=cur.last - 1, limit=1)
             if not page.entries or page.entries[0].hash != cur.last_hash:

@@ -133,7 +133,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
         raise _bad(f"watch message is not msgpack ({type(exc).__name__})") from None
     if not isinstance(m, dict):
         raise _bad("watch message body must be a map")
-    if m.get("v") not in SUPPORTED_VERSIONS:
+    if type(m.get("v")) is not int or m.get("v") not in SUPPORTED_VERSIONS:
         raise _bad(f"watch message has unsupported version {m.get('v')!r}")
     context = check_name("context", m.get("context"), MAX_CONTEXT_BYTES)
     if context != name:
@@ -162,7 +162,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
             raise _bad("watch message: node_id and boot must be strings")
         return HeadMsg(context, _uint(m, "size"), _uint(m, "lamport"), root, node_id, boot,
                        _uint(m, "heartbeat_ms"), _uint(m, "watchers"))
-    # A receiver MUST ignore message types it does not know (later additions).
+    # Raised like any malformed message; a receiver ignores it (SPEC: MUST ignore unknown types).
     raise _bad(f"unknown watch message type {kind!r}")
 
 
@@ -233,7 +233,17 @@ class WatchCursor:
         return out
 
     def on_head(self, size: int) -> None:
-        """A head message (or any other word of the context's size) arrived."""
+        """A published head arrived: entries up to `size` exist.
+
+        A head may be older than what this cursor already got over the request
+        socket (the two sockets are not ordered against each other), so a
+        smaller size here is not a rollback; `check_size` judges fresh sizes.
+        """
+        if size > self.known_size:
+            self.known_size = size
+
+    def check_size(self, size: int) -> None:
+        """The context's size as the request socket reports it now: never below `last`."""
         if size < self.last:
             raise IntegrityError(
                 f"the node now holds {size} entries of {self.context!r} but already delivered entry "
@@ -256,9 +266,9 @@ class WatchCursor:
         A last page (`more` false) brings the cursor up to date with `size`:
         the node reads its size after everything it published before.
         """
-        out: list[Entry] = []
+        self.check_size(size)
         prev = self.last
-        for e in entries:
+        for e in entries:  # check the whole page before delivering any of it
             if e.context != self.context or e.seq <= prev:
                 raise IntegrityError(
                     f"refill of {self.context!r} after #{self.last} returned {e.context!r}#{e.seq} out of order"
@@ -268,16 +278,22 @@ class WatchCursor:
             if self.key is None and e.seq != prev + 1:
                 raise IntegrityError(f"refill of {self.context!r} skipped from #{prev} to #{e.seq}")
             prev = e.seq
+        if next_after < prev or next_after > size:
+            raise IntegrityError(f"refill of {self.context!r}: next_after {next_after} is outside #{prev}..#{size}")
+        if self.key is None and next_after != prev:
+            raise IntegrityError(f"refill of {self.context!r} claims to have examined up to #{next_after} "
+                                 f"but returned entries only up to #{prev}")
+        out: list[Entry] = []
+        for e in entries:
             self._advance(e, out)
         if next_after > self.last:
-            if next_after < prev:
-                raise IntegrityError("refill returned entries beyond its own next_after")
             self.last = next_after
-            if not entries or entries[-1].seq != next_after:
-                self.last_hash = None  # skipped by the node's key filter, unseen here
-        self.on_head(size)
+            self.last_hash = None  # skipped by the node's key filter, unseen here
         if not more:
             self.known_size = size
+            # entries held back from beyond what the node now holds (an older boot's) are void
+            for s in [s for s in self.ahead if s > size]:
+                del self.ahead[s]
         if self.ahead:
             self._drain_ahead(out)
         return out

@@ -97,6 +97,20 @@ def test_after_none_delivers_only_new_entries_and_after_n_the_rest(client):
         assert [e.seq for e in collect(w, 1)] == [1]
 
 
+def test_watching_a_busy_context_from_now_on_starts_cleanly_every_time(client, zctx):
+    # A greeting (published size) older than the head read right after it once
+    # looked like lost entries; it must not.
+    t = appender(client.address, "busy", 20_000, zctx, window=20)
+    try:
+        for _ in range(20):
+            with client.watch("busy") as w:
+                start = w.last_seq
+                got = [e.seq for e in collect(w, 20)]
+                assert got == list(range(start + 1, start + 21))
+    finally:
+        t.join(60)
+
+
 def test_watching_after_the_end_of_a_context_is_a_clear_error(client):
     client.append("short", "only")
     with pytest.raises(BadRequest, match="has 1 entries; cannot watch after #5"):
