@@ -41,6 +41,11 @@ class Config:
     write_buffer: int = 16 << 20
     watch_heartbeat_ms: int = 1000
     watch_queue: int = 10_000
+    peers: tuple[str, ...] = ()
+    heartbeat_ms: int = 500
+    advertise: str | None = None
+    suspect_after: int = 3
+    dead_after: int = 10
 
     @property
     def sync(self) -> bool:
@@ -106,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-queue", help="messages queued per watcher before that watcher's messages are "
                    "dropped (it refills them by seq when it reads again); bounds the node's RAM per slow "
                    "watcher [LEDGER_WATCH_QUEUE] (default 10000)")
+    p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
+                   "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
+    p.add_argument("--heartbeat-ms", help="interval of the gossip heartbeat between nodes "
+                   "[LEDGER_HEARTBEAT_MS] (default 500)")
+    p.add_argument("--advertise", metavar="HOST:PORT", help="the request address other nodes should use, "
+                   "when it differs from --listen (e.g. listening on 0.0.0.0) [LEDGER_ADVERTISE]")
+    p.add_argument("--suspect-after", help="heartbeats of silence before a peer is suspect "
+                   "[LEDGER_SUSPECT_AFTER] (default 3)")
+    p.add_argument("--dead-after", help="heartbeats of silence before a peer is dead [LEDGER_DEAD_AFTER] (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -160,6 +174,27 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "10000")
     if not wq_raw.isdigit() or not 1 <= int(wq_raw) <= 1_000_000:
         raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
+    peers_raw = pick(args.peers, "PEERS", "")
+    peers = []
+    for item in (x.strip() for x in peers_raw.split(",")):
+        if item:
+            h, pt = parse_hostport(item, "--peers")
+            if pt == 0:
+                raise ConfigError(f"--peers: {item!r} needs a real port, not 0")
+            peers.append(f"{h}:{pt}" if ":" not in h else f"[{h}]:{pt}")
+    hbm_raw = pick(args.heartbeat_ms, "HEARTBEAT_MS", "500")
+    if not hbm_raw.isdigit() or not 10 <= int(hbm_raw) <= 60_000:
+        raise ConfigError(f"--heartbeat-ms must be an integer from 10 to 60000, got {hbm_raw!r}")
+    advertise = pick(args.advertise, "ADVERTISE", "") or None
+    if advertise is not None:
+        ah, ap = parse_hostport(advertise, "--advertise")
+        if ap == 0 or ah in ("0.0.0.0", "::", "*"):
+            raise ConfigError(f"--advertise must be an address others can reach, got {advertise!r}")
+    sa_raw = pick(args.suspect_after, "SUSPECT_AFTER", "3")
+    da_raw = pick(args.dead_after, "DEAD_AFTER", "10")
+    if not sa_raw.isdigit() or not da_raw.isdigit() or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
+        raise ConfigError(f"--suspect-after and --dead-after must be integers with 1 <= suspect-after < "
+                          f"dead-after <= 1000, got {sa_raw!r} and {da_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -167,5 +202,6 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
-        watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw),
+        watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
+        heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
     )

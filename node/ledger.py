@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import hashlib
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import mmh3
 import msgpack
 
 from node import storage as st
@@ -135,6 +137,9 @@ class Ledger:
         self.hot_bytes = 0
         self.entries_total = 0
         self.loads: dict[str, LoadSession] = {}
+        self._buckets: list[int] = []
+        self._contrib: dict[int, int] = {}
+        self._digest_dirty: set[ContextState] = set()
         self._next_load_no = 1
         self.node_id = self._open(node_id)
         self._writer_bytes = self.node_id.encode()
@@ -256,16 +261,18 @@ class Ledger:
 
     # -- appends ---------------------------------------------------------------
 
-    def _create(self, name: str) -> ContextState:
+    def _create(self, name: str, writer: str | None = None) -> ContextState:
         ctx_id = self._next_ctx
         self._next_ctx += 1
         now = self.now_ns()
-        ctx = ContextState(name, ctx_id, self.node_id, now)
-        self.pending[st.ctx_key(name)] = _packb({"id": ctx_id, "writer": self.node_id, "created_ns": now})
+        writer = writer or self.node_id
+        ctx = ContextState(name, ctx_id, writer, now)
+        self.pending[st.ctx_key(name)] = _packb({"id": ctx_id, "writer": writer, "created_ns": now})
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
         self.contexts[name] = ctx
         self._by_id[ctx_id] = ctx
         bisect.insort(self._names, name)
+        self._digest_dirty.add(ctx)
         return ctx
 
     def _dedup_hit(self, ctx: ContextState | None, dedup_id: bytes | None) -> AppendResult | None:
@@ -310,6 +317,7 @@ class Ledger:
         self._hot.append((ctx.id, seq, n))
         self.hot_bytes += n
         self._dirty[ctx] = seq
+        self._digest_dirty.add(ctx)
         self.pending_bytes += n
         self.entries_total += 1
 
@@ -386,10 +394,86 @@ class Ledger:
         self.hot_bytes += nbytes
         self.pending_bytes += nbytes
         self._dirty[ctx] = seq
+        self._digest_dirty.add(ctx)
         self.entries_total += len(items)
         if req.dedup_id is not None:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(first, len(blobs))
         return AppendResult(ctx, blobs, ctx.size, False)
+
+    # -- replicas ------------------------------------------------------------------
+
+    def apply_replicated(self, name: str, entries: list[Entry], blobs: list[bytes] | None = None) -> ContextState:
+        """Append entries another node wrote, extending the local replica of `name`.
+
+        They must start right after the replica's last seq, be consecutive, carry
+        valid leaf hashes and name the context's writer; anything else raises
+        (IntegrityError, Conflict) before anything is stored. The clock advances
+        past every lamport received.
+        """
+        if not entries:
+            raise BadRequest("no entries to apply")
+        ctx = self.contexts.get(name)
+        writer = entries[0].writer
+        if ctx is not None and ctx.writer != writer:
+            raise Conflict(
+                f"context {name!r} is written by {ctx.writer!r} here; entries from writer {writer!r} fork it",
+                {"context": name, "writer": ctx.writer, "other_writer": writer},
+            )
+        if writer == self.node_id:
+            raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
+                           {"context": name})
+        size = ctx.size if ctx is not None else 0
+        for i, e in enumerate(entries):
+            if e.context != name or e.seq != size + 1 + i or e.writer != writer:
+                raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
+            e.verify()
+        if ctx is None:
+            ctx = self._create(name, writer)
+        max_lamport = 0
+        for i, e in enumerate(entries):
+            blob = blobs[i] if blobs is not None else e.encode()
+            self._store(ctx, e.seq, e.key, blob, e.hash, e.lamport)
+            if e.lamport > max_lamport:
+                max_lamport = e.lamport
+        self.observe(max_lamport)
+        return ctx
+
+    def replica_frontier_check(self, ctx: ContextState | None, entries: list[Entry], root: bytes) -> bool:
+        """Whether `entries` on top of the replica give `root` (computed on a copy; nothing stored)."""
+        f = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
+        for e in entries:
+            f.append(e.hash)
+        return f.root() == root
+
+    def digest(self, nbuckets: int) -> list[int]:
+        """Per bucket (mmh3 of the name), the XOR of an 8-byte hash of (name, size, root)
+        of its contexts. Updated lazily for the contexts that changed since the last call."""
+        if nbuckets != len(self._buckets):
+            self._buckets = [0] * nbuckets
+            self._contrib = {}
+            self._digest_dirty = set(self.contexts.values())
+        buckets = self._buckets
+        contrib = self._contrib
+        for ctx in self._digest_dirty:
+            new = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
+            old = contrib.get(ctx.id, 0)
+            b = bucket_of(ctx.name_bytes, nbuckets)
+            buckets[b] ^= old ^ new
+            contrib[ctx.id] = new
+        self._digest_dirty = set()
+        return buckets
+
+    def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
+        """[name, size, root, writer, lamport] of the contexts in `wanted` buckets, in name order, paged."""
+        names = self._names
+        i = 0 if after is None else bisect.bisect_right(names, after)
+        out: list[list[Any]] = []
+        while i < len(names) and len(out) < limit:
+            ctx = self.contexts[names[i]]
+            if bucket_of(ctx.name_bytes, nbuckets) in wanted:
+                out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
+            i += 1
+        return out, i < len(names)
 
     # -- write-behind ----------------------------------------------------------
 
@@ -720,6 +804,7 @@ class Ledger:
                 puts = []
         self.kv.write(puts, sync=sync)
         ctx.flushed_seq = ctx.size  # written above, in storage: servable and publishable
+        self._digest_dirty.add(ctx)
         if ctx.size != s.size or ctx.frontier.root() != s.root:
             raise IntegrityError("staged entries changed before commit")  # storage fault
         self.observe(max_lamport)
@@ -749,6 +834,15 @@ def _getter(
             raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
         return v
     return get
+
+
+def bucket_of(name: bytes, nbuckets: int) -> int:
+    return mmh3.hash(name, signed=False) % nbuckets
+
+
+def digest_item(name: bytes, size: int, root: bytes) -> int:
+    h = hashlib.sha256(b"\x03" + len(name).to_bytes(2, "big") + name + size.to_bytes(8, "big") + root).digest()
+    return int.from_bytes(h[:8], "big")
 
 
 def decode_blob(blob: bytes) -> Entry:

@@ -25,6 +25,7 @@ import zmq
 from node import __version__, sockets
 from node.config import Config
 from node.ledger import ContextState, Ledger
+from node.mesh import Mesh
 from node.publisher import Publisher
 from node.storage import KV
 from protocol import codec
@@ -98,6 +99,18 @@ class Server:
             self.router.close(linger=0)
             raise
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms)
+        self.poller = zmq.Poller()
+        self.peer_socks: dict[str, zmq.Socket] = {}
+        self.peer_addr: dict[zmq.Socket, str] = {}
+        self._peer_rid = 1
+        self.peer_sub = sockets.peer_sub(self.zctx)
+        advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
+        self.mesh = Mesh(
+            ledger, self, address=advertise, pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}",
+            seeds=list(config.peers), heartbeat_s=config.heartbeat_ms / 1000.0,
+            suspect_after=config.suspect_after, dead_after=config.dead_after, boot=self.publisher.boot,
+            on_applied=self.publisher.mark,
+        )
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
         self.flushing = False
@@ -116,6 +129,8 @@ class Server:
             "load": self.rpc_load,
             "proof": self.rpc_proof,
             "consistency": self.rpc_consistency,
+            "heartbeat": self.rpc_heartbeat,
+            "sync_heads": self.rpc_sync_heads,
         }
         self.requests = 0
         self._outbox: list[list[bytes]] = []
@@ -139,10 +154,12 @@ class Server:
 
     def run(self, ready: Callable[[], None] | None = None) -> None:
         self.flusher.start()
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
+        poller.register(self.peer_sub, zmq.POLLIN)
+        mesh = self.mesh
         router = self.router
         handle = self.handle
         publisher = self.publisher
@@ -184,9 +201,12 @@ class Server:
                     self._drain_wake()
                 if self.pub in events:
                     publisher.on_subscriptions()
+                if len(events) > 1 or router not in events:
+                    self._peer_events(events)
                 self._collect_done()
                 self._maybe_handoff()
                 now = time.monotonic()
+                mesh.tick(now)
                 if now - last_heartbeat >= heartbeat_check:
                     last_heartbeat = now
                     publisher.heartbeat()
@@ -195,6 +215,65 @@ class Server:
                     self.ledger.expire_loads()
         finally:
             self._shutdown()
+
+    # -- peers (the mesh's transport) ---------------------------------------------------
+
+    def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+        s = self.peer_socks.get(address)
+        if s is None:
+            s = sockets.peer_dealer(self.zctx, address)
+            self.peer_socks[address] = s
+            self.peer_addr[s] = address
+            self.poller.register(s, zmq.POLLIN)
+        rid = self._peer_rid
+        self._peer_rid += 1
+        frame = codec.encode_request(op, rid, fields)
+        if op == "heartbeat":
+            self.mesh.heartbeat_bytes = len(frame)
+        try:
+            s.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return None  # not connected, or its queue is full: dropped, never queued
+        return rid
+
+    def subscribe(self, pub_address: str) -> None:
+        self.peer_sub.connect(f"tcp://{pub_address}")
+
+    def unsubscribe(self, pub_address: str) -> None:
+        try:
+            self.peer_sub.disconnect(f"tcp://{pub_address}")
+        except zmq.ZMQError:
+            pass
+
+    def _peer_events(self, events: dict[Any, int]) -> None:
+        now = time.monotonic()
+        if self.peer_sub in events:
+            sub = self.peer_sub
+            for _ in range(1000):
+                try:
+                    frames = sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self.mesh.on_push(frames)
+                except Exception:
+                    log.exception("applying a pushed message failed; repair will fetch it")
+        for s, address in list(self.peer_addr.items()):
+            if s not in events:
+                continue
+            for _ in range(100):
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    reply = codec.decode_reply(frames[-1])
+                except RemoteProtocolError:
+                    continue
+                try:
+                    self.mesh.on_reply(address, reply, now, len(frames[-1]))
+                except Exception:
+                    log.exception("handling a reply from %s failed", address)
 
     def _backlogged(self) -> bool:
         keys, nbytes = self.ledger.buffered()
@@ -279,6 +358,8 @@ class Server:
         self._release_held()
         for s in (self.router, self.pub, self._wake_rx):
             s.close(linger=sockets.LINGER_MS)
+        for s in [self.peer_sub, *self.peer_socks.values()]:
+            s.close(linger=0)
 
     # -- requests ------------------------------------------------------------------
 
@@ -360,7 +441,15 @@ class Server:
             return (ctx, seq, body)
         return body
 
+    def _check_writer(self, name: str) -> None:
+        ctx = self.ledger.contexts.get(name)
+        if ctx is not None and ctx.writer != self.ledger.node_id:
+            self.mesh.check_writer(ctx)
+
     def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes]:
+        ctx = self.ledger.contexts.get(req.context)
+        if ctx is not None and ctx.writer != self.ledger.node_id:
+            self.mesh.check_writer(ctx)
         res = self.ledger.append(req)
         self.publisher.due[res.ctx] = None
         fields = {"deduplicated": True} if res.deduplicated else {}
@@ -369,6 +458,7 @@ class Server:
         return self._needs_durable(res.ctx, res.last_seq, body)
 
     def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes]:
+        self._check_writer(req.context)
         res = self.ledger.append_batch(req)
         self.publisher.due[res.ctx] = None
         fields: dict[str, Any] = {"first_seq": res.last_seq - len(res.blobs) + 1, "last_seq": res.last_seq}
@@ -385,7 +475,16 @@ class Server:
     def rpc_head(self, req: codec.Head) -> bytes:
         fields = self.ledger.head(req.context)
         fields["watchers"] = self.publisher.watchers(req.context)
+        fork = self.mesh.forks.get(req.context)
+        if fork is not None:
+            fields["fork"] = vars(fork)
         return codec.encode_reply(self._rid, fields)
+
+    def rpc_heartbeat(self, req: codec.Heartbeat) -> bytes:
+        return codec.encode_reply(self._rid, self.mesh.rpc_heartbeat(req, time.monotonic()))
+
+    def rpc_sync_heads(self, req: codec.SyncHeads) -> bytes:
+        return codec.encode_reply(self._rid, self.mesh.rpc_sync_heads(req))
 
     def rpc_contexts(self, req: codec.Contexts) -> bytes:
         items, more = self.ledger.list_contexts(req.after, req.limit)
@@ -412,6 +511,8 @@ class Server:
             "data": self.config.data,
         })
         fields.update(self.publisher.status())
+        fields.update(self.mesh.status(time.monotonic()))
+        fields["advertise"] = self.mesh.address
         return codec.encode_reply(self._rid, fields)
 
     def rpc_ping(self, req: codec.Ping) -> bytes:
@@ -422,6 +523,8 @@ class Server:
         return codec.encode_reply(self._rid, fields, {"entries": blobs})
 
     def rpc_load(self, req: codec.Load) -> bytes:
+        if not req.abort:
+            self._check_writer(req.context)
         head = self.ledger.load(req, sync=self.config.sync)
         if head is not None and head.get("aborted"):
             return codec.encode_reply(self._rid, {"done": True, "aborted": True})

@@ -66,3 +66,29 @@ def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
     tx.setsockopt(zmq.LINGER, 0)
     tx.connect(f"inproc://{name}")
     return rx, tx
+
+
+def peer_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A DEALER to one peer's ROUTER. IMMEDIATE and SNDTIMEO=0 with a small SNDHWM:
+    what a dead or slow peer cannot take is dropped at once, never queued to flood
+    it when it returns (heartbeats are periodic; repair requests are re-sent)."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.setsockopt(zmq.SNDHWM, 100)
+    s.setsockopt(zmq.SNDTIMEO, 0)
+    s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    if address.startswith("["):
+        s.setsockopt(zmq.IPV6, 1)
+    s.connect(f"tcp://{address}")
+    return s
+
+
+def peer_sub(ctx: zmq.Context) -> zmq.Socket:
+    """One SUB connected to every peer's PUB, subscribed to everything (replication push)."""
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 100_000)
+    s.setsockopt(zmq.IPV6, 1)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    return s

@@ -12,6 +12,7 @@ before it is returned.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +29,7 @@ from protocol.errors import (
     IntegrityError,
     LedgerError,
     NotFound,
+    NotWriter,
     RemoteProtocolError,
     Timeout,
     TooLarge,
@@ -38,6 +40,7 @@ from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_WINDOW = 1000
+MAX_REDIRECTS = 2
 LOAD_CHUNK_BYTES = 4 << 20
 
 
@@ -110,6 +113,8 @@ class Client:
         self._next_id = int.from_bytes(os.urandom(3), "big") << 20
         self._stash: dict[Any, dict[str, Any]] = {}
         self._sent: dict[Any, bytes] = {}
+        self._writers: dict[str, Client] = {}
+        self._redirect: Client | None = None
         self._connect()
 
     # -- plumbing ----------------------------------------------------------------
@@ -134,6 +139,9 @@ class Client:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        for c in self._writers.values():
+            c.close()
+        self._writers.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -247,7 +255,7 @@ class Client:
     ) -> Entry:
         if isinstance(payload, str):
             payload = payload.encode()
-        r = self.call(
+        r = self._follow(
             "append", retry=dedup_id is not None, context=context, key=key, payload=payload,
             metadata=dict(metadata) if metadata else None, dedup_id=dedup_id,
             expect_seq=expect_seq, after_lamport=after_lamport,
@@ -271,7 +279,7 @@ class Client:
             else:
                 k, p, md = it
                 entries.append({"key": k, "payload": p, "metadata": dict(md) if md else None})
-        r = self.call(
+        r = self._follow(
             "append_batch", retry=dedup_id is not None, context=context, entries=entries,
             dedup_id=dedup_id, expect_seq=expect_seq, after_lamport=after_lamport,
         )
@@ -287,22 +295,75 @@ class Client:
         window: int = DEFAULT_WINDOW,
         dedup_prefix: str | None = None,
     ) -> Iterator[Entry]:
-        """Pipelined appends, up to `window` in flight; yields entries in order."""
-        inflight: list[int] = []
+        """Pipelined appends, up to `window` in flight; yields entries in order.
+
+        At a node that is not the context's writer, everything not yet
+        acknowledged (none of it was applied) goes to the writer instead."""
         md = dict(metadata) if metadata else None
-        for i, p in enumerate(payloads):
-            if isinstance(p, str):
-                p = p.encode()
-            dd = f"{dedup_prefix}:{i}" if dedup_prefix else None
-            inflight.append(self.submit("append", context=context, key=key, payload=p, metadata=md, dedup_id=dd))
-            if len(inflight) >= window:
-                yield self._entry(self.result(inflight.pop(0))["entry"])
-            # Hand back what is already acknowledged, so a slow producer
-            # (`tail -f | ledger append --lines`) sees progress at once.
-            while inflight and self._ready(inflight[0]):
-                yield self._entry(self.result(inflight.pop(0))["entry"])
-        for rid in inflight:
-            yield self._entry(self.result(rid)["entry"])
+
+        def items() -> Iterator[tuple[bytes, str | None]]:
+            for i, p in enumerate(payloads):
+                yield (p.encode() if isinstance(p, str) else p), (f"{dedup_prefix}:{i}" if dedup_prefix else None)
+
+        return self._append_many(context, items(), key, md, window, 0)
+
+    def _append_many(self, context: str, items: Iterator[tuple[bytes, str | None]], key: str,
+                     md: dict[str, str] | None, window: int, hops: int) -> Iterator[Entry]:
+        inflight: collections.deque[tuple[int, bytes, str | None]] = collections.deque()
+
+        def take() -> Entry:
+            rid, p, dd = inflight[0]
+            try:
+                e = self._entry(self.result(rid)["entry"])
+            except NotWriter as exc:
+                if hops >= MAX_REDIRECTS or not exc.details.get("address"):
+                    raise
+                self._redirect = self._writer_client(str(exc.details["address"]))
+                raise
+            inflight.popleft()
+            return e
+
+        try:
+            for p, dd in items:
+                inflight.append((self.submit("append", context=context, key=key, payload=p, metadata=md,
+                                             dedup_id=dd), p, dd))
+                if len(inflight) >= window:
+                    yield take()
+                # Hand back what is already acknowledged, so a slow producer
+                # (`tail -f | ledger append --lines`) sees progress at once.
+                while inflight and self._ready(inflight[0][0]):
+                    yield take()
+            while inflight:
+                yield take()
+        except NotWriter:
+            writer = self._redirect
+            assert writer is not None
+            for rid, _, _ in inflight:
+                self._sent.pop(rid, None)
+                self._stash.pop(rid, None)
+            rest = itertools.chain([(p, dd) for _, p, dd in inflight], items)
+            yield from writer._append_many(context, rest, key, md, window, hops + 1)
+
+    def _writer_client(self, address: str) -> Client:
+        """A client of the writer node a NOT_WRITER reply named (kept for later appends)."""
+        c = self._writers.get(address)
+        if c is None:
+            c = Client(address, timeout=self.timeout, retries=self.retries, verify=self.verify, zctx=self._zctx)
+            self._writers[address] = c
+        return c
+
+    def _follow(self, op: str, retry: bool, **fields: Any) -> dict[str, Any]:
+        """`call`, following NOT_WRITER to the context's writer (appends)."""
+        client: Client = self
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                return client.call(op, retry=retry, **fields)
+            except NotWriter as exc:
+                address = exc.details.get("address")
+                if not address:
+                    raise
+                client = self._writer_client(str(address))
+        raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
 
     def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None) -> GetResult:
         r = self.call("get", context=context, key=key, after=after, limit=limit)

@@ -144,7 +144,36 @@ class Consistency:
     second: int | None = None
 
 
-Request = Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Node to node: who I am, where I listen, whom I know, a digest of my contexts."""
+
+    node_id: str
+    address: str
+    pub: str | None
+    boot: str
+    lamport: int
+    entries: int
+    peers: tuple[tuple[str, str], ...]
+    digest: bytes
+
+    def as_map(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "address": self.address, "pub": self.pub, "boot": self.boot,
+                "lamport": self.lamport, "entries": self.entries, "peers": [list(p) for p in self.peers],
+                "digest": self.digest}
+
+
+@dataclass(frozen=True, slots=True)
+class SyncHeads:
+    """Node to node: the heads of my contexts in these digest buckets."""
+
+    buckets: tuple[int, ...]
+    nbuckets: int
+    after: str | None = None
+
+
+Request = (Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
+           | Heartbeat | SyncHeads)
 
 
 class Envelope(NamedTuple):
@@ -376,6 +405,48 @@ def _parse_consistency(m: Mapping[str, Any], max_payload: int) -> Consistency:
     return Consistency(_context(m), first, _opt_uint(m, "second"))
 
 
+MAX_PEERS = 1_000
+MAX_ADDRESS_BYTES = 300
+MAX_DIGEST_BYTES = 1 << 16
+
+
+def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
+    peers_raw = m.get("peers") or []
+    if not isinstance(peers_raw, list) or len(peers_raw) > MAX_PEERS:
+        raise _bad(f"peers must be an array of at most {MAX_PEERS} [node_id, address] pairs")
+    peers = []
+    for p in peers_raw:
+        if not isinstance(p, list) or len(p) != 2:
+            raise _bad("peers must hold [node_id, address] pairs")
+        peers.append((check_name("peer node_id", p[0], MAX_ID_BYTES),
+                      check_name("peer address", p[1], MAX_ADDRESS_BYTES)))
+    pub = m.get("pub")
+    digest = m.get("digest", b"")
+    if not isinstance(digest, bytes) or len(digest) > MAX_DIGEST_BYTES:
+        raise _bad(f"digest must be at most {MAX_DIGEST_BYTES} bytes of binary")
+    return Heartbeat(
+        node_id=check_name("node_id", m.get("node_id"), MAX_ID_BYTES),
+        address=check_name("address", m.get("address"), MAX_ADDRESS_BYTES),
+        pub=None if pub is None else check_name("pub", pub, MAX_ADDRESS_BYTES),
+        boot=check_name("boot", m.get("boot", "") or "-", MAX_ID_BYTES),
+        lamport=_opt_uint(m, "lamport", 0) or 0,
+        entries=_opt_uint(m, "entries", 0) or 0,
+        peers=tuple(peers),
+        digest=digest,
+    )
+
+
+def _parse_sync_heads(m: Mapping[str, Any], max_payload: int) -> SyncHeads:
+    n = m.get("nbuckets")
+    if type(n) is not int or not 1 <= n <= 65536:
+        raise _bad("nbuckets must be an integer from 1 to 65536")
+    raw = m.get("buckets")
+    if not isinstance(raw, list) or len(raw) > n or not all(type(b) is int and 0 <= b < n for b in raw):
+        raise _bad("buckets must be an array of bucket numbers below nbuckets")
+    a = m.get("after")
+    return SyncHeads(tuple(raw), n, None if a is None else check_name("after", a, MAX_CONTEXT_BYTES))
+
+
 PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "append": _parse_append,
     "append_batch": _parse_batch,
@@ -388,6 +459,8 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "load": _parse_load,
     "proof": _parse_proof,
     "consistency": _parse_consistency,
+    "heartbeat": _parse_heartbeat,
+    "sync_heads": _parse_sync_heads,
 }
 
 OPS = tuple(PARSERS)

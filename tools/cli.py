@@ -27,6 +27,7 @@ from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
 from protocol.errors import IntegrityError, LedgerError, RemoteProtocolError, TooLarge
 from protocol.snapshot import read_snapshot
+from tools.cluster import ClusterError, run_cluster
 
 DEFAULT_NODE = "127.0.0.1:7400"
 PROG = "ledger"
@@ -158,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
     v.add_argument("context")
+
+    cl = sub.add_parser(
+        "cluster",
+        help="start a mesh of nodes on this machine; Ctrl-C stops them all",
+        description="Start N ledger-node processes that form one mesh (node 1 first, the others seeded with "
+        "its address), print their addresses and a ready line, and stop them all on Ctrl-C. Flags after "
+        "'--' go to every node, e.g. `ledger cluster --nodes 3 -- --durability sync`.",
+    )
+    cl.add_argument("--nodes", type=int, default=3, metavar="N", help="how many nodes (default 3)")
+    cl.add_argument("--data", metavar="DIR", help="keep node data in DIR/n1, DIR/n2, ... (default: a throw-away "
+                    "temporary folder)")
+    cl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    cl.add_argument("--port-base", type=int, default=0, metavar="PORT",
+                    help="node i listens on PORT + 10*(i-1), its watch socket one above (default: free ports)")
+    cl.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     w = sub.add_parser(
         "watch",
@@ -556,6 +572,16 @@ def _open_snapshot(args: argparse.Namespace) -> IO[bytes]:
 def run(args: argparse.Namespace, out: Output | None = None) -> int:
     """Run one parsed command; errors propagate (see `main`)."""
     out = out or Output(args.json)
+    if args.command == "cluster":
+        extra = list(args.node_args)
+        if extra and extra[0] == "--":
+            extra = extra[1:]
+        if not 0 <= args.port_base <= 65535 - 10 * args.nodes:
+            raise UsageError(f"--port-base {args.port_base} leaves no room for {args.nodes} nodes")
+        try:
+            return run_cluster(args.nodes, args.data, args.host, args.port_base, extra, out.stream)
+        except ClusterError as exc:
+            raise UsageError(str(exc)) from None
     address = _node_address(args.node)
     # Local input first: a missing file is reported without waiting on a node.
     payload: bytes | None = None

@@ -129,9 +129,29 @@ def test_load_parses_entries():
     assert decode(req("load", context="ctx", load_id="L1", size=0, root=ROOT)).request.entries == ()
 
 
+def test_mesh_ops_parse_and_reject_bad_fields():
+    hb = decode(req("heartbeat", node_id="n1", address="127.0.0.1:7400", pub="127.0.0.1:7401", boot="b",
+                    lamport=5, entries=9, peers=[["n2", "127.0.0.1:7500"]], digest=b"\x00" * 16)).request
+    assert hb == codec.Heartbeat("n1", "127.0.0.1:7400", "127.0.0.1:7401", "b", 5, 9,
+                                 (("n2", "127.0.0.1:7500"),), b"\x00" * 16)
+    assert decode(req("sync_heads", buckets=[0, 3], nbuckets=8)).request == codec.SyncHeads((0, 3), 8, None)
+    for bad in (
+        req("heartbeat", address="a:1"),  # no node_id
+        req("heartbeat", node_id="n1", address="a:1", peers=[["n2"]]),
+        req("heartbeat", node_id="n1", address="a:1", peers=[["n2", "x"]] * 1001),
+        req("heartbeat", node_id="n1", address="a:1", digest="text"),
+        req("heartbeat", node_id="n1", address="a:1", lamport=-1),
+        req("sync_heads", buckets=[8], nbuckets=8),
+        req("sync_heads", buckets=[0], nbuckets=0),
+        req("sync_heads", buckets="all", nbuckets=8),
+    ):
+        with pytest.raises(RemoteProtocolError):
+            decode(bad)
+
+
 def test_every_op_is_covered():
     covered = {"append", "append_batch", "get", "head", "contexts", "status", "ping", "snapshot", "load", "proof",
-               "consistency"}
+               "consistency", "heartbeat", "sync_heads"}
     assert set(codec.OPS) == covered
 
 
@@ -439,6 +459,8 @@ def test_request_round_trip_for_every_op():
         "load": req("load", **LOAD_OK),
         "proof": req("proof", context="c", seq=1),
         "consistency": req("consistency", context="c", first=0),
+        "heartbeat": req("heartbeat", node_id="n", address="h:1"),
+        "sync_heads": req("sync_heads", buckets=[], nbuckets=1),
     }
     assert set(frames) == set(REQUEST_TYPES) == set(codec.OPS)
     for op, frame in frames.items():
@@ -454,6 +476,7 @@ REQUEST_TYPES = {
     "append": codec.Append, "append_batch": codec.AppendBatch, "get": codec.Get, "head": codec.Head,
     "contexts": codec.Contexts, "status": codec.Status, "ping": codec.Ping, "snapshot": codec.Snapshot,
     "load": codec.Load, "proof": codec.Proof, "consistency": codec.Consistency,
+    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads,
 }
 
 

@@ -1,0 +1,481 @@
+"""Membership and replication between nodes: gossip heartbeats, liveness, push, anti-entropy.
+
+No sockets here: the server gives a `Transport` (requests to a peer's ROUTER,
+subscriptions to its PUB) and the time; replies and pushed messages come back
+through `on_reply` and `on_push`. That keeps the logic steppable by hand.
+
+Theory of operation
+-------------------
+- Every `heartbeat_s` each known peer gets a `heartbeat` request: our id,
+  advertised addresses, Lamport clock, the peers we know (membership spreads by
+  gossip) and a digest of our contexts: per mmh3 bucket, the XOR of a hash of
+  (name, size, root) of its contexts. An in-sync heartbeat costs O(buckets).
+- Any message from a peer (request or reply) is liveness. A peer silent for
+  `suspect_after` heartbeats is suspect, for `dead_after` dead; it is alive
+  again as soon as it speaks. Dead peers get a heartbeat only every few
+  intervals, and the transport drops (never queues) what a peer cannot take.
+- Push: we subscribe to every peer's PUB socket with the empty prefix and apply
+  entries that extend our replica (seq == size + 1); anything else is left to
+  repair.
+- Repair: when a peer's digest differs from ours in some buckets, we ask it for
+  the heads of those buckets (`sync_heads`), and for every context where it is
+  ahead we pull exactly the missing tail in chunks (`snapshot` at the chunk's
+  end size, which carries the root there) and keep a chunk only if our log plus
+  the chunk gives that root. A context whose histories differ at a common size
+  is a fork: recorded, surfaced, never "fixed" by dropping anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from node.ledger import ContextState, Ledger
+from protocol import codec, watch
+from protocol.entry import Entry, entry_from_wire
+from protocol.errors import LedgerError, NotWriter, RemoteProtocolError, Unavailable
+
+log = logging.getLogger(__name__)
+
+NBUCKETS = 128
+PULL_CHUNK = 10_000  # entries per verified pull chunk (one snapshot page at most)
+HEADS_PAGE = 2_000
+DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
+
+
+class Transport(Protocol):
+    def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+        """Send a request to the peer at `address`; its id, or None when it could not be queued."""
+        ...
+
+    def subscribe(self, pub_address: str) -> None: ...
+
+    def unsubscribe(self, pub_address: str) -> None: ...
+
+
+ALIVE, SUSPECT, DEAD, UNKNOWN = "alive", "suspect", "dead", "unknown"
+
+
+@dataclass
+class Peer:
+    address: str  # its request (ROUTER) address, host:port
+    node_id: str | None = None
+    pub: str | None = None
+    state: str = UNKNOWN
+    last_heard: float | None = None
+    lamport: int = 0
+    boot: str | None = None
+    entries: int = 0
+    sent: int = 0
+    digest: list[int] = field(default_factory=list)
+    syncing: bool = False  # a sync_heads or pull is under way with this peer
+    pulls: list[tuple[str, int, bytes]] = field(default_factory=list)  # (context, target size, target root)
+    pulled_entries: int = 0
+    subscribed: str | None = None
+
+
+@dataclass
+class Fork:
+    context: str
+    peer: str
+    local_writer: str
+    peer_writer: str
+    local_size: int
+    peer_size: int
+    detected_lamport: int
+
+
+class Mesh:
+    def __init__(
+        self,
+        ledger: Ledger,
+        transport: Transport,
+        *,
+        address: str,
+        pub: str,
+        seeds: list[str],
+        heartbeat_s: float,
+        suspect_after: int = 3,
+        dead_after: int = 10,
+        boot: str = "",
+        on_applied: Callable[[ContextState], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.transport = transport
+        self.address = address
+        self.pub = pub
+        self.heartbeat_s = heartbeat_s
+        self.suspect_after = suspect_after
+        self.dead_after = dead_after
+        self.boot = boot
+        self.on_applied = on_applied or (lambda ctx: None)
+        self.peers: dict[str, Peer] = {}  # by address
+        self.by_id: dict[str, str] = {}  # node id -> address
+        # request id -> (address, op, fields, sent at)
+        self.pending: dict[int, tuple[str, str, dict[str, Any], float]] = {}
+        self.now = 0.0  # the latest time given to any entry point
+        self.forks: dict[str, Fork] = {}
+        self.last_beat = -1e18
+        self.beats = 0
+        self.pushed_entries = 0
+        self.pulled_entries = 0
+        self.heartbeats_sent = 0
+        self.pulled_bytes = 0  # bytes of pull replies (snapshot pages) received
+        self.heartbeat_bytes = 0  # size of the last heartbeat sent (one per peer per interval)
+        self.reply_bytes = 0
+        for s in seeds:
+            if s != address:
+                self.peers[s] = Peer(s)
+
+    # -- membership -------------------------------------------------------------------
+
+    def _peer(self, address: str, node_id: str | None) -> Peer | None:
+        if address == self.address or node_id == self.ledger.node_id:
+            return None
+        if node_id is not None:
+            old = self.by_id.get(node_id)
+            if old is not None and old != address:
+                # the same node now speaks from another address: move it
+                p = self.peers.pop(old, None)
+                if p is not None and p.subscribed:
+                    self.transport.unsubscribe(p.subscribed)
+                log.info("peer %s moved from %s to %s", node_id, old, address)
+        p = self.peers.get(address)
+        if p is None:
+            p = self.peers[address] = Peer(address)
+            log.info("learned of peer at %s%s", address, f" ({node_id})" if node_id else "")
+        if node_id is not None:
+            p.node_id = node_id
+            self.by_id[node_id] = address
+        return p
+
+    def _heard(self, p: Peer, now: float, lamport: int | None = None) -> None:
+        if p.state != ALIVE:
+            log.info("peer %s at %s is %s", p.node_id or "?", p.address, "back" if p.state != UNKNOWN else "up")
+        p.state = ALIVE
+        p.last_heard = now
+        if lamport is not None:
+            p.lamport = max(p.lamport, lamport)
+            self.ledger.observe(lamport)
+
+    def _learn(self, p: Peer, m: dict[str, Any], now: float) -> None:
+        boot = m.get("boot")
+        if isinstance(boot, str):
+            if p.boot is not None and boot != p.boot:
+                log.info("peer %s restarted", p.node_id)
+            p.boot = boot
+        pub = m.get("pub")
+        if isinstance(pub, str) and pub != p.subscribed:
+            if p.subscribed:
+                self.transport.unsubscribe(p.subscribed)
+            p.pub = pub
+            self.transport.subscribe(pub)
+            p.subscribed = pub
+        entries = m.get("entries")
+        if type(entries) is int:
+            p.entries = entries
+        for item in m.get("peers") or ():
+            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+                nid, addr = item
+                if addr != self.address and nid != self.ledger.node_id and addr not in self.peers:
+                    if nid in self.by_id:
+                        continue  # known under its own address already
+                    self._peer(addr, None)
+        digest = m.get("digest")
+        if isinstance(digest, bytes) and len(digest) == 8 * NBUCKETS:
+            p.digest = [int.from_bytes(digest[i:i + 8], "big") for i in range(0, len(digest), 8)]
+            self._maybe_sync(p)
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        digest = self.ledger.digest(NBUCKETS)
+        return {
+            "node_id": self.ledger.node_id,
+            "address": self.address,
+            "pub": self.pub,
+            "boot": self.boot,
+            "lamport": self.ledger.clock.value,
+            "entries": self.ledger.entries_total,
+            "peers": [[p.node_id, a] for a, p in self.peers.items() if p.node_id and p.state in (ALIVE, SUSPECT)],
+            "digest": b"".join(d.to_bytes(8, "big") for d in digest),
+        }
+
+    def tick(self, now: float) -> None:
+        """Liveness and heartbeats; call often (every loop turn is fine)."""
+        self.now = now
+        if now - self.last_beat < self.heartbeat_s:
+            return
+        self.last_beat = now
+        self.beats += 1
+        fields = self.heartbeat_fields()
+        for p in list(self.peers.values()):
+            if p.last_heard is not None:
+                silent = (now - p.last_heard) / self.heartbeat_s
+                if silent >= self.dead_after and p.state != DEAD:
+                    log.warning("peer %s at %s is dead (silent %.1f s)", p.node_id or "?", p.address,
+                                now - p.last_heard)
+                    p.state = DEAD
+                    p.syncing = False
+                    p.pulls.clear()
+                elif self.suspect_after <= silent < self.dead_after and p.state == ALIVE:
+                    log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
+                    p.state = SUSPECT
+            if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
+                continue
+            if self._send(p, "heartbeat", fields) is not None:
+                self.heartbeats_sent += 1
+        self._expire_requests(now)
+
+    def _expire_requests(self, now: float) -> None:
+        # A request whose reply was lost (or whose peer died) is forgotten after a
+        # while, so that the sync it belonged to can start again.
+        limit = max(10 * self.heartbeat_s, 5.0)
+        for rid, (addr, _op, _f, sent) in list(self.pending.items()):
+            p = self.peers.get(addr)
+            if p is None or p.state == DEAD or now - sent > limit:
+                del self.pending[rid]
+                if p is not None:
+                    p.syncing = False
+                    p.pulls.clear()
+
+    def _send(self, p: Peer, op: str, fields: dict[str, Any]) -> int | None:
+        rid = self.transport.request(p.address, op, fields)
+        if rid is not None:
+            p.sent += 1
+            if op != "heartbeat":
+                self.pending[rid] = (p.address, op, fields, self.now)
+        return rid
+
+    # -- requests from peers (served by the node's ROUTER) ------------------------------
+
+    def rpc_heartbeat(self, hb: codec.Heartbeat, now: float) -> dict[str, Any]:
+        self.now = now
+        p = self._peer(hb.address, hb.node_id)
+        if p is not None:
+            self._heard(p, now, hb.lamport)
+            self._learn(p, hb.as_map(), now)
+        return {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
+                "address": self.address, "pub": self.pub}
+
+    def rpc_sync_heads(self, req: codec.SyncHeads) -> dict[str, Any]:
+        heads, more = self.ledger.heads_in_buckets(set(req.buckets), req.nbuckets, req.after, HEADS_PAGE)
+        return {"heads": heads, "more": more}
+
+    # -- replies to our requests ----------------------------------------------------------
+
+    def on_reply(self, address: str, reply: dict[str, Any], now: float, nbytes: int = 0) -> None:
+        self.now = now
+        self.reply_bytes += nbytes
+        p = self.peers.get(address)
+        if p is None:
+            return
+        lamport = reply.get("lamport")
+        self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)
+        nid = reply.get("node_id")
+        if isinstance(nid, str) and p.node_id != nid:
+            if nid == self.ledger.node_id:
+                log.warning("%s is this node itself; forgetting it as a peer", address)
+                self.peers.pop(address, None)
+                return
+            self._peer(address, nid)
+        if isinstance(reply.get("pub"), str) or isinstance(reply.get("boot"), str):
+            self._learn(p, {k: reply[k] for k in ("pub", "boot") if k in reply}, now)
+        rid = reply.get("id")
+        req = self.pending.pop(rid, None) if type(rid) is int else None
+        if req is None:
+            return
+        _, op, fields, _sent = req
+        try:
+            if not reply.get("ok"):
+                err = reply.get("error") or {}
+                log.warning("%s to %s failed: %s %s", op, address, err.get("code"), err.get("message"))
+                p.syncing = False
+                p.pulls.clear()
+                return
+            if op == "sync_heads":
+                self._on_heads(p, reply, fields)
+            elif op == "snapshot":
+                self.pulled_bytes += nbytes
+                self._on_chunk(p, reply, fields)
+        except (LedgerError, RemoteProtocolError) as exc:
+            log.warning("replication from %s stopped for now: %s", address, exc)
+            p.syncing = False
+            p.pulls.clear()
+
+    # -- push ---------------------------------------------------------------------------
+
+    def on_push(self, frames: list[bytes]) -> None:
+        """A message from a peer's PUB socket: apply entries that extend our replica."""
+        try:
+            m = watch.decode_message(frames)
+        except RemoteProtocolError:
+            return
+        if not isinstance(m, watch.EntriesMsg) or not m.entries:
+            return
+        ctx = self.ledger.contexts.get(m.context)
+        size = ctx.size if ctx is not None else 0
+        entries = [e for e in m.entries if e.seq > size]
+        if not entries or entries[0].seq != size + 1:
+            return  # duplicate, or a gap: repair pulls it
+        if ctx is not None and ctx.writer == self.ledger.node_id:
+            return  # ours: a peer cannot extend it (a fork shows in the digest)
+        try:
+            ctx = self.ledger.apply_replicated(m.context, entries)
+        except LedgerError as exc:
+            log.warning("pushed entries of %r not applied: %s", m.context, exc)
+            return
+        self.pushed_entries += len(entries)
+        self.on_applied(ctx)
+
+    # -- repair ---------------------------------------------------------------------------
+
+    def _maybe_sync(self, p: Peer) -> None:
+        if p.syncing or p.state == DEAD:
+            return
+        mine = self.ledger.digest(NBUCKETS)
+        differ = [i for i, (a, b) in enumerate(zip(mine, p.digest, strict=True)) if a != b]
+        if not differ:
+            return
+        fields = {"buckets": differ, "nbuckets": NBUCKETS}
+        if self._send(p, "sync_heads", fields) is not None:
+            p.syncing = True
+
+    def _on_heads(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        heads = reply.get("heads")
+        if not isinstance(heads, list):
+            raise RemoteProtocolError("BAD_REQUEST", "sync_heads reply without heads")
+        for h in heads:
+            if not (isinstance(h, list) and len(h) == 5 and isinstance(h[0], str) and type(h[1]) is int
+                    and isinstance(h[2], bytes) and isinstance(h[3], str)):
+                continue
+            name, size, root, writer = h[0], h[1], h[2], h[3]
+            self._compare(p, name, size, root, writer)
+        if reply.get("more") and heads:
+            nxt = dict(fields, after=heads[-1][0])
+            if self._send(p, "sync_heads", nxt) is not None:
+                return
+        self._next_pull(p)
+
+    def _compare(self, p: Peer, name: str, size: int, root: bytes, writer: str) -> None:
+        ctx = self.ledger.contexts.get(name)
+        local_size = ctx.size if ctx is not None else 0
+        if ctx is not None and ctx.writer != writer:
+            self._fork(p, ctx, size, writer)
+            return
+        if size > local_size:
+            if writer == self.ledger.node_id:
+                # the peer holds more of a context we write than we do: it cannot
+                # be ours (we would have it); two histories
+                self._fork(p, ctx, size, writer)
+                return
+            p.pulls.append((name, size, root))
+        elif ctx is not None and size > 0:
+            mine = self.ledger.root_at(ctx, size)
+            if mine != root:
+                self._fork(p, ctx, size, writer)
+
+    def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_writer: str) -> None:
+        if ctx is None:
+            return
+        if ctx.name not in self.forks:
+            log.error("FORK: context %r differs between this node (writer %s, %d entries) and %s "
+                      "(writer %s, %d entries); both histories are kept", ctx.name, ctx.writer, ctx.size,
+                      p.node_id, peer_writer, peer_size)
+        self.forks[ctx.name] = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size,
+                                    peer_size, self.ledger.clock.value)
+
+    def _next_pull(self, p: Peer) -> None:
+        while p.pulls:
+            name, target, root = p.pulls[0]
+            ctx = self.ledger.contexts.get(name)
+            size = ctx.size if ctx is not None else 0
+            if size >= target or name in self.forks:
+                p.pulls.pop(0)
+                continue
+            end = min(target, size + PULL_CHUNK)
+            fields = {"context": name, "size": end, "after": size, "limit": end - size}
+            if self._send(p, "snapshot", fields) is not None:
+                p.syncing = True
+                return
+            break
+        p.syncing = False
+
+    def _on_chunk(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        name = fields["context"]
+        end = fields["size"]
+        ctx = self.ledger.contexts.get(name)
+        size = ctx.size if ctx is not None else 0
+        root = reply.get("root")
+        raw = reply.get("entries")
+        if not isinstance(raw, list) or not isinstance(root, bytes):
+            raise RemoteProtocolError("BAD_REQUEST", "snapshot reply without entries or root")
+        entries: list[Entry] = [entry_from_wire(e) for e in raw]
+        entries = [e for e in entries if e.seq > size]  # pushes may have moved us on meanwhile
+        if entries and entries[0].seq == size + 1:
+            whole = entries[-1].seq == end
+            if whole and not self.ledger.replica_frontier_check(ctx, entries, root):
+                self._fork(p, ctx, end, entries[0].writer)
+                p.pulls.clear()
+                p.syncing = False
+                return
+            if whole:
+                ctx = self.ledger.apply_replicated(name, entries)
+                self.pulled_entries += len(entries)
+                p.pulled_entries += len(entries)
+                self.on_applied(ctx)
+            else:
+                # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
+                last = entries[-1].seq
+                f2 = {"context": name, "size": last, "after": size, "limit": last - size}
+                if self._send(p, "snapshot", f2) is not None:
+                    return
+        self._next_pull(p)
+
+    # -- writers --------------------------------------------------------------------------
+
+    def check_writer(self, ctx: ContextState) -> None:
+        """Raise NOT_WRITER (with the writer's address) or UNAVAILABLE for a context we only replicate."""
+        writer = ctx.writer
+        addr = self.by_id.get(writer)
+        p = self.peers.get(addr) if addr else None
+        if p is None or p.state == DEAD:
+            raise Unavailable(
+                f"context {ctx.name!r} is written by node {writer!r}, which is "
+                f"{'down' if p is not None else 'unknown to this node'}; appends wait for it "
+                "(reads are served here)",
+                {"context": ctx.name, "writer": writer, "address": addr},
+            )
+        raise NotWriter(
+            f"context {ctx.name!r} is written by node {writer!r} at {addr}",
+            {"context": ctx.name, "writer": writer, "address": addr},
+        )
+
+    def status(self, now: float) -> dict[str, Any]:
+        local_total = self.ledger.entries_total
+        return {
+            "peers": [
+                {
+                    "id": p.node_id,
+                    "address": p.address,
+                    "pub": p.pub,
+                    "state": p.state,
+                    "last_heard_s": None if p.last_heard is None else round(now - p.last_heard, 3),
+                    "entries": p.entries,
+                    "behind": max(0, local_total - p.entries) if p.last_heard is not None else None,
+                    "pulled_entries": p.pulled_entries,
+                }
+                for p in self.peers.values()
+            ],
+            "forks": [vars(f) for f in self.forks.values()],
+            "replication": {
+                "heartbeat_ms": int(self.heartbeat_s * 1000),
+                "heartbeats_sent": self.heartbeats_sent,
+                "heartbeat_bytes": self.heartbeat_bytes,
+                "pushed_entries": self.pushed_entries,
+                "pulled_entries": self.pulled_entries,
+                "pulled_bytes": self.pulled_bytes,
+                "reply_bytes": self.reply_bytes,
+            },
+        }
+

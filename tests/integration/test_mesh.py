@@ -1,0 +1,255 @@
+"""The mesh with real processes: gossip, push and repair, single-writer routing, forks, restarts."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from protocol.client import Client
+from protocol.errors import NotFound, NotWriter, Unavailable
+from tests.conftest import NodeProcess
+
+pytestmark = pytest.mark.timeout(150)
+
+FAST = ("--heartbeat-ms", "100", "--suspect-after", "3", "--dead-after", "8")
+
+
+def hostport(n: NodeProcess) -> str:
+    return n.address.split("://", 1)[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def heads(nodes: list[NodeProcess], zctx, context: str) -> list[tuple[int, bytes] | None]:
+    out: list[tuple[int, bytes] | None] = []
+    for n in nodes:
+        with Client(n.address, zctx=zctx, timeout=2) as c:
+            try:
+                h = c.head(context)
+                out.append((h.size, h.root))
+            except NotFound:
+                out.append(None)
+    return out
+
+
+def converged(nodes: list[NodeProcess], zctx, contexts: list[str], size: dict[str, int] | None = None) -> bool:
+    for name in contexts:
+        hs = heads(nodes, zctx, name)
+        if None in hs or len(set(hs)) != 1:
+            return False
+        if size is not None and hs[0] is not None and hs[0][0] != size[name]:
+            return False
+    return True
+
+
+def status(n: NodeProcess, zctx) -> dict[str, Any]:
+    with Client(n.address, zctx=zctx, timeout=2) as c:
+        return c.status()
+
+
+def mesh(node_factory, count: int, *flags: str) -> list[NodeProcess]:
+    first = node_factory(*FAST, *flags, name="n1", env={"LEDGER_ID": "n1"})
+    nodes = [first]
+    for i in range(2, count + 1):
+        # each seeded with the previous one only: the rest is learned by gossip
+        nodes.append(node_factory(*FAST, *flags, "--peers", hostport(nodes[-1]), name=f"n{i}",
+                                  env={"LEDGER_ID": f"n{i}"}))
+    return nodes
+
+
+def all_alive(nodes: list[NodeProcess], zctx) -> bool:
+    for n in nodes:
+        peers = status(n, zctx)["peers"]
+        if sorted(p["id"] for p in peers if p["state"] == "alive") != sorted(m.node_id for m in nodes if m is not n):
+            return False
+    return True
+
+
+def test_three_nodes_learn_each_other_by_gossip_and_converge(node_factory, zctx):
+    nodes = mesh(node_factory, 3)
+    wait_for(lambda: all_alive(nodes, zctx), what="every node to know every other as alive")
+    with Client(nodes[0].address, zctx=zctx) as c1, Client(nodes[2].address, zctx=zctx) as c3:
+        for _ in c1.append_many("from-n1", (f"a{i}" for i in range(500))):
+            pass
+        c1.append_batch("batch-n1", [f"b{i}" for i in range(300)])
+        e3 = c3.append("from-n3", "written at n3")
+        assert e3.writer == "n3"
+    names = ["from-n1", "batch-n1", "from-n3"]
+    wait_for(lambda: converged(nodes, zctx, names, {"from-n1": 500, "batch-n1": 300, "from-n3": 1}),
+             what="all nodes to hold every context")
+    st = status(nodes[1], zctx)
+    assert {p["id"]: p["state"] for p in st["peers"]} == {"n1": "alive", "n3": "alive"}
+    assert st["forks"] == [] and st["replication"]["pushed_entries"] + st["replication"]["pulled_entries"] == 801
+    # every replica serves verifiable reads and proofs of the same history
+    with Client(nodes[1].address, zctx=zctx) as c2:
+        assert c2.verify_context("from-n1")["size"] == 500
+        assert c2.proof("from-n1", 250).size == 500
+        assert c2.head("from-n3").writer == "n3"
+
+
+def test_appends_at_a_replica_are_redirected_to_the_writer(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    with Client(n1.address, zctx=zctx) as c1:
+        c1.append("routed", "first")
+    wait_for(lambda: converged([n1, n2], zctx, ["routed"]), what="replication")
+    with Client(n2.address, zctx=zctx) as c2:
+        with pytest.raises(NotWriter) as info:
+            c2.call("append", context="routed", payload=b"raw")  # the wire reply names the writer
+        assert info.value.details["writer"] == "n1" and info.value.details["address"] == hostport(n1)
+        e = c2.append("routed", "via n2")  # the client follows it
+        assert (e.seq, e.writer) == (2, "n1")
+        es = list(c2.append_many("routed", (f"p{i}" for i in range(2000)), dedup_prefix="pm"))
+        assert [x.seq for x in es] == list(range(3, 2003)) and {x.writer for x in es} == {"n1"}
+        b = c2.append_batch("routed", ["x", "y"])
+        assert [x.seq for x in b] == [2003, 2004]
+    from tools import cli
+
+    out = io.StringIO()
+    args = cli.parse_args(["--node", hostport(n2), "--json", "append", "routed", "by the cli"])
+    assert cli.run(args, cli.Output(True, out)) == 0
+    assert '"writer":"n1"' in out.getvalue() and '"seq":2005' in out.getvalue()
+
+
+def test_killed_follower_pulls_exactly_the_tail_it_missed(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    n2.pin_ports()
+    with Client(n1.address, zctx=zctx) as c1:
+        for _ in c1.append_many("tail", (b"x" * 100 for _ in range(3000))):
+            pass
+        wait_for(lambda: converged([n1, n2], zctx, ["tail"]), what="first replication")
+        wait_for(lambda: status(n2, zctx)["pending_writes"] == 0, what="the replica to be on disk")
+        n2.kill()
+        for _ in c1.append_many("tail", (b"y" * 100 for _ in range(2000))):
+            pass
+    n2.start()
+    wait_for(lambda: converged([n1, n2], zctx, ["tail"], {"tail": 5000}), what="catch-up after restart")
+    rep = status(n2, zctx)["replication"]
+    # about k entries (k = 2,000 of N = 5,000) crossed the wire, not N
+    assert rep["pulled_entries"] + rep["pushed_entries"] == 2000
+    assert rep["pulled_bytes"] < 2000 * 400, rep
+
+
+def test_writer_down_appends_fail_clearly_reads_go_on_and_new_contexts_work(node_factory, zctx):
+    n1, n2, n3 = mesh(node_factory, 3)
+    n1.pin_ports()
+    with Client(n1.address, zctx=zctx) as c1:
+        c1.append("owned", "by n1")
+    wait_for(lambda: converged([n1, n2, n3], zctx, ["owned"]), what="replication")
+    n1.kill()
+    with Client(n2.address, zctx=zctx, timeout=3) as c2:
+        wait_for(lambda: any(p["id"] == "n1" and p["state"] == "dead" for p in status(n2, zctx)["peers"]),
+                 what="n1 to be declared dead")
+        with pytest.raises(Unavailable, match="'n1'.*down"):
+            c2.append("owned", "while n1 is down")
+        assert [e.payload for e in c2.get("owned").entries] == [b"by n1"]  # reads are served
+        e = c2.append("new-on-n2", "fine")
+        assert e.writer == "n2"
+    wait_for(lambda: converged([n2, n3], zctx, ["new-on-n2"]), what="n3 to get n2's context")
+    # n1 comes back under its id and is accepted at once; appends reach it again
+    n1.start()
+    wait_for(lambda: any(p["id"] == "n1" and p["state"] == "alive" for p in status(n2, zctx)["peers"]),
+             what="n1 to be alive again")
+    with Client(n3.address, zctx=zctx) as c3:
+        assert c3.append("owned", "after the restart").seq == 2
+    wait_for(lambda: converged([n1, n2, n3], zctx, ["owned", "new-on-n2"]), what="convergence after restart")
+
+
+def test_late_joiner_with_empty_data_receives_every_context(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    with Client(n1.address, zctx=zctx) as c1, Client(n2.address, zctx=zctx) as c2:
+        for i in range(30):
+            c1.append(f"ctx{i}", f"v{i}")
+        for _ in c2.append_many("big", (b"z" for _ in range(12_000))):
+            pass
+    late = node_factory(*FAST, "--peers", hostport(n2), name="late", env={"LEDGER_ID": "late"})
+    names = [f"ctx{i}" for i in range(30)] + ["big"]
+    wait_for(lambda: converged([n1, n2, late], zctx, names), 60, what="the late joiner to catch up")
+    with Client(late.address, zctx=zctx) as c:
+        assert c.verify_context("big")["size"] == 12_000
+        assert len(c.contexts()) == 31
+
+
+def test_a_fork_is_detected_surfaced_and_nothing_is_dropped(node_factory, zctx):
+    a = node_factory(*FAST, name="a", env={"LEDGER_ID": "a"})
+    b = node_factory(*FAST, name="b", env={"LEDGER_ID": "b"})
+    b.pin_ports()
+    with Client(a.address, zctx=zctx) as ca, Client(b.address, zctx=zctx) as cb:
+        for i in range(5):
+            ca.append("split", f"a{i}")
+            cb.append("split", f"b{i}")
+        ha, hb = ca.head("split"), cb.head("split")
+    assert ha.size == hb.size == 5 and ha.root != hb.root
+    b.stop()
+    b.args += ["--peers", hostport(a)]
+    b.start()
+    for n, mine, other in ((a, "a", "b"), (b, "b", "a")):
+        forks = wait_for(lambda n=n: status(n, zctx)["forks"], what=f"{n.node_id} to see the fork")
+        assert forks[0]["context"] == "split" and forks[0]["local_writer"] == mine
+        assert forks[0]["peer_writer"] == other
+        with Client(n.address, zctx=zctx) as c:
+            h = c.call("head", context="split")
+            assert h["fork"]["peer_writer"] == other
+            # both histories are kept, each where it was written
+            assert [e.payload for e in c.get("split").entries] == [f"{mine}{i}".encode() for i in range(5)]
+    assert "FORK: context 'split'" in a.output() + b.output()
+
+
+def test_lamport_clock_advances_past_replicated_entries_and_causal_tokens(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    with Client(n1.address, zctx=zctx) as c1, Client(n2.address, zctx=zctx) as c2:
+        hi = c1.append("clock-a", "x", after_lamport=5_000_000)
+        wait_for(lambda: converged([n1, n2], zctx, ["clock-a"]), what="replication")
+        later = c2.append("clock-b", "after seeing x")  # no token: the replica has seen it
+        assert later.lamport > hi.lamport
+        token = c2.append("clock-c", "y", after_lamport=later.lamport + 10)
+        back = c1.append("clock-d", "z", after_lamport=token.lamport)  # token carried to another node
+        assert back.lamport > token.lamport
+
+
+def test_status_reports_peers_and_heartbeats_stay_small(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    with Client(n1.address, zctx=zctx) as c1:
+        c1.append_batch("s", ["a"] * 10)
+        for i in range(200):
+            c1.append(f"many{i}", "x")
+    wait_for(lambda: status(n2, zctx)["contexts"] == 201, what="replication of 201 contexts")
+    st = status(n1, zctx)
+    (p,) = st["peers"]
+    assert p["id"] == "n2" and p["state"] == "alive" and p["last_heard_s"] < 2 and p["address"] == hostport(n2)
+    assert "behind" in p and st["advertise"] == hostport(n1)
+    assert 0 < st["replication"]["heartbeat_bytes"] <= 2048
+
+
+def test_cluster_launcher_starts_a_mesh_and_stops_it(zctx, tmp_path):
+    from tools.cluster import run_cluster
+
+    out = io.StringIO()
+    stop = threading.Event()
+    t = threading.Thread(target=run_cluster, args=(3, str(tmp_path), "127.0.0.1", 0, FAST, out, stop),
+                         daemon=True)
+    t.start()
+    line = wait_for(lambda: next((x for x in out.getvalue().splitlines() if x.startswith("ready nodes=")), None),
+                    30, what="the ready line")
+    addrs = line.split("=", 1)[1].split(",")
+    assert len(addrs) == 3
+    with Client(addrs[0], zctx=zctx) as c:
+        c.append("cl", "x")
+    with Client(addrs[2], zctx=zctx) as c:
+        wait_for(lambda: c.get("cl").entries, what="replication inside the launched cluster")
+    stop.set()
+    t.join(30)
+    assert not t.is_alive() and "stopped 3 node(s)" in out.getvalue()
