@@ -46,6 +46,7 @@ class Config:
     advertise: str | None = None
     suspect_after: int = 3
     dead_after: int = 10
+    replica_timeout_ms: int = 3000
 
     @property
     def sync(self) -> bool:
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspect-after", help="heartbeats of silence before a peer is suspect "
                    "[LEDGER_SUSPECT_AFTER] (default 3)")
     p.add_argument("--dead-after", help="heartbeats of silence before a peer is dead [LEDGER_DEAD_AFTER] (default 10)")
+    p.add_argument("--replica-timeout-ms", help="how long an append with replicas=N waits for N other nodes "
+                   "before it is answered with an error saying how many hold it [LEDGER_REPLICA_TIMEOUT_MS] "
+                   "(default 3000)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -195,6 +199,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not sa_raw.isdigit() or not da_raw.isdigit() or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
         raise ConfigError(f"--suspect-after and --dead-after must be integers with 1 <= suspect-after < "
                           f"dead-after <= 1000, got {sa_raw!r} and {da_raw!r}")
+    rt_raw = pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000")
+    if not rt_raw.isdigit() or not 1 <= int(rt_raw) <= 600_000:
+        raise ConfigError(f"--replica-timeout-ms must be an integer from 1 to 600000, got {rt_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -204,4 +211,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
         watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
+        replica_timeout_ms=int(rt_raw),
     )

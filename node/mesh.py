@@ -117,6 +117,9 @@ class Mesh:
         self.pending: dict[int, tuple[str, str, dict[str, Any], float]] = {}
         self.now = 0.0  # the latest time given to any entry point
         self.forks: dict[str, Fork] = {}
+        self.ack_due: dict[str, str] = {}  # context -> its writer, to be told how far we hold it
+        self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
+        self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
         self.beats = 0
         self.pushed_entries = 0
@@ -243,7 +246,7 @@ class Mesh:
         rid = self.transport.request(p.address, op, fields)
         if rid is not None:
             p.sent += 1
-            if op != "heartbeat":
+            if op not in ("heartbeat", "ack"):
                 self.pending[rid] = (p.address, op, fields, self.now)
         return rid
 
@@ -326,6 +329,7 @@ class Mesh:
             log.warning("pushed entries of %r not applied: %s", m.context, exc)
             return
         self.pushed_entries += len(entries)
+        self.ack_due[ctx.name] = ctx.writer
         self.on_applied(ctx)
 
     # -- repair ---------------------------------------------------------------------------
@@ -423,6 +427,7 @@ class Mesh:
                 ctx = self.ledger.apply_replicated(name, entries)
                 self.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
+                self.ack_due[ctx.name] = ctx.writer
                 self.on_applied(ctx)
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
@@ -431,6 +436,50 @@ class Mesh:
                 if self._send(p, "snapshot", f2) is not None:
                     return
         self._next_pull(p)
+
+    # -- acknowledgements (replicas=N) -------------------------------------------------------
+
+    def flush_acks(self) -> None:
+        """Tell each writer how far we now hold its contexts (one message per writer).
+
+        An ack that cannot be sent (no connection yet) stays due and goes with the
+        next call; acks for a dead writer are dropped (it learns by repair)."""
+        if not self.ack_due:
+            return
+        by_writer: dict[str, list[list[Any]]] = {}
+        for name, writer in self.ack_due.items():
+            ctx = self.ledger.contexts.get(name)
+            if ctx is not None:
+                by_writer.setdefault(writer, []).append([name, ctx.size])
+        self.ack_due = {}
+        for writer, acks in by_writer.items():
+            addr = self.by_id.get(writer)
+            p = self.peers.get(addr) if addr else None
+            if p is None or p.state == DEAD:
+                continue
+            if self._send(p, "ack", {"node_id": self.ledger.node_id, "acks": acks}) is None:
+                for name, _size in acks:
+                    self.ack_due[name] = writer
+
+    def rpc_ack(self, req: codec.Ack, now: float) -> dict[str, Any]:
+        addr = self.by_id.get(req.node_id)
+        p = self.peers.get(addr) if addr else None
+        if p is not None:
+            self._heard(p, now)
+        for name, size in req.acks:
+            ctx = self.ledger.contexts.get(name)
+            if ctx is None or ctx.writer != self.ledger.node_id:
+                continue
+            sizes = self.replica_sizes.setdefault(name, {})
+            if size > sizes.get(req.node_id, 0):
+                sizes[req.node_id] = min(size, ctx.size)
+        self.on_ack()
+        return {"node_id": self.ledger.node_id}
+
+    def replicated(self, ctx: ContextState, seq: int) -> int:
+        """How many other nodes have said they hold `ctx` up to `seq`."""
+        sizes = self.replica_sizes.get(ctx.name)
+        return sum(1 for s in sizes.values() if s >= seq) if sizes else 0
 
     # -- writers --------------------------------------------------------------------------
 

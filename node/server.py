@@ -30,7 +30,7 @@ from node.publisher import Publisher
 from node.storage import KV
 from protocol import codec
 from protocol.codec import RequestId
-from protocol.errors import BAD_REQUEST, INTERNAL, LedgerError, RemoteProtocolError
+from protocol.errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, LedgerError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,11 @@ class Server:
             suspect_after=config.suspect_after, dead_after=config.dead_after, boot=self.publisher.boot,
             on_applied=self.publisher.mark,
         )
+        self.mesh.on_ack = self._check_replicated
+        # appends waiting for replicas=N: (ctx, seq, n, reply frames head, reply fields, raw, deadline)
+        self.repl_held: list[tuple[ContextState, int, int, list[bytes], RequestId, dict[str, Any],
+                                   dict[str, Any], float]] = []
+        self._ident: list[bytes] = []
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
         self.flushing = False
@@ -131,6 +136,7 @@ class Server:
             "consistency": self.rpc_consistency,
             "heartbeat": self.rpc_heartbeat,
             "sync_heads": self.rpc_sync_heads,
+            "ack": self.rpc_ack,
         }
         self.requests = 0
         self._outbox: list[list[bytes]] = []
@@ -207,6 +213,9 @@ class Server:
                 self._maybe_handoff()
                 now = time.monotonic()
                 mesh.tick(now)
+                mesh.flush_acks()
+                if self.repl_held:
+                    self._check_replicated()
                 if now - last_heartbeat >= heartbeat_check:
                     last_heartbeat = now
                     publisher.heartbeat()
@@ -274,6 +283,35 @@ class Server:
                     self.mesh.on_reply(address, reply, now, len(frames[-1]))
                 except Exception:
                     log.exception("handling a reply from %s failed", address)
+
+    def _hold_for_replicas(self, ctx: ContextState, seq: int, n: int, fields: dict[str, Any],
+                           raw: dict[str, Any]) -> None:
+        deadline = time.monotonic() + self.config.replica_timeout_ms / 1000.0
+        self.repl_held.append((ctx, seq, n, self._ident, self._rid, fields, raw, deadline))
+        self._check_replicated()
+
+    def _check_replicated(self) -> None:
+        """Answer the appends whose entries are now held by enough other nodes (or timed out)."""
+        if not self.repl_held:
+            return
+        now = time.monotonic()
+        keep = []
+        for item in self.repl_held:
+            ctx, seq, n, head, rid, fields, raw, deadline = item
+            count = self.mesh.replicated(ctx, seq)
+            if count >= n and (not self.config.sync or self.ledger.durable(ctx, seq)):
+                self._send([*head, codec.encode_reply(rid, {**fields, "replicated": count}, raw)])
+            elif now > deadline:
+                self._send([*head, codec.encode_error(
+                    rid, UNAVAILABLE,
+                    f"{ctx.name!r}#{seq} was appended here, but only {count} of the {n} other nodes asked for "
+                    f"held it within {self.config.replica_timeout_ms} ms",
+                    {"context": ctx.name, "seq": seq, "replicated": count, "required": n},
+                )])
+            else:
+                keep.append(item)
+        self.repl_held = keep
+        self._flush_outbox()
 
     def _backlogged(self) -> bool:
         keys, nbytes = self.ledger.buffered()
@@ -402,6 +440,7 @@ class Server:
             return  # nothing after the identity: nobody to answer
         ident = frames[0]
         envelope = frames[1:-1]
+        self._ident = [ident, *envelope]
         if envelope and (len(envelope) > 1 or envelope[0] != b""):
             self._send([ident, codec.encode_error(
                 None, BAD_REQUEST,
@@ -446,24 +485,30 @@ class Server:
         if ctx is not None and ctx.writer != self.ledger.node_id:
             self.mesh.check_writer(ctx)
 
-    def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes]:
+    def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes] | None:
         ctx = self.ledger.contexts.get(req.context)
         if ctx is not None and ctx.writer != self.ledger.node_id:
             self.mesh.check_writer(ctx)
         res = self.ledger.append(req)
         self.publisher.due[res.ctx] = None
         fields = {"deduplicated": True} if res.deduplicated else {}
+        if req.replicas:
+            self._hold_for_replicas(res.ctx, res.last_seq, req.replicas, fields, {"entry": res.blobs[0]})
+            return None
         body = (codec.encode_reply(self._rid, fields, {"entry": res.blobs[0]}) if fields
                 else codec.encode_entry_reply(self._rid, res.blobs[0]))
         return self._needs_durable(res.ctx, res.last_seq, body)
 
-    def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes]:
+    def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes] | None:
         self._check_writer(req.context)
         res = self.ledger.append_batch(req)
         self.publisher.due[res.ctx] = None
         fields: dict[str, Any] = {"first_seq": res.last_seq - len(res.blobs) + 1, "last_seq": res.last_seq}
         if res.deduplicated:
             fields["deduplicated"] = True
+        if req.replicas:
+            self._hold_for_replicas(res.ctx, res.last_seq, req.replicas, fields, {"entries": res.blobs})
+            return None
         return self._needs_durable(res.ctx, res.last_seq, codec.encode_reply(self._rid, fields, {"entries": res.blobs}))
 
     def rpc_get(self, req: codec.Get) -> bytes:
@@ -482,6 +527,9 @@ class Server:
 
     def rpc_heartbeat(self, req: codec.Heartbeat) -> bytes:
         return codec.encode_reply(self._rid, self.mesh.rpc_heartbeat(req, time.monotonic()))
+
+    def rpc_ack(self, req: codec.Ack) -> bytes:
+        return codec.encode_reply(self._rid, self.mesh.rpc_ack(req, time.monotonic()))
 
     def rpc_sync_heads(self, req: codec.SyncHeads) -> bytes:
         return codec.encode_reply(self._rid, self.mesh.rpc_sync_heads(req))

@@ -115,6 +115,7 @@ class Client:
         self._sent: dict[Any, bytes] = {}
         self._writers: dict[str, Client] = {}
         self._redirect: Client | None = None
+        self.last_replicated: int | None = None  # other nodes holding the last replicas=N append
         self._connect()
 
     # -- plumbing ----------------------------------------------------------------
@@ -252,14 +253,19 @@ class Client:
         dedup_id: bytes | str | None = None,
         expect_seq: int | None = None,
         after_lamport: int | None = None,
+        replicas: int | None = None,
     ) -> Entry:
+        """Append one entry. With `replicas=N` the node answers once N other nodes hold
+        it (`last_replicated` says how many), or raises Unavailable with `replicated`
+        in its details when they do not within the node's replica timeout."""
         if isinstance(payload, str):
             payload = payload.encode()
         r = self._follow(
             "append", retry=dedup_id is not None, context=context, key=key, payload=payload,
             metadata=dict(metadata) if metadata else None, dedup_id=dedup_id,
-            expect_seq=expect_seq, after_lamport=after_lamport,
+            expect_seq=expect_seq, after_lamport=after_lamport, replicas=replicas,
         )
+        self.last_replicated = r.get("replicated")
         return self._entry(r["entry"])
 
     def append_batch(
@@ -270,6 +276,7 @@ class Client:
         dedup_id: bytes | str | None = None,
         expect_seq: int | None = None,
         after_lamport: int | None = None,
+        replicas: int | None = None,
     ) -> list[Entry]:
         """Append many entries atomically. Items are payloads or (key, payload, metadata)."""
         entries: list[dict[str, Any]] = []
@@ -281,8 +288,9 @@ class Client:
                 entries.append({"key": k, "payload": p, "metadata": dict(md) if md else None})
         r = self._follow(
             "append_batch", retry=dedup_id is not None, context=context, entries=entries,
-            dedup_id=dedup_id, expect_seq=expect_seq, after_lamport=after_lamport,
+            dedup_id=dedup_id, expect_seq=expect_seq, after_lamport=after_lamport, replicas=replicas,
         )
+        self.last_replicated = r.get("replicated")
         return [self._entry(m) for m in r["entries"]]
 
     def append_many(

@@ -48,6 +48,7 @@ MAX_GET_LIMIT = 10_000
 DEFAULT_GET_LIMIT = 1_000
 MAX_BATCH = 100_000
 MAX_CONTEXTS_LIMIT = 10_000
+MAX_REPLICAS = 64
 U64 = 1 << 64
 
 RequestId = int | str | bytes | None
@@ -63,6 +64,7 @@ class Append(NamedTuple):
     dedup_id: bytes | None = None
     expect_seq: int | None = None
     after_lamport: int | None = None
+    replicas: int | None = None
 
 
 class BatchItem(NamedTuple):
@@ -79,6 +81,7 @@ class AppendBatch:
     dedup_id: bytes | None = None
     expect_seq: int | None = None
     after_lamport: int | None = None
+    replicas: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +175,16 @@ class SyncHeads:
     after: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Node to node: these contexts of yours are held here up to these sizes."""
+
+    node_id: str
+    acks: tuple[tuple[str, int], ...]
+
+
 Request = (Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
-           | Heartbeat | SyncHeads)
+           | Heartbeat | SyncHeads | Ack)
 
 
 class Envelope(NamedTuple):
@@ -274,7 +285,7 @@ def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
         and type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii()
         and type(p) is bytes and len(p) <= max_payload
         and (md is None or (type(md) is dict and not md)) and m.get("dedup_id") is None
-        and m.get("expect_seq") is None and m.get("after_lamport") is None
+        and m.get("expect_seq") is None and m.get("after_lamport") is None and m.get("replicas") is None
     ):
         return Append(c, k, p, {})
     return Append(
@@ -285,7 +296,17 @@ def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
         after_lamport=_opt_uint(m, "after_lamport"),
+        replicas=_replicas(m),
     )
+
+
+def _replicas(m: Mapping[str, Any]) -> int | None:
+    v = m.get("replicas")
+    if v is None or v == 0:
+        return None
+    if type(v) is not int or not 0 <= v <= MAX_REPLICAS:
+        raise _bad(f"replicas must be an integer from 0 to {MAX_REPLICAS}")
+    return v
 
 
 def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
@@ -320,6 +341,7 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
         after_lamport=_opt_uint(m, "after_lamport"),
+        replicas=_replicas(m),
     )
 
 
@@ -447,6 +469,18 @@ def _parse_sync_heads(m: Mapping[str, Any], max_payload: int) -> SyncHeads:
     return SyncHeads(tuple(raw), n, None if a is None else check_name("after", a, MAX_CONTEXT_BYTES))
 
 
+def _parse_ack(m: Mapping[str, Any], max_payload: int) -> Ack:
+    raw = m.get("acks")
+    if not isinstance(raw, list) or len(raw) > MAX_CONTEXTS_LIMIT:
+        raise _bad(f"acks must be an array of at most {MAX_CONTEXTS_LIMIT} [context, size] pairs")
+    acks = []
+    for a in raw:
+        if not isinstance(a, list) or len(a) != 2 or type(a[1]) is not int or not 0 <= a[1] < U64:
+            raise _bad("acks must hold [context, size] pairs")
+        acks.append((check_name("context", a[0], MAX_CONTEXT_BYTES), a[1]))
+    return Ack(check_name("node_id", m.get("node_id"), MAX_ID_BYTES), tuple(acks))
+
+
 PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "append": _parse_append,
     "append_batch": _parse_batch,
@@ -461,6 +495,7 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "consistency": _parse_consistency,
     "heartbeat": _parse_heartbeat,
     "sync_heads": _parse_sync_heads,
+    "ack": _parse_ack,
 }
 
 OPS = tuple(PARSERS)

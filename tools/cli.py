@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--expect-seq", type=_uint, metavar="N", help="append only if the context's last seq is N")
     a.add_argument("--after-lamport", type=_uint, metavar="N", help="the entry's lamport will be greater than N")
+    a.add_argument("--replicas", type=_uint, metavar="N", help="answer only once N other nodes hold the entry "
+                   "(an error past the node's replica timeout says how many do; the entry stays appended)")
 
     g = sub.add_parser("get", parents=[common], help="print entries of a context")
     g.add_argument("context")
@@ -206,8 +208,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error("append: give PAYLOAD or --lines, not both")
         if args.payload is not None and args.file is not None:
             p.error("append: give PAYLOAD or --file, not both")
-        if args.lines and (args.expect_seq is not None or args.after_lamport is not None):
-            p.error("append: --expect-seq and --after-lamport apply to one entry; they cannot be used with --lines")
+        if args.lines and (args.expect_seq is not None or args.after_lamport is not None or args.replicas):
+            p.error("append: --expect-seq, --after-lamport and --replicas apply to one entry; "
+                    "they cannot be used with --lines")
     return args
 
 
@@ -373,8 +376,14 @@ def cmd_append(c: Client, args: argparse.Namespace, out: Output, payload: bytes 
         dedup_id=dedup,
         expect_seq=args.expect_seq,
         after_lamport=args.after_lamport,
+        replicas=args.replicas or None,
     )
-    out.entry(e)
+    if c.last_replicated is None:
+        out.entry(e)
+    elif out.as_json:
+        out.obj({**entry_json(e), "replicated": c.last_replicated})
+    else:
+        out.line(f"{entry_text(e)}  (held by {c.last_replicated} other node(s))")
     return EXIT_OK
 
 

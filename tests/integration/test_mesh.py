@@ -253,3 +253,30 @@ def test_cluster_launcher_starts_a_mesh_and_stops_it(zctx, tmp_path):
     stop.set()
     t.join(30)
     assert not t.is_alive() and "stopped 3 node(s)" in out.getvalue()
+
+
+def test_replicated_acks_wait_for_n_other_nodes_or_say_how_many_hold_it(node_factory, zctx):
+    n1, n2, n3 = mesh(node_factory, 3, "--replica-timeout-ms", "1500")
+    wait_for(lambda: all_alive([n1, n2, n3], zctx), what="the mesh to form")
+    with Client(n1.address, zctx=zctx) as c1:
+        e = c1.append("acked", "on three nodes", replicas=2)
+        assert c1.last_replicated == 2
+        for n in (n2, n3):  # acknowledged means they hold it now, not later
+            with Client(n.address, zctx=zctx) as c:
+                assert c.get("acked").entries[0].hash == e.hash
+        b = c1.append_batch("acked", ["x", "y"], replicas=1)
+        assert [x.seq for x in b] == [2, 3] and c1.last_replicated >= 1
+    with Client(n2.address, zctx=zctx) as c2:  # via a replica: redirected, still acknowledged by 2
+        assert c2.append("acked", "via n2", replicas=2).seq == 4 and c2.last_replicated == 2
+    n3.kill()
+    with Client(n1.address, zctx=zctx, timeout=10) as c1:
+        with pytest.raises(Unavailable) as info:
+            c1.append("acked", "only n2 can hold this", replicas=2)
+        assert info.value.details["replicated"] == 1 and info.value.details["required"] == 2
+        assert c1.head("acked").size == 5  # the entry stays appended
+    from tools import cli
+
+    out = io.StringIO()
+    args = cli.parse_args(["--node", hostport(n1), "--json", "append", "acked", "cli", "--replicas", "1"])
+    assert cli.run(args, cli.Output(True, out)) == 0
+    assert '"replicated":1' in out.getvalue()

@@ -135,6 +135,8 @@ def test_mesh_ops_parse_and_reject_bad_fields():
     assert hb == codec.Heartbeat("n1", "127.0.0.1:7400", "127.0.0.1:7401", "b", 5, 9,
                                  (("n2", "127.0.0.1:7500"),), b"\x00" * 16)
     assert decode(req("sync_heads", buckets=[0, 3], nbuckets=8)).request == codec.SyncHeads((0, 3), 8, None)
+    assert decode(req("ack", node_id="n", acks=[["c", 3]])).request == codec.Ack("n", (("c", 3),))
+    assert decode(req("append", context="c", payload=b"x", replicas=2)).request.replicas == 2
     for bad in (
         req("heartbeat", address="a:1"),  # no node_id
         req("heartbeat", node_id="n1", address="a:1", peers=[["n2"]]),
@@ -144,6 +146,10 @@ def test_mesh_ops_parse_and_reject_bad_fields():
         req("sync_heads", buckets=[8], nbuckets=8),
         req("sync_heads", buckets=[0], nbuckets=0),
         req("sync_heads", buckets="all", nbuckets=8),
+        req("ack", node_id="n", acks=[["c"]]),
+        req("ack", node_id="n", acks=[["c", -1]]),
+        req("append", context="c", replicas=65),
+        req("append", context="c", replicas="2"),
     ):
         with pytest.raises(RemoteProtocolError):
             decode(bad)
@@ -151,7 +157,7 @@ def test_mesh_ops_parse_and_reject_bad_fields():
 
 def test_every_op_is_covered():
     covered = {"append", "append_batch", "get", "head", "contexts", "status", "ping", "snapshot", "load", "proof",
-               "consistency", "heartbeat", "sync_heads"}
+               "consistency", "heartbeat", "sync_heads", "ack"}
     assert set(codec.OPS) == covered
 
 
@@ -461,6 +467,7 @@ def test_request_round_trip_for_every_op():
         "consistency": req("consistency", context="c", first=0),
         "heartbeat": req("heartbeat", node_id="n", address="h:1"),
         "sync_heads": req("sync_heads", buckets=[], nbuckets=1),
+        "ack": req("ack", node_id="n", acks=[["c", 3]]),
     }
     assert set(frames) == set(REQUEST_TYPES) == set(codec.OPS)
     for op, frame in frames.items():
@@ -476,7 +483,7 @@ REQUEST_TYPES = {
     "append": codec.Append, "append_batch": codec.AppendBatch, "get": codec.Get, "head": codec.Head,
     "contexts": codec.Contexts, "status": codec.Status, "ping": codec.Ping, "snapshot": codec.Snapshot,
     "load": codec.Load, "proof": codec.Proof, "consistency": codec.Consistency,
-    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads,
+    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads, "ack": codec.Ack,
 }
 
 
