@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,19 +15,40 @@ pytestmark = pytest.mark.timeout(180)
 
 LEDGER_SCENARIOS = {"raw_echo_seq", "raw_echo_pipelined", "append_seq", "append_pipelined", "append_batch",
                     "append_sync_pipelined", "get_one", "get_tail100"}
+WATCH_SCENARIOS = {"watch_latency", "append_pipelined_watched", "watch_fanout"}
+
+
+def _children() -> set[int]:
+    """Live processes whose parent is this one (reaped ones are gone from /proc)."""
+    me = os.getpid()
+    out = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.add(int(d))
+    return out
 
 
 def test_smoke_json_report_has_every_scenario_and_ratio(capsys, tmp_path):
+    before = _children()
     assert bench.main(["--smoke", "--json", "--workdir", str(tmp_path)]) == 0
+    assert _children() <= before, "ledger-bench left processes running"
     report = json.loads(capsys.readouterr().out)
     results = report["results"]
-    assert LEDGER_SCENARIOS <= set(results)
+    assert LEDGER_SCENARIOS | WATCH_SCENARIOS <= set(results)
     for name, r in results.items():
         assert set(r) == {"ops_per_s", "p50_us", "p99_us", "n"}, name
         assert r["ops_per_s"] > 0 and r["n"] > 0 and r["p50_us"] > 0, name
     assert results["append_batch"]["n"] == bench.SMOKE.batches * bench.BATCH
     for key in ("append_seq_p50_vs_raw_echo_seq_p50", "append_pipelined_vs_raw_echo_pipelined",
-                "get_one_p50_vs_raw_echo_seq_p50", "get_one_p99_us", "rss_mb_1m_entries"):
+                "get_one_p50_vs_raw_echo_seq_p50", "get_one_p99_us", "rss_mb_1m_entries",
+                "append_pipelined_watched_vs_append_pipelined", "watch_latency_p99_us", "watch_fanout_complete"):
         assert key in report["ratios"] and isinstance(report["ratios"][key]["met"], bool)
     assert report["memory"]["entries"] == bench.SMOKE.memory_entries and report["memory"]["rss_mb"] > 0
     assert report["environment"]["cpus"] >= 1
@@ -42,9 +65,61 @@ def test_smoke_json_report_has_every_scenario_and_ratio(capsys, tmp_path):
         assert not any(name.startswith("redis_") for name in results)
 
 
+def test_smoke_watch_scenarios_deliver_every_entry_once_in_order(capsys, tmp_path):
+    """Correctness of what the watch scenarios measure (never their speed)."""
+    before = _children()
+    assert bench.main(["--smoke", "--json", "--no-memory", "--workdir", str(tmp_path), "--only",
+                       "append_pipelined,append_pipelined_watched,watch_latency,watch_fanout"]) == 0
+    assert _children() <= before, "ledger-bench left processes running"
+    report = json.loads(capsys.readouterr().out)
+    results, ratios, watch = report["results"], report["ratios"], report["watch"]
+    assert set(results) == {"append_pipelined"} | WATCH_SCENARIOS
+    w = bench.WATCHERS_PER_CONTEXT
+    # every watcher received every entry, so every acknowledgement has its receipts
+    assert results["watch_latency"]["n"] == bench.SMOKE.rounds * bench.SMOKE.watch_appends * w
+    assert results["append_pipelined_watched"]["n"] == bench.SMOKE.rounds * bench.SMOKE.pipelined
+    for name in ("watch_latency", "append_pipelined_watched"):
+        assert watch[name]["errors"] == 0 and watch[name]["outages"] == 0, watch[name]
+    assert watch["node"]["watchers_at_end"] == 2 * w + 1  # the stalled watcher is still subscribed
+    fan = watch["watch_fanout"]
+    assert fan["watchers"] == bench.SMOKE.fanout_contexts * w == 1000
+    assert fan["complete"] is True and fan["errors"] == 0
+    assert fan["deliveries"] == results["watch_fanout"]["n"] == (
+        bench.SMOKE.rounds * bench.SMOKE.fanout_contexts * bench.SMOKE.fanout_entries * w)
+    assert ratios["watch_fanout_complete"] == {"value": True, "target": "all", "met": True}
+    assert ratios["watch_latency_p99_us"]["target"] == "<= 5000"
+    assert ratios["append_pipelined_watched_vs_append_pipelined"]["target"] == ">= 0.9"
+    assert not report["notes"] or all("Redis" in n for n in report["notes"])
+
+
+def test_watcher_state_counts_every_gap_duplicate_and_reorder():
+    def entries(*seqs: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(seq=s, context="c") for s in seqs]
+
+    st = bench._WatcherState(watch=None, context="c", record=True, next_seq=1)  # type: ignore[arg-type]
+    st.took(entries(1, 2, 3), now=10)
+    assert (st.errors, st.count, st.times) == (0, 3, [(1, 10), (2, 10), (3, 10)])
+    st.took(entries(5), now=11)  # a gap
+    st.took(entries(5), now=12)  # a duplicate
+    st.took(entries(4), now=13)  # out of order
+    st.took([SimpleNamespace(seq=6, context="other")], now=14)  # another context's entry
+    assert st.errors == 4 and st.count == 7 and (st.first_ns, st.last_ns) == (10, 14)
+
+
+def test_a_helper_that_never_gets_ready_is_stopped(tmp_path):
+    before = _children()
+    # nothing listens there: the watcher waits for a greeting that never comes
+    spec = {"address": f"tcp://127.0.0.1:{bench.free_port()}", "pub": f"tcp://127.0.0.1:{bench.free_port()}",
+            "contexts": ["c"], "per_context": 1, "stalled": True}
+    with pytest.raises(RuntimeError, match="did not answer"):
+        bench.Watchers(str(tmp_path), "never-ready", spec, ready_timeout=0.5)
+    assert _children() <= before
+
+
 def test_human_table_and_only_filter(capsys, tmp_path):
     assert bench.main(["--smoke", "--no-memory", "--only", "raw_echo_seq,append_seq",
                        "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "append_seq" in out and "raw_echo_seq" in out and "append_batch" not in out
     assert "append_seq_p50_vs_raw_echo_seq_p50" in out
+    assert "watch_" not in out  # no watch scenario was asked for: no watchers, no fan-out
