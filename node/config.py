@@ -40,7 +40,7 @@ class Config:
     log_level: str
     write_buffer: int = 16 << 20
     watch_heartbeat_ms: int = 1000
-    watch_queue: int = 10_000
+    watch_queue: int = 1_000
     peers: tuple[str, ...] = ()
     heartbeat_ms: int = 500
     advertise: str | None = None
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "[LEDGER_WATCH_HEARTBEAT_MS] (default 1000)")
     p.add_argument("--watch-queue", help="messages queued per watcher before that watcher's messages are "
                    "dropped (it refills them by seq when it reads again); bounds the node's RAM per slow "
-                   "watcher [LEDGER_WATCH_QUEUE] (default 10000)")
+                   "watcher [LEDGER_WATCH_QUEUE] (default 1000; a message holds at most 64 KiB)")
     p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
                    "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
     p.add_argument("--heartbeat-ms", help="interval of the gossip heartbeat between nodes "
@@ -175,7 +175,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     hb_raw = pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000")
     if not hb_raw.isdigit() or not 10 <= int(hb_raw) <= 60_000:
         raise ConfigError(f"--watch-heartbeat-ms must be an integer from 10 to 60000, got {hb_raw!r}")
-    wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "10000")
+    wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "1000")
     if not wq_raw.isdigit() or not 1 <= int(wq_raw) <= 1_000_000:
         raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
     peers_raw = pick(args.peers, "PEERS", "")

@@ -31,7 +31,7 @@ from protocol import watch
 log = logging.getLogger(__name__)
 
 MAX_MSG_ENTRIES = 1_000  # entries per published message
-MAX_MSG_BYTES = 1 << 20  # ... or bytes, whichever comes first
+MAX_MSG_BYTES = 64 << 10  # ... or bytes: with --watch-queue messages per watcher, this bounds the RAM a stalled watcher pins
 MAX_PUBLISH_PER_CALL = 20_000  # entries per context per publish() call; the rest next time
 
 

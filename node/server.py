@@ -193,7 +193,9 @@ class Server:
                             self._flush_outbox()
                         if not i & 63 or ledger.pending_bytes >= FORCE_FLUSH_BYTES:
                             self._flush_outbox()
-                            publisher.publish()
+                            if not i & 255:
+                                # fewer, larger messages: each one costs a write per watcher
+                                publisher.publish()
                             # A long burst (a pipelined writer never lets the socket
                             # run dry) must not hold writes past their deadline, nor
                             # let a few big batches run past the write buffer.

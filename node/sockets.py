@@ -13,7 +13,7 @@ import zmq
 
 LINGER_MS = 1000
 ROUTER_HWM = 10_000
-PUB_HWM = 10_000  # messages queued per watcher before its messages are dropped
+PUB_HWM = 1_000  # messages queued per watcher before its messages are dropped
 
 
 class AddressInUse(Exception):
