@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import hashlib
 import logging
 import os
 import time
@@ -24,12 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import mmh3
 import msgpack
 
 from node import storage as st
 from node.storage import KV
 from protocol import codec, merkle, watch
+from protocol.digest import bucket_of, digest_item
 from protocol.entry import Entry, decode_entry, encode_entry_parts, leaf_hash_raw, packed_str
 from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
 from protocol.lamport import LamportClock, needs_reservation, next_reservation
@@ -834,15 +833,6 @@ def _getter(
             raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
         return v
     return get
-
-
-def bucket_of(name: bytes, nbuckets: int) -> int:
-    return mmh3.hash(name, signed=False) % nbuckets
-
-
-def digest_item(name: bytes, size: int, root: bytes) -> int:
-    h = hashlib.sha256(b"\x03" + len(name).to_bytes(2, "big") + name + size.to_bytes(8, "big") + root).digest()
-    return int.from_bytes(h[:8], "big")
 
 
 def decode_blob(blob: bytes) -> Entry:

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from node.ledger import ContextState, Ledger
-from protocol import codec, watch
+from protocol import codec, digest, watch
+from protocol.digest import NBUCKETS
 from protocol.entry import Entry, entry_from_wire
 from protocol.errors import LedgerError, NotWriter, RemoteProtocolError, Unavailable
 
 log = logging.getLogger(__name__)
 
-NBUCKETS = 128
 PULL_CHUNK = 10_000  # entries per verified pull chunk (one snapshot page at most)
 HEADS_PAGE = 2_000
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
@@ -186,13 +186,14 @@ class Mesh:
                     if nid in self.by_id:
                         continue  # known under its own address already
                     self._peer(addr, None)
-        digest = m.get("digest")
-        if isinstance(digest, bytes) and len(digest) == 8 * NBUCKETS:
-            p.digest = [int.from_bytes(digest[i:i + 8], "big") for i in range(0, len(digest), 8)]
+        raw = m.get("digest")
+        buckets = digest.decode(raw) if isinstance(raw, bytes) else None
+        if buckets is not None:
+            p.digest = buckets
             self._maybe_sync(p)
 
     def heartbeat_fields(self) -> dict[str, Any]:
-        digest = self.ledger.digest(NBUCKETS)
+        buckets = self.ledger.digest(NBUCKETS)
         return {
             "node_id": self.ledger.node_id,
             "address": self.address,
@@ -201,7 +202,7 @@ class Mesh:
             "lamport": self.ledger.clock.value,
             "entries": self.ledger.entries_total,
             "peers": [[p.node_id, a] for a, p in self.peers.items() if p.node_id and p.state in (ALIVE, SUSPECT)],
-            "digest": b"".join(d.to_bytes(8, "big") for d in digest),
+            "digest": digest.encode(buckets),
         }
 
     def tick(self, now: float) -> None:
@@ -337,8 +338,7 @@ class Mesh:
     def _maybe_sync(self, p: Peer) -> None:
         if p.syncing or p.state == DEAD:
             return
-        mine = self.ledger.digest(NBUCKETS)
-        differ = [i for i, (a, b) in enumerate(zip(mine, p.digest, strict=True)) if a != b]
+        differ = digest.differing(self.ledger.digest(NBUCKETS), p.digest)
         if not differ:
             return
         fields = {"buckets": differ, "nbuckets": NBUCKETS}
