@@ -12,6 +12,7 @@ before it is returned.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import os
 import time
@@ -385,6 +386,39 @@ class Client:
             if not page.more:
                 return
             after = page.next_after
+
+    def _first_after_lamport(self, context: str, after_lamport: int) -> int:
+        """The `after` (a seq) from which a context's entries have lamport > after_lamport.
+
+        Lamport values grow with seq within a context (its writer's clock only
+        moves forward), so a binary search reads O(log n) single entries."""
+        try:
+            size = self.head(context).size
+        except NotFound:
+            return 0
+        lo, hi = 0, size  # entries <= lo have lamport <= N (lo = 0: none known); answer in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            page = self.get(context, after=mid - 1, limit=1)
+            if not page.entries:
+                hi = mid - 1
+            elif page.entries[0].lamport <= after_lamport:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def merged(self, contexts: Iterable[str], *, after_lamport: int = 0) -> Iterator[Entry]:
+        """Entries of several contexts in one causal order: (lamport, writer, context, seq).
+
+        If entry A was seen before B was appended (and B's append carried A's
+        lamport, or happened where A had arrived), A comes first. Only entries
+        with lamport > `after_lamport`; each context is read page by page."""
+        streams = []
+        for name in dict.fromkeys(contexts):
+            start = self._first_after_lamport(name, after_lamport) if after_lamport else 0
+            streams.append(self.iter_entries(name, after=start))
+        return heapq.merge(*streams, key=lambda e: (e.lamport, e.writer, e.context, e.seq))
 
     def head(self, context: str) -> Head:
         r = self.call("head", context=context)

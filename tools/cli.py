@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
     v.add_argument("context")
 
+    mg = sub.add_parser("merged", parents=[common],
+                        help="entries of several contexts in one causal order (lamport, writer, context, seq)")
+    mg.add_argument("contexts", nargs="+", metavar="CONTEXT")
+    mg.add_argument("--after-lamport", type=_uint, default=0, metavar="N", help="only entries with lamport > N")
+    mg.add_argument("--limit", type=_uint, metavar="N", help="print at most N entries")
+
     cl = sub.add_parser(
         "cluster",
         help="start a mesh of nodes on this machine; Ctrl-C stops them all",
@@ -423,6 +429,14 @@ def cmd_watch(c: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_merged(c: Client, args: argparse.Namespace, out: Output) -> int:
+    for i, e in enumerate(c.merged(args.contexts, after_lamport=args.after_lamport)):
+        if args.limit is not None and i >= args.limit:
+            break
+        out.entry(e)
+    return EXIT_OK
+
+
 def cmd_head(c: Client, args: argparse.Namespace, out: Output) -> int:
     out.fields(head_json(c.head(args.context)))
     return EXIT_OK
@@ -531,6 +545,7 @@ COMMANDS = {
     "proof": cmd_proof,
     "verify": cmd_verify,
     "watch": cmd_watch,
+    "merged": cmd_merged,
 }
 
 

@@ -280,3 +280,30 @@ def test_replicated_acks_wait_for_n_other_nodes_or_say_how_many_hold_it(node_fac
     args = cli.parse_args(["--node", hostport(n1), "--json", "append", "acked", "cli", "--replicas", "1"])
     assert cli.run(args, cli.Output(True, out)) == 0
     assert '"replicated":1' in out.getvalue()
+
+
+def test_merged_read_orders_entries_of_many_contexts_causally(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    with Client(n1.address, zctx=zctx) as c1, Client(n2.address, zctx=zctx) as c2:
+        a1 = c1.append("m-a", "question")
+        b1 = c2.append("m-b", "answer", after_lamport=a1.lamport)  # written at n2 after reading a1
+        a2 = c1.append("m-a", "follow-up", after_lamport=b1.lamport)
+        c2.append("m-c", "unrelated")
+        for i in range(50):
+            c1.append("m-a", f"more{i}")
+        wait_for(lambda: converged([n1, n2], zctx, ["m-a", "m-b", "m-c"]), what="replication")
+        got = list(c2.merged(["m-a", "m-b", "m-c"]))
+        assert len(got) == 54
+        keys = [(e.lamport, e.writer, e.context, e.seq) for e in got]
+        assert keys == sorted(keys)
+        pos = {(e.context, e.seq): i for i, e in enumerate(got)}
+        assert pos[("m-a", 1)] < pos[("m-b", 1)] < pos[("m-a", 2)]
+        later = list(c2.merged(["m-a", "m-b"], after_lamport=b1.lamport))
+        assert later[0] == a2 and all(e.lamport > b1.lamport for e in later) and len(later) == 51
+    from tools import cli
+
+    out = io.StringIO()
+    args = cli.parse_args(["--node", hostport(n1), "--json", "merged", "m-b", "m-a", "--limit", "3"])
+    assert cli.run(args, cli.Output(True, out)) == 0
+    assert [line.count('"context"') for line in out.getvalue().splitlines()] == [1, 1, 1]
+    assert '"payload":"answer"' in out.getvalue().splitlines()[1]
