@@ -136,6 +136,7 @@ class Ledger:
         self.hot_bytes = 0
         self.entries_total = 0
         self.loads: dict[str, LoadSession] = {}
+        self.aside: dict[str, list[ContextState]] = {}  # histories set aside by forks, by name
         self._buckets: list[int] = []
         self._contrib: dict[int, int] = {}
         self._digest_dirty: set[ContextState] = set()
@@ -182,24 +183,32 @@ class Ledger:
         for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
             info = _unpackb(value)
             name = key[1:].decode()
-            ctx = ContextState(name, info["id"], info["writer"], info.get("created_ns", 0))
-            last = next(kv.scan(st.entry_prefix(ctx.id), st.prefix_end(st.entry_prefix(ctx.id)), reverse=True), None)
-            if last is not None:
-                ctx.size = st.seq_of_entry_key(last[0])
-                e = _unpackb(last[1])
-                ctx.last_lamport = e["lamport"]
-                self.clock.observe(e["lamport"])
-                ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
-            ctx.flushed_seq = ctx.size
-            ctx.published_seq = ctx.size
+            ctx = self._load_ctx(name, info)
             self.contexts[name] = ctx
-            self._by_id[ctx.id] = ctx
             self._names.append(name)
             self.entries_total += ctx.size
-            if ctx.id >= self._next_ctx:
-                self._next_ctx = ctx.id + 1
+        for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
+            info = _unpackb(value)
+            self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
         self._names.sort()
         return node_id
+
+    def _load_ctx(self, name: str, info: dict[str, Any]) -> ContextState:
+        kv = self.kv
+        ctx = ContextState(name, info["id"], info["writer"], info.get("created_ns", 0))
+        last = next(kv.scan(st.entry_prefix(ctx.id), st.prefix_end(st.entry_prefix(ctx.id)), reverse=True), None)
+        if last is not None:
+            ctx.size = st.seq_of_entry_key(last[0])
+            e = _unpackb(last[1])
+            ctx.last_lamport = e["lamport"]
+            self.clock.observe(e["lamport"])
+            ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
+        ctx.flushed_seq = ctx.size
+        ctx.published_seq = ctx.size
+        self._by_id[ctx.id] = ctx
+        if ctx.id >= self._next_ctx:
+            self._next_ctx = ctx.id + 1
+        return ctx
 
     def _kv_node_getter(self, ctx_id: int) -> merkle.GetNode:
         """Complete Merkle nodes straight from storage (start-up, before any state)."""
@@ -437,6 +446,31 @@ class Ledger:
         self.observe(max_lamport)
         return ctx
 
+    def set_aside(self, name: str, writer: str) -> ContextState:
+        """A fork resolved against the local history of `name`: keep that history (its
+        entries stay where they are, listed under `aside`) and start an empty replica
+        of `writer`'s history under the name, to be filled by pulls."""
+        old = self.contexts.pop(name)
+        del self._names[bisect.bisect_left(self._names, name)]
+        self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
+        contrib = self._contrib.pop(old.id, None)
+        if contrib is not None and self._buckets:
+            self._buckets[bucket_of(old.name_bytes, len(self._buckets))] ^= contrib
+        self._digest_dirty.discard(old)
+        self.aside.setdefault(name, []).append(old)
+        self.entries_total -= old.size
+        return self._create(name, writer)
+
+    def history(self, name: str, writer: str | None) -> ContextState | None:
+        """The context served under `name`, or with `writer`, a history of it set aside by a fork."""
+        if writer is None:
+            return self.contexts.get(name)
+        for ctx in self.aside.get(name, ()):
+            if ctx.writer == writer:
+                return ctx
+        ctx = self.contexts.get(name)
+        return ctx if ctx is not None and ctx.writer == writer else None
+
     def replica_frontier_check(self, ctx: ContextState | None, entries: list[Entry], root: bytes) -> bool:
         """Whether `entries` on top of the replica give `root` (computed on a copy; nothing stored)."""
         f = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
@@ -564,7 +598,13 @@ class Ledger:
 
     def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
         """(encoded entries, last seq of the context, more remain, next `after`)."""
-        ctx = self.contexts.get(req.context)
+        if req.fork is not None:
+            ctx = self.history(req.context, req.fork)
+            if ctx is None:
+                raise NotFound(f"context {req.context!r} has no history written by {req.fork!r} here",
+                               {"context": req.context})
+        else:
+            ctx = self.contexts.get(req.context)
         if ctx is None or req.after >= ctx.size:
             size = ctx.size if ctx else 0
             return [], size, False, max(req.after, 0) if ctx else req.after

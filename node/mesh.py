@@ -85,6 +85,24 @@ class Fork:
     local_size: int
     peer_size: int
     detected_lamport: int
+    served_writer: str = ""  # whose history this node serves under the name (the rule's choice)
+    set_aside: bool = False  # this node's own history was set aside (readable with get fork=...)
+
+
+def canonical_writer(local_writer: str, peer_writer: str, peer_id: str | None, self_id: str) -> str | None:
+    """Which of two histories of one context is served by default, the same on every node.
+
+    Different writers (the context was created on both sides of a partition):
+    the history of the writer whose id sorts first. One writer, two histories
+    (it lost entries in a crash and wrote others under the same seqs): the one
+    the writer holds now. None while that cannot be told (two replicas disagree
+    and neither is the writer): decided once the writer itself is compared.
+    """
+    if local_writer != peer_writer:
+        return min(local_writer, peer_writer)
+    if local_writer == self_id or peer_id == local_writer:
+        return local_writer
+    return None
 
 
 class Mesh:
@@ -365,36 +383,51 @@ class Mesh:
         ctx = self.ledger.contexts.get(name)
         local_size = ctx.size if ctx is not None else 0
         if ctx is not None and ctx.writer != writer:
-            self._fork(p, ctx, size, writer)
+            self._fork(p, ctx, size, root, writer)
             return
         if size > local_size:
             if writer == self.ledger.node_id:
                 # the peer holds more of a context we write than we do: it cannot
                 # be ours (we would have it); two histories
-                self._fork(p, ctx, size, writer)
+                self._fork(p, ctx, size, root, writer)
                 return
             p.pulls.append((name, size, root))
         elif ctx is not None and size > 0:
             mine = self.ledger.root_at(ctx, size)
             if mine != root:
-                self._fork(p, ctx, size, writer)
+                self._fork(p, ctx, size, root, writer)
 
-    def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_writer: str) -> None:
+    def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_root: bytes, peer_writer: str) -> None:
         if ctx is None:
             return
-        if ctx.name not in self.forks:
+        me = self.ledger.node_id
+        served = canonical_writer(ctx.writer, peer_writer, p.node_id, me)
+        if ctx.writer != peer_writer:
+            theirs = served == peer_writer
+        else:  # one writer, two histories: the writer's current one wins, and the peer is that writer
+            theirs = served is not None and served != me and p.node_id == served
+        f = self.forks.get(ctx.name)
+        if f is None or not f.set_aside:
             log.error("FORK: context %r differs between this node (writer %s, %d entries) and %s "
-                      "(writer %s, %d entries); both histories are kept", ctx.name, ctx.writer, ctx.size,
-                      p.node_id, peer_writer, peer_size)
-        self.forks[ctx.name] = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size,
-                                    peer_size, self.ledger.clock.value)
+                      "(writer %s, %d entries); both histories are kept; serving %s", ctx.name, ctx.writer,
+                      ctx.size, p.node_id, peer_writer, peer_size,
+                      f"{served}'s" if served else "this node's until the writer is compared")
+            f = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size, peer_size,
+                     self.ledger.clock.value, served or ctx.writer)
+            self.forks[ctx.name] = f
+        if theirs and not f.set_aside:
+            self.ledger.set_aside(ctx.name, peer_writer)
+            f.set_aside = True
+            f.served_writer = peer_writer
+            p.pulls.append((ctx.name, peer_size, peer_root))
 
     def _next_pull(self, p: Peer) -> None:
         while p.pulls:
             name, target, root = p.pulls[0]
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
-            if size >= target or name in self.forks:
+            fork = self.forks.get(name)
+            if size >= target or (fork is not None and not fork.set_aside):
                 p.pulls.pop(0)
                 continue
             end = min(target, size + PULL_CHUNK)
@@ -419,9 +452,10 @@ class Mesh:
         if entries and entries[0].seq == size + 1:
             whole = entries[-1].seq == end
             if whole and not self.ledger.replica_frontier_check(ctx, entries, root):
-                self._fork(p, ctx, end, entries[0].writer)
                 p.pulls.clear()
                 p.syncing = False
+                self._fork(p, ctx, end, root, entries[0].writer)
+                self._next_pull(p)
                 return
             if whole:
                 ctx = self.ledger.apply_replicated(name, entries)

@@ -15,6 +15,9 @@ numeric order):
                                           are rebuilt from at most 8 leaves when a proof needs them)
     b"D" + u32 ctx_id + dedup_id          u64 first seq + u32 count of the append it names
     b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted at start-up)
+    b"F" + u32 ctx_id                     msgpack {"name", "writer", "created_ns"}: a history set aside
+                                          by a fork (its entries stay under b"E" + ctx_id); the name's
+                                          b"C" record then names the history served by default
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ENTRY = b"E"
 NODE = b"N"
 DEDUP = b"D"
 STAGE = b"S"
+ASIDE = b"F"
 
 FORMAT_VERSION = b"1"
 
@@ -55,6 +59,11 @@ def entry_prefix(ctx_id: int) -> bytes:
     return ENTRY + _u32.pack(ctx_id)
 
 
+def u32_of(key: bytes) -> int:
+    """The u32 after a one-byte prefix (a ctx id in b"F" keys)."""
+    return int(_u32.unpack_from(key, 1)[0])
+
+
 def seq_of_entry_key(key: bytes) -> int:
     return _u32u64.unpack_from(key, 1)[1]
 
@@ -74,6 +83,10 @@ def dedup_value(first_seq: int, count: int) -> bytes:
 def parse_dedup_value(v: bytes) -> tuple[int, int]:
     first, count = _dedup_val.unpack(v)
     return first, count
+
+
+def aside_key(ctx_id: int) -> bytes:
+    return ASIDE + _u32.pack(ctx_id)
 
 
 def stage_key(load_no: int, seq: int) -> bytes:

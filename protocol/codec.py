@@ -90,6 +90,7 @@ class Get:
     key: str | None = None
     after: int = 0
     limit: int = DEFAULT_GET_LIMIT
+    fork: str | None = None  # read the history of this writer that a fork set aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +353,7 @@ def _parse_get(m: Mapping[str, Any], max_payload: int) -> Get:
         key=None if k is None else _key(k),
         after=_opt_uint(m, "after", 0) or 0,
         limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
+        fork=None if m.get("fork") is None else check_name("fork", m.get("fork"), MAX_ID_BYTES),
     )
 
 

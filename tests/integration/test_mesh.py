@@ -183,7 +183,7 @@ def test_late_joiner_with_empty_data_receives_every_context(node_factory, zctx):
         assert len(c.contexts()) == 31
 
 
-def test_a_fork_is_detected_surfaced_and_nothing_is_dropped(node_factory, zctx):
+def test_a_fork_is_detected_one_history_served_everywhere_and_nothing_dropped(node_factory, zctx):
     a = node_factory(*FAST, name="a", env={"LEDGER_ID": "a"})
     b = node_factory(*FAST, name="b", env={"LEDGER_ID": "b"})
     b.pin_ports()
@@ -191,21 +191,39 @@ def test_a_fork_is_detected_surfaced_and_nothing_is_dropped(node_factory, zctx):
         for i in range(5):
             ca.append("split", f"a{i}")
             cb.append("split", f"b{i}")
+        for i in range(3):
+            cb.append("split", f"b-more{i}")  # b's history is longer: length does not decide
         ha, hb = ca.head("split"), cb.head("split")
-    assert ha.size == hb.size == 5 and ha.root != hb.root
+    assert (ha.size, hb.size) == (5, 8) and ha.root != hb.root
     b.stop()
     b.args += ["--peers", hostport(a)]
     b.start()
-    for n, mine, other in ((a, "a", "b"), (b, "b", "a")):
-        forks = wait_for(lambda n=n: status(n, zctx)["forks"], what=f"{n.node_id} to see the fork")
-        assert forks[0]["context"] == "split" and forks[0]["local_writer"] == mine
-        assert forks[0]["peer_writer"] == other
-        with Client(n.address, zctx=zctx) as c:
-            h = c.call("head", context="split")
-            assert h["fork"]["peer_writer"] == other
-            # both histories are kept, each where it was written
-            assert [e.payload for e in c.get("split").entries] == [f"{mine}{i}".encode() for i in range(5)]
+    # b, whose history loses by the rule (lowest writer id first), says so; a says so too when it
+    # compared before b had switched (a race: a may only ever see b serving a's history)
+    forks = wait_for(lambda: status(b, zctx)["forks"], what="b to see the fork")
+    assert forks[0]["context"] == "split" and forks[0]["served_writer"] == "a" and forks[0]["set_aside"]
+    assert all(f["served_writer"] == "a" for f in status(a, zctx)["forks"])
+    # both nodes now serve a's history under the name...
+    wait_for(lambda: converged([a, b], zctx, ["split"], {"split": 5}), what="b to serve a's history")
+    with Client(b.address, zctx=zctx) as cb:
+        assert [e.payload for e in cb.get("split").entries] == [f"a{i}".encode() for i in range(5)]
+        # ...b keeps its own, readable as the fork of writer b
+        kept = cb.call("get", context="split", fork="b")
+        assert [e["payload"] for e in kept["entries"]] == [f"b{i}".encode() for i in range(5)] + [
+            f"b-more{i}".encode() for i in range(3)]
+        assert cb.call("head", context="split")["fork"]["set_aside"] is True
+        # and appends at b go to the one writer left, a
+        assert cb.append("split", "after the fork").writer == "a"
+    with Client(a.address, zctx=zctx) as ca:
+        assert ca.call("head", context="split").get("fork", {}).get("set_aside", False) is False
+        assert ca.head("split").size == 6
     assert "FORK: context 'split'" in a.output() + b.output()
+    # the set-aside history survives a restart of b
+    b.stop()
+    b.start()
+    with Client(b.address, zctx=zctx) as cb:
+        assert len(cb.call("get", context="split", fork="b")["entries"]) == 8
+        assert cb.head("split").writer == "a"
 
 
 def test_lamport_clock_advances_past_replicated_entries_and_causal_tokens(node_factory, zctx):

@@ -244,3 +244,69 @@ def test_a_fixed_seed_replays_the_same_history():
     a = run(12345, steps=200)
     b = run(12345, steps=200)
     assert a == b
+
+
+def test_the_fork_rule_is_the_same_seen_from_either_side():
+    from node.mesh import canonical_writer
+
+    # two writers: the lowest id, whoever compares
+    assert canonical_writer("b", "a", "a", "b") == "a" == canonical_writer("a", "b", "b", "a")
+    assert canonical_writer("b", "a", "c", "d") == "a"  # seen by third parties alike
+    # one writer, two histories: the writer's own, when the writer is one of the two sides
+    assert canonical_writer("w", "w", "w", "r1") == "w"
+    assert canonical_writer("w", "w", "r1", "w") == "w"
+    assert canonical_writer("w", "w", "r1", "r2") is None  # two replicas disagree: wait for the writer
+
+
+def test_two_sides_of_a_partition_create_one_context_and_converge_on_one_history():
+    net = Network(random.Random(3), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    nodes["a"] = SimNode("a", net, [])
+    nodes["b"] = SimNode("b", net, ["a"])
+    net.cut = {frozenset(("a", "b"))}
+    for i in range(4):
+        nodes["a"].ledger.append(codec.Append("x", "", f"a{i}".encode(), {}))
+    for i in range(7):
+        nodes["b"].ledger.append(codec.Append("x", "", f"b{i}".encode(), {}))
+    now = 0.0
+    for step in range(200):
+        now = step * STEP
+        if step == 20:
+            net.cut = set()  # heal
+        for node in nodes.values():
+            node.step(now)
+        deliver(net, now)
+    a, b = nodes["a"].ledger, nodes["b"].ledger
+    assert (a.contexts["x"].size, a.contexts["x"].frontier.root()) == (b.contexts["x"].size,
+                                                                       b.contexts["x"].frontier.root())
+    assert b.contexts["x"].writer == "a" and [c.size for c in b.aside["x"]] == [7]  # b's history kept aside
+    assert nodes["b"].mesh.forks["x"].set_aside and nodes["b"].mesh.forks["x"].served_writer == "a"
+    assert not a.aside
+
+
+def test_a_writer_that_lost_its_tail_and_wrote_again_is_followed_and_the_old_tail_kept():
+    net = Network(random.Random(4), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    nodes["w"] = SimNode("w", net, [])
+    nodes["f"] = SimNode("f", net, ["w"])
+    for i in range(10):
+        nodes["w"].ledger.append(codec.Append("log", "", f"old{i}".encode(), {}))
+    for step in range(40):
+        for node in nodes.values():
+            node.step(step * STEP)
+        deliver(net, step * STEP)
+    assert nodes["f"].ledger.contexts["log"].size == 10
+    # w comes back from a crash that lost its last entries (async durability), then writes others
+    nodes["w"] = SimNode("w", net, ["f"])
+    for i in range(6):
+        nodes["w"].ledger.append(codec.Append("log", "", f"new{i}".encode(), {}))
+    for step in range(40, 200):
+        for node in nodes.values():
+            node.step(step * STEP)
+        deliver(net, step * STEP)
+    w, f = nodes["w"].ledger, nodes["f"].ledger
+    assert (f.contexts["log"].size, f.contexts["log"].frontier.root()) == (6, w.contexts["log"].frontier.root())
+    assert [c.size for c in f.aside["log"]] == [10]
+    assert nodes["f"].mesh.forks["log"].served_writer == "w"
