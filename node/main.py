@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Server(cfg, ledger)
     except AddressInUse as exc:
         kv.close()
-        return _fail(f"cannot listen: {exc}; stop whatever uses it or pick another --listen / --pub-port")
+        return _fail(f"cannot listen on {exc}; pick another --listen / --pub-port"
+                     + (" or stop whatever uses it" if "in use" in str(exc) else ""))
     # The node's long-lived state (hot tail, buffers) holds no reference cycles;
     # the default GC thresholds would walk it every few thousand appends, a
     # pause of tens of milliseconds with a full hot tail. Collect rarely, and

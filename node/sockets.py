@@ -9,6 +9,8 @@ belong here too.
 
 from __future__ import annotations
 
+import errno
+
 import zmq
 
 LINGER_MS = 1000
@@ -16,21 +18,34 @@ ROUTER_HWM = 10_000
 PUB_HWM = 1_000  # messages queued per watcher before its messages are dropped
 
 
-class AddressInUse(Exception):
-    pass
+class BindError(Exception):
+    """An address the node cannot listen on (in use, not local, not resolvable)."""
+
+
+AddressInUse = BindError  # the old name
 
 
 def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+    ipv6 = ":" in host
+    shown = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+    endpoint = f"tcp://[{host}]" if ipv6 else f"tcp://{host}"
+    if ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
     try:
         if port == 0:
-            return sock.bind_to_random_port(f"tcp://{host}")
-        sock.bind(f"tcp://{host}:{port}")
+            return int(sock.bind_to_random_port(endpoint))
+        sock.bind(f"{endpoint}:{port}")
         return port
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         if exc.errno == zmq.EADDRINUSE:
-            raise AddressInUse(f"{host}:{port} is already in use") from None
-        raise
+            raise BindError(f"{shown} is already in use") from None
+        if exc.errno == zmq.EADDRNOTAVAIL:
+            raise BindError(f"{shown}: {host} is not an address of this machine") from None
+        if exc.errno == errno.ENODEV:
+            raise BindError(f"{shown}: {host!r} is not an IP address or interface of this machine "
+                            "(use an IP address, e.g. 127.0.0.1 or 0.0.0.0)") from None
+        raise BindError(f"{shown}: {exc.strerror}") from None
 
 
 def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.Socket, int]:

@@ -133,6 +133,23 @@ def test_address_in_use_is_a_clear_error(node_factory, tmp_path):
     assert "already in use" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("listen, says", [
+    ("10.255.255.1:0", "is not an address of this machine"),
+    ("nosuchhost.invalid:0", "is not an IP address or interface"),
+])
+def test_listen_addresses_the_node_cannot_use_are_one_line_errors(listen, says):
+    r = run_node("--data", ":memory:", "--listen", listen)
+    assert r.returncode == 2 and says in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ipv6_loopback_listen_works(node_factory, zctx):
+    n = node_factory("--listen", "[::1]:0")
+    assert n.address.startswith("tcp://[::1]:")
+    with Client(n.address, zctx=zctx) as c:
+        assert c.append("v6", "x").seq == 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
