@@ -185,6 +185,7 @@ class WatchCursor:
         self.known_size = after
         self.max_ahead = max_ahead
         self.last_hash: bytes | None = None  # hash of entry #last, when this cursor saw it
+        self.writer: str | None = None  # every entry of one history names one writer
         self.ahead: dict[int, Entry] = {}
         self.delivered = 0
         self.duplicates = 0
@@ -192,6 +193,23 @@ class WatchCursor:
 
     def needs_refill(self) -> bool:
         return self.known_size > self.last
+
+    def _same_history(self, e: Entry) -> None:
+        """Raise if `e` cannot belong to the history delivered so far (a fork switched it)."""
+        if self.writer is None:
+            self.writer = e.writer
+        elif e.writer != self.writer:
+            raise IntegrityError(
+                f"{self.context!r}#{e.seq} was written by {e.writer!r}, the entries delivered before by "
+                f"{self.writer!r}: the node now serves another history of this context (a fork)",
+                {"context": self.context, "seq": e.seq, "writer": e.writer},
+            )
+        if e.seq == self.last and self.last_hash is not None and e.hash != self.last_hash:
+            raise IntegrityError(
+                f"{self.context!r}#{e.seq} differs from the entry delivered under that seq: "
+                "the node now serves another history of this context",
+                {"context": self.context, "seq": e.seq},
+            )
 
     def _advance(self, e: Entry, out: list[Entry]) -> None:
         self.last = e.seq
@@ -216,6 +234,7 @@ class WatchCursor:
         """Live entries in; the ones now deliverable, in order, out."""
         out: list[Entry] = []
         for e in entries:
+            self._same_history(e)
             if e.seq > self.known_size:
                 self.known_size = e.seq
             if e.seq <= self.last:
@@ -269,6 +288,7 @@ class WatchCursor:
         self.check_size(size)
         prev = self.last
         for e in entries:  # check the whole page before delivering any of it
+            self._same_history(e)
             if e.context != self.context or e.seq <= prev:
                 raise IntegrityError(
                     f"refill of {self.context!r} after #{self.last} returned {e.context!r}#{e.seq} out of order"

@@ -857,3 +857,26 @@ def test_model_log_over_a_lossy_stream() -> None:
     assert stats["pages with more"] > 100 and stats["duplicates"] > 100 and stats["dropped_ahead"] > 100, stats
     assert stats["key_filtered"] > 100, stats
     assert time.perf_counter() - started < 5
+
+
+def test_a_switch_to_another_history_is_an_error_not_a_silent_splice() -> None:
+    # a fork moved the node to another writer's history: entries of another writer
+    c = WatchCursor(CTX, 0)
+    c.on_entries(entries(1, 2))
+    other = Entry(CTX, 3, "", b"x", {}, 9, 9, "another-writer", b"")
+    other = dataclasses.replace(other, hash=other.computed_hash())
+    with pytest.raises(IntegrityError, match="another history"):
+        c.on_entries([other])
+    with pytest.raises(IntegrityError, match="another history"):
+        WatchCursor(CTX, 0).on_page(entries(1, 2) + [other], next_after=3, size=3)
+
+
+def test_a_different_entry_under_the_last_delivered_seq_is_an_error() -> None:
+    c = WatchCursor(CTX, 0)
+    c.on_entries(entries(1, 3))
+    again = dataclasses.replace(entry(3), payload=b"rewritten")
+    again = dataclasses.replace(again, hash=again.computed_hash())
+    with pytest.raises(IntegrityError, match="differs from the entry delivered"):
+        c.on_entries([again])
+    c.on_entries([entry(3)])  # the same entry again is a plain duplicate
+    assert c.duplicates == 1
