@@ -47,6 +47,7 @@ class Config:
     suspect_after: int = 3
     dead_after: int = 10
     replica_timeout_ms: int = 3000
+    cluster: str = "ledger"
 
     @property
     def sync(self) -> bool:
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "watcher [LEDGER_WATCH_QUEUE] (default 1000; a message holds at most 64 KiB)")
     p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
                    "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
+    p.add_argument("--cluster", help="name of the mesh this node belongs to; nodes refuse heartbeats from "
+                   "other clusters, so a node never joins a mesh by accident [LEDGER_CLUSTER] (default ledger)")
     p.add_argument("--heartbeat-ms", help="interval of the gossip heartbeat between nodes "
                    "[LEDGER_HEARTBEAT_MS] (default 500)")
     p.add_argument("--advertise", metavar="HOST:PORT", help="the request address other nodes should use, "
@@ -186,6 +189,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             if pt == 0:
                 raise ConfigError(f"--peers: {item!r} needs a real port, not 0")
             peers.append(f"{h}:{pt}" if ":" not in h else f"[{h}]:{pt}")
+    cluster = pick(args.cluster, "CLUSTER", "ledger")
+    if not ID_RE.match(cluster):
+        raise ConfigError(f"--cluster must be 1..64 letters, digits, '.', '_' or '-', got {cluster!r}")
     hbm_raw = pick(args.heartbeat_ms, "HEARTBEAT_MS", "500")
     if not hbm_raw.isdigit() or not 10 <= int(hbm_raw) <= 60_000:
         raise ConfigError(f"--heartbeat-ms must be an integer from 10 to 60000, got {hbm_raw!r}")
@@ -211,5 +217,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
         watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
-        replica_timeout_ms=int(rt_raw),
+        replica_timeout_ms=int(rt_raw), cluster=cluster,
     )

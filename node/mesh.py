@@ -36,13 +36,17 @@ from node.ledger import ContextState, Ledger
 from protocol import codec, digest, watch
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry, entry_from_wire
-from protocol.errors import LedgerError, NotWriter, RemoteProtocolError, Unavailable
+from protocol.errors import Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
 
 log = logging.getLogger(__name__)
 
 PULL_CHUNK = 10_000  # entries per verified pull chunk (one snapshot page at most)
 HEADS_PAGE = 2_000
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
+# A peer that is not a seed and stays dead this many dead-after spans is forgotten
+# (10 heartbeats x 500 ms x 60 = 5 minutes by default): its address may be reused
+# by a node that never meant to join this mesh.
+FORGET_AFTER_DEAD_INTERVALS = 60
 
 
 class Transport(Protocol):
@@ -118,6 +122,7 @@ class Mesh:
         suspect_after: int = 3,
         dead_after: int = 10,
         boot: str = "",
+        cluster: str = "ledger",
         on_applied: Callable[[ContextState], None] | None = None,
     ) -> None:
         self.ledger = ledger
@@ -128,6 +133,9 @@ class Mesh:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.boot = boot
+        self.cluster = cluster
+        self.seeds = {a for a in seeds if a != address}
+        self.forget_after_s = FORGET_AFTER_DEAD_INTERVALS * dead_after * heartbeat_s
         self.on_applied = on_applied or (lambda ctx: None)
         self.peers: dict[str, Peer] = {}  # by address
         self.by_id: dict[str, str] = {}  # node id -> address
@@ -135,6 +143,7 @@ class Mesh:
         self.pending: dict[int, tuple[str, str, dict[str, Any], float]] = {}
         self.now = 0.0  # the latest time given to any entry point
         self.forks: dict[str, Fork] = {}
+        self._refused: set[str] = set()  # addresses of other clusters, warned about once
         self.ack_due: dict[str, str] = {}  # context -> its writer, to be told how far we hold it
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
@@ -155,6 +164,14 @@ class Mesh:
     def _peer(self, address: str, node_id: str | None) -> Peer | None:
         if address == self.address or node_id == self.ledger.node_id:
             return None
+        known = self.peers.get(address)
+        if known is not None and node_id is not None and known.node_id not in (None, node_id):
+            # another node now answers at this address: not a restart of the old one
+            log.info("the node at %s is now %s (was %s)", address, node_id, known.node_id)
+            self.by_id.pop(known.node_id, None)
+            if known.subscribed:
+                self.transport.unsubscribe(known.subscribed)
+            self.peers[address] = Peer(address)
         if node_id is not None:
             old = self.by_id.get(node_id)
             if old is not None and old != address:
@@ -214,6 +231,7 @@ class Mesh:
         buckets = self.ledger.digest(NBUCKETS)
         return {
             "node_id": self.ledger.node_id,
+            "cluster": self.cluster,
             "address": self.address,
             "pub": self.pub,
             "boot": self.boot,
@@ -232,6 +250,11 @@ class Mesh:
         self.beats += 1
         fields = self.heartbeat_fields()
         for p in list(self.peers.values()):
+            if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
+                    and now - p.last_heard > self.forget_after_s):
+                log.info("forgetting peer %s at %s (dead for %.0f s)", p.node_id, p.address, now - p.last_heard)
+                self._forget(p)
+                continue
             if p.last_heard is not None:
                 silent = (now - p.last_heard) / self.heartbeat_s
                 if silent >= self.dead_after and p.state != DEAD:
@@ -248,6 +271,13 @@ class Mesh:
             if self._send(p, "heartbeat", fields) is not None:
                 self.heartbeats_sent += 1
         self._expire_requests(now)
+
+    def _forget(self, p: Peer) -> None:
+        self.peers.pop(p.address, None)
+        if p.node_id is not None and self.by_id.get(p.node_id) == p.address:
+            del self.by_id[p.node_id]
+        if p.subscribed:
+            self.transport.unsubscribe(p.subscribed)
 
     def _expire_requests(self, now: float) -> None:
         # A request whose reply was lost (or whose peer died) is forgotten after a
@@ -273,12 +303,19 @@ class Mesh:
 
     def rpc_heartbeat(self, hb: codec.Heartbeat, now: float) -> dict[str, Any]:
         self.now = now
+        if hb.cluster != self.cluster:
+            if hb.address not in self._refused:
+                self._refused.add(hb.address)
+                log.warning("refusing heartbeats of %s at %s: it belongs to cluster %r, this node to %r",
+                            hb.node_id, hb.address, hb.cluster, self.cluster)
+            raise Conflict(f"this node belongs to cluster {self.cluster!r}, not {hb.cluster!r}",
+                           {"cluster": self.cluster})
         p = self._peer(hb.address, hb.node_id)
         if p is not None:
             self._heard(p, now, hb.lamport)
             self._learn(p, hb.as_map(), now)
         return {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
-                "address": self.address, "pub": self.pub}
+                "address": self.address, "pub": self.pub, "cluster": self.cluster}
 
     def rpc_sync_heads(self, req: codec.SyncHeads) -> dict[str, Any]:
         heads, more = self.ledger.heads_in_buckets(set(req.buckets), req.nbuckets, req.after, HEADS_PAGE)
@@ -291,6 +328,19 @@ class Mesh:
         self.reply_bytes += nbytes
         p = self.peers.get(address)
         if p is None:
+            return
+        err = reply.get("error") if not reply.get("ok") else None
+        other = err.get("cluster") if isinstance(err, dict) else reply.get("cluster")
+        if isinstance(other, str) and other != self.cluster:
+            # a node of another cluster answers at this address: not a peer
+            if address not in self._refused:
+                self._refused.add(address)
+                log.warning("the node at %s belongs to cluster %r, not %r; %s", address, other, self.cluster,
+                            "it stays a seed but is not joined" if address in self.seeds else "forgetting it")
+            if address in self.seeds:
+                p.state = DEAD
+            else:
+                self._forget(p)
             return
         lamport = reply.get("lamport")
         self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)

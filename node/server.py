@@ -109,7 +109,7 @@ class Server:
             ledger, self, address=advertise, pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}",
             seeds=list(config.peers), heartbeat_s=config.heartbeat_ms / 1000.0,
             suspect_after=config.suspect_after, dead_after=config.dead_after, boot=self.publisher.boot,
-            on_applied=self.publisher.mark,
+            cluster=config.cluster, on_applied=self.publisher.mark,
         )
         self.mesh.on_ack = self._check_replicated
         # appends waiting for replicas=N: (ctx, seq, n, reply frames head, reply fields, raw, deadline)
@@ -563,6 +563,7 @@ class Server:
         fields.update(self.publisher.status())
         fields.update(self.mesh.status(time.monotonic()))
         fields["advertise"] = self.mesh.address
+        fields["cluster"] = self.mesh.cluster
         return codec.encode_reply(self._rid, fields)
 
     def rpc_ping(self, req: codec.Ping) -> bytes:

@@ -160,11 +160,12 @@ class Heartbeat:
     entries: int
     peers: tuple[tuple[str, str], ...]
     digest: bytes
+    cluster: str = "ledger"
 
     def as_map(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "address": self.address, "pub": self.pub, "boot": self.boot,
                 "lamport": self.lamport, "entries": self.entries, "peers": [list(p) for p in self.peers],
-                "digest": self.digest}
+                "digest": self.digest, "cluster": self.cluster}
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +458,7 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
         entries=_opt_uint(m, "entries", 0) or 0,
         peers=tuple(peers),
         digest=digest,
+        cluster=check_name("cluster", m.get("cluster") or "ledger", MAX_ID_BYTES),
     )
 
 

@@ -325,3 +325,18 @@ def test_merged_read_orders_entries_of_many_contexts_causally(node_factory, zctx
     assert cli.run(args, cli.Output(True, out)) == 0
     assert [line.count('"context"') for line in out.getvalue().splitlines()] == [1, 1, 1]
     assert '"payload":"answer"' in out.getvalue().splitlines()[1]
+
+
+def test_nodes_of_different_clusters_never_join(node_factory, zctx):
+    a = node_factory(*FAST, "--cluster", "blue", name="a", env={"LEDGER_ID": "a"})
+    b = node_factory(*FAST, "--cluster", "green", "--peers", hostport(a), name="b", env={"LEDGER_ID": "b"})
+    with Client(a.address, zctx=zctx) as ca:
+        ca.append("blue-only", "x")
+    wait_for(lambda: "belongs to cluster" in a.output() and "belongs to cluster" in b.output(),
+             what="both sides to log the refusal")
+    time.sleep(0.5)
+    assert status(a, zctx)["peers"] == [] and status(a, zctx)["cluster"] == "blue"
+    assert all(p["state"] != "alive" for p in status(b, zctx)["peers"])
+    with Client(b.address, zctx=zctx) as cb:
+        with pytest.raises(NotFound):
+            cb.head("blue-only")

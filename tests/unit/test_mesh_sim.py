@@ -310,3 +310,62 @@ def test_a_writer_that_lost_its_tail_and_wrote_again_is_followed_and_the_old_tai
     assert (f.contexts["log"].size, f.contexts["log"].frontier.root()) == (6, w.contexts["log"].frontier.root())
     assert [c.size for c in f.aside["log"]] == [10]
     assert nodes["f"].mesh.forks["log"].served_writer == "w"
+
+
+def test_a_peer_dead_for_long_is_forgotten_unless_it_is_a_seed_and_is_welcome_back():
+    net = Network(random.Random(5), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    nodes["a"] = SimNode("a", net, [])
+    nodes["b"] = SimNode("b", net, ["a"])
+    nodes["c"] = SimNode("c", net, ["b"])
+    step = 0
+
+    def run_for(seconds: float) -> None:
+        nonlocal step
+        for _ in range(int(seconds / STEP)):
+            for node in nodes.values():
+                node.step(step * STEP)
+            deliver(net, step * STEP)
+            step += 1
+
+    run_for(5)
+    assert set(nodes["a"].mesh.peers) == {"b", "c"}
+    nodes["b"].up = False
+    forget = nodes["a"].mesh.forget_after_s
+    run_for(forget / 2)
+    assert nodes["a"].mesh.peers["b"].state == "dead" and "b" in nodes["c"].mesh.peers
+    run_for(forget / 2 + 5)
+    assert "b" not in nodes["a"].mesh.peers  # forgotten: not a seed of a
+    assert nodes["c"].mesh.peers["b"].state == "dead"  # kept: c was told to join through b
+    nodes["b"].up = True
+    run_for(5)
+    assert nodes["a"].mesh.peers["b"].state == ALIVE and nodes["c"].mesh.peers["b"].state == ALIVE
+
+
+def test_another_node_answering_at_a_known_address_is_a_new_peer_not_a_restart():
+    class NoNet:
+        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+            return None
+
+        def subscribe(self, pub_address: str) -> None:
+            pass
+
+        def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), NoNet(), address="me:1", pub="me:2",
+             seeds=[], heartbeat_s=0.5)
+
+    def hb(node_id: str, cluster: str = "ledger") -> codec.Heartbeat:
+        return codec.Heartbeat(node_id, "h:1", "h:2", f"{node_id}-boot", 1, 0, (), b"", cluster)
+
+    m.rpc_heartbeat(hb("old"), 1.0)
+    assert m.peers["h:1"].node_id == "old" and m.by_id == {"old": "h:1"}
+    m.rpc_heartbeat(hb("new"), 2.0)
+    assert m.peers["h:1"].node_id == "new" and m.by_id == {"new": "h:1"}
+    from protocol.errors import Conflict
+
+    with pytest.raises(Conflict, match="cluster 'ledger', not 'other'"):
+        m.rpc_heartbeat(hb("stranger", "other"), 3.0)
+    assert m.peers["h:1"].node_id == "new"
