@@ -560,6 +560,9 @@ class Mesh:
         self.on_ack()
         return {"node_id": self.ledger.node_id}
 
+    def live_peers(self) -> int:
+        return sum(1 for p in self.peers.values() if p.state in (ALIVE, SUSPECT))
+
     def replicated(self, ctx: ContextState, seq: int) -> int:
         """How many other nodes have said they hold `ctx` up to `seq`."""
         sizes = self.replica_sizes.get(ctx.name)
@@ -575,8 +578,8 @@ class Mesh:
         if p is None or p.state == DEAD:
             raise Unavailable(
                 f"context {ctx.name!r} is written by node {writer!r}, which is "
-                f"{'down' if p is not None else 'unknown to this node'}; appends wait for it "
-                "(reads are served here)",
+                f"{'down' if p is not None else 'unknown to this node'}; appends are refused until it is "
+                "back (reads are served here)",
                 {"context": ctx.name, "writer": writer, "address": addr},
             )
         raise NotWriter(

@@ -30,7 +30,7 @@ from node.publisher import Publisher
 from node.storage import KV
 from protocol import codec
 from protocol.codec import RequestId
-from protocol.errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, LedgerError, RemoteProtocolError
+from protocol.errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, LedgerError, RemoteProtocolError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ class Server:
             elif now > deadline:
                 self._send([*head, codec.encode_error(
                     rid, UNAVAILABLE,
-                    f"{ctx.name!r}#{seq} was appended here, but only {count} of the {n} other nodes asked for "
-                    f"held it within {self.config.replica_timeout_ms} ms",
+                    f"{ctx.name!r}#{seq} was appended, but {count} other node(s) held it within "
+                    f"{self.config.replica_timeout_ms} ms, not the {n} required (the entry stays)",
                     {"context": ctx.name, "seq": seq, "replicated": count, "required": n},
                 )])
             else:
@@ -487,10 +487,21 @@ class Server:
         if ctx is not None and ctx.writer != self.ledger.node_id:
             self.mesh.check_writer(ctx)
 
+    def _check_replicas(self, n: int | None) -> None:
+        if n:
+            live = self.mesh.live_peers()
+            if n > live:
+                raise Unavailable(
+                    f"replicas={n} asked, but this node knows only {live} other node(s) alive; nothing was appended",
+                    {"required": n, "alive": live},
+                )
+
     def rpc_append(self, req: codec.Append) -> bytes | tuple[ContextState, int, bytes] | None:
         ctx = self.ledger.contexts.get(req.context)
         if ctx is not None and ctx.writer != self.ledger.node_id:
             self.mesh.check_writer(ctx)
+        if req.replicas:
+            self._check_replicas(req.replicas)
         res = self.ledger.append(req)
         self.publisher.due[res.ctx] = None
         fields = {"deduplicated": True} if res.deduplicated else {}
@@ -503,6 +514,7 @@ class Server:
 
     def rpc_append_batch(self, req: codec.AppendBatch) -> bytes | tuple[ContextState, int, bytes] | None:
         self._check_writer(req.context)
+        self._check_replicas(req.replicas)
         res = self.ledger.append_batch(req)
         self.publisher.due[res.ctx] = None
         fields: dict[str, Any] = {"first_seq": res.last_seq - len(res.blobs) + 1, "last_seq": res.last_seq}

@@ -63,6 +63,7 @@ class Head:
     lamport: int
     writer: str
     watchers: int = 0
+    fork: dict[str, Any] | None = None  # when the context is forked (SPEC 17.4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +365,7 @@ class Client:
     def _follow(self, op: str, retry: bool, **fields: Any) -> dict[str, Any]:
         """`call`, following NOT_WRITER to the context's writer (appends)."""
         client: Client = self
+        writer = None
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 return client.call(op, retry=retry, **fields)
@@ -371,11 +373,22 @@ class Client:
                 address = exc.details.get("address")
                 if not address:
                     raise
+                writer = exc.details.get("writer")
                 client = self._writer_client(str(address))
+            except Timeout as exc:
+                if client is self:
+                    raise
+                raise Timeout(
+                    f"{self.address} sent this append to {fields.get('context')!r}'s writer {writer!r} at "
+                    f"{client.address}, which did not answer within {client.timeout:g} s (it may be down)",
+                    exc.details,
+                ) from None
         raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
 
-    def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None) -> GetResult:
-        r = self.call("get", context=context, key=key, after=after, limit=limit)
+    def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None,
+            fork: str | None = None) -> GetResult:
+        """Entries with seq > `after`; with `fork`, of the history by that writer a fork set aside."""
+        r = self.call("get", context=context, key=key, after=after, limit=limit, fork=fork)
         return GetResult([self._entry(m) for m in r["entries"]], r["last_seq"], r["more"], r["next_after"])
 
     def iter_entries(self, context: str, *, key: str | None = None, after: int = 0) -> Iterator[Entry]:
@@ -422,7 +435,7 @@ class Client:
 
     def head(self, context: str) -> Head:
         r = self.call("head", context=context)
-        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0))
+        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"))
 
     def pub_address(self) -> str:
         """The node's watch (PUB) address, reached through the host this client uses."""

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key", help="only entries with this key")
     g.add_argument("--after", type=_uint, default=0, metavar="N", help="only entries with seq > N")
     g.add_argument("--limit", type=_uint, metavar="N", help="print at most N entries (default: all)")
+    g.add_argument("--fork", metavar="WRITER", help="read the history written by WRITER that a fork set aside "
+                   "on this node (see `ledger head`)")
 
     h = sub.add_parser("head", parents=[common], help="size, Merkle root, last lamport and writer of a context")
     h.add_argument("context")
@@ -203,7 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and fill in defaults; argparse exits (SystemExit) on a usage error."""
     p = build_parser()
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        # argparse cannot take an optional positional after options (`append c --key k "text"`):
+        # one leftover word is the payload there; anything else is an error as usual.
+        if args.command == "append" and args.payload is None and len(extra) == 1 and not extra[0].startswith("-"):
+            args.payload = extra[0]
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "node", None) is None:
         args.node = os.environ.get("LEDGER_NODE") or DEFAULT_NODE
     if getattr(args, "timeout", None) is None:
@@ -269,8 +278,11 @@ def entry_text(e: Entry) -> str:
 
 
 def head_json(h: Head) -> dict[str, Any]:
-    return {"context": h.context, "size": h.size, "root": _hex(h.root), "lamport": h.lamport, "writer": h.writer,
-            "watchers": h.watchers}
+    d: dict[str, Any] = {"context": h.context, "size": h.size, "root": _hex(h.root), "lamport": h.lamport,
+                         "writer": h.writer, "watchers": h.watchers}
+    if h.fork is not None:
+        d["fork"] = h.fork
+    return d
 
 
 class Output:
@@ -299,9 +311,14 @@ class Output:
             return
         for k, v in d.items():
             if isinstance(v, list):
-                self.line(f"{k}:")
+                self.line(f"{k}:" + ("" if v else " none"))
                 for x in v:
-                    self.line(f"  {_jsonable(x)}")
+                    shown = _jsonable(x)
+                    if isinstance(shown, dict):
+                        shown = "  ".join(f"{a}={b}" for a, b in shown.items())
+                    self.line(f"  {shown}")
+            elif isinstance(v, dict):
+                self.line(f"{k}: " + ("  ".join(f"{a}={_jsonable(b)}" for a, b in v.items()) or "none"))
             else:
                 self.line(f"{k}: {_jsonable(v)}")
 
@@ -394,6 +411,18 @@ def cmd_append(c: Client, args: argparse.Namespace, out: Output, payload: bytes 
 
 
 def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.fork is not None:
+        after, left = args.after, args.limit
+        while left is None or left > 0:
+            page = c.get(args.context, key=args.key, after=after, limit=codec.MAX_GET_LIMIT, fork=args.fork)
+            for e in page.entries[:left]:
+                out.entry(e)
+            if left is not None:
+                left -= len(page.entries)
+            if not page.more:
+                break
+            after = page.next_after
+        return EXIT_OK
     if args.limit is None:
         for e in c.iter_entries(args.context, key=args.key, after=args.after):
             out.entry(e)

@@ -581,3 +581,10 @@ def test_installed_console_script_ctrl_c_exits_130():
         os.close(w)
     assert p.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_append_takes_its_payload_after_options_too(node, capsys):
+    rc, out, _ = run(capsys, node, "--json", "append", "order", "--key", "facts", "--meta", "a=b", "hello")
+    assert rc == 0 and one(out)["payload"] == "hello" and one(out)["key"] == "facts"
+    rc, _, err = run(capsys, node, "append", "order", "one", "two")
+    assert rc == 2 and "unrecognized arguments: two" in err

@@ -340,3 +340,39 @@ def test_nodes_of_different_clusters_never_join(node_factory, zctx):
     with Client(b.address, zctx=zctx) as cb:
         with pytest.raises(NotFound):
             cb.head("blue-only")
+
+
+def test_replicas_beyond_the_live_peers_fail_at_once_and_append_nothing(node_factory, zctx):
+    n = node_factory(*FAST)
+    with Client(n.address, zctx=zctx) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="knows only 0 other node"):
+            c.append("alone", "x", replicas=1)
+        assert time.monotonic() - t0 < 2  # not the replica timeout
+        with pytest.raises(NotFound):
+            c.head("alone")
+
+
+def test_head_shows_a_fork_and_get_reads_the_set_aside_history_from_client_and_cli(node_factory, zctx):
+    a = node_factory(*FAST, name="a", env={"LEDGER_ID": "a"})
+    b = node_factory(*FAST, name="b", env={"LEDGER_ID": "b"})
+    with Client(b.address, zctx=zctx) as cb, Client(a.address, zctx=zctx) as ca:
+        ca.append("f2", "from a")
+        cb.append("f2", "from b")
+    b.pin_ports()
+    b.stop()
+    b.args += ["--peers", hostport(a)]
+    b.start()
+    with Client(b.address, zctx=zctx) as cb:
+        h = wait_for(lambda: cb.head("f2") if cb.head("f2").writer == "a" else None, what="b to switch to a's")
+        assert h.fork is not None and h.fork["set_aside"] and h.fork["served_writer"] == "a"
+        assert [e.payload for e in cb.get("f2", fork="b").entries] == [b"from b"]
+    from tools import cli
+
+    out = io.StringIO()
+    assert cli.run(cli.parse_args(["--node", hostport(b), "--json", "get", "f2", "--fork", "b"]),
+                   cli.Output(True, out)) == 0
+    assert '"payload":"from b"' in out.getvalue()
+    out = io.StringIO()
+    assert cli.run(cli.parse_args(["--node", hostport(b), "--json", "head", "f2"]), cli.Output(True, out)) == 0
+    assert '"served_writer":"a"' in out.getvalue()
