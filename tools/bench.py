@@ -25,6 +25,18 @@ Scenarios (256-byte payloads):
   watch_fanout                       1,000 watchers over 100 contexts (10 each) on a node of its own;
                                      every watcher must get every entry of its context once, in
                                      order (ops = deliveries per second, latency = submit to receipt)
+  replication_lag                    a 3-node mesh (--heartbeat-ms 500); the writer gets pipelined
+                                     appends (1,000 in flight); a Client.watch on each follower, in a
+                                     helper process, notes when the follower has each entry: lag = that
+                                     minus the append's acknowledgement at the appender (ops = entries
+                                     held by both followers per second, first append to last receipt)
+  append_pipelined_replicated        append_pipelined on that mesh's writer (2 followers), run next
+                                     to append_pipelined in every round
+  catch_up                           a follower of another 3-node mesh is killed (-9), misses
+                                     200,000 entries (append_batch), is restarted: entries per second
+                                     from its restart until its head equals the writer's
+  heartbeat_bytes_10k                (a figure, not a scenario) the heartbeat's size on a 2-node mesh
+                                     with 10,000 contexts in sync
 """
 
 from __future__ import annotations
@@ -52,14 +64,18 @@ import zmq
 
 from protocol import watch as wire
 from protocol.client import Client, Watch
-from protocol.errors import LedgerError
+from protocol.errors import LedgerError, NotFound
 
 SCENARIOS = (
     "raw_echo_seq", "raw_echo_pipelined", "append_seq", "append_pipelined", "append_batch",
     "append_sync_pipelined", "get_one", "get_tail100", "redis_xadd_seq", "redis_xadd_pipelined",
     "redis_xadd_fsync_pipelined", "watch_latency", "append_pipelined_watched", "watch_fanout",
+    "replication_lag", "append_pipelined_replicated", "catch_up",
 )
 WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
+MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
+# what --only accepts besides SCENARIOS: figures that are not a throughput scenario
+OTHER_FIGURES = ("memory", "heartbeat_bytes_10k")
 PAYLOAD_SIZE = 256
 WINDOW = 1000
 BATCH = 1000
@@ -152,11 +168,14 @@ def start_echo(workdir: str) -> Proc:
         return Proc("echo", p, f"tcp://127.0.0.1:{f.read().strip()}")
 
 
-def start_node(data: str, *flags: str) -> tuple[Proc, float]:
-    """Start a ledger-node; returns it and the seconds until its ready line."""
+def start_node(data: str, *flags: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
+               name: str = "ledger") -> tuple[Proc, float]:
+    """Start a ledger-node; returns it and the seconds until its ready line.
+
+    Its output after the ready line is discarded, or appended to `log_path`."""
     t0 = time.monotonic()
     p = subprocess.Popen(
-        [sys.executable, "-m", "node.main", "--data", data, "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "node.main", "--data", data, "--listen", listen,
          "--log-level", "warning", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -169,22 +188,28 @@ def start_node(data: str, *flags: str) -> tuple[Proc, float]:
             if line.startswith("ready router="):
                 fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
                 # keep the pipe drained so the node never blocks on a full stdout
-                _drain(p)
-                return Proc("ledger", p, fields["router"], fields.get("pub", "")), time.monotonic() - t0
+                _drain(p, log_path)
+                return Proc(name, p, fields["router"], fields.get("pub", "")), time.monotonic() - t0
     except BaseException:
-        Proc("ledger", p).stop()
+        Proc(name, p).stop()
         raise
-    Proc("ledger", p).stop()
+    Proc(name, p).stop()
     raise RuntimeError("ledger-node did not start:\n" + "\n".join(lines))
 
 
-def _drain(p: subprocess.Popen[bytes]) -> None:
+def _drain(p: subprocess.Popen[bytes], log_path: str | None = None) -> None:
     import threading
 
     def run() -> None:
         assert p.stdout is not None
-        for _ in p.stdout:
-            pass
+        if log_path is None:
+            for _ in p.stdout:
+                pass
+            return
+        with open(log_path, "ab") as f:
+            for line in p.stdout:
+                f.write(line)
+                f.flush()
 
     threading.Thread(target=run, daemon=True).start()
 
@@ -252,6 +277,15 @@ class Dealer:
             self.next_id += 1
             out.append(msgpack.packb(m, use_bin_type=True))
         return out
+
+    def request(self, m: dict[str, Any]) -> bytes:
+        """One request, its raw reply (RuntimeError unless ok)."""
+        (frame,) = self.frames(1, lambda i: dict(m))
+        self.s.send(frame)
+        reply: bytes = self.s.recv()
+        if b"\xa2ok\xc3" not in reply:
+            raise RuntimeError(f"request failed: {msgpack.unpackb(reply)}")
+        return reply
 
     def seq(self, frames: Sequence[bytes], check: bool = True) -> Sample:
         s = self.s
@@ -321,6 +355,8 @@ def redis_pipelined(r: Any, n: int, payload: bytes) -> Sample:
 # `python -m tools.bench _watchers SPEC` runs watchers in a process of their own, so that
 # their reading never runs in (and is never timed as part of) the appender's process. SPEC (JSON):
 #   address, pub            the node's request and watch addresses
+#   nodes                   instead: [{"address", "pub", "label"}, ...]: the same watchers on each of
+#                           these nodes (a mesh's followers), still one poller; reports name the node
 #   contexts, per_context   `per_context` watchers (Client.watch) of each context, one poller
 #   stalled                 instead: plain SUB sockets that read the node's greeting and then
 #                           never read again (small RCVHWM and kernel buffer)
@@ -339,6 +375,7 @@ class _WatcherState:
     context: str
     record: bool
     next_seq: int  # the seq this watcher must deliver next: anything else is an error
+    node: str = ""  # the node watched, when the helper watches several
     errors: int = 0
     count: int = 0
     first_ns: int = 0
@@ -359,7 +396,7 @@ class _WatcherState:
 
     def report(self) -> dict[str, Any]:
         w = self.watch
-        out = {"context": self.context, "last": w.last_seq, "count": self.count, "errors": self.errors,
+        out = {"context": self.context, "node": self.node, "last": w.last_seq, "count": self.count, "errors": self.errors,
                "first_ns": self.first_ns, "last_ns": self.last_ns, "times": self.times,
                "refills": w.refills, "duplicates": w.cursor.duplicates, "dropped_ahead": w.cursor.dropped_ahead,
                "outages": w.outages}
@@ -386,7 +423,8 @@ def watchers_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     contexts: list[str] = spec["contexts"]
     per = int(spec.get("per_context", WATCHERS_PER_CONTEXT))
-    n = len(contexts) * per
+    nodes: list[dict[str, str]] = spec.get("nodes") or [{"address": spec["address"], "pub": spec["pub"], "label": ""}]
+    n = len(contexts) * per * len(nodes)
     _raise_fd_limit(4 * n + 256)
     zctx: zmq.Context[Any] = zmq.Context()
     zctx.set(zmq.MAX_SOCKETS, n + 64)
@@ -414,17 +452,18 @@ def watchers_main(spec_json: str) -> int:
             return 0
         record = set(spec.get("record", ()))
         options: dict[str, Any] = {"rcvhwm": int(spec["rcvhwm"])} if spec.get("rcvhwm") else {}
-        client = Client(spec["address"], timeout=10.0, zctx=zctx)
         states: list[_WatcherState] = []
         by_sock: dict[Any, _WatcherState] = {}
         poller = zmq.Poller()
-        for c in contexts:
-            for _ in range(per):
-                w = client.watch(c, after=spec.get("after"), pub_address=spec["pub"], **options)
-                st = _WatcherState(w, c, c in record, w.last_seq + 1)
-                states.append(st)
-                by_sock[w.socket] = st
-                poller.register(w.socket, zmq.POLLIN)
+        for node in nodes:
+            client = Client(node["address"], timeout=10.0, zctx=zctx)
+            for c in contexts:
+                for _ in range(per):
+                    w = client.watch(c, after=spec.get("after"), pub_address=node["pub"], **options)
+                    st = _WatcherState(w, c, c in record, w.last_seq + 1, node.get("label", ""))
+                    states.append(st)
+                    by_sock[w.socket] = st
+                    poller.register(w.socket, zmq.POLLIN)
         poller.register(stdin_fd, zmq.POLLIN)
         _say({"ready": True, "watchers": len(states)})
         buf = b""
@@ -626,6 +665,575 @@ def watch_health(reports: Sequence[dict[str, Any]]) -> dict[str, int]:
     return {k: sum(int(w[k]) for w in reports) for k in ("errors", "refills", "duplicates", "dropped_ahead", "outages")}
 
 
+def pipelined_acks(dealer: Dealer, frames: Sequence[bytes], window: int = WINDOW,
+                   ) -> tuple[Sample, dict[tuple[str, int], int]]:
+    """Dealer.pipelined, also noting when each entry's acknowledgement was read (monotonic ns)."""
+    s = dealer.s
+    mono = time.monotonic_ns
+    unpackb = msgpack.unpackb
+    sent_at: list[int] = []
+    lat = []
+    acks: dict[tuple[str, int], int] = {}
+    n = len(frames)
+    sent = got = 0
+    t0 = mono()
+    while got < n:
+        while sent < n and sent - got < window:
+            sent_at.append(mono())
+            s.send(frames[sent])
+            sent += 1
+        reply = s.recv()
+        t = mono()
+        lat.append((t - sent_at[got]) / 1e9)
+        m = unpackb(reply)
+        if not m.get("ok"):
+            raise RuntimeError(f"request failed: {m}")
+        acks[(m["entry"]["context"], m["entry"]["seq"])] = t
+        got += 1
+    return Sample(n, (mono() - t0) / 1e9, lat), acks
+
+
+# -- meshes --------------------------------------------------------------------------------
+
+MESH_HEARTBEAT_MS = 500  # the node's default, passed explicitly so that the report can say so
+LAG_CONTEXT = "replication-lag"
+REPLICATED_CONTEXT = "bench"  # append_pipelined_replicated's context, as append_pipelined's
+CATCHUP_CONTEXT = "catch-up"
+POLL_S = 0.005  # how often a catch-up is checked (a `head` request to the follower)
+
+
+def hostport(address: str) -> str:
+    return address.split("://", 1)[1]
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            # user nice system idle iowait irq softirq steal (guest time is already in user/nice)
+            vals = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals) - idle) / tick, sum(vals) / tick
+
+
+@dataclass
+class MeshMember:
+    node_id: str
+    data: str
+    log_path: str
+    seeds: list[str]
+    proc: Proc
+    ready_s: float
+
+
+class BenchMesh:
+    """ledger-node processes on loopback forming a mesh, started as tests/integration/test_mesh.py
+    does: node 1 first, every other node seeded with the previous node's address only (gossip does
+    the rest), each with its own `--id` and data folder. Node 1 is the writer of every context the
+    benchmark appends to. Their WARNING/ERROR lines go to `<id>.log` in the work folder."""
+
+    def __init__(self, workdir: str, name: str, size: int, zctx: zmq.Context[Any],
+                 heartbeat_ms: int = MESH_HEARTBEAT_MS) -> None:
+        self.zctx = zctx
+        self.flags = ["--heartbeat-ms", str(heartbeat_ms)]
+        self.heartbeat_s = heartbeat_ms / 1000.0
+        self.members: list[MeshMember] = []
+        self._clients: dict[int, Client] = {}
+        try:
+            for i in range(size):
+                node_id = f"{name}-{i + 1}"
+                data, log_path = os.path.join(workdir, node_id), os.path.join(workdir, f"{node_id}.log")
+                seeds = [hostport(self.members[-1].proc.address)] if self.members else []
+                proc, ready_s = self._launch(node_id, data, log_path, seeds)
+                self.members.append(MeshMember(node_id, data, log_path, seeds, proc, ready_s))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self, node_id: str, data: str, log_path: str, seeds: list[str], listen: str = "127.0.0.1:0",
+                *extra: str) -> tuple[Proc, float]:
+        flags = ["--id", node_id, *self.flags, *extra]
+        if seeds:
+            flags += ["--peers", ",".join(seeds)]
+        return start_node(data, *flags, listen=listen, log_path=log_path, name=node_id)
+
+    @property
+    def writer(self) -> MeshMember:
+        return self.members[0]
+
+    def client(self, i: int) -> Client:
+        c = self._clients.get(i)
+        if c is None:
+            c = self._clients[i] = Client(self.members[i].proc.address, zctx=self.zctx, timeout=10.0)
+        return c
+
+    def _forget_client(self, i: int) -> None:
+        c = self._clients.pop(i, None)
+        if c is not None:
+            c.close()
+
+    def status(self, i: int) -> dict[str, Any]:
+        return self.client(i).status()
+
+    def head(self, i: int, context: str) -> tuple[int, bytes] | None:
+        try:
+            h = self.client(i).head(context)
+        except NotFound:
+            return None
+        return h.size, h.root
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout: float = 60.0, every: float = 0.02) -> float:
+        """Poll `cond` until it holds; the seconds that took. RuntimeError on timeout."""
+        t0 = time.monotonic()
+        while not cond():
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"mesh: timed out after {timeout:g} s waiting for {what}")
+            time.sleep(every)
+        return time.monotonic() - t0
+
+    def formed(self) -> bool:
+        ids = {m.node_id for m in self.members}
+        for i, m in enumerate(self.members):
+            peers = self.status(i)["peers"]
+            alive = {p["id"] for p in peers if p["state"] == "alive" and p.get("pub")}
+            if alive != ids - {m.node_id}:
+                return False
+        return True
+
+    def wait_formed(self, timeout: float = 30.0) -> float:
+        return self.wait(self.formed, "every node to know every other as alive", timeout, every=0.05)
+
+    def holds(self, context: str, size: int, members: Sequence[int] | None = None) -> bool:
+        """Whether those members (default: all) hold `context` at exactly the writer's head, of `size`."""
+        want = self.head(0, context)
+        if want is None or want[0] != size:
+            return False
+        return all(self.head(i, context) == want for i in (members or range(len(self.members))))
+
+    def wait_holds(self, context: str, size: int, members: Sequence[int] | None = None,
+                   timeout: float = 120.0) -> float:
+        return self.wait(lambda: self.holds(context, size, members), f"{context!r} at {size} on every node", timeout)
+
+    def wait_flushed(self, i: int, timeout: float = 30.0) -> float:
+        return self.wait(lambda: self.status(i)["pending_writes"] == 0, f"{self.members[i].node_id} to flush",
+                         timeout)
+
+    def kill(self, i: int) -> None:
+        """kill -9, as a crash would."""
+        self._forget_client(i)
+        p = self.members[i].proc.popen
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+    def restart(self, i: int) -> float:
+        """Start member i again on its own ports and data; the seconds to its ready line."""
+        self._forget_client(i)
+        m = self.members[i]
+        port = m.proc.address.rpartition(":")[2]
+        pub_port = m.proc.pub.rpartition(":")[2]
+        m.proc, m.ready_s = self._launch(m.node_id, m.data, m.log_path, m.seeds, f"127.0.0.1:{port}",
+                                         "--pub-port", pub_port)
+        return m.ready_s
+
+    def log_problems(self, limit: int = 20) -> list[str]:
+        """WARNING/ERROR lines the members logged (their log level is warning)."""
+        out = []
+        for m in self.members:
+            try:
+                with open(m.log_path, errors="replace") as f:
+                    out += [f"{m.node_id}: {line.strip()}" for line in f if " WARNING " in line or " ERROR " in line]
+            except OSError:
+                pass
+        return out[:limit]
+
+    def stop(self) -> None:
+        for i in list(self._clients):
+            self._forget_client(i)
+        for m in self.members:
+            m.proc.stop()
+
+
+class MeshScenarios:
+    """replication_lag and append_pipelined_replicated, on one 3-node mesh (a writer, 2 followers).
+
+    Both drive the writer with pipelined appends (WINDOW in flight) from this process, on a DEALER
+    of their own. replication_lag appends to LAG_CONTEXT, which one `_watchers` helper process
+    watches on both followers (one Client.watch on each): it records when each follower's watcher
+    received each seq, this process when the appender read each acknowledgement, both on
+    CLOCK_MONOTONIC; the lag is their difference, so nothing is added to the writer's work.
+    append_pipelined_replicated is append_pipelined on the writer (no watcher of its context
+    anywhere); after each sample it waits, untimed, until both followers hold everything, so no
+    scenario starts while they still apply entries.
+    """
+
+    def __init__(self, sizes: Sizes, workdir: str, zctx: zmq.Context[Any], payload: bytes, standalone: Proc,
+                 notes: list[str], quiet: bool) -> None:
+        self.sizes = sizes
+        self.workdir = workdir
+        self.zctx = zctx
+        self.payload = payload
+        self.standalone = standalone
+        self.notes = notes
+        self.quiet = quiet
+        self.mesh: BenchMesh | None = None
+        self.watchers: Watchers | None = None
+        self.dealer: Dealer | None = None
+        self.size = {LAG_CONTEXT: 0, REPLICATED_CONTEXT: 0}
+        self.lag_by_follower: dict[str, list[float]] = {}
+        self.before_ack = 0  # receipts at a follower before the appender had read the acknowledgement
+        self.lag_missing = 0
+        self.lag_rate: list[float] = []
+        self.lag_by_tenth: list[list[float]] = [[] for _ in range(10)]  # by position in the round's burst
+        self.followers_done_s: list[float] = []
+        self.cpu: dict[str, dict[str, list[float]]] = {}
+        self.detail: dict[str, Any] = {}
+
+    def _req(self, context: str) -> Callable[[int], dict[str, Any]]:
+        payload = self.payload
+        return lambda i: {"op": "append", "context": context, "key": "k", "payload": payload}
+
+    def start(self) -> None:
+        t = time.monotonic()
+        self.mesh = mesh = BenchMesh(self.workdir, "mesh", 3, self.zctx)
+        mesh.wait_formed()
+        self.dealer = d = Dealer(self.zctx, mesh.writer.proc.address)
+        # warm-up: the writer creates both contexts; both followers hold them before anything is timed
+        for c in (LAG_CONTEXT, REPLICATED_CONTEXT):
+            d.seq(d.frames(50, self._req(c)))
+            self.size[c] = 50
+            mesh.wait_holds(c, 50)
+        followers = mesh.members[1:]
+        self.watchers = Watchers(self.workdir, "lag-watchers", {
+            "nodes": [{"address": m.proc.address, "pub": m.proc.pub, "label": m.node_id} for m in followers],
+            "contexts": [LAG_CONTEXT], "per_context": 1, "record": [LAG_CONTEXT]})
+        for i in range(1, len(mesh.members)):
+            wait_watchers_counted(mesh.client(i), 1, 1)
+        self.detail["setup_s"] = round(time.monotonic() - t, 2)
+        log(f"mesh: 3 nodes formed, lag watchers on {len(followers)} followers in {self.detail['setup_s']} s",
+            self.quiet)
+
+    def _cpu(self) -> list[float]:
+        assert self.mesh is not None
+        return [m.proc.cpu_s() for m in self.mesh.members]
+
+    def measure_standalone(self, fn: Callable[[], Sample]) -> Callable[[], Sample]:
+        """`fn` (append_pipelined on the standalone node), noting the node's CPU per append."""
+        def run() -> Sample:
+            before, mb = self.standalone.cpu_s(), machine_cpu()[0]
+            sample = fn()
+            c = self.cpu.setdefault("append_pipelined", {})
+            c.setdefault("node_cpu_us_per_append", []).append((self.standalone.cpu_s() - before) / sample.ops * 1e6)
+            c.setdefault("machine_busy_cores", []).append((machine_cpu()[0] - mb) / sample.seconds)
+            return sample
+        return run
+
+    def replication_lag(self) -> Sample:
+        assert self.dealer is not None and self.watchers is not None
+        d, n = self.dealer, self.sizes.pipelined
+        frames = d.frames(n, self._req(LAG_CONTEXT))
+        first_seq = self.size[LAG_CONTEXT] + 1
+        cpu0, m0, w0 = self._cpu(), machine_cpu()[0], self.watchers.proc.cpu_s()
+        t0 = time.monotonic_ns()
+        appended, acks = pipelined_acks(d, frames)
+        self.lag_rate.append(appended.ops_per_s)
+        self.size[LAG_CONTEXT] += n
+        rep = self.watchers.wait({LAG_CONTEXT: self.size[LAG_CONTEXT]}, timeout=120)
+        wall = (time.monotonic_ns() - t0) / 1e9
+        cpu1, m1, w1 = self._cpu(), machine_cpu()[0], self.watchers.proc.cpu_s()
+        c = self.cpu.setdefault("replication_lag", {})
+        c.setdefault("writer_cpu_cores", []).append((cpu1[0] - cpu0[0]) / wall)
+        c.setdefault("followers_cpu_cores", []).append((sum(cpu1[1:]) - sum(cpu0[1:])) / wall)
+        c.setdefault("watchers_cpu_cores", []).append((w1 - w0) / wall)
+        c.setdefault("machine_busy_cores", []).append((m1 - m0) / wall)
+        reports = rep["watchers"]
+        got = sum(int(w["count"]) for w in reports)
+        health = watch_health(reports)
+        if not rep["done"] or got != n * len(reports) or health["errors"]:
+            self.lag_missing += n * len(reports) - got
+            self.notes.append(f"replication_lag: the followers' watchers delivered {got} of {n * len(reports)} "
+                              f"entries (caught up: {rep['done']}, ordering errors: {health['errors']})")
+        lat: list[float] = []
+        for w in reports:
+            mine = self.lag_by_follower.setdefault(str(w["node"]), [])
+            for seq, t in w["times"]:
+                a = acks.get((LAG_CONTEXT, seq))
+                if a is None:
+                    continue
+                x = (t - a) / 1e9
+                if x < 0:  # the follower had it before the (busy) appender read its acknowledgement
+                    self.before_ack += 1
+                    x = 0.0
+                lat.append(x)
+                mine.append(x)
+                self.lag_by_tenth[min(9, (seq - first_seq) * 10 // n)].append(x)
+        last_ns = max((int(w["last_ns"]) for w in reports if w["last_ns"]), default=t0 + 1)
+        return Sample(n, (last_ns - t0) / 1e9, lat)
+
+    def append_pipelined_replicated(self) -> Sample:
+        assert self.dealer is not None and self.mesh is not None
+        d, n, mesh = self.dealer, self.sizes.pipelined, self.mesh
+        frames = d.frames(n, self._req(REPLICATED_CONTEXT))
+        before, mb = self._cpu(), machine_cpu()[0]
+        sample = d.pipelined(frames)
+        timed, mt = self._cpu(), machine_cpu()[0]
+        self.size[REPLICATED_CONTEXT] += n
+        t = time.monotonic()  # from the last acknowledgement until both followers hold it all
+        mesh.wait_holds(REPLICATED_CONTEXT, self.size[REPLICATED_CONTEXT], timeout=120)
+        self.followers_done_s.append(time.monotonic() - t)
+        end = self._cpu()
+        c = self.cpu.setdefault("append_pipelined_replicated", {})
+        c.setdefault("writer_cpu_us_per_append", []).append((timed[0] - before[0]) / n * 1e6)
+        c.setdefault("machine_busy_cores", []).append((mt - mb) / sample.seconds)
+        c.setdefault("followers_cpu_cores", []).append((sum(timed[1:]) - sum(before[1:])) / sample.seconds)
+        # each follower's whole cost per entry, until it held everything
+        c.setdefault("follower_cpu_us_per_entry", []).extend(
+            (e - b) / n * 1e6 for e, b in zip(end[1:], before[1:], strict=True))
+        c.setdefault("writer_cpu_us_per_append_until_replicated", []).append((end[0] - before[0]) / n * 1e6)
+        return sample
+
+    def report(self) -> dict[str, Any]:
+        assert self.mesh is not None
+        mesh = self.mesh
+        out = dict(self.detail)
+        lag: dict[str, Any] = {"followers": len(mesh.members) - 1, "window": WINDOW,
+                               "received_before_ack": self.before_ack, "missing": self.lag_missing}
+        if self.lag_rate:
+            lag["append_rate_per_s_median"] = round(statistics.median(self.lag_rate), 1)
+        for f, xs in self.lag_by_follower.items():
+            lag[f] = {"p50_ms": round(pct(xs, 0.5) * 1e3, 2), "p99_ms": round(pct(xs, 0.99) * 1e3, 2),
+                      "max_ms": round(max(xs, default=float("nan")) * 1e3, 2), "n": len(xs)}
+        if self.lag_rate:
+            # a lag that grows from the first tenth of a burst to the last is a backlog at the followers
+            lag["p50_ms_by_tenth_of_burst"] = [round(pct(xs, 0.5) * 1e3, 1) for xs in self.lag_by_tenth]
+            out["replication_lag"] = lag
+        rep: dict[str, Any] = {}
+        if self.followers_done_s:
+            rep["followers_done_after_s_median"] = round(statistics.median(self.followers_done_s), 3)
+            rep["followers_done_after_s_per_round"] = [round(x, 3) for x in self.followers_done_s]
+        if rep:
+            out["append_pipelined_replicated"] = rep
+        for name, c in self.cpu.items():
+            d = out.setdefault(name, {})
+            for k, v in c.items():
+                d[k] = round(statistics.median(v), 2)
+        solo = out.get("append_pipelined", {}).get("node_cpu_us_per_append")
+        writer = out.get("append_pipelined_replicated", {}).get("writer_cpu_us_per_append")
+        if solo and writer:
+            # what the ratio could reach if the writer had a core to itself and the followers others
+            out["append_pipelined_replicated"]["writer_bound_ratio"] = round(solo / writer, 3)
+        nodes = []
+        for i, m in enumerate(mesh.members):
+            st = mesh.status(i)
+            r = st.get("replication", {})
+            nodes.append({"id": m.node_id, "role": "writer" if i == 0 else "follower",
+                          "entries": st.get("entries"), "pushed_entries": r.get("pushed_entries"),
+                          "pulled_entries": r.get("pulled_entries"), "pulled_bytes": r.get("pulled_bytes"),
+                          "published_messages": st.get("published_messages"), "forks": len(st.get("forks", [])),
+                          "rss_mb": round(m.proc.rss_mb(), 1)})
+        out["nodes"] = nodes
+        problems = mesh.log_problems()
+        if problems:
+            out["node_log_problems"] = problems
+            self.notes.append(f"mesh nodes logged {len(problems)} warning(s)/error(s): see mesh.node_log_problems")
+        return out
+
+    def stop(self) -> None:
+        if self.watchers is not None:
+            self.watchers.stop()
+        if self.dealer is not None:
+            self.dealer.close()
+        if self.mesh is not None:
+            self.mesh.stop()
+
+
+def run_catch_up(sizes: Sizes, workdir: str, quiet: bool) -> tuple[list[Sample], dict[str, Any]]:
+    """A follower of a 3-node mesh is killed (-9) and misses `catch_up_entries` entries of one context.
+
+    Each round: wait until the follower has everything on disk, kill -9 it, append the entries to
+    the writer in batches of BATCH (pipelined, 4 in flight), wait (untimed) until the other follower
+    holds them too, restart the killed one on its own ports and data, and time from the restart (the
+    process's start) until its head (size and root) equals the writer's. A sample's ops are the
+    missing entries and its one latency is that time; `first_entry_s` is when its head first moved
+    (the repair starts at the next heartbeat from a peer). The follower's status then says how the
+    entries came: `pulled_entries` should be the missing count, `pulled_bytes` about that many entries.
+    """
+    zctx: zmq.Context[Any] = zmq.Context()
+    payload = os.urandom(PAYLOAD_SIZE)
+    samples: list[Sample] = []
+    rounds: list[dict[str, Any]] = []
+    notes: list[str] = []
+    mesh: BenchMesh | None = None
+    d: Dealer | None = None
+    n = max(BATCH, sizes.catch_up_entries // BATCH * BATCH)
+    try:
+        mesh = BenchMesh(workdir, "catchup", 3, zctx)
+        mesh.wait_formed()
+        d = Dealer(zctx, mesh.writer.proc.address)
+
+        def batch(i: int) -> dict[str, Any]:
+            return {"op": "append_batch", "context": CATCHUP_CONTEXT,
+                    "entries": [{"key": "k", "payload": payload}] * BATCH}
+
+        d.seq(d.frames(1, batch))
+        size = BATCH
+        mesh.wait_holds(CATCHUP_CONTEXT, size)
+        # what one entry costs in a pull reply (a snapshot page of BATCH entries): pulled_bytes
+        # well above missing x this means the same entries were pulled more than once
+        page = d.request({"op": "snapshot", "context": CATCHUP_CONTEXT, "after": 0, "limit": BATCH})
+        entry_bytes = len(page) / BATCH
+        victim = 1
+        for r in range(sizes.rounds):
+            # everything it holds is on disk: the kill takes nothing it had acknowledged to the writer
+            mesh.wait_holds(CATCHUP_CONTEXT, size)
+            mesh.wait_flushed(victim)
+            had = mesh.head(victim, CATCHUP_CONTEXT)
+            assert had is not None
+            mesh.kill(victim)
+            t = time.monotonic()
+            d.pipelined(d.frames(n // BATCH, batch), window=4, count_per_reply=BATCH)
+            append_s = time.monotonic() - t
+            size += n
+            others = [i for i in range(len(mesh.members)) if i != victim]
+            mesh.wait_holds(CATCHUP_CONTEXT, size, others)
+            want = mesh.head(0, CATCHUP_CONTEXT)
+            cpu0 = {i: m.proc.cpu_s() for i, m in enumerate(mesh.members) if i != victim}
+            t0 = time.monotonic()
+            ready_s = mesh.restart(victim)
+            first = 0.0
+            while True:
+                h = mesh.head(victim, CATCHUP_CONTEXT)
+                now = time.monotonic() - t0
+                if h == want:
+                    break
+                if not first and h is not None and h[0] > had[0]:
+                    first = now
+                if now > 300:
+                    raise RuntimeError(f"catch_up: the restarted follower holds {h and h[0]} of {size} entries "
+                                       "after 300 s")
+                time.sleep(POLL_S)
+            catchup_s = time.monotonic() - t0
+            # CPU per caught-up entry: the restarted follower (since its start) and each other node
+            cpu = {m.node_id: round(((m.proc.cpu_s() - cpu0[i]) if i != victim else m.proc.cpu_s()) / n * 1e6, 1)
+                   for i, m in enumerate(mesh.members)}
+            first = first or catchup_s
+            st = mesh.status(victim)
+            rep = st["replication"]
+            samples.append(Sample(n, catchup_s, [catchup_s]))
+            by_peer = {p["id"] or p["address"]: p["pulled_entries"] for p in st["peers"]}
+            rounds.append({
+                "missing": n, "append_s": round(append_s, 2), "ready_s": round(ready_s, 3),
+                "first_entry_s": round(first, 3), "catch_up_s": round(catchup_s, 3),
+                "entries_per_s": round(n / catchup_s, 1),
+                # the rate once entries flow (the first chunk's arrival is when the head first moves)
+                "entries_per_s_after_first": round(n / (catchup_s - first), 1) if catchup_s > first else None,
+                "pulled_entries": rep["pulled_entries"], "pushed_entries": rep["pushed_entries"],
+                "pulled_bytes": rep["pulled_bytes"], "pulled_bytes_per_entry": round(rep["pulled_bytes"] / n, 1),
+                "pulled_bytes_vs_missing": round(rep["pulled_bytes"] / (n * entry_bytes), 2),
+                "pulled_from": by_peer, "cpu_us_per_entry": cpu,
+            })
+            if abs(rep["pulled_entries"] + rep["pushed_entries"] - n) > n // 100:
+                notes.append(f"catch_up round {r + 1}: the follower pulled {rep['pulled_entries']} and was pushed "
+                             f"{rep['pushed_entries']} entries, missing {n}")
+            log(f"catch_up round {r + 1}/{sizes.rounds}: {n:,} entries in {catchup_s:.2f} s "
+                f"({n / catchup_s:,.0f}/s; first entry after {first:.2f} s, ready after {ready_s:.2f} s), "
+                f"pulled {rep['pulled_entries']:,} entries / {rep['pulled_bytes']:,} bytes from {by_peer}", quiet)
+        detail: dict[str, Any] = {"context": CATCHUP_CONTEXT, "nodes": len(mesh.members), "missing_per_round": n,
+                                  "heartbeat_ms": MESH_HEARTBEAT_MS, "entry_bytes_in_a_pull": round(entry_bytes, 1),
+                                  "rounds": rounds, "equal_heads": True, "notes": notes}
+        for k in ("catch_up_s", "first_entry_s", "ready_s", "entries_per_s_after_first", "pulled_bytes_per_entry",
+                  "pulled_bytes_vs_missing"):
+            vals = [x[k] for x in rounds if x[k] is not None]
+            detail[f"{k}_median"] = round(statistics.median(vals), 3) if vals else None
+        problems = mesh.log_problems(limit=100)
+        if problems:
+            # the killed follower is dead to its peers while it is down: expected; anything else is not
+            victim_id = mesh.members[victim].node_id
+            unexpected = [x for x in problems if f" peer {victim_id} " not in x]
+            detail["node_log_problems"] = (unexpected + [x for x in problems if x not in unexpected])[:20]
+            detail["live_peers_declared_dead"] = sum(1 for x in unexpected if " is dead " in x)
+            if unexpected:
+                notes.append(f"catch_up: the mesh nodes logged {len(unexpected)} warning(s)/error(s) not about the "
+                             "killed follower (live peers declared dead: "
+                             f"{detail['live_peers_declared_dead']}): see mesh.catch_up.node_log_problems")
+        return samples, detail
+    finally:
+        if d is not None:
+            d.close()
+        if mesh is not None:
+            mesh.stop()
+        zctx.destroy(linger=0)
+
+
+def run_heartbeat(sizes: Sizes, workdir: str, quiet: bool) -> dict[str, Any]:
+    """The heartbeat's size with `heartbeat_contexts` contexts in sync on a 2-node mesh.
+
+    The writer gets one append to each of that many distinct contexts (pipelined, WINDOW in flight);
+    once the follower holds as many contexts and entries as the writer and a sample of heads
+    match, the two nodes' `replication.heartbeat_bytes` (the last heartbeat each sent) is read, and
+    over a few more heartbeat intervals the reply and pull bytes that moved (in sync: nothing but
+    heartbeats and their replies).
+    """
+    zctx: zmq.Context[Any] = zmq.Context()
+    payload = os.urandom(PAYLOAD_SIZE)
+    mesh: BenchMesh | None = None
+    d: Dealer | None = None
+    n = sizes.heartbeat_contexts
+    try:
+        mesh = BenchMesh(workdir, "hb", 2, zctx)
+        mesh.wait_formed()
+        d = Dealer(zctx, mesh.writer.proc.address)
+        contexts = [f"hb-{i:05d}" for i in range(n)]
+        t = time.monotonic()
+        d.pipelined(d.frames(n, round_robin(contexts, d.next_id, payload)))
+        fill_s = time.monotonic() - t
+
+        def same_counts() -> bool:
+            a, b = mesh.status(0), mesh.status(1)
+            return bool(a["contexts"] == b["contexts"] == n and a["entries"] == b["entries"])
+
+        converge_s = mesh.wait(same_counts, f"the follower to hold {n} contexts", timeout=300, every=0.1)
+        probe = random.Random(5).sample(contexts, min(50, n))
+        mesh.wait(lambda: all(mesh.head(0, c) == mesh.head(1, c) for c in probe), "equal heads", timeout=60)
+        # in sync: let every node send a few heartbeats of the synced state, then look at what moved
+        time.sleep(2 * mesh.heartbeat_s)
+        before = [mesh.status(i) for i in range(2)]
+        time.sleep(4 * mesh.heartbeat_s)
+        after = [mesh.status(i) for i in range(2)]
+        per_node = []
+        for m, b, a in zip(mesh.members, before, after, strict=True):
+            rb, ra = b["replication"], a["replication"]
+            beats = ra["heartbeats_sent"] - rb["heartbeats_sent"]
+            per_node.append({
+                "id": m.node_id, "heartbeat_bytes": ra["heartbeat_bytes"], "heartbeats_in_window": beats,
+                "reply_bytes_per_heartbeat": round((ra["reply_bytes"] - rb["reply_bytes"]) / max(beats, 1), 1),
+                "pulled_bytes_in_window": ra["pulled_bytes"] - rb["pulled_bytes"],
+                "pushed_entries": ra["pushed_entries"], "pulled_entries": ra["pulled_entries"],
+            })
+        hb = max(x["heartbeat_bytes"] for x in per_node)
+        detail: dict[str, Any] = {
+            "contexts": n, "nodes": 2, "heartbeat_ms": MESH_HEARTBEAT_MS, "heartbeat_bytes": hb,
+            "fill_s": round(fill_s, 2), "converge_s": round(converge_s, 2), "per_node": per_node,
+        }
+        log(f"heartbeat_bytes_10k: {n:,} contexts filled in {fill_s:.2f} s, follower in sync after "
+            f"{converge_s:.2f} s more; heartbeat {hb} bytes", quiet)
+        problems = mesh.log_problems()
+        if problems:
+            detail["node_log_problems"] = problems
+            detail["notes"] = [f"heartbeat_bytes_10k: the mesh nodes logged {len(problems)} warning(s)/error(s): "
+                               "see mesh.heartbeat.node_log_problems"]
+        return detail
+    finally:
+        if d is not None:
+            d.close()
+        if mesh is not None:
+            mesh.stop()
+        zctx.destroy(linger=0)
+
+
 # -- the run -----------------------------------------------------------------------------
 
 @dataclass
@@ -641,17 +1249,19 @@ class Sizes:
     watch_appends: int  # appends per round in watch_latency (at WATCH_RATE per second)
     fanout_contexts: int  # watch_fanout: WATCHERS_PER_CONTEXT watchers of each
     fanout_entries: int  # entries appended to each context per fan-out round
+    catch_up_entries: int  # entries a killed follower misses per catch_up round (a multiple of BATCH)
+    heartbeat_contexts: int  # contexts in sync when heartbeat_bytes_10k reads the heartbeat size
 
 
 QUICK = Sizes(rounds=3, seq=1500, pipelined=20_000, batches=30, sync_pipelined=10_000, gets=1500,
               memory_entries=1_000_000, memory_contexts=1000, watch_appends=2000, fanout_contexts=100,
-              fanout_entries=50)
+              fanout_entries=50, catch_up_entries=200_000, heartbeat_contexts=10_000)
 FULL = Sizes(rounds=7, seq=5000, pipelined=60_000, batches=100, sync_pipelined=30_000, gets=5000,
              memory_entries=1_000_000, memory_contexts=1000, watch_appends=5000, fanout_contexts=100,
-             fanout_entries=100)
+             fanout_entries=100, catch_up_entries=200_000, heartbeat_contexts=10_000)
 SMOKE = Sizes(rounds=1, seq=20, pipelined=200, batches=2, sync_pipelined=100, gets=20,
               memory_entries=2000, memory_contexts=10, watch_appends=50, fanout_contexts=100,
-              fanout_entries=3)
+              fanout_entries=3, catch_up_entries=2000, heartbeat_contexts=200)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -683,8 +1293,13 @@ RATIOS: list[tuple[str, str, str, str, str, float]] = [
     ("get_one_p50_vs_raw_echo_seq_p50", "get_one", "p50_us", "raw_echo_seq", "<=", 1.3),
     ("append_pipelined_watched_vs_append_pipelined", "append_pipelined_watched", "ops_per_s", "append_pipelined",
      ">=", 0.9),
+    ("append_pipelined_replicated_vs_append_pipelined", "append_pipelined_replicated", "ops_per_s",
+     "append_pipelined", ">=", 0.8),
 ]
 WATCH_LATENCY_P99_US = 5000
+REPLICATION_LAG_P99_MS = 100
+CATCH_UP_ENTRIES_PER_S = 100_000
+HEARTBEAT_BYTES_MAX = 2048
 
 
 def environment() -> dict[str, Any]:
@@ -729,14 +1344,16 @@ def pair_up(order: list[tuple[str, Callable[[], Sample]]], a: str, b: str, first
 
 
 def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | None,
-                   watch_detail: dict[str, Any] | None = None,
+                   watch_detail: dict[str, Any] | None = None, mesh_detail: dict[str, Any] | None = None,
                    ) -> tuple[dict[str, list[Sample]], dict[str, list[float]], list[str]]:
-    """The interleaved rounds; what the watch scenarios saw besides timings goes to `watch_detail`."""
+    """The interleaved rounds; what the watch and mesh scenarios saw besides timings goes to
+    `watch_detail` and `mesh_detail`."""
     notes: list[str] = []
     detail: dict[str, Any] = {} if watch_detail is None else watch_detail
     zctx: zmq.Context[Any] = zmq.Context()
     procs: list[Proc] = []
     helpers: list[Watchers] = []
+    mesh: MeshScenarios | None = None
     samples: dict[str, list[Sample]] = {}
     per_round: dict[str, list[float]] = {}
     payload = os.urandom(PAYLOAD_SIZE)
@@ -883,6 +1500,12 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
         if watch_on:
             scenarios = [(n, cpu_used(n, fn) if n == "append_pipelined" else fn) for n, fn in scenarios]
             scenarios += [("watch_latency", watch_latency), ("append_pipelined_watched", pipelined_watched)]
+        if only is None or only & set(MESH_SCENARIOS):
+            mesh = MeshScenarios(sizes, workdir, zctx, payload, node, notes, quiet)
+            mesh.start()
+            scenarios = [(n, mesh.measure_standalone(fn) if n == "append_pipelined" else fn) for n, fn in scenarios]
+            scenarios += [("replication_lag", mesh.replication_lag),
+                          ("append_pipelined_replicated", mesh.append_pipelined_replicated)]
         if only:
             scenarios = [s for s in scenarios if s[0] in only]
         # warm-up: connections, caches, lazy imports
@@ -897,6 +1520,8 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
             order = scenarios[:]
             random.Random(r).shuffle(order)  # no scenario always runs first or last
             pair_up(order, "append_pipelined", "append_pipelined_watched", first=r % 2 == 0)
+            # on append_pipelined's other side, so that both stay next to it
+            pair_up(order, "append_pipelined", "append_pipelined_replicated", first=r % 2 == 1)
             this_round: dict[str, Sample] = {}
             for name, fn in order:
                 s = fn()
@@ -929,12 +1554,16 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
                     statistics.median(catchup_s), 3)
                 detail["append_pipelined_watched"]["catchup_s_per_round"] = [round(x, 3) for x in catchup_s]
             wclient.close()
+        if mesh is not None and mesh_detail is not None:
+            mesh_detail.update(mesh.report())
         for dealer in (e, d, sd):
             dealer.close()
         for r_ in (rc, rf):
             if r_ is not None:
                 r_.close()
     finally:
+        if mesh is not None:
+            mesh.stop()
         for h in helpers:
             h.stop()
         for p in procs:
@@ -1075,7 +1704,7 @@ def run_fanout(sizes: Sizes, workdir: str, quiet: bool) -> tuple[list[Sample], d
 
 def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[float]],
                  memory: dict[str, Any] | None, notes: list[str], mode: str,
-                 watch: dict[str, Any] | None = None) -> dict[str, Any]:
+                 watch: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> dict[str, Any]:
     order = [n for n in SCENARIOS if n in samples]
     results = {name: summarize(samples[name]) for name in order}
     ratios: dict[str, Any] = {}
@@ -1097,12 +1726,25 @@ def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[flo
     if watch and "watch_fanout" in watch:
         ok = bool(watch["watch_fanout"]["complete"])
         ratios["watch_fanout_complete"] = {"value": ok, "target": "all", "met": ok}
+    if "replication_lag" in results:
+        ms = round(results["replication_lag"]["p99_us"] / 1000, 2)
+        ratios["replication_lag_p99_ms"] = {"value": ms, "target": f"<= {REPLICATION_LAG_P99_MS}",
+                                            "met": ms <= REPLICATION_LAG_P99_MS}
+    if "catch_up" in results:
+        v = results["catch_up"]["ops_per_s"]
+        ratios["catch_up_entries_per_s"] = {"value": v, "target": f">= {CATCH_UP_ENTRIES_PER_S}",
+                                            "met": v >= CATCH_UP_ENTRIES_PER_S,
+                                            "per_round": [round(x.ops_per_s, 1) for x in samples["catch_up"]]}
+    if mesh and "heartbeat" in mesh:
+        b = mesh["heartbeat"]["heartbeat_bytes"]
+        ratios["heartbeat_bytes_10k_contexts"] = {"value": b, "target": f"<= {HEARTBEAT_BYTES_MAX}",
+                                                  "met": b <= HEARTBEAT_BYTES_MAX}
     if memory:
         ratios["rss_mb_1m_entries"] = {"value": memory["rss_mb"], "target": "<= 300", "met": memory["rss_mb"] <= 300}
         ratios["restart_s_1m_entries"] = {"value": memory["restart_s"], "target": "<= 3",
                                           "met": memory["restart_s"] <= 3}
     return {"mode": mode, "results": results, "ratios": ratios, "memory": memory, "watch": watch or None,
-            "environment": environment(), "notes": notes}
+            "mesh": mesh or None, "environment": environment(), "notes": notes}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -1118,6 +1760,17 @@ def print_table(report: dict[str, Any]) -> None:
               f"(filled in {m['fill_s']:.1f} s); restart to serving {m['restart_s']:.2f} s")
     for name, w in (report.get("watch") or {}).items():
         print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in w.items()))
+    for name, w in (report.get("mesh") or {}).items():
+        if name == "nodes":
+            print("mesh nodes: " + "; ".join(f"{n['id']} ({n['role']}) {n['entries']:,} entries, pushed "
+                                             f"{n['pushed_entries']:,}, pulled {n['pulled_entries']:,}" for n in w))
+        elif name == "node_log_problems":
+            print(f"mesh: {len(w)} warning(s)/error(s) logged by the nodes (in the JSON report)")
+        elif isinstance(w, dict):
+            print(f"mesh {name}: " + ", ".join(f"{k} {v}" for k, v in w.items()
+                                              if k not in ("rounds", "per_node", "node_log_problems")))
+        else:
+            print(f"mesh {name}: {w}")
     print()
     print(f"{'figure':55s} {'value':>10s}  target")
     for name, r in report["ratios"].items():
@@ -1175,9 +1828,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = SMOKE if ns.smoke else QUICK if ns.quick else FULL
     mode_name = "smoke" if ns.smoke else "quick" if ns.quick else "full"
     only = set(ns.only.split(",")) if ns.only else None
+    if only and only - set(SCENARIOS) - set(OTHER_FIGURES):
+        p.error(f"--only: unknown {', '.join(sorted(only - set(SCENARIOS) - set(OTHER_FIGURES)))} "
+                f"(known: {', '.join(SCENARIOS + OTHER_FIGURES)})")
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-")
     os.makedirs(workdir, exist_ok=True)
     watch: dict[str, Any] = {}
+    mesh: dict[str, Any] = {}
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwind, so that every process started so far is stopped
@@ -1190,10 +1847,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples: dict[str, list[Sample]] = {}
         per_round: dict[str, list[float]] = {}
         notes: list[str] = []
-        if only is None or only & (set(SCENARIOS) - {"watch_fanout"}):
-            samples, per_round, notes = run_throughput(sizes, workdir, ns.json, only, watch)
+        if only is None or only & (set(SCENARIOS) - {"watch_fanout", "catch_up"}):
+            samples, per_round, notes = run_throughput(sizes, workdir, ns.json, only, watch, mesh)
         if only is None or "watch_fanout" in only:
             samples["watch_fanout"], watch["watch_fanout"] = run_fanout(sizes, workdir, ns.json)
+        if only is None or "catch_up" in only:
+            samples["catch_up"], mesh["catch_up"] = run_catch_up(sizes, workdir, ns.json)
+            notes += mesh["catch_up"].pop("notes")
+        if only is None or "heartbeat_bytes_10k" in only:
+            mesh["heartbeat"] = run_heartbeat(sizes, workdir, ns.json)
+            notes += mesh["heartbeat"].pop("notes", [])
         memory = None if ns.no_memory or (only and "memory" not in only) else run_memory(sizes, workdir, ns.json)
     except KeyboardInterrupt:
         print("ledger-bench: interrupted", file=sys.stderr)
@@ -1206,7 +1869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old_term)
         if not ns.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(samples, per_round, memory, notes, mode_name, watch)
+    report = build_report(samples, per_round, memory, notes, mode_name, watch, mesh)
     if ns.json:
         print(json.dumps(report))
     else:

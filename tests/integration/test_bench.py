@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,9 @@ pytestmark = pytest.mark.timeout(180)
 LEDGER_SCENARIOS = {"raw_echo_seq", "raw_echo_pipelined", "append_seq", "append_pipelined", "append_batch",
                     "append_sync_pipelined", "get_one", "get_tail100"}
 WATCH_SCENARIOS = {"watch_latency", "append_pipelined_watched", "watch_fanout"}
+MESH_SCENARIOS = {"replication_lag", "append_pipelined_replicated", "catch_up"}
+MESH_FIGURES = {"replication_lag_p99_ms", "append_pipelined_replicated_vs_append_pipelined", "catch_up_entries_per_s",
+                "heartbeat_bytes_10k_contexts"}
 
 
 def _children() -> set[int]:
@@ -41,15 +45,17 @@ def test_smoke_json_report_has_every_scenario_and_ratio(capsys, tmp_path):
     assert _children() <= before, "ledger-bench left processes running"
     report = json.loads(capsys.readouterr().out)
     results = report["results"]
-    assert LEDGER_SCENARIOS | WATCH_SCENARIOS <= set(results)
+    assert LEDGER_SCENARIOS | WATCH_SCENARIOS | MESH_SCENARIOS <= set(results)
     for name, r in results.items():
         assert set(r) == {"ops_per_s", "p50_us", "p99_us", "n"}, name
         assert r["ops_per_s"] > 0 and r["n"] > 0 and r["p50_us"] > 0, name
     assert results["append_batch"]["n"] == bench.SMOKE.batches * bench.BATCH
     for key in ("append_seq_p50_vs_raw_echo_seq_p50", "append_pipelined_vs_raw_echo_pipelined",
                 "get_one_p50_vs_raw_echo_seq_p50", "get_one_p99_us", "rss_mb_1m_entries",
-                "append_pipelined_watched_vs_append_pipelined", "watch_latency_p99_us", "watch_fanout_complete"):
+                "append_pipelined_watched_vs_append_pipelined", "watch_latency_p99_us", "watch_fanout_complete",
+                *MESH_FIGURES):
         assert key in report["ratios"] and isinstance(report["ratios"][key]["met"], bool)
+    assert {"replication_lag", "append_pipelined_replicated", "catch_up", "heartbeat"} <= set(report["mesh"])
     assert report["memory"]["entries"] == bench.SMOKE.memory_entries and report["memory"]["rss_mb"] > 0
     assert report["environment"]["cpus"] >= 1
     try:
@@ -90,6 +96,64 @@ def test_smoke_watch_scenarios_deliver_every_entry_once_in_order(capsys, tmp_pat
     assert ratios["watch_latency_p99_us"]["target"] == "<= 5000"
     assert ratios["append_pipelined_watched_vs_append_pipelined"]["target"] == ">= 0.9"
     assert not report["notes"] or all("Redis" in n for n in report["notes"])
+
+
+def test_smoke_mesh_scenarios_replicate_every_entry_and_catch_up_exactly(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Correctness of what the mesh scenarios measure (never their speed)."""
+    before = _children()
+    assert bench.main(["--smoke", "--json", "--no-memory", "--workdir", str(tmp_path), "--only",
+                       "append_pipelined,replication_lag,append_pipelined_replicated,catch_up,heartbeat_bytes_10k"]) == 0
+    assert _children() <= before, "ledger-bench left processes running"
+    report = json.loads(capsys.readouterr().out)
+    results, ratios, mesh = report["results"], report["ratios"], report["mesh"]
+    assert set(results) == {"append_pipelined"} | MESH_SCENARIOS
+    assert set(ratios) == MESH_FIGURES
+    s = bench.SMOKE
+    # every follower's watcher received every entry appended at the writer, in order
+    lag = mesh["replication_lag"]
+    assert results["replication_lag"]["n"] == s.rounds * s.pipelined and lag["missing"] == 0
+    followers = [k for k in lag if k.startswith("mesh-")]
+    assert sorted(followers) == ["mesh-2", "mesh-3"]
+    for f in followers:
+        assert lag[f]["n"] == s.rounds * s.pipelined, (f, lag[f])
+    assert len(lag["p50_ms_by_tenth_of_burst"]) == 10
+    assert results["append_pipelined_replicated"]["n"] == s.rounds * s.pipelined
+    assert len(mesh["append_pipelined_replicated"]["followers_done_after_s_per_round"]) == s.rounds
+    # the mesh's 3 nodes ended with the same entries, no fork
+    nodes = mesh["nodes"]
+    assert [n["role"] for n in nodes] == ["writer", "follower", "follower"]
+    assert len({n["entries"] for n in nodes}) == 1 and all(n["forks"] == 0 for n in nodes)
+    # catch-up ended with equal heads, and the restarted follower pulled exactly what it missed
+    cu = mesh["catch_up"]
+    assert cu["equal_heads"] is True and len(cu["rounds"]) == s.rounds
+    assert results["catch_up"]["n"] == s.rounds * s.catch_up_entries
+    for r in cu["rounds"]:
+        assert r["missing"] == s.catch_up_entries
+        assert r["pulled_entries"] == s.catch_up_entries and r["pushed_entries"] == 0, r
+        assert r["pulled_bytes"] >= s.catch_up_entries * cu["entry_bytes_in_a_pull"] * 0.99, r
+        assert 0 < r["ready_s"] <= r["first_entry_s"] <= r["catch_up_s"]
+        assert set(r["cpu_us_per_entry"]) == {"catchup-1", "catchup-2", "catchup-3"}
+    assert ratios["catch_up_entries_per_s"]["value"] == results["catch_up"]["ops_per_s"]
+    # heartbeats of contexts in sync: read from both nodes, nothing pulled while in sync
+    hb = mesh["heartbeat"]
+    assert hb["contexts"] == s.heartbeat_contexts and hb["heartbeat_bytes"] > 0
+    assert ratios["heartbeat_bytes_10k_contexts"]["value"] == hb["heartbeat_bytes"]
+    for n in hb["per_node"]:
+        assert n["heartbeat_bytes"] > 0 and n["heartbeats_in_window"] > 0 and n["pulled_bytes_in_window"] == 0, n
+    assert ratios["replication_lag_p99_ms"]["target"] == "<= 100"
+    assert ratios["append_pipelined_replicated_vs_append_pipelined"]["target"] == ">= 0.8"
+    assert ratios["catch_up_entries_per_s"]["target"] == ">= 100000"
+    assert ratios["heartbeat_bytes_10k_contexts"]["target"] == "<= 2048"
+    # nothing missing, no stuck catch-up (node warnings on a loaded machine are reported, not failures)
+    assert all("Redis" in n or "logged" in n for n in report["notes"]), report["notes"]
+
+
+def test_only_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--smoke", "--only", "append_pipelined,no_such_scenario"])
+    assert info.value.code == 2
+    assert "no_such_scenario" in capsys.readouterr().err
 
 
 def test_watcher_state_counts_every_gap_duplicate_and_reorder():
