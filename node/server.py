@@ -41,6 +41,7 @@ FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
 # flusher catches up, so a writer faster than the disk cannot fill the RAM.
 MAX_BUFFERED_KEYS = 200_000
+PUSH_SLICE_S = 0.02  # longest the loop spends applying pushed entries before it serves requests again
 
 
 class Flusher(threading.Thread):
@@ -260,7 +261,12 @@ class Server:
         now = time.monotonic()
         if self.peer_sub in events:
             sub = self.peer_sub
+            # Bounded in time: a flood of pushes (a peer's bulk load) must not keep the
+            # loop from answering requests and heartbeats; the rest waits in the socket.
+            deadline = now + PUSH_SLICE_S
             for _ in range(1000):
+                if time.monotonic() > deadline:
+                    break
                 try:
                     frames = sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:

@@ -83,6 +83,47 @@ def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str
     return out
 
 
+def peek_entries(frames: Sequence[bytes]) -> tuple[str, int, int] | None:
+    """(context, first seq, count) of an `entries` message, from its headers alone.
+
+    Reads the body only up to the first entry's seq (the reference node writes
+    `type` before `entries`, and `context` then `seq` first in each entry), so a
+    receiver can drop a message that brings nothing new without decoding it.
+    None when the message is not such an `entries` message or is laid out
+    otherwise: then decode it in full. Never raises.
+    """
+    if len(frames) != 2:
+        return None
+    name = context_of_topic(frames[0])
+    if name is None:
+        return None
+    u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(frames[1]) + 1)
+    try:
+        u.feed(frames[1])
+        kind = None
+        for _ in range(u.read_map_header()):
+            k = u.unpack()
+            if k == "type":
+                kind = u.unpack()
+            elif k == "entries":
+                if kind != ENTRIES:
+                    return None
+                count = u.read_array_header()
+                if count == 0:
+                    return None
+                for _ in range(u.read_map_header()):
+                    if u.unpack() == "seq":
+                        first = u.unpack()
+                        return (name, first, count) if type(first) is int and first >= 1 else None
+                    u.skip()
+                return None
+            else:
+                u.skip()
+    except Exception:  # any malformation: let the full decoder judge it
+        return None
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class EntriesMsg:
     context: str

@@ -880,3 +880,40 @@ def test_a_different_entry_under_the_last_delivered_seq_is_an_error() -> None:
         c.on_entries([again])
     c.on_entries([entry(3)])  # the same entry again is a plain duplicate
     assert c.duplicates == 1
+
+
+def test_peek_reads_context_first_seq_and_count_from_headers_only() -> None:
+    from protocol.watch import peek_entries
+
+    body = encode_entries(packed_str(CTX), [e.encode() for e in entries(5, 9)])
+    assert peek_entries([topic(CTX), body]) == (CTX, 5, 5)
+    head = encode_head(CTX, 3, 1, bytes(32), "n", "b", 1000, 0)
+    assert peek_entries([topic(CTX), head]) is None  # not entries: decode in full
+    assert peek_entries([topic(CTX), encode_entries(packed_str(CTX), [])]) is None
+    assert peek_entries([b"", body]) is None and peek_entries([topic(CTX)]) is None
+
+
+def test_peek_never_raises_and_agrees_with_the_full_decode_on_mutated_messages() -> None:
+    import random as _random
+
+    from protocol.watch import peek_entries
+
+    seed = int(os.environ.get("LEDGER_FUZZ_SEED", _random.randrange(1 << 30)))
+    rng = _random.Random(seed)
+    base = encode_entries(packed_str(CTX), [e.encode() for e in entries(1, 3)])
+    for _ in range(3000):
+        b = bytearray(base)
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            b = b[: rng.randrange(len(b))]
+        frames = [topic(CTX), bytes(b)]
+        got = peek_entries(frames)
+        if got is None:
+            continue
+        try:
+            m = decode_message(frames)
+        except RemoteProtocolError:
+            continue  # the peek is only a hint; the full decode still judges the message
+        if isinstance(m, EntriesMsg) and m.entries:
+            assert got == (m.context, m.entries[0].seq, len(m.entries)), f"seed {seed}"
