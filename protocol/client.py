@@ -620,6 +620,7 @@ class Watch:
         self.boot: str | None = None
         self.refills = 0
         self.outages = 0
+        self._heard = time.monotonic()  # the last time the node said anything
         self._ready: collections.deque[Entry] = collections.deque()
         self._early: list[watch.WatchMsg] = []
         self._sub: zmq.Socket[Any] | None = None
@@ -756,22 +757,38 @@ class Watch:
                     {"context": self.context, "seq": cur.last},
                 )
 
+    def _ping(self, timeout: float) -> bool:
+        """One ping, waiting at most `timeout`; True when the node answered."""
+        c = self.client
+        rid = c.submit("ping")
+        try:
+            c.result(rid, timeout=max(0.05, timeout))
+            return True
+        except (Timeout, Unavailable):
+            c._sent.pop(rid, None)
+            c._reconnect()
+            return False
+
+    def _left(self) -> float:
+        """Seconds left before `max_outage` runs out, counted from the last word of the node."""
+        if self.max_outage is None:
+            return self.client.timeout
+        return self.max_outage - (time.monotonic() - self._heard)
+
     def _outage(self, why: str) -> None:
         """The node is not answering: wait until it does, then resume where we were."""
         self.outages += 1
         self.on_event("lost", f"node at {self.client.address} is not answering ({why}); retrying")
-        started = time.monotonic()
         while True:
-            if self.max_outage is not None and time.monotonic() - started > self.max_outage:
+            left = self._left()
+            if self.max_outage is not None and left <= 0:
                 raise Unavailable(
                     f"node at {self.client.address} did not come back within {self.max_outage:g} s",
                     {"address": self.client.address},
                 )
-            try:
-                self.client.call("ping", retry=False)
+            if self._ping(min(self.client.timeout, left)):
                 break
-            except (Timeout, Unavailable):
-                continue
+        self._heard = time.monotonic()
         self._check_continuity()
         self.on_event("back", f"node at {self.client.address} is back; resuming after #{self.cursor.last}")
 
@@ -820,14 +837,16 @@ class Watch:
                     self._refill()
                     continue
                 silence = max(3 * self.heartbeat_s, 1.0) + 0.5
+                if self.max_outage is not None:
+                    silence = max(0.05, min(silence, self._left()))
                 if sub.poll(int(silence * 1000), zmq.POLLIN):
+                    self._heard = time.monotonic()
                     self._read_queued(sub)
                     continue
                 # Silence for three heartbeats: a dead node, or a lost subscription.
-                try:
-                    self.client.call("ping", retry=False)
-                except (Timeout, Unavailable):
+                if not self._ping(min(self.client.timeout, self._left())):
                     self._outage("no heartbeat")
+                self._heard = time.monotonic()
                 self._refill()
             except Timeout as exc:
                 self._outage(exc.message)
