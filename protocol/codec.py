@@ -582,7 +582,8 @@ def _map_header(n: int) -> bytes:
     return bytes((0x80 | n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")
 
 
-def _array_header(n: int) -> bytes:
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of n items (to splice pre-encoded items after it)."""
     if n < 16:
         return bytes((0x90 | n,))
     if n < 0x10000:
@@ -606,7 +607,7 @@ def encode_reply(
             if isinstance(rv, bytes):
                 out.append(rv)
             else:
-                out.append(_array_header(len(rv)))
+                out.append(array_header(len(rv)))
                 out.extend(rv)
     return b"".join(out)
 

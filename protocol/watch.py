@@ -30,7 +30,7 @@ from typing import Any
 
 import msgpack
 
-from protocol.codec import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from protocol.codec import PROTOCOL_VERSION, SUPPORTED_VERSIONS, array_header
 from protocol.entry import MAX_CONTEXT_BYTES, Entry, check_name, entry_from_wire
 from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
 
@@ -61,17 +61,9 @@ _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _ENTRIES_HEAD = b"\x84\xa1v\x01\xa4type\xa7entries\xa7context"
 
 
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 0x10000:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
 def encode_entries(context_packed: bytes, blobs: Sequence[bytes]) -> bytes:
     """An `entries` body from already-encoded entry maps (spliced, not re-encoded)."""
-    return b"".join((_ENTRIES_HEAD, context_packed, b"\xa7entries", _array_header(len(blobs)), *blobs))
+    return b"".join((_ENTRIES_HEAD, context_packed, b"\xa7entries", array_header(len(blobs)), *blobs))
 
 
 def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str, boot: str,

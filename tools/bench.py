@@ -629,9 +629,10 @@ def paced_appends(dealer: Dealer, context: str, n: int, rate: float, payload: by
     return (mono() - t0) / 1e9, acks
 
 
-def pipelined_submits(dealer: Dealer, frames: Sequence[bytes], window: int = WINDOW,
-                      ) -> tuple[Sample, dict[tuple[str, int], int]]:
-    """Dealer.pipelined, also noting when each entry's append was sent (monotonic ns).
+def pipelined_timed(dealer: Dealer, frames: Sequence[bytes], window: int = WINDOW, at: str = "ack",
+                    ) -> tuple[Sample, dict[tuple[str, int], int]]:
+    """Dealer.pipelined, also noting per entry (monotonic ns) when its append was sent
+    (`at="submit"`) or when its acknowledgement was read (`at="ack"`).
 
     A pipelined appender reads its acknowledgements late (it is busy sending), often after
     the watchers have the entry: submission is the time a delivery latency can start from.
@@ -641,39 +642,7 @@ def pipelined_submits(dealer: Dealer, frames: Sequence[bytes], window: int = WIN
     unpackb = msgpack.unpackb
     sent_at: list[int] = []
     lat = []
-    submits: dict[tuple[str, int], int] = {}
-    n = len(frames)
-    sent = got = 0
-    t0 = mono()
-    while got < n:
-        while sent < n and sent - got < window:
-            sent_at.append(mono())
-            s.send(frames[sent])
-            sent += 1
-        reply = s.recv()
-        lat.append((mono() - sent_at[got]) / 1e9)
-        m = unpackb(reply)
-        if not m.get("ok"):
-            raise RuntimeError(f"request failed: {m}")
-        submits[(m["entry"]["context"], m["entry"]["seq"])] = sent_at[got]  # replies come in request order
-        got += 1
-    return Sample(n, (mono() - t0) / 1e9, lat), submits
-
-
-def watch_health(reports: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Totals over watchers: ordering errors and what the Watch had to repair."""
-    return {k: sum(int(w[k]) for w in reports) for k in ("errors", "refills", "duplicates", "dropped_ahead", "outages")}
-
-
-def pipelined_acks(dealer: Dealer, frames: Sequence[bytes], window: int = WINDOW,
-                   ) -> tuple[Sample, dict[tuple[str, int], int]]:
-    """Dealer.pipelined, also noting when each entry's acknowledgement was read (monotonic ns)."""
-    s = dealer.s
-    mono = time.monotonic_ns
-    unpackb = msgpack.unpackb
-    sent_at: list[int] = []
-    lat = []
-    acks: dict[tuple[str, int], int] = {}
+    times: dict[tuple[str, int], int] = {}
     n = len(frames)
     sent = got = 0
     t0 = mono()
@@ -688,9 +657,15 @@ def pipelined_acks(dealer: Dealer, frames: Sequence[bytes], window: int = WINDOW
         m = unpackb(reply)
         if not m.get("ok"):
             raise RuntimeError(f"request failed: {m}")
-        acks[(m["entry"]["context"], m["entry"]["seq"])] = t
+        # replies come in request order
+        times[(m["entry"]["context"], m["entry"]["seq"])] = sent_at[got] if at == "submit" else t
         got += 1
-    return Sample(n, (mono() - t0) / 1e9, lat), acks
+    return Sample(n, (mono() - t0) / 1e9, lat), times
+
+
+def watch_health(reports: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Totals over watchers: ordering errors and what the Watch had to repair."""
+    return {k: sum(int(w[k]) for w in reports) for k in ("errors", "refills", "duplicates", "dropped_ahead", "outages")}
 
 
 # -- meshes --------------------------------------------------------------------------------
@@ -938,7 +913,7 @@ class MeshScenarios:
         first_seq = self.size[LAG_CONTEXT] + 1
         cpu0, m0, w0 = self._cpu(), machine_cpu()[0], self.watchers.proc.cpu_s()
         t0 = time.monotonic_ns()
-        appended, acks = pipelined_acks(d, frames)
+        appended, acks = pipelined_timed(d, frames, at="ack")
         self.lag_rate.append(appended.ops_per_s)
         self.size[LAG_CONTEXT] += n
         rep = self.watchers.wait({LAG_CONTEXT: self.size[LAG_CONTEXT]}, timeout=120)
@@ -1668,7 +1643,7 @@ def run_fanout(sizes: Sizes, workdir: str, quiet: bool) -> tuple[list[Sample], d
         for r in range(sizes.rounds):
             frames = d.frames(len(contexts) * sizes.fanout_entries, round_robin(contexts, d.next_id, payload))
             t0 = time.monotonic_ns()
-            _, submits = pipelined_submits(d, frames)
+            _, submits = pipelined_timed(d, frames, at="submit")
             until = {c: (r + 1) * sizes.fanout_entries for c in contexts}
             for h in helpers:
                 h.request({c: until[c] for c in contexts if c in h.contexts}, timeout=120)

@@ -246,6 +246,26 @@ def test_a_fixed_seed_replays_the_same_history():
     assert a == b
 
 
+def perfect_pair(a: str, b: str, seed: int) -> Network:
+    """A perfect network and two nodes, `b` seeded with `a`."""
+    net = Network(random.Random(seed), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    nodes[a] = SimNode(a, net, [])
+    nodes[b] = SimNode(b, net, [a])
+    return net
+
+
+def steps(net: Network, first: int, last: int, at: dict[int, Any] | None = None) -> None:
+    """Run steps first..last-1 of every node and the network; `at[step]()` runs before that step."""
+    for step in range(first, last):
+        if at and step in at:
+            at[step]()
+        for node in nodes.values():
+            node.step(step * STEP)
+        deliver(net, step * STEP)
+
+
 def test_the_fork_rule_is_the_same_seen_from_either_side():
     from node.mesh import canonical_writer
 
@@ -259,24 +279,13 @@ def test_the_fork_rule_is_the_same_seen_from_either_side():
 
 
 def test_two_sides_of_a_partition_create_one_context_and_converge_on_one_history():
-    net = Network(random.Random(3), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    nodes["a"] = SimNode("a", net, [])
-    nodes["b"] = SimNode("b", net, ["a"])
+    net = perfect_pair("a", "b", 3)
     net.cut = {frozenset(("a", "b"))}
     for i in range(4):
         nodes["a"].ledger.append(codec.Append("x", "", f"a{i}".encode(), {}))
     for i in range(7):
         nodes["b"].ledger.append(codec.Append("x", "", f"b{i}".encode(), {}))
-    now = 0.0
-    for step in range(200):
-        now = step * STEP
-        if step == 20:
-            net.cut = set()  # heal
-        for node in nodes.values():
-            node.step(now)
-        deliver(net, now)
+    steps(net, 0, 200, {20: net.cut.clear})  # heal at step 20
     a, b = nodes["a"].ledger, nodes["b"].ledger
     assert (a.contexts["x"].size, a.contexts["x"].frontier.root()) == (b.contexts["x"].size,
                                                                        b.contexts["x"].frontier.root())
@@ -286,26 +295,16 @@ def test_two_sides_of_a_partition_create_one_context_and_converge_on_one_history
 
 
 def test_a_writer_that_lost_its_tail_and_wrote_again_is_followed_and_the_old_tail_kept():
-    net = Network(random.Random(4), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    nodes["w"] = SimNode("w", net, [])
-    nodes["f"] = SimNode("f", net, ["w"])
+    net = perfect_pair("w", "f", 4)
     for i in range(10):
         nodes["w"].ledger.append(codec.Append("log", "", f"old{i}".encode(), {}))
-    for step in range(40):
-        for node in nodes.values():
-            node.step(step * STEP)
-        deliver(net, step * STEP)
+    steps(net, 0, 40)
     assert nodes["f"].ledger.contexts["log"].size == 10
     # w comes back from a crash that lost its last entries (async durability), then writes others
     nodes["w"] = SimNode("w", net, ["f"])
     for i in range(6):
         nodes["w"].ledger.append(codec.Append("log", "", f"new{i}".encode(), {}))
-    for step in range(40, 200):
-        for node in nodes.values():
-            node.step(step * STEP)
-        deliver(net, step * STEP)
+    steps(net, 40, 200)
     w, f = nodes["w"].ledger, nodes["f"].ledger
     assert (f.contexts["log"].size, f.contexts["log"].frontier.root()) == (6, w.contexts["log"].frontier.root())
     assert [c.size for c in f.aside["log"]] == [10]
