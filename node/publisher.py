@@ -206,5 +206,5 @@ class Publisher:
             "watch_heartbeats": self.heartbeats,
             "publish_errors": self.errors,
             "publish_errors_by_context": dict(list(self.errors_by_context.items())[:100]),
-            "heartbeat_ms": self.heartbeat_ms,
+            "watch_heartbeat_ms": self.heartbeat_ms,
         }
