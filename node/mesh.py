@@ -344,15 +344,15 @@ class Mesh:
             else:
                 self._forget(p)
             return
-        lamport = reply.get("lamport")
-        self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)
         nid = reply.get("node_id")
         if isinstance(nid, str) and p.node_id != nid:
             if nid == self.ledger.node_id:
                 log.warning("%s is this node itself; forgetting it as a peer", address)
                 self.peers.pop(address, None)
                 return
-            self._peer(address, nid)
+            p = self._peer(address, nid) or p  # learn the id first, so the log can name it
+        lamport = reply.get("lamport")
+        self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)
         if isinstance(reply.get("pub"), str) or isinstance(reply.get("boot"), str):
             self._learn(p, {k: reply[k] for k in ("pub", "boot") if k in reply}, now)
         rid = reply.get("id")
@@ -470,8 +470,8 @@ class Mesh:
             theirs = served is not None and served != me and p.node_id == served
         f = self.forks.get(ctx.name)
         if f is None or not f.set_aside:
-            log.error("FORK: context %r differs between this node (writer %s, %d entries) and %s "
-                      "(writer %s, %d entries); both histories are kept; serving %s", ctx.name, ctx.writer,
+            log.error("FORK: context %r differs between this node (writer %s's history, %d entries) and peer %s "
+                      "(writer %s's history, %d entries); both histories are kept; serving %s", ctx.name, ctx.writer,
                       ctx.size, p.node_id, peer_writer, peer_size,
                       f"{served}'s" if served else "this node's until the writer is compared")
             f = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size, peer_size,

@@ -68,7 +68,7 @@ def start_member(name: str, data: str, listen: str, peers: list[str], extra: Seq
     while not m.ready.wait(0.05):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_members([m])
-            tail = "\n".join(m.lines[-10:])
+            tail = "\n".join(m.lines[-40:])  # a usage error is ~30 lines: show it whole
             raise ClusterError(f"node {name} did not start:\n{tail}")
     return m
 
