@@ -410,13 +410,15 @@ class Ledger:
 
     # -- replicas ------------------------------------------------------------------
 
-    def apply_replicated(self, name: str, entries: list[Entry], blobs: list[bytes] | None = None) -> ContextState:
+    def apply_replicated(self, name: str, entries: list[Entry], root: bytes | None = None) -> ContextState | None:
         """Append entries another node wrote, extending the local replica of `name`.
 
         They must start right after the replica's last seq, be consecutive, carry
         valid leaf hashes and name the context's writer; anything else raises
-        (IntegrityError, Conflict) before anything is stored. The clock advances
-        past every lamport received.
+        (IntegrityError, Conflict) before anything is stored. With `root` (the
+        sender's root at the last entry's seq), the entries must reproduce it too:
+        when they do not, the histories differ, nothing is stored and the result
+        is None. The clock advances past every lamport received.
         """
         if not entries:
             raise BadRequest("no entries to apply")
@@ -431,18 +433,53 @@ class Ledger:
             raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
                            {"context": name})
         size = ctx.size if ctx is not None else 0
-        for i, e in enumerate(entries):
-            if e.context != name or e.seq != size + 1 + i or e.writer != writer:
-                raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
-            e.verify()
-        if ctx is None:
-            ctx = self._create(name, writer)
+        cb, wb = name.encode(), writer.encode()
+        # One pass checks every entry and builds the new frontier on a copy; the
+        # replica changes only once all of it holds (it runs once per replicated entry).
+        frontier = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
+        fappend = frontier.append
+        nodes: list[tuple[int, int, bytes]] = []
+        seq = size
         max_lamport = 0
-        for i, e in enumerate(entries):
-            blob = blobs[i] if blobs is not None else e.encode()
-            self._store(ctx, e.seq, e.key, blob, e.hash, e.lamport)
+        for e in entries:
+            seq += 1
+            if e.seq != seq or e.context != name or e.writer != writer:
+                raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
+            h = e.hash
+            if leaf_hash_raw(cb, seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns, wb) != h:
+                raise IntegrityError(f"entry {name!r}#{seq} does not match its hash")
+            nodes += fappend(h, STORED_MIN_LEVEL)
             if e.lamport > max_lamport:
                 max_lamport = e.lamport
+        if root is not None and frontier.root() != root:
+            return None
+        if ctx is None:
+            ctx = self._create(name, writer)
+        ctx.frontier = frontier
+        cid = ctx.id
+        pending = self.pending
+        for level, index, nh in nodes:
+            pending[_node_key(cid, level, index)] = nh
+        tail = ctx.tail
+        hot_append = self._hot.append
+        cp, wp = ctx.name_packed, packed_str(writer)
+        nbytes = 0
+        for e in entries:
+            # re-encoded rather than kept as received: every node stores the canonical bytes
+            seq = e.seq
+            blob = encode_entry_parts(cp, seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
+            pending[_entry_key(cid, seq)] = blob
+            tail[seq] = (e.key, blob)
+            n = len(blob) + HOT_ENTRY_OVERHEAD
+            hot_append((cid, seq, n))
+            nbytes += n
+        ctx.size = seq
+        ctx.last_lamport = entries[-1].lamport
+        self.hot_bytes += nbytes
+        self.pending_bytes += nbytes
+        self._dirty[ctx] = seq
+        self._digest_dirty.add(ctx)
+        self.entries_total += len(entries)
         self.observe(max_lamport)
         return ctx
 
@@ -470,13 +507,6 @@ class Ledger:
                 return ctx
         ctx = self.contexts.get(name)
         return ctx if ctx is not None and ctx.writer == writer else None
-
-    def replica_frontier_check(self, ctx: ContextState | None, entries: list[Entry], root: bytes) -> bool:
-        """Whether `entries` on top of the replica give `root` (computed on a copy; nothing stored)."""
-        f = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
-        for e in entries:
-            f.append(e.hash)
-        return f.root() == root
 
     def digest(self, nbuckets: int) -> list[int]:
         """Per bucket (mmh3 of the name), the XOR of an 8-byte hash of (name, size, root)

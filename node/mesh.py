@@ -40,9 +40,13 @@ from protocol.errors import Conflict, LedgerError, NotWriter, RemoteProtocolErro
 
 log = logging.getLogger(__name__)
 
-PULL_CHUNK = 2_000  # entries per verified pull chunk: applying one holds the loop ~50 ms
+PULL_CHUNK = 2_000  # entries per verified pull chunk: applying one holds the loop ~10 ms
+PULL_WINDOW = 2  # pull chunks in flight to one peer
 HEADS_PAGE = 2_000
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
+# A heartbeat that could not be sent (the connection to a peer is still being made, as right
+# after start-up) is tried again this soon, not a whole interval later.
+RETRY_UNSENT_S = 0.01
 # A peer that is not a seed and stays dead this many dead-after spans is forgotten
 # (10 heartbeats x 500 ms x 60 = 5 minutes by default): its address may be reused
 # by a node that never meant to join this mesh.
@@ -146,9 +150,12 @@ class Mesh:
         self._refused: set[str] = set()  # addresses of other clusters, warned about once
         self.ack_due: dict[str, str] = {}  # context -> its writer, to be told how far we hold it
         self.pulling: dict[str, str] = {}  # context -> the peer it is being pulled from
+        self.pull_end: dict[str, int] = {}  # context -> end of the last chunk asked for
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
+        self.unsent: set[str] = set()  # peers whose last heartbeat could not be sent
+        self._last_retry = -1e18
         self.beats = 0
         self.pushed_entries = 0
         self.skipped_pushes = 0  # pushed messages dropped unread (nothing new in them)
@@ -247,9 +254,12 @@ class Mesh:
         """Liveness and heartbeats; call often (every loop turn is fine)."""
         self.now = now
         if now - self.last_beat < self.heartbeat_s:
+            if self.unsent and now - self._last_retry >= RETRY_UNSENT_S:
+                self._retry_unsent(now)
             return
         self.last_beat = now
         self.beats += 1
+        self.unsent = set()
         fields = self.heartbeat_fields()
         for p in list(self.peers.values()):
             if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
@@ -272,7 +282,21 @@ class Mesh:
                 continue
             if self._send(p, "heartbeat", fields) is not None:
                 self.heartbeats_sent += 1
+            elif p.state != DEAD:
+                self.unsent.add(p.address)
+        self._last_retry = now
         self._expire_requests(now)
+
+    def _retry_unsent(self, now: float) -> None:
+        self._last_retry = now
+        fields = self.heartbeat_fields()
+        for address in list(self.unsent):
+            p = self.peers.get(address)
+            if p is None or p.state == DEAD:
+                self.unsent.discard(address)
+            elif self._send(p, "heartbeat", fields) is not None:
+                self.heartbeats_sent += 1
+                self.unsent.discard(address)
 
     def _forget(self, p: Peer) -> None:
         self.peers.pop(p.address, None)
@@ -313,11 +337,18 @@ class Mesh:
             raise Conflict(f"this node belongs to cluster {self.cluster!r}, not {hb.cluster!r}",
                            {"cluster": self.cluster})
         p = self._peer(hb.address, hb.node_id)
+        fresh = False
         if p is not None:
+            # a node just (re)started or back from the dead: answer with our digest, so it
+            # can start its repair now rather than at our next heartbeat
+            fresh = p.state != ALIVE or p.boot != hb.boot
             self._heard(p, now, hb.lamport)
             self._learn(p, hb.as_map(), now)
-        return {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
-                "address": self.address, "pub": self.pub, "cluster": self.cluster}
+        out = {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
+               "address": self.address, "pub": self.pub, "cluster": self.cluster}
+        if fresh:
+            out["digest"] = digest.encode(self.ledger.digest(NBUCKETS))
+        return out
 
     def rpc_sync_heads(self, req: codec.SyncHeads) -> dict[str, Any]:
         heads, more = self.ledger.heads_in_buckets(set(req.buckets), req.nbuckets, req.after, HEADS_PAGE)
@@ -354,7 +385,7 @@ class Mesh:
         lamport = reply.get("lamport")
         self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)
         if isinstance(reply.get("pub"), str) or isinstance(reply.get("boot"), str):
-            self._learn(p, {k: reply[k] for k in ("pub", "boot") if k in reply}, now)
+            self._learn(p, {k: reply[k] for k in ("pub", "boot", "digest") if k in reply}, now)
         rid = reply.get("id")
         req = self.pending.pop(rid, None) if type(rid) is int else None
         if req is None:
@@ -405,13 +436,15 @@ class Mesh:
         if ctx is not None and ctx.writer == self.ledger.node_id:
             return  # ours: a peer cannot extend it (a fork shows in the digest)
         try:
-            ctx = self.ledger.apply_replicated(m.context, entries)
+            applied = self.ledger.apply_replicated(m.context, entries)
         except LedgerError as exc:
             log.warning("pushed entries of %r not applied: %s", m.context, exc)
             return
+        if applied is None:
+            return  # not reached: without a root to match, entries that extend the replica apply
         self.pushed_entries += len(entries)
-        self.ack_due[ctx.name] = ctx.writer
-        self.on_applied(ctx)
+        self.ack_due[applied.name] = applied.writer
+        self.on_applied(applied)
 
     # -- repair ---------------------------------------------------------------------------
 
@@ -487,9 +520,16 @@ class Mesh:
         p.pulls.clear()
         for name in [n for n, a in self.pulling.items() if a == p.address]:
             del self.pulling[name]
+            self.pull_end.pop(name, None)
+
+    def _in_flight(self, p: Peer, op: str) -> int:
+        return sum(1 for a, o, _f, _t in self.pending.values() if a == p.address and o == op)
 
     def _next_pull(self, p: Peer) -> None:
-        while p.pulls:
+        """Ask `p` for the next chunks of the first context it has that we lack, keeping up to
+        PULL_WINDOW chunks in flight: the peer reads and sends one while this node applies another."""
+        inflight = self._in_flight(p, "snapshot")
+        while p.pulls and inflight < PULL_WINDOW:
             name, target, root = p.pulls[0]
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
@@ -501,15 +541,21 @@ class Mesh:
                 p.pulls.pop(0)
                 if owner == p.address:
                     del self.pulling[name]
+                    self.pull_end.pop(name, None)
                 continue
-            end = min(target, size + PULL_CHUNK)
-            fields = {"context": name, "size": end, "after": size, "limit": end - size}
-            if self._send(p, "snapshot", fields) is not None:
-                self.pulling[name] = p.address
-                p.syncing = True
-                return
-            break
-        p.syncing = False
+            start = max(size, self.pull_end.get(name, 0))
+            if start >= target:
+                if inflight:
+                    break  # every chunk of it is asked for: wait for them
+                start = size  # asked for, but the replies were lost
+            end = min(target, start + PULL_CHUNK)
+            fields = {"context": name, "size": end, "after": start, "limit": end - start}
+            if self._send(p, "snapshot", fields) is None:
+                break
+            self.pulling[name] = p.address
+            self.pull_end[name] = end
+            inflight += 1
+        p.syncing = inflight > 0 or self._in_flight(p, "sync_heads") > 0
 
     def _on_chunk(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         name = fields["context"]
@@ -524,24 +570,31 @@ class Mesh:
         entries = [e for e in entries if e.seq > size]  # pushes may have moved us on meanwhile
         if entries and entries[0].seq == size + 1:
             whole = entries[-1].seq == end
-            if whole and not self.ledger.replica_frontier_check(ctx, entries, root):
-                self._drop_pulls(p)
-                p.syncing = False
-                self._fork(p, ctx, end, root, entries[0].writer)
-                self._next_pull(p)
-                return
             if whole:
-                ctx = self.ledger.apply_replicated(name, entries)
+                applied = self.ledger.apply_replicated(name, entries, root)
+                if applied is None:
+                    # the chunk is sound but does not end at the sender's root: two histories
+                    self._drop_pulls(p)
+                    p.syncing = False
+                    self._fork(p, ctx, end, root, entries[0].writer)
+                    self._next_pull(p)
+                    return
                 self.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
-                self.ack_due[ctx.name] = ctx.writer
-                self.on_applied(ctx)
+                self.ack_due[applied.name] = applied.writer
+                self.on_applied(applied)
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
                 f2 = {"context": name, "size": last, "after": size, "limit": last - size}
+                self.pull_end[name] = last
                 if self._send(p, "snapshot", f2) is not None:
                     return
+                self.pull_end.pop(name, None)
+        else:
+            # nothing of it extends the replica (a chunk asked for ahead of one that failed,
+            # or one that pushes overtook): the next request starts from what we hold
+            self.pull_end.pop(name, None)
         self._next_pull(p)
 
     # -- acknowledgements (replicas=N) -------------------------------------------------------

@@ -41,7 +41,7 @@ FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
 # flusher catches up, so a writer faster than the disk cannot fill the RAM.
 MAX_BUFFERED_KEYS = 200_000
-PUSH_SLICE_S = 0.02  # longest the loop spends applying pushed entries before it serves requests again
+PUSH_SLICE_S = 0.02  # longest the loop spends applying pushes (or peer replies) before it serves requests again
 
 
 class Flusher(threading.Thread):
@@ -275,10 +275,15 @@ class Server:
                     self.mesh.on_push(frames)
                 except Exception:
                     log.exception("applying a pushed message failed; repair will fetch it")
+        # Replies too (a pull chunk takes ~10 ms to apply, and with chunks asked for ahead
+        # the next one is already waiting): requests get served between them.
+        deadline = time.monotonic() + PUSH_SLICE_S
         for s, address in list(self.peer_addr.items()):
             if s not in events:
                 continue
             for _ in range(100):
+                if time.monotonic() > deadline:
+                    break
                 try:
                     frames = s.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:

@@ -280,3 +280,52 @@ def test_decode_entry_rejects_invalid_utf8_in_strings():
     assert bad != good
     with pytest.raises(RemoteProtocolError):
         decode_entry(bad)
+
+
+# -- entry_from_wire's fast path (plain ASCII names, no metadata) --------------------------------
+# The fast path must accept exactly what the full checks accept and build the same Entry;
+# anything it does not take falls through to the full checks and their error messages.
+
+PLAIN = dict(metadata={})
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f, v in BAD_VALUES if f != "metadata"],
+                         ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_VALUES) if f != "metadata"])
+def test_the_fast_path_rejects_what_the_full_checks_reject(field, value):
+    err = expect_bad(wire(**PLAIN, **{field: value}))
+    with pytest.raises(RemoteProtocolError) as full:
+        E._entry_from_wire_checked(wire(**PLAIN, **{field: value}))
+    assert err.message == full.value.message
+
+
+def test_the_fast_path_builds_an_entry_equal_to_the_constructor():
+    e = make_entry(metadata={})
+    back = entry_from_wire(e.to_wire())
+    assert back == e and type(back) is Entry
+    back.verify()
+    with pytest.raises(AttributeError):
+        back.seq = 8  # type: ignore[misc]  # still frozen
+
+
+names = st.text(min_size=1, max_size=12)
+
+
+@FAST
+@given(context=names, key=st.text(max_size=12), writer=names, seq=st.integers(0, 2**64),
+       lamport=st.integers(-1, 2**64), metadata=st.sampled_from([{}, {"a": "b"}, None, [], {"é": "x"}]),
+       payload=st.sampled_from([b"", b"p", "p", None]), h=st.sampled_from([b"h" * 32, b"h" * 31, None]),
+       extra=st.booleans())
+def test_the_fast_path_and_the_full_checks_agree(context, key, writer, seq, lamport, metadata, payload, h, extra):
+    m: dict[str, Any] = dict(context=context, seq=seq, key=key, payload=payload, metadata=metadata,
+                             lamport=lamport, ts_ns=5, writer=writer, hash=h)
+    if extra:
+        m["extra"] = 1  # unknown fields are ignored by both
+    try:
+        want: Entry | str = E._entry_from_wire_checked(m)
+    except RemoteProtocolError as exc:
+        want = exc.message
+    try:
+        got: Entry | str = entry_from_wire(m)
+    except RemoteProtocolError as exc:
+        got = exc.message
+    assert got == want

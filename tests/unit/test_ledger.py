@@ -328,3 +328,74 @@ def test_aborted_load_drops_its_staged_entries():
     dst.load(codec.Load("ctx", "L9", 10, header["root"], (), abort=True), sync=False)
     assert not any(k.startswith(st.STAGE) for k in keys_of(dst.kv))
     assert dst.status()["loads_in_progress"] == 0 and "ctx" not in dst.contexts
+
+
+# -- replicas: apply_replicated ------------------------------------------------------------------
+
+
+def writer_with(n: int, ctx: str = "c1", **kw) -> tuple[Ledger, list[Entry], list[bytes]]:
+    w = make(node_id="w1")
+    blobs = [w.append(codec.Append(context=ctx, key="k", payload=bytes([i]) * 10, metadata=kw.get("metadata", {}))
+                      ).blobs[0] for i in range(n)]
+    return w, [decode_entry(b) for b in blobs], blobs
+
+
+@pytest.mark.parametrize("metadata", [{}, {"trace": "t-1", "é": "ü"}])
+def test_a_replica_stores_the_writers_bytes_and_reaches_its_root(metadata):
+    w, es, blobs = writer_with(7, metadata=metadata)
+    r = make(node_id="r1")
+    ctx = r.apply_replicated("c1", es[:3])
+    ctx = r.apply_replicated("c1", es[3:], w.head("c1")["root"])
+    assert ctx is not None and ctx.writer == "w1" and ctx.size == 7
+    assert r.head("c1")["root"] == w.head("c1")["root"]
+    assert r.get(codec.Get("c1"))[0] == blobs  # byte-identical
+    assert r.clock.value >= es[-1].lamport  # the clock moved past what it received
+    assert st.entry_key(ctx.id, 7) in r.pending
+
+
+def test_entries_that_miss_the_senders_root_store_nothing():
+    w, es, _ = writer_with(6)
+    r = make(node_id="r1")
+    r.apply_replicated("c1", es[:2])
+    before = dict(r.pending), r.contexts["c1"].frontier.root()
+    other, _, _ = writer_with(6, "x")  # any other root
+    assert r.apply_replicated("c1", es[2:], other.head("x")["root"]) is None
+    ctx = r.contexts["c1"]
+    assert ctx.size == 2 and (dict(r.pending), ctx.frontier.root()) == before and 3 not in ctx.tail
+    # a chunk for a context it does not hold yet creates nothing either
+    r2 = make(node_id="r2")
+    assert r2.apply_replicated("c1", es, other.head("x")["root"]) is None
+    assert "c1" not in r2.contexts and not r2.pending
+
+
+@pytest.mark.parametrize("case", ["tampered", "gap", "other-context", "mixed-writers"])
+def test_unsound_replicated_entries_raise_before_anything_is_stored(case):
+    from dataclasses import replace
+
+    w, es, _ = writer_with(5)
+    r = make(node_id="r1")
+    r.apply_replicated("c1", es[:1])
+    batch = es[1:]
+    if case == "tampered":
+        batch = [batch[0], replace(batch[1], payload=b"forged"), *batch[2:]]
+    elif case == "gap":
+        batch = [batch[0], *batch[2:]]
+    elif case == "other-context":
+        batch = [batch[0], replace(batch[1], context="c2"), *batch[2:]]
+    else:
+        batch = [batch[0], replace(batch[1], writer="w2"), *batch[2:]]
+    pending = dict(r.pending)
+    with pytest.raises(IntegrityError):
+        r.apply_replicated("c1", batch)
+    assert r.contexts["c1"].size == 1 and r.pending == pending
+
+
+def test_replicated_entries_never_extend_a_context_of_another_writer_or_our_own():
+    _, es, _ = writer_with(2)
+    own = make(node_id="w1")
+    with pytest.raises(Conflict):
+        own.apply_replicated("c1", es)  # entries naming this node as their writer
+    r = make(node_id="r1")
+    app(r, "c1")  # r writes c1 itself
+    with pytest.raises(Conflict):
+        r.apply_replicated("c1", es)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from node import mesh as mesh_mod
 from node.ledger import Ledger
 from node.mesh import ALIVE, Mesh
 from node.storage import MemoryKV
@@ -86,6 +87,9 @@ class SimNode:
     def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
         self.rid += 1
         self.net.send(self.now, "req", self.name, address, codec.encode_request(op, self.rid, fields))
+        if op == "snapshot":
+            pulls = 1 + self.mesh._in_flight(self.mesh.peers[address], "snapshot")
+            max_in_flight[0] = max(max_in_flight[0], pulls)
         return self.rid
 
     def subscribe(self, pub_address: str) -> None:
@@ -130,6 +134,7 @@ class SimNode:
 
 
 nodes: dict[str, SimNode] = {}
+max_in_flight = [0]  # most pull chunks ever in flight from one node to one peer
 
 
 def deliver(net: Network, now: float) -> None:
@@ -166,7 +171,8 @@ def check_invariants(appended: dict[str, list[bytes]], writer_of: dict[str, str]
         assert not node.mesh.forks, node.mesh.forks
 
 
-def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400) -> dict[str, Any]:
+def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400, heal_steps: int | None = None
+        ) -> dict[str, Any]:
     rng = random.Random(seed)
     net = Network(rng, drop=0.1, dup=0.05, max_delay=0.3)
     nodes.clear()
@@ -178,10 +184,11 @@ def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400) -> d
     appended: dict[str, list[bytes]] = {c: [] for c in writer_of}
     now = 0.0
     partition_until = -1.0
-    for step in range(steps):
+    fault_steps = int(steps * 0.7)
+    for step in range(fault_steps + (steps - fault_steps if heal_steps is None else heal_steps)):
         now = step * STEP
         # faults: a partition now and then, a node paused (no processing, messages lost) now and then
-        if step < steps * 0.7:
+        if step < fault_steps:
             if now > partition_until and rng.random() < 0.02:
                 side = set(rng.sample(names, rng.randrange(1, n_nodes)))
                 net.cut = {frozenset((a, b)) for a in side for b in names if b not in side}
@@ -238,6 +245,17 @@ def test_replicas_stay_prefixes_and_converge_under_drops_duplicates_delays_parti
     stats = run(seed)
     # both paths did real work: pushes and repairs of what the faults lost
     assert stats["entries"] > 0 and stats["pushed"] > 0 and stats["pulled"] > 0, stats
+
+
+@pytest.mark.parametrize("seed", seeds()[:3])
+def test_pulls_of_many_small_chunks_several_in_flight_stay_prefixes_and_converge(seed, monkeypatch):
+    # Tiny chunks: every repair is many chunks, PULL_WINDOW of them asked for ahead, with
+    # their replies dropped, duplicated and reordered by the network.
+    monkeypatch.setattr(mesh_mod, "PULL_CHUNK", 20)
+    print(f"mesh simulation seed {seed} (replay: LEDGER_SIM_SEED={seed})")
+    stats = run(seed, heal_steps=600)  # 30 s of healing: repairs come 20 entries at a time
+    assert stats["pulled"] > 0, stats
+    assert max_in_flight[0] >= 2, "never more than one chunk in flight: the window was not exercised"
 
 
 def test_a_fixed_seed_replays_the_same_history():
@@ -368,3 +386,76 @@ def test_another_node_answering_at_a_known_address_is_a_new_peer_not_a_restart()
     with pytest.raises(Conflict, match="cluster 'ledger', not 'other'"):
         m.rpc_heartbeat(hb("stranger", "other"), 3.0)
     assert m.peers["h:1"].node_id == "new"
+
+
+def test_a_restarted_node_starts_its_repair_from_the_reply_to_its_first_heartbeat():
+    # The writer answers a heartbeat from a node that restarted (a new boot) with its digest,
+    # so the restarted node pulls at once instead of waiting for the writer's own next heartbeat.
+    net = Network(random.Random(7), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    nodes["a"] = SimNode("a", net, [])
+    nodes["b"] = SimNode("b", net, ["a"])
+    for i in range(30):
+        nodes["a"].ledger.append(codec.Append("notes", "", bytes([i]), {}))
+    step = 0
+
+    def run_for(seconds: float) -> None:
+        nonlocal step
+        for _ in range(int(seconds / STEP)):
+            for node in nodes.values():
+                node.step(step * STEP)
+            deliver(net, step * STEP)
+            step += 1
+
+    run_for(2)
+    assert nodes["b"].ledger.contexts["notes"].size == 30
+    nodes["a"].mesh.heartbeat_s = 1e9  # the writer sends no more heartbeats of its own
+    nodes["b"] = SimNode("b", net, ["a"])  # restarted with an empty data folder
+    nodes["b"].mesh.boot = "b-boot-2"
+    run_for(10 * STEP)  # heartbeat, its reply, sync_heads, a pull: one step each way
+    ctx = nodes["b"].ledger.contexts.get("notes")
+    assert ctx is not None and ctx.size == 30, "the restarted node did not pull from the heartbeat reply"
+    # a peer that keeps beating with the same boot gets no digest back: heartbeats stay small
+    b_hb = codec.Heartbeat("b", "b", "b/pub", "b-boot-2", 1, 30, (), b"", "ledger")
+    assert "digest" not in nodes["a"].mesh.rpc_heartbeat(b_hb, step * STEP)
+
+
+def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dead_peer():
+    class Connecting:
+        """Sends fail until `up` (a DEALER with IMMEDIATE whose connection is still being made)."""
+
+        def __init__(self) -> None:
+            self.up: set[str] = set()
+            self.sent: list[tuple[float, str]] = []
+            self.now = 0.0
+
+        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+            if address not in self.up:
+                return None
+            self.sent.append((self.now, address))
+            return len(self.sent)
+
+        def subscribe(self, pub_address: str) -> None:
+            pass
+
+        def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+    t = Connecting()
+    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), t, address="me:1", pub="me:2",
+             seeds=["a:1", "b:1"], heartbeat_s=0.5)
+    m.tick(0.0)  # the first beat: neither connection is up yet
+    assert t.sent == [] and m.unsent == {"a:1", "b:1"}
+    t.up.add("a:1")
+    t.now = 0.005
+    m.tick(0.005)  # too soon to retry
+    assert t.sent == []
+    t.now = 0.02
+    m.tick(0.02)
+    assert t.sent == [(0.02, "a:1")] and m.unsent == {"b:1"}  # retried long before the next beat at 0.5
+    m.peers["b:1"].state = "dead"
+    t.up.add("b:1")
+    t.now = 0.04
+    m.tick(0.04)
+    assert t.sent == [(0.02, "a:1")] and not m.unsent  # a dead peer waits for its slower probes
