@@ -176,7 +176,7 @@ class LevelDBKV:
                 path,
                 create_if_missing=create,
                 lru_cache_size=lru_cache_size,
-                write_buffer_size=8 << 20,
+                write_buffer_size=32 << 20,
                 bloom_filter_bits=10,
             )
         except plyvel.IOError as exc:
