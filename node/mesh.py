@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PULL_CHUNK = 2_000  # entries per verified pull chunk: applying one holds the loop ~10 ms
 PULL_WINDOW = 2  # pull chunks in flight to one peer
+MAX_HELD_ENTRIES = 50_000  # pushed entries held (all contexts) while the gap before them is pulled
 HEADS_PAGE = 2_000
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
 # A heartbeat that could not be sent (the connection to a peer is still being made, as right
@@ -151,6 +152,11 @@ class Mesh:
         self.ack_due: dict[str, str] = {}  # context -> its writer, to be told how far we hold it
         self.pulling: dict[str, str] = {}  # context -> the peer it is being pulled from
         self.pull_end: dict[str, int] = {}  # context -> end of the last chunk asked for
+        # pushed messages that arrived past a gap, per context: (first seq, count, frames), in order
+        self.held: dict[str, list[tuple[int, int, list[bytes]]]] = {}
+        self.held_entries = 0
+        self.gap_pulls = 0  # pulls started by a gap in the pushes
+        self.dropped_pushes = 0  # held pushes dropped for the bound (repair fetched them)
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
@@ -411,40 +417,96 @@ class Mesh:
     # -- push ---------------------------------------------------------------------------
 
     def on_push(self, frames: list[bytes]) -> None:
-        """A message from a peer's PUB socket: apply entries that extend our replica."""
+        """A message from a peer's replication stream: apply entries that extend our replica.
+
+        A message that starts past our size (one before it was lost: a high-water mark,
+        a reconnection) is held, and the missing range is pulled from the context's writer
+        at once; once it is in, the held messages apply in order. So a lost message costs
+        a round trip, not a wait for the next digest."""
         peek = watch.peek_entries(frames)
         if peek is not None:
-            # Every peer republishes what it stores: most messages bring nothing new.
             # Decide from the headers alone before paying for a full decode.
             name, first, count = peek
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
-            if first + count - 1 <= size or first > size + 1 or (ctx is not None and ctx.writer == self.ledger.node_id):
+            if first + count - 1 <= size or (ctx is not None and ctx.writer == self.ledger.node_id):
                 self.skipped_pushes += 1
                 return
+            if first > size + 1 or name in self.held:
+                self._hold(name, ctx, first, count, frames)
+                return
+        self._apply_push(frames)
+
+    def _apply_push(self, frames: list[bytes]) -> bool:
+        """Apply one pushed message if it extends the replica; whether it did."""
         try:
             m = watch.decode_message(frames)
         except RemoteProtocolError:
-            return
+            return False
         if not isinstance(m, watch.EntriesMsg) or not m.entries:
-            return
+            return False
         ctx = self.ledger.contexts.get(m.context)
         size = ctx.size if ctx is not None else 0
         entries = [e for e in m.entries if e.seq > size]
         if not entries or entries[0].seq != size + 1:
-            return  # duplicate, or a gap: repair pulls it
+            return False  # duplicate, or a gap: repair pulls it
         if ctx is not None and ctx.writer == self.ledger.node_id:
-            return  # ours: a peer cannot extend it (a fork shows in the digest)
+            return False  # ours: a peer cannot extend it (a fork shows in the digest)
         try:
             applied = self.ledger.apply_replicated(m.context, entries)
         except LedgerError as exc:
             log.warning("pushed entries of %r not applied: %s", m.context, exc)
-            return
+            return False
         if applied is None:
-            return  # not reached: without a root to match, entries that extend the replica apply
+            return False  # not reached: without a root to match, entries that extend the replica apply
         self.pushed_entries += len(entries)
         self.ack_due[applied.name] = applied.writer
         self.on_applied(applied)
+        return True
+
+    def _hold(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
+        held = self.held.setdefault(name, [])
+        if self.held_entries + count > MAX_HELD_ENTRIES:
+            # too far behind to buffer: drop what is held of it; the digest repair pulls it all
+            self._drop_held(name)
+            self.dropped_pushes += 1
+            return
+        held.append((first, count, frames))
+        self.held_entries += count
+        self._drain_held(name)  # applies what extends the replica, pulls the gap before the rest
+
+    def _pull_gap(self, name: str, ctx: ContextState | None, target: int) -> None:
+        """Pull `name` up to `target` from its writer now (when it is a live peer and no pull
+        of it is under way); a context we do not hold yet waits for the digest repair."""
+        if ctx is None or name in self.pulling:
+            return
+        p = self.peers.get(self.by_id.get(ctx.writer, ""))
+        if p is None or p.state == DEAD:
+            return
+        if not any(n == name for n, _t, _r in p.pulls):
+            p.pulls.insert(0, (name, target, b""))
+            self.gap_pulls += 1
+        self._next_pull(p)
+
+    def _drop_held(self, name: str) -> None:
+        for _first, count, _frames in self.held.pop(name, ()):
+            self.held_entries -= count
+
+    def _drain_held(self, name: str) -> None:
+        """After a pull of `name`: apply the held messages that now extend it, in order."""
+        held = self.held.get(name)
+        while held:
+            first, count, frames = held[0]
+            ctx = self.ledger.contexts.get(name)
+            size = ctx.size if ctx is not None else 0
+            if first > size + 1:
+                self._pull_gap(name, ctx, first - 1)  # another gap
+                return
+            held.pop(0)
+            self.held_entries -= count
+            if first + count - 1 > size:
+                self._apply_push(frames)
+        self.held.pop(name, None)
 
     # -- repair ---------------------------------------------------------------------------
 
@@ -511,6 +573,7 @@ class Mesh:
                      self.ledger.clock.value, served or ctx.writer)
             self.forks[ctx.name] = f
         if theirs and not f.set_aside:
+            self._drop_held(ctx.name)  # pushes of the history set aside
             self.ledger.set_aside(ctx.name, peer_writer)
             f.set_aside = True
             f.served_writer = peer_writer
@@ -583,6 +646,8 @@ class Mesh:
                 p.pulled_entries += len(entries)
                 self.ack_due[applied.name] = applied.writer
                 self.on_applied(applied)
+                if name in self.held:
+                    self._drain_held(name)
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
@@ -686,6 +751,9 @@ class Mesh:
                 "heartbeat_bytes": self.heartbeat_bytes,
                 "pushed_entries": self.pushed_entries,
                 "skipped_pushes": self.skipped_pushes,
+                "held_push_entries": self.held_entries,
+                "gap_pulls": self.gap_pulls,
+                "dropped_pushes": self.dropped_pushes,
                 "pulled_entries": self.pulled_entries,
                 "pulled_bytes": self.pulled_bytes,
                 "reply_bytes": self.reply_bytes,

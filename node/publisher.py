@@ -13,6 +13,11 @@ watches costs one pointer move. Each context is published in its own
 try/except: a fault there (counted and logged) never reaches another context
 or the appends. Sends never block: past the high-water mark ZeroMQ drops
 messages for that watcher, who refills by seq.
+
+The same socket carries the replication stream (SPEC 17.3): the entries this
+node writes itself are also sent under `watch.REPL_PREFIX` + topic, which is
+what peers subscribe to. Replicated entries go to watchers only, so an entry
+crosses the mesh once per follower, not once per pair of nodes.
 """
 
 from __future__ import annotations
@@ -48,9 +53,12 @@ class Publisher:
         self.due: dict[ContextState, None] = {}
         self.counts: dict[bytes, int] = {}  # exact context topic -> watchers
         self.other_subs = 0  # prefix / wildcard subscriptions (they may match any context)
+        self.peer_subs = 0  # subscriptions to the replication stream (peers; SPEC 17.3)
         self.last_sent: dict[bytes, float] = {}
         self.published_entries = 0
         self.published_messages = 0
+        self.replication_entries = 0  # entries this node wrote, sent on the replication stream
+        self.replication_messages = 0
         self.heartbeats = 0
         self.errors = 0
         self.errors_by_context: dict[str, int] = {}
@@ -72,6 +80,9 @@ class Publisher:
             sub, t = msg[0] == 1, msg[1:]
             if msg[0] > 1:
                 continue  # not a subscription message (XPUB passes other sends through)
+            if t.startswith(watch.REPL_PREFIX):
+                self.peer_subs = max(0, self.peer_subs + (1 if sub else -1))
+                continue
             if watch.context_of_topic(t) is None:
                 self.other_subs = max(0, self.other_subs + (1 if sub else -1))
                 continue
@@ -110,11 +121,14 @@ class Publisher:
                 if ctx.size > ctx.published_seq:
                     self.due[ctx] = None  # not on disk yet (sync): next time
                 continue
-            if not self.watched(ctx):
+            watched = self.watched(ctx)
+            # the entries this node writes go to its peers too; replicated ones only to watchers
+            repl = self.peer_subs > 0 and ctx.writer == self.ledger.node_id
+            if not watched and not repl:
                 ctx.published_seq = limit
                 continue
             try:
-                self._publish_context(ctx, limit)
+                self._publish_context(ctx, limit, watched, repl)
             except Exception:
                 # Isolate the fault to this context: skip what failed (watchers
                 # refill it by seq) and keep serving everything else.
@@ -126,7 +140,7 @@ class Publisher:
             if ctx.size > ctx.published_seq:
                 self.due[ctx] = None
 
-    def _publish_context(self, ctx: ContextState, limit: int) -> None:
+    def _publish_context(self, ctx: ContextState, limit: int, watched: bool = True, repl: bool = False) -> None:
         start = ctx.published_seq + 1
         end = min(limit, ctx.published_seq + MAX_PUBLISH_PER_CALL)
         blobs: list[bytes] = []
@@ -137,21 +151,30 @@ class Publisher:
             blobs.append(b)
             nbytes += len(b)
             if len(blobs) >= MAX_MSG_ENTRIES or nbytes >= MAX_MSG_BYTES:
-                self._send_entries(ctx, blobs)
+                self._send_entries(ctx, blobs, watched, repl)
                 ctx.published_seq = seq
                 blobs, nbytes = [], 0
         if blobs:
-            self._send_entries(ctx, blobs)
+            self._send_entries(ctx, blobs, watched, repl)
         ctx.published_seq = end
 
     def encode_entries(self, ctx: ContextState, blobs: list[bytes]) -> bytes:
         return watch.encode_entries(ctx.name_packed, blobs)
 
-    def _send_entries(self, ctx: ContextState, blobs: list[bytes]) -> None:
+    def _send_entries(self, ctx: ContextState, blobs: list[bytes], watched: bool = True, repl: bool = False) -> None:
         body = self.encode_entries(ctx, blobs)
-        self._send(ctx.topic, body)
-        self.published_entries += len(blobs)
-        self.published_messages += 1
+        if watched:
+            self._send(ctx.topic, body)
+            self.published_entries += len(blobs)
+            self.published_messages += 1
+        if repl:
+            try:
+                self.sock.send(watch.REPL_PREFIX + ctx.topic, zmq.NOBLOCK | zmq.SNDMORE)
+                self.sock.send(body, zmq.NOBLOCK)
+            except zmq.Again:
+                self.send_drops += 1
+            self.replication_entries += len(blobs)
+            self.replication_messages += 1
 
     def _send(self, t: bytes, body: bytes) -> None:
         try:
@@ -204,6 +227,9 @@ class Publisher:
             "published_entries": self.published_entries,
             "published_messages": self.published_messages,
             "watch_heartbeats": self.heartbeats,
+            "replication_subscribers": self.peer_subs,
+            "replication_entries": self.replication_entries,
+            "replication_messages": self.replication_messages,
             "publish_errors": self.errors,
             "publish_errors_by_context": dict(list(self.errors_by_context.items())[:100]),
             "watch_heartbeat_ms": self.heartbeat_ms,

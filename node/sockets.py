@@ -13,6 +13,8 @@ import errno
 
 import zmq
 
+from protocol import watch
+
 LINGER_MS = 1000
 ROUTER_HWM = 10_000
 PUB_HWM = 1_000  # messages queued per watcher before its messages are dropped
@@ -100,10 +102,11 @@ def peer_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
 
 
 def peer_sub(ctx: zmq.Context) -> zmq.Socket:
-    """One SUB connected to every peer's PUB, subscribed to everything (replication push)."""
+    """One SUB connected to every peer's PUB, subscribed to the replication stream (the
+    entries each peer writes itself), not to what its watchers get."""
     s = ctx.socket(zmq.SUB)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 100_000)
     s.setsockopt(zmq.IPV6, 1)
-    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.setsockopt(zmq.SUBSCRIBE, watch.REPL_PREFIX)
     return s

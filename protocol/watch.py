@@ -45,6 +45,22 @@ def topic(context: str) -> bytes:
     return len(name).to_bytes(2, "big") + name
 
 
+# Topics of the replication stream (SPEC 17.3): a node publishes the entries it
+# writes itself under REPL_PREFIX || topic(context) as well, and peers subscribe
+# to the prefix alone. A watch topic starts with a length of at most 256, so the
+# two never match each other.
+REPL_PREFIX = b"\xff\xff"
+
+
+def repl_topic(context: str) -> bytes:
+    return REPL_PREFIX + topic(context)
+
+
+def context_of_message_topic(t: bytes) -> str | None:
+    """The context a published message's topic names: a watch topic or a replication topic."""
+    return context_of_topic(t[2:] if t.startswith(REPL_PREFIX) else t)
+
+
 def context_of_topic(t: bytes) -> str | None:
     """The context a subscription topic names exactly, or None (a prefix/wildcard)."""
     if len(t) < 3 or int.from_bytes(t[:2], "big") != len(t) - 2:
@@ -86,7 +102,7 @@ def peek_entries(frames: Sequence[bytes]) -> tuple[str, int, int] | None:
     """
     if len(frames) != 2:
         return None
-    name = context_of_topic(frames[0])
+    name = context_of_message_topic(frames[0])
     if name is None:
         return None
     u = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(frames[1]) + 1)
@@ -157,7 +173,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
     if len(frames) != 2:
         raise _bad(f"watch message must have 2 frames, got {len(frames)}")
     t, body = frames
-    name = context_of_topic(t)
+    name = context_of_message_topic(t)
     if name is None:
         raise _bad("watch message topic is not a context topic")
     try:

@@ -114,11 +114,13 @@ class SimNode:
         raise AssertionError(f"unexpected request {env.op}")
 
     def publish(self) -> None:
-        """What the Publisher does: every stored entry, in order, to every subscriber."""
+        """What the Publisher does for peers: every entry this node writes, in order, to every subscriber."""
         for ctx in self.ledger.contexts.values():
+            if ctx.writer != self.name:
+                ctx.published_seq = ctx.size  # replicated entries go to watchers only
             if ctx.size > ctx.published_seq:
                 blobs = [self.ledger.entry_blob(ctx, s) for s in range(ctx.published_seq + 1, ctx.size + 1)]
-                frames = [watch.topic(ctx.name), watch.encode_entries(ctx.name_packed, blobs)]
+                frames = [watch.repl_topic(ctx.name), watch.encode_entries(ctx.name_packed, blobs)]
                 for sub in sorted(self.subscribers):
                     self.net.send(self.now, "pub", self.name, sub, frames)
                 ctx.published_seq = ctx.size
@@ -259,8 +261,8 @@ def test_pulls_of_many_small_chunks_several_in_flight_stay_prefixes_and_converge
 
 
 def test_a_fixed_seed_replays_the_same_history():
-    a = run(12345, steps=200)
-    b = run(12345, steps=200)
+    a = run(12345, steps=200, heal_steps=150)
+    b = run(12345, steps=200, heal_steps=150)
     assert a == b
 
 
@@ -459,3 +461,77 @@ def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dea
     t.now = 0.04
     m.tick(0.04)
     assert t.sent == [(0.02, "a:1")] and not m.unsent  # a dead peer waits for its slower probes
+
+
+def formed_pair(seed: int) -> tuple[SimNode, SimNode, Any]:
+    """Writer a and follower b on a perfect network, formed, then with no heartbeats of their
+    own any more (so only pushes and what they trigger move b); and a stepping function."""
+    net = Network(random.Random(seed), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    a = nodes["a"] = SimNode("a", net, [])
+    b = nodes["b"] = SimNode("b", net, ["a"])
+    state = {"step": 0}
+
+    def run_for(steps: int) -> None:
+        for _ in range(steps):
+            now = state["step"] * STEP
+            for node in nodes.values():
+                node.step(now)
+            deliver(net, now)
+            state["step"] += 1
+
+    a.ledger.append(codec.Append("notes", "", b"0", {}))
+    run_for(40)
+    assert b.ledger.contexts["notes"].size == 1
+    a.mesh.heartbeat_s = b.mesh.heartbeat_s = 1e9
+    return a, b, run_for
+
+
+def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_applied_in_order():
+    a, b, run_for = formed_pair(11)
+    lose = {"left": 1}
+    real_send = a.net.send
+
+    def send(now: float, kind: str, src: str, dst: str, body: Any) -> None:
+        if kind == "pub" and lose["left"]:
+            lose["left"] -= 1  # the next pushed message never arrives
+            return
+        real_send(now, kind, src, dst, body)
+
+    a.net.send = send  # type: ignore[method-assign]
+    pulled, pushed = b.mesh.pulled_entries, b.mesh.pushed_entries
+    held = []
+    for i in range(5):  # five pushed messages of 3 entries; the first is lost
+        for j in range(3):
+            a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
+        run_for(1)
+        held.append(b.mesh.held_entries)
+    assert held[:2] == [0, 3]  # the second message waits for the pull of the first
+    run_for(4)
+    ctx = b.ledger.contexts["notes"]
+    assert ctx.size == 16 and ctx.frontier.root() == a.ledger.contexts["notes"].frontier.root()
+    # exactly the lost message was pulled; everything else came by push
+    assert b.mesh.gap_pulls == 1 and b.mesh.pulled_entries - pulled == 3 and b.mesh.pushed_entries - pushed == 12
+    assert not b.mesh.held and b.mesh.held_entries == 0
+
+
+def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
+    monkeypatch.setattr(mesh_mod, "MAX_HELD_ENTRIES", 10)
+    a, b, run_for = formed_pair(12)
+    a.net.cut = {frozenset(("a", "b"))}
+    a.ledger.append(codec.Append("notes", "", b"lost", {}))
+    run_for(1)
+    a.net.cut = set()
+    for i in range(4):  # 4 messages of 4 entries after the lost one: past the bound of 10
+        for j in range(4):
+            a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
+        b.mesh.peers["a"].state = "dead"  # no gap pull: only the bound acts
+        run_for(1)
+    assert b.mesh.dropped_pushes >= 1 and b.mesh.held_entries <= 10
+    assert b.ledger.contexts["notes"].size == 1
+    # the digest repair still brings everything
+    b.mesh.peers["a"].state = "alive"
+    a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT
+    run_for(20)
+    assert b.ledger.contexts["notes"].size == 18
