@@ -29,7 +29,14 @@ from node import storage as st
 from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import bucket_of, digest_item
-from protocol.entry import Entry, decode_entry, encode_entry_parts, leaf_hash_raw, packed_str
+from protocol.entry import (
+    Entry,
+    decode_entry,
+    encode_entry_parts,
+    leaf_hash_named,
+    leaf_names,
+    packed_str,
+)
 from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
 from protocol.lamport import LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
@@ -61,7 +68,7 @@ class ContextState:
 
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
-        "flushed_seq", "created_ns", "topic", "published_seq",
+        "flushed_seq", "created_ns", "topic", "published_seq", "leaf_names",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -79,6 +86,7 @@ class ContextState:
         self.created_ns = created_ns
         self.topic = watch.topic(name)  # exact-match watch topic
         self.published_seq = 0  # entries up to here were published (or nobody watched them)
+        self.leaf_names = leaf_names(self.name_bytes, writer.encode())  # constant part of every leaf hash
 
 
 @dataclass
@@ -305,7 +313,7 @@ class Ledger:
 
     def _add(self, ctx: ContextState, key: str, payload: bytes, metadata: dict[str, str], lamport: int, ts: int) -> bytes:
         seq = ctx.size + 1
-        h = leaf_hash_raw(ctx.name_bytes, seq, key.encode(), payload, metadata, lamport, ts, self._writer_bytes)
+        h = leaf_hash_named(ctx.leaf_names, seq, key.encode(), payload, metadata, lamport, ts)
         blob = encode_entry_parts(ctx.name_packed, seq, key, payload, metadata, lamport, ts, self._writer_packed, h)
         self._store(ctx, seq, key, blob, h, lamport)
         return blob
@@ -376,10 +384,14 @@ class Ledger:
         pending = self.pending
         tail = ctx.tail
         hot_append = self._hot.append
-        fappend = ctx.frontier.append
         cid = ctx.id
-        cb, cp = ctx.name_bytes, ctx.name_packed
-        wb, wp = self._writer_bytes, self._writer_packed
+        names = ctx.leaf_names
+        hashes = []
+        # encode_entry_parts, unrolled: the parts that are the same for the whole batch
+        # (or for one key) are joined once, not once per entry
+        head = b"\x89\xa7context" + ctx.name_packed + b"\xa3seq"
+        rest = b"\xa5ts_ns" + _packb(ts) + b"\xa6writer" + self._writer_packed + b"\xa4hash\xc4\x20"
+        keys: dict[str, tuple[bytes, bytes]] = {}
         blobs = []
         nbytes = 0
         seq = first - 1
@@ -387,16 +399,24 @@ class Ledger:
         for key, payload, metadata in items:
             seq += 1
             lamport += 1
-            h = leaf_hash_raw(cb, seq, key.encode(), payload, metadata, lamport, ts, wb)
-            blob = encode_entry_parts(cp, seq, key, payload, metadata, lamport, ts, wp, h)
-            for level, index, nh in fappend(h, STORED_MIN_LEVEL):
-                pending[_node_key(cid, level, index)] = nh
+            kk = keys.get(key)
+            if kk is None:
+                kk = keys[key] = (key.encode(), b"\xa3key" + _packb(key) + b"\xa7payload")
+            h = leaf_hash_named(names, seq, kk[0], payload, metadata, lamport, ts)
+            blob = b"".join((
+                head, _packb(seq), kk[1], _packb(payload),
+                b"\xa8metadata" + _packb(metadata) + b"\xa7lamport" if metadata else b"\xa8metadata\x80\xa7lamport",
+                _packb(lamport), rest, h,
+            ))
+            hashes.append(h)
             pending[_entry_key(cid, seq)] = blob
             tail[seq] = (key, blob)
             n = len(blob) + HOT_ENTRY_OVERHEAD
             hot_append((cid, seq, n))
             nbytes += n
             blobs.append(blob)
+        for level, index, nh in ctx.frontier.extend(hashes, STORED_MIN_LEVEL):
+            pending[_node_key(cid, level, index)] = nh
         ctx.size = seq
         ctx.last_lamport = lamport
         self.hot_bytes += nbytes
@@ -433,12 +453,11 @@ class Ledger:
             raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
                            {"context": name})
         size = ctx.size if ctx is not None else 0
-        cb, wb = name.encode(), writer.encode()
+        names = leaf_names(name.encode(), writer.encode())
         # One pass checks every entry and builds the new frontier on a copy; the
         # replica changes only once all of it holds (it runs once per replicated entry).
         frontier = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
-        fappend = frontier.append
-        nodes: list[tuple[int, int, bytes]] = []
+        hashes = []
         seq = size
         max_lamport = 0
         for e in entries:
@@ -446,11 +465,12 @@ class Ledger:
             if e.seq != seq or e.context != name or e.writer != writer:
                 raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
             h = e.hash
-            if leaf_hash_raw(cb, seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns, wb) != h:
+            if leaf_hash_named(names, seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns) != h:
                 raise IntegrityError(f"entry {name!r}#{seq} does not match its hash")
-            nodes += fappend(h, STORED_MIN_LEVEL)
+            hashes.append(h)
             if e.lamport > max_lamport:
                 max_lamport = e.lamport
+        nodes = frontier.extend(hashes, STORED_MIN_LEVEL)
         if root is not None and frontier.root() != root:
             return None
         if ctx is None:

@@ -82,6 +82,29 @@ def leaf_hash_raw(
     ))).digest()
 
 
+def leaf_names(c: bytes, w: bytes) -> bytes:
+    """lp(context) || lp(writer): the part of the leaf layout that is the same for every entry of
+    one context (a node keeps it per context)."""
+    return _u32p(len(c)) + c + _u32p(len(w)) + w
+
+
+_NO_META = b"\x00\x00\x00\x00"
+_headp = _head.pack
+
+
+def leaf_hash_named(names: bytes, seq: int, k: bytes, payload: bytes, metadata: Mapping[str, str],
+                    lamport: int, ts_ns: int) -> bytes:
+    """`leaf_hash_raw` with `names` = `leaf_names(context, writer)` (the node's hot path)."""
+    if metadata:
+        pairs = sorted((mk.encode(), mv.encode()) for mk, mv in metadata.items())
+        meta = _u32p(len(pairs)) + b"".join(_u32p(len(mk)) + mk + _u32p(len(mv)) + mv for mk, mv in pairs)
+    else:
+        meta = _NO_META
+    return _sha256(b"".join((
+        LEAF_PREFIX, _headp(seq, lamport, ts_ns), names, _u32p(len(k)), k, meta, _u32p(len(payload)), payload,
+    ))).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One stored record. Never changed once written."""

@@ -329,3 +329,14 @@ def test_the_fast_path_and_the_full_checks_agree(context, key, writer, seq, lamp
     except RemoteProtocolError as exc:
         got = exc.message
     assert got == want
+
+
+@FAST
+@given(context=st.text(min_size=1, max_size=20), key=st.text(max_size=20), writer=st.text(min_size=1, max_size=20),
+       seq=st.integers(1, 2**64 - 1), lamport=st.integers(0, 2**64 - 1), ts_ns=st.integers(0, 2**64 - 1),
+       payload=st.binary(max_size=50), metadata=st.dictionaries(st.text(min_size=1, max_size=5), st.text(max_size=5),
+                                                                 max_size=4))
+def test_leaf_hash_named_is_the_documented_leaf_hash(context, key, writer, seq, lamport, ts_ns, payload, metadata):
+    names = E.leaf_names(context.encode(), writer.encode())
+    got = E.leaf_hash_named(names, seq, key.encode(), payload, metadata, lamport, ts_ns)
+    assert got == spec_leaf_hash(context, seq, key, payload, metadata, lamport, ts_ns, writer)

@@ -216,6 +216,24 @@ def test_frontier_append_returns_exactly_the_newly_complete_nodes(n, keep_from):
 
 
 @FAST
+@given(st.integers(min_value=0, max_value=100), st.lists(st.integers(min_value=0, max_value=40), max_size=5),
+       st.integers(min_value=1, max_value=4))
+def test_frontier_extend_is_append_of_each_leaf(start, chunks, keep_from):
+    leaves = make_leaves(start + sum(chunks))
+    one, many = merkle.Frontier(), merkle.Frontier()
+    for leaf in leaves[:start]:
+        one.append(leaf)
+        many.append(leaf)
+    i = start
+    for c in chunks:
+        want = [d for leaf in leaves[i:i + c] for d in one.append(leaf, keep_from=keep_from)]
+        many.root()  # a cached root must not survive an extend
+        assert many.extend(leaves[i:i + c], keep_from) == want
+        i += c
+        assert (many.size, many.nodes, many.root()) == (one.size, one.nodes, naive_root(leaves[:i]))
+
+
+@FAST
 @given(st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=60))
 def test_frontier_load_resumes_where_it_left_off(n, more):
     leaves = make_leaves(n + more)
