@@ -42,13 +42,15 @@ MAX_PUBLISH_PER_CALL = 20_000  # entries per context per publish() call; the res
 
 class Publisher:
     def __init__(self, sock: zmq.Socket, ledger: Ledger, *, sync: bool, heartbeat_ms: int,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic,
+                 wants_ack: Callable[[ContextState], bool] = lambda ctx: False) -> None:
         self.sock = sock
         self.ledger = ledger
         self.sync = sync
         self.heartbeat_ms = heartbeat_ms
         self.heartbeat_s = heartbeat_ms / 1000.0
         self.now = now
+        self.wants_ack = wants_ack  # whether appends of a context wait for replicas' acks
         self.boot = os.urandom(8).hex()  # tells watchers that the node restarted
         self.due: dict[ContextState, None] = {}
         self.counts: dict[bytes, int] = {}  # exact context topic -> watchers
@@ -168,6 +170,8 @@ class Publisher:
             self.published_entries += len(blobs)
             self.published_messages += 1
         if repl:
+            if self.wants_ack(ctx):
+                body = watch.encode_entries(ctx.name_packed, blobs, ack=True)
             try:
                 self.sock.send(watch.REPL_PREFIX + ctx.topic, zmq.NOBLOCK | zmq.SNDMORE)
                 self.sock.send(body, zmq.NOBLOCK)

@@ -25,7 +25,7 @@ import zmq
 from node import __version__, sockets
 from node.config import Config
 from node.ledger import ContextState, Ledger
-from node.mesh import Mesh
+from node.mesh import ACK_LAZY_S, Mesh
 from node.publisher import Publisher
 from node.storage import KV
 from protocol import codec
@@ -99,7 +99,8 @@ class Server:
         except Exception:
             self.router.close(linger=0)
             raise
-        self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms)
+        self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
+                                   wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held))
         self.poller = zmq.Poller()
         self.peer_socks: dict[str, zmq.Socket] = {}
         self.peer_addr: dict[zmq.Socket, str] = {}
@@ -188,9 +189,11 @@ class Server:
                         except zmq.Again:
                             break
                         handle(frames)
-                        if self._outbox and not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                            # nothing else waiting: answer now rather than after the
-                            # next (failing) read, so a lone request loses no time
+                        if i == 1 and self._outbox:
+                            # The first request of a burst is answered at once: a lone
+                            # request (a client with one in flight) loses no time, and the
+                            # rest of a pipelined burst still goes out in groups. (Asking
+                            # the socket whether more is waiting costs more than this.)
                             self._flush_outbox()
                         if not i & 63 or ledger.pending_bytes >= FORCE_FLUSH_BYTES:
                             self._flush_outbox()
@@ -216,7 +219,7 @@ class Server:
                 self._maybe_handoff()
                 now = time.monotonic()
                 mesh.tick(now)
-                mesh.flush_acks()
+                mesh.flush_acks(now)
                 if self.repl_held:
                     self._check_replicated()
                 if now - last_heartbeat >= heartbeat_check:
@@ -338,10 +341,12 @@ class Server:
         self._maybe_handoff(force=True)
 
     def _poll_timeout(self) -> int:
+        # wake often enough to notice a stop signal, and in time for due acks and flushes
+        limit = int(ACK_LAZY_S * 1000) + 1 if self.mesh.ack_due else 100
         if self.pending_since is not None and not self.flushing:
             left = self.pending_since + self.flush_delay - time.monotonic()
-            return max(0, min(100, int(left * 1000) + 1))
-        return 100  # wake often enough to notice a stop signal
+            return max(0, min(limit, int(left * 1000) + 1))
+        return limit
 
     def _drain_wake(self) -> None:
         while True:

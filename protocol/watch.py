@@ -75,11 +75,14 @@ def context_of_topic(t: bytes) -> str | None:
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _ENTRIES_HEAD = b"\x84\xa1v\x01\xa4type\xa7entries\xa7context"
+_ENTRIES_ACK_HEAD = b"\x85\xa1v\x01\xa4type\xa7entries\xa3ack\xc3\xa7context"
 
 
-def encode_entries(context_packed: bytes, blobs: Sequence[bytes]) -> bytes:
-    """An `entries` body from already-encoded entry maps (spliced, not re-encoded)."""
-    return b"".join((_ENTRIES_HEAD, context_packed, b"\xa7entries", array_header(len(blobs)), *blobs))
+def encode_entries(context_packed: bytes, blobs: Sequence[bytes], ack: bool = False) -> bytes:
+    """An `entries` body from already-encoded entry maps (spliced, not re-encoded). `ack`: the
+    writer waits for replicas to acknowledge these entries (replication stream, SPEC 17.5)."""
+    return b"".join((_ENTRIES_ACK_HEAD if ack else _ENTRIES_HEAD, context_packed, b"\xa7entries",
+                     array_header(len(blobs)), *blobs))
 
 
 def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str, boot: str,
@@ -136,6 +139,7 @@ def peek_entries(frames: Sequence[bytes]) -> tuple[str, int, int] | None:
 class EntriesMsg:
     context: str
     entries: tuple[Entry, ...]
+    ack: bool = False  # the writer waits for acknowledgements of these (replication stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +204,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
             if prev is not None and e.seq != prev + 1:
                 raise _bad("watch message entries are not consecutive")
             prev = e.seq
-        return EntriesMsg(context, entries)
+        return EntriesMsg(context, entries, m.get("ack") is True)
     if kind == HEAD:
         root = m.get("root")
         if not isinstance(root, bytes) or len(root) != 32:

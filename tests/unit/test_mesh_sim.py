@@ -535,3 +535,56 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
     a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT
     run_for(20)
     assert b.ledger.contexts["notes"].size == 18
+
+
+def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording:
+        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+            sent.append((op, fields))
+            return len(sent)
+
+        def subscribe(self, pub_address: str) -> None:
+            pass
+
+        def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(), address="me:1", pub="me:2",
+             seeds=[], heartbeat_s=0.5)
+    m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
+    sent.clear()
+
+    def push(n: int, ack: bool = False) -> None:
+        blobs = [w.append(codec.Append("notes", "", bytes([i]), {})).blobs[0] for i in range(n)]
+        ctx = w.contexts["notes"]
+        m.on_push([watch.repl_topic("notes"), watch.encode_entries(ctx.name_packed, blobs, ack=ack)])
+
+    def acks() -> list[Any]:
+        return [f["acks"] for op, f in sent if op == "ack"]
+
+    push(3)
+    m.flush_acks(1.0)
+    push(2)
+    m.flush_acks(1.01)  # nobody waits: at most one ack per ACK_LAZY_S, saying the newest size
+    assert acks() == [[["notes", 3]]]
+    m.flush_acks(1.0 + mesh_mod.ACK_LAZY_S)
+    assert acks() == [[["notes", 3]], [["notes", 5]]]
+    push(1, ack=True)  # the writer holds a replicas=N reply for these
+    m.flush_acks(1.0 + mesh_mod.ACK_LAZY_S + 0.001)
+    assert acks()[-1] == [["notes", 6]]
+    m.flush_acks(2.0)  # nothing new: nothing sent
+    assert len(acks()) == 3
+
+
+def test_the_ack_flag_of_an_entries_message_round_trips():
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    blobs = [w.append(codec.Append("c", "", b"x", {})).blobs[0]]
+    name_packed = w.contexts["c"].name_packed
+    for ack in (False, True):
+        frames = [watch.repl_topic("c"), watch.encode_entries(name_packed, blobs, ack=ack)]
+        m = watch.decode_message(frames)
+        assert isinstance(m, watch.EntriesMsg) and m.ack is ack and [e.seq for e in m.entries] == [1]
+        assert watch.peek_entries(frames) == ("c", 1, 1)

@@ -85,3 +85,27 @@ def test_replication_topics_never_match_a_watch_topic():
         assert not t.startswith(watch.REPL_PREFIX)
         assert watch.context_of_message_topic(watch.repl_topic(name)) == name
         assert watch.context_of_topic(watch.repl_topic(name)) is None  # not counted as a watcher
+
+
+def test_the_replication_stream_says_ack_while_the_writer_waits_for_replicas(zctx):
+    xpub = zctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.LINGER, 0)
+    addr = f"inproc://pub-ack-{id(xpub)}"
+    xpub.bind(addr)
+    me = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    waiting: set[str] = set()
+    pub = Publisher(xpub, me, sync=False, heartbeat_ms=60_000, wants_ack=lambda ctx: ctx.name in waiting)
+    peer = sub(zctx, addr, watch.REPL_PREFIX)
+    deadline = time.monotonic() + 5
+    while pub.peer_subs != 1:
+        assert time.monotonic() < deadline, "subscription never arrived"
+        if xpub.poll(50):
+            pub.on_subscriptions()
+    for name in ("plain", "held"):
+        pub.mark(me.append(codec.Append(name, "", b"x", {})).ctx)
+    waiting.add("held")
+    pub.publish()
+    got = {m.context: m.ack for m in (watch.decode_message(f) for f in drain(peer))}
+    assert got == {"plain": False, "held": True}
+    peer.close(linger=0)
+    xpub.close(linger=0)
