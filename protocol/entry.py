@@ -105,6 +105,23 @@ def leaf_hash_named(names: bytes, seq: int, k: bytes, payload: bytes, metadata: 
     ))).digest()
 
 
+# leaf_names of recently seen (context, writer) pairs: a watcher or replica verifies many
+# entries of few contexts. Bounded; cleared when full.
+_NAMES: dict[tuple[str, str], bytes] = {}
+_NAMES_MAX = 4096
+
+
+def _names_of(context: str, writer: str) -> bytes:
+    k = (context, writer)
+    names = _NAMES.get(k)
+    if names is None:
+        names = leaf_names(context.encode(), writer.encode())
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[k] = names
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One stored record. Never changed once written."""
@@ -120,10 +137,8 @@ class Entry:
     hash: bytes = b""
 
     def computed_hash(self) -> bytes:
-        return leaf_hash(
-            self.context, self.seq, self.key, self.payload, self.metadata,
-            self.lamport, self.ts_ns, self.writer,
-        )
+        return leaf_hash_named(_names_of(self.context, self.writer), self.seq, self.key.encode(), self.payload,
+                               self.metadata, self.lamport, self.ts_ns)
 
     def verify(self) -> None:
         """Raise IntegrityError unless `hash` is the leaf hash of the fields."""

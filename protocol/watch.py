@@ -196,14 +196,15 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
         raw = m.get("entries")
         if not isinstance(raw, list):
             raise _bad("watch message: entries must be an array")
-        entries = tuple(entry_from_wire(e) for e in raw)
-        prev = None
-        for e in entries:
-            if e.context != context:
-                raise _bad(f"watch message for {context!r} holds an entry of {e.context!r}")
-            if prev is not None and e.seq != prev + 1:
-                raise _bad("watch message entries are not consecutive")
-            prev = e.seq
+        entries = tuple([entry_from_wire(e) for e in raw])
+        if entries:
+            seq = entries[0].seq
+            for e in entries:
+                if e.seq != seq or e.context != context:
+                    if e.context != context:
+                        raise _bad(f"watch message for {context!r} holds an entry of {e.context!r}")
+                    raise _bad("watch message entries are not consecutive")
+                seq += 1
         return EntriesMsg(context, entries, m.get("ack") is True)
     if kind == HEAD:
         root = m.get("root")
