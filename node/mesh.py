@@ -45,7 +45,8 @@ PULL_WINDOW = 2  # pull chunks in flight to one peer
 # Acks to a writer go out at once when it waits for them (its pushes say `ack`, SPEC 17.5, or the
 # entries came by a pull), else at most this often: they only keep its view of the replicas fresh.
 ACK_LAZY_S = 0.05
-MAX_HELD_ENTRIES = 50_000  # pushed entries held (all contexts) while the gap before them is pulled
+MAX_HELD_BYTES = 32 << 20  # pushed messages held (all contexts) while the gap before them is pulled
+RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
 # A heartbeat that could not be sent (the connection to a peer is still being made, as right
@@ -156,16 +157,17 @@ class Mesh:
         self.last_ack = -1e18
         self.ack_now = False  # a writer waits for our acks
         self.pulling: dict[str, str] = {}  # context -> the peer it is being pulled from
-        self.pull_end: dict[str, int] = {}  # context -> end of the last chunk asked for
         # pushed messages that arrived past a gap, per context: (first seq, count, frames), in order
         self.held: dict[str, list[tuple[int, int, list[bytes]]]] = {}
         self.held_entries = 0
+        self.held_bytes = 0
+        self.push_mismatches = 0  # pushes that did not reproduce their writer's root (not applied)
         self.gap_pulls = 0  # pulls started by a gap in the pushes
         self.dropped_pushes = 0  # held pushes dropped for the bound (repair fetched them)
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
-        self.unsent: set[str] = set()  # peers whose last heartbeat could not be sent
+        self.unsent: dict[str, int] = {}  # peers whose last heartbeat could not be sent -> retries so far
         self._last_retry = -1e18
         self.beats = 0
         self.pushed_entries = 0
@@ -223,6 +225,7 @@ class Mesh:
         if isinstance(boot, str):
             if p.boot is not None and boot != p.boot:
                 log.info("peer %s restarted", p.node_id)
+                self._drop_held_of(p.node_id)  # what it pushed before may be lost with it
             p.boot = boot
         pub = m.get("pub")
         if isinstance(pub, str) and pub != p.subscribed:
@@ -270,7 +273,7 @@ class Mesh:
             return
         self.last_beat = now
         self.beats += 1
-        self.unsent = set()
+        self.unsent = {}
         fields = self.heartbeat_fields()
         for p in list(self.peers.values()):
             if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
@@ -286,6 +289,7 @@ class Mesh:
                     p.state = DEAD
                     p.syncing = False
                     self._drop_pulls(p)
+                    self._drop_held_of(p.node_id)
                 elif self.suspect_after <= silent < self.dead_after and p.state == ALIVE:
                     log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
                     p.state = SUSPECT
@@ -294,20 +298,23 @@ class Mesh:
             if self._send(p, "heartbeat", fields) is not None:
                 self.heartbeats_sent += 1
             elif p.state != DEAD:
-                self.unsent.add(p.address)
+                self.unsent[p.address] = 0
         self._last_retry = now
         self._expire_requests(now)
 
     def _retry_unsent(self, now: float) -> None:
         self._last_retry = now
         fields = self.heartbeat_fields()
-        for address in list(self.unsent):
+        for address, tries in list(self.unsent.items()):
             p = self.peers.get(address)
-            if p is None or p.state == DEAD:
-                self.unsent.discard(address)
+            if p is None or p.state == DEAD or tries >= RETRY_UNSENT_TIMES:
+                # not a connection still being made: the regular beats probe it
+                del self.unsent[address]
             elif self._send(p, "heartbeat", fields) is not None:
                 self.heartbeats_sent += 1
-                self.unsent.discard(address)
+                del self.unsent[address]
+            else:
+                self.unsent[address] = tries + 1
 
     def _forget(self, p: Peer) -> None:
         self.peers.pop(p.address, None)
@@ -406,6 +413,12 @@ class Mesh:
             if not reply.get("ok"):
                 err = reply.get("error") or {}
                 log.warning("%s to %s failed: %s %s", op, address, err.get("code"), err.get("message"))
+                if op == "snapshot":
+                    # only that context's pull: the peer's other contexts are unaffected (a fork
+                    # of one context must not hold back the repair of the rest)
+                    self._drop_pulls(p, fields["context"])
+                    self._next_pull(p)
+                    return
                 p.syncing = False
                 self._drop_pulls(p)
                 return
@@ -458,12 +471,16 @@ class Mesh:
         if ctx is not None and ctx.writer == self.ledger.node_id:
             return False  # ours: a peer cannot extend it (a fork shows in the digest)
         try:
-            applied = self.ledger.apply_replicated(m.context, entries)
+            applied = self.ledger.apply_replicated(m.context, entries, m.root)
         except LedgerError as exc:
             log.warning("pushed entries of %r not applied: %s", m.context, exc)
             return False
         if applied is None:
-            return False  # not reached: without a root to match, entries that extend the replica apply
+            # sound entries that do not end at their writer's root: our replica is not a
+            # prefix of its history (it lost a tail in a crash and wrote others): compare
+            assert m.root is not None
+            self._push_diverges(m.context, entries[-1].seq, m.root, entries[0].writer)
+            return False
         self.pushed_entries += len(entries)
         self.ack_due[applied.name] = applied.writer
         if m.ack:
@@ -472,15 +489,32 @@ class Mesh:
         return True
 
     def _hold(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
-        held = self.held.setdefault(name, [])
-        if self.held_entries + count > MAX_HELD_ENTRIES:
+        nbytes = len(frames[-1])
+        if self.held_bytes + nbytes > MAX_HELD_BYTES:
             # too far behind to buffer: drop what is held of it; the digest repair pulls it all
             self._drop_held(name)
             self.dropped_pushes += 1
             return
-        held.append((first, count, frames))
+        self.held.setdefault(name, []).append((first, count, frames))
         self.held_entries += count
+        self.held_bytes += nbytes
         self._drain_held(name)  # applies what extends the replica, pulls the gap before the rest
+
+    def _push_diverges(self, name: str, end: int, root: bytes, writer: str) -> None:
+        self.push_mismatches += 1
+        self._drop_held(name)
+        p = self.peers.get(self.by_id.get(writer, ""))
+        log.warning("pushed entries of %r up to #%d do not reproduce writer %s's root on this replica; "
+                    "comparing the histories", name, end, writer)
+        if p is not None and p.state != DEAD:
+            self._compare(p, name, end, root, writer)  # a pull that ends in the fork rule (17.4)
+            self._next_pull(p)
+
+    def _drop_held_of(self, writer: str | None) -> None:
+        for name in list(self.held):
+            ctx = self.ledger.contexts.get(name)
+            if ctx is None or ctx.writer == writer:
+                self._drop_held(name)
 
     def _pull_gap(self, name: str, ctx: ContextState | None, target: int) -> None:
         """Pull `name` up to `target` from its writer now (when it is a live peer and no pull
@@ -496,8 +530,9 @@ class Mesh:
         self._next_pull(p)
 
     def _drop_held(self, name: str) -> None:
-        for _first, count, _frames in self.held.pop(name, ()):
+        for _first, count, frames in self.held.pop(name, ()):
             self.held_entries -= count
+            self.held_bytes -= len(frames[-1])
 
     def _drain_held(self, name: str) -> None:
         """After a pull of `name`: apply the held messages that now extend it, in order."""
@@ -511,6 +546,7 @@ class Mesh:
                 return
             held.pop(0)
             self.held_entries -= count
+            self.held_bytes -= len(frames[-1])
             if first + count - 1 > size:
                 self._apply_push(frames)
         self.held.pop(name, None)
@@ -586,14 +622,25 @@ class Mesh:
             f.served_writer = peer_writer
             p.pulls.append((ctx.name, peer_size, peer_root))
 
-    def _drop_pulls(self, p: Peer) -> None:
-        p.pulls.clear()
-        for name in [n for n, a in self.pulling.items() if a == p.address]:
-            del self.pulling[name]
-            self.pull_end.pop(name, None)
+    def _drop_pulls(self, p: Peer, name: str | None = None) -> None:
+        """Forget what we meant to pull from `p` (of context `name` only, if given)."""
+        if name is None:
+            p.pulls.clear()
+        else:
+            p.pulls[:] = [x for x in p.pulls if x[0] != name]
+        for n in [n for n, a in self.pulling.items() if a == p.address and name in (None, n)]:
+            del self.pulling[n]
 
     def _in_flight(self, p: Peer, op: str) -> int:
         return sum(1 for a, o, _f, _t in self.pending.values() if a == p.address and o == op)
+
+    def _asked_up_to(self, p: Peer, name: str, size: int) -> int:
+        """Where the chain of chunks of `name` already asked of `p` from `size` on ends."""
+        ends = {f["after"]: f["size"] for a, o, f, _t in self.pending.values()
+                if a == p.address and o == "snapshot" and f["context"] == name}
+        while size in ends:
+            size = ends.pop(size)
+        return size
 
     def _next_pull(self, p: Peer) -> None:
         """Ask `p` for the next chunks of the first context it has that we lack, keeping up to
@@ -611,19 +658,15 @@ class Mesh:
                 p.pulls.pop(0)
                 if owner == p.address:
                     del self.pulling[name]
-                    self.pull_end.pop(name, None)
                 continue
-            start = max(size, self.pull_end.get(name, 0))
+            start = self._asked_up_to(p, name, size)  # never ask twice for a chunk in flight
             if start >= target:
-                if inflight:
-                    break  # every chunk of it is asked for: wait for them
-                start = size  # asked for, but the replies were lost
+                break  # every chunk of it is asked for: wait for them
             end = min(target, start + PULL_CHUNK)
             fields = {"context": name, "size": end, "after": start, "limit": end - start}
             if self._send(p, "snapshot", fields) is None:
                 break
             self.pulling[name] = p.address
-            self.pull_end[name] = end
             inflight += 1
         p.syncing = inflight > 0 or self._in_flight(p, "sync_heads") > 0
 
@@ -660,14 +703,10 @@ class Mesh:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
                 f2 = {"context": name, "size": last, "after": size, "limit": last - size}
-                self.pull_end[name] = last
                 if self._send(p, "snapshot", f2) is not None:
                     return
-                self.pull_end.pop(name, None)
-        else:
-            # nothing of it extends the replica (a chunk asked for ahead of one that failed,
-            # or one that pushes overtook): the next request starts from what we hold
-            self.pull_end.pop(name, None)
+        # (a reply that no longer extends the replica, asked for ahead of one that failed or
+        # overtaken by pushes, is dropped: the next request starts from what we hold)
         self._next_pull(p)
 
     # -- acknowledgements (replicas=N) -------------------------------------------------------
@@ -768,6 +807,8 @@ class Mesh:
                 "pushed_entries": self.pushed_entries,
                 "skipped_pushes": self.skipped_pushes,
                 "held_push_entries": self.held_entries,
+                "held_push_bytes": self.held_bytes,
+                "push_mismatches": self.push_mismatches,
                 "gap_pulls": self.gap_pulls,
                 "dropped_pushes": self.dropped_pushes,
                 "pulled_entries": self.pulled_entries,

@@ -153,25 +153,27 @@ class Publisher:
             blobs.append(b)
             nbytes += len(b)
             if len(blobs) >= MAX_MSG_ENTRIES or nbytes >= MAX_MSG_BYTES:
-                self._send_entries(ctx, blobs, watched, repl)
+                self._send_entries(ctx, blobs, seq, watched, repl)
                 ctx.published_seq = seq
                 blobs, nbytes = [], 0
         if blobs:
-            self._send_entries(ctx, blobs, watched, repl)
+            self._send_entries(ctx, blobs, end, watched, repl)
         ctx.published_seq = end
 
     def encode_entries(self, ctx: ContextState, blobs: list[bytes]) -> bytes:
         return watch.encode_entries(ctx.name_packed, blobs)
 
-    def _send_entries(self, ctx: ContextState, blobs: list[bytes], watched: bool = True, repl: bool = False) -> None:
-        body = self.encode_entries(ctx, blobs)
+    def _send_entries(self, ctx: ContextState, blobs: list[bytes], last: int, watched: bool = True,
+                      repl: bool = False) -> None:
         if watched:
-            self._send(ctx.topic, body)
+            self._send(ctx.topic, self.encode_entries(ctx, blobs))
             self.published_entries += len(blobs)
             self.published_messages += 1
         if repl:
-            if self.wants_ack(ctx):
-                body = watch.encode_entries(ctx.name_packed, blobs, ack=True)
+            # with the root at its last entry, so a replica applies the entries only on top of
+            # this very history (never on a tail this writer lost in a crash and rewrote)
+            body = watch.encode_entries(ctx.name_packed, blobs, ack=self.wants_ack(ctx),
+                                        root=self.ledger.root_at(ctx, last))
             try:
                 self.sock.send(watch.REPL_PREFIX + ctx.topic, zmq.NOBLOCK | zmq.SNDMORE)
                 self.sock.send(body, zmq.NOBLOCK)

@@ -105,6 +105,7 @@ class Server:
         self.peer_socks: dict[str, zmq.Socket] = {}
         self.peer_addr: dict[zmq.Socket, str] = {}
         self._peer_rid = 1
+        self._peer_turn = 0
         self.peer_sub = sockets.peer_sub(self.zctx)
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.mesh = Mesh(
@@ -279,9 +280,14 @@ class Server:
                 except Exception:
                     log.exception("applying a pushed message failed; repair will fetch it")
         # Replies too (a pull chunk takes ~10 ms to apply, and with chunks asked for ahead
-        # the next one is already waiting): requests get served between them.
+        # the next one is already waiting): requests get served between them. The peer read
+        # first changes every turn, so a peer streaming chunks does not starve the others.
         deadline = time.monotonic() + PUSH_SLICE_S
-        for s, address in list(self.peer_addr.items()):
+        socks = list(self.peer_addr.items())
+        if socks:
+            self._peer_turn = (self._peer_turn + 1) % len(socks)
+            socks = socks[self._peer_turn:] + socks[:self._peer_turn]
+        for s, address in socks:
             if s not in events:
                 continue
             for _ in range(100):

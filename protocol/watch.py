@@ -75,14 +75,23 @@ def context_of_topic(t: bytes) -> str | None:
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _ENTRIES_HEAD = b"\x84\xa1v\x01\xa4type\xa7entries\xa7context"
-_ENTRIES_ACK_HEAD = b"\x85\xa1v\x01\xa4type\xa7entries\xa3ack\xc3\xa7context"
 
 
-def encode_entries(context_packed: bytes, blobs: Sequence[bytes], ack: bool = False) -> bytes:
-    """An `entries` body from already-encoded entry maps (spliced, not re-encoded). `ack`: the
-    writer waits for replicas to acknowledge these entries (replication stream, SPEC 17.5)."""
-    return b"".join((_ENTRIES_ACK_HEAD if ack else _ENTRIES_HEAD, context_packed, b"\xa7entries",
-                     array_header(len(blobs)), *blobs))
+def encode_entries(context_packed: bytes, blobs: Sequence[bytes], ack: bool = False,
+                   root: bytes | None = None) -> bytes:
+    """An `entries` body from already-encoded entry maps (spliced, not re-encoded).
+
+    On the replication stream (SPEC 17.3) also `root`, the writer's root at the last entry's
+    seq, and `ack`: the writer waits for replicas to acknowledge these entries (17.5)."""
+    if not ack and root is None:
+        head = _ENTRIES_HEAD
+    else:
+        head = b"".join((
+            bytes((0x84 + ack + (root is not None),)), b"\xa1v\x01\xa4type\xa7entries",
+            b"\xa3ack\xc3" if ack else b"", b"\xa4root\xc4\x20" + root if root is not None else b"",
+            b"\xa7context",
+        ))
+    return b"".join((head, context_packed, b"\xa7entries", array_header(len(blobs)), *blobs))
 
 
 def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str, boot: str,
@@ -140,6 +149,7 @@ class EntriesMsg:
     context: str
     entries: tuple[Entry, ...]
     ack: bool = False  # the writer waits for acknowledgements of these (replication stream)
+    root: bytes | None = None  # the writer's root at the last entry's seq (replication stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +215,10 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
                         raise _bad(f"watch message for {context!r} holds an entry of {e.context!r}")
                     raise _bad("watch message entries are not consecutive")
                 seq += 1
-        return EntriesMsg(context, entries, m.get("ack") is True)
+        root = m.get("root")
+        if root is not None and (not isinstance(root, bytes) or len(root) != 32):
+            raise _bad("watch message: root must be 32 bytes")
+        return EntriesMsg(context, entries, m.get("ack") is True, root)
     if kind == HEAD:
         root = m.get("root")
         if not isinstance(root, bytes) or len(root) != 32:

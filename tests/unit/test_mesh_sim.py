@@ -120,7 +120,8 @@ class SimNode:
                 ctx.published_seq = ctx.size  # replicated entries go to watchers only
             if ctx.size > ctx.published_seq:
                 blobs = [self.ledger.entry_blob(ctx, s) for s in range(ctx.published_seq + 1, ctx.size + 1)]
-                frames = [watch.repl_topic(ctx.name), watch.encode_entries(ctx.name_packed, blobs)]
+                root = self.ledger.root_at(ctx, ctx.size)
+                frames = [watch.repl_topic(ctx.name), watch.encode_entries(ctx.name_packed, blobs, root=root)]
                 for sub in sorted(self.subscribers):
                     self.net.send(self.now, "pub", self.name, sub, frames)
                 ctx.published_seq = ctx.size
@@ -448,19 +449,25 @@ def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dea
     m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), t, address="me:1", pub="me:2",
              seeds=["a:1", "b:1"], heartbeat_s=0.5)
     m.tick(0.0)  # the first beat: neither connection is up yet
-    assert t.sent == [] and m.unsent == {"a:1", "b:1"}
+    assert t.sent == [] and set(m.unsent) == {"a:1", "b:1"}
     t.up.add("a:1")
     t.now = 0.005
     m.tick(0.005)  # too soon to retry
     assert t.sent == []
     t.now = 0.02
     m.tick(0.02)
-    assert t.sent == [(0.02, "a:1")] and m.unsent == {"b:1"}  # retried long before the next beat at 0.5
+    assert t.sent == [(0.02, "a:1")] and set(m.unsent) == {"b:1"}  # retried long before the next beat at 0.5
     m.peers["b:1"].state = "dead"
     t.up.add("b:1")
     t.now = 0.04
     m.tick(0.04)
     assert t.sent == [(0.02, "a:1")] and not m.unsent  # a dead peer waits for its slower probes
+    # a seed that never answers is retried a few times per interval, not 100 times a second
+    t.up.clear()
+    m.tick(0.5)
+    for i in range(1, 40):
+        m.tick(0.5 + i * 0.011)
+    assert not m.unsent and len(t.sent) == 1
 
 
 def formed_pair(seed: int) -> tuple[SimNode, SimNode, Any]:
@@ -517,7 +524,7 @@ def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_app
 
 
 def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
-    monkeypatch.setattr(mesh_mod, "MAX_HELD_ENTRIES", 10)
+    monkeypatch.setattr(mesh_mod, "MAX_HELD_BYTES", 600)  # about 2 messages of 4 entries
     a, b, run_for = formed_pair(12)
     a.net.cut = {frozenset(("a", "b"))}
     a.ledger.append(codec.Append("notes", "", b"lost", {}))
@@ -528,7 +535,7 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
         b.mesh.peers["a"].state = "dead"  # no gap pull: only the bound acts
         run_for(1)
-    assert b.mesh.dropped_pushes >= 1 and b.mesh.held_entries <= 10
+    assert b.mesh.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
     assert b.ledger.contexts["notes"].size == 1
     # the digest repair still brings everything
     b.mesh.peers["a"].state = "alive"
@@ -588,3 +595,159 @@ def test_the_ack_flag_of_an_entries_message_round_trips():
         m = watch.decode_message(frames)
         assert isinstance(m, watch.EntriesMsg) and m.ack is ack and [e.seq for e in m.entries] == [1]
         assert watch.peek_entries(frames) == ("c", 1, 1)
+
+
+# -- a writer that crashed and wrote its lost seqs again (async durability) ------------------------
+
+
+def crashed_writer_setup(seed: int) -> tuple[SimNode, SimNode, Any, Any]:
+    """a writes "x"#1 (flushed: survives), then more; returns a, b, run_for and a restart function
+    that brings a back from what it had flushed then, under a new boot."""
+    import copy
+
+    net = Network(random.Random(seed), drop=0.0, dup=0.0, max_delay=0.0)
+    net.perfect = True
+    nodes.clear()
+    a = nodes["a"] = SimNode("a", net, [])
+    b = nodes["b"] = SimNode("b", net, ["a"])
+    state = {"step": 0}
+
+    def run_for(steps: int) -> None:
+        for _ in range(steps):
+            now = state["step"] * STEP
+            for node in list(nodes.values()):
+                node.step(now)
+            deliver(net, now)
+            state["step"] += 1
+
+    a.ledger.append(codec.Append("x", "", b"shared", {}))
+    run_for(40)
+    assert b.ledger.contexts["x"].size == 1
+    saved = copy.deepcopy(a.ledger.kv)  # all a has on disk when it crashes later
+
+    def restart() -> SimNode:
+        na = SimNode("a", net, ["b"])
+        na.ledger = na.mesh.ledger = Ledger(saved, node_id="a", sync_meta=False)
+        na.mesh.boot = "a-boot-2"
+        na.subscribers = set(a.subscribers)  # b's SUB socket reconnects by itself
+        nodes["a"] = na
+        return na
+
+    return a, b, run_for, restart
+
+
+def payloads(led: Ledger, ctx: Any) -> list[bytes]:
+    return [decode_entry(led.entry_blob(ctx, s)).payload for s in range(1, ctx.size + 1)]
+
+
+def test_pushes_of_a_rewritten_history_are_never_spliced_onto_the_lost_one():
+    # b got a's entries 2..4 by push; a crashes, comes back with only #1 and writes 2..9 anew.
+    # The pushes of 5..9 extend b's size but not a's history: their root says so, b keeps its
+    # old 1..4 aside as it was and follows a's new history.
+    a, b, run_for, restart = crashed_writer_setup(21)
+    for i in range(3):
+        a.ledger.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
+    run_for(2)
+    assert payloads(b.ledger, b.ledger.contexts["x"]) == [b"shared", b"old2", b"old3", b"old4"]
+    a.up = False
+    na = restart()
+    for i in range(8):
+        na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
+    run_for(40)
+    bx, ax = b.ledger.contexts["x"], na.ledger.contexts["x"]
+    assert payloads(b.ledger, bx) == payloads(na.ledger, ax) == [b"shared"] + [b"new%d" % i for i in range(2, 10)]
+    assert bx.frontier.root() == ax.frontier.root()
+    (old,) = b.ledger.aside["x"]
+    assert payloads(b.ledger, old) == [b"shared", b"old2", b"old3", b"old4"]  # not spliced
+    assert b.mesh.push_mismatches >= 1
+
+
+def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_history():
+    a, b, run_for, restart = crashed_writer_setup(22)
+    real_send = a.net.send
+    lose = {"left": 1}
+
+    def send(now: float, kind: str, src: str, dst: str, body: Any) -> None:
+        if kind == "pub" and lose["left"]:
+            lose["left"] -= 1
+            return
+        real_send(now, kind, src, dst, body)
+
+    a.net.send = send  # type: ignore[method-assign]
+    for i in range(3):
+        a.ledger.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
+    a.publish()  # lost
+    for i in range(3):
+        a.ledger.append(codec.Append("x", "", b"old%d" % (5 + i), {}))
+    a.publish()
+    a.up = False  # crashes before it answers the gap pull
+    deliver(a.net, 0)
+    run_for(1)
+    assert b.mesh.held_entries == 3
+    run_for(60)  # b declares a dead
+    assert b.mesh.peers["a"].state == "dead" and not b.mesh.held
+    na = restart()
+    for i in range(9):
+        na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
+    run_for(40)
+    bx = b.ledger.contexts["x"]
+    assert payloads(b.ledger, bx) == [b"shared"] + [b"new%d" % i for i in range(2, 11)]
+    assert not b.mesh.forks and not b.ledger.aside
+
+
+def test_a_duplicated_pull_reply_does_not_make_every_later_chunk_asked_twice(monkeypatch):
+    monkeypatch.setattr(mesh_mod, "PULL_CHUNK", 100)
+    a, b, run_for = formed_pair(23)
+    a.net.cut = {frozenset(("a", "b"))}
+    for i in range(3000):
+        a.ledger.append(codec.Append("notes", "", b"%d" % i, {}))
+    run_for(1)
+    a.net.cut = set()
+    a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT  # the digest starts the repair
+    asked: list[tuple[int, int]] = []
+    real_request = b.request
+
+    def request(address: str, op: str, fields: dict[str, Any]) -> int | None:
+        if op == "snapshot":
+            asked.append((fields["after"], fields["size"]))
+        return real_request(address, op, fields)
+
+    b.request = request  # type: ignore[method-assign]
+    real_send = a.net.send
+    dup = {"left": 1}
+
+    def send(now: float, kind: str, src: str, dst: str, body: Any) -> None:
+        real_send(now, kind, src, dst, body)
+        if kind == "rep" and src == "a" and dup["left"] and len(body) > 5000:
+            dup["left"] -= 1
+            real_send(now, kind, src, dst, body)  # one pull reply arrives twice
+
+    a.net.send = send  # type: ignore[method-assign]
+    run_for(200)
+    assert b.ledger.contexts["notes"].size == 3001
+    assert dup["left"] == 0 and len(asked) <= len(set(asked)) + 2, f"{len(asked)} requests for {len(set(asked))} chunks"
+
+
+def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
+    a, b, run_for = formed_pair(24)
+    for name in ("x", "y"):
+        a.ledger.append(codec.Append(name, "", b"1", {}))
+    asked: list[str] = []
+    real_request = b.request
+
+    def request(address: str, op: str, fields: dict[str, Any]) -> int | None:
+        if op == "snapshot":
+            asked.append(fields["context"])
+        return real_request(address, op, fields)
+
+    b.request = request  # type: ignore[method-assign]
+    m, p = b.mesh, b.mesh.peers["a"]
+    p.pulls[:] = [("x", 1, b""), ("y", 1, b"")]
+    m._next_pull(p)
+    assert asked == ["x"]  # one context at a time from one peer
+    rid_x = next(rid for rid, (_a, op, f, _t) in m.pending.items() if op == "snapshot" and f["context"] == "x")
+    m.on_reply("a", {"ok": False, "id": rid_x, "node_id": "a", "error": {"code": "NOT_FOUND", "message": "no"}},
+               b.now)
+    assert [n for n, _t, _r in p.pulls] == ["y"] and m.pulling == {"y": "a"} and asked == ["x", "y"]
+    run_for(4)
+    assert b.ledger.contexts["y"].size == 1  # y's pull went on
