@@ -549,9 +549,7 @@ class Server:
 
     def rpc_get(self, req: codec.Get) -> bytes:
         blobs, last_seq, more, next_after = self.ledger.get(req)
-        return codec.encode_reply(
-            self._rid, {"last_seq": last_seq, "more": more, "next_after": next_after}, {"entries": blobs}
-        )
+        return codec.encode_get_reply(self._rid, last_seq, more, next_after, blobs)
 
     def rpc_head(self, req: codec.Head) -> bytes:
         fields = self.ledger.head(req.context)

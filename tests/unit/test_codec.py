@@ -596,3 +596,11 @@ def test_fuzz_mutated_valid_requests(frame, edits):
             else:
                 del b[pos]
     decode_or_protocol_error(bytes(b))
+
+
+@pytest.mark.parametrize("rid", [None, 0, 7, 2**40, "req-1", b"\x00id"])
+@pytest.mark.parametrize("last_seq, more, next_after, n", [(0, False, 0, 0), (5, True, 3, 1), (2**33, False, 2**33, 20)])
+def test_the_get_reply_fast_path_is_the_generic_reply_byte_for_byte(rid, last_seq, more, next_after, n):
+    blobs = [msgpack.packb({"seq": i}) for i in range(n)]
+    assert codec.encode_get_reply(rid, last_seq, more, next_after, blobs) == codec.encode_reply(
+        rid, {"last_seq": last_seq, "more": more, "next_after": next_after}, {"entries": blobs})

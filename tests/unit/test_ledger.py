@@ -416,3 +416,18 @@ def test_batched_entries_are_encoded_exactly_as_single_ones():
     # and the same content appended one by one hashes alike (only seq/lamport/ts differ)
     single = decode_entry(led.append(codec.Append("batch", "ü", b"", {"z": "1", "a": "é"})).blobs[0])
     single.verify()
+
+
+def test_a_single_recent_entry_read_matches_the_general_path():
+    # get with limit=1 and no key answers from the hot tail directly: same answer as a scan
+    led = make()
+    blobs = [led.append(codec.Append("c1", "k", bytes([i]), {})).blobs[0] for i in range(5)]
+    for after in range(0, 6):
+        one = led.get(codec.Get("c1", after=after, limit=1))
+        two = led.get(codec.Get("c1", after=after, limit=2))
+        want = blobs[after:after + 1]
+        assert one == (want, 5, after + 1 < 5, min(after + 1, 5) if after < 5 else after)
+        assert two[0][:1] == one[0]
+    led.contexts["c1"].tail.clear()  # not in RAM any more: the scan answers
+    led.flush_sync()
+    assert led.get(codec.Get("c1", after=2, limit=1)) == ([blobs[2]], 5, True, 3)
