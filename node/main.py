@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     kv: KV
+    # a folder this start creates is removed again if the node cannot start: a failed first
+    # start (a port in use, say) must not leave a data folder claimed by a generated id
+    created = cfg.data != ":memory:" and not os.path.exists(cfg.data)
     if cfg.data == ":memory:":
         kv = MemoryKV()
     else:
@@ -62,8 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Server(cfg, ledger)
     except AddressInUse as exc:
         kv.close()
+        if created:
+            shutil.rmtree(cfg.data, ignore_errors=True)
         return _fail(f"cannot listen on {exc}; pick another --listen / --pub-port"
                      + (" or stop whatever uses it" if "in use" in str(exc) else ""))
+    if cfg.host in ("0.0.0.0", "::") and not cfg.advertise:
+        logging.getLogger("node").warning(
+            "listening on all interfaces (%s) without --advertise: peers, and clients sent here by "
+            "NOT_WRITER, would be told to dial %s; set --advertise HOST:PORT to an address they can reach",
+            cfg.host, cfg.host)
     # The node's long-lived state (hot tail, buffers) holds no reference cycles;
     # the default GC thresholds would walk it every few thousand appends, a
     # pause of tens of milliseconds with a full hot tail. Collect rarely, and

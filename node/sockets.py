@@ -41,7 +41,7 @@ def _bind(sock: zmq.Socket, host: str, port: int) -> int:
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         if exc.errno == zmq.EADDRINUSE:
-            raise BindError(f"{shown} is already in use") from None
+            raise BindError(f"{shown}: the port is already in use") from None
         if exc.errno == zmq.EADDRNOTAVAIL:
             raise BindError(f"{shown}: {host} is not an address of this machine") from None
         if exc.errno == errno.ENODEV:

@@ -24,7 +24,7 @@ import msgpack
 import zmq
 
 from protocol import codec, merkle, watch
-from protocol.entry import Entry, entry_from_wire
+from protocol.entry import MAX_CONTEXT_BYTES, MAX_KEY_BYTES, Entry, check_name, entry_from_wire
 from protocol.errors import (
     BadRequest,
     IntegrityError,
@@ -611,6 +611,12 @@ class Watch:
         on_event: Callable[[str, str], None] | None = None,
         rcvhwm: int = 100_000,
     ) -> None:
+        try:  # a bad name is an error now, not after waiting for a greeting that cannot come
+            check_name("context", context, MAX_CONTEXT_BYTES)
+            if key is not None:
+                check_name("key", key, MAX_KEY_BYTES, min_bytes=0)
+        except RemoteProtocolError as exc:
+            raise BadRequest(exc.message) from None
         self.client = client
         self.context = context
         self.key = key

@@ -125,12 +125,37 @@ def test_second_node_on_same_data_folder_fails_fast(node_factory, tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def test_address_in_use_is_a_clear_error(node_factory, tmp_path):
+def test_address_in_use_is_a_clear_error_and_claims_no_data_folder(node_factory, tmp_path):
     n = node_factory()
     port = n.address.rsplit(":", 1)[1]
     r = run_node("--data", str(tmp_path / "other"), "--listen", f"127.0.0.1:{port}")
     assert r.returncode == 2
-    assert "already in use" in r.stderr and "Traceback" not in r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+    # the folder this failed first start created is gone, so a retry may still choose its --id
+    assert not (tmp_path / "other").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("x")
+    r = run_node("--data", str(existing), "--listen", f"127.0.0.1:{port}")
+    assert r.returncode == 2 and (existing / "keep").read_text() == "x"  # a folder it did not create stays
+
+
+def test_listening_on_all_interfaces_without_advertise_warns(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "node.main", "--data", ":memory:", "--listen", "0.0.0.0:0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stderr is not None
+        for line in p.stdout:
+            if line.startswith("ready "):
+                break
+        p.terminate()
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "without --advertise" in err and "0.0.0.0" in err
 
 
 @pytest.mark.parametrize("listen, says", [

@@ -477,3 +477,14 @@ def test_cli_watch_follows_a_restarted_node_and_exits_130_on_ctrl_c(node_factory
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("context, key, says", [("", None, "context must not be empty"),
+                                                 ("x" * 257, None, "context must be 1..256 bytes"),
+                                                 ("ok", "k" * 257, "key must be 0..256 bytes")])
+def test_a_watch_of_a_bad_name_fails_at_once(zctx, context, key, says):
+    # Nothing listens at this address: a watch that got as far as the network would wait for a
+    # greeting and then fail as Unavailable; a bad name must be refused before any of that.
+    with Client("127.0.0.1:9", zctx=zctx, timeout=30) as c:
+        with pytest.raises(BadRequest, match=says):
+            c.watch(context, key=key, pub_address="tcp://127.0.0.1:9")
