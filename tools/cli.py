@@ -25,7 +25,7 @@ import zmq
 from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, LedgerError, RemoteProtocolError, TooLarge
+from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, TooLarge
 from protocol.snapshot import read_snapshot
 from tools.cluster import ClusterError, run_cluster
 
@@ -423,20 +423,30 @@ def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
                 break
             after = page.next_after
         return EXIT_OK
+    shown = 0
     if args.limit is None:
         for e in c.iter_entries(args.context, key=args.key, after=args.after):
             out.entry(e)
-        return EXIT_OK
-    left, after = args.limit, args.after
-    # A page may hold fewer entries than asked (reply size cap), so keep paging.
-    while left > 0:
-        page = c.get(args.context, key=args.key, after=after, limit=min(left, codec.MAX_GET_LIMIT))
-        for e in page.entries[:left]:
-            out.entry(e)
-        left -= len(page.entries)
-        if not page.more:
-            break
-        after = page.next_after
+            shown += 1
+    else:
+        left, after = args.limit, args.after
+        # A page may hold fewer entries than asked (reply size cap), so keep paging.
+        while left > 0:
+            page = c.get(args.context, key=args.key, after=after, limit=min(left, codec.MAX_GET_LIMIT))
+            for e in page.entries[:left]:
+                out.entry(e)
+                shown += 1
+            left -= len(page.entries)
+            if not page.more:
+                break
+            after = page.next_after
+    if not shown and not out.as_json:
+        # an empty answer is a valid one (and stays exit 0), but a mistyped name should not
+        # look like an empty context to a person
+        try:
+            c.head(args.context)
+        except NotFound:
+            sys.stderr.write(f"{PROG}: no context {args.context!r} on this node\n")
     return EXIT_OK
 
 

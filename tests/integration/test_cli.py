@@ -232,9 +232,14 @@ def test_get_key_after_limit(capsys, node, client):
     assert all(e["key"] == "traces" for e in objs(out))
 
 
-def test_get_of_unknown_context_prints_nothing(capsys, node):
-    rc, out, _ = run(capsys, node, "get", "nope")
-    assert (rc, out) == (0, "")
+def test_get_of_unknown_context_prints_no_entries_and_tells_a_person(capsys, node, client):
+    rc, out, err = run(capsys, node, "get", "nope")
+    assert (rc, out, err) == (0, "", "")  # --json: an empty answer, nothing else (scripts)
+    rc, out, err = run(capsys, node, "get", "nope", as_json=False)
+    assert (rc, out) == (0, "") and "no context 'nope' on this node" in err
+    client.append("real", "x")
+    rc, out, err = run(capsys, node, "get", "real", "--after", "1", as_json=False)
+    assert (rc, out, err) == (0, "", "")  # an existing context with nothing after 1: no note
 
 
 def test_get_pages_past_ten_thousand(capsys, node, client):
