@@ -28,7 +28,7 @@ Theory of operation
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -133,6 +133,7 @@ class Mesh:
         boot: str = "",
         cluster: str = "ledger",
         on_applied: Callable[[ContextState], None] | None = None,
+        ack_durable: bool = False,
     ) -> None:
         self.ledger = ledger
         self.transport = transport
@@ -156,6 +157,9 @@ class Mesh:
         self.ack_due: dict[str, str] = {}  # context -> its writer, to be told how far we hold it
         self.last_ack = -1e18
         self.ack_now = False  # a writer waits for our acks
+        # sync durability: acknowledge only what is on disk here (flushed_seq), so that a
+        # replicas=N reply means N other nodes hold the entry at this node's durability level
+        self.ack_durable = ack_durable
         self.pulling: dict[str, str] = {}  # context -> the peer it is being pulled from
         # pushed messages that arrived past a gap, per context: (first seq, count, frames), in order
         self.held: dict[str, list[tuple[int, int, list[bytes]]]] = {}
@@ -730,7 +734,9 @@ class Mesh:
         for name, writer in self.ack_due.items():
             ctx = self.ledger.contexts.get(name)
             if ctx is not None:
-                by_writer.setdefault(writer, []).append([name, ctx.size])
+                held = ctx.flushed_seq if self.ack_durable else ctx.size
+                if held > 0:
+                    by_writer.setdefault(writer, []).append([name, held])
         self.ack_due = {}
         for writer, acks in by_writer.items():
             addr = self.by_id.get(writer)
@@ -740,6 +746,16 @@ class Mesh:
             if self._send(p, "ack", {"node_id": self.ledger.node_id, "acks": acks}) is None:
                 for name, _size in acks:
                     self.ack_due[name] = writer
+
+    def on_flushed(self, contexts: Iterable[ContextState]) -> None:
+        """Replicated entries reached the disk (sync durability): tell their writers now."""
+        if not self.ack_durable:
+            return
+        me = self.ledger.node_id
+        for ctx in contexts:
+            if ctx.writer != me:
+                self.ack_due[ctx.name] = ctx.writer
+                self.ack_now = True
 
     def rpc_ack(self, req: codec.Ack, now: float) -> dict[str, Any]:
         addr = self.by_id.get(req.node_id)

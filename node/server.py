@@ -112,7 +112,7 @@ class Server:
             ledger, self, address=advertise, pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}",
             seeds=list(config.peers), heartbeat_s=config.heartbeat_ms / 1000.0,
             suspect_after=config.suspect_after, dead_after=config.dead_after, boot=self.publisher.boot,
-            cluster=config.cluster, on_applied=self.publisher.mark,
+            cluster=config.cluster, on_applied=self.publisher.mark, ack_durable=config.sync,
         )
         self.mesh.on_ack = self._check_replicated
         # appends waiting for replicas=N: (ctx, seq, n, reply frames head, reply fields, raw, deadline)
@@ -366,6 +366,7 @@ class Server:
         while done:
             dirty = done.popleft()
             self.ledger.mark_flushed(dirty)
+            self.mesh.on_flushed(dirty)
             self.flushing = False
         if self.held and not self.flushing:
             self._release_held()

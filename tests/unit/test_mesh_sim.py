@@ -751,3 +751,37 @@ def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
     assert [n for n, _t, _r in p.pulls] == ["y"] and m.pulling == {"y": "a"} and asked == ["x", "y"]
     run_for(4)
     assert b.ledger.contexts["y"].size == 1  # y's pull went on
+
+
+def test_in_sync_durability_a_follower_acks_only_what_is_on_its_disk():
+    # replicas=N under --durability sync: "held by N" must mean on N other nodes' disks
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Recording:
+        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+            sent.append((op, fields))
+            return len(sent)
+
+        def subscribe(self, pub_address: str) -> None:
+            pass
+
+        def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    m = Mesh(led, Recording(), address="me:1", pub="me:2", seeds=[], heartbeat_s=0.5, ack_durable=True)
+    m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
+    blobs = [w.append(codec.Append("notes", "", bytes([i]), {})).blobs[0] for i in range(4)]
+    m.on_push([watch.repl_topic("notes"),
+               watch.encode_entries(w.contexts["notes"].name_packed, blobs, ack=True,
+                                    root=w.root_at(w.contexts["notes"], 4))])
+    assert led.contexts["notes"].size == 4
+    m.flush_acks(1.0)
+    assert [f for op, f in sent if op == "ack"] == []  # in RAM only: nothing to acknowledge yet
+    batch, dirty = led.take_pending()
+    led.kv.write(batch.items(), sync=True)
+    led.mark_flushed(dirty)
+    m.on_flushed(dirty)  # what the server does when the flusher reports the batch on disk
+    m.flush_acks(1.001)
+    assert [f["acks"] for op, f in sent if op == "ack"] == [[["notes", 4]]]
