@@ -95,6 +95,17 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("converge-ledger")
+    except Exception:  # not installed as a distribution (a source checkout on sys.path)
+        from node import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options(defaults=False)
     p = argparse.ArgumentParser(
@@ -103,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 error from the node or failed verification, 2 usage error, 130 interrupted.",
         parents=[common],
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()} (protocol v{codec.PROTOCOL_VERSION})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     a = sub.add_parser(
@@ -696,7 +708,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.write(f"{PROG}: error: {exc}\n")
         return EXIT_USAGE
     except LedgerError as exc:
-        err.write(f"{PROG}: error: {exc}\n")  # "CODE: message"
+        if getattr(args, "json", False):
+            # --json: the error as one JSON object too, so a script reads one format
+            obj = {"error": {**_jsonable(exc.details), "code": exc.code, "message": exc.message}}
+            err.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        else:
+            err.write(f"{PROG}: error: {exc}\n")  # "CODE: message"
         return EXIT_ERROR
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted\n")

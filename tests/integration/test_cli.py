@@ -181,7 +181,8 @@ def test_append_expect_seq(capsys, node):
     assert one(out)["seq"] == 2
     rc, out, err = run(capsys, node, "append", "c1", "stale", "--expect-seq", "1")
     assert rc == 1 and out == ""
-    assert err.startswith("ledger: error: CONFLICT: ")
+    e = json.loads(err)["error"]  # --json: the error is a JSON object too
+    assert e["code"] == "CONFLICT" and (e["actual_seq"], e["expected_seq"]) == (2, 1)
 
 
 def test_append_after_lamport(capsys, node):
@@ -478,7 +479,8 @@ def test_verify_reports_a_tampered_entry(capsys, lying_node):
     replies["snapshot"] = tampered_snapshot_reply()
     rc, out, err = run(capsys, addr, "verify", "c1")
     assert rc == 1 and out == ""
-    assert err.startswith("ledger: error: INTEGRITY: ") and "#2" in err
+    e = json.loads(err)["error"]
+    assert e["code"] == "INTEGRITY" and "#2" in e["message"]
 
 
 def test_snapshot_that_fails_verification_midway_leaves_no_file(capsys, lying_node, tmp_path):
@@ -593,3 +595,20 @@ def test_append_takes_its_payload_after_options_too(node, capsys):
     assert rc == 0 and one(out)["payload"] == "hello" and one(out)["key"] == "facts"
     rc, _, err = run(capsys, node, "append", "order", "one", "two")
     assert rc == 2 and "unrecognized arguments: two" in err
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ledger ") and "protocol v1" in out
+
+
+def test_with_json_errors_are_json_too(capsys, node):
+    rc, out, err = run(capsys, node, "head", "nosuch")
+    assert rc == 1 and out == ""
+    e = json.loads(err)["error"]
+    assert e["code"] == "NOT_FOUND" and "nosuch" in e["message"]
+    rc, out, err = run(capsys, "127.0.0.1:9", "--timeout", "0.3", "head", "x")  # nobody there
+    assert rc == 1 and json.loads(err)["error"]["code"] == "UNAVAILABLE"
+    rc, out, err = run(capsys, node, "head", "nosuch", as_json=False)  # people get the one-liner
+    assert rc == 1 and err.startswith("ledger: error: NOT_FOUND: ")
