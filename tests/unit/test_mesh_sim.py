@@ -544,22 +544,28 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
     assert b.ledger.contexts["notes"].size == 18
 
 
+class Recording:
+    """A transport that takes every request and records (op, fields) in `sent`."""
+
+    def __init__(self, sent: list[tuple[str, dict[str, Any]]]) -> None:
+        self.sent = sent
+
+    def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+        self.sent.append((op, fields))
+        return len(self.sent)
+
+    def subscribe(self, pub_address: str) -> None:
+        pass
+
+    def unsubscribe(self, pub_address: str) -> None:
+        pass
+
+
 def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
     sent: list[tuple[str, dict[str, Any]]] = []
 
-    class Recording:
-        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
-            sent.append((op, fields))
-            return len(sent)
-
-        def subscribe(self, pub_address: str) -> None:
-            pass
-
-        def unsubscribe(self, pub_address: str) -> None:
-            pass
-
     w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
-    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(), address="me:1", pub="me:2",
+    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(sent), address="me:1", pub="me:2",
              seeds=[], heartbeat_s=0.5)
     m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
     sent.clear()
@@ -757,20 +763,9 @@ def test_in_sync_durability_a_follower_acks_only_what_is_on_its_disk():
     # replicas=N under --durability sync: "held by N" must mean on N other nodes' disks
     sent: list[tuple[str, dict[str, Any]]] = []
 
-    class Recording:
-        def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
-            sent.append((op, fields))
-            return len(sent)
-
-        def subscribe(self, pub_address: str) -> None:
-            pass
-
-        def unsubscribe(self, pub_address: str) -> None:
-            pass
-
     w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
     led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
-    m = Mesh(led, Recording(), address="me:1", pub="me:2", seeds=[], heartbeat_s=0.5, ack_durable=True)
+    m = Mesh(led, Recording(sent), address="me:1", pub="me:2", seeds=[], heartbeat_s=0.5, ack_durable=True)
     m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
     blobs = [w.append(codec.Append("notes", "", bytes([i]), {})).blobs[0] for i in range(4)]
     m.on_push([watch.repl_topic("notes"),
