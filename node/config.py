@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from node import __version__
+from node.busypoll import DEFAULT_WINDOW_US as DEFAULT_BUSY_POLL_US
 
 DEFAULT_PORT = 7400
 DEFAULT_MAX_PAYLOAD = 4 << 20
@@ -48,6 +49,7 @@ class Config:
     dead_after: int = 10
     replica_timeout_ms: int = 3000
     cluster: str = "ledger"
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
 
     @property
     def sync(self) -> bool:
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-timeout-ms", help="how long an append with replicas=N waits for N other nodes "
                    "before it is answered with an error saying how many hold it [LEDGER_REPLICA_TIMEOUT_MS] "
                    "(default 3000)")
+    p.add_argument("--busy-poll-us", help="after answering requests, keep polling without sleeping for this "
+                   "long, so a client's next request is not slowed by waking the node; it stops by itself "
+                   "when requests come further apart, and 0 turns it off [LEDGER_BUSY_POLL_US] "
+                   f"(default {DEFAULT_BUSY_POLL_US})")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -208,6 +214,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     rt_raw = pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000")
     if not rt_raw.isdigit() or not 1 <= int(rt_raw) <= 600_000:
         raise ConfigError(f"--replica-timeout-ms must be an integer from 1 to 600000, got {rt_raw!r}")
+    bp_raw = pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US))
+    if not bp_raw.isdigit() or not 0 <= int(bp_raw) <= 100_000:
+        raise ConfigError(f"--busy-poll-us must be an integer from 0 (off) to 100000, got {bp_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -217,5 +226,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         hot_bytes=hot_bytes, log_level=level, write_buffer=max(write_buffer, 1),
         watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
-        replica_timeout_ms=int(rt_raw), cluster=cluster,
+        replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
     )

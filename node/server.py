@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import zmq
 
 from node import __version__, sockets
+from node.busypoll import BusyPoll
 from node.config import Config
 from node.ledger import ContextState, Ledger
 from node.mesh import ACK_LAZY_S, Mesh
@@ -145,6 +147,7 @@ class Server:
         self._outbox: list[list[bytes]] = []
         self.backpressure_waits = 0
         self._rid: RequestId = None
+        self.busy = BusyPoll(config.busy_poll_us)
 
     # -- addresses ---------------------------------------------------------------
 
@@ -174,6 +177,8 @@ class Server:
         publisher = self.publisher
         last_housekeeping = last_heartbeat = time.monotonic()
         heartbeat_check = min(0.1, publisher.heartbeat_s / 4)
+        busy = self.busy
+        clock = time.perf_counter
         if ready is not None:
             ready()
         try:
@@ -181,7 +186,12 @@ class Server:
                 if self._backlogged():
                     self._wait_for_flush()
                     continue
-                events = dict(poller.poll(self._poll_timeout()))
+                # no spin while a write is in flight: the flusher thread needs the GIL
+                events = self._spin(poller) if busy.should_spin(clock()) and not self.flushing else None
+                if events is None:
+                    events = dict(poller.poll(self._poll_timeout()))
+                    if router in events:
+                        busy.arrived(clock())
                 if router in events:
                     ledger = self.ledger
                     for i in range(1, MAX_BURST + 1):
@@ -210,6 +220,7 @@ class Server:
                                 break
                     self._flush_outbox()
                     publisher.publish()
+                    busy.served(clock())
                 if self._wake_rx in events:
                     self._drain_wake()
                 if self.pub in events:
@@ -231,6 +242,28 @@ class Server:
                     self.ledger.expire_loads()
         finally:
             self._shutdown()
+
+    def _spin(self, poller: zmq.Poller) -> dict[Any, int] | None:
+        """Poll without sleeping until an event or the end of the busy-poll window."""
+        busy = self.busy
+        clock = time.perf_counter
+        router = self.router
+        events = zmq.EVENTS
+        started = now = clock()
+        turn = 0
+        while now < busy.until:
+            # the request socket is asked alone (2 us); every socket every 8th turn (6 us)
+            turn += 1
+            if router.getsockopt(events) & zmq.POLLIN or not turn & 7:  # type: ignore[arg-type, operator]
+                got = poller.poll(0)
+                if got:
+                    now = clock()
+                    busy.spun(started, now, hit=True)
+                    return dict(got)
+            os.sched_yield()  # a thread waiting for this core (the client's, say) runs first
+            now = clock()
+        busy.spun(started, now, hit=False)
+        return None
 
     # -- peers (the mesh's transport) ---------------------------------------------------
 
@@ -593,6 +626,7 @@ class Server:
             "max_request": self.config.max_request,
             "data": self.config.data,
         })
+        fields.update(self.busy.status())
         fields.update(self.publisher.status())
         fields.update(self.mesh.status(time.monotonic()))
         fields["advertise"] = self.mesh.address

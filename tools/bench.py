@@ -2,7 +2,9 @@
 
 Every system runs in its own process on loopback, started here on free ports,
 and is driven from this process one scenario slice at a time, interleaved over
-several rounds, so that a noisy machine moves all of them alike. The report
+several rounds, so that a noisy machine moves all of them alike. Before each
+slice it waits (at most 3 s) until the machine is quiet, so no slice is timed
+while the previous one's leftovers (compactions, flushes) share the cores. The report
 gives each scenario's median throughput and latency percentiles, and the
 ratios the targets are stated in (medians of per-round ratios).
 
@@ -694,6 +696,28 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(vals) - idle) / tick, sum(vals) / tick
 
 
+SETTLE_BUSY_CORES = 0.3  # the machine counts as quiet below this many busy cores ...
+SETTLE_SAMPLE_S = 0.1  # ... over a sample this long
+SETTLE_MAX_S = 3.0  # and a scenario waits at most this long for it
+
+
+def settle(max_s: float = SETTLE_MAX_S) -> float:
+    """Wait until the machine is quiet, so a scenario is not timed while another one's
+    leftovers (LevelDB compactions, a flush, a watcher catching up) share the cores.
+    Returns the seconds waited; after `max_s` it goes on anyway."""
+    t0 = time.monotonic()
+    busy0, _ = machine_cpu()
+    if busy0 != busy0:  # no /proc/stat: nothing to wait for
+        return 0.0
+    while True:
+        time.sleep(SETTLE_SAMPLE_S)
+        busy1, _ = machine_cpu()
+        waited = time.monotonic() - t0
+        if (busy1 - busy0) / SETTLE_SAMPLE_S < SETTLE_BUSY_CORES or waited >= max_s:
+            return waited
+        busy0 = busy1
+
+
 @dataclass
 class MeshMember:
     node_id: str
@@ -1331,6 +1355,7 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
     mesh: MeshScenarios | None = None
     samples: dict[str, list[Sample]] = {}
     per_round: dict[str, list[float]] = {}
+    settle_s: dict[str, float] = {}
     payload = os.urandom(PAYLOAD_SIZE)
     rng = random.Random(1)
     try:
@@ -1499,6 +1524,8 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
             pair_up(order, "append_pipelined", "append_pipelined_replicated", first=r % 2 == 1)
             this_round: dict[str, Sample] = {}
             for name, fn in order:
+                waited = settle()
+                settle_s[name] = settle_s.get(name, 0.0) + waited
                 s = fn()
                 this_round[name] = s
                 samples.setdefault(name, []).append(s)
@@ -1529,6 +1556,10 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
                     statistics.median(catchup_s), 3)
                 detail["append_pipelined_watched"]["catchup_s_per_round"] = [round(x, 3) for x in catchup_s]
             wclient.close()
+        slow = {n: round(w, 1) for n, w in settle_s.items() if w >= SETTLE_MAX_S * sizes.rounds / 2}
+        if slow:
+            notes.append(f"the machine did not quiet down before these scenarios (seconds waited, "
+                         f"{SETTLE_MAX_S:g} s at most per round): {slow}")
         if mesh is not None and mesh_detail is not None:
             mesh_detail.update(mesh.report())
         for dealer in (e, d, sd):

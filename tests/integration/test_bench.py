@@ -187,3 +187,22 @@ def test_human_table_and_only_filter(capsys, tmp_path):
     assert "append_seq" in out and "raw_echo_seq" in out and "append_batch" not in out
     assert "append_seq_p50_vs_raw_echo_seq_p50" in out
     assert "watch_" not in out  # no watch scenario was asked for: no watchers, no fan-out
+
+
+def test_settle_waits_for_a_quiet_machine_and_gives_up_after_its_limit(monkeypatch):
+    # busy CPU seconds of the machine, read once before and once per sample
+    busy = iter([0.0, 0.2, 0.4, 0.42, 0.44])  # busy (2 cores) for two samples, then quiet
+    monkeypatch.setattr(bench, "machine_cpu", lambda: (next(busy), 0.0))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench.settle()
+    assert next(busy) == 0.44  # it sampled until the first quiet one, and no further
+
+    clock = iter(range(100))
+    monkeypatch.setattr(bench.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(bench, "machine_cpu", lambda: (float(next(clock)), 0.0))  # always busy
+    assert bench.settle(max_s=3.0) >= 3.0  # gave up
+
+
+def test_settle_does_not_wait_without_proc_stat(monkeypatch):
+    monkeypatch.setattr(bench, "machine_cpu", lambda: (float("nan"), float("nan")))
+    assert bench.settle() == 0.0

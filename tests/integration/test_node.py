@@ -183,6 +183,8 @@ def test_ipv6_loopback_listen_works(node_factory, zctx):
         (["--max-payload", "lots"], "not a size"),
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--id", "bad id!"], "--id"),
+        (["--busy-poll-us", "-1"], "--busy-poll-us"),
+        (["--busy-poll-us", "100001"], "--busy-poll-us"),
     ],
 )
 def test_bad_flags_are_reported(args, message, tmp_path):
@@ -196,6 +198,20 @@ def test_environment_variables_configure_the_node(node_factory, zctx):
     with Client(n.address, zctx=zctx) as c:
         s = c.status()
     assert (s["durability"], s["flush_ms"], s["node_id"]) == ("sync", 3, "env-node")
+
+
+def test_busy_poll_catches_back_to_back_requests_and_can_be_turned_off(node_factory, zctx):
+    # a wide window, so a slow CI machine still sends its next request inside it
+    spinning = node_factory("--busy-poll-us", "50000")
+    off = node_factory("--busy-poll-us", "0", name="n2")
+    for n in (spinning, off):
+        with Client(n.address, zctx=zctx) as c:
+            for i in range(200):
+                c.append("bp", f"e{i}")
+            n.busy = c.status()["busy_poll"]
+    assert spinning.busy["window_us"] == 50000 and spinning.busy["active"]
+    assert spinning.busy["hits"] >= 150, spinning.busy
+    assert off.busy == {"window_us": 0, "active": False, "hits": 0, "misses": 0, "stops": 0, "spun_ms": 0.0}
 
 
 def test_node_id_is_kept_and_a_different_id_is_refused(node_factory):

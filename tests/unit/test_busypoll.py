@@ -1,0 +1,112 @@
+"""The adaptive busy-poll window, stepped on a hand-driven clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.busypoll import COOLDOWN_S, NEAR_MISS, BusyPoll
+
+pytestmark = pytest.mark.timeout(10)
+
+W = 500e-6  # the window of BusyPoll(500), in seconds
+
+
+def miss(b: BusyPoll, t: float, next_after: float) -> float:
+    """Serve at t, spin a whole window for nothing, the next request comes `next_after` later."""
+    b.served(t)
+    assert b.should_spin(t)
+    b.spun(t, t + W, hit=False)
+    b.arrived(t + next_after)
+    return t + next_after
+
+
+def test_zero_window_never_spins_and_never_turns_on():
+    b = BusyPoll(0)
+    b.served(1.0)
+    assert not b.should_spin(1.0)
+    b.arrived(1.0 + W / 10)  # a request right after the last one
+    b.served(1.0 + W / 10)
+    assert not b.should_spin(1.0 + W / 10) and b.status()["busy_poll"]["active"] is False
+
+
+def test_a_window_opens_after_serving_and_closes_after_its_length():
+    b = BusyPoll(500)
+    assert not b.should_spin(0.0)  # nothing served yet
+    b.served(1.0)
+    assert b.should_spin(1.0) and b.should_spin(1.0 + W * 0.99)
+    assert not b.should_spin(1.0 + W * 1.01)
+
+
+def test_a_miss_closes_the_window_at_once():
+    b = BusyPoll(500)
+    b.served(1.0)
+    b.spun(1.0, 1.0 + W, hit=False)
+    assert not b.should_spin(1.0)  # even with the clock read before the end
+    assert (b.hits, b.misses) == (0, 1)
+
+
+def test_wasted_windows_in_a_row_stop_spinning_for_the_cooldown():
+    b = BusyPoll(500)
+    t = 1.0
+    for _ in range(6):  # a client sending every 5 ms: each window is wasted
+        t = miss(b, t, 0.005)
+    assert b.active  # six are not enough ...
+    t = miss(b, t, 0.005)
+    assert not b.active and b.stops == 1  # ... seven are
+    b.served(t)
+    assert not b.should_spin(t)
+    # within the cooldown, even back-to-back requests leave it off
+    b.arrived(t + W / 10)
+    assert not b.active
+    # after it, a request a window could have caught turns it back on, with a clean record
+    t += COOLDOWN_S
+    b.served(t)
+    b.arrived(t + W / 2)
+    assert b.active and b.miss_rate == 0.0
+    b.served(t + W / 2)
+    assert b.should_spin(t + W / 2)
+
+
+def test_after_the_cooldown_requests_far_apart_leave_it_off():
+    b = BusyPoll(500)
+    t = 1.0
+    for _ in range(7):
+        t = miss(b, t, 0.005)
+    assert not b.active
+    t += COOLDOWN_S
+    for _ in range(5):
+        b.served(t)
+        t += 0.001  # a client sending once a millisecond: a window would not catch it
+        b.arrived(t)
+    assert not b.active
+
+
+def test_near_misses_do_not_stop_spinning():
+    # a client warming up after a pause, or waiting for a core while this one spins,
+    # sends just after the window ends: the window was short, spinning was not wasted
+    b = BusyPoll(500)
+    t = 1.0
+    for _ in range(50):
+        t = miss(b, t, W * (NEAR_MISS - 0.1))
+    assert b.active and b.stops == 0 and b.misses == 50
+
+
+def test_hits_between_misses_keep_the_rate_low():
+    b = BusyPoll(500)
+    t = 1.0
+    for _ in range(20):
+        for _ in range(20):  # 20 caught requests ...
+            b.served(t)
+            b.spun(t, t + W / 10, hit=True)
+            t += W / 10
+        t = miss(b, t, 0.005)  # ... then one wasted window: ~5%
+    assert b.active and b.stops == 0 and (b.hits, b.misses) == (400, 20)
+
+
+def test_status_reports_the_time_spent_spinning():
+    b = BusyPoll(250)
+    b.served(0.0)
+    b.spun(0.0, 0.0002, hit=True)
+    b.spun(0.0002, 0.00025, hit=False)
+    s = b.status()["busy_poll"]
+    assert s == {"window_us": 250, "active": True, "hits": 1, "misses": 1, "stops": 0, "spun_ms": 0.2}
