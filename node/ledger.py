@@ -360,7 +360,7 @@ class Ledger:
         return AppendResult(ctx, [blob], ctx.size, False)
 
     def append_batch(self, req: codec.AppendBatch) -> AppendResult:
-        total = sum(len(it.payload) for it in req.items)
+        total = req.payload_bytes if req.payload_bytes >= 0 else sum(len(it[1]) for it in req.items)
         if total > max(self.max_payload, MAX_REPLY_BYTES // 2):
             raise TooLarge(f"batch payloads add up to {total} bytes; split the batch")
         ctx = self.contexts.get(req.context)

@@ -18,7 +18,7 @@ so the node never re-encodes a stored entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
@@ -68,7 +68,8 @@ class Append(NamedTuple):
 
 
 class BatchItem(NamedTuple):
-    # a NamedTuple for the same reason as Append: one per batched entry
+    # The decoder's fast path makes plain (key, payload, metadata) tuples, which compare
+    # equal to these: a NamedTuple's constructor is a Python function, run once per entry.
     key: str
     payload: bytes
     metadata: dict[str, str]
@@ -82,6 +83,8 @@ class AppendBatch:
     expect_seq: int | None = None
     after_lamport: int | None = None
     replicas: int | None = None
+    # the payloads' total size when the decoder already summed it; -1: not known
+    payload_bytes: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,17 +320,18 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         raise _bad("entries must be a non-empty array of {key, payload, metadata} maps")
     if len(raw) > MAX_BATCH:
         raise RemoteProtocolError(TOO_LARGE, f"a batch holds at most {MAX_BATCH} entries")
-    items = []
+    items: list[Any] = []
+    add = items.append
     total = 0
     for i, it in enumerate(raw):
-        if not isinstance(it, dict):
+        if type(it) is not dict:
             raise _bad(f"entries[{i}] must be a map")
         k = it.get("key", "")
         p = it.get("payload")
         md = it.get("metadata")
         if (type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii() and type(p) is bytes
                 and len(p) <= max_payload and (md is None or (type(md) is dict and not md))):
-            items.append(BatchItem(k, p, {}))  # fast path: plainly valid
+            add((k, p, {}))  # fast path: plainly valid
             total += len(p)
             continue
         try:
@@ -344,6 +348,7 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         expect_seq=_opt_uint(m, "expect_seq"),
         after_lamport=_opt_uint(m, "after_lamport"),
         replicas=_replicas(m),
+        payload_bytes=total,
     )
 
 

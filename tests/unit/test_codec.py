@@ -98,6 +98,7 @@ def test_append_batch_parses():
         (codec.BatchItem("a", b"1", {}), codec.BatchItem("", b"2", {"x": "y"}), codec.BatchItem("", b"", {})),
         b"d", 0, 5,
     )
+    assert env.request.payload_bytes == 2  # summed while decoding, for the batch size check
 
 
 def test_get_parses_with_defaults_and_fields():

@@ -12,7 +12,7 @@ from node.ledger import Ledger
 from node.storage import MemoryKV
 from protocol import codec, merkle
 from protocol.entry import Entry, decode_entry
-from protocol.errors import Conflict, IntegrityError, NotFound, RemoteProtocolError
+from protocol.errors import Conflict, IntegrityError, NotFound, RemoteProtocolError, TooLarge
 from protocol.lamport import RESERVE_STEP
 from protocol.snapshot import encode_header, read_snapshot
 
@@ -96,6 +96,22 @@ def test_expect_seq_conflict_reports_actual():
     assert app(led, expect_seq=1).seq == 2
     # a missing context is at seq 0
     assert app(led, "fresh", expect_seq=0).seq == 1
+
+
+def test_a_batch_whose_payloads_add_up_past_the_reply_limit_is_refused_whole():
+    led = make()
+    mib = b"x" * (1 << 20)
+    # built by hand (the total is not known) and as the decoder builds it (the total given)
+    big = codec.AppendBatch("c1", tuple(codec.BatchItem("k", mib, {}) for _ in range(9)))
+    frame = msgpack.packb({"v": 1, "id": 1, "op": "append_batch", "context": "c1",
+                           "entries": [{"key": "k", "payload": mib}] * 9})
+    decoded = codec.decode_request(frame, 4 << 20).request
+    assert decoded.payload_bytes == 9 << 20 and decoded == big
+    for req in (big, decoded):
+        with pytest.raises(TooLarge, match="split the batch"):
+            led.append_batch(req)
+    assert "c1" not in led.contexts
+    assert led.append_batch(codec.AppendBatch("c1", big.items[:7])).last_seq == 7
 
 
 def test_batch_is_one_unit_and_invalid_batch_appends_nothing():
