@@ -5,17 +5,19 @@ after it reads the reply. If the loop has gone to sleep in `zmq_poll` by then, t
 request pays for waking the thread, and on a virtual machine for waking an idle CPU:
 measured here, a lone append took ~160 us through a sleeping node and ~90 us through
 one that was still polling. So for a short window after each burst of requests the
-loop polls with a zero timeout instead of sleeping.
+loop polls with a zero timeout instead of sleeping (never past its next deadline: a
+flush or an ack due runs on time).
 
 Spinning holds a core for the window, which pays only when the next request comes
-within it and another core is free to run the client. Both show in one number, the
-share of windows that end with nothing arrived (misses): about 0.2% for a client
-sending back to back on an idle machine, every window for a client sending once a
-millisecond, and ~15% when a CPU-bound process competes for the cores (the client
-then waits for a core while the node spins on one). Past `MISS_RATE_OFF` (an
-exponentially weighted average: seven misses in a row are enough) spinning stops
-for `COOLDOWN_S`; after that it starts again when a request arrives within one window
-of the previous burst, that is when a window would have caught it.
+within it. A window that ends with nothing arrived is a miss, judged by how late the
+next request comes: within `NEAR_MISS` windows it was a near miss (a client warming up
+after a pause, or one that sends just slower than the window), which counts half; later,
+it was wasted (a client that sends now and then). Measured: a back-to-back client on an
+idle machine misses ~0.05% of windows. Past `MISS_RATE_OFF` (an exponentially weighted
+average: seven wasted windows in a row, or about 14 near ones) spinning stops for
+`COOLDOWN_S`; after that it starts again when `REARM` requests in a row each arrive
+within one window of the previous burst (a command-line call of two requests does not
+re-arm it).
 
 Pure logic on a clock the caller passes in; the loop (`node/server.py`) polls.
 """
@@ -29,6 +31,7 @@ MISS_WEIGHT = 1 / 64  # weight of the newest window in the miss rate
 MISS_RATE_OFF = 0.1  # above this share of empty windows, spinning stops ...
 COOLDOWN_S = 0.2  # ... for at least this long
 NEAR_MISS = 1.5  # a request within this many windows of the last one made the miss a near one
+REARM = 3  # requests in a row a window would have caught, to start spinning again
 
 
 class BusyPoll:
@@ -41,6 +44,7 @@ class BusyPoll:
         self.off_until = 0.0  # no restart before this
         self.miss_rate = 0.0
         self.judge_next = False
+        self.close_in_row = 0  # while off: requests in a row a window would have caught
         self.hits = 0
         self.misses = 0
         self.stops = 0
@@ -55,13 +59,14 @@ class BusyPoll:
         if self.active:
             self.until = now + self.window
 
-    def spun(self, started: float, now: float, hit: bool) -> None:
-        """A spin that began at `started` ended at `now`, with an event (`hit`) or not."""
+    def spun(self, started: float, now: float, hit: bool | None) -> None:
+        """A spin that began at `started` ended at `now`: with a request (`hit`), with the
+        window run out (a miss), or with another event or a deadline (None: no verdict)."""
         self.spun_s += now - started
         if hit:
             self.hits += 1
             self.miss_rate -= self.miss_rate * MISS_WEIGHT
-        else:
+        elif hit is not None:
             self.misses += 1
             self.until = 0.0
             self.judge_next = True  # how late the next request comes tells what the miss was
@@ -71,18 +76,18 @@ class BusyPoll:
         gap = now - self.last
         if self.judge_next:
             self.judge_next = False
-            # A request just past the window (a client warming up after a pause) says the
-            # window was a little short, not that spinning is wasted; later than that, it
-            # was wasted: a client that sends now and then, or one waiting for a core.
-            wasted = gap > NEAR_MISS * self.window
-            self.miss_rate += (float(wasted) - self.miss_rate) * MISS_WEIGHT
+            cost = 0.5 if gap <= NEAR_MISS * self.window else 1.0
+            self.miss_rate += (cost - self.miss_rate) * MISS_WEIGHT
             if self.active and self.miss_rate > MISS_RATE_OFF:
                 self.active = False
                 self.off_until = now + COOLDOWN_S
                 self.stops += 1
-        elif self.enabled and not self.active and now >= self.off_until and gap <= self.window:
-            self.active = True
-            self.miss_rate = 0.0
+                self.close_in_row = 0
+        elif self.enabled and not self.active and now >= self.off_until:
+            self.close_in_row = self.close_in_row + 1 if gap <= self.window else 0
+            if self.close_in_row >= REARM:
+                self.active = True
+                self.miss_rate = 0.0
 
     def status(self) -> dict[str, Any]:
         return {

@@ -61,8 +61,13 @@ class Config:
         return max(self.max_payload + (1 << 20), MIN_MAX_REQUEST)
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE | re.ASCII)
 _MULT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _digits(text: str) -> bool:
+    """Only ASCII digits ('²'.isdigit() is True, and int() refuses it)."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_size(text: str) -> int:
@@ -78,7 +83,7 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not _digits(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: port must be 0..65535, got {port!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -158,7 +163,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     pub_raw = pick(args.pub_port, "PUB_PORT", "")
     pub_port: int | None
     if pub_raw:
-        if not pub_raw.isdigit() or not 0 <= int(pub_raw) <= 65535:
+        if not _digits(pub_raw) or not 0 <= int(pub_raw) <= 65535:
             raise ConfigError(f"--pub-port must be 0..65535, got {pub_raw!r}")
         pub_port = int(pub_raw)
     else:
@@ -171,7 +176,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if durability not in ("async", "sync"):
         raise ConfigError(f"--durability must be async or sync, got {durability!r}")
     flush_raw = pick(args.flush_ms, "FLUSH_MS", "10")
-    if not flush_raw.isdigit() or not 1 <= int(flush_raw) <= 60_000:
+    if not _digits(flush_raw) or not 1 <= int(flush_raw) <= 60_000:
         raise ConfigError(f"--flush-ms must be an integer from 1 to 60000, got {flush_raw!r}")
     try:
         max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
@@ -182,10 +187,10 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not 1 <= max_payload <= 1 << 30:
         raise ConfigError(f"--max-payload must be from 1 byte to 1GiB, got {max_payload}")
     hb_raw = pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000")
-    if not hb_raw.isdigit() or not 10 <= int(hb_raw) <= 60_000:
+    if not _digits(hb_raw) or not 10 <= int(hb_raw) <= 60_000:
         raise ConfigError(f"--watch-heartbeat-ms must be an integer from 10 to 60000, got {hb_raw!r}")
     wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "1000")
-    if not wq_raw.isdigit() or not 1 <= int(wq_raw) <= 1_000_000:
+    if not _digits(wq_raw) or not 1 <= int(wq_raw) <= 1_000_000:
         raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
     peers_raw = pick(args.peers, "PEERS", "")
     peers = []
@@ -199,7 +204,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not ID_RE.match(cluster):
         raise ConfigError(f"--cluster must be 1..64 letters, digits, '.', '_' or '-', got {cluster!r}")
     hbm_raw = pick(args.heartbeat_ms, "HEARTBEAT_MS", "500")
-    if not hbm_raw.isdigit() or not 10 <= int(hbm_raw) <= 60_000:
+    if not _digits(hbm_raw) or not 10 <= int(hbm_raw) <= 60_000:
         raise ConfigError(f"--heartbeat-ms must be an integer from 10 to 60000, got {hbm_raw!r}")
     advertise = pick(args.advertise, "ADVERTISE", "") or None
     if advertise is not None:
@@ -208,15 +213,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
             raise ConfigError(f"--advertise must be an address others can reach, got {advertise!r}")
     sa_raw = pick(args.suspect_after, "SUSPECT_AFTER", "3")
     da_raw = pick(args.dead_after, "DEAD_AFTER", "10")
-    if not sa_raw.isdigit() or not da_raw.isdigit() or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
+    if not _digits(sa_raw) or not _digits(da_raw) or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
         raise ConfigError(f"--suspect-after and --dead-after must be integers with 1 <= suspect-after < "
                           f"dead-after <= 1000, got {sa_raw!r} and {da_raw!r}")
     rt_raw = pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000")
-    if not rt_raw.isdigit() or not 1 <= int(rt_raw) <= 600_000:
+    if not _digits(rt_raw) or not 1 <= int(rt_raw) <= 600_000:
         raise ConfigError(f"--replica-timeout-ms must be an integer from 1 to 600000, got {rt_raw!r}")
     bp_raw = pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US))
-    if not bp_raw.isdigit() or not 0 <= int(bp_raw) <= 100_000:
-        raise ConfigError(f"--busy-poll-us must be an integer from 0 (off) to 100000, got {bp_raw!r}")
+    if not _digits(bp_raw) or not 0 <= int(bp_raw) <= 10_000:
+        raise ConfigError(f"--busy-poll-us must be an integer from 0 (off) to 10000, got {bp_raw!r}")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")

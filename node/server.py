@@ -186,10 +186,16 @@ class Server:
                 if self._backlogged():
                     self._wait_for_flush()
                     continue
-                # no spin while a write is in flight: the flusher thread needs the GIL
-                events = self._spin(poller) if busy.should_spin(clock()) and not self.flushing else None
+                timeout = self._poll_timeout()
+                events = None
+                # No spin while a write is in flight (the flusher thread needs the GIL), and
+                # none past the next deadline (a flush, a lazy ack): those run after the poll.
+                if timeout and not self.flushing and busy.should_spin(clock()):
+                    events = self._spin(poller, clock() + timeout / 1000.0)
+                    if events is None:
+                        timeout = self._poll_timeout()
                 if events is None:
-                    events = dict(poller.poll(self._poll_timeout()))
+                    events = dict(poller.poll(timeout))
                     if router in events:
                         busy.arrived(clock())
                 if router in events:
@@ -243,26 +249,30 @@ class Server:
         finally:
             self._shutdown()
 
-    def _spin(self, poller: zmq.Poller) -> dict[Any, int] | None:
-        """Poll without sleeping until an event or the end of the busy-poll window."""
+    def _spin(self, poller: zmq.Poller, deadline: float) -> dict[Any, int] | None:
+        """Poll without sleeping until an event, the end of the busy-poll window or `deadline`."""
         busy = self.busy
         clock = time.perf_counter
         router = self.router
         events = zmq.EVENTS
+        end = min(busy.until, deadline)
         started = now = clock()
         turn = 0
-        while now < busy.until:
+        while now < end:
             # the request socket is asked alone (2 us); every socket every 8th turn (6 us)
             turn += 1
             if router.getsockopt(events) & zmq.POLLIN or not turn & 7:  # type: ignore[arg-type, operator]
                 got = poller.poll(0)
                 if got:
-                    now = clock()
-                    busy.spun(started, now, hit=True)
-                    return dict(got)
+                    found = dict(got)
+                    # only a request is a hit; another event (a finished write, a peer)
+                    # ends this spin without a verdict, and the window stays open
+                    busy.spun(started, clock(), hit=True if router in found else None)
+                    return found
             os.sched_yield()  # a thread waiting for this core (the client's, say) runs first
             now = clock()
-        busy.spun(started, now, hit=False)
+        # the window ran out (a miss), or a deadline came first (no verdict)
+        busy.spun(started, now, hit=False if now >= busy.until else None)
         return None
 
     # -- peers (the mesh's transport) ---------------------------------------------------

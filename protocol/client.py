@@ -50,7 +50,7 @@ def normalize_address(address: str) -> str:
     if "://" in address:
         return address
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"node address must be HOST:PORT, got {address!r}")
     return f"tcp://{host or '127.0.0.1'}:{port}"
 

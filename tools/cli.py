@@ -56,7 +56,7 @@ def _positive_float(text: str) -> float:
 
 
 def _uint(text: str) -> int:
-    if not text.isdigit() or int(text) >= 1 << 64:
+    if not (text.isascii() and text.isdigit()) or int(text) >= 1 << 64:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
     return int(text)
 
@@ -607,7 +607,7 @@ def _node_address(text: str) -> str:
         raise UsageError(f"--node: {exc}") from None
     if address.startswith("tcp://"):
         port = address.rpartition(":")[2]
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise UsageError(f"--node: port must be 1..65535, got {port!r}")
     return address
 

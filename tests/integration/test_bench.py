@@ -197,10 +197,22 @@ def test_settle_waits_for_a_quiet_machine_and_gives_up_after_its_limit(monkeypat
     bench.settle()
     assert next(busy) == 0.44  # it sampled until the first quiet one, and no further
 
-    clock = iter(range(100))
-    monkeypatch.setattr(bench.time, "monotonic", lambda: float(next(clock)))
-    monkeypatch.setattr(bench, "machine_cpu", lambda: (float(next(clock)), 0.0))  # always busy
-    assert bench.settle(max_s=3.0) >= 3.0  # gave up
+    # always busy (2 cores): it samples until its limit, then goes on anyway
+    now = [0.0]
+    samples = []
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    def cpu() -> tuple[float, float]:
+        samples.append(now[0])
+        return 2 * now[0], 0.0
+
+    monkeypatch.setattr(bench.time, "sleep", sleep)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(bench, "machine_cpu", cpu)
+    assert bench.settle(max_s=0.95) == pytest.approx(1.0)
+    assert len(samples) == 11  # one before, then one per 0.1 s
 
 
 def test_settle_does_not_wait_without_proc_stat(monkeypatch):
