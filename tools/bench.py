@@ -705,17 +705,17 @@ def settle(max_s: float = SETTLE_MAX_S) -> float:
     """Wait until the machine is quiet, so a scenario is not timed while another one's
     leftovers (LevelDB compactions, a flush, a watcher catching up) share the cores.
     Returns the seconds waited; after `max_s` it goes on anyway."""
-    t0 = time.monotonic()
+    t0 = t1 = time.monotonic()
     busy0, _ = machine_cpu()
     if busy0 != busy0:  # no /proc/stat: nothing to wait for
         return 0.0
     while True:
         time.sleep(SETTLE_SAMPLE_S)
         busy1, _ = machine_cpu()
-        waited = time.monotonic() - t0
-        if (busy1 - busy0) / SETTLE_SAMPLE_S < SETTLE_BUSY_CORES or waited >= max_s:
-            return waited
-        busy0 = busy1
+        t2 = time.monotonic()
+        if (busy1 - busy0) / max(t2 - t1, 1e-3) < SETTLE_BUSY_CORES or t2 - t0 >= max_s:
+            return t2 - t0
+        busy0, t1 = busy1, t2
 
 
 @dataclass
