@@ -1032,6 +1032,9 @@ class MeshScenarios:
                           "entries": st.get("entries"), "pushed_entries": r.get("pushed_entries"),
                           "pulled_entries": r.get("pulled_entries"), "pulled_bytes": r.get("pulled_bytes"),
                           "published_messages": st.get("published_messages"), "forks": len(st.get("forks", [])),
+                          "backpressure_waits": st.get("backpressure_waits"),
+                          "write_batches": st.get("write_batches"), "gap_pulls": r.get("gap_pulls"),
+                          "held_push_entries": r.get("held_push_entries"),
                           "rss_mb": round(m.proc.rss_mb(), 1)})
         out["nodes"] = nodes
         problems = mesh.log_problems()
