@@ -66,6 +66,9 @@ class BusyPoll:
         if hit:
             self.hits += 1
             self.miss_rate -= self.miss_rate * MISS_WEIGHT
+            # a miss still waiting for its verdict is left unjudged: the next request came
+            # in a later window, and a request after it must not be charged for that miss
+            self.judge_next = False
         elif hit is not None:
             self.misses += 1
             self.until = 0.0

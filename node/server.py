@@ -394,7 +394,8 @@ class Server:
         limit = int(ACK_LAZY_S * 1000) + 1 if self.mesh.ack_due else 100
         if self.pending_since is not None and not self.flushing:
             left = self.pending_since + self.flush_delay - time.monotonic()
-            return max(0, min(limit, int(left * 1000) + 1))
+            # due now: no sleep (int() rounds -0.5 ms up to 0, and + 1 made it a 1 ms poll)
+            return 0 if left <= 0 else min(limit, int(left * 1000) + 1)
         return limit
 
     def _drain_wake(self) -> None:
@@ -423,6 +424,9 @@ class Server:
                 self._send(frames)
             else:
                 keep.append((ctx, seq, frames))
+        if len(keep) < len(self.held):
+            # the replies went out now (sync mode): the clients' next requests come after them
+            self.busy.served(time.perf_counter())
         self.held = keep
         self._flush_outbox()
 

@@ -137,3 +137,16 @@ def test_status_reports_the_time_spent_spinning():
     b.spun(0.0002, 0.00025, hit=False)
     s = b.status()["busy_poll"]
     assert s == {"window_us": 250, "active": True, "hits": 1, "misses": 1, "stops": 0, "spun_ms": 0.2}
+
+
+def test_a_miss_followed_by_a_hit_in_a_later_window_is_not_charged_to_a_later_request():
+    # sync mode: a reply held for the disk opens a new window before the request after the
+    # miss came through a sleeping poll (found by a review helper)
+    b = BusyPoll(500)
+    b.served(1.0)
+    b.spun(1.0, 1.0005, hit=False)
+    b.served(1.002)
+    b.spun(1.002, 1.00205, hit=True)
+    b.served(1.0021)
+    b.arrived(1.0022)  # 100 us after the last burst
+    assert b.miss_rate == 0.0
