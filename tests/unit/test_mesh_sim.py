@@ -282,9 +282,28 @@ def steps(net: Network, first: int, last: int, at: dict[int, Any] | None = None)
     for step in range(first, last):
         if at and step in at:
             at[step]()
-        for node in nodes.values():
+        for node in list(nodes.values()):
             node.step(step * STEP)
         deliver(net, step * STEP)
+
+
+class Stepper:
+    """`steps` from step 0 on, keeping count: `run_for(n)` runs the next n steps."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.step = 0
+
+    @property
+    def now(self) -> float:
+        return self.step * STEP
+
+    def run_for(self, n: int) -> None:
+        steps(self.net, self.step, self.step + n)
+        self.step += n
+
+    def run_seconds(self, seconds: float) -> None:
+        self.run_for(int(seconds / STEP))
 
 
 def test_the_fork_rule_is_the_same_seen_from_either_side():
@@ -333,22 +352,9 @@ def test_a_writer_that_lost_its_tail_and_wrote_again_is_followed_and_the_old_tai
 
 
 def test_a_peer_dead_for_long_is_forgotten_unless_it_is_a_seed_and_is_welcome_back():
-    net = Network(random.Random(5), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    nodes["a"] = SimNode("a", net, [])
-    nodes["b"] = SimNode("b", net, ["a"])
+    net = perfect_pair("a", "b", 5)
     nodes["c"] = SimNode("c", net, ["b"])
-    step = 0
-
-    def run_for(seconds: float) -> None:
-        nonlocal step
-        for _ in range(int(seconds / STEP)):
-            for node in nodes.values():
-                node.step(step * STEP)
-            deliver(net, step * STEP)
-            step += 1
-
+    run_for = Stepper(net).run_seconds
     run_for(5)
     assert set(nodes["a"].mesh.peers) == {"b", "c"}
     nodes["b"].up = False
@@ -394,22 +400,11 @@ def test_another_node_answering_at_a_known_address_is_a_new_peer_not_a_restart()
 def test_a_restarted_node_starts_its_repair_from_the_reply_to_its_first_heartbeat():
     # The writer answers a heartbeat from a node that restarted (a new boot) with its digest,
     # so the restarted node pulls at once instead of waiting for the writer's own next heartbeat.
-    net = Network(random.Random(7), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    nodes["a"] = SimNode("a", net, [])
-    nodes["b"] = SimNode("b", net, ["a"])
+    net = perfect_pair("a", "b", 7)
     for i in range(30):
         nodes["a"].ledger.append(codec.Append("notes", "", bytes([i]), {}))
-    step = 0
-
-    def run_for(seconds: float) -> None:
-        nonlocal step
-        for _ in range(int(seconds / STEP)):
-            for node in nodes.values():
-                node.step(step * STEP)
-            deliver(net, step * STEP)
-            step += 1
+    clock = Stepper(net)
+    run_for = clock.run_seconds
 
     run_for(2)
     assert nodes["b"].ledger.contexts["notes"].size == 30
@@ -421,7 +416,7 @@ def test_a_restarted_node_starts_its_repair_from_the_reply_to_its_first_heartbea
     assert ctx is not None and ctx.size == 30, "the restarted node did not pull from the heartbeat reply"
     # a peer that keeps beating with the same boot gets no digest back: heartbeats stay small
     b_hb = codec.Heartbeat("b", "b", "b/pub", "b-boot-2", 1, 30, (), b"", "ledger")
-    assert "digest" not in nodes["a"].mesh.rpc_heartbeat(b_hb, step * STEP)
+    assert "digest" not in nodes["a"].mesh.rpc_heartbeat(b_hb, clock.now)
 
 
 def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dead_peer():
@@ -473,21 +468,9 @@ def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dea
 def formed_pair(seed: int) -> tuple[SimNode, SimNode, Any]:
     """Writer a and follower b on a perfect network, formed, then with no heartbeats of their
     own any more (so only pushes and what they trigger move b); and a stepping function."""
-    net = Network(random.Random(seed), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    a = nodes["a"] = SimNode("a", net, [])
-    b = nodes["b"] = SimNode("b", net, ["a"])
-    state = {"step": 0}
-
-    def run_for(steps: int) -> None:
-        for _ in range(steps):
-            now = state["step"] * STEP
-            for node in nodes.values():
-                node.step(now)
-            deliver(net, now)
-            state["step"] += 1
-
+    net = perfect_pair("a", "b", seed)
+    a, b = nodes["a"], nodes["b"]
+    run_for = Stepper(net).run_for
     a.ledger.append(codec.Append("notes", "", b"0", {}))
     run_for(40)
     assert b.ledger.contexts["notes"].size == 1
@@ -611,21 +594,9 @@ def crashed_writer_setup(seed: int) -> tuple[SimNode, SimNode, Any, Any]:
     that brings a back from what it had flushed then, under a new boot."""
     import copy
 
-    net = Network(random.Random(seed), drop=0.0, dup=0.0, max_delay=0.0)
-    net.perfect = True
-    nodes.clear()
-    a = nodes["a"] = SimNode("a", net, [])
-    b = nodes["b"] = SimNode("b", net, ["a"])
-    state = {"step": 0}
-
-    def run_for(steps: int) -> None:
-        for _ in range(steps):
-            now = state["step"] * STEP
-            for node in list(nodes.values()):
-                node.step(now)
-            deliver(net, now)
-            state["step"] += 1
-
+    net = perfect_pair("a", "b", seed)
+    a, b = nodes["a"], nodes["b"]
+    run_for = Stepper(net).run_for
     a.ledger.append(codec.Append("x", "", b"shared", {}))
     run_for(40)
     assert b.ledger.contexts["x"].size == 1
