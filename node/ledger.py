@@ -37,8 +37,16 @@ from protocol.entry import (
     leaf_names,
     packed_str,
 )
-from protocol.errors import BadRequest, Conflict, IntegrityError, InternalError, NotFound, TooLarge
-from protocol.lamport import LamportClock, needs_reservation, next_reservation
+from protocol.errors import (
+    BadRequest,
+    Conflict,
+    IntegrityError,
+    InternalError,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from protocol.lamport import MAX_LAMPORT, ClockExhausted, LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
 
 log = logging.getLogger(__name__)
@@ -177,7 +185,13 @@ class Ledger:
                     "use another --data folder or drop --id"
                 )
         reserved_raw = kv.get(st.meta_key("lamport"))
+        if reserved_raw and not (reserved_raw.isdigit() and len(reserved_raw) <= 20):
+            raise DataDirError(f"data folder's Lamport clock record is damaged ({reserved_raw[:32]!r})")
         self._reserved = int(reserved_raw) if reserved_raw else 0
+        if self._reserved > MAX_LAMPORT:
+            # written by a version without the ceiling: the clock cannot go on from there
+            log.error("the Lamport clock on disk (%d) is above the ceiling %d: appends on this node will be "
+                      "refused; its reads and replication are unaffected", self._reserved, MAX_LAMPORT)
         self.clock = LamportClock(self._reserved)
         nxt = kv.get(st.meta_key("next_ctx"))
         self._next_ctx = int(nxt) if nxt else 1
@@ -208,8 +222,12 @@ class Ledger:
         if last is not None:
             ctx.size = st.seq_of_entry_key(last[0])
             e = _unpackb(last[1])
-            ctx.last_lamport = e["lamport"]
-            self.clock.observe(e["lamport"])
+            lamport = e.get("lamport") if isinstance(e, dict) else None
+            if type(lamport) is int and 0 <= lamport <= MAX_LAMPORT:
+                ctx.last_lamport = lamport
+                self.clock.observe(lamport)
+            else:
+                log.error("the last stored entry of context %r has a bad lamport (%r); not observed", name, lamport)
             ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
         ctx.flushed_seq = ctx.size
         ctx.published_seq = ctx.size
@@ -258,8 +276,18 @@ class Ledger:
 
     # -- the clock -------------------------------------------------------------
 
-    def _tick(self, after: int | None) -> int:
-        v = self.clock.tick(after)
+    def _next_lamport(self, after: int | None, count: int = 1) -> int:
+        """The last of `count` lamports for an append (after `after`), reserved on disk first;
+        the clock itself moves only when the caller commits (`clock.value = ...`), so a
+        refused append moves nothing."""
+        try:
+            v = self.clock.peek(after, count)
+        except ClockExhausted:
+            raise Unavailable(
+                f"this node's Lamport clock is at {self.clock.value} and cannot give {count} more value(s) "
+                f"below the ceiling {MAX_LAMPORT}; appends here are refused (reads are served)",
+                {"lamport": self.clock.value, "max_lamport": MAX_LAMPORT},
+            ) from None
         if needs_reservation(v, self._reserved):
             self._reserve(v)
         return v
@@ -345,15 +373,16 @@ class Ledger:
                 return hit
         if req.expect_seq is not None:
             self._check_expect(ctx, req.context, req.expect_seq)
-        if ctx is None:
-            ctx = self._create(req.context)
         clock = self.clock
         after = req.after_lamport
         if after is None and clock.value < self._reserved:
-            clock.value += 1  # the common case of _tick, inlined
-            lamport = clock.value
+            lamport = clock.value + 1  # the common case of _next_lamport, inlined (reserved <= MAX_LAMPORT)
         else:
-            lamport = self._tick(after)
+            lamport = self._next_lamport(after)
+        # nothing changed before this point: a refused append leaves no trace
+        clock.value = lamport
+        if ctx is None:
+            ctx = self._create(req.context)
         blob = self._add(ctx, req.key, req.payload, req.metadata, lamport, self.now_ns())
         if req.dedup_id is not None:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
@@ -368,17 +397,16 @@ class Ledger:
         if hit is not None:
             return hit
         self._check_expect(ctx, req.context, req.expect_seq)
+        items = req.items
+        # Lamports first..first+n-1, checked against the ceiling and reserved on disk in one
+        # step, before anything changes: a refused batch leaves no entry, context or clock behind.
+        last_lamport = self._next_lamport(req.after_lamport, len(items))
+        first_lamport = last_lamport - len(items) + 1
+        self.clock.value = last_lamport
         if ctx is None:
             ctx = self._create(req.context)
         first = ctx.size + 1
         ts = self.now_ns()
-        items = req.items
-        # Lamports first..first+n-1, reserved on disk in one step if needed.
-        first_lamport = self._tick(req.after_lamport)
-        last_lamport = first_lamport + len(items) - 1
-        if needs_reservation(last_lamport, self._reserved):
-            self._reserve(last_lamport)
-        self.clock.value = last_lamport
         # Everything was validated before this point, so the batch cannot fail
         # halfway. The loop is _add/_store inlined: it runs once per entry.
         pending = self.pending
@@ -503,10 +531,11 @@ class Ledger:
         self.observe(max_lamport)
         return ctx
 
-    def set_aside(self, name: str, writer: str) -> ContextState:
+    def set_aside(self, name: str, writer: str, replace: bool = True) -> ContextState | None:
         """A fork resolved against the local history of `name`: keep that history (its
         entries stay where they are, listed under `aside`) and start an empty replica
-        of `writer`'s history under the name, to be filled by pulls."""
+        of `writer`'s history under the name, to be filled by pulls (unless `replace` is
+        false: the writer holds no such context any more)."""
         old = self.contexts.pop(name)
         del self._names[bisect.bisect_left(self._names, name)]
         self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
@@ -516,13 +545,13 @@ class Ledger:
         self._digest_dirty.discard(old)
         self.aside.setdefault(name, []).append(old)
         self.entries_total -= old.size
-        return self._create(name, writer)
+        return self._create(name, writer) if replace else None
 
     def history(self, name: str, writer: str | None) -> ContextState | None:
         """The context served under `name`, or with `writer`, a history of it set aside by a fork."""
         if writer is None:
             return self.contexts.get(name)
-        for ctx in self.aside.get(name, ()):
+        for ctx in reversed(self.aside.get(name, ())):  # the latest set aside (a writer may lose tails twice)
             if ctx.writer == writer:
                 return ctx
         ctx = self.contexts.get(name)
@@ -557,6 +586,19 @@ class Ledger:
                 out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
             i += 1
         return out, i < len(names)
+
+    def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
+                         writer: str) -> list[str]:
+        """Names in `wanted` buckets in (after, upto] (no upper end when None) written by `writer`."""
+        names = self._names
+        i = 0 if after is None else bisect.bisect_right(names, after)
+        j = len(names) if upto is None else bisect.bisect_right(names, upto)
+        out = []
+        for name in names[i:j]:
+            ctx = self.contexts[name]
+            if ctx.writer == writer and bucket_of(ctx.name_bytes, nbuckets) in wanted:
+                out.append(name)
+        return out
 
     # -- write-behind ----------------------------------------------------------
 

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from node.ledger import ContextState, Ledger
-from protocol import codec, digest, watch
+from protocol import codec, digest, merkle, watch
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry, entry_from_wire
-from protocol.errors import Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
+from protocol.errors import NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
+from protocol.lamport import MAX_LAMPORT
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ ACK_LAZY_S = 0.05
 MAX_HELD_BYTES = 32 << 20  # pushed messages held (all contexts) while the gap before them is pulled
 RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
+MAX_VERIFYING = 1_000  # contexts whose writer is being asked whether it lost a tail, at once
+MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
 # A heartbeat that could not be sent (the connection to a peer is still being made, as right
 # after start-up) is tried again this soon, not a whole interval later.
@@ -100,6 +103,7 @@ class Fork:
     detected_lamport: int
     served_writer: str = ""  # whose history this node serves under the name (the rule's choice)
     set_aside: bool = False  # this node's own history was set aside (readable with get fork=...)
+    histories_set_aside: int = 0  # how many times (a writer that lost tails in several crashes)
 
 
 def canonical_writer(local_writer: str, peer_writer: str, peer_id: str | None, self_id: str) -> str | None:
@@ -181,6 +185,11 @@ class Mesh:
         self.pulled_bytes = 0  # bytes of pull replies (snapshot pages) received
         self.heartbeat_bytes = 0  # size of the last heartbeat sent (one per peer per interval)
         self.reply_bytes = 0
+        self.refused_messages = 0  # peer messages dropped for values out of bounds (SPEC 17)
+        self._verifying: dict[str, tuple[int, int]] = {}  # context -> (ctx id, size held) while its writer is asked
+        self._lost_tail: set[str] = set()  # contexts whose writer lost a tail: pulled from the writer only
+        self._diverged: dict[tuple[str, str], int] = {}  # (context, peer address) -> our ctx id it differs from
+        self._fork_logged: set[tuple[str, int, str]] = set()
         for s in seeds:
             if s != address:
                 self.peers[s] = Peer(s)
@@ -230,6 +239,7 @@ class Mesh:
             if p.boot is not None and boot != p.boot:
                 log.info("peer %s restarted", p.node_id)
                 self._drop_held_of(p.node_id)  # what it pushed before may be lost with it
+                self._forget_requests(p)  # and what we asked of it will not be answered
             p.boot = boot
         pub = m.get("pub")
         if isinstance(pub, str) and pub != p.subscribed:
@@ -330,14 +340,29 @@ class Mesh:
     def _expire_requests(self, now: float) -> None:
         # A request whose reply was lost (or whose peer died) is forgotten after a
         # while, so that the sync it belonged to can start again.
+        # A pull chunk may wait behind others at a busy peer; a sync_heads or head is answered at
+        # once, so a lost one (a dropped reply, a peer that restarted) holds the repair up for a
+        # few heartbeats only.
         limit = max(10 * self.heartbeat_s, 5.0)
-        for rid, (addr, _op, _f, sent) in list(self.pending.items()):
+        quick = max(4 * self.heartbeat_s, 1.0)
+        for rid, (addr, op, _f, sent) in list(self.pending.items()):
             p = self.peers.get(addr)
-            if p is None or p.state == DEAD or now - sent > limit:
+            if p is None or p.state == DEAD or now - sent > (limit if op == "snapshot" else quick):
                 del self.pending[rid]
+                if op == "head":
+                    self._verifying.pop(_f["context"], None)
                 if p is not None:
                     p.syncing = False
                     self._drop_pulls(p)
+
+    def _forget_requests(self, p: Peer) -> None:
+        for rid, (addr, op, f, _sent) in list(self.pending.items()):
+            if addr == p.address:
+                del self.pending[rid]
+                if op == "head":
+                    self._verifying.pop(f["context"], None)
+        p.syncing = False
+        self._drop_pulls(p)
 
     def _send(self, p: Peer, op: str, fields: dict[str, Any]) -> int | None:
         rid = self.transport.request(p.address, op, fields)
@@ -346,6 +371,13 @@ class Mesh:
             if op not in ("heartbeat", "ack"):
                 self.pending[rid] = (p.address, op, fields, self.now)
         return rid
+
+    def refuse(self, sender: str, what: str) -> None:
+        """A peer message dropped for a value out of bounds: counted, and logged (not every one)."""
+        self.refused_messages += 1
+        n = self.refused_messages
+        if n <= 10 or n % 1000 == 0:
+            log.warning("dropped %s from %s (%d dropped so far)", what, sender, n)
 
     # -- requests from peers (served by the node's ROUTER) ------------------------------
 
@@ -405,7 +437,11 @@ class Mesh:
                 return
             p = self._peer(address, nid) or p  # learn the id first, so the log can name it
         lamport = reply.get("lamport")
-        self._heard(p, now, lamport if type(lamport) is int and 0 <= lamport < 1 << 64 else None)
+        if lamport is not None and not (type(lamport) is int and 0 <= lamport <= MAX_LAMPORT):
+            # a clock past the ceiling would poison ours and, through our heartbeats, every node's
+            self.refuse(address, f"a reply with lamport {lamport!r} (the ceiling is {MAX_LAMPORT})")
+            return
+        self._heard(p, now, lamport)
         if isinstance(reply.get("pub"), str) or isinstance(reply.get("boot"), str):
             self._learn(p, {k: reply[k] for k in ("pub", "boot", "digest") if k in reply}, now)
         rid = reply.get("id")
@@ -414,6 +450,9 @@ class Mesh:
             return
         _, op, fields, _sent = req
         try:
+            if op == "head":
+                self._on_head(p, reply, fields)
+                return
             if not reply.get("ok"):
                 err = reply.get("error") or {}
                 log.warning("%s to %s failed: %s %s", op, address, err.get("code"), err.get("message"))
@@ -571,12 +610,23 @@ class Mesh:
         heads = reply.get("heads")
         if not isinstance(heads, list):
             raise RemoteProtocolError("BAD_REQUEST", "sync_heads reply without heads")
+        listed = set()
         for h in heads:
             if not (isinstance(h, list) and len(h) == 5 and isinstance(h[0], str) and type(h[1]) is int
                     and isinstance(h[2], bytes) and isinstance(h[3], str)):
                 continue
             name, size, root, writer = h[0], h[1], h[2], h[3]
+            listed.add(name)
             self._compare(p, name, size, root, writer)
+        if p.node_id is not None:
+            # A context of that peer's that it did not list: it lost the whole context (a crash
+            # before its first flush); asked once more, like a lost tail.
+            upto = heads[-1][0] if reply.get("more") and heads and isinstance(heads[-1], list) else None
+            for name in self.ledger.names_in_buckets(set(fields["buckets"]), fields["nbuckets"],
+                                                     fields.get("after"), upto, writer=p.node_id):
+                ctx = self.ledger.contexts.get(name)
+                if name not in listed and ctx is not None and ctx.size > 0:
+                    self._verify_tail(p, ctx)
         if reply.get("more") and heads:
             nxt = dict(fields, after=heads[-1][0])
             if self._send(p, "sync_heads", nxt) is not None:
@@ -595,36 +645,101 @@ class Mesh:
                 # be ours (we would have it); two histories
                 self._fork(p, ctx, size, root, writer)
                 return
+            if not self._may_pull(p, name, ctx, writer):
+                return
             p.pulls.append((name, size, root))
-        elif ctx is not None and size > 0:
-            mine = self.ledger.root_at(ctx, size)
-            if mine != root:
+        elif ctx is not None:
+            if size > 0 and self.ledger.root_at(ctx, size) != root:
                 self._fork(p, ctx, size, root, writer)
+            elif size < local_size and p.node_id == writer != self.ledger.node_id:
+                # The writer itself holds less of its context than we do: it lost a tail in a
+                # crash (async durability), or its heads were read before entries we got by push.
+                self._verify_tail(p, ctx)
 
-    def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_root: bytes, peer_writer: str) -> None:
+    def _may_pull(self, p: Peer, name: str, ctx: ContextState | None, writer: str) -> bool:
+        """Whether to pull `name` from `p`: not from a peer already found to hold another history
+        than ours, and, for a context whose writer lost a tail, only from the writer while it lives
+        (a replica still holding the lost tail would hand it back)."""
+        if ctx is not None and self._diverged.get((name, p.address)) == ctx.id:
+            return False
+        if name in self._lost_tail and p.node_id != writer:
+            w = self.peers.get(self.by_id.get(writer, ""))
+            if w is not None and w.state != DEAD:
+                return False
+        return True
+
+    def _verify_tail(self, p: Peer, ctx: ContextState) -> None:
+        """Ask the writer for its head now, when we hold `ctx.size` entries: a size below that
+        in its answer is a lost tail for certain (what we hold, it published before we asked)."""
+        if ctx.name in self._verifying or len(self._verifying) >= MAX_VERIFYING:
+            return
+        if self._send(p, "head", {"context": ctx.name}) is not None:
+            self._verifying[ctx.name] = (ctx.id, ctx.size)
+
+    def _on_head(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        name = fields["context"]
+        asked = self._verifying.pop(name, None)
+        ctx = self.ledger.contexts.get(name)
+        if asked is None or ctx is None or ctx.id != asked[0] or p.node_id != ctx.writer:
+            return  # the context changed meanwhile (set aside, pulled): the next comparison decides
+        if reply.get("ok"):
+            size, root, writer = reply.get("size"), reply.get("root"), reply.get("writer")
+            if type(size) is not int or not isinstance(root, bytes) or len(root) != 32 or writer != ctx.writer:
+                return
+            gone = False
+        else:
+            err = reply.get("error")
+            if not (isinstance(err, dict) and err.get("code") == NOT_FOUND):
+                return
+            size, root, gone = 0, merkle.EMPTY_ROOT, True  # it lost the whole context
+        if size >= asked[1]:
+            return  # it holds what we held when we asked: the roots are compared as usual
+        self._lost_tail.add(name)
+        self._fork(p, ctx, size, root, ctx.writer, replace=not gone)
+
+    def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_root: bytes, peer_writer: str,
+              replace: bool = True) -> None:
         if ctx is None:
             return
         me = self.ledger.node_id
         served = canonical_writer(ctx.writer, peer_writer, p.node_id, me)
+        if served is None:
+            # two replicas of one writer disagree: the writer decides when it is compared (17.4);
+            # meanwhile nothing is pulled from that peer for this history of ours
+            self._diverged[(ctx.name, p.address)] = ctx.id
+            if len(self._diverged) > MAX_DIVERGED:
+                self._diverged.clear()
+            return
         if ctx.writer != peer_writer:
             theirs = served == peer_writer
         else:  # one writer, two histories: the writer's current one wins, and the peer is that writer
-            theirs = served is not None and served != me and p.node_id == served
-        f = self.forks.get(ctx.name)
-        if f is None or not f.set_aside:
+            theirs = served != me and p.node_id == served
+        # Logged once per context, local history and peer: not at every heartbeat while the
+        # other side has not switched yet.
+        key = (ctx.name, ctx.id, p.node_id or p.address)
+        if key not in self._fork_logged:
+            if len(self._fork_logged) >= MAX_DIVERGED:
+                self._fork_logged.clear()
+            self._fork_logged.add(key)
             log.error("FORK: context %r differs between this node (writer %s's history, %d entries) and peer %s "
                       "(writer %s's history, %d entries); both histories are kept; serving %s", ctx.name, ctx.writer,
-                      ctx.size, p.node_id, peer_writer, peer_size,
-                      f"{served}'s" if served else "this node's until the writer is compared")
-            f = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size, peer_size,
-                     self.ledger.clock.value, served or ctx.writer)
-            self.forks[ctx.name] = f
-        if theirs and not f.set_aside:
+                      ctx.size, p.node_id, peer_writer, peer_size, f"{served}'s")
+        f = self.forks.get(ctx.name)
+        if f is None:
+            f = self.forks[ctx.name] = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size,
+                                            peer_size, self.ledger.clock.value, served)
+        if theirs:
             self._drop_held(ctx.name)  # pushes of the history set aside
-            self.ledger.set_aside(ctx.name, peer_writer)
+            self.ledger.set_aside(ctx.name, peer_writer, replace=replace)
+            # the record says what happened last; every history set aside stays readable (17.4)
+            f.peer, f.local_writer, f.peer_writer = p.node_id or p.address, ctx.writer, peer_writer
+            f.local_size, f.peer_size, f.detected_lamport = ctx.size, peer_size, self.ledger.clock.value
             f.set_aside = True
             f.served_writer = peer_writer
-            p.pulls.append((ctx.name, peer_size, peer_root))
+            f.histories_set_aside += 1
+            self._drop_pulls(p, ctx.name)
+            if replace and peer_size > 0:
+                p.pulls.append((ctx.name, peer_size, peer_root))
 
     def _drop_pulls(self, p: Peer, name: str | None = None) -> None:
         """Forget what we meant to pull from `p` (of context `name` only, if given)."""
@@ -654,11 +769,9 @@ class Mesh:
             name, target, root = p.pulls[0]
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
-            fork = self.forks.get(name)
             owner = self.pulling.get(name)
-            if (size >= target or (fork is not None and not fork.set_aside)
-                    or (owner is not None and owner != p.address)):
-                # done, forked, or already being pulled from another peer (one copy is enough)
+            if size >= target or (owner is not None and owner != p.address):
+                # done, or already being pulled from another peer (one copy is enough)
                 p.pulls.pop(0)
                 if owner == p.address:
                     del self.pulling[name]
@@ -830,6 +943,7 @@ class Mesh:
                 "pulled_entries": self.pulled_entries,
                 "pulled_bytes": self.pulled_bytes,
                 "reply_bytes": self.reply_bytes,
+                "refused_messages": self.refused_messages,
             },
         }
 

@@ -43,6 +43,7 @@ FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
 # flusher catches up, so a writer faster than the disk cannot fill the RAM.
 MAX_BUFFERED_KEYS = 200_000
+PEER_OPS = frozenset(("heartbeat", "sync_heads", "ack"))  # requests only nodes send
 PUSH_SLICE_S = 0.02  # longest the loop spends applying pushes (or peer replies) before it serves requests again
 
 
@@ -530,6 +531,11 @@ class Server:
             if rid is None:
                 rid = codec.peek_id(m)
             out = codec.encode_error(rid, exc.code, exc.message, exc.details)
+            if isinstance(m, dict):
+                op = m.get("op")
+                if isinstance(op, str) and op in PEER_OPS:  # (any hashable check of junk is a crash)
+                    sender = m.get("address")
+                    self.mesh.refuse(sender if isinstance(sender, str) else "a peer", f"a {op} ({exc.message})")
         except LedgerError as exc:
             out = codec.encode_error(rid, exc.code, exc.message, exc.details)
         except Exception as exc:  # a bug: report it, keep serving

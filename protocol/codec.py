@@ -38,6 +38,7 @@ from protocol.errors import (
     UNSUPPORTED_VERSION,
     RemoteProtocolError,
 )
+from protocol.lamport import MAX_AFTER_LAMPORT, MAX_LAMPORT
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -200,8 +201,8 @@ class Envelope(NamedTuple):
     request: Request
 
 
-def _bad(msg: str) -> RemoteProtocolError:
-    return RemoteProtocolError(BAD_REQUEST, msg)
+def _bad(msg: str, details: dict[str, Any] | None = None) -> RemoteProtocolError:
+    return RemoteProtocolError(BAD_REQUEST, msg, details)
 
 
 def _context(m: Mapping[str, Any]) -> str:
@@ -210,12 +211,14 @@ def _context(m: Mapping[str, Any]) -> str:
     return check_name("context", m["context"], MAX_CONTEXT_BYTES)
 
 
-def _opt_uint(m: Mapping[str, Any], name: str, default: int | None = None) -> int | None:
+def _opt_uint(m: Mapping[str, Any], name: str, default: int | None = None, maximum: int = U64 - 1) -> int | None:
     v = m.get(name)
     if v is None:
         return default
-    if type(v) is not int or v < 0 or v >= U64:
-        raise _bad(f"{name} must be an unsigned 64-bit integer")
+    if type(v) is not int or v < 0 or v > maximum:
+        if maximum == U64 - 1:
+            raise _bad(f"{name} must be an unsigned 64-bit integer")
+        raise _bad(f"{name} must be an integer from 0 to {maximum}", {"field": name, "max": maximum})
     return v
 
 
@@ -300,7 +303,7 @@ def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
         metadata=check_metadata(m.get("metadata")),
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
-        after_lamport=_opt_uint(m, "after_lamport"),
+        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_AFTER_LAMPORT),
         replicas=_replicas(m),
     )
 
@@ -346,7 +349,7 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         items=tuple(items),
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
-        after_lamport=_opt_uint(m, "after_lamport"),
+        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_AFTER_LAMPORT),
         replicas=_replicas(m),
         payload_bytes=total,
     )
@@ -408,7 +411,7 @@ def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
         try:
             entries.append(entry_from_wire(e))
         except RemoteProtocolError as err:
-            raise _bad(f"entries[{i}]: {err.message}") from None
+            raise RemoteProtocolError(err.code, f"entries[{i}]: {err.message}", err.details) from None
     return Load(
         context=_context(m),
         load_id=load_id,
@@ -459,7 +462,8 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
         address=check_name("address", m.get("address"), MAX_ADDRESS_BYTES),
         pub=None if pub is None else check_name("pub", pub, MAX_ADDRESS_BYTES),
         boot=check_name("boot", m.get("boot", "") or "-", MAX_ID_BYTES),
-        lamport=_opt_uint(m, "lamport", 0) or 0,
+        # a clock above the ceiling is refused whole: observing it would poison ours (SPEC 9.1)
+        lamport=_opt_uint(m, "lamport", 0, maximum=MAX_LAMPORT) or 0,
         entries=_opt_uint(m, "entries", 0) or 0,
         peers=tuple(peers),
         digest=digest,

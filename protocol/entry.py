@@ -23,7 +23,8 @@ from typing import Any
 
 import msgpack
 
-from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
+from protocol.errors import BAD_REQUEST, INTEGRITY, IntegrityError, RemoteProtocolError
+from protocol.lamport import MAX_LAMPORT
 
 LEAF_PREFIX = b"\x00"
 
@@ -241,6 +242,15 @@ def _uint(what: str, value: object) -> int:
     return value
 
 
+def _lamport(value: object) -> int:
+    v = _uint("entry lamport", value)
+    if v > MAX_LAMPORT:
+        # a well-formed entry that breaks the clock's bound: data no node may accept (SPEC 9.1)
+        raise RemoteProtocolError(INTEGRITY, f"entry lamport {v} is above the ceiling {MAX_LAMPORT}",
+                                  {"max_lamport": MAX_LAMPORT})
+    return v
+
+
 # Building a frozen dataclass through its __init__ costs ~1 us (one
 # object.__setattr__ per field); setting the slots through their descriptors
 # costs half that. Entries are built once per received entry (replicas, watchers).
@@ -291,7 +301,7 @@ def entry_from_wire(m: object) -> Entry:
         if (
             type(payload) is bytes and type(h) is bytes and len(h) == 32
             and type(seq) is int and 0 < seq < _U64
-            and type(lamport) is int and 0 <= lamport < _U64
+            and type(lamport) is int and 0 <= lamport <= MAX_LAMPORT
             and type(ts) is int and 0 <= ts < _U64
             and type(c) is str and 0 < len(c) <= MAX_CONTEXT_BYTES and c.isascii()
             and type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii()
@@ -323,7 +333,7 @@ def _entry_from_wire_checked(m: object) -> Entry:
         check_name("key", m["key"], MAX_KEY_BYTES, min_bytes=0),
         payload,
         check_metadata(m["metadata"]),
-        _uint("entry lamport", m["lamport"]),
+        _lamport(m["lamport"]),
         _uint("entry ts_ns", m["ts_ns"]),
         check_name("writer", m["writer"], MAX_WRITER_BYTES),
         h,

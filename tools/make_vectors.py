@@ -38,7 +38,8 @@ VECTORS_DIR = Path(protocol.__file__).resolve().parent / "vectors"
 CONVENTIONS = (
     "Byte strings are lowercase hex. In a decoded message, a msgpack bin value is written "
     '{"$bin": "<hex>"}; every other value is the JSON form of the msgpack value (str, int, bool, nil, '
-    "array, map). Entry fields: seq, lamport and ts_ns are unsigned 64-bit integers; context, key, "
+    "array, map). Entry fields: seq, lamport and ts_ns are unsigned 64-bit integers (lamport at most "
+    "2^63-1, SPEC 9.1); context, key, "
     "writer and metadata keys and values are UTF-8 strings; metadata is hashed sorted by the UTF-8 "
     "bytes of its keys, whatever order it is listed in here."
 )
@@ -91,8 +92,8 @@ ENTRY_CASES: list[tuple[str, dict[str, Any]]] = [
         context="agents/planner", seq=5, key="intents", payload=b'{"goal":"ship"}',
         metadata={"zeta": "26", "alpha": "1", "mid": "", "ключ": "значение"}, lamport=99,
         ts_ns=1_700_000_000_000_000_500, writer="node-b")),
-    ("binary payload of every byte value; 64-bit maxima", dict(
-        context="c", seq=2**64 - 1, key="k", payload=bytes(range(256)), metadata={"a": "b"}, lamport=2**64 - 1,
+    ("binary payload of every byte value; seq at the 64-bit maximum, lamport at its ceiling 2^63-1", dict(
+        context="c", seq=2**64 - 1, key="k", payload=bytes(range(256)), metadata={"a": "b"}, lamport=2**63 - 1,
         ts_ns=0, writer="w")),
 ]
 

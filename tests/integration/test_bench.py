@@ -95,7 +95,8 @@ def test_smoke_watch_scenarios_deliver_every_entry_once_in_order(capsys, tmp_pat
     assert ratios["watch_fanout_complete"] == {"value": True, "target": "all", "met": True}
     assert ratios["watch_latency_p99_us"]["target"] == "<= 5000"
     assert ratios["append_pipelined_watched_vs_append_pipelined"]["target"] == ">= 0.9"
-    assert not report["notes"] or all("Redis" in n for n in report["notes"])
+    # (a loaded machine that did not quiet down before a slice is reported, not a failure)
+    assert not report["notes"] or all("Redis" in n or "did not quiet down" in n for n in report["notes"])
 
 
 def test_smoke_mesh_scenarios_replicate_every_entry_and_catch_up_exactly(
@@ -146,7 +147,7 @@ def test_smoke_mesh_scenarios_replicate_every_entry_and_catch_up_exactly(
     assert ratios["catch_up_entries_per_s"]["target"] == ">= 100000"
     assert ratios["heartbeat_bytes_10k_contexts"]["target"] == "<= 2048"
     # nothing missing, no stuck catch-up (node warnings on a loaded machine are reported, not failures)
-    assert all("Redis" in n or "logged" in n for n in report["notes"]), report["notes"]
+    assert all("Redis" in n or "logged" in n or "did not quiet down" in n for n in report["notes"]), report["notes"]
 
 
 def test_only_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:

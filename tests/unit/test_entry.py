@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from protocol import entry as E
 from protocol.entry import Entry, decode_entry, entry_from_wire, leaf_hash, leaf_hash_raw
-from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
+from protocol.errors import BAD_REQUEST, INTEGRITY, IntegrityError, RemoteProtocolError
+from protocol.lamport import MAX_LAMPORT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -187,7 +188,8 @@ def test_wire_round_trip_and_encoding():
 
 @FAST
 @given(names.filter(lambda s: 1 <= len(s.encode()) <= 256), st.integers(1, 2**64 - 1), names, st.binary(max_size=64),
-       meta.filter(lambda d: all(d)), u64, u64, names.filter(lambda s: 1 <= len(s.encode()) <= 64))
+       meta.filter(lambda d: all(d)), st.integers(0, MAX_LAMPORT), u64,
+       names.filter(lambda s: 1 <= len(s.encode()) <= 64))
 def test_any_valid_entry_round_trips(context, seq, key, payload, metadata, lamport, ts_ns, writer):
     e = make_entry(context=context, seq=seq, key=key, payload=payload, metadata=metadata, lamport=lamport,
                    ts_ns=ts_ns, writer=writer)
@@ -241,13 +243,22 @@ def test_entry_from_wire_rejects_mistyped_or_out_of_range_fields(field, value):
     expect_bad(wire(**{field: value}))
 
 
+@pytest.mark.parametrize("lamport", [MAX_LAMPORT + 1, 2**64 - 2, 2**64 - 1])
+def test_an_entry_with_a_lamport_above_the_ceiling_is_refused_as_integrity(lamport):
+    # a well-formed entry (from a load, a pull or a push) that would poison the clock (issue #12)
+    for m in (wire(lamport=lamport), wire(lamport=lamport, metadata={"a": "é"})):  # fast path, full checks
+        with pytest.raises(RemoteProtocolError) as info:
+            entry_from_wire(m)
+        assert info.value.code == INTEGRITY and "ceiling" in info.value.message
+
+
 @pytest.mark.parametrize("m", [None, [], "entry", b"\x81", 5, [("context", "c")]])
 def test_entry_from_wire_rejects_non_maps(m):
     expect_bad(m)
 
 
 def test_entry_from_wire_accepts_limits_and_ignores_nothing_it_needs():
-    m = wire(context="c" * 256, key="k" * 256, writer="w" * 64, seq=2**64 - 1, lamport=2**64 - 1,
+    m = wire(context="c" * 256, key="k" * 256, writer="w" * 64, seq=2**64 - 1, lamport=MAX_LAMPORT,
              metadata={f"k{i}": "v" * 4096 for i in range(64)}, payload=b"")
     e = entry_from_wire(m)
     assert e.seq == 2**64 - 1 and e.payload == b"" and len(e.metadata) == 64

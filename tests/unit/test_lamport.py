@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.lamport import RESERVE_STEP, LamportClock, needs_reservation, next_reservation
+from protocol.lamport import (
+    MAX_AFTER_LAMPORT,
+    MAX_LAMPORT,
+    RESERVE_STEP,
+    ClockExhausted,
+    LamportClock,
+    needs_reservation,
+    next_reservation,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,3 +113,35 @@ def test_plain_ticks_reserve_rarely():
             clock.tick()
     assert clock.value == 3 * RESERVE_STEP
     assert writes == 3  # once per RESERVE_STEP ticks
+
+
+# -- the ceiling (issue #12: one value near 2^64 made every later append fail) -----------------
+
+
+def test_no_received_value_can_use_the_clock_up():
+    c = LamportClock(5)
+    c.observe(MAX_LAMPORT)  # the most a peer or a disk may say
+    assert c.value == MAX_AFTER_LAMPORT  # moved, but only to where 2^62 ticks remain
+    for _ in range(1000):
+        c.tick()
+    assert c.tick(MAX_AFTER_LAMPORT) == MAX_AFTER_LAMPORT + 1001
+    with pytest.raises(ValueError):
+        c.observe(MAX_LAMPORT + 1)  # callers refuse it at their edge; reaching here is a bug
+    assert c.value == MAX_AFTER_LAMPORT + 1001
+
+
+def test_peek_changes_nothing_and_refuses_to_pass_the_ceiling():
+    c = LamportClock(10)
+    assert c.peek() == 11 and c.peek(100, 3) == 103 and c.value == 10
+    c = LamportClock(MAX_LAMPORT - 2)  # only a clock record written without the bound starts here
+    assert c.peek(None, 2) == MAX_LAMPORT
+    with pytest.raises(ClockExhausted):
+        c.peek(None, 3)
+    with pytest.raises(ClockExhausted):
+        c.tick(MAX_LAMPORT)
+    assert c.value == MAX_LAMPORT - 2
+
+
+def test_the_reservation_never_passes_the_ceiling():
+    assert next_reservation(MAX_LAMPORT - 5) == MAX_LAMPORT
+    assert next_reservation(7) == 7 + RESERVE_STEP

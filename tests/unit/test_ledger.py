@@ -8,12 +8,12 @@ import msgpack
 import pytest
 
 from node import storage as st
-from node.ledger import Ledger
+from node.ledger import DataDirError, Ledger
 from node.storage import MemoryKV
 from protocol import codec, merkle
 from protocol.entry import Entry, decode_entry
-from protocol.errors import Conflict, IntegrityError, NotFound, RemoteProtocolError, TooLarge
-from protocol.lamport import RESERVE_STEP
+from protocol.errors import Conflict, IntegrityError, NotFound, RemoteProtocolError, TooLarge, Unavailable
+from protocol.lamport import MAX_AFTER_LAMPORT, MAX_LAMPORT, RESERVE_STEP
 from protocol.snapshot import encode_header, read_snapshot
 
 pytestmark = pytest.mark.timeout(60)
@@ -447,3 +447,54 @@ def test_a_single_recent_entry_read_matches_the_general_path():
     led.contexts["c1"].tail.clear()  # not in RAM any more: the scan answers
     led.flush_sync()
     assert led.get(codec.Get("c1", after=2, limit=1)) == ([blobs[2]], 5, True, 3)
+
+
+# -- the Lamport ceiling and atomic refusals (issue #12) --------------------------------------
+
+
+def state(led: Ledger) -> tuple:
+    return (led.clock.value, dict(led.pending), {n: (c.size, c.frontier.root()) for n, c in led.contexts.items()},
+            led.entries_total, led.hot_bytes)
+
+
+def test_a_refused_append_or_batch_changes_nothing_when_the_clock_cannot_go_on():
+    led = make()
+    app(led, "c1")
+    # only a clock record on disk written without the ceiling gets a clock here (the codec refuses
+    # such tokens, and observe() stops at MAX_AFTER_LAMPORT)
+    led.clock.value = MAX_LAMPORT - 2
+    before = state(led)
+    batch = codec.AppendBatch(context="new", items=tuple(codec.BatchItem("", b"p", {}) for _ in range(3)))
+    with pytest.raises(Unavailable, match="Lamport clock"):
+        led.append_batch(batch)
+    assert state(led) == before and "new" not in led.contexts
+    two = codec.AppendBatch(context="c1", items=(codec.BatchItem("", b"a", {}), codec.BatchItem("", b"b", {})))
+    assert decode_entry(led.append_batch(two).blobs[-1]).lamport == MAX_LAMPORT
+    before = state(led)
+    with pytest.raises(Unavailable):
+        app(led, "other")
+    assert state(led) == before and "other" not in led.contexts
+
+
+def test_a_causal_token_at_its_bound_leaves_the_clock_room_for_ever():
+    led = make()
+    e = app(led, after_lamport=MAX_AFTER_LAMPORT)
+    assert e.lamport == MAX_AFTER_LAMPORT + 1
+    items = tuple(codec.BatchItem("", b"p", {}) for _ in range(1000))
+    res = led.append_batch(codec.AppendBatch(context="c1", items=items, after_lamport=MAX_AFTER_LAMPORT))
+    assert decode_entry(res.blobs[-1]).lamport == MAX_AFTER_LAMPORT + 1001
+    # a value received from a peer at the ceiling moves the clock no further than the bound
+    led.observe(MAX_LAMPORT)
+    assert app(led).lamport == MAX_AFTER_LAMPORT + 1002
+    # and the reservation on disk stays a number a restart can read and go on from
+    led.flush_sync()
+    again = make(led.kv)
+    assert app(again).lamport > MAX_AFTER_LAMPORT + 1002
+
+
+def test_a_damaged_clock_record_is_a_one_line_data_folder_error():
+    kv = MemoryKV()
+    make(kv)
+    kv.write([(st.meta_key("lamport"), b"12x")])
+    with pytest.raises(DataDirError, match="Lamport clock record is damaged"):
+        make(kv)

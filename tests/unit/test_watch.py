@@ -429,7 +429,7 @@ def test_fuzz_only_remote_protocol_error_escapes() -> None:
         try:
             m = decode_message(frames)
         except RemoteProtocolError as exc:
-            assert exc.code == BAD_REQUEST
+            assert exc.code in (BAD_REQUEST, INTEGRITY)  # INTEGRITY: a lamport above the ceiling
             rejected += 1
             continue
         except Exception as exc:  # anything else is a decoder bug
