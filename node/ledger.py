@@ -547,13 +547,16 @@ class Ledger:
         self.entries_total -= old.size
         return self._create(name, writer) if replace else None
 
-    def history(self, name: str, writer: str | None) -> ContextState | None:
-        """The context served under `name`, or with `writer`, a history of it set aside by a fork."""
+    def history(self, name: str, writer: str | None, index: int | None = None) -> ContextState | None:
+        """The context served under `name`, or with `writer`, a history of it set aside by a fork:
+        the `index`-th of that writer's (from 1), or the latest (a writer may lose tails twice)."""
         if writer is None:
             return self.contexts.get(name)
-        for ctx in reversed(self.aside.get(name, ())):  # the latest set aside (a writer may lose tails twice)
-            if ctx.writer == writer:
-                return ctx
+        mine = [ctx for ctx in self.aside.get(name, ()) if ctx.writer == writer]
+        if index is not None:
+            return mine[index - 1] if index <= len(mine) else None
+        if mine:
+            return mine[-1]
         ctx = self.contexts.get(name)
         return ctx if ctx is not None and ctx.writer == writer else None
 
@@ -691,9 +694,10 @@ class Ledger:
     def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
         """(encoded entries, last seq of the context, more remain, next `after`)."""
         if req.fork is not None:
-            ctx = self.history(req.context, req.fork)
+            ctx = self.history(req.context, req.fork, req.fork_index)
             if ctx is None:
-                raise NotFound(f"context {req.context!r} has no history written by {req.fork!r} here",
+                which = f" (#{req.fork_index})" if req.fork_index else ""
+                raise NotFound(f"context {req.context!r} has no history written by {req.fork!r}{which} here",
                                {"context": req.context})
         else:
             ctx = self.contexts.get(req.context)

@@ -386,15 +386,19 @@ class Client:
         raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
 
     def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None,
-            fork: str | None = None) -> GetResult:
-        """Entries with seq > `after`; with `fork`, of the history by that writer a fork set aside."""
-        r = self.call("get", context=context, key=key, after=after, limit=limit, fork=fork)
+            fork: str | None = None, fork_index: int | None = None) -> GetResult:
+        """Entries with seq > `after`; with `fork`, of the history by that writer a fork set aside
+        (with `fork_index`, the n-th of them from 1; by default the latest)."""
+        r = self.call("get", context=context, key=key, after=after, limit=limit, fork=fork, fork_index=fork_index)
         return GetResult([self._entry(m) for m in r["entries"]], r["last_seq"], r["more"], r["next_after"])
 
-    def iter_entries(self, context: str, *, key: str | None = None, after: int = 0) -> Iterator[Entry]:
-        """Every entry after `after` (as of the time each page is read), paging."""
+    def iter_entries(self, context: str, *, key: str | None = None, after: int = 0, fork: str | None = None,
+                     fork_index: int | None = None) -> Iterator[Entry]:
+        """Every entry after `after` (as of the time each page is read), paging; with `fork`, of a
+        history set aside (see `get`)."""
         while True:
-            page = self.get(context, key=key, after=after, limit=codec.MAX_GET_LIMIT)
+            page = self.get(context, key=key, after=after, limit=codec.MAX_GET_LIMIT, fork=fork,
+                            fork_index=fork_index)
             yield from page.entries
             if not page.more:
                 return
@@ -732,6 +736,7 @@ class Watch:
         if self._note_head(m):
             self.on_event("restarted", f"node restarted (now {m.node_id}); resuming after #{self.cursor.last}")
             self._check_continuity()
+            self.cursor.new_stream()
         self.cursor.on_head(m.size)
 
     def _refill(self) -> None:

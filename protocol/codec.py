@@ -50,6 +50,7 @@ DEFAULT_GET_LIMIT = 1_000
 MAX_BATCH = 100_000
 MAX_CONTEXTS_LIMIT = 10_000
 MAX_REPLICAS = 64
+MAX_FORK_INDEX = 1 << 32
 U64 = 1 << 64
 
 RequestId = int | str | bytes | None
@@ -95,6 +96,7 @@ class Get:
     after: int = 0
     limit: int = DEFAULT_GET_LIMIT
     fork: str | None = None  # read the history of this writer that a fork set aside
+    fork_index: int | None = None  # which one, 1 = the first set aside (default: the latest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +365,19 @@ def _parse_get(m: Mapping[str, Any], max_payload: int) -> Get:
         after=_opt_uint(m, "after", 0) or 0,
         limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
         fork=None if m.get("fork") is None else check_name("fork", m.get("fork"), MAX_ID_BYTES),
+        fork_index=_fork_index(m),
     )
+
+
+def _fork_index(m: Mapping[str, Any]) -> int | None:
+    v = m.get("fork_index")
+    if v is None:
+        return None
+    if type(v) is not int or not 1 <= v <= MAX_FORK_INDEX:
+        raise _bad(f"fork_index must be an integer from 1 to {MAX_FORK_INDEX}")
+    if m.get("fork") is None:
+        raise _bad("fork_index needs fork (the writer whose set-aside history to read)")
+    return v
 
 
 def _parse_head(m: Mapping[str, Any], max_payload: int) -> Head:

@@ -37,6 +37,7 @@ from protocol.errors import BAD_REQUEST, IntegrityError, RemoteProtocolError
 ENTRIES = "entries"
 HEAD = "head"
 MAX_AHEAD = 10_000  # live entries a cursor holds back while a gap is refilled
+RECENT = 256  # delivered entries whose hashes a cursor keeps, to tell a re-published one from another
 
 
 def topic(context: str) -> bytes:
@@ -252,6 +253,11 @@ class WatchCursor:
         self.known_size = after
         self.max_ahead = max_ahead
         self.last_hash: bytes | None = None  # hash of entry #last, when this cursor saw it
+        self.checked = 0  # the last position whose entry a refill confirmed is still the one delivered
+        self.stream_high = 0  # the highest seq this node (this boot) announced on the watch stream
+        # hashes of the entries delivered last, by seq: a live entry under one of those seqs with
+        # another hash is another history (a replica that switched to its writer's, SPEC 17.4)
+        self.recent: dict[int, bytes] = {}
         self.writer: str | None = None  # every entry of one history names one writer
         self.ahead: dict[int, Entry] = {}
         self.delivered = 0
@@ -271,6 +277,13 @@ class WatchCursor:
                 f"{self.writer!r}: the node now serves another history of this context (a fork)",
                 {"context": self.context, "seq": e.seq, "writer": e.writer},
             )
+        known = self.recent.get(e.seq) if e.seq <= self.last else None
+        if known is not None and e.hash != known:
+            raise IntegrityError(
+                f"{self.context!r}#{e.seq} differs from the entry delivered under that seq: "
+                "the node now serves another history of this context",
+                {"context": self.context, "seq": e.seq},
+            )
         if e.seq == self.last and self.last_hash is not None and e.hash != self.last_hash:
             raise IntegrityError(
                 f"{self.context!r}#{e.seq} differs from the entry delivered under that seq: "
@@ -281,6 +294,11 @@ class WatchCursor:
     def _advance(self, e: Entry, out: list[Entry]) -> None:
         self.last = e.seq
         self.last_hash = e.hash
+        recent = self.recent
+        recent[e.seq] = e.hash
+        if len(recent) > 2 * RECENT:  # keep the last RECENT or so (amortised: one sweep per RECENT)
+            for s in [s for s in recent if s <= e.seq - RECENT]:
+                del recent[s]
         if self.key is None or e.key == self.key:
             out.append(e)
             self.delivered += 1
@@ -302,6 +320,8 @@ class WatchCursor:
         out: list[Entry] = []
         for e in entries:
             self._same_history(e)
+            if e.seq > self.stream_high:
+                self.stream_high = e.seq
             if e.seq > self.known_size:
                 self.known_size = e.seq
             if e.seq <= self.last:
@@ -318,13 +338,28 @@ class WatchCursor:
                 self.dropped_ahead += 1  # the refill fetches it again
         return out
 
+    def new_stream(self) -> None:
+        """The node restarted (a new boot): its stream starts over (see `on_head`)."""
+        self.stream_high = 0
+
     def on_head(self, size: int) -> None:
         """A published head arrived: entries up to `size` exist.
 
         A head may be older than what this cursor already got over the request
-        socket (the two sockets are not ordered against each other), so a
-        smaller size here is not a rollback; `check_size` judges fresh sizes.
+        socket (the two sockets are not ordered against each other), so a size
+        below `last` here is not a rollback (`check_size` judges fresh sizes);
+        a size below what the same stream announced before is.
         """
+        if size < self.stream_high:
+            # One node's watch stream is ordered: a head below what the same stream announced
+            # before means the node now serves another history of the context (a replica that
+            # switched to its writer's after the writer lost a tail, SPEC 17.4).
+            raise IntegrityError(
+                f"the node announced {self.stream_high} entries of {self.context!r} and now {size}: it "
+                "serves another history of this context",
+                {"context": self.context, "size": size, "announced": self.stream_high},
+            )
+        self.stream_high = size
         if size > self.known_size:
             self.known_size = size
 
@@ -341,7 +376,12 @@ class WatchCursor:
             self.known_size = size
 
     def refill_after(self) -> int:
-        """The `after` argument of the next refill `get`."""
+        """The `after` argument of the next refill `get`: one entry before the next one needed,
+        when the cursor knows the hash of the last one it delivered, so that the page shows
+        whether the node still holds that entry (a writer that lost a tail and wrote others
+        under its seqs would otherwise be spliced onto what was delivered)."""
+        if self.key is None and self.last_hash is not None and self.last > 0 and self.checked != self.last:
+            return self.last - 1
         return self.last
 
     def on_page(self, entries: Sequence[Entry], next_after: int, size: int, more: bool = False) -> list[Entry]:
@@ -354,6 +394,16 @@ class WatchCursor:
         """
         self.check_size(size)
         prev = self.last
+        if entries and self.key is None and entries[0].seq == prev and self.last_hash is not None:
+            # the overlap asked for by refill_after(): the entry delivered last, unchanged?
+            if entries[0].hash != self.last_hash:
+                raise IntegrityError(
+                    f"{self.context!r}#{prev} differs from the entry delivered under that seq: "
+                    "the node now serves another history of this context",
+                    {"context": self.context, "seq": prev},
+                )
+            entries = entries[1:]
+            self.checked = prev  # asked once per position: a page of one entry still makes progress
         for e in entries:  # check the whole page before delivering any of it
             self._same_history(e)
             if e.context != self.context or e.seq <= prev:

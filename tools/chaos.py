@@ -11,8 +11,10 @@ workload replays its choices too, as far as the outcomes it sees are the same).
 A run:
 
 1. Start N nodes with `--durability sync` (acknowledged means fsynced, so it
-   survives kill -9) and fast heartbeats: on loopback on free ports, or, with
-   `--partitions`, each in its own network namespace joined by a bridge.
+   survives kill -9), or `--durability async` (the default of ledger-node:
+   acknowledged means in RAM, on disk within `--flush-ms`), and fast heartbeats:
+   on loopback on free ports, or, with `--partitions`, each in its own network
+   namespace joined by a bridge.
 2. Create every context at a chosen writer (spread over the nodes) and wait
    until every node holds all of them. The workload never creates a context,
    so a fork can only come from a bug, never from two nodes creating one name.
@@ -32,6 +34,16 @@ in time: it may or may not have been applied, which the dedup_id makes safe to
 retry). The checker (`check_history`, pure) reports lost acknowledged writes,
 duplicates, order and causality violations, reads and watches that disagree
 with the final log, and writes that every attempt saw fail yet exist.
+
+Each mode has its promise. In sync mode nothing acknowledged may be missing. In
+async mode an acknowledged append may be missing only if its context's writer was
+killed within the flush interval (plus a second of slack) after acknowledging it;
+what the replicas had of such a lost tail is set aside as a fork (readable with
+`get fork=`), and a read or a watcher that saw it is judged against those
+set-aside histories. A watcher whose node switches to the writer's history
+(IntegrityError) starts again from seq 0, as an application would. Everything
+else (no duplicates, order, causality, convergence, no fork but a writer's lost
+tail) holds as in sync mode.
 
 Exit codes: 0 every check holds; 1 a check failed; 2 usage or environment
 (a node that will not start, partitions without root/ip/iptables); 130
@@ -81,6 +93,8 @@ OP_TIMEOUT = 1.0          # a client's wait for one answer; past it the operatio
 WRITE_GIVE_UP = 4.0       # a writer retries one dedup_id this long, then moves on
 START_TIMEOUT = 30.0
 NS_PORT = 7400            # in a namespace every node has its own port space
+STALE_S = 10.0            # async mode: how long after its writer's kill a replica may still serve a lost tail
+CRASH_SLACK_S = 1.0       # async mode: past flush_ms, how late a flush may still be on a loaded machine
 MAX_PROBLEMS = 50         # problems listed in the report (all are counted)
 
 
@@ -472,15 +486,49 @@ def classify(exc: LedgerError) -> str:
 
 
 def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[Entry]],
-                  watches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                  watches: Sequence[Mapping[str, Any]], *, durability: str = "sync", flush_s: float = 0.0,
+                  kills: Sequence[tuple[str, float]] = (), writers: Mapping[str, str] | None = None,
+                  aside: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
     """Check a recorded history against the final logs (one per context).
 
     `ops`: History records; appends carry `dedup` (kept in the entry's metadata
     `d`), `after_lamport`, and when ok `seq`, `lamport`, `hash` (hex); gets
     carry `entries` [[seq, hash hex], ...]. `watches`: {"name", "context",
-    "delivered": [[seq, hash hex], ...], "errors": [...]}.
+    "delivered": [[seq, hash hex], ...], "errors": [...], and in async mode
+    "earlier": the deliveries of watches ended by a switch of history}.
+    In async mode (`durability`), `kills` [(node, t)], `writers` (context ->
+    its writer node) and `aside` (context -> {hash hex: dedup} of every history
+    set aside on any node) judge what a writer's crash may take: an acknowledged
+    append missing from the final log is allowed when its writer was killed
+    between its invocation and `flush_s` (+ CRASH_SLACK_S) after its
+    acknowledgement, and a read or watch of an entry not in the final log is
+    allowed when a replica kept it aside.
     Returns counts and a list of problems, each one sentence.
     """
+    lenient = durability == "async"
+    kept_aside = aside or {}
+
+    def crashed_with(op: Mapping[str, Any]) -> bool:
+        w = (writers or {}).get(op["context"])
+        return any(n == w and op["invoke"] <= t <= op["complete"] + flush_s + CRASH_SLACK_S for n, t in kills)
+
+    def aside_holds(ctx: str, h: str) -> bool:
+        return lenient and h in kept_aside.get(ctx, {})
+
+    def lost_tail(ctx: str, h: str, t: float | None) -> bool:
+        """An entry served once that no node holds now: in async mode, allowed only as part of
+        a tail its writer lost, which needs a kill of that writer (at most STALE_S before the
+        read: a replica serves the lost tail until it has compared with the restarted writer).
+        Counted either way, so a run shows how often it happened."""
+        if not lenient:
+            return False
+        if aside_holds(ctx, h):
+            return True
+        w = (writers or {}).get(ctx)
+        if any(n == w and (t is None or tt >= t - STALE_S) for n, tt in kills):
+            counts["served_then_lost"] += 1
+            return True
+        return False
     problems: list[str] = []
     counts: Counter[str] = Counter()
 
@@ -522,6 +570,11 @@ def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[
     for op in acked:
         ctx, d = op["context"], op["dedup"]
         found = index.get(ctx, {}).get(d)
+        if not found and lenient and crashed_with(op):
+            counts["lost_in_crash"] += 1  # async durability's promise allows it
+            if aside_holds(ctx, op["hash"]):
+                counts["lost_in_crash_set_aside"] += 1
+            continue
         if not found:
             problem("lost_acked", f"{ctx}: acknowledged append {d} (seq {op['seq']}, by {op['process']} at "
                     f"{op['node']}, t={op['complete']}) is not in the final log")
@@ -540,6 +593,8 @@ def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[
     # one's), and within a context a higher seq.
     by_process: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for op in acked:
+        if lenient and not index.get(op["context"], {}).get(op["dedup"]):
+            continue  # lost with its writer's tail (allowed above): its seq was given again
         by_process[op["process"]].append(op)
     for proc, its in by_process.items():
         its.sort(key=lambda o: o["invoke"])
@@ -566,7 +621,7 @@ def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[
         if op.get("f") == "get" and op.get("type") == "ok":
             log = logs.get(op["context"], [])
             for seq, h in op.get("entries", []):
-                if seq > len(log) or log[seq - 1].hash.hex() != h:
+                if (seq > len(log) or log[seq - 1].hash.hex() != h) and not lost_tail(op["context"], h, op["invoke"]):
                     problem("read_violations", f"{op['context']}#{seq}: {op['process']} read hash {h[:16]} at "
                             f"{op['node']} (t={op['invoke']}), which the final log does not hold")
                     break
@@ -580,6 +635,17 @@ def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[
         got = [list(x) for x in w["delivered"]]
         for err in w.get("errors", []):
             problem("watch_violations", f"watcher {w['name']} of {w['context']}: {err}")
+        for seg in w.get("earlier", []):
+            # a watch ended by a switch of history: consecutive from 1, every entry in the final
+            # log under its seq or in a history kept aside (the writer's lost tail)
+            seqs = [s for s, _ in seg]
+            bad = next((f"entry #{s} ({h[:16]}) is neither in the final log nor set aside" for s, h in seg
+                        if not ((s <= len(log) and log[s - 1].hash.hex() == h) or lost_tail(w["context"], h, None))),
+                       None)
+            if seqs != list(range(1, len(seqs) + 1)):
+                bad = f"delivered seqs {seqs[:5]}... are not 1, 2, 3, ..."
+            if bad:
+                problem("watch_violations", f"watcher {w['name']} of {w['context']} before a history switch: {bad}")
         if got != want:
             seqs = [s for s, _ in got]
             dup = len(seqs) - len(set(seqs))
@@ -593,6 +659,9 @@ def check_history(ops: Sequence[Mapping[str, Any]], logs: Mapping[str, Sequence[
              "watch_violations", "unexpected_errors")
     result: dict[str, Any] = {n if n != "order" and n != "causality" else f"{n}_violations": counts[n] for n in names}
     result["acked"] = len({(op["context"], op["dedup"]) for op in acked})
+    result["lost_in_crash"] = counts["lost_in_crash"]
+    result["lost_in_crash_set_aside"] = counts["lost_in_crash_set_aside"]
+    result["served_then_lost"] = counts["served_then_lost"]
     outcomes: Counter[str] = Counter()
     for (_, _), ats in attempts.items():
         kinds = {a.get("type") for a in ats}
@@ -620,6 +689,8 @@ class Options:
     writers: int = 3
     readers: int = 2
     replicas: int = 0
+    durability: str = "sync"
+    flush_ms: int = 500
     converge_timeout: float = 60.0
     workdir: str | None = None
     keep_data: bool = False
@@ -662,7 +733,9 @@ class Run:
         return [m.address for m in self.nodes if m is not node]
 
     def start_cluster(self) -> None:
-        flags = [*NODE_FLAGS, "--durability", "sync"]
+        flags = [*NODE_FLAGS, "--durability", self.opts.durability]
+        if self.opts.durability == "async":
+            flags += ["--flush-ms", str(self.opts.flush_ms)]
         names = node_names(self.opts.nodes)
         if self.opts.partitions:
             self.netns = Netns(self.opts.nodes)
@@ -820,7 +893,7 @@ class Run:
 
     def watcher(self, ctx: str, node: NodeProc) -> None:
         rec: dict[str, Any] = {"name": f"watch-{ctx}", "context": ctx, "node": node.name, "delivered": [],
-                               "errors": [], "outages": 0}
+                               "errors": [], "outages": 0, "earlier": [], "switches": []}
         self.watches.append(rec)
         delivered: list[list[Any]] = rec["delivered"]
         c = Client(node.address, timeout=OP_TIMEOUT, retries=0, zctx=self.zctx)
@@ -834,6 +907,9 @@ class Run:
                     try:
                         w = c.watch(ctx, after=delivered[-1][0] if delivered else 0, pub_address=node.pub)
                     except IntegrityError as exc:
+                        if self._switched(rec, exc):
+                            delivered = rec["delivered"]
+                            continue
                         rec["errors"].append(f"{exc.code}: {exc.message}")
                         break
                     except LedgerError:
@@ -846,6 +922,11 @@ class Run:
                 try:
                     got = w.drain()
                 except IntegrityError as exc:
+                    if self._switched(rec, exc):
+                        w.close()
+                        w = None
+                        delivered = rec["delivered"]
+                        continue
                     rec["errors"].append(f"{exc.code}: {exc.message}")
                     break
                 except LedgerError:
@@ -857,6 +938,16 @@ class Run:
             if w is not None:
                 w.close()
             c.close()
+
+    def _switched(self, rec: dict[str, Any], exc: IntegrityError) -> bool:
+        """In async mode, a node that switched to its writer's history after a lost tail: the
+        watcher keeps what it saw (checked against the set-aside histories) and starts over."""
+        if self.opts.durability != "async" or len(rec["earlier"]) >= 100:
+            return False
+        rec["earlier"].append(rec["delivered"])
+        rec["delivered"] = []
+        rec["switches"].append(f"{exc.code}: {exc.message}")
+        return True
 
     # -- the nemesis ---------------------------------------------------------------------
 
@@ -959,13 +1050,25 @@ class Run:
                 c.verify_context(ctx)
         return logs
 
-    def forks(self) -> list[str]:
-        out = []
+    def forks(self) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """Forks that break the mode's promise (any, in sync mode; in async mode all but a writer's
+        lost tail, where its own history is served), and every history set aside, per context:
+        entry hash (hex) -> dedup id."""
+        bad: list[str] = []
+        aside: dict[str, dict[str, str]] = defaultdict(dict)
         for n in self.nodes:
             with Client(n.address, timeout=5.0, retries=2, zctx=self.zctx) as c:
                 for f in c.status().get("forks", []):
-                    out.append(f"{n.name}: {f}")
-        return out
+                    lost_tail = f.get("local_writer") == f.get("peer_writer") == f.get("served_writer")
+                    if self.opts.durability != "async" or not lost_tail:
+                        bad.append(f"{n.name}: {f}")
+                    for i in range(1, int(f.get("histories_set_aside", 1)) + 1):
+                        try:
+                            for e in c.iter_entries(f["context"], fork=f["local_writer"], fork_index=i):
+                                aside[f["context"]][e.hash.hex()] = e.metadata.get("d", "")
+                        except LedgerError:
+                            break  # NOT_FOUND: no (more) history of that writer set aside here
+        return bad, dict(aside)
 
     def close_zmq(self) -> None:
         done = threading.Event()
@@ -991,6 +1094,8 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
 
     replay = f"{PROG} --nodes {opts.nodes} --duration {opts.duration:g} --seed {opts.seed}"
     replay += " --partitions" if opts.partitions else ""
+    if opts.durability != "sync":
+        replay += f" --durability {opts.durability} --flush-ms {opts.flush_ms}"
     defaults = Options()
     for flag in ("contexts", "writers", "readers", "replicas"):
         if getattr(opts, flag) != getattr(defaults, flag):
@@ -1053,8 +1158,11 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         r.stop_watch.set()
         for t in r.threads:
             t.join(5.0)
-        forks = r.forks()
-        result = check_history(r.history.ops, logs, r.watches)
+        forks, aside = r.forks()
+        kills = [(e["nodes"][0], e["began"]) for e in r.executed if e["kind"] == "kill"]
+        result = check_history(r.history.ops, logs, r.watches, durability=opts.durability,
+                               flush_s=opts.flush_ms / 1000.0, kills=kills, writers=plan.context_writers,
+                               aside=aside)
         problems: list[str] = list(result.pop("problems"))
         if not converged:
             problems.append(f"not converged {opts.converge_timeout:g} s after healing: {json.dumps(heads)}")
@@ -1067,7 +1175,13 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         report.update({
             "faults": {k: counts.get(k, 0) for k in KINDS},
             "acked": result["acked"],
+            "durability": opts.durability,
             "lost_acked": result["lost_acked"],
+            "lost_in_crash": result["lost_in_crash"],
+            "lost_in_crash_set_aside": result["lost_in_crash_set_aside"],
+            "set_aside_entries": sum(len(v) for v in aside.values()),
+            "served_then_lost": result["served_then_lost"],
+            "watch_restarts": sum(len(w["switches"]) for w in r.watches),
             "duplicates": result["duplicates"],
             "order_violations": result["order_violations"],
             "causality_violations": result["causality_violations"],
@@ -1128,6 +1242,10 @@ def summary_lines(rep: Mapping[str, Any]) -> list[str]:
         f"writes: {rep['acked']} acknowledged, {rep['writes_failed']} failed, {rep['writes_unknown']} unknown "
         f"({rep['append_attempts']} attempts); {rep['reads']} reads; {rep['watchers']} watchers saw "
         f"{rep['watched_entries']} entries",
+        f"durability {rep['durability']}: acknowledged appends lost with a writer's unflushed tail "
+        f"{rep['lost_in_crash']} (allowed in async mode; {rep['lost_in_crash_set_aside']} of them kept aside "
+        f"by a replica), entries set aside {rep['set_aside_entries']}, reads of a lost tail no node holds any more "
+        f"{rep['served_then_lost']}, watcher restarts {rep['watch_restarts']}",
         f"checks: lost acknowledged {rep['lost_acked']}, duplicates {rep['duplicates']}, order "
         f"{rep['order_violations']}, causality {rep['causality_violations']}, reads {rep['read_violations']}, "
         f"watchers {rep['watch_violations']}, phantom {rep['phantom_writes']}, crashes {rep['crashes']}, "
@@ -1215,6 +1333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readers", type=int, default=2, help="reading clients (default 2)")
     p.add_argument("--replicas", type=int, default=0,
                    help="appends ask for replicas=N (default 0: sync durability alone makes an ack durable)")
+    p.add_argument("--durability", choices=("sync", "async"), default="sync",
+                   help="the nodes' durability (default sync; async is ledger-node's default: an acknowledged "
+                   "append may be lost with its writer's unflushed tail, which the checker then allows)")
+    p.add_argument("--flush-ms", type=_positive(int), default=500,
+                   help="with --durability async: the nodes' flush interval (default 500)")
     p.add_argument("--converge-timeout", type=_positive(float), default=60.0,
                    help="seconds after healing within which every node must hold the same logs (default 60)")
     p.add_argument("--workdir", help="folder for node data, logs, history and report (default: a new temp folder)")
@@ -1234,7 +1357,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 32)
     return Options(nodes=a.nodes, duration=a.duration, seed=seed, partitions=a.partitions, json=a.json,
                    plot=a.plot, contexts=a.contexts, writers=a.writers, readers=a.readers, replicas=a.replicas,
-                   converge_timeout=a.converge_timeout, workdir=a.workdir, keep_data=a.keep_data, verbose=a.verbose)
+                   durability=a.durability, flush_ms=a.flush_ms, converge_timeout=a.converge_timeout, workdir=a.workdir, keep_data=a.keep_data, verbose=a.verbose)
 
 
 def execute(opts: Options, out: IO[str] | None = None, err: IO[str] | None = None) -> int:

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=_uint, metavar="N", help="print at most N entries (default: all)")
     g.add_argument("--fork", metavar="WRITER", help="read the history written by WRITER that a fork set aside "
                    "on this node (see `ledger head`)")
+    g.add_argument("--fork-index", type=_uint, metavar="N", help="with --fork: the N-th history of WRITER set "
+                   "aside here, from 1 (default: the latest; a writer that lost tails in several crashes)")
 
     h = sub.add_parser("head", parents=[common], help="size, Merkle root, last lamport and writer of a context")
     h.add_argument("context")
@@ -426,7 +428,8 @@ def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
     if args.fork is not None:
         after, left = args.after, args.limit
         while left is None or left > 0:
-            page = c.get(args.context, key=args.key, after=after, limit=codec.MAX_GET_LIMIT, fork=args.fork)
+            page = c.get(args.context, key=args.key, after=after, limit=codec.MAX_GET_LIMIT, fork=args.fork,
+                         fork_index=args.fork_index or None)
             for e in page.entries[:left]:
                 out.entry(e)
             if left is not None:

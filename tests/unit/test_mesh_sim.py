@@ -893,3 +893,40 @@ def test_a_fork_is_logged_once_per_context_and_history_not_every_heartbeat(caplo
     st.run_seconds(60 * HEARTBEAT)  # 60 heartbeats
     lines = fork_log_lines(caplog)
     assert 1 <= len(lines) <= 2, lines  # once on r (it sets its copy aside), at most once on w
+
+
+def test_a_writer_that_loses_tails_twice_is_followed_twice_and_both_old_histories_stay_readable():
+    import copy
+
+    net = perfect_pair("w", "r", 33)
+    w, r = nodes["w"], nodes["r"]
+    st = Stepper(net)
+    w.ledger.append(codec.Append("x", "", b"base", {}))
+    st.run_for(10)
+    for crash in (1, 2):
+        saved = copy.deepcopy(w.ledger.kv)
+        w.ledger.append(codec.Append("x", "", b"lost%d" % crash, {}))
+        st.run_for(10)
+        w = restart_from("w", net, saved, f"w-boot-{crash + 1}", ["r"])
+        w.ledger.append(codec.Append("x", "", b"new%d" % crash, {}))
+        st.run_seconds(10 * HEARTBEAT)
+        assert payloads(r.ledger, r.ledger.contexts["x"]) == payloads(w.ledger, w.ledger.contexts["x"])
+    assert payloads(r.ledger, r.ledger.contexts["x"]) == [b"base", b"new1", b"new2"]
+    assert r.mesh.forks["x"].histories_set_aside == 2
+    first, second, latest = (r.ledger.get(codec.Get("x", fork="w", fork_index=i)) for i in (1, 2, None))
+    assert [decode_entry(b).payload for b in first[0]] == [b"base", b"lost1"]
+    assert [decode_entry(b).payload for b in second[0]] == [b"base", b"new1", b"lost2"]
+    assert latest[0] == second[0]
+    with pytest.raises(LedgerError, match="#3"):
+        r.ledger.get(codec.Get("x", fork="w", fork_index=3))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"fork_index": 1}, "needs fork"), ({"fork": "w", "fork_index": 0}, "fork_index"),
+    ({"fork": "w", "fork_index": 2**32 + 1}, "fork_index"), ({"fork": "w", "fork_index": "1"}, "fork_index"),
+])
+def test_fork_index_is_checked(fields, message):
+    from protocol.errors import RemoteProtocolError
+
+    with pytest.raises(RemoteProtocolError, match=message):
+        codec.decode_request(codec.encode_request("get", 1, {"context": "x", **fields}), 1 << 20)

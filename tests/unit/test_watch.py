@@ -28,6 +28,7 @@ from protocol.entry import Entry, packed_str
 from protocol.errors import BAD_REQUEST, INTEGRITY, IntegrityError, RemoteProtocolError
 from protocol.watch import (
     MAX_AHEAD,
+    RECENT,
     EntriesMsg,
     HeadMsg,
     WatchCursor,
@@ -460,7 +461,7 @@ def test_in_order_delivery() -> None:
     assert c.on_entries([]) == []
     assert c.on_entries(es[2:]) == es[2:]
     assert (c.last, c.known_size, c.delivered, c.duplicates, c.last_hash) == (5, 5, 5, 0, es[4].hash)
-    assert not c.needs_refill() and c.refill_after() == 5
+    assert not c.needs_refill() and c.refill_after() == 4  # one back: the page shows #5 is still #5
 
 
 def test_resuming_after_a_seq_drops_what_came_before() -> None:
@@ -517,12 +518,48 @@ def test_needs_refill_exactly_when_known_size_is_ahead_of_last() -> None:
     for size, want in [(3, False), (4, True)]:
         c.on_head(size)
         assert c.needs_refill() is want and c.needs_refill() == (c.known_size > c.last)
-    c.on_head(3)  # a smaller head does not lower known_size
-    assert c.known_size == 4 and c.needs_refill()
     c.on_entries([entry(4)])
     assert not c.needs_refill()
     c.on_entries([entry(6)])
     assert c.needs_refill() and c.known_size == 6
+
+
+def test_a_head_below_what_the_same_stream_announced_is_another_history() -> None:
+    # A replica that switched to its writer's history after the writer lost a tail: its boot is
+    # the same, its stream now announces fewer entries than before (SPEC 16.4 step 7, 17.4).
+    c = WatchCursor(CTX, 0)
+    c.on_entries(entries(1, 6))
+    c.on_head(6)
+    with pytest.raises(IntegrityError, match="announced 6 entries .* and now 3"):
+        c.on_head(3)
+    c2 = WatchCursor(CTX, 0)
+    c2.on_head(5)  # a head over the stream may say more than this cursor has read
+    with pytest.raises(IntegrityError):
+        c2.on_head(4)
+    # after a restart of the node (a new boot), its stream starts over; continuity is then
+    # checked over the request socket (check_size)
+    c3 = WatchCursor(CTX, 0)
+    c3.on_entries(entries(1, 4))
+    c3.new_stream()
+    c3.on_head(2)
+    assert c3.known_size == 4 and c3.last == 4
+
+
+def test_a_republished_entry_under_a_delivered_seq_with_another_hash_is_another_history() -> None:
+    # A replica that switched histories re-publishes the writer's entries from #1; a busy context
+    # sends no heads, so the entries themselves must show it (not only the one at `last`).
+    c = WatchCursor(CTX, 0)
+    old = entries(1, 10)
+    c.on_entries(old)
+    assert c.on_entries(old[:6]) == [] and c.duplicates == 6  # the same entries again: duplicates
+    new = old[:6] + [entry(7, payload=b"other")]
+    with pytest.raises(IntegrityError, match="#7 differs"):
+        c.on_entries(new)
+    # only the last RECENT are kept: memory stays bounded for a long watch
+    c2 = WatchCursor(CTX, 0)
+    for lo in range(1, 3 * RECENT, 100):
+        c2.on_entries(entries(lo, lo + 99))
+    assert len(c2.recent) <= 2 * RECENT and max(c2.recent) == c2.last
 
 
 def test_head_at_or_above_last_is_fine() -> None:
@@ -619,11 +656,31 @@ def test_max_ahead_then_a_refill_covering_held_and_dropped_entries() -> None:
 # -- the cursor: refills ---------------------------------------------------------------------
 
 
+def test_a_refill_shows_whether_the_last_delivered_entry_is_still_there() -> None:
+    # A writer that lost #5..#6 in a crash and wrote others under those seqs: the refill after
+    # #6 starts at #6 and shows it changed, instead of splicing the new #7 onto the old history.
+    c = WatchCursor(CTX, 0)
+    old = entries(1, 6)
+    c.on_entries(old)
+    new = old[:4] + [entry(s, payload=b"new") for s in range(5, 9)]
+    c.on_head(8)
+    assert c.refill_after() == 5
+    with pytest.raises(IntegrityError, match="#6 differs"):
+        c.on_page(new[5:], next_after=8, size=8)
+    assert c.last == 6 and c.delivered == 6  # nothing of the other history delivered
+    # unchanged: the overlap is dropped, the rest delivered, and asked once per position
+    c2 = WatchCursor(CTX, 0)
+    c2.on_entries(old[:3])
+    c2.on_head(6)
+    assert c2.on_page(old[2:3], next_after=3, size=6, more=True) == []  # only the overlap fitted
+    assert c2.refill_after() == 3 and c2.on_page(old[3:6], next_after=6, size=6) == old[3:6]
+
+
 def test_refill_fills_the_gap_and_releases_what_was_held() -> None:
     c = WatchCursor(CTX, 0)
     es = entries(1, 6)
     c.on_entries([es[0], es[3], es[4]])
-    assert c.refill_after() == 1
+    assert c.refill_after() == 0  # from #1, which was delivered: a page without it is fine too
     assert c.on_page(es[1:3], next_after=3, size=5, more=True) == es[1:5]
     assert (c.last, c.ahead, c.needs_refill()) == (5, {}, False)
     assert c.on_entries([es[5]]) == [es[5]]
@@ -645,7 +702,8 @@ def test_refill_in_pages() -> None:
     c.on_head(9)
     out: list[Entry] = []
     for lo, hi, more in [(3, 5, True), (6, 8, True), (9, 9, False)]:
-        assert c.needs_refill() and c.refill_after() == lo - 1
+        # one entry back once the cursor knows the hash of what it delivered last
+        assert c.needs_refill() and c.refill_after() == (lo - 1 if lo == 3 else lo - 2)
         out += c.on_page(es[lo - 1:hi], next_after=hi, size=9, more=more)
     assert out == es[2:] and not c.needs_refill() and c.last_hash == es[8].hash
 
@@ -832,7 +890,7 @@ def run_model(seed: int) -> Counter[str]:
             refill()
         check()
     feed(head_now())
-    for _ in range(n + 2):
+    for _ in range(2 * n + 2):  # a page of one entry may hold only the overlap (refill_after)
         if not cursor.needs_refill():
             break
         refill()
