@@ -278,3 +278,17 @@ def test_health_backoff_and_status():
     assert not h.failed and h.status(30.0)["recoveries"] == 1
     h.fail("EIO", 40.0)
     assert h.next_attempt == pytest.approx(40.2)  # a new failure starts the backoff again
+
+
+def test_storage_is_a_stable_code_in_the_spec_and_the_client():
+    from pathlib import Path
+
+    from protocol import errors
+
+    assert errors.STORAGE == "STORAGE" and errors.STORAGE in errors.ALL_CODES
+    e = errors.error_for("STORAGE", "disk full", {"error": "ENOSPC"})
+    assert isinstance(e, StorageError) and e.code == "STORAGE" and e.details == {"error": "ENOSPC"}
+    spec = (Path(__file__).parents[2] / "protocol" / "SPEC.md").read_text()
+    table = spec.split("## 11. Error codes", 1)[1].split("\n## ", 1)[0]
+    for code in errors.ALL_CODES:
+        assert f"| `{code}` |" in table, code
