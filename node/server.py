@@ -440,6 +440,10 @@ class Server:
             self.mesh.on_flushed(dirty)
         if self.held and not self.flushing:
             self._release_held()
+        if self.ledger.storage.error is not None and not self.flushing and (self.held or self.repl_held):
+            # a write on the loop thread failed (a lamport reservation, a load): what the
+            # held replies wait for is not written before the recovery
+            self._refuse_held()
         if self.publisher.due:
             self.publisher.publish()
 

@@ -23,7 +23,8 @@ import pytest
 from node.config import Config
 from node.ledger import Ledger
 from node.server import Server
-from protocol import codec
+from node.storage import MemoryKV
+from protocol import codec, merkle
 from protocol.client import Client
 from protocol.entry import decode_entry
 from protocol.errors import StorageError
@@ -122,6 +123,69 @@ def test_async_mode_backpressure_does_not_hang_readers_and_nothing_acked_is_lost
         wait_storage(c, "ok")
         acked.append(c.append("c", "after").payload)
     assert stored(kv, "c") == acked
+
+
+class GatedFaultyKV(FaultyKV):
+    """The flusher's writes wait for `gate`; `break_direct` fails only the loop thread's own writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.break_direct = False
+
+    def write(self, puts, deletes=(), sync: bool = False) -> None:  # type: ignore[no-untyped-def]
+        if self.break_direct and threading.current_thread().name != "ledger-flusher":
+            self.broken = True
+            self.break_direct = False
+        super().write(puts, deletes, sync)
+
+    def prepare(self, puts, sync: bool = False):  # type: ignore[no-untyped-def]
+        items = list(puts)
+
+        if self.broken:
+            return lambda: FaultyKV.write(self, items, sync=sync)
+
+        def commit() -> None:  # reached the disk before the fault; only its completion waits
+            MemoryKV.write(self, items, sync=sync)
+            self.gate.wait(30)
+        return commit
+
+
+def test_a_failed_write_on_the_loop_thread_refuses_what_waits_behind_it(zctx):
+    # sync mode: X is being written, Y waits for the next batch; then a write the loop
+    # thread does itself (an empty load creates its context on disk at once) fails. X's
+    # batch was already handed off and lands; Y's will not be written before a recovery.
+    kv = GatedFaultyKV()
+    with serving(config("sync"), kv, zctx) as server, Client(server.router_address, zctx=zctx, timeout=5) as c:
+        c.append("c", "first")
+        kv.gate.clear()
+        server_gate = kv.gate
+        try:
+            _loop_thread_fault(c, kv)
+        finally:
+            server_gate.set()
+
+
+def _loop_thread_fault(c: Client, kv: GatedFaultyKV) -> None:
+    if True:
+        x = c.submit("append", context="c", payload=b"X")
+        time.sleep(0.2)
+        y = c.submit("append", context="c", payload=b"Y")
+        kv.room = False
+        kv.break_direct = True
+        with pytest.raises(StorageError):
+            c.call("load", retry=False, context="empty", load_id="l1", size=0, root=merkle.EMPTY_ROOT,
+                   fail_if_exists=False, entries=[], final=True)
+        with pytest.raises(StorageError):
+            c.append("c", "refused")
+        kv.gate.set()
+        assert c.result(x)["entry"]["seq"] == 2  # on disk: acknowledged
+        t0 = time.monotonic()
+        with pytest.raises(StorageError):
+            c.result(y)
+        assert time.monotonic() - t0 < 1.0
+        assert "empty" not in [i["name"] for i in c.call("contexts")["contexts"]]
 
 
 def test_replica_holds_get_storage_too(zctx):

@@ -292,3 +292,19 @@ def test_storage_is_a_stable_code_in_the_spec_and_the_client():
     table = spec.split("## 11. Error codes", 1)[1].split("\n## ", 1)[0]
     for code in errors.ALL_CODES:
         assert f"| `{code}` |" in table, code
+
+
+def test_a_start_on_a_disk_that_cannot_be_written_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from node import main as node_main
+
+    def broken_kv(path: str) -> FaultyKV:
+        kv = FaultyKV()
+        kv.broken = True  # opens (LevelDB's open needs no room when there is no log to replay) but cannot write
+        return kv
+
+    monkeypatch.setattr(node_main, "LevelDBKV", broken_kv)
+    rc = node_main.main(["--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("ledger-node: error: cannot write to data folder") and "No space left" in err
+    assert "Traceback" not in err
