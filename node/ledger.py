@@ -385,7 +385,7 @@ class Ledger:
         if not batch and not deletes:
             return {}
         if deletes:
-            # deleted first: the batch's own puts (applied after) win for the same key
+            # a write of its own, before the batch: within one batch deletes apply after puts
             self.kv.write((), deletes, sync=False)
         self.kv.write(batch.items(), sync=sync)
         self._stale_tails = set()
