@@ -73,10 +73,10 @@ def _refused_while_failed(method: Callable[..., AppendResult]) -> Callable[..., 
     (its lamport reservation could not be written) leaves no context behind."""
     @functools.wraps(method)
     def wrapper(self: Ledger, req: Any) -> AppendResult:
+        if req.context in self.contexts and self.storage.error is None:
+            return method(self, req)  # the common case: no context to undo
         if self.storage.error is not None:
             raise self.refused()
-        if req.context in self.contexts:
-            return method(self, req)
         before = self._creation_mark()
         try:
             return method(self, req)
