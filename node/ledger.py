@@ -404,7 +404,7 @@ class Ledger:
         try:
             self.kv.ensure_room(nbytes)
         except OSError as exc:
-            self.storage.retry_later(f"no room yet: {exc.strerror or exc}", now)
+            self.storage.retry_later(f"storage not writable yet: {exc.strerror or exc}", now)
             return None
         try:
             self.kv.reopen()

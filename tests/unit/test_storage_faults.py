@@ -141,7 +141,7 @@ def test_the_kept_batch_is_written_on_recovery_and_nothing_is_lost():
     assert led.storage.due(100.2)
     assert led.recover(sync=True, now=100.2) is None  # still no room: the handle is not even reopened
     assert kv.reopens == 0 and led.storage.failed
-    assert "no room" in led.storage.status(100.3)["last_attempt"]
+    assert "No space left" in led.storage.status(100.3)["last_attempt"]
     assert led.storage.next_attempt == pytest.approx(100.6)  # the backoff doubled
     assert on_disk(kv, "c1") == 5
     kv.room = True
