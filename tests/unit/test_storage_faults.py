@@ -32,6 +32,7 @@ class FaultyKV(MemoryKV):
         super().__init__()
         self.broken = False  # sticky, as LevelDB's background error: cleared only by reopen()
         self.room = True
+        self.probe_ok = True  # False: the room probe fails even when a reopen would work
         self.fail_after: int | None = None  # writes that still succeed before the disk breaks
         self.attempts = 0
         self.reopens = 0
@@ -53,7 +54,7 @@ class FaultyKV(MemoryKV):
         return lambda: self.write(items, sync=sync)
 
     def ensure_room(self, nbytes: int) -> None:
-        if not self.room:
+        if not (self.room and self.probe_ok):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     def reopen(self) -> None:
