@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from protocol.errors import (
     IntegrityError,
     InternalError,
     NotFound,
+    StorageError,
     TooLarge,
     Unavailable,
 )
@@ -65,6 +67,18 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
 _entry_key = st.entry_key
 _unpackb = msgpack.unpackb
+
+
+def _refused_while_failed(method: Callable[..., AppendResult]) -> Callable[..., AppendResult]:
+    """An append is refused while storage has failed. (The one storage write an append does
+    itself, its lamport reservation, comes before any state changes: a failed one leaves no
+    context behind.)"""
+    @functools.wraps(method)
+    def wrapper(self: Ledger, req: Any) -> AppendResult:
+        if self.storage.error is not None:
+            raise self.refused()
+        return method(self, req)
+    return wrapper
 
 
 class DataDirError(Exception):
@@ -157,6 +171,12 @@ class Ledger:
         self._contrib: dict[int, int] = {}
         self._digest_dirty: set[ContextState] = set()
         self._next_load_no = 1
+        self.storage = st.StorageHealth()
+        # the dirty map of the batch in `inflight` (kept while a failed write waits for recovery)
+        self._inflight_dirty: dict[ContextState, int] = {}
+        # contexts whose load commit failed after part of it reached disk: entries past
+        # their size are deleted by the next successful write (see write_unwritten)
+        self._stale_tails: set[ContextState] = set()
         self.node_id = self._open(node_id)
         self._writer_bytes = self.node_id.encode()
         self._writer_packed = packed_str(self.node_id)
@@ -294,14 +314,124 @@ class Ledger:
 
     def _reserve(self, v: int) -> None:
         r = next_reservation(v)
-        self.kv.write([(st.meta_key("lamport"), str(r).encode())], sync=self._sync_meta)
+        self._kv_write([(st.meta_key("lamport"), str(r).encode())], sync=self._sync_meta)
         self._reserved = r
 
     def observe(self, lamport: int) -> None:
         """Advance past a clock seen elsewhere, keeping the reservation ahead."""
         self.clock.observe(lamport)
         if needs_reservation(self.clock.value, self._reserved):
-            self._reserve(self.clock.value)
+            try:
+                self._reserve(self.clock.value)
+            except StorageError:
+                # The clock moves on in RAM; no lamport above the stored reservation is
+                # handed out, since the next tick must reserve first (and is refused meanwhile).
+                log.debug("lamport reservation deferred: storage has failed")
+
+    # -- storage faults ------------------------------------------------------------
+
+    def refused(self) -> StorageError:
+        return StorageError(
+            f"storage failed ({self.storage.error}); this node takes no writes until it recovers. "
+            "Nothing was written; retry later (with the same dedup_id, retrying is always safe)",
+            {"error": self.storage.error},
+        )
+
+    def write_failed(self, error: str, now: float | None = None) -> None:
+        """A write failed: take no more writes (and write nothing more on this handle) until recovered."""
+        now = time.monotonic() if now is None else now
+        if self.storage.fail(error, now):
+            n = sum(max(0, c.size - c.flushed_seq) for c in self._all_contexts())
+            log.error("STORAGE FAILED: %s; refusing writes until the disk recovers; %d entries are held in "
+                      "memory until then (served from RAM, written on recovery)", error, n)
+
+    def _kv_write(self, puts: Any, deletes: Any = (), sync: bool = False) -> None:
+        """A write on the loop thread: refused at once while storage has failed; a failure marks it failed."""
+        if self.storage.error is not None:
+            raise self.refused()
+        try:
+            self.kv.write(puts, deletes, sync=sync)
+        except st.WriteFailed as exc:
+            self.write_failed(str(exc))
+            raise self.refused() from None
+
+    def _creation_mark(self) -> tuple[int, bytes | None]:
+        return self._next_ctx, self.pending.get(st.meta_key("next_ctx"))
+
+    def _uncreate(self, name: str, mark: tuple[int, bytes | None]) -> None:
+        """Undo `_create` of `name` by the request that failed (nothing else ran in between)."""
+        ctx = self.contexts.pop(name, None)
+        if ctx is None:
+            return
+        self._by_id.pop(ctx.id, None)
+        i = bisect.bisect_left(self._names, name)
+        if i < len(self._names) and self._names[i] == name:
+            del self._names[i]
+        self._digest_dirty.discard(ctx)
+        self.pending.pop(st.ctx_key(name), None)
+        self._next_ctx, prev = mark
+        if prev is None:
+            self.pending.pop(st.meta_key("next_ctx"), None)
+        else:
+            self.pending[st.meta_key("next_ctx")] = prev
+
+    def _all_contexts(self) -> Iterator[ContextState]:
+        yield from self.contexts.values()
+        for hs in self.aside.values():
+            yield from hs
+
+    def unwritten(self) -> list[tuple[str, int, int]]:
+        """(context, first seq, last seq) of entries in RAM that are not on disk yet."""
+        return [(c.name, c.flushed_seq + 1, c.size) for c in self._all_contexts() if c.size > c.flushed_seq]
+
+    def write_unwritten(self, sync: bool = True) -> dict[ContextState, int]:
+        """Write the batch a failed write kept and everything pending since, in one batch,
+        in this thread; raises st.WriteFailed (nothing in RAM changes then)."""
+        batch = dict(self.inflight)
+        batch.update(self.pending)
+        dirty = dict(self._inflight_dirty)
+        for ctx, seq in self._dirty.items():
+            if seq > dirty.get(ctx, 0):
+                dirty[ctx] = seq
+        deletes: list[bytes] = []
+        for ctx in self._stale_tails:
+            p = st.entry_prefix(ctx.id)
+            deletes += [k for k, _ in self.kv.scan(st.entry_key(ctx.id, ctx.size + 1), st.prefix_end(p))]
+        if not batch and not deletes:
+            return {}
+        if deletes:
+            # a write of its own, before the batch: within one batch deletes apply after puts
+            self.kv.write((), deletes, sync=False)
+        self.kv.write(batch.items(), sync=sync)
+        self._stale_tails = set()
+        self.pending = {}
+        self._dirty = {}
+        self.pending_bytes = 0
+        self.mark_flushed(dirty)
+        return dirty
+
+    def recover(self, sync: bool, now: float | None = None) -> dict[ContextState, int] | None:
+        """One recovery attempt after a failed write: if the disk has room, reopen the
+        handle (LevelDB replays its log) and write what RAM holds. Returns the contexts
+        written (to their seq) once recovered, None while still failed."""
+        now = time.monotonic() if now is None else now
+        nbytes = sum(len(k) + len(v) for d in (self.inflight, self.pending) for k, v in d.items())
+        try:
+            self.kv.ensure_room(nbytes)
+        except OSError as exc:
+            self.storage.retry_later(f"storage not writable yet: {exc.strerror or exc}", now)
+            return None
+        try:
+            self.kv.reopen()
+            dirty = self.write_unwritten(sync=sync)
+        except (st.WriteFailed, StorageError) as exc:
+            self.storage.fail(str(exc), now)
+            log.warning("storage recovery failed: %s; next attempt in %.1f s", exc, self.storage.next_attempt - now)
+            return None
+        self.storage.recovered()
+        log.warning("STORAGE RECOVERED after %.1f s: the handle was reopened, what RAM held is on disk; "
+                    "taking writes again", now - self.storage.since)
+        return dirty
 
     # -- appends ---------------------------------------------------------------
 
@@ -365,6 +495,7 @@ class Ledger:
         self.pending_bytes += n
         self.entries_total += 1
 
+    @_refused_while_failed
     def append(self, req: codec.Append) -> AppendResult:
         ctx = self.contexts.get(req.context)
         if req.dedup_id is not None:
@@ -388,6 +519,7 @@ class Ledger:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
         return AppendResult(ctx, [blob], ctx.size, False)
 
+    @_refused_while_failed
     def append_batch(self, req: codec.AppendBatch) -> AppendResult:
         total = req.payload_bytes if req.payload_bytes >= 0 else sum(len(it[1]) for it in req.items)
         if total > max(self.max_payload, MAX_REPLY_BYTES // 2):
@@ -470,6 +602,8 @@ class Ledger:
         """
         if not entries:
             raise BadRequest("no entries to apply")
+        if self.storage.error is not None:
+            raise self.refused()  # repair pulls them again once storage recovers
         ctx = self.contexts.get(name)
         writer = entries[0].writer
         if ctx is not None and ctx.writer != writer:
@@ -616,6 +750,7 @@ class Ledger:
         self.pending = {}
         self._dirty = {}
         self.inflight = batch
+        self._inflight_dirty = dirty
         self.inflight_bytes = self.pending_bytes
         self.pending_bytes = 0
         return batch, dirty
@@ -629,16 +764,14 @@ class Ledger:
             if seq > ctx.flushed_seq:
                 ctx.flushed_seq = seq
         self.inflight = {}
+        self._inflight_dirty = {}
         self.inflight_bytes = 0
         self.evict()
 
     def flush_sync(self, sync: bool = True) -> None:
-        """Write everything pending now, in this thread (shutdown, tests)."""
-        if not self.pending:
-            return
-        batch, dirty = self.take_pending()
-        self.kv.write(batch.items(), sync=sync)
-        self.mark_flushed(dirty)
+        """Write everything not on disk yet now, in this thread (shutdown, tests), the
+        batch of a failed write included; raises st.WriteFailed, changing nothing then."""
+        self.write_unwritten(sync=sync)
 
     def durable(self, ctx: ContextState, seq: int) -> bool:
         return ctx.flushed_seq >= seq
@@ -832,9 +965,12 @@ class Ledger:
     def _drop_load(self, s: LoadSession) -> None:
         self.loads.pop(s.load_id, None)
         p = st.stage_prefix(s.load_no)
-        keys = [k for k, _ in self.kv.scan(p, st.prefix_end(p))]
-        if keys:
-            self.kv.write((), keys)
+        try:
+            keys = [k for k, _ in self.kv.scan(p, st.prefix_end(p))]
+            if keys:
+                self._kv_write((), keys)
+        except StorageError:
+            pass  # staged entries are removed at the next start-up
 
     def expire_loads(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -855,6 +991,8 @@ class Ledger:
             if s is not None:
                 self._drop_load(s)
             return {"context": req.context, "aborted": True}
+        if self.storage.error is not None:
+            raise self.refused()
         existing = self.contexts.get(req.context)
         if s is None:
             first = req.entries[0].seq if req.entries else 1
@@ -888,15 +1026,21 @@ class Ledger:
                     s.prefix_root = s.verifier.frontier.root()
                 staged.append((st.stage_key(s.load_no, e.seq), e.encode()))
             if staged:
-                self.kv.write(staged)
+                self._kv_write(staged)
             if not req.final:
                 return None
             s.verifier.finish()
         except IntegrityError:
             self._drop_load(s)
             raise
+        except StorageError as exc:
+            # the verifier has seen this chunk: the load cannot go on from here
+            self._drop_load(s)
+            raise _abandoned(exc, req.load_id) from None
         try:
             return self._commit_load(s, sync)
+        except StorageError as exc:
+            raise _abandoned(exc, req.load_id) from None
         finally:
             self._drop_load(s)
 
@@ -915,33 +1059,60 @@ class Ledger:
                 )
         elif s.size == 0:
             # An empty snapshot creates an empty context.
+            mark = self._creation_mark()
             ctx = self._create(s.context)
-            self.flush_created(ctx)
+            try:
+                self.flush_created(ctx)
+            except StorageError:
+                self._uncreate(s.context, mark)
+                raise
             return self.head(s.context)
+        created = ctx is None
+        mark = self._creation_mark()
         if ctx is None:
             ctx = self._create(s.context)
         start = ctx.size + 1
-        puts: list[tuple[bytes, bytes]] = []
-        # The context record must reach disk with (or before) its entries.
-        for k in (st.ctx_key(ctx.name), st.meta_key("next_ctx")):
-            v = self.pending.pop(k, None)
-            if v is not None:
-                puts.append((k, v))
-        max_lamport = 0
+        # The context record reaches disk with the last chunk, the id counter with the
+        # first: entries of a commit cut short by a storage fault then belong to no
+        # context and their id is never reused.
+        moved = {k: v for k in (st.meta_key("next_ctx"), st.ctx_key(ctx.name))
+                 if (v := self.pending.pop(k, None)) is not None}
+        record = moved.get(st.ctx_key(ctx.name))
+        puts: list[tuple[bytes, bytes]] = [(k, v) for k, v in moved.items() if k[:1] == st.META]
+        # RAM changes only once every chunk is on disk: a storage fault leaves the context as it was.
+        frontier = ctx.frontier.copy()
+        size, last_lamport, max_lamport, added, wrote = ctx.size, ctx.last_lamport, 0, 0, False
         p = st.stage_prefix(s.load_no)
-        for _k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
-            e = decode_entry(blob)
-            for level, index, nh in ctx.frontier.append(e.hash, STORED_MIN_LEVEL):
-                puts.append((st.node_key(ctx.id, level, index), nh))
-            puts.append((st.entry_key(ctx.id, e.seq), blob))
-            ctx.size = e.seq
-            ctx.last_lamport = e.lamport
-            max_lamport = max(max_lamport, e.lamport)
-            self.entries_total += 1
-            if len(puts) >= LOAD_COMMIT_CHUNK * 3:
-                self.kv.write(puts)
-                puts = []
-        self.kv.write(puts, sync=sync)
+        try:
+            for _k, blob in self.kv.scan(st.stage_key(s.load_no, start), st.prefix_end(p)):
+                e = decode_entry(blob)
+                for level, index, nh in frontier.append(e.hash, STORED_MIN_LEVEL):
+                    puts.append((st.node_key(ctx.id, level, index), nh))
+                puts.append((st.entry_key(ctx.id, e.seq), blob))
+                size = e.seq
+                last_lamport = e.lamport
+                max_lamport = max(max_lamport, e.lamport)
+                added += 1
+                if len(puts) >= LOAD_COMMIT_CHUNK * 3:
+                    self._kv_write(puts)
+                    wrote = True
+                    puts = []
+            if record is not None:
+                puts.append((st.ctx_key(ctx.name), record))
+            self._kv_write(puts, sync=sync)
+        except StorageError:
+            if created:
+                # once a chunk is on disk, so is the id counter: that id stays used
+                self._uncreate(s.context, self._creation_mark() if wrote else mark)
+            else:
+                self.pending.update(moved)
+                if wrote:
+                    self._stale_tails.add(ctx)
+            raise
+        ctx.frontier = frontier
+        ctx.size = size
+        ctx.last_lamport = last_lamport
+        self.entries_total += added
         ctx.flushed_seq = ctx.size  # written above, in storage: servable and publishable
         self._digest_dirty.add(ctx)
         if ctx.size != s.size or ctx.frontier.root() != s.root:
@@ -956,7 +1127,15 @@ class Ledger:
             if v is not None:
                 puts.append((k, v))
         if puts:
-            self.kv.write(puts)
+            try:
+                self._kv_write(puts)
+            except StorageError:
+                self.pending.update(puts)
+                raise
+
+
+def _abandoned(exc: StorageError, load_id: str) -> StorageError:
+    return StorageError(f"{exc.message} (load {load_id!r} was abandoned: start it again from seq 1)", exc.details)
 
 
 def _getter(

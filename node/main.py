@@ -15,7 +15,7 @@ from node.config import ConfigError, parse
 from node.ledger import DataDirError, Ledger
 from node.server import Server
 from node.sockets import AddressInUse
-from node.storage import KV, LevelDBKV, MemoryKV, StorageLocked
+from node.storage import KV, LevelDBKV, MemoryKV, StorageLocked, WriteFailed
 
 log = logging.getLogger("node")
 
@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataDirError as exc:
         kv.close()
         return _fail(str(exc))
+    except WriteFailed as exc:  # start-up writes its id, drops staged loads: a full disk fails here
+        kv.close()
+        return _fail(f"cannot write to data folder {cfg.data!r}: {exc}; free space or fix the disk, then start again")
     try:
         server = Server(cfg, ledger)
     except AddressInUse as exc:

@@ -8,6 +8,14 @@ meanwhile form the next group, so in sync mode many appends share one fsync.
 
 Replies that promise durability the node does not have yet (sync mode) are
 held until the batch holding their entry is on disk.
+
+A failed write (disk full, EIO, no file descriptors) is never retried on the
+same LevelDB handle, which keeps the error. The flusher reports it; the loop
+then refuses writes with STORAGE, answers the replies it held with STORAGE,
+keeps serving reads (the unwritten batch stays readable in RAM), and every
+so often (backoff) checks for room, reopens the handle and writes what RAM
+holds. The loop thread does the reopen itself, between requests, so no read
+(they run on the loop thread too) ever meets a half-open handle.
 """
 
 from __future__ import annotations
@@ -29,10 +37,18 @@ from node.config import Config
 from node.ledger import ContextState, Ledger
 from node.mesh import ACK_LAZY_S, Mesh
 from node.publisher import Publisher
-from node.storage import KV
+from node.storage import KV, WriteFailed
 from protocol import codec
 from protocol.codec import RequestId
-from protocol.errors import BAD_REQUEST, INTERNAL, UNAVAILABLE, LedgerError, RemoteProtocolError, Unavailable
+from protocol.errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    STORAGE,
+    UNAVAILABLE,
+    LedgerError,
+    RemoteProtocolError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +64,11 @@ PUSH_SLICE_S = 0.02  # longest the loop spends applying pushes (or peer replies)
 
 
 class Flusher(threading.Thread):
-    """Writes handed-off batches; reports each one done through `done` + a wake-up."""
+    """Writes handed-off batches; reports each one done through `done` + a wake-up.
+
+    `done` holds (dirty, error): error is None when the batch is on disk, else why
+    the write failed. A failed batch is not retried here: the handle that failed
+    keeps failing (LevelDB's sticky error), and the loop owns the recovery."""
 
     def __init__(self, kv: KV, wake: zmq.Socket, sync: bool) -> None:
         super().__init__(name="ledger-flusher", daemon=True)
@@ -66,20 +86,17 @@ class Flusher(threading.Thread):
             if job is None:
                 break
             commit, nkeys, dirty = job
-            delay = 0.05
-            while True:
-                try:
-                    commit()
-                    self.batches += 1
-                    self.keys += nkeys
-                    break
-                except Exception:
-                    # Keep the batch (it is still served from RAM) and retry:
-                    # dropping it would lose acknowledged appends.
-                    log.exception("writing %d keys to storage failed; retrying in %.2f s", nkeys, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            self.done.append(dirty)
+            error: str | None = None
+            try:
+                commit()
+                self.batches += 1
+                self.keys += nkeys
+            except WriteFailed as exc:
+                error = str(exc)
+            except Exception as exc:  # not a storage error we know: still never retried blindly
+                log.exception("writing %d keys to storage failed", nkeys)
+                error = f"{type(exc).__name__}: {exc}"
+            self.done.append((dirty, error))
             try:
                 self._wake.send(b"", zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -127,7 +144,8 @@ class Server:
         self.flushing = False
         self.pending_since: float | None = None
         self.flush_delay = config.flush_ms / 2000.0
-        self.held: list[tuple[ContextState, int, list[bytes]]] = []
+        # sync-mode replies waiting for their entry to be on disk: (ctx, seq, reply frames, request id)
+        self.held: list[tuple[ContextState, int, list[bytes], RequestId]] = []
         self.handlers: dict[str, Callable[[Any], bytes | tuple[ContextState, int, bytes] | None]] = {
             "append": self.rpc_append,
             "append_batch": self.rpc_append_batch,
@@ -247,6 +265,8 @@ class Server:
                 if now - last_housekeeping > 1.0:
                     last_housekeeping = now
                     self.ledger.expire_loads()
+                if self.ledger.storage.due(now) and not self.flushing:
+                    self._recover(now)
         finally:
             self._shutdown()
 
@@ -380,6 +400,8 @@ class Server:
         self._flush_outbox()
 
     def _backlogged(self) -> bool:
+        if self.ledger.storage.error is not None:
+            return False  # no flush is coming, and writes are refused meanwhile: serve the reads
         keys, nbytes = self.ledger.buffered()
         return keys >= MAX_BUFFERED_KEYS or nbytes >= self.config.write_buffer
 
@@ -409,22 +431,66 @@ class Server:
     def _collect_done(self) -> None:
         done = self.flusher.done
         while done:
-            dirty = done.popleft()
+            dirty, error = done.popleft()
+            self.flushing = False
+            if error is not None:
+                self.ledger.write_failed(error)
+                self._refuse_held()
+                continue
             self.ledger.mark_flushed(dirty)
             self.mesh.on_flushed(dirty)
-            self.flushing = False
         if self.held and not self.flushing:
             self._release_held()
+        if self.ledger.storage.error is not None and not self.flushing and (self.held or self.repl_held):
+            # a write on the loop thread failed (a lamport reservation, a load): what the
+            # held replies wait for is not written before the recovery
+            self._refuse_held()
         if self.publisher.due:
             self.publisher.publish()
 
-    def _release_held(self) -> None:
-        keep = []
-        for ctx, seq, frames in self.held:
+    def _storage_reply(self, rid: RequestId, ctx: ContextState, seq: int) -> bytes:
+        return codec.encode_error(
+            rid, STORAGE,
+            f"{ctx.name!r}#{seq} was appended in memory but storage failed before it reached disk "
+            f"({self.ledger.storage.error}); not acknowledged. It is written if the disk recovers: "
+            "retry later with the same dedup_id (without one a retry may append it twice)",
+            {"context": ctx.name, "seq": seq, "error": self.ledger.storage.error},
+        )
+
+    def _refuse_held(self) -> None:
+        """Storage failed: every reply held for durability it cannot get now gets STORAGE."""
+        for ctx, seq, frames, rid in self.held:
             if self.ledger.durable(ctx, seq):
                 self._send(frames)
             else:
-                keep.append((ctx, seq, frames))
+                self._send([*frames[:-1], self._storage_reply(rid, ctx, seq)])
+        self.held = []
+        repl = []
+        for item in self.repl_held:
+            ctx, seq, _n, head, rid, _fields, _raw, _deadline = item
+            if self.ledger.durable(ctx, seq):
+                repl.append(item)
+            else:
+                self._send([*head, self._storage_reply(rid, ctx, seq)])
+        self.repl_held = repl
+        self._flush_outbox()
+
+    def _recover(self, now: float) -> None:
+        dirty = self.ledger.recover(self.config.sync, now)
+        if dirty is not None:
+            self.mesh.on_flushed(dirty)
+            for ctx in dirty:
+                self.publisher.mark(ctx)
+            self._release_held()
+            self._check_replicated()
+
+    def _release_held(self) -> None:
+        keep = []
+        for ctx, seq, frames, rid in self.held:
+            if self.ledger.durable(ctx, seq):
+                self._send(frames)
+            else:
+                keep.append((ctx, seq, frames, rid))
         if len(keep) < len(self.held):
             # the replies went out now (sync mode): the clients' next requests come after them
             self.busy.served(time.perf_counter())
@@ -433,6 +499,8 @@ class Server:
 
     def _maybe_handoff(self, force: bool = False) -> None:
         ledger = self.ledger
+        if ledger.storage.error is not None:
+            return  # the kept batch and the rest are written by the recovery
         if self.flushing or not ledger.pending:
             if not ledger.pending:
                 self.pending_since = None
@@ -465,12 +533,38 @@ class Server:
                 time.sleep(0.001)
         self.flusher.jobs.put(None)
         self.flusher.join(timeout=30)
-        self.ledger.flush_sync(sync=True)
+        self._collect_done()
+        self._final_write()
         self._release_held()
+        if self.held:
+            self._refuse_held()
         for s in (self.router, self.pub, self._wake_rx):
             s.close(linger=sockets.LINGER_MS)
         for s in [self.peer_sub, *self.peer_socks.values()]:
             s.close(linger=0)
+
+    def _final_write(self) -> None:
+        """Write what RAM holds before the process exits; with storage failed, try once more."""
+        ledger = self.ledger
+        lost = ledger.unwritten()
+        if not lost and not ledger.pending:
+            return
+        try:
+            if ledger.storage.error is not None:
+                log.warning("storage failed (%s): trying once more to write %d entries held in RAM before exiting",
+                            ledger.storage.error, sum(b - a + 1 for _n, a, b in lost))
+                ledger.kv.reopen()
+            ledger.flush_sync(sync=True)
+            if ledger.storage.error is not None:
+                log.warning("the last write succeeded: nothing was lost")
+        except (WriteFailed, LedgerError) as exc:
+            total = sum(b - a + 1 for _n, a, b in lost)
+            # in sync mode an entry not on disk was never acknowledged (its reply was STORAGE)
+            what = "UNACKNOWLEDGED (sync mode) ENTRIES" if self.config.sync else "ACKNOWLEDGED ENTRIES"
+            log.error(
+                "LOST %d %s: they could not be written before exit (%s): %s", total, what, exc,
+                "; ".join(f"{name!r}#{a}..{b}" for name, a, b in lost[:50]) + (" ..." if len(lost) > 50 else ""),
+            )
 
     # -- requests ------------------------------------------------------------------
 
@@ -549,7 +643,7 @@ class Server:
             if self.ledger.durable(ctx, seq):
                 self._send(reply)
             else:
-                self.held.append((ctx, seq, reply))
+                self.held.append((ctx, seq, reply, rid))
             return
         self._send([ident, *envelope, out])
 
@@ -645,6 +739,7 @@ class Server:
             "max_payload": self.config.max_payload,
             "max_request": self.config.max_request,
             "data": self.config.data,
+            "storage": self.ledger.storage.status(time.monotonic()),
         })
         fields.update(self.busy.status())
         fields.update(self.publisher.status())

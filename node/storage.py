@@ -23,9 +23,12 @@ numeric order):
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
+
+from protocol.errors import StorageError
 
 META = b"M"
 CTX = b"C"
@@ -112,6 +115,16 @@ class StorageLocked(Exception):
     """Another process holds the data folder."""
 
 
+class WriteFailed(Exception):
+    """A storage write failed (disk full, EIO, out of file descriptors).
+
+    LevelDB keeps such an error sticky: every later write on the same handle
+    fails too, and what the failed write left in its log is undefined until the
+    handle is reopened (the reopen replays the log up to the damage). So the
+    caller must stop writing on this handle; `reopen()` gives a fresh one.
+    """
+
+
 class KV(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
@@ -124,6 +137,14 @@ class KV(Protocol):
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]: ...
 
     def close(self) -> None: ...
+
+    def ensure_room(self, nbytes: int) -> None:
+        """Raise OSError unless `nbytes` more (plus what a reopen needs) fit on the disk."""
+        ...
+
+    def reopen(self) -> None:
+        """Close the handle and open it again (after a failed write); raises WriteFailed."""
+        ...
 
 
 class MemoryKV:
@@ -164,6 +185,17 @@ class MemoryKV:
     def close(self) -> None:
         pass
 
+    def ensure_room(self, nbytes: int) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+
+def _text(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
 
 class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
@@ -171,44 +203,63 @@ class LevelDBKV:
     def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
+        self.path = path
+        self._plyvel: Any = plyvel
+        self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 32 << 20, "bloom_filter_bits": 10}
         try:
-            self._db = plyvel.DB(
-                path,
-                create_if_missing=create,
-                lru_cache_size=lru_cache_size,
-                write_buffer_size=32 << 20,
-                bloom_filter_bits=10,
-            )
+            self._db: Any = plyvel.DB(path, create_if_missing=create, **self._options)
         except plyvel.IOError as exc:
-            text = str(exc)
+            text = _text(exc)
             if "lock" in text.lower():
                 raise StorageLocked(text) from None
             raise
         self._wo_sync = True
 
+    def _closed(self) -> StorageError:
+        return StorageError("storage is being reopened after a write error; try again shortly")
+
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)  # type: ignore[no-any-return]
+        db = self._db
+        if db is None:
+            raise self._closed()
+        return db.get(key)  # type: ignore[no-any-return]
 
     def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None:
+        if self._db is None:
+            raise WriteFailed("the storage handle is closed (a reopen after a write error failed)")
         wb = self._db.write_batch(sync=sync)
         put = wb.put
         for k, v in puts:
             put(k, v)
         for k in deletes:
             wb.delete(k)
-        wb.write()
+        try:
+            wb.write()
+        except self._plyvel.Error as exc:
+            raise WriteFailed(_text(exc)) from None
 
     def prepare(self, puts: Iterable[tuple[bytes, bytes]], sync: bool = False) -> Callable[[], None]:
         # Building the batch needs the GIL (one Python call per key), so the
         # caller's thread does it; the returned write runs in C++ with the GIL
         # released, so a flusher thread really works in parallel.
+        if self._db is None:
+            raise WriteFailed("the storage handle is closed (a reopen after a write error failed)")
         wb = self._db.write_batch(sync=sync)
         put = wb.put
         for k, v in puts:
             put(k, v)
-        return wb.write  # type: ignore[no-any-return]
+        error = self._plyvel.Error
+
+        def commit() -> None:
+            try:
+                wb.write()
+            except error as exc:
+                raise WriteFailed(_text(exc)) from None
+        return commit
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        if self._db is None:
+            raise self._closed()
         it = self._db.iterator(start=start, stop=stop, reverse=reverse)
         try:
             yield from it
@@ -216,4 +267,99 @@ class LevelDBKV:
             it.close()
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def ensure_room(self, nbytes: int) -> None:
+        # A reopen replays the log into a new table file before it serves, so it needs
+        # about the log's size again, on top of the batch that is then written.
+        logs = 0
+        for name in os.listdir(self.path):
+            if name.endswith(".log"):
+                try:
+                    logs += os.path.getsize(os.path.join(self.path, name))
+                except OSError:
+                    pass
+        probe = os.path.join(self.path, "space-probe.tmp")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes + logs + (1 << 20))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
+    def reopen(self) -> None:
+        self.close()
+        try:
+            self._db = self._plyvel.DB(self.path, create_if_missing=False, **self._options)
+        except self._plyvel.Error as exc:
+            raise WriteFailed(f"reopening storage failed: {_text(exc)}") from None
+
+
+class StorageHealth:
+    """Whether the node may write (and so acknowledge writes) now; counts faults and recoveries.
+
+    `ok` -> (a write fails) -> `failed` -> (a recovery attempt, due after a backoff that
+    doubles from RETRY_FIRST_S up to RETRY_MAX_S, reopens the handle and writes the kept
+    batch) -> `ok`. Time is passed in. While failed, the node refuses writes with STORAGE
+    and touches the broken handle no more.
+    """
+
+    RETRY_FIRST_S = 0.2
+    RETRY_MAX_S = 5.0
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.since = 0.0
+        self.write_errors = 0
+        self.recoveries = 0
+        self.next_attempt = 0.0
+        self.last_attempt = ""  # why the last recovery attempt did not write
+        self._backoff = self.RETRY_FIRST_S
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def fail(self, error: str, now: float) -> bool:
+        """Record a failed write; True when this starts a failure (it was ok)."""
+        self.write_errors += 1
+        first = self.error is None
+        if first:
+            self.since = now
+            self._backoff = self.RETRY_FIRST_S
+        self.error = error
+        self.next_attempt = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.RETRY_MAX_S)
+        return first
+
+    def retry_later(self, reason: str, now: float) -> None:
+        """A recovery attempt found the disk still unusable (no write was tried)."""
+        self.last_attempt = reason
+        self.next_attempt = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.RETRY_MAX_S)
+
+    def due(self, now: float) -> bool:
+        return self.error is not None and now >= self.next_attempt
+
+    def recovered(self) -> None:
+        self.error = None
+        self.last_attempt = ""
+        self.recoveries += 1
+        self._backoff = self.RETRY_FIRST_S
+
+    def status(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": "failed" if self.error is not None else "ok",
+            "write_errors": self.write_errors,
+            "recoveries": self.recoveries,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+            out["since_s"] = round(now - self.since, 3)
+            out["next_attempt_s"] = round(max(0.0, self.next_attempt - now), 3)
+            if self.last_attempt:
+                out["last_attempt"] = self.last_attempt
+        return out

@@ -20,6 +20,7 @@ CONFLICT = "CONFLICT"
 INTEGRITY = "INTEGRITY"
 NOT_WRITER = "NOT_WRITER"
 UNAVAILABLE = "UNAVAILABLE"
+STORAGE = "STORAGE"
 INTERNAL = "INTERNAL"
 
 ALL_CODES = (
@@ -32,6 +33,7 @@ ALL_CODES = (
     INTEGRITY,
     NOT_WRITER,
     UNAVAILABLE,
+    STORAGE,
     INTERNAL,
 )
 
@@ -108,6 +110,13 @@ class Timeout(Unavailable):
     """The node did not answer within the client's timeout."""
 
 
+class StorageError(LedgerError):
+    """The node's disk failed a write (full, EIO, out of file descriptors): it takes no
+    writes until its storage recovers. Retrying later is safe with the same `dedup_id`."""
+
+    code = STORAGE
+
+
 class InternalError(LedgerError):
     code = INTERNAL
 
@@ -124,6 +133,7 @@ _BY_CODE: dict[str, type[LedgerError]] = {
         IntegrityError,
         NotWriter,
         Unavailable,
+        StorageError,
         InternalError,
     )
 }
