@@ -23,7 +23,10 @@ numeric order):
 from __future__ import annotations
 
 import bisect
+import logging
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -36,6 +39,8 @@ STAGE = b"S"
 ASIDE = b"F"
 
 FORMAT_VERSION = b"1"
+
+log = logging.getLogger(__name__)
 
 _u32 = struct.Struct(">I")
 _u32u64 = struct.Struct(">IQ")
@@ -123,6 +128,13 @@ class KV(Protocol):
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]: ...
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]: ...
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        """Give back the disk space of deleted keys in [start, stop). A delete only writes a
+        tombstone: the old values stay in the files until a compaction reaches them."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -161,6 +173,13 @@ class MemoryKV:
             if v is not None:
                 yield k, v
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
+        for k, _v in self.scan(start, stop):
+            yield k
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        pass  # deletes free their memory at once
+
     def close(self) -> None:
         pass
 
@@ -185,6 +204,7 @@ class LevelDBKV:
                 raise StorageLocked(text) from None
             raise
         self._wo_sync = True
+        self._compactor: threading.Thread | None = None
 
     def get(self, key: bytes) -> bytes | None:
         return self._db.get(key)  # type: ignore[no-any-return]
@@ -215,5 +235,36 @@ class LevelDBKV:
         finally:
             it.close()
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
+        it = self._db.iterator(start=start, stop=stop, include_value=False)
+        try:
+            yield from it
+        finally:
+            it.close()
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        if not background:
+            self._db.compact_range(start=start, stop=stop)
+            return
+        # plyvel releases the GIL while LevelDB compacts, so a thread keeps the
+        # event loop serving; one at a time, and close() waits for it.
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                self._db.compact_range(start=start, stop=stop)
+            except Exception:
+                log.exception("compacting %r..%r failed (the space is given back by a later compaction)",
+                              start, stop)
+            else:
+                log.debug("compacted %r..%r in %.2f s", start, stop, time.monotonic() - t0)
+
+        self._compactor = threading.Thread(target=run, name="compact", daemon=True)
+        self._compactor.start()
+
     def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.join()
         self._db.close()
