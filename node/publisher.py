@@ -267,8 +267,9 @@ class Publisher:
                 self._send_head(t)
             except Exception:
                 self.errors += 1
-                last[t] = now  # not again at once
-                last.move_to_end(t)
+                if t in last:  # not again at once
+                    last[t] = now
+                    last.move_to_end(t)
                 log.exception("heartbeat for topic %r failed", t)
 
     def status(self) -> dict[str, Any]:

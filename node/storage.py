@@ -14,7 +14,8 @@ numeric order):
                                           (leaves are the entries' own `hash` fields; levels 1-2
                                           are rebuilt from at most 8 leaves when a proof needs them)
     b"D" + u32 ctx_id + dedup_id          u64 first seq + u32 count of the append it names
-    b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted at start-up)
+    b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted, and the range
+                                          compacted, when the load ends and at start-up)
     b"F" + u32 ctx_id                     msgpack {"name", "writer", "created_ns"}: a history set aside
                                           by a fork (its entries stay under b"E" + ctx_id); the name's
                                           b"C" record then names the history served by default
