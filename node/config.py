@@ -50,6 +50,9 @@ class Config:
     replica_timeout_ms: int = 3000
     cluster: str = "ledger"
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    max_loads: int = 4
+    max_staged_bytes: int = 256 << 20
+    max_watch_topics: int = 10_000
 
     @property
     def sync(self) -> bool:
@@ -120,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch-queue", help="messages queued per watcher before that watcher's messages are "
                    "dropped (it refills them by seq when it reads again); bounds the node's RAM per slow "
                    "watcher [LEDGER_WATCH_QUEUE] (default 1000; a message holds at most 64 KiB)")
+    p.add_argument("--max-watch-topics", help="distinct context topics the node tracks watchers for; a "
+                   "subscription to another topic past it is refused (counted in status, answered with one "
+                   "`head` marked `limited`, nothing else published on it: the watcher polls) "
+                   "[LEDGER_MAX_WATCH_TOPICS] (default 10000)")
+    p.add_argument("--max-loads", help="snapshot loads in progress at once; a new one past it is answered "
+                   "UNAVAILABLE [LEDGER_MAX_LOADS] (default 4)")
+    p.add_argument("--max-staged-bytes", help="bytes all loads in progress may stage on disk together "
+                   "(256MiB, 1G, ... accepted); a chunk past it is refused [LEDGER_MAX_STAGED_BYTES] "
+                   "(default 256MiB)")
     p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
                    "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
     p.add_argument("--cluster", help="name of the mesh this node belongs to; nodes refuse heartbeats from "
@@ -182,6 +194,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
         hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
         write_buffer = parse_size(pick(args.write_buffer, "WRITE_BUFFER", str(16 << 20)))
+        max_staged = parse_size(pick(args.max_staged_bytes, "MAX_STAGED_BYTES", str(256 << 20)))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not 1 <= max_payload <= 1 << 30:
@@ -192,6 +205,14 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "1000")
     if not _digits(wq_raw) or not 1 <= int(wq_raw) <= 1_000_000:
         raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
+    if not 1 <= max_staged <= 1 << 40:
+        raise ConfigError(f"--max-staged-bytes must be from 1 byte to 1TiB, got {max_staged}")
+    ml_raw = pick(args.max_loads, "MAX_LOADS", "4")
+    if not _digits(ml_raw) or not 1 <= int(ml_raw) <= 1000:
+        raise ConfigError(f"--max-loads must be an integer from 1 to 1000, got {ml_raw!r}")
+    mt_raw = pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000")
+    if not _digits(mt_raw) or not 1 <= int(mt_raw) <= 10_000_000:
+        raise ConfigError(f"--max-watch-topics must be an integer from 1 to 10000000, got {mt_raw!r}")
     peers_raw = pick(args.peers, "PEERS", "")
     peers = []
     for item in (x.strip() for x in peers_raw.split(",")):
@@ -232,4 +253,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
+        max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
     )

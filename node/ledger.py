@@ -57,6 +57,8 @@ MAX_REPLY_BYTES = 16 << 20
 MAX_SCAN = 100_000  # entries examined by one filtered get before it returns `more`
 HOT_ENTRY_OVERHEAD = 320  # bytes of Python objects per hot-tail entry beyond the blob (measured, rounded up)
 LOAD_IDLE_S = 120.0
+DEFAULT_MAX_LOADS = 4
+DEFAULT_MAX_STAGED_BYTES = 256 << 20
 LOAD_COMMIT_CHUNK = 10_000
 # Merkle nodes below this level are not stored: a level-3 node covers 8 entries,
 # so an append writes 1/8 of a node key on average instead of 2, and any lower
@@ -124,6 +126,7 @@ class LoadSession:
     verifier: SnapshotVerifier
     prefix_root: bytes | None = None
     last_used: float = field(default_factory=time.monotonic)
+    staged_bytes: int = 0  # encoded entries of this load under its b"S" keys
 
 
 class AppendResult(NamedTuple):
@@ -144,8 +147,14 @@ class Ledger:
         hot_bytes: int = 64 << 20,
         now_ns: Callable[[], int] = time.time_ns,
         sync_meta: bool = True,
+        max_loads: int = DEFAULT_MAX_LOADS,
+        max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES,
     ) -> None:
         self.kv = kv
+        self.max_loads = max_loads
+        self.max_staged_bytes = max_staged_bytes
+        self.staged_bytes = 0  # all loads in progress together
+        self.loads_refused = 0  # chunks refused by --max-loads / --max-staged-bytes
         self.max_payload = max_payload
         self.hot_limit = hot_bytes
         self.now_ns = now_ns
@@ -215,11 +224,15 @@ class Ledger:
         self.clock = LamportClock(self._reserved)
         nxt = kv.get(st.meta_key("next_ctx"))
         self._next_ctx = int(nxt) if nxt else 1
-        # Loads that were in progress when the node stopped are abandoned.
-        stale = [k for k, _ in kv.scan(st.STAGE, st.prefix_end(st.STAGE))]
+        # Loads that were in progress when the node stopped are abandoned. A delete
+        # only writes a tombstone, so the staged bytes would stay on disk until
+        # LevelDB happened to compact that range (a node restarted after a flood of
+        # unfinished loads kept them): compact it now, while nothing else runs.
+        stale = list(kv.scan_keys(st.STAGE, st.prefix_end(st.STAGE)))
         if stale:
             log.info("discarding %d staged entries of unfinished loads", len(stale))
             kv.write((), stale, sync=False)
+            kv.compact(st.STAGE, st.prefix_end(st.STAGE))
         if puts:
             kv.write(puts, sync=self._sync_meta)
         for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
@@ -958,19 +971,53 @@ class Ledger:
             "hot_limit": self.hot_limit,
             "pending_writes": len(self.pending) + len(self.inflight),
             "loads_in_progress": len(self.loads),
+            "loads_staged_bytes": self.staged_bytes,
+            "max_loads": self.max_loads,
+            "max_staged_bytes": self.max_staged_bytes,
+            "loads_refused": self.loads_refused,
         }
 
     # -- load ----------------------------------------------------------------
 
     def _drop_load(self, s: LoadSession) -> None:
-        self.loads.pop(s.load_id, None)
+        if self.loads.pop(s.load_id, None) is not None:
+            self.staged_bytes -= s.staged_bytes
         p = st.stage_prefix(s.load_no)
         try:
-            keys = [k for k, _ in self.kv.scan(p, st.prefix_end(p))]
+            keys = list(self.kv.scan_keys(p, st.prefix_end(p)))
             if keys:
                 self._kv_write((), keys)
+                # give the disk space back now, not whenever LevelDB gets to it (in a
+                # background thread: compacting blocks for up to about a second)
+                self.kv.compact(p, st.prefix_end(p), background=True)
         except StorageError:
             pass  # staged entries are removed at the next start-up
+
+    def _refuse_load(self, s: LoadSession | None, nbytes: int) -> None:
+        """Raise if a chunk of `nbytes` (of a new load when `s` is None) is past a bound."""
+        if s is None and len(self.loads) >= self.max_loads:
+            self.loads_refused += 1
+            raise Unavailable(
+                f"{len(self.loads)} loads are in progress, the most this node takes (--max-loads); "
+                "retry when one has finished, been aborted or expired",
+                {"loads": len(self.loads), "limit": self.max_loads},
+            )
+        own = s.staged_bytes if s is not None else 0
+        if own + nbytes > self.max_staged_bytes:
+            # this load alone can never fit: retrying does not help
+            self.loads_refused += 1
+            raise TooLarge(
+                f"this load would stage {own + nbytes} bytes, more than the node stages for loads "
+                f"(--max-staged-bytes {self.max_staged_bytes}); raise the limit on the node",
+                {"limit": self.max_staged_bytes, "staged": own},
+            )
+        if self.staged_bytes + nbytes > self.max_staged_bytes:
+            self.loads_refused += 1
+            raise Unavailable(
+                f"loads in progress hold {self.staged_bytes} staged bytes; this chunk of {nbytes} "
+                f"would pass --max-staged-bytes {self.max_staged_bytes}; retry when a load has finished",
+                {"staged": self.staged_bytes, "limit": self.max_staged_bytes},
+            )
 
     def expire_loads(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -994,6 +1041,8 @@ class Ledger:
         if self.storage.error is not None:
             raise self.refused()
         existing = self.contexts.get(req.context)
+        staged = [(e.seq, e.encode()) for e in req.entries]
+        nbytes = sum(len(b) for _, b in staged)
         if s is None:
             first = req.entries[0].seq if req.entries else 1
             if first != 1:
@@ -1005,6 +1054,7 @@ class Ledger:
                     f"context {req.context!r} has {existing.size} entries, more than the snapshot's {req.size}",
                     {"size": existing.size},
                 )
+            self._refuse_load(None, nbytes)
             s = LoadSession(
                 context=req.context, load_id=req.load_id, load_no=self._next_load_no,
                 size=req.size, root=req.root, fail_if_exists=req.fail_if_exists,
@@ -1013,20 +1063,25 @@ class Ledger:
                 verifier=SnapshotVerifier(req.context, req.size, req.root),
             )
             s.prefix_root = merkle.EMPTY_ROOT if s.existing_size == 0 else None
+            # registered only once its first chunk is verified and staged: a refused
+            # first chunk leaves no session behind
             self._next_load_no += 1
-            self.loads[req.load_id] = s
         elif (s.context, s.size, s.root) != (req.context, req.size, req.root):
             raise BadRequest(f"load {req.load_id!r} was started for another context, size or root")
+        else:
+            self._refuse_load(s, nbytes)
         s.last_used = time.monotonic()
         try:
-            staged = []
             for e in req.entries:
                 s.verifier.add(e)
                 if s.verifier.count == s.existing_size:
                     s.prefix_root = s.verifier.frontier.root()
-                staged.append((st.stage_key(s.load_no, e.seq), e.encode()))
             if staged:
-                self._kv_write(staged)
+                self._kv_write([(st.stage_key(s.load_no, seq), b) for seq, b in staged])
+            if req.load_id not in self.loads:
+                self.loads[req.load_id] = s
+            s.staged_bytes += nbytes
+            self.staged_bytes += nbytes
             if not req.final:
                 return None
             s.verifier.finish()

@@ -3,6 +3,15 @@
 The XPUB socket runs with XPUB_VERBOSER, so every subscribe and unsubscribe
 (including the unsubscriptions ZeroMQ generates when a watcher disconnects)
 reaches `on_subscriptions`; the registry counts watchers per topic from them.
+It tracks at most `max_topics` distinct context topics (--max-watch-topics): a
+subscription to one more is refused, counted, and answered with a single
+`head` marked `limited`; nothing else is published on that topic, and its
+watcher polls with `get` (SPEC 16.5). Nothing here costs O(topics) per loop
+turn: heartbeats walk the topics in the order they were last sent to (oldest
+first) and stop at the first one not due, with a budget per call, and one
+call reads a bounded number of (un)subscriptions. (With 100k topics the old
+walk over every topic every 0.1 s, and a head for each once a second, held the
+loop for ~0.5 s a second.)
 
 Publishing is pull-based: the server marks a context due (`mark`) when it
 grows, and `publish()` (end of every burst, and after every flush) sends what
@@ -23,8 +32,10 @@ crosses the mesh once per follower, not once per pair of nodes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,12 +49,15 @@ log = logging.getLogger(__name__)
 MAX_MSG_ENTRIES = 1_000  # entries per published message
 MAX_MSG_BYTES = 64 << 10  # ... or bytes: with --watch-queue messages per watcher, this bounds the RAM a stalled watcher pins
 MAX_PUBLISH_PER_CALL = 20_000  # entries per context per publish() call; the rest next time
+MAX_SUBSCRIPTIONS_PER_CALL = 1_000  # (un)subscriptions read per on_subscriptions() call; the rest wait in the socket
+DEFAULT_MAX_TOPICS = 10_000
 
 
 class Publisher:
     def __init__(self, sock: zmq.Socket, ledger: Ledger, *, sync: bool, heartbeat_ms: int,
                  now: Callable[[], float] = time.monotonic,
-                 wants_ack: Callable[[ContextState], bool] = lambda ctx: False) -> None:
+                 wants_ack: Callable[[ContextState], bool] = lambda ctx: False,
+                 max_topics: int = DEFAULT_MAX_TOPICS) -> None:
         self.sock = sock
         self.ledger = ledger
         self.sync = sync
@@ -53,10 +67,18 @@ class Publisher:
         self.wants_ack = wants_ack  # whether appends of a context wait for replicas' acks
         self.boot = os.urandom(8).hex()  # tells watchers that the node restarted
         self.due: dict[ContextState, None] = {}
-        self.counts: dict[bytes, int] = {}  # exact context topic -> watchers
+        self.max_topics = max_topics
+        self.counts: dict[bytes, int] = {}  # exact context topic -> watchers; at most max_topics keys
+        self.topics_refused = 0  # subscriptions to a new topic past max_topics
         self.other_subs = 0  # prefix / wildcard subscriptions (they may match any context)
         self.peer_subs = 0  # subscriptions to the replication stream (peers; SPEC 17.3)
-        self.last_sent: dict[bytes, float] = {}
+        # the tracked topics (the keys of `counts`), least recently sent to first, with that time
+        self.last_sent: OrderedDict[bytes, float] = OrderedDict()
+        # how many heads one heartbeat() may send: twice a fair share of the topics per call
+        # (the server calls it every min(0.1 s, heartbeat / 4)), so a crowd of topics that
+        # subscribed together spreads out over the interval instead of stalling one loop turn
+        calls = max(1.0, self.heartbeat_s / min(0.1, self.heartbeat_s / 4))
+        self._head_share = 2.0 / calls
         self.published_entries = 0
         self.published_messages = 0
         self.replication_entries = 0  # entries this node wrote, sent on the replication stream
@@ -72,7 +94,8 @@ class Publisher:
         """Read every pending (un)subscription; greet each new watcher with a head."""
         sock = self.sock
         greet: set[bytes] = set()
-        while True:
+        refused: set[bytes] = set()
+        for _ in range(MAX_SUBSCRIPTIONS_PER_CALL):
             try:
                 msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -90,7 +113,15 @@ class Publisher:
                 continue
             n = self.counts.get(t, 0) + (1 if sub else -1)
             if n > 0:
+                if n == 1 and sub and len(self.counts) >= self.max_topics:
+                    # Past the bound: not tracked, so never published or heartbeated on.
+                    # (An unsubscription of it later finds nothing to count down.)
+                    self.topics_refused += 1
+                    refused.add(t)
+                    continue
                 self.counts[t] = n
+                if t not in self.last_sent:
+                    self.last_sent[t] = 0.0
             else:
                 self.counts.pop(t, None)
                 self.last_sent.pop(t, None)
@@ -99,7 +130,11 @@ class Publisher:
         for t in greet:
             # The greeting tells the new watcher its subscription is active (the
             # moment from which live delivery is complete up to HWM drops).
-            self._send_head(t)
+            if t in self.counts:
+                self._send_head(t)
+        for t in refused:
+            # ... and this one that it is not: the watcher polls instead (SPEC 16.5)
+            self._send_head(t, limited=True)
 
     def watchers(self, context: str) -> int:
         return self.counts.get(watch.topic(context), 0)
@@ -188,11 +223,13 @@ class Publisher:
             self.sock.send(body, zmq.NOBLOCK)
         except zmq.Again:
             self.send_drops += 1  # XPUB does not block by default; only with XPUB_NODROP
-        self.last_sent[t] = self.now()
+        if t in self.last_sent:  # a tracked topic: its next heartbeat is due one interval from now
+            self.last_sent[t] = self.now()
+            self.last_sent.move_to_end(t)
 
     # -- heartbeats -------------------------------------------------------------------
 
-    def _send_head(self, t: bytes) -> None:
+    def _send_head(self, t: bytes, limited: bool = False) -> None:
         name = watch.context_of_topic(t)
         if name is None:
             return
@@ -204,30 +241,44 @@ class Publisher:
             size = ctx.published_seq if self.watched(ctx) else (ctx.flushed_seq if self.sync else ctx.size)
             lamport, root = ctx.last_lamport, self.ledger.root_at(ctx, size)
         body = watch.encode_head(name, size, lamport, root, self.ledger.node_id, self.boot,
-                                 self.heartbeat_ms, self.counts.get(t, 0))
+                                 self.heartbeat_ms, self.counts.get(t, 0), limited=limited)
         self._send(t, body)
         self.heartbeats += 1
 
     def heartbeat(self) -> None:
-        """A head for every watched context that has been quiet for a heartbeat interval."""
-        if not self.counts:
+        """A head for every watched context that has been quiet for a heartbeat interval.
+
+        Costs O(heads sent), not O(topics): `last_sent` is oldest first, so the walk
+        stops at the first topic that is not due; at most a budget per call, the
+        rest (still the oldest) next call."""
+        last = self.last_sent
+        if not last:
             return
         now = self.now()
-        last = self.last_sent
         hb = self.heartbeat_s
-        for t in list(self.counts):
-            if now - last.get(t, 0.0) >= hb:
-                try:
-                    self._send_head(t)
-                except Exception:
-                    self.errors += 1
-                    log.exception("heartbeat for topic %r failed", t)
+        budget = 64 + math.ceil(len(last) * self._head_share)
+        due: list[bytes] = []
+        for t, sent in last.items():
+            if now - sent < hb or len(due) >= budget:
+                break
+            due.append(t)
+        for t in due:
+            try:
+                self._send_head(t)
+            except Exception:
+                self.errors += 1
+                if t in last:  # not again at once
+                    last[t] = now
+                    last.move_to_end(t)
+                log.exception("heartbeat for topic %r failed", t)
 
     def status(self) -> dict[str, Any]:
         top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:100]
         return {
             "watchers": sum(self.counts.values()),
             "watched_contexts": len(self.counts),
+            "max_watch_topics": self.max_topics,
+            "watch_topics_refused": self.topics_refused,
             "wildcard_subscriptions": self.other_subs,
             "watchers_by_context": {watch.context_of_topic(t): n for t, n in top},
             "published_entries": self.published_entries,

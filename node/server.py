@@ -120,7 +120,8 @@ class Server:
             self.router.close(linger=0)
             raise
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
-                                   wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held))
+                                   wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held),
+                                   max_topics=config.max_watch_topics)
         self.poller = zmq.Poller()
         self.peer_socks: dict[str, zmq.Socket] = {}
         self.peer_addr: dict[zmq.Socket, str] = {}

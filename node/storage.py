@@ -14,7 +14,8 @@ numeric order):
                                           (leaves are the entries' own `hash` fields; levels 1-2
                                           are rebuilt from at most 8 leaves when a proof needs them)
     b"D" + u32 ctx_id + dedup_id          u64 first seq + u32 count of the append it names
-    b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted at start-up)
+    b"S" + u32 load_no + u64 seq          entries of a load in progress (deleted, and the range
+                                          compacted, when the load ends and at start-up)
     b"F" + u32 ctx_id                     msgpack {"name", "writer", "created_ns"}: a history set aside
                                           by a fork (its entries stay under b"E" + ctx_id); the name's
                                           b"C" record then names the history served by default
@@ -23,8 +24,11 @@ numeric order):
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -39,6 +43,8 @@ STAGE = b"S"
 ASIDE = b"F"
 
 FORMAT_VERSION = b"1"
+
+log = logging.getLogger(__name__)
 
 _u32 = struct.Struct(">I")
 _u32u64 = struct.Struct(">IQ")
@@ -136,6 +142,13 @@ class KV(Protocol):
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]: ...
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]: ...
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        """Give back the disk space of deleted keys in [start, stop). A delete only writes a
+        tombstone: the old values stay in the files until a compaction reaches them."""
+        ...
+
     def close(self) -> None: ...
 
     def ensure_room(self, nbytes: int) -> None:
@@ -182,6 +195,13 @@ class MemoryKV:
             if v is not None:
                 yield k, v
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
+        for k, _v in self.scan(start, stop):
+            yield k
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        pass  # deletes free their memory at once
+
     def close(self) -> None:
         pass
 
@@ -214,6 +234,7 @@ class LevelDBKV:
                 raise StorageLocked(text) from None
             raise
         self._wo_sync = True
+        self._compactor: threading.Thread | None = None
 
     def _closed(self) -> StorageError:
         return StorageError("storage is being reopened after a write error; try again shortly")
@@ -266,7 +287,43 @@ class LevelDBKV:
         finally:
             it.close()
 
+    def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
+        if self._db is None:
+            raise self._closed()
+        it = self._db.iterator(start=start, stop=stop, include_value=False)
+        try:
+            yield from it
+        finally:
+            it.close()
+
+    def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
+        db = self._db
+        if db is None:
+            return  # being reopened: a later compaction gives the space back
+        if not background:
+            db.compact_range(start=start, stop=stop)
+            return
+        # plyvel releases the GIL while LevelDB compacts, so a thread keeps the
+        # event loop serving; one at a time, and close() (a reopen too) waits for it.
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                db.compact_range(start=start, stop=stop)
+            except Exception:
+                log.exception("compacting %r..%r failed (the space is given back by a later compaction)",
+                              start, stop)
+            else:
+                log.debug("compacted %r..%r in %.2f s", start, stop, time.monotonic() - t0)
+
+        self._compactor = threading.Thread(target=run, name="compact", daemon=True)
+        self._compactor.start()
+
     def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor.join()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -628,6 +628,7 @@ class Watch:
         self.on_event = on_event or (lambda kind, text: None)
         self.heartbeat_s = 1.0
         self.boot: str | None = None
+        self.limited = False  # the node refused our subscription (its watch limit): we poll
         self.refills = 0
         self.outages = 0
         self._heard = time.monotonic()  # the last time the node said anything
@@ -725,6 +726,10 @@ class Watch:
         """Record a head's heartbeat and boot; True when the node restarted since the last one."""
         if m.heartbeat_ms:
             self.heartbeat_s = m.heartbeat_ms / 1000.0
+        if m.limited and not self.limited:
+            self.limited = True
+            self.on_event("limited", f"node at {self.pub_address} is at its watch limit and will not publish "
+                          f"{self.context!r}; polling it every {self.heartbeat_s:g} s instead")
         restarted = self.boot is not None and m.boot != self.boot
         self.boot = m.boot
         return restarted
@@ -848,6 +853,8 @@ class Watch:
                     self._refill()
                     continue
                 silence = max(3 * self.heartbeat_s, 1.0) + 0.5
+                if self.limited:
+                    silence = self.heartbeat_s  # nothing live comes: poll (SPEC 16.5)
                 if self.max_outage is not None:
                     silence = max(0.05, min(silence, self._left()))
                 if sub.poll(int(silence * 1000), zmq.POLLIN):
@@ -855,7 +862,8 @@ class Watch:
                     self._read_queued(sub)
                     continue
                 # Silence for three heartbeats: a dead node, or a lost subscription.
-                if not self._ping(min(self.client.timeout, self._left())):
+                # (A limited watch polls: the refill's own timeout tells of a dead node.)
+                if not self.limited and not self._ping(min(self.client.timeout, self._left())):
                     self._outage("no heartbeat")
                 self._heard = time.monotonic()
                 self._refill()

@@ -96,11 +96,14 @@ def encode_entries(context_packed: bytes, blobs: Sequence[bytes], ack: bool = Fa
 
 
 def encode_head(context: str, size: int, lamport: int, root: bytes, node_id: str, boot: str,
-                heartbeat_ms: int, watchers: int) -> bytes:
-    out: bytes = _pack({
+                heartbeat_ms: int, watchers: int, limited: bool = False) -> bytes:
+    m = {
         "v": PROTOCOL_VERSION, "type": HEAD, "context": context, "size": size, "lamport": lamport,
         "root": root, "node_id": node_id, "boot": boot, "heartbeat_ms": heartbeat_ms, "watchers": watchers,
-    })
+    }
+    if limited:
+        m["limited"] = True  # the node does not publish on this topic (its watch limit): poll
+    out: bytes = _pack(m)
     return out
 
 
@@ -163,6 +166,7 @@ class HeadMsg:
     boot: str
     heartbeat_ms: int
     watchers: int
+    limited: bool = False  # the node refused the subscription (SPEC 16.5): nothing live follows
 
 
 WatchMsg = EntriesMsg | HeadMsg
@@ -229,7 +233,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
         if not isinstance(node_id, str) or not isinstance(boot, str):
             raise _bad("watch message: node_id and boot must be strings")
         return HeadMsg(context, _uint(m, "size"), _uint(m, "lamport"), root, node_id, boot,
-                       _uint(m, "heartbeat_ms"), _uint(m, "watchers"))
+                       _uint(m, "heartbeat_ms"), _uint(m, "watchers"), m.get("limited") is True)
     # Raised like any malformed message; a receiver ignores it (SPEC: MUST ignore unknown types).
     raise _bad(f"unknown watch message type {kind!r}")
 

@@ -189,6 +189,11 @@ def test_ipv6_loopback_listen_works(node_factory, zctx):
         (["--busy-poll-us", "\u00b2"], "--busy-poll-us"),
         (["--flush-ms", "\uff15"], "--flush-ms"),
         (["--max-payload", "\uff11\uff12K"], "not a size"),
+        (["--max-loads", "0"], "--max-loads"),
+        (["--max-staged-bytes", "0"], "--max-staged-bytes"),
+        (["--max-staged-bytes", "many"], "not a size"),
+        (["--max-watch-topics", "0"], "--max-watch-topics"),
+        (["--max-watch-topics", "-5"], "--max-watch-topics"),
     ],
 )
 def test_bad_flags_are_reported(args, message, tmp_path):

@@ -22,7 +22,7 @@ from node.storage import MemoryKV
 from protocol import watch
 from protocol.client import Client, Watch
 from protocol.entry import Entry
-from protocol.errors import BadRequest, IntegrityError, Unavailable
+from protocol.errors import BadRequest, IntegrityError, TooLarge, Unavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -488,3 +488,53 @@ def test_a_watch_of_a_bad_name_fails_at_once(zctx, context, key, says):
     with Client("127.0.0.1:9", zctx=zctx, timeout=30) as c:
         with pytest.raises(BadRequest, match=says):
             c.watch(context, key=key, pub_address="tcp://127.0.0.1:9")
+
+
+def test_a_watch_past_max_watch_topics_is_told_so_and_still_gets_every_entry(node_factory, zctx):
+    n = node_factory("--max-watch-topics", "1", "--watch-heartbeat-ms", "200")
+    c = Client(n.address, timeout=5.0, zctx=zctx)
+    events: list[tuple[str, str]] = []
+    try:
+        with c.watch("first", after=0) as w1, c.watch("second", after=0, on_event=lambda k, t: events.append((k, t))) as w2:
+            assert not w1.limited and w2.limited
+            assert [k for k, _ in events] == ["limited"]
+            for i in range(5):
+                c.append("first", f"f{i}")
+                c.append("second", f"s{i}")
+            assert [e.payload for e in collect(w1, 5)] == [f"f{i}".encode() for i in range(5)]
+            # nothing live comes for it: it polls, and misses nothing
+            assert [e.payload for e in collect(w2, 5)] == [f"s{i}".encode() for i in range(5)]
+            st = c.call("status")
+            assert (st["watched_contexts"], st["watch_topics_refused"], st["max_watch_topics"]) == (1, 1, 1)
+    finally:
+        c.close()
+
+
+def test_load_bounds_are_flags_and_show_in_status(node_factory, zctx, tmp_path):
+    src = Client(node_factory(name="src").address, timeout=5.0, zctx=zctx)
+    c = Client(node_factory("--max-loads", "1", "--max-staged-bytes", "64K", name="dst").address,
+               timeout=5.0, zctx=zctx)
+    try:
+        for _ in range(3):
+            src.append("ctx", b"x" * 30_000)
+        snap = tmp_path / "ctx.snap"
+        with open(snap, "wb") as f:
+            src.snapshot("ctx", f)
+        entries = src.call("get", context="ctx", after=0)["entries"]
+        base = {"context": "ctx", "size": 3, "root": src.head("ctx").root}
+        assert c.call("load", retry=False, load_id="A", entries=entries[:1], **base)["done"] is False
+        with pytest.raises(Unavailable):  # a second load at once
+            c.call("load", retry=False, load_id="B", entries=entries[:1], **base)
+        with pytest.raises(TooLarge):  # 3 x 30 KB do not fit in 64 KiB
+            c.call("load", retry=False, load_id="A", entries=entries[1:3], final=True, **base)
+        st = c.call("status")
+        assert (st["loads_in_progress"], st["loads_refused"], st["max_loads"], st["max_staged_bytes"]) == (1, 2, 1, 64 << 10)
+        assert 30_000 < st["loads_staged_bytes"] < 31_000
+        c.call("load", retry=False, load_id="A", abort=True, **base)
+        with open(snap, "rb") as f, pytest.raises(TooLarge):
+            c.load("ctx", f)  # the reference client gets the same answer (and aborts its load)
+        st = c.call("status")
+        assert (st["loads_in_progress"], st["loads_staged_bytes"]) == (0, 0)
+    finally:
+        src.close()
+        c.close()

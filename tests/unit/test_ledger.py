@@ -346,6 +346,103 @@ def test_aborted_load_drops_its_staged_entries():
     assert dst.status()["loads_in_progress"] == 0 and "ctx" not in dst.contexts
 
 
+# -- bounds on loads (--max-loads, --max-staged-bytes) ------------------------------------------
+
+
+def snapshot_entries(n: int, ctx: str = "ctx", size: int = 100) -> tuple[dict, list[Entry]]:
+    src = make()
+    for i in range(n):
+        app(src, ctx, payload=bytes([i % 256]) * size)
+    header, entries = read_snapshot(io.BytesIO(snapshot_bytes(src, ctx)))
+    return header, list(entries)
+
+
+def staged_keys(led: Ledger) -> list[bytes]:
+    return [k for k in keys_of(led.kv) if k.startswith(st.STAGE)]
+
+
+def test_a_load_past_max_loads_is_refused_and_changes_nothing():
+    header, es = snapshot_entries(4)
+    dst = make(node_id="n2", max_loads=2)
+    for i in range(2):
+        assert dst.load(codec.Load(f"c{i}", f"L{i}", 4, header["root"], ()), sync=False) is None
+    before = keys_of(dst.kv)
+    with pytest.raises(Unavailable) as exc:
+        dst.load(codec.Load("ctx", "L2", 4, header["root"], tuple(es[:2])), sync=False)
+    assert exc.value.details == {"loads": 2, "limit": 2}
+    assert "L2" not in dst.loads and keys_of(dst.kv) == before
+    st_ = dst.status()
+    assert st_["loads_in_progress"] == 2 and st_["loads_refused"] == 1 and st_["loads_staged_bytes"] == 0
+    # once one is aborted, the refused load goes through from the start
+    dst.load(codec.Load("c0", "L0", 4, header["root"], (), abort=True), sync=False)
+    assert dst.load(codec.Load("ctx", "L2", 4, header["root"], tuple(es), True), sync=False)["size"] == 4
+
+
+def test_staged_bytes_are_capped_across_loads_and_freed_by_commit_abort_and_expiry():
+    header, es = snapshot_entries(10, size=1000)
+    one = len(es[0].encode())
+    dst = make(node_id="n2", max_staged_bytes=6 * one)
+    assert dst.load(codec.Load("ctx", "A", 10, header["root"], tuple(es[:4])), sync=False) is None
+    assert dst.status()["loads_staged_bytes"] == 4 * one
+    # a second load may stage what is left, and not one entry more
+    with pytest.raises(Unavailable) as exc:
+        dst.load(codec.Load("ctx", "B", 10, header["root"], tuple(es[:3])), sync=False)
+    assert exc.value.details == {"staged": 4 * one, "limit": 6 * one}
+    assert "B" not in dst.loads and dst.status()["loads_staged_bytes"] == 4 * one
+    assert dst.load(codec.Load("ctx", "B", 10, header["root"], tuple(es[:2])), sync=False) is None
+    assert dst.status()["loads_staged_bytes"] == 6 * one
+    # a load that could never fit, however long it waited, is TOO_LARGE (and its chunk is not staged)
+    with pytest.raises(TooLarge) as big:
+        dst.load(codec.Load("ctx", "A", 10, header["root"], tuple(es[4:7])), sync=False)
+    assert big.value.details == {"limit": 6 * one, "staged": 4 * one}
+    assert len(staged_keys(dst)) == 6 and dst.loads["A"].verifier.count == 4
+    # abort frees B's bytes; expiry frees A's
+    dst.load(codec.Load("ctx", "B", 10, header["root"], (), abort=True), sync=False)
+    assert dst.status()["loads_staged_bytes"] == 4 * one
+    dst.expire_loads(now=dst.loads["A"].last_used + 10_000)
+    assert dst.status()["loads_staged_bytes"] == 0 and dst.loads == {} and staged_keys(dst) == []
+    assert dst.status()["loads_refused"] == 2
+
+
+def test_a_chunk_with_a_bad_hash_leaves_nothing_staged():
+    header, es = snapshot_entries(6)
+    dst = make(node_id="n2")
+    assert dst.load(codec.Load("ctx", "A", 6, header["root"], tuple(es[:3])), sync=False) is None
+    bad = Entry(**{**{f: getattr(es[4], f) for f in es[4].__dataclass_fields__}, "payload": b"forged"})
+    with pytest.raises(IntegrityError):
+        dst.load(codec.Load("ctx", "A", 6, header["root"], (es[3], bad, es[5])), sync=False)
+    assert staged_keys(dst) == [] and dst.loads == {} and dst.status()["loads_staged_bytes"] == 0
+    # the same on a first chunk: no session, nothing staged
+    with pytest.raises(IntegrityError):
+        dst.load(codec.Load("ctx", "B", 6, header["root"], (es[0], bad)), sync=False)
+    assert staged_keys(dst) == [] and dst.loads == {}
+
+
+def test_start_up_removes_the_staged_entries_of_abandoned_loads(tmp_path):
+    header, es = snapshot_entries(50, size=64 << 10)
+    kv = st.LevelDBKV(str(tmp_path / "db"))
+    led = make(kv, node_id="n2")
+    # abandoned loads written straight to storage (as a crashed node leaves them): 80 MB, more
+    # than LevelDB's memtable, so they sit in table files and a delete alone frees nothing
+    for round_ in range(24):
+        kv.write([(st.stage_key(round_ + 1, e.seq), e.encode()) for e in es])
+    assert led.load(codec.Load("ctx", "A", 50, header["root"], tuple(es[:10])), sync=False) is None
+    kv.close()
+
+    def disk() -> int:
+        return sum(f.stat().st_size for f in (tmp_path / "db").iterdir())
+
+    full = disk()
+    assert full > 40 << 20
+    kv = st.LevelDBKV(str(tmp_path / "db"))
+    led = make(kv, node_id="n2")
+    assert led.loads == {} and led.status()["loads_staged_bytes"] == 0
+    assert list(kv.scan_keys(st.STAGE, st.prefix_end(st.STAGE))) == []
+    kv.close()
+    # the deletes were compacted away: the space is given back, not just tombstoned
+    assert disk() < 1 << 20, (full, disk())
+
+
 # -- replicas: apply_replicated ------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import zmq
@@ -108,4 +109,109 @@ def test_the_replication_stream_says_ack_while_the_writer_waits_for_replicas(zct
     got = {m.context: m.ack for m in (watch.decode_message(f) for f in drain(peer))}
     assert got == {"plain": False, "held": True}
     peer.close(linger=0)
+    xpub.close(linger=0)
+
+
+# -- the watch registry's bounds (--max-watch-topics) and its cost per loop turn (SPEC 16.5) --------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def registry(zctx: zmq.Context, name: str, **kw) -> tuple[zmq.Socket, str, Ledger, Publisher, Clock]:
+    xpub = zctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    xpub.setsockopt(zmq.LINGER, 0)
+    xpub.setsockopt(zmq.SNDHWM, 0)
+    addr = f"inproc://{name}-{id(xpub)}"
+    xpub.bind(addr)
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    clock = Clock()
+    return xpub, addr, led, Publisher(xpub, led, sync=False, now=clock, **kw), clock
+
+
+def take_in(xpub: zmq.Socket, pub: Publisher, seen: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not seen():
+        assert time.monotonic() < deadline, "subscriptions never arrived"
+        if xpub.poll(50):
+            pub.on_subscriptions()
+
+
+def test_subscriptions_past_max_watch_topics_are_refused_counted_and_not_tracked(zctx):
+    xpub, addr, led, pub, _ = registry(zctx, "cap", heartbeat_ms=60_000, max_topics=2)
+    a = sub(zctx, addr, watch.topic("a"))
+    b = sub(zctx, addr, watch.topic("b"))
+    take_in(xpub, pub, lambda: len(pub.counts) == 2)
+    a2 = sub(zctx, addr, watch.topic("a"))  # one more watcher of a tracked topic is no new topic
+    c = sub(zctx, addr, watch.topic("c"))
+    take_in(xpub, pub, lambda: pub.counts.get(watch.topic("a")) == 2 and pub.topics_refused == 1)
+    assert set(pub.counts) == {watch.topic("a"), watch.topic("b")} and set(pub.last_sent) == set(pub.counts)
+    # the refused watcher hears one head that says so, and nothing of what is appended later
+    greet = [watch.decode_message(f) for f in drain(c)]
+    assert [(m.context, m.limited, m.watchers) for m in greet] == [("c", True, 0)]
+    # (a hears a greeting for itself and one for a2)
+    assert [m.limited for m in (watch.decode_message(f) for f in drain(a))] == [False, False]
+    drain(b), drain(a2)
+    for name in ("a", "c"):
+        pub.mark(led.append(codec.Append(name, "", b"x", {})).ctx)
+    pub.publish()
+    assert drain(c) == []
+    assert [m.context for m in (watch.decode_message(f) for f in drain(a))] == ["a"]
+    st = pub.status()
+    assert (st["watched_contexts"], st["watch_topics_refused"], st["max_watch_topics"]) == (2, 1, 2)
+    # its unsubscription counts nothing down; a freed slot takes the next new topic
+    c.close(linger=0)
+    b.close(linger=0)
+    take_in(xpub, pub, lambda: watch.topic("b") not in pub.counts)
+    assert pub.counts == {watch.topic("a"): 2}
+    d = sub(zctx, addr, watch.topic("d"))
+    take_in(xpub, pub, lambda: watch.topic("d") in pub.counts)
+    assert [m.limited for m in (watch.decode_message(f) for f in drain(d))] == [False]
+    for s in (a, a2, d, xpub):
+        s.close(linger=0)
+
+
+def test_heartbeats_go_oldest_first_within_a_budget_per_call_and_reach_every_topic(zctx):
+    n = 3000
+    xpub, addr, led, pub, clock = registry(zctx, "hb", heartbeat_ms=1000, max_topics=n)
+    s = zctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(addr)
+    for i in range(n):
+        s.setsockopt(zmq.SUBSCRIBE, watch.topic(f"t{i}"))
+    calls = 0
+
+    def read() -> bool:
+        nonlocal calls
+        calls += 1
+        return len(pub.counts) == n
+
+    take_in(xpub, pub, read)
+    assert calls >= 3  # one call reads at most MAX_SUBSCRIPTIONS_PER_CALL of them
+    assert len(drain(s)) == n  # the greetings
+    pub.mark(led.append(codec.Append("t7", "", b"x", {})).ctx)
+    clock.t += 0.5
+    pub.publish()  # t7 was sent to half an interval later than the rest
+    assert len(drain(s)) == 1
+    clock.t += 0.6
+    pub.heartbeat()
+    budget = 64 + 2 * n // 10  # twice a fair share per 0.1 s call
+    first = [watch.decode_message(f).context for f in drain(s)]
+    assert len(first) == budget and "t7" not in first
+    heads = list(first)
+    for _ in range(8):  # the rest of this interval
+        clock.t += 0.1
+        pub.heartbeat()
+        heads += [watch.decode_message(f).context for f in drain(s)]
+    # every topic got exactly one head per interval in the end (t7 too, once it was due)
+    assert sorted(heads) == sorted(f"t{i}" for i in range(n))
+    s.close(linger=0)
     xpub.close(linger=0)
