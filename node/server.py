@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from node import __version__, sockets
+from node import __version__, clients, sockets
 from node.busypoll import BusyPoll
 from node.config import Config
 from node.ledger import ContextState, Ledger
@@ -101,6 +101,13 @@ class Server:
         except Exception:
             self.router.close(linger=0)
             raise
+        self.replies = clients.ReplyBudget(config.max_client_queue)
+        max_clients = config.max_clients
+        if max_clients is None:
+            max_clients = min(clients.DEFAULT_MAX_CLIENTS, max(clients.MIN_CLIENTS, clients.clients_allowed(
+                clients.raise_fd_limit())))
+        self.connections = clients.ConnectionLimit(
+            {"router": (self.router, self.port), "watch": (self.pub, self.pub_port)}, max_clients)
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
                                    wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held))
         self.poller = zmq.Poller()
@@ -171,6 +178,8 @@ class Server:
         poller.register(self._wake_rx, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
         poller.register(self.peer_sub, zmq.POLLIN)
+        for mon in self.connections.monitors:
+            poller.register(mon, zmq.POLLIN)
         mesh = self.mesh
         router = self.router
         handle = self.handle
@@ -232,6 +241,9 @@ class Server:
                 if self.pub in events:
                     publisher.on_subscriptions()
                 if len(events) > 1 or router not in events:
+                    for mon in self.connections.monitors:
+                        if mon in events:
+                            self.connections.on_events(mon)
                     self._peer_events(events)
                 self._collect_done()
                 self._maybe_handoff()
@@ -246,6 +258,7 @@ class Server:
                 if now - last_housekeeping > 1.0:
                     last_housekeeping = now
                     self.ledger.expire_loads()
+                    self.replies.sweep()
         finally:
             self._shutdown()
 
@@ -470,6 +483,7 @@ class Server:
             s.close(linger=sockets.LINGER_MS)
         for s in [self.peer_sub, *self.peer_socks.values()]:
             s.close(linger=0)
+        self.connections.close()
 
     # -- requests ------------------------------------------------------------------
 
@@ -489,15 +503,28 @@ class Server:
         self._outbox = []
         send = self.router.send
         more = zmq.NOBLOCK | zmq.SNDMORE
+        replies = self.replies
+        track_min = sockets.TRACK_MIN
         for frames in out:
+            body = frames[-1]
+            big = len(body) >= track_min
+            # a large reply, or any reply while some client is cut off, asks the budget
+            if (big or replies.cut) and not replies.admit(frames[0], len(body)):
+                continue
             try:
                 # frame by frame: cheaper than send_multipart's generic path
                 for f in frames[:-1]:
                     send(f, more)
-                send(frames[-1], zmq.NOBLOCK)
+                if big:
+                    replies.sent(frames[0], len(body), send(body, zmq.NOBLOCK, copy=False, track=True))
+                else:
+                    send(body, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading. Its
-                # request was served; the client retries (safely, with dedup_id).
+                # EHOSTUNREACH: the client is gone; EAGAIN: its reply queue is full, it
+                # does not read, and is cut off. Its request was served; the client
+                # retries (safely, with dedup_id).
+                if exc.errno == zmq.EAGAIN:
+                    replies.refused(frames[0])
                 log.debug("reply dropped: %s", exc)
 
     def handle(self, frames: list[bytes]) -> None:
@@ -511,6 +538,8 @@ class Server:
         if len(frames) < 2:
             return  # nothing after the identity: nobody to answer
         ident = frames[0]
+        if self.replies.cut and ident in self.replies.cut and self.replies.drop_request(ident):
+            return  # a client cut off for not reading its replies (node/clients.py)
         envelope = frames[1:-1]
         self._ident = [ident, *envelope]
         if envelope and (len(envelope) > 1 or envelope[0] != b""):
@@ -640,6 +669,8 @@ class Server:
             "max_request": self.config.max_request,
             "data": self.config.data,
         })
+        fields.update(self.replies.status())
+        fields.update(self.connections.status())
         fields.update(self.busy.status())
         fields.update(self.publisher.status())
         fields.update(self.mesh.status(time.monotonic()))

@@ -36,6 +36,7 @@ STAGE = b"S"
 ASIDE = b"F"
 
 FORMAT_VERSION = b"1"
+MAX_OPEN_FILES = 200  # LevelDB's table cache (its default is 1,000); node/clients.py reserves it
 
 _u32 = struct.Struct(">I")
 _u32u64 = struct.Struct(">IQ")
@@ -168,7 +169,8 @@ class MemoryKV:
 class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
 
-    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20) -> None:
+    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
+                 max_open_files: int = MAX_OPEN_FILES) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
         try:
@@ -178,6 +180,9 @@ class LevelDBKV:
                 lru_cache_size=lru_cache_size,
                 write_buffer_size=32 << 20,
                 bloom_filter_bits=10,
+                # bounded, so the descriptors LevelDB may open are reserved out of the
+                # process's limit and never taken by clients (node/clients.py)
+                max_open_files=max_open_files,
             )
         except plyvel.IOError as exc:
             text = str(exc)
