@@ -4,10 +4,15 @@ Reply bytes (`ReplyBudget`). ZeroMQ bounds a ROUTER's queue per client in messag
 not bytes, and one get reply can be 16 MiB: a client that sends requests and never reads its
 replies could make the node hold SNDHWM x 16 MiB. So:
 
-- A reply of TRACK_MIN bytes or more goes out zero-copy with a pyzmq MessageTracker, which
-  says when libzmq has let go of it (written to the connection, or dropped with it). Until
-  then its bytes count against its client. Smaller replies are not tracked (the tracker costs
-  more than they weigh): the ROUTER's SNDHWM bounds them, at most SNDHWM x TRACK_MIN bytes.
+- Every reply of TRACK_MIN bytes or more counts against its client until libzmq lets go of it
+  (writes it to the connection, or drops it with the connection). pyzmq says when through a
+  MessageTracker on a zero-copy send. A tracker costs more than a mid-sized reply weighs, so
+  not every reply gets one: libzmq writes one connection's replies in order, so a tracker
+  that is done vouches for every reply sent to that client before it. A reply gets a
+  tracker when it is large (ZERO_COPY_MIN, where zero-copy pays for itself anyway) or when
+  the untracked bytes sent to its client since its last tracker reach TRACK_EVERY. Replies
+  under TRACK_MIN are not counted: the ROUTER's SNDHWM bounds them, at most SNDHWM x
+  TRACK_MIN bytes per client.
 - A client is cut off when a reply would take its unread bytes past the limit (a reply is
   always let through when nothing is outstanding, so one page larger than the limit still
   goes), or when the ROUTER refuses a reply because the client's queue is at SNDHWM
@@ -43,10 +48,13 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from node import sockets
+from node.sockets import TRACK_MIN
 from node.storage import MAX_OPEN_FILES
 
 log = logging.getLogger(__name__)
 
+ZERO_COPY_MIN = 64 << 10  # a reply this large always gets its own tracker
+TRACK_EVERY = 256 << 10  # untracked bytes to one client before a reply gets a tracker
 RETRY_S = 1.0  # a cut-off client is served again no sooner than this after its last drop
 
 # File descriptors kept out of --max-clients: LevelDB's table cache (storage.MAX_OPEN_FILES)
@@ -59,12 +67,17 @@ DEFAULT_MAX_CLIENTS = 4096
 MIN_CLIENTS = 16
 
 
+DROP, SEND, TRACK = 0, 1, 2  # what `admit` says to do with a reply
+
+
 class _Client:
-    __slots__ = ("bytes", "sent", "cut", "retry_at")
+    __slots__ = ("bytes", "sent", "uncovered", "cut", "retry_at")
 
     def __init__(self) -> None:
-        self.bytes = 0
-        self.sent: collections.deque[tuple[Any, int]] = collections.deque()  # (tracker, nbytes)
+        self.bytes = 0  # counted reply bytes not known to be let go
+        # (tracker, bytes it vouches for: its reply and the untracked ones before it)
+        self.sent: collections.deque[tuple[Any, int]] = collections.deque()
+        self.uncovered = 0  # bytes sent since the last tracker (no tracker vouches for them yet)
         self.cut = False
         self.retry_at = 0.0
 
@@ -88,6 +101,13 @@ class ReplyBudget:
             c.bytes -= sent[0][1]
             self.held -= sent.popleft()[1]
 
+    def _forget(self, ident: bytes, c: _Client) -> None:
+        """Drop a client with no tracker outstanding; its untracked bytes (under TRACK_EVERY)
+        are taken as read."""
+        self.held -= c.bytes
+        del self.clients[ident]
+        self.cut.discard(ident)
+
     def _cut_off(self, ident: bytes, c: _Client, why: str) -> None:
         if not c.cut:
             c.cut = True
@@ -109,39 +129,42 @@ class ReplyBudget:
             self.cut.discard(ident)
             return False
         self._reap(c)
-        if c.bytes == 0 and self.clock() >= c.retry_at:
-            c.cut = False
-            self.cut.discard(ident)
-            if not c.sent:
-                del self.clients[ident]
+        if not c.sent and self.clock() >= c.retry_at:
+            self._forget(ident, c)
             return False
         self.dropped += 1
         return True
 
-    def admit(self, ident: bytes, nbytes: int) -> bool:
-        """Whether a reply of `nbytes` may be queued for `ident` (False: dropped, counted)."""
+    def admit(self, ident: bytes, nbytes: int) -> int:
+        """What to do with a reply of `nbytes` for `ident`: DROP (counted), SEND, or TRACK
+        (send it zero-copy with a tracker, then report it through `sent`)."""
         c = self.clients.get(ident)
         if c is None:
-            return True
+            if nbytes < TRACK_MIN:
+                return SEND  # a small reply (asked only while some client is cut off)
+            c = self.clients[ident] = _Client()
         if c.cut:
             self.dropped += 1
-            return False
+            return DROP
+        if nbytes < TRACK_MIN:
+            return SEND
         self._reap(c)
         if c.bytes and c.bytes + nbytes > self.limit:
             self._cut_off(ident, c, f"{c.bytes} bytes of replies unread, the limit is {self.limit}")
-            return False
-        return True
+            return DROP
+        return TRACK if nbytes >= ZERO_COPY_MIN or c.uncovered + nbytes >= TRACK_EVERY else SEND
 
-    def sent(self, ident: bytes, nbytes: int, tracker: Any) -> None:
-        """A tracked reply was handed to ZeroMQ."""
-        if tracker.done:
-            return
+    def sent(self, ident: bytes, nbytes: int, tracker: Any | None) -> None:
+        """A reply `admit` let through was handed to ZeroMQ (with its tracker, if TRACK)."""
         c = self.clients.get(ident)
         if c is None:
             c = self.clients[ident] = _Client()
-        c.sent.append((tracker, nbytes))
         c.bytes += nbytes
         self.held += nbytes
+        c.uncovered += nbytes
+        if tracker is not None:
+            c.sent.append((tracker, c.uncovered))
+            c.uncovered = 0
         if self.held > self.peak:
             self.peak = self.held
 
@@ -159,8 +182,7 @@ class ReplyBudget:
             c = self.clients[ident]
             self._reap(c)
             if not c.sent and (not c.cut or now >= c.retry_at):
-                del self.clients[ident]
-                self.cut.discard(ident)
+                self._forget(ident, c)
 
     def status(self) -> dict[str, Any]:
         return {

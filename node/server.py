@@ -505,20 +505,24 @@ class Server:
         more = zmq.NOBLOCK | zmq.SNDMORE
         replies = self.replies
         track_min = sockets.TRACK_MIN
+        drop, plain, track = clients.DROP, clients.SEND, clients.TRACK
         for frames in out:
             body = frames[-1]
             big = len(body) >= track_min
-            # a large reply, or any reply while some client is cut off, asks the budget
-            if (big or replies.cut) and not replies.admit(frames[0], len(body)):
+            # a counted reply, or any reply while some client is cut off, asks the budget
+            how = replies.admit(frames[0], len(body)) if big or replies.cut else plain
+            if how == drop:
                 continue
             try:
                 # frame by frame: cheaper than send_multipart's generic path
                 for f in frames[:-1]:
                     send(f, more)
-                if big:
+                if how == track:
                     replies.sent(frames[0], len(body), send(body, zmq.NOBLOCK, copy=False, track=True))
                 else:
                     send(body, zmq.NOBLOCK)
+                    if big:
+                        replies.sent(frames[0], len(body), None)
             except zmq.ZMQError as exc:
                 # EHOSTUNREACH: the client is gone; EAGAIN: its reply queue is full, it
                 # does not read, and is cut off. Its request was served; the client

@@ -6,6 +6,7 @@ import pytest
 
 from node import clients
 from node.clients import ReplyBudget
+from node.sockets import TRACK_MIN
 
 MIB = 1 << 20
 
@@ -24,11 +25,18 @@ class Clock:
 
 
 def send(b: ReplyBudget, ident: bytes, n: int) -> Tracker | None:
-    """What the server does with one reply: ask, then hand it over (tracked)."""
-    if not b.admit(ident, n):
+    """What the server does with one reply: ask, then hand it over (with a tracker if told).
+    None: dropped; a Tracker (already done when the reply was sent without one)."""
+    how = b.admit(ident, n)
+    if how == clients.DROP:
         return None
     t = Tracker()
-    b.sent(ident, n, t)
+    if how == clients.TRACK:
+        b.sent(ident, n, t)
+    else:
+        t.done = True
+        if n >= TRACK_MIN:
+            b.sent(ident, n, None)
     return t
 
 
@@ -73,7 +81,8 @@ def test_a_client_that_does_not_read_is_cut_off_at_the_limit_and_its_requests_dr
 def test_one_reply_larger_than_the_limit_goes_when_nothing_is_outstanding() -> None:
     b = ReplyBudget(MIB, clock=Clock())
     assert send(b, b"x", 16 * MIB) is not None
-    assert send(b, b"x", 1) is None  # the next waits for the big one to be read
+    assert send(b, b"x", TRACK_MIN) is None  # the next counted one waits for the big one to be read
+    assert send(b, b"x", 1) is None  # and, cut off, nothing more goes
     assert b.cutoffs == 1
 
 
@@ -100,6 +109,44 @@ def test_a_gone_client_is_forgotten() -> None:
     clock.now += clients.RETRY_S
     b.sweep()
     assert not b.clients and not b.cut and b.held == 0
+
+
+@pytest.mark.timeout(10)
+def test_mid_sized_replies_share_a_tracker_that_vouches_for_those_before_it() -> None:
+    clock = Clock()
+    b = ReplyBudget(4 * MIB, clock=clock)
+    n = 10_000
+    tracked = []
+    for _ in range(100):  # ~1 MiB in all: a tracker every TRACK_EVERY bytes, not one per reply
+        how = b.admit(b"x", n)
+        assert how != clients.DROP
+        t = Tracker() if how == clients.TRACK else None
+        b.sent(b"x", n, t)
+        if t is not None:
+            tracked.append(t)
+    assert 2 <= len(tracked) <= 100 * n // clients.TRACK_EVERY
+    assert b.held == 100 * n
+    tracked[-1].done = tracked[0].done = True
+    b.sweep()  # the first is done; the last is done but waits its turn (in order)
+    assert 0 < b.held < 100 * n
+    for t in tracked:
+        t.done = True
+    b.sweep()  # all trackers done; the few untracked bytes after the last are taken as read
+    assert b.held == 0 and not b.clients
+    # small replies are not counted at all
+    assert b.admit(b"y", TRACK_MIN - 1) == clients.SEND and b"y" not in b.clients
+
+
+@pytest.mark.timeout(10)
+def test_a_stalled_client_of_mid_sized_replies_is_cut_off_too() -> None:
+    b = ReplyBudget(MIB, clock=Clock())
+    sent = 0
+    while b.admit(b"x", 10_000) != clients.DROP:
+        b.sent(b"x", 10_000, Tracker() if b.clients[b"x"].uncovered + 10_000 >= clients.TRACK_EVERY else None)
+        sent += 1
+        assert sent < 1000
+    b.sweep()
+    assert b"x" in b.cut and b.held <= MIB
 
 
 @pytest.mark.timeout(10)
