@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
 OUTBOX = 64  # replies queued before they are handed to ZeroMQ together
+OUTBOX_BYTES = 1 << 20  # or this many bytes of them: 64 get pages of 16 MiB must not pile up here
 ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a flush before the deadline
 FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
@@ -152,6 +153,7 @@ class Server:
         }
         self.requests = 0
         self._outbox: list[list[bytes]] = []
+        self._outbox_bytes = 0
         self.backpressure_waits = 0
         self._rid: RequestId = None
         self.busy = BusyPoll(config.busy_poll_us)
@@ -493,7 +495,8 @@ class Server:
         # TCP write instead of one each, which is worth ~40% of pipelined
         # throughput. A lone request's burst is itself, so its latency is unchanged.
         self._outbox.append(frames)
-        if len(self._outbox) >= OUTBOX:
+        self._outbox_bytes += len(frames[-1])
+        if len(self._outbox) >= OUTBOX or self._outbox_bytes >= OUTBOX_BYTES:
             self._flush_outbox()
 
     def _flush_outbox(self) -> None:
@@ -501,6 +504,7 @@ class Server:
         if not out:
             return
         self._outbox = []
+        self._outbox_bytes = 0
         send = self.router.send
         more = zmq.NOBLOCK | zmq.SNDMORE
         replies = self.replies

@@ -1,14 +1,14 @@
 """Floods a node with what one hostile client can make it hold, and measures a second client.
 
-    python -m tools.flood unread [--gets 4000] [--seconds 10] [-- NODE FLAGS...]
-    python -m tools.flood idle [--connections 1100] [--seconds 10] [-- NODE FLAGS...]
+    python -m tools.flood unread [--gets 4000] [--seconds 10] [--node-flags "..."]
+    python -m tools.flood idle [--connections 1100] [--seconds 10] [--node-nofile N] [--node-flags "..."]
 
 `unread`: a DEALER sends `--gets` requests for ~1 MiB pages and never reads a reply (its own
 receive queue is 1 message and a 4 KiB kernel buffer, so the node cannot park the replies in the
 flooder's process); `idle`: `--connections` TCP connections are opened and stay idle. Meanwhile a
 well-behaved client appends one at a time. Prints the node's RSS (start, peak, end), the second
 client's append p50/p99 and the node's status counters, as JSON. Loopback only; bounded in count
-and time. The node is started here (fresh data folder) with NODE FLAGS.
+and time. The node is started here (fresh data folder) with --node-flags.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -110,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1100)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--node-nofile", type=int, help="the node's open-files limit (soft and hard)")
-    p.add_argument("node_flags", nargs="*")
+    p.add_argument("--node-flags", default="", help="flags for the node, in one string")
     args = p.parse_args(argv)
+    args.node_flags = shlex.split(args.node_flags)
     if not 1 <= args.gets <= 100_000 or not 1 <= args.connections <= 20_000 or not 1 <= args.seconds <= 120:
         p.error("bounds: --gets 1..100000, --connections 1..20000, --seconds 1..120")
     work = tempfile.mkdtemp(prefix="ledger-flood-")
