@@ -25,6 +25,7 @@ ROUTER_HWM = 10_000  # requests queued per client before ZeroMQ stops reading it
 ROUTER_SNDHWM = 4_000  # replies queued per client; past it the client is cut off (node/clients.py)
 TRACK_MIN = 4096  # replies from this size on are sent zero-copy and tracked (node/clients.py)
 HANDSHAKE_MS = 5000  # a connection that has not completed ZeroMQ's handshake by then is closed
+MONITOR_HWM = 100_000  # connection events queued for the loop (node/clients.py)
 WATCH_MAX_MSG = 1024  # a subscription message: 1 + topic (2 + at most 256, or 2 + that for peers)
 PUB_HWM = 1_000  # messages queued per watcher before its messages are dropped
 
@@ -96,8 +97,15 @@ def monitor(sock: zmq.Socket) -> zmq.Socket:
     """A monitor of `sock`'s accepted and ended connections (each event carries the
     connection's descriptor): how the node counts clients, as ZeroMQ has no
     connection limit of its own."""
-    mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    # libzmq's I/O thread blocks on a full monitor pipe (events are sent without DONTWAIT),
+    # which would stall every connection during a connection storm while the loop is busy:
+    # a deep receive queue here (events are ~100 bytes) instead of pyzmq's default 1,000.
+    addr = f"inproc://ledger-monitor-{id(sock)}"
+    sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    mon = sock.context.socket(zmq.PAIR)
     mon.setsockopt(zmq.LINGER, 0)
+    mon.setsockopt(zmq.RCVHWM, MONITOR_HWM)
+    mon.connect(addr)
     return mon
 
 
