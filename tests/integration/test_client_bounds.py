@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -127,6 +128,35 @@ def test_connections_past_max_clients_are_refused_and_an_allowed_client_is_serve
         finally:
             for s in idle:
                 s.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, message", [
+    (["--max-client-queue", "1K"], "--max-client-queue must be from 64KiB"),
+    (["--max-client-queue", "lots"], "--max-client-queue: not a size"),
+    (["--max-clients", "0"], "--max-clients must be an integer"),
+    (["--max-clients", "\u00b2"], "--max-clients must be an integer"),
+])
+def test_bad_bound_flags_are_one_line_errors(args: list[str], message: str, tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "node.main", "--data", str(tmp_path / "d"), *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_bound_flags_and_their_defaults_show_in_status(node_factory, zctx) -> None:
+    with Client(node_factory().address, timeout=10.0, zctx=zctx) as c:
+        # the accepted-connection event may reach the loop after the first request
+        wait_for(lambda: c.call("status")["connections"]["router"] >= 1, 10, "the connection counted")
+        st = c.call("status")
+    assert st["max_client_queue"] == 64 << 20
+    assert 16 <= st["max_clients"] <= 4096
+    assert st["connections_refused"] == 0
+    assert st["client_replies_dropped"] == 0 and st["clients_cut_off"] == 0
+    n = node_factory(env={"LEDGER_MAX_CLIENT_QUEUE": "2MiB", "LEDGER_MAX_CLIENTS": "100"}, name="n2")
+    with Client(n.address, timeout=10.0, zctx=zctx) as c:
+        st = c.call("status")
+    assert (st["max_client_queue"], st["max_clients"]) == (2 << 20, 100)
 
 
 @pytest.mark.timeout(60)
