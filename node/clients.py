@@ -29,8 +29,12 @@ ZMQ_EVENT_DISCONNECTED carry the connection's file descriptor. Past `max_clients
 connections a new one is shut down (shutdown(2) on a dup of its descriptor: libzmq sees the
 connection end and closes it itself, so the node never closes a descriptor it does not own).
 The descriptor is checked to be a TCP socket on the node's own port first, so a number reused
-in between can never shut down storage or a peer link. Together with a raised RLIMIT_NOFILE
-and LevelDB's bounded `max_open_files`, this keeps descriptors in reserve for storage.
+in between can never shut down storage or a peer link (at worst a newer connection to the
+node that reused the number, its own event still queued, is closed in its place). Together with a raised RLIMIT_NOFILE and
+LevelDB's bounded `max_open_files`, this keeps descriptors in reserve for storage. A
+connection past the limit holds its descriptor until the loop reads its event (a loop turn);
+a storm faster than that eats into OTHER_FDS, not into storage's share, unless it outruns
+the loop by hundreds of connections.
 """
 
 from __future__ import annotations
