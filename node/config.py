@@ -19,6 +19,7 @@ from node.busypoll import DEFAULT_WINDOW_US as DEFAULT_BUSY_POLL_US
 DEFAULT_PORT = 7400
 DEFAULT_MAX_PAYLOAD = 4 << 20
 DEFAULT_HOT_BYTES = 64 << 20
+DEFAULT_MAX_CLIENT_QUEUE = 64 << 20
 MIN_MAX_REQUEST = 16 << 20
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -53,6 +54,8 @@ class Config:
     max_loads: int = 4
     max_staged_bytes: int = 256 << 20
     max_watch_topics: int = 10_000
+    max_client_queue: int = DEFAULT_MAX_CLIENT_QUEUE
+    max_clients: int | None = None  # None: from the open-files limit (node/clients.py)
 
     @property
     def sync(self) -> bool:
@@ -150,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "long, so a client's next request is not slowed by waking the node; it stops by itself "
                    "when requests come further apart, and 0 turns it off [LEDGER_BUSY_POLL_US] "
                    f"(default {DEFAULT_BUSY_POLL_US})")
+    p.add_argument("--max-client-queue", help="reply bytes the node holds for one client that has not read "
+                   "them; a client past it is cut off (its requests go unanswered, counted in status, until "
+                   "it has read what was queued) [LEDGER_MAX_CLIENT_QUEUE] (default 64MiB)")
+    p.add_argument("--max-clients", help="connections to the request and watch sockets together; past it "
+                   "new connections are closed at once (peers count too) [LEDGER_MAX_CLIENTS] "
+                   "(default 4096, or less when the open-files limit leaves less room)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
@@ -243,6 +252,18 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     bp_raw = pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US))
     if not _digits(bp_raw) or not 0 <= int(bp_raw) <= 10_000:
         raise ConfigError(f"--busy-poll-us must be an integer from 0 (off) to 10000, got {bp_raw!r}")
+    try:
+        max_client_queue = parse_size(pick(args.max_client_queue, "MAX_CLIENT_QUEUE", str(DEFAULT_MAX_CLIENT_QUEUE)))
+    except ValueError as exc:
+        raise ConfigError(f"--max-client-queue: {exc}") from None
+    if not 64 << 10 <= max_client_queue <= 1 << 40:
+        raise ConfigError(f"--max-client-queue must be from 64KiB to 1TiB, got {max_client_queue}")
+    mc_raw = pick(args.max_clients, "MAX_CLIENTS", "")
+    max_clients: int | None = None
+    if mc_raw:
+        if not _digits(mc_raw) or not 1 <= int(mc_raw) <= 1_000_000:
+            raise ConfigError(f"--max-clients must be an integer from 1 to 1000000, got {mc_raw!r}")
+        max_clients = int(mc_raw)
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -254,4 +275,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
+        max_client_queue=max_client_queue, max_clients=max_clients,
     )

@@ -9,8 +9,9 @@ import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
-from node import __version__
+from node import __version__, clients
 from node.config import ConfigError, parse
 from node.ledger import DataDirError, Ledger
 from node.server import Server
@@ -35,6 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Descriptors: the soft limit goes up to the hard one, and clients get what is left after
+    # storage's and the process's reserve, so LevelDB never meets "Too many open files".
+    fd_limit = clients.raise_fd_limit()
+    allowed = clients.clients_allowed(fd_limit)
+    if cfg.max_clients is None:
+        if allowed < clients.MIN_CLIENTS:
+            return _fail(f"the open-files limit is {fd_limit}: too low (the node keeps {clients.RESERVED_FDS} "
+                         f"for storage and itself, and needs room for {clients.MIN_CLIENTS} clients); raise "
+                         "it (ulimit -n)")
+        cfg = replace(cfg, max_clients=min(clients.DEFAULT_MAX_CLIENTS, allowed))
+    elif cfg.max_clients > allowed:
+        return _fail(f"--max-clients {cfg.max_clients} does not fit the open-files limit of {fd_limit} (the "
+                     f"node keeps {clients.RESERVED_FDS} for storage and itself): use at most {max(allowed, 0)}, "
+                     "or raise the limit (ulimit -n)")
     kv: KV
     # a folder this start creates is removed again if the node cannot start: a failed first
     # start (a port in use, say) must not leave a data folder claimed by a generated id

@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from node import __version__, sockets
+from node import __version__, clients, sockets
 from node.busypoll import BusyPoll
 from node.config import Config
 from node.ledger import ContextState, Ledger
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
 OUTBOX = 64  # replies queued before they are handed to ZeroMQ together
+OUTBOX_BYTES = 1 << 20  # or this many bytes of them: 64 get pages of 16 MiB must not pile up here
 ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a flush before the deadline
 FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the node stops reading requests until the
@@ -119,6 +120,13 @@ class Server:
         except Exception:
             self.router.close(linger=0)
             raise
+        self.replies = clients.ReplyBudget(config.max_client_queue)
+        max_clients = config.max_clients
+        if max_clients is None:
+            max_clients = min(clients.DEFAULT_MAX_CLIENTS, max(clients.MIN_CLIENTS, clients.clients_allowed(
+                clients.raise_fd_limit())))
+        self.connections = clients.ConnectionLimit(
+            {"router": (self.router, self.port), "watch": (self.pub, self.pub_port)}, max_clients)
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
                                    wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held),
                                    max_topics=config.max_watch_topics)
@@ -165,6 +173,7 @@ class Server:
         }
         self.requests = 0
         self._outbox: list[list[bytes]] = []
+        self._outbox_bytes = 0
         self.backpressure_waits = 0
         self._rid: RequestId = None
         self.busy = BusyPoll(config.busy_poll_us)
@@ -191,6 +200,8 @@ class Server:
         poller.register(self._wake_rx, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
         poller.register(self.peer_sub, zmq.POLLIN)
+        for mon in self.connections.monitors:
+            poller.register(mon, zmq.POLLIN)
         mesh = self.mesh
         router = self.router
         handle = self.handle
@@ -252,6 +263,9 @@ class Server:
                 if self.pub in events:
                     publisher.on_subscriptions()
                 if len(events) > 1 or router not in events:
+                    for mon in self.connections.monitors:
+                        if mon in events:
+                            self.connections.on_events(mon)
                     self._peer_events(events)
                 self._collect_done()
                 self._maybe_handoff()
@@ -266,6 +280,7 @@ class Server:
                 if now - last_housekeeping > 1.0:
                     last_housekeeping = now
                     self.ledger.expire_loads()
+                    self.replies.sweep()
                 if self.ledger.storage.due(now) and not self.flushing:
                     self._recover(now)
         finally:
@@ -543,6 +558,7 @@ class Server:
             s.close(linger=sockets.LINGER_MS)
         for s in [self.peer_sub, *self.peer_socks.values()]:
             s.close(linger=0)
+        self.connections.close()
 
     def _final_write(self) -> None:
         """Write what RAM holds before the process exits; with storage failed, try once more."""
@@ -575,7 +591,8 @@ class Server:
         # TCP write instead of one each, which is worth ~40% of pipelined
         # throughput. A lone request's burst is itself, so its latency is unchanged.
         self._outbox.append(frames)
-        if len(self._outbox) >= OUTBOX:
+        self._outbox_bytes += len(frames[-1])
+        if len(self._outbox) >= OUTBOX or self._outbox_bytes >= OUTBOX_BYTES:
             self._flush_outbox()
 
     def _flush_outbox(self) -> None:
@@ -583,17 +600,35 @@ class Server:
         if not out:
             return
         self._outbox = []
+        self._outbox_bytes = 0
         send = self.router.send
         more = zmq.NOBLOCK | zmq.SNDMORE
+        replies = self.replies
+        track_min = sockets.TRACK_MIN
+        drop, plain, track = clients.DROP, clients.SEND, clients.TRACK
         for frames in out:
+            body = frames[-1]
+            big = len(body) >= track_min
+            # a counted reply, or any reply while some client is cut off, asks the budget
+            how = replies.admit(frames[0], len(body)) if big or replies.cut else plain
+            if how == drop:
+                continue
             try:
                 # frame by frame: cheaper than send_multipart's generic path
                 for f in frames[:-1]:
                     send(f, more)
-                send(frames[-1], zmq.NOBLOCK)
+                if how == track:
+                    replies.sent(frames[0], len(body), send(body, zmq.NOBLOCK, copy=False, track=True))
+                else:
+                    send(body, zmq.NOBLOCK)
+                    if big:
+                        replies.sent(frames[0], len(body), None)
             except zmq.ZMQError as exc:
-                # EHOSTUNREACH: the client is gone; EAGAIN: it stopped reading. Its
-                # request was served; the client retries (safely, with dedup_id).
+                # EHOSTUNREACH: the client is gone; EAGAIN: its reply queue is full, it
+                # does not read, and is cut off. Its request was served; the client
+                # retries (safely, with dedup_id).
+                if exc.errno == zmq.EAGAIN:
+                    replies.refused(frames[0])
                 log.debug("reply dropped: %s", exc)
 
     def handle(self, frames: list[bytes]) -> None:
@@ -607,6 +642,8 @@ class Server:
         if len(frames) < 2:
             return  # nothing after the identity: nobody to answer
         ident = frames[0]
+        if self.replies.cut and ident in self.replies.cut and self.replies.drop_request(ident):
+            return  # a client cut off for not reading its replies (node/clients.py)
         envelope = frames[1:-1]
         self._ident = [ident, *envelope]
         if envelope and (len(envelope) > 1 or envelope[0] != b""):
@@ -742,6 +779,8 @@ class Server:
             "data": self.config.data,
             "storage": self.ledger.storage.status(time.monotonic()),
         })
+        fields.update(self.replies.status())
+        fields.update(self.connections.status())
         fields.update(self.busy.status())
         fields.update(self.publisher.status())
         fields.update(self.mesh.status(time.monotonic()))

@@ -5,6 +5,11 @@ silently; ROUTER_HANDOVER so a client reconnecting under the same identity
 takes over; LINGER bounded so shutdown never hangs on a dead peer; MAXMSGSIZE
 so an oversized frame is cut off before it is buffered. Later CURVE options
 belong here too.
+
+The ROUTER's SNDHWM bounds, in messages, what a client that does not read can
+make the node queue; node/clients.py bounds the bytes (replies of TRACK_MIN
+bytes or more are tracked and counted against their client), so the messages
+left to SNDHWM weigh at most ROUTER_SNDHWM x TRACK_MIN.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import zmq
 from protocol import watch
 
 LINGER_MS = 1000
-ROUTER_HWM = 10_000
+ROUTER_HWM = 10_000  # requests queued per client before ZeroMQ stops reading its connection
+ROUTER_SNDHWM = 4_000  # replies queued per client; past it the client is cut off (node/clients.py)
+TRACK_MIN = 4096  # replies from this size on are sent zero-copy and tracked (node/clients.py)
+HANDSHAKE_MS = 5000  # a connection that has not completed ZeroMQ's handshake by then is closed
+MONITOR_HWM = 100_000  # connection events queued for the loop (node/clients.py)
+WATCH_MAX_MSG = 1024  # a subscription message: 1 + topic (2 + at most 256, or 2 + that for peers)
 PUB_HWM = 1_000  # messages queued per watcher before its messages are dropped
 
 
@@ -55,9 +65,14 @@ def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.So
     s.setsockopt(zmq.LINGER, LINGER_MS)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     s.setsockopt(zmq.ROUTER_HANDOVER, 1)
-    s.setsockopt(zmq.SNDHWM, ROUTER_HWM)
+    s.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)
     s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
     s.setsockopt(zmq.MAXMSGSIZE, max_msg)
+    # a TCP connection that never speaks ZeroMQ would hold one of --max-clients' places
+    s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    # pyzmq copies a copy=False frame below this size; the node sends tracked replies from
+    # TRACK_MIN bytes on, and a copied frame's tracker is done at once (nothing counted)
+    s.copy_threshold = TRACK_MIN
     return s, _bind(s, host, port)
 
 
@@ -65,13 +80,33 @@ def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zm
     """The watch socket. XPUB_VERBOSER hands the node every subscribe and every
     unsubscribe (disconnects included), which the watch registry counts. Sends
     never block: past SNDHWM a slow watcher's messages are dropped (it refills
-    by seq), so no watcher can slow the writer."""
+    by seq), so no watcher can slow the writer. What it receives is only
+    subscriptions, so MAXMSGSIZE is a topic's size: a larger message ends its
+    connection before it is buffered."""
     s = ctx.socket(zmq.XPUB)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    s.setsockopt(zmq.MAXMSGSIZE, WATCH_MAX_MSG)
+    s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
     s.setsockopt(zmq.XPUB_VERBOSER, 1)
     return s, _bind(s, host, port)
+
+
+def monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor of `sock`'s accepted and ended connections (each event carries the
+    connection's descriptor): how the node counts clients, as ZeroMQ has no
+    connection limit of its own."""
+    # libzmq's I/O thread blocks on a full monitor pipe (events are sent without DONTWAIT),
+    # which would stall every connection during a connection storm while the loop is busy:
+    # a deep receive queue here (events are ~100 bytes) instead of pyzmq's default 1,000.
+    addr = f"inproc://ledger-monitor-{id(sock)}"
+    sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    mon = sock.context.socket(zmq.PAIR)
+    mon.setsockopt(zmq.LINGER, 0)
+    mon.setsockopt(zmq.RCVHWM, MONITOR_HWM)
+    mon.connect(addr)
+    return mon
 
 
 def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:

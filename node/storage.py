@@ -43,6 +43,7 @@ STAGE = b"S"
 ASIDE = b"F"
 
 FORMAT_VERSION = b"1"
+MAX_OPEN_FILES = 200  # LevelDB's table cache (its default is 1,000); node/clients.py reserves it
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +221,16 @@ def _text(exc: BaseException) -> str:
 class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
 
-    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20) -> None:
+    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
+                 max_open_files: int = MAX_OPEN_FILES) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
         self.path = path
         self._plyvel: Any = plyvel
-        self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 32 << 20, "bloom_filter_bits": 10}
+        # max_open_files is bounded, so the descriptors LevelDB may open are reserved out of the
+        # process's limit and never taken by clients (node/clients.py)
+        self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 32 << 20, "bloom_filter_bits": 10,
+                         "max_open_files": max_open_files}
         try:
             self._db: Any = plyvel.DB(path, create_if_missing=create, **self._options)
         except plyvel.IOError as exc:

@@ -171,15 +171,23 @@ def start_echo(workdir: str) -> Proc:
 
 
 def start_node(data: str, *flags: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
-               name: str = "ledger") -> tuple[Proc, float]:
+               name: str = "ledger", nofile: int | None = None) -> tuple[Proc, float]:
     """Start a ledger-node; returns it and the seconds until its ready line.
 
-    Its output after the ready line is discarded, or appended to `log_path`."""
+    Its output after the ready line is discarded, or appended to `log_path`. `nofile` sets
+    the node's open-files limit (soft and hard)."""
     t0 = time.monotonic()
+
+    def limit() -> None:
+        import resource
+
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     p = subprocess.Popen(
         [sys.executable, "-m", "node.main", "--data", data, "--listen", listen,
          "--log-level", "warning", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit if nofile else None,
     )
     assert p.stdout is not None
     lines = []

@@ -1,0 +1,169 @@
+"""Floods a node with what one hostile client can make it hold, and measures a second client.
+
+    python -m tools.flood unread [--gets 4000] [--seconds 10] [--node-flags "..."]
+    python -m tools.flood idle [--connections 1100] [--seconds 10] [--node-nofile N] [--node-flags "..."]
+
+`unread`: a DEALER sends `--gets` requests for ~1 MiB pages and never reads a reply (its own
+receive queue is 1 message and a 4 KiB kernel buffer, so the node cannot park the replies in the
+flooder's process); `idle`: `--connections` TCP connections are opened and stay idle. Meanwhile a
+well-behaved client appends one at a time. Prints the node's RSS (start, peak, end), the second
+client's append p50/p99 and the node's status counters, as JSON. Loopback only; bounded in count
+and time. The node is started here (fresh data folder) with --node-flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from protocol import codec
+from protocol.client import Client
+from tools.bench import start_node
+
+PAGE_CONTEXT = "flood-pages"
+PAGE_ENTRIES = 1000
+PAGE_PAYLOAD = 1000  # bytes: a page of 1,000 entries is a ~1.1 MiB get reply
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0.0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.1):
+            try:
+                self.peak = max(self.peak, rss_mib(self.pid))
+            except OSError:
+                return
+
+
+def appender(address: str, seconds: float, lat: list[float]) -> None:
+    with Client(address, timeout=30.0) as c:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            c.append("flood-good", b"x" * 256, key="facts", dedup_id=f"g{i}".encode())
+            lat.append(time.perf_counter() - t0)
+            i += 1
+
+
+def measure_appends(address: str, seconds: float) -> dict[str, Any]:
+    lat: list[float] = []
+    appender(address, seconds, lat)
+    lat.sort()
+    return {
+        "appends": len(lat),
+        "p50_ms": round(statistics.median(lat) * 1000, 3) if lat else None,
+        "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None,
+    }
+
+
+def flood_unread(address: str, zctx: zmq.Context, gets: int, stop: threading.Event) -> int:
+    s = zctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.RCVBUF, 4096)
+    s.setsockopt(zmq.SNDHWM, gets + 1)
+    s.connect(address)
+    sent = 0
+    try:
+        for i in range(gets):
+            if stop.is_set():
+                break
+            s.send(codec.encode_request("get", i + 1, {"context": PAGE_CONTEXT, "after": 0,
+                                                       "limit": PAGE_ENTRIES}))
+            sent += 1
+        stop.wait()  # hold the connection (never reading) until the measurement ends
+    finally:
+        s.close(linger=0)
+    return sent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.flood", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("unread", "idle"))
+    p.add_argument("--gets", type=int, default=4000)
+    p.add_argument("--connections", type=int, default=1100)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--node-nofile", type=int, help="the node's open-files limit (soft and hard)")
+    p.add_argument("--node-flags", default="", help="flags for the node, in one string")
+    args = p.parse_args(argv)
+    args.node_flags = shlex.split(args.node_flags)
+    if not 1 <= args.gets <= 100_000 or not 1 <= args.connections <= 20_000 or not 1 <= args.seconds <= 120:
+        p.error("bounds: --gets 1..100000, --connections 1..20000, --seconds 1..120")
+    work = tempfile.mkdtemp(prefix="ledger-flood-")
+    node, _ = start_node(os.path.join(work, "data"), *args.node_flags, nofile=args.node_nofile)
+    zctx = zmq.Context()
+    out: dict[str, Any] = {"what": args.what, "node_flags": args.node_flags, "node_nofile": args.node_nofile}
+    try:
+        pid = node.popen.pid
+        with Client(node.address, timeout=30.0) as c:
+            for _ in range(PAGE_ENTRIES // 500):
+                c.call("append_batch", context=PAGE_CONTEXT,
+                       entries=[{"payload": b"p" * PAGE_PAYLOAD, "key": "facts"} for _ in range(500)])
+        out["before"] = measure_appends(node.address, 2.0)
+        out["rss_start_mib"] = round(rss_mib(pid), 1)
+        sampler = RssSampler(pid)
+        sampler.start()
+        stop = threading.Event()
+        socks: list[socket.socket] = []
+        flooder = None
+        if args.what == "unread":
+            flooder = threading.Thread(target=flood_unread, args=(node.address, zctx, args.gets, stop),
+                                       daemon=True)
+            flooder.start()
+        else:
+            host, port = node.address.split("://", 1)[1].rsplit(":", 1)
+            for _ in range(args.connections):
+                # plain TCP connections that never speak: idle clients at their cheapest
+                socks.append(socket.create_connection((host, int(port))))
+        time.sleep(1.0)
+        out["during"] = measure_appends(node.address, args.seconds)
+        out["rss_peak_mib"] = round(max(sampler.peak, rss_mib(pid)), 1)
+        out["rss_during_end_mib"] = round(rss_mib(pid), 1)
+        with Client(node.address, timeout=30.0) as c:
+            st = c.call("status")
+        out["status"] = {k: v for k, v in st.items() if k.startswith(("client", "max_client", "connections"))}
+        stop.set()
+        if flooder is not None:
+            flooder.join(10)
+        for s in socks:
+            s.close()
+        sampler.stopping.set()
+        time.sleep(1.0)
+        out["rss_after_mib"] = round(rss_mib(pid), 1)
+    finally:
+        node.stop()
+        zctx.term()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
