@@ -161,8 +161,9 @@ def test_writer_down_appends_fail_clearly_reads_go_on_and_new_contexts_work(node
     wait_for(lambda: converged([n2, n3], zctx, ["new-on-n2"]), what="n3 to get n2's context")
     # n1 comes back under its id and is accepted at once; appends reach it again
     n1.start()
-    wait_for(lambda: any(p["id"] == "n1" and p["state"] == "alive" for p in status(n2, zctx)["peers"]),
-             what="n1 to be alive again")
+    # (n3 is where the append goes: it must have heard n1 again too, not only n2)
+    wait_for(lambda: all(any(p["id"] == "n1" and p["state"] == "alive" for p in status(n, zctx)["peers"])
+                         for n in (n2, n3)), what="n1 to be alive again")
     with Client(n3.address, zctx=zctx) as c3:
         assert c3.append("owned", "after the restart").seq == 2
     wait_for(lambda: converged([n1, n2, n3], zctx, ["owned", "new-on-n2"]), what="convergence after restart")
