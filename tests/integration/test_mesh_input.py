@@ -197,9 +197,10 @@ def test_a_gossip_flood_past_the_socket_limit_leaves_the_node_up_with_its_peers_
         for k, chunk in enumerate((addrs[:1000], addrs[1000:])):
             peers = [[f"ghost{k}-{i}", a] for i, a in enumerate(chunk)]
             assert r.call(hb("flooder", "192.0.2.200:1", peers, rid=k + 1))["ok"]
-        time.sleep(1.5)  # heartbeats to every peer it keeps: the old node exited here (too many sockets)
+        time.sleep(3.0)  # heartbeats to every peer it keeps: the old node exited here (too many sockets)
+        assert n.proc is not None and n.proc.poll() is None, n.output()[-2000:]
         st = serving(c)
-        assert len(st["peers"]) == st["max_peers"] == 64  # the default
+        assert len(st["peers"]) == 64 and st["max_peers"] == 64  # the default
         assert st["replication"]["refused_peers"] == 1100 - 63  # the flooder itself took a slot
         assert st["replication"]["peer_errors"] == 0
         assert n.output().count("keeps at most 64 peers") == 1
@@ -282,9 +283,9 @@ def test_an_oversized_reply_on_a_peer_socket_is_dropped_and_the_peer_reconnected
         wait_for(lambda: fake.ops.count("heartbeat") >= 3, what="heartbeats at the fake peer")
         time.sleep(0.3)
         st = c.status()
-        assert st["max_peer_message"] == 17 << 20
         (p,) = st["peers"]
         assert p["id"] is None and p["state"] == "unknown", p  # never read: the old node took it
+        assert st["max_peer_message"] == 17 << 20
         big["on"] = False
         # ZeroMQ does not reconnect after dropping an oversized message: the node does
         wait_for(lambda: c.status()["peers"][0]["state"] == "alive", what="normal replies read")
