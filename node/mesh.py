@@ -23,7 +23,7 @@ Theory of operation
   end size, which carries the root there) and keep a chunk only if our log plus
   the chunk gives that root. A context whose histories differ at a common size
   is a fork: recorded, surfaced, never "fixed" by dropping anything.
-- Hostile or broken peer input (SPEC 17.7): every address is parsed before a
+- Hostile or broken peer input (SPEC 17.6): every address is parsed before a
   socket is made for it (the codec does it for heartbeats; replies here), the
   peer table holds at most `max_peers` (more are refused, counted); a gossiped
   peer that never answers is forgotten again, and a forgotten peer frees its

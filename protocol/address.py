@@ -4,7 +4,7 @@ A peer address arrives from a heartbeat (`address`, `pub`), a heartbeat reply
 (`pub`), another node's gossip (`peers`) or the command line, and ends up in a
 ZeroMQ `tcp://` endpoint. ZeroMQ refuses some strings by raising, resolves
 others, and each connect holds a socket of a bounded pool, so the string is
-checked here first (SPEC 17.7):
+checked here first (SPEC 17.6):
 
 - `host` is an IPv4 dotted quad (`10.0.0.7`), an IPv6 literal in brackets
   (`[::1]`, no zone), or a DNS name: labels of ASCII letters, digits and `-`

@@ -165,7 +165,7 @@ class Heartbeat:
     peers: tuple[tuple[str, str], ...]
     digest: bytes
     cluster: str = "ledger"
-    # gossiped peers whose address did not parse (SPEC 17.7): skipped, not a reason to refuse the
+    # gossiped peers whose address did not parse (SPEC 17.6): skipped, not a reason to refuse the
     # heartbeat; the count and the first one's error, for the node to log and count
     bad_peers: int = 0
     bad_peer_error: str = ""

@@ -1,4 +1,4 @@
-"""Hostile or broken peer input never ends the node (issue #12, SPEC 17.7): bad addresses in a
+"""Hostile or broken peer input never ends the node (issue #12, SPEC 17.6): bad addresses in a
 heartbeat or its gossip, a gossip flood past ZeroMQ's socket limit, acks from made-up node ids,
 frames larger than any legitimate peer message. A fake peer (sockets owned by the test) plays
 the other node; every address the node is made to connect to is the test's own or in

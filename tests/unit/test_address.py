@@ -1,4 +1,4 @@
-"""protocol/address.py: what a peer address may be (SPEC 17.7), at its boundaries."""
+"""protocol/address.py: what a peer address may be (SPEC 17.6), at its boundaries."""
 
 from __future__ import annotations
 

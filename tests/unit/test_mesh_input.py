@@ -1,4 +1,4 @@
-"""Peer input that is hostile or broken (issue #12, SPEC 17.7), at the codec and the mesh core:
+"""Peer input that is hostile or broken (issue #12, SPEC 17.6), at the codec and the mesh core:
 addresses checked before use, the peer table capped, acks only from members, one peer's fault
 isolated to it. No sockets: the mesh runs on a recording transport with a hand-set clock."""
 
