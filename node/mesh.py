@@ -75,6 +75,7 @@ RESET_UNSENT_AFTER_DEAD_INTERVALS = 1
 # 1,023 sockets in all (MAX_SOCKETS), which gossip alone could otherwise exhaust.
 DEFAULT_MAX_PEERS = 64
 MAX_MAX_PEERS = 512
+MAX_REFUSED_LOGGED = 1_024  # addresses of other clusters remembered (to warn once each); bounded
 
 
 class Transport(Protocol):
@@ -469,7 +470,7 @@ class Mesh:
     def rpc_heartbeat(self, hb: codec.Heartbeat, now: float) -> dict[str, Any]:
         self.now = now
         if hb.cluster != self.cluster:
-            if hb.address not in self._refused:
+            if hb.address not in self._refused and len(self._refused) < MAX_REFUSED_LOGGED:
                 self._refused.add(hb.address)
                 log.warning("refusing heartbeats of %s at %s: it belongs to cluster %r, this node to %r",
                             hb.node_id, hb.address, hb.cluster, self.cluster)
@@ -485,7 +486,9 @@ class Mesh:
             if hb.bad_peers:
                 self._bad_address(p, hb.bad_peer_error, hb.bad_peers)
             self._learn(p, hb.as_map(), now)
-        elif hb.bad_peers:
+        else:
+            # this node itself, or refused for max_peers: nothing is learned from it (its clock
+            # included: entries reach this node only from peers, which carry their own clocks)
             self.bad_peer_addresses += hb.bad_peers
         out = {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
                "address": self.address, "pub": self.pub, "cluster": self.cluster}
@@ -509,7 +512,7 @@ class Mesh:
         other = err.get("cluster") if isinstance(err, dict) else reply.get("cluster")
         if isinstance(other, str) and other != self.cluster:
             # a node of another cluster answers at this address: not a peer
-            if address not in self._refused:
+            if address not in self._refused and len(self._refused) < MAX_REFUSED_LOGGED:
                 self._refused.add(address)
                 log.warning("the node at %s belongs to cluster %r, not %r; %s", address, other, self.cluster,
                             "it stays a seed but is not joined" if address in self.seeds else "forgetting it")

@@ -188,6 +188,17 @@ def test_acks_count_only_from_known_members_and_go_when_they_are_forgotten():
     assert m.replicated(ctx, 1) == 0 and m.ignored_acks == 1001
 
 
+def test_heartbeats_of_other_clusters_from_many_addresses_do_not_grow_the_node():
+    from node.mesh import MAX_REFUSED_LOGGED
+    from protocol.errors import Conflict
+
+    m = mesh(Recording())
+    for i in range(MAX_REFUSED_LOGGED + 500):
+        with pytest.raises(Conflict):
+            m.rpc_heartbeat(decode_hb(hb_frame("o", f"192.0.2.9:{1 + i}", cluster="other")), 1.0)
+    assert len(m._refused) == MAX_REFUSED_LOGGED and not m.peers
+
+
 # -- the seeded simulation -------------------------------------------------------------------
 
 
