@@ -99,3 +99,15 @@ def test_a_long_address_is_cut_short_in_the_message():
 def test_split_gives_the_host_without_brackets():
     assert split_address("[::1]:7400") == ("::1", 7400)
     assert split_address("Example.org:1") == ("example.org", 1)
+
+
+def test_the_cache_of_parsed_addresses_agrees_with_the_full_parse():
+    from protocol.address import _parse_str, format_address
+
+    for text in ("10.0.0.1:7400", "a.b-c.d:1", "node:65535", "[::1]:1", "Host:7", "1.2.3.4:07400", "z9:1"):
+        _parse_str.cache_clear()
+        assert parse_address(text) == format_address(*split_address(text)) == parse_address(text)
+    for bad in ("10.0.0.1:65536", "a:0", "256.1.1.1:1", "a" * 64 + ":1", "-a:1", "1.2.3:1", "a.:1"):
+        for _ in range(2):  # failures are not cached as anything else
+            with pytest.raises(RemoteProtocolError):
+                parse_address(bad)
