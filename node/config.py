@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dropped (it refills them by seq when it reads again); bounds the node's RAM per slow "
                    "watcher [LEDGER_WATCH_QUEUE] (default 1000; a message holds at most 64 KiB)")
     p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
-                   "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
+                   "join; one is enough, the rest is learned by gossip. HOST: an IPv4 address, an IPv6 address in "
+                   "brackets or a DNS name; PORT: 1..65535 [LEDGER_PEERS] (default: none)")
     p.add_argument("--cluster", help="name of the mesh this node belongs to; nodes refuse heartbeats from "
                    "other clusters, so a node never joins a mesh by accident [LEDGER_CLUSTER] (default ledger)")
     p.add_argument("--max-peers", help="most other nodes this node keeps in its peer table (each is one socket); "
