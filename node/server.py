@@ -388,8 +388,8 @@ class Server:
                     self.mesh.on_reply(address, reply, now, len(frames[-1]))
                 except Exception as exc:
                     self.mesh.peer_error(address, "handling its reply failed", exc)
-                if address not in self.peer_socks:
-                    break  # forgotten while handling it
+                if self.peer_socks.get(address) is not s:
+                    break  # forgotten while handling it (closed after this turn)
 
     def _hold_for_replicas(self, ctx: ContextState, seq: int, n: int, fields: dict[str, Any],
                            raw: dict[str, Any]) -> None:
