@@ -120,7 +120,7 @@ class Server:
         self._peer_turn = 0
         self.peer_max_msg = max_peer_message(config.max_payload)
         self.peer_sub = sockets.peer_sub(self.zctx, self.peer_max_msg)
-        self._forgotten: list[zmq.Socket] = []  # sockets of forgotten peers, closed between loop turns
+        self._forgotten: list[zmq.Socket[Any]] = []  # sockets of forgotten peers, closed between loop turns
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.mesh = Mesh(
             ledger, self, address=advertise, pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}",
