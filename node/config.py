@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from node import __version__
 from node.busypoll import DEFAULT_WINDOW_US as DEFAULT_BUSY_POLL_US
+from node.mesh import DEFAULT_MAX_PEERS, MAX_MAX_PEERS
+from protocol.address import parse_address, split_address
+from protocol.errors import RemoteProtocolError
 
 DEFAULT_PORT = 7400
 DEFAULT_MAX_PAYLOAD = 4 << 20
@@ -56,6 +59,7 @@ class Config:
     max_watch_topics: int = 10_000
     max_client_queue: int = DEFAULT_MAX_CLIENT_QUEUE
     max_clients: int | None = None  # None: from the open-files limit (node/clients.py)
+    max_peers: int = DEFAULT_MAX_PEERS
 
     @property
     def sync(self) -> bool:
@@ -136,9 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(256MiB, 1G, ... accepted); a chunk past it is refused [LEDGER_MAX_STAGED_BYTES] "
                    "(default 256MiB)")
     p.add_argument("--peers", metavar="HOST:PORT[,HOST:PORT...]", help="request addresses of other nodes to "
-                   "join; one is enough, the rest is learned by gossip [LEDGER_PEERS] (default: none)")
+                   "join; one is enough, the rest is learned by gossip. HOST: an IPv4 address, an IPv6 address in "
+                   "brackets or a DNS name; PORT: 1..65535 [LEDGER_PEERS] (default: none)")
     p.add_argument("--cluster", help="name of the mesh this node belongs to; nodes refuse heartbeats from "
                    "other clusters, so a node never joins a mesh by accident [LEDGER_CLUSTER] (default ledger)")
+    p.add_argument("--max-peers", help="most other nodes this node keeps in its peer table (each is one socket); "
+                   "new peers past it, from heartbeats or gossip, are refused and counted in status "
+                   f"[LEDGER_MAX_PEERS] (default {DEFAULT_MAX_PEERS}, at most {MAX_MAX_PEERS})")
     p.add_argument("--heartbeat-ms", help="interval of the gossip heartbeat between nodes "
                    "[LEDGER_HEARTBEAT_MS] (default 500)")
     p.add_argument("--advertise", metavar="HOST:PORT", help="the request address other nodes should use, "
@@ -223,13 +231,20 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not _digits(mt_raw) or not 1 <= int(mt_raw) <= 10_000_000:
         raise ConfigError(f"--max-watch-topics must be an integer from 1 to 10000000, got {mt_raw!r}")
     peers_raw = pick(args.peers, "PEERS", "")
-    peers = []
+    peers: list[str] = []
     for item in (x.strip() for x in peers_raw.split(",")):
         if item:
-            h, pt = parse_hostport(item, "--peers")
-            if pt == 0:
-                raise ConfigError(f"--peers: {item!r} needs a real port, not 0")
-            peers.append(f"{h}:{pt}" if ":" not in h else f"[{h}]:{pt}")
+            try:
+                addr = parse_address(item, "--peers:")
+            except RemoteProtocolError as exc:
+                raise ConfigError(exc.message) from None
+            if addr not in peers:
+                peers.append(addr)
+    mp_raw = pick(args.max_peers, "MAX_PEERS", str(DEFAULT_MAX_PEERS))
+    if not _digits(mp_raw) or not 1 <= int(mp_raw) <= MAX_MAX_PEERS:
+        raise ConfigError(f"--max-peers must be an integer from 1 to {MAX_MAX_PEERS}, got {mp_raw!r}")
+    if len(peers) > int(mp_raw):
+        raise ConfigError(f"--peers lists {len(peers)} nodes, more than --max-peers ({mp_raw})")
     cluster = pick(args.cluster, "CLUSTER", "ledger")
     if not ID_RE.match(cluster):
         raise ConfigError(f"--cluster must be 1..64 letters, digits, '.', '_' or '-', got {cluster!r}")
@@ -238,9 +253,13 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(f"--heartbeat-ms must be an integer from 10 to 60000, got {hbm_raw!r}")
     advertise = pick(args.advertise, "ADVERTISE", "") or None
     if advertise is not None:
-        ah, ap = parse_hostport(advertise, "--advertise")
-        if ap == 0 or ah in ("0.0.0.0", "::", "*"):
+        try:
+            ah, ap = split_address(advertise, "--advertise")
+        except RemoteProtocolError as exc:
+            raise ConfigError(exc.message) from None
+        if ah in ("0.0.0.0", "::"):
             raise ConfigError(f"--advertise must be an address others can reach, got {advertise!r}")
+        advertise = parse_address(advertise)
     sa_raw = pick(args.suspect_after, "SUSPECT_AFTER", "3")
     da_raw = pick(args.dead_after, "DEAD_AFTER", "10")
     if not _digits(sa_raw) or not _digits(da_raw) or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
@@ -275,5 +294,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
-        max_client_queue=max_client_queue, max_clients=max_clients,
+        max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
     )

@@ -23,6 +23,13 @@ Theory of operation
   end size, which carries the root there) and keep a chunk only if our log plus
   the chunk gives that root. A context whose histories differ at a common size
   is a fork: recorded, surfaced, never "fixed" by dropping anything.
+- Hostile or broken peer input (SPEC 17.6): every address is parsed before a
+  socket is made for it (the codec does it for heartbeats; replies here), the
+  peer table holds at most `max_peers` (more are refused, counted); a gossiped
+  peer that never answers is forgotten again, and a forgotten peer frees its
+  slot, its socket and its acks. An error while ticking one peer or handling
+  one peer's message is logged with the peer and counted (`peer_errors`), and
+  never leaves the loop. Acks count only from known members.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any, Protocol
 
 from node.ledger import ContextState, Ledger
 from protocol import codec, digest, merkle, watch
+from protocol.address import parse_address
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry, entry_from_wire
 from protocol.errors import NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
@@ -59,6 +67,18 @@ RETRY_UNSENT_S = 0.01
 # (10 heartbeats x 500 ms x 60 = 5 minutes by default): its address may be reused
 # by a node that never meant to join this mesh.
 FORGET_AFTER_DEAD_INTERVALS = 60
+# A peer learned only by gossip that never answers (a made-up or stale address) is forgotten
+# after this many dead-after spans, so it cannot keep a slot of `max_peers` for good.
+FORGET_UNHEARD_AFTER_DEAD_INTERVALS = 2
+# A peer whose heartbeats could not be sent this many dead-after spans in a row gets a new
+# connection: ZeroMQ does not reconnect a connection it dropped for a protocol error (such as
+# a message past MAXMSGSIZE), so without this one oversized reply would cut a peer off for good.
+RESET_UNSENT_AFTER_DEAD_INTERVALS = 1
+# Peers this node keeps (--max-peers): each is one DEALER socket, and a ZeroMQ context has
+# 1,023 sockets in all (MAX_SOCKETS), which gossip alone could otherwise exhaust.
+DEFAULT_MAX_PEERS = 64
+MAX_MAX_PEERS = 512
+MAX_REFUSED_LOGGED = 1_024  # addresses of other clusters remembered (to warn once each); bounded
 
 
 class Transport(Protocol):
@@ -69,6 +89,10 @@ class Transport(Protocol):
     def subscribe(self, pub_address: str) -> None: ...
 
     def unsubscribe(self, pub_address: str) -> None: ...
+
+    def forget(self, address: str) -> None:
+        """The peer at `address` is no longer one: release what was held for it (its socket)."""
+        ...
 
 
 ALIVE, SUSPECT, DEAD, UNKNOWN = "alive", "suspect", "dead", "unknown"
@@ -90,6 +114,10 @@ class Peer:
     pulls: list[tuple[str, int, bytes]] = field(default_factory=list)  # (context, target size, target root)
     pulled_entries: int = 0
     subscribed: str | None = None
+    learned: float = 0.0  # when this node learned of it
+    errors: int = 0  # failures while handling its messages or sending to it (peer_errors)
+    bad_gossip: int = 0  # peer entries of its heartbeats whose address did not parse
+    unsent_beats: int = 0  # heartbeats in a row that could not be sent to it
 
 
 @dataclass
@@ -138,6 +166,7 @@ class Mesh:
         cluster: str = "ledger",
         on_applied: Callable[[ContextState], None] | None = None,
         ack_durable: bool = False,
+        max_peers: int = DEFAULT_MAX_PEERS,
     ) -> None:
         self.ledger = ledger
         self.transport = transport
@@ -149,6 +178,12 @@ class Mesh:
         self.boot = boot
         self.cluster = cluster
         self.seeds = {a for a in seeds if a != address}
+        self.max_peers = max_peers
+        self.refused_peers = 0  # new peers refused for max_peers
+        self._cap_logged = False  # the refusal is logged once until a slot frees up
+        self.bad_peer_addresses = 0  # peer addresses (gossip, pub) that did not parse, skipped
+        self.peer_errors = 0  # failures handling one peer's message or sending to it, isolated
+        self.ignored_acks = 0  # acks from node ids that are not known members
         self.forget_after_s = FORGET_AFTER_DEAD_INTERVALS * dead_after * heartbeat_s
         self.on_applied = on_applied or (lambda ctx: None)
         self.peers: dict[str, Peer] = {}  # by address
@@ -197,27 +232,36 @@ class Mesh:
     # -- membership -------------------------------------------------------------------
 
     def _peer(self, address: str, node_id: str | None) -> Peer | None:
+        """The peer at `address` (learned now if new); None for this node itself, or when the
+        peer table is full (`max_peers`). `address` is already parsed (protocol.address)."""
         if address == self.address or node_id == self.ledger.node_id:
             return None
         known = self.peers.get(address)
+        moving = node_id is not None and self.by_id.get(node_id) not in (None, address)
+        if known is None and not moving and len(self.peers) >= self.max_peers:
+            self.refused_peers += 1
+            if not self._cap_logged:
+                self._cap_logged = True
+                log.warning("not adding peer at %s%s: this node keeps at most %d peers (--max-peers); "
+                            "further refusals are counted in status (refused_peers)", address,
+                            f" ({node_id})" if node_id else "", self.max_peers)
+            return None
         if known is not None and node_id is not None and known.node_id not in (None, node_id):
             # another node now answers at this address: not a restart of the old one
             log.info("the node at %s is now %s (was %s)", address, node_id, known.node_id)
-            self.by_id.pop(known.node_id, None)
-            if known.subscribed:
-                self.transport.unsubscribe(known.subscribed)
-            self.peers[address] = Peer(address)
+            self._forget(known)
+            self.peers[address] = Peer(address, learned=self.now)
         if node_id is not None:
             old = self.by_id.get(node_id)
             if old is not None and old != address:
                 # the same node now speaks from another address: move it
-                p = self.peers.pop(old, None)
-                if p is not None and p.subscribed:
-                    self.transport.unsubscribe(p.subscribed)
+                p = self.peers.get(old)
+                if p is not None:
+                    self._forget(p, keep_acks=True)
                 log.info("peer %s moved from %s to %s", node_id, old, address)
         p = self.peers.get(address)
         if p is None:
-            p = self.peers[address] = Peer(address)
+            p = self.peers[address] = Peer(address, learned=self.now)
             log.info("learned of peer at %s%s", address, f" ({node_id})" if node_id else "")
         if node_id is not None:
             p.node_id = node_id
@@ -240,8 +284,19 @@ class Mesh:
                 log.info("peer %s restarted", p.node_id)
                 self._drop_held_of(p.node_id)  # what it pushed before may be lost with it
                 self._forget_requests(p)  # and what we asked of it will not be answered
+                if p.subscribed:
+                    # a new connection to its PUB: the old one may have been dropped for good
+                    # (ZeroMQ does not reconnect after a protocol error, e.g. an oversized message)
+                    self.transport.unsubscribe(p.subscribed)
+                    p.subscribed = None
             p.boot = boot
         pub = m.get("pub")
+        if isinstance(pub, str) and pub != p.subscribed:
+            try:
+                pub = parse_address(pub, "pub")
+            except RemoteProtocolError as exc:
+                self._bad_address(p, exc.message)
+                pub = None
         if isinstance(pub, str) and pub != p.subscribed:
             if p.subscribed:
                 self.transport.unsubscribe(p.subscribed)
@@ -263,6 +318,33 @@ class Mesh:
         if buckets is not None:
             p.digest = buckets
             self._maybe_sync(p)
+
+    def _bad_address(self, p: Peer, error: str, count: int = 1) -> None:
+        """Peer data with an address that does not parse: skipped, counted, logged once per peer."""
+        self.bad_peer_addresses += count
+        if not p.bad_gossip:
+            log.warning("peer %s at %s sent %d address(es) that are not HOST:PORT, skipped (first: %s); "
+                        "further ones are counted in status (bad_peer_addresses)", p.node_id or "?", p.address,
+                        count, error)
+        p.bad_gossip += count
+
+    def peer_error(self, address: str, what: str, exc: BaseException | None = None, expected: bool = False) -> None:
+        """A failure while handling the message of, or sending to, the peer at `address`: it is
+        isolated to that peer (the loop goes on), counted, and logged (the 1st, 2nd, 4th, 8th...
+        time per peer, so a peer that fails on every heartbeat does not flood the log), with a
+        traceback unless it is `expected` (a resource error) or a protocol error."""
+        self.peer_errors += 1
+        p = self.peers.get(address)
+        n = 1
+        if p is not None:
+            p.errors += 1
+            n = p.errors
+        if n & (n - 1) == 0:
+            log.warning("%s, peer %s at %s (failure %d with this peer): %s", what,
+                        p.node_id if p is not None and p.node_id else "?", address, n,
+                        f"{type(exc).__name__}: {exc}" if exc is not None else "",
+                        exc_info=exc is not None and not expected
+                        and not isinstance(exc, (LedgerError, RemoteProtocolError, OSError)))
 
     def heartbeat_fields(self) -> dict[str, Any]:
         buckets = self.ledger.digest(NBUCKETS)
@@ -290,31 +372,50 @@ class Mesh:
         self.unsent = {}
         fields = self.heartbeat_fields()
         for p in list(self.peers.values()):
-            if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
-                    and now - p.last_heard > self.forget_after_s):
-                log.info("forgetting peer %s at %s (dead for %.0f s)", p.node_id, p.address, now - p.last_heard)
-                self._forget(p)
-                continue
-            if p.last_heard is not None:
-                silent = (now - p.last_heard) / self.heartbeat_s
-                if silent >= self.dead_after and p.state != DEAD:
-                    log.warning("peer %s at %s is dead (silent %.1f s)", p.node_id or "?", p.address,
-                                now - p.last_heard)
-                    p.state = DEAD
-                    p.syncing = False
-                    self._drop_pulls(p)
-                    self._drop_held_of(p.node_id)
-                elif self.suspect_after <= silent < self.dead_after and p.state == ALIVE:
-                    log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
-                    p.state = SUSPECT
-            if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
-                continue
-            if self._send(p, "heartbeat", fields) is not None:
-                self.heartbeats_sent += 1
-            elif p.state != DEAD:
-                self.unsent[p.address] = 0
+            try:
+                self._tick_peer(p, now, fields)
+            except Exception as exc:  # one peer's fault stays with it
+                self.peer_error(p.address, "heartbeat failed", exc)
         self._last_retry = now
         self._expire_requests(now)
+
+    def _tick_peer(self, p: Peer, now: float, fields: dict[str, Any]) -> None:
+        if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
+                and now - p.last_heard > self.forget_after_s):
+            log.info("forgetting peer %s at %s (dead for %.0f s)", p.node_id, p.address, now - p.last_heard)
+            self._forget(p)
+            return
+        if (p.last_heard is None and p.address not in self.seeds
+                and now - p.learned > FORGET_UNHEARD_AFTER_DEAD_INTERVALS * self.dead_after * self.heartbeat_s):
+            log.info("forgetting peer at %s: it never answered", p.address)
+            self._forget(p)
+            return
+        if p.last_heard is not None:
+            silent = (now - p.last_heard) / self.heartbeat_s
+            if silent >= self.dead_after and p.state != DEAD:
+                log.warning("peer %s at %s is dead (silent %.1f s)", p.node_id or "?", p.address,
+                            now - p.last_heard)
+                p.state = DEAD
+                p.syncing = False
+                self._drop_pulls(p)
+                self._drop_held_of(p.node_id)
+            elif self.suspect_after <= silent < self.dead_after and p.state == ALIVE:
+                log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
+                p.state = SUSPECT
+        if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
+            return
+        if self._send(p, "heartbeat", fields) is not None:
+            self.heartbeats_sent += 1
+            p.unsent_beats = 0
+            return
+        if p.state != DEAD:
+            self.unsent[p.address] = 0
+        p.unsent_beats += 1
+        if p.unsent_beats >= RESET_UNSENT_AFTER_DEAD_INTERVALS * self.dead_after:
+            log.info("no heartbeat could be sent to %s for %d intervals; connecting to it anew",
+                     p.address, p.unsent_beats)
+            p.unsent_beats = 0
+            self.transport.forget(p.address)
 
     def _retry_unsent(self, now: float) -> None:
         self._last_retry = now
@@ -324,18 +425,35 @@ class Mesh:
             if p is None or p.state == DEAD or tries >= RETRY_UNSENT_TIMES:
                 # not a connection still being made: the regular beats probe it
                 del self.unsent[address]
-            elif self._send(p, "heartbeat", fields) is not None:
+                continue
+            try:
+                sent = self._send(p, "heartbeat", fields) is not None
+            except Exception as exc:  # one peer's fault stays with it
+                self.peer_error(address, "heartbeat failed", exc)
+                sent = False
+            if sent:
                 self.heartbeats_sent += 1
+                p.unsent_beats = 0
                 del self.unsent[address]
             else:
                 self.unsent[address] = tries + 1
 
-    def _forget(self, p: Peer) -> None:
-        self.peers.pop(p.address, None)
+    def _forget(self, p: Peer, keep_acks: bool = False) -> None:
+        """Drop `p` from the peer table (its slot of max_peers, its socket, its subscription, and
+        unless it only moved to another address, what it acknowledged)."""
+        if self.peers.get(p.address) is p:
+            del self.peers[p.address]
+        self.unsent.pop(p.address, None)
         if p.node_id is not None and self.by_id.get(p.node_id) == p.address:
             del self.by_id[p.node_id]
+            if not keep_acks:
+                for sizes in self.replica_sizes.values():
+                    sizes.pop(p.node_id, None)
         if p.subscribed:
             self.transport.unsubscribe(p.subscribed)
+        self.transport.forget(p.address)
+        if len(self.peers) < self.max_peers:
+            self._cap_logged = False
 
     def _expire_requests(self, now: float) -> None:
         # A request whose reply was lost (or whose peer died) is forgotten after a
@@ -384,7 +502,7 @@ class Mesh:
     def rpc_heartbeat(self, hb: codec.Heartbeat, now: float) -> dict[str, Any]:
         self.now = now
         if hb.cluster != self.cluster:
-            if hb.address not in self._refused:
+            if hb.address not in self._refused and len(self._refused) < MAX_REFUSED_LOGGED:
                 self._refused.add(hb.address)
                 log.warning("refusing heartbeats of %s at %s: it belongs to cluster %r, this node to %r",
                             hb.node_id, hb.address, hb.cluster, self.cluster)
@@ -397,7 +515,13 @@ class Mesh:
             # can start its repair now rather than at our next heartbeat
             fresh = p.state != ALIVE or p.boot != hb.boot
             self._heard(p, now, hb.lamport)
+            if hb.bad_peers:
+                self._bad_address(p, hb.bad_peer_error, hb.bad_peers)
             self._learn(p, hb.as_map(), now)
+        else:
+            # this node itself, or refused for max_peers: nothing is learned from it (its clock
+            # included: entries reach this node only from peers, which carry their own clocks)
+            self.bad_peer_addresses += hb.bad_peers
         out = {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
                "address": self.address, "pub": self.pub, "cluster": self.cluster}
         if fresh:
@@ -420,7 +544,7 @@ class Mesh:
         other = err.get("cluster") if isinstance(err, dict) else reply.get("cluster")
         if isinstance(other, str) and other != self.cluster:
             # a node of another cluster answers at this address: not a peer
-            if address not in self._refused:
+            if address not in self._refused and len(self._refused) < MAX_REFUSED_LOGGED:
                 self._refused.add(address)
                 log.warning("the node at %s belongs to cluster %r, not %r; %s", address, other, self.cluster,
                             "it stays a seed but is not joined" if address in self.seeds else "forgetting it")
@@ -433,7 +557,7 @@ class Mesh:
         if isinstance(nid, str) and p.node_id != nid:
             if nid == self.ledger.node_id:
                 log.warning("%s is this node itself; forgetting it as a peer", address)
-                self.peers.pop(address, None)
+                self._forget(p)
                 return
             p = self._peer(address, nid) or p  # learn the id first, so the log can name it
         lamport = reply.get("lamport")
@@ -873,8 +997,12 @@ class Mesh:
     def rpc_ack(self, req: codec.Ack, now: float) -> dict[str, Any]:
         addr = self.by_id.get(req.node_id)
         p = self.peers.get(addr) if addr else None
-        if p is not None:
-            self._heard(p, now)
+        if p is None:
+            # not a member this node knows (a made-up id, or one forgotten): its acks would
+            # grow replica_sizes without bound and could satisfy replicas=N with nobody
+            self.ignored_acks += 1
+            return {"node_id": self.ledger.node_id}
+        self._heard(p, now)
         for name, size in req.acks:
             ctx = self.ledger.contexts.get(name)
             if ctx is None or ctx.writer != self.ledger.node_id:
@@ -915,6 +1043,7 @@ class Mesh:
     def status(self, now: float) -> dict[str, Any]:
         local_total = self.ledger.entries_total
         return {
+            "max_peers": self.max_peers,
             "peers": [
                 {
                     "id": p.node_id,
@@ -944,6 +1073,11 @@ class Mesh:
                 "pulled_bytes": self.pulled_bytes,
                 "reply_bytes": self.reply_bytes,
                 "refused_messages": self.refused_messages,
+                "refused_peers": self.refused_peers,
+                "bad_peer_addresses": self.bad_peer_addresses,
+                "peer_errors": self.peer_errors,
+                "ignored_acks": self.ignored_acks,
+                "replica_acks": sum(len(sizes) for sizes in self.replica_sizes.values()),
             },
         }
 

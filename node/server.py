@@ -34,9 +34,9 @@ import zmq
 from node import __version__, clients, sockets
 from node.busypoll import BusyPoll
 from node.config import Config
-from node.ledger import ContextState, Ledger
+from node.ledger import MAX_REPLY_BYTES, ContextState, Ledger
 from node.mesh import ACK_LAZY_S, Mesh
-from node.publisher import Publisher
+from node.publisher import MAX_MSG_BYTES, Publisher
 from node.storage import KV, WriteFailed
 from protocol import codec
 from protocol.codec import RequestId
@@ -62,6 +62,16 @@ FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 MAX_BUFFERED_KEYS = 200_000
 PEER_OPS = frozenset(("heartbeat", "sync_heads", "ack"))  # requests only nodes send
 PUSH_SLICE_S = 0.02  # longest the loop spends applying pushes (or peer replies) before it serves requests again
+
+
+def max_peer_message(max_payload: int) -> int:
+    """Largest message this node takes from a peer socket (MAXMSGSIZE; a larger one drops the
+    connection before it is buffered). The largest legitimate ones: a pull reply (`snapshot`
+    page) holds at most MAX_REPLY_BYTES of entries, or one entry when that entry alone is
+    larger; a pushed entries message is cut after MAX_MSG_BYTES, so it holds less than that
+    plus one entry. An entry is its payload (<= max_payload) plus at most ~300 KiB of key,
+    metadata and fixed fields; 1 MiB more covers that and the message envelope."""
+    return max(MAX_REPLY_BYTES, max_payload + MAX_MSG_BYTES) + (1 << 20)
 
 
 class Flusher(threading.Thread):
@@ -135,13 +145,16 @@ class Server:
         self.peer_addr: dict[zmq.Socket, str] = {}
         self._peer_rid = 1
         self._peer_turn = 0
-        self.peer_sub = sockets.peer_sub(self.zctx)
+        self.peer_max_msg = max_peer_message(config.max_payload)
+        self.peer_sub = sockets.peer_sub(self.zctx, self.peer_max_msg)
+        self._forgotten: list[zmq.Socket[Any]] = []  # sockets of forgotten peers, closed between loop turns
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.mesh = Mesh(
             ledger, self, address=advertise, pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}",
             seeds=list(config.peers), heartbeat_s=config.heartbeat_ms / 1000.0,
             suspect_after=config.suspect_after, dead_after=config.dead_after, boot=self.publisher.boot,
             cluster=config.cluster, on_applied=self.publisher.mark, ack_durable=config.sync,
+            max_peers=config.max_peers,
         )
         self.mesh.on_ack = self._check_replicated
         # appends waiting for replicas=N: (ctx, seq, n, reply frames head, reply fields, raw, deadline)
@@ -270,8 +283,13 @@ class Server:
                 self._collect_done()
                 self._maybe_handoff()
                 now = time.monotonic()
-                mesh.tick(now)
-                mesh.flush_acks(now)
+                try:
+                    mesh.tick(now)  # (each peer's part is isolated inside; this is the last guard)
+                    mesh.flush_acks(now)
+                except Exception as exc:
+                    mesh.peer_error("(several)", "the mesh tick failed", exc)
+                if self._forgotten:
+                    self._close_forgotten()
                 if self.repl_held:
                     self._check_replicated()
                 if now - last_heartbeat >= heartbeat_check:
@@ -317,7 +335,13 @@ class Server:
     def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
         s = self.peer_socks.get(address)
         if s is None:
-            s = sockets.peer_dealer(self.zctx, address)
+            try:
+                s = sockets.peer_dealer(self.zctx, address, self.peer_max_msg)
+            except zmq.ZMQError as exc:
+                # EMFILE (ZeroMQ's MAX_SOCKETS or the fd limit), EINVAL (an endpoint ZeroMQ
+                # refuses): nothing is sent to this peer now; the mesh retries on its next beat
+                self.mesh.peer_error(address, f"no socket for {op}", exc, expected=True)
+                return None
             self.peer_socks[address] = s
             self.peer_addr[s] = address
             self.poller.register(s, zmq.POLLIN)
@@ -333,7 +357,23 @@ class Server:
         return rid
 
     def subscribe(self, pub_address: str) -> None:
-        self.peer_sub.connect(f"tcp://{pub_address}")
+        try:
+            self.peer_sub.connect(f"tcp://{pub_address}")
+        except zmq.ZMQError as exc:
+            self.mesh.peer_error(pub_address, "subscribing to its PUB failed", exc, expected=True)
+
+    def forget(self, address: str) -> None:
+        s = self.peer_socks.pop(address, None)
+        if s is not None:
+            # closed after this loop turn: _peer_events may be reading it right now
+            del self.peer_addr[s]
+            self._forgotten.append(s)
+
+    def _close_forgotten(self) -> None:
+        for s in self._forgotten:
+            self.poller.unregister(s)
+            s.close(linger=0)
+        self._forgotten = []
 
     def unsubscribe(self, pub_address: str) -> None:
         try:
@@ -357,8 +397,8 @@ class Server:
                     break
                 try:
                     self.mesh.on_push(frames)
-                except Exception:
-                    log.exception("applying a pushed message failed; repair will fetch it")
+                except Exception as exc:
+                    self.mesh.peer_error("(push stream)", "applying a pushed message failed; repair will fetch it", exc)
         # Replies too (a pull chunk takes ~10 ms to apply, and with chunks asked for ahead
         # the next one is already waiting): requests get served between them. The peer read
         # first changes every turn, so a peer streaming chunks does not starve the others.
@@ -368,7 +408,7 @@ class Server:
             self._peer_turn = (self._peer_turn + 1) % len(socks)
             socks = socks[self._peer_turn:] + socks[:self._peer_turn]
         for s, address in socks:
-            if s not in events:
+            if s not in events or s.closed:
                 continue
             for _ in range(100):
                 if time.monotonic() > deadline:
@@ -383,8 +423,10 @@ class Server:
                     continue
                 try:
                     self.mesh.on_reply(address, reply, now, len(frames[-1]))
-                except Exception:
-                    log.exception("handling a reply from %s failed", address)
+                except Exception as exc:
+                    self.mesh.peer_error(address, "handling its reply failed", exc)
+                if self.peer_socks.get(address) is not s:
+                    break  # forgotten while handling it (closed after this turn)
 
     def _hold_for_replicas(self, ctx: ContextState, seq: int, n: int, fields: dict[str, Any],
                            raw: dict[str, Any]) -> None:
@@ -556,7 +598,7 @@ class Server:
             self._refuse_held()
         for s in (self.router, self.pub, self._wake_rx):
             s.close(linger=sockets.LINGER_MS)
-        for s in [self.peer_sub, *self.peer_socks.values()]:
+        for s in [self.peer_sub, *self.peer_socks.values(), *self._forgotten]:
             s.close(linger=0)
         self.connections.close()
 
@@ -776,6 +818,7 @@ class Server:
             "flush_ms": self.config.flush_ms,
             "max_payload": self.config.max_payload,
             "max_request": self.config.max_request,
+            "max_peer_message": self.peer_max_msg,
             "data": self.config.data,
             "storage": self.ledger.storage.status(time.monotonic()),
         })

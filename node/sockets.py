@@ -120,28 +120,39 @@ def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
     return rx, tx
 
 
-def peer_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+def peer_dealer(ctx: zmq.Context, address: str, max_msg: int) -> zmq.Socket:
     """A DEALER to one peer's ROUTER. IMMEDIATE and SNDTIMEO=0 with a small SNDHWM:
     what a dead or slow peer cannot take is dropped at once, never queued to flood
-    it when it returns (heartbeats are periodic; repair requests are re-sent)."""
+    it when it returns (heartbeats are periodic; repair requests are re-sent).
+    MAXMSGSIZE: a reply larger than any legitimate one (server.max_peer_message) drops
+    the connection before it is buffered. `address` is parsed already (protocol.address);
+    a ZMQError here (too many sockets, a refused endpoint) closes the socket and is raised."""
     s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.IMMEDIATE, 1)
-    s.setsockopt(zmq.SNDHWM, 100)
-    s.setsockopt(zmq.SNDTIMEO, 0)
-    s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
-    if address.startswith("["):
-        s.setsockopt(zmq.IPV6, 1)
-    s.connect(f"tcp://{address}")
+    try:
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.SNDHWM, 100)
+        s.setsockopt(zmq.SNDTIMEO, 0)
+        s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+        s.setsockopt(zmq.MAXMSGSIZE, max_msg)
+        if address.startswith("["):
+            s.setsockopt(zmq.IPV6, 1)
+        s.connect(f"tcp://{address}")
+    except zmq.ZMQError:
+        s.close(linger=0)
+        raise
     return s
 
 
-def peer_sub(ctx: zmq.Context) -> zmq.Socket:
+def peer_sub(ctx: zmq.Context, max_msg: int) -> zmq.Socket:
     """One SUB connected to every peer's PUB, subscribed to the replication stream (the
-    entries each peer writes itself), not to what its watchers get."""
+    entries each peer writes itself), not to what its watchers get. MAXMSGSIZE as for
+    peer_dealer: a larger pushed message drops that peer's connection (it reconnects;
+    what it would have pushed comes by repair)."""
     s = ctx.socket(zmq.SUB)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 100_000)
+    s.setsockopt(zmq.MAXMSGSIZE, max_msg)
     s.setsockopt(zmq.IPV6, 1)
     s.setsockopt(zmq.SUBSCRIBE, watch.REPL_PREFIX)
     return s

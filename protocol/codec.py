@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from protocol.address import parse_address
 from protocol.entry import (
     MAX_CONTEXT_BYTES,
     MAX_KEY_BYTES,
@@ -167,6 +168,10 @@ class Heartbeat:
     peers: tuple[tuple[str, str], ...]
     digest: bytes
     cluster: str = "ledger"
+    # gossiped peers whose address did not parse (SPEC 17.6): skipped, not a reason to refuse the
+    # heartbeat; the count and the first one's error, for the node to log and count
+    bad_peers: int = 0
+    bad_peer_error: str = ""
 
     def as_map(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "address": self.address, "pub": self.pub, "boot": self.boot,
@@ -453,7 +458,6 @@ def _parse_consistency(m: Mapping[str, Any], max_payload: int) -> Consistency:
 
 
 MAX_PEERS = 1_000
-MAX_ADDRESS_BYTES = 300
 MAX_DIGEST_BYTES = 1 << 16
 
 
@@ -462,19 +466,25 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
     if not isinstance(peers_raw, list) or len(peers_raw) > MAX_PEERS:
         raise _bad(f"peers must be an array of at most {MAX_PEERS} [node_id, address] pairs")
     peers = []
+    bad_peers = 0
+    bad_peer_error = ""
     for p in peers_raw:
         if not isinstance(p, list) or len(p) != 2:
             raise _bad("peers must hold [node_id, address] pairs")
-        peers.append((check_name("peer node_id", p[0], MAX_ID_BYTES),
-                      check_name("peer address", p[1], MAX_ADDRESS_BYTES)))
+        nid = check_name("peer node_id", p[0], MAX_ID_BYTES)
+        try:
+            peers.append((nid, parse_address(p[1], "peer address")))
+        except RemoteProtocolError as exc:
+            bad_peers += 1
+            bad_peer_error = bad_peer_error or exc.message
     pub = m.get("pub")
     digest = m.get("digest", b"")
     if not isinstance(digest, bytes) or len(digest) > MAX_DIGEST_BYTES:
         raise _bad(f"digest must be at most {MAX_DIGEST_BYTES} bytes of binary")
     return Heartbeat(
         node_id=check_name("node_id", m.get("node_id"), MAX_ID_BYTES),
-        address=check_name("address", m.get("address"), MAX_ADDRESS_BYTES),
-        pub=None if pub is None else check_name("pub", pub, MAX_ADDRESS_BYTES),
+        address=parse_address(m.get("address"), "address"),
+        pub=None if pub is None else parse_address(pub, "pub"),
         boot=check_name("boot", m.get("boot", "") or "-", MAX_ID_BYTES),
         # a clock above the ceiling is refused whole: observing it would poison ours (SPEC 9.1)
         lamport=_opt_uint(m, "lamport", 0, maximum=MAX_LAMPORT) or 0,
@@ -482,6 +492,8 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
         peers=tuple(peers),
         digest=digest,
         cluster=check_name("cluster", m.get("cluster") or "ledger", MAX_ID_BYTES),
+        bad_peers=bad_peers,
+        bad_peer_error=bad_peer_error,
     )
 
 

@@ -23,7 +23,7 @@ from node.mesh import ALIVE, Mesh
 from node.storage import MemoryKV
 from protocol import codec, watch
 from protocol.entry import decode_entry
-from protocol.errors import LedgerError
+from protocol.errors import LedgerError, RemoteProtocolError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,8 +70,18 @@ class Network:
         return ready
 
 
+def addr(name: str) -> str:
+    """The request address of simulated node `name` (a real HOST:PORT, as the codec requires)."""
+    return f"{name}:1"
+
+
+def name_of(address: str) -> str:
+    return address.rpartition(":")[0]
+
+
 class SimNode:
-    """One node: a ledger, a mesh, and what its watch socket would publish."""
+    """One node: a ledger, a mesh, and what its watch socket would publish. The network
+    knows nodes by name; the mesh, by address (`addr(name)`, its PUB at port 2)."""
 
     def __init__(self, name: str, net: Network, seeds: list[str]) -> None:
         self.name = name
@@ -79,7 +89,7 @@ class SimNode:
         self.ledger = Ledger(MemoryKV(), node_id=name, sync_meta=False)
         self.rid = 0
         self.subscribers: set[str] = set()
-        self.mesh = Mesh(self.ledger, self, address=name, pub=f"{name}/pub", seeds=seeds,
+        self.mesh = Mesh(self.ledger, self, address=addr(name), pub=f"{name}:2", seeds=[addr(s) for s in seeds],
                          heartbeat_s=HEARTBEAT, suspect_after=3, dead_after=8, boot=f"{name}-boot")
         self.now = 0.0
         self.up = True
@@ -87,21 +97,29 @@ class SimNode:
     # Transport ------------------------------------------------------------------------
     def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
         self.rid += 1
-        self.net.send(self.now, "req", self.name, address, codec.encode_request(op, self.rid, fields))
+        self.net.send(self.now, "req", self.name, name_of(address), codec.encode_request(op, self.rid, fields))
         if op == "snapshot":
             pulls = 1 + self.mesh._in_flight(self.mesh.peers[address], "snapshot")
             max_in_flight[0] = max(max_in_flight[0], pulls)
         return self.rid
 
     def subscribe(self, pub_address: str) -> None:
-        nodes[pub_address.split("/")[0]].subscribers.add(self.name)
+        if name_of(pub_address) in nodes:  # (a made-up peer's PUB: nothing there)
+            nodes[name_of(pub_address)].subscribers.add(self.name)
 
     def unsubscribe(self, pub_address: str) -> None:
-        nodes[pub_address.split("/")[0]].subscribers.discard(self.name)
+        if name_of(pub_address) in nodes:
+            nodes[name_of(pub_address)].subscribers.discard(self.name)
+
+    def forget(self, address: str) -> None:
+        pass
 
     # serving --------------------------------------------------------------------------
     def serve(self, frame: bytes) -> bytes:
-        env = codec.decode_request(frame, 1 << 20)
+        try:
+            env = codec.decode_request(frame, 1 << 20)
+        except RemoteProtocolError as exc:  # as the server does: an error reply
+            return codec.encode_error(codec.peek_id(codec.unpack_request(frame)), exc.code, exc.message)
         try:
             return self._serve(env)
         except LedgerError as exc:  # as the server does: an error reply (NOT_FOUND, say)
@@ -162,7 +180,7 @@ def deliver(net: Network, now: float) -> None:
             net.send(now, "rep", m.dst, m.src, reply)
         else:
             src_reply = codec.decode_reply(m.body)
-            dst.mesh.on_reply(m.src, src_reply, now, len(m.body))
+            dst.mesh.on_reply(addr(m.src), src_reply, now, len(m.body))
 
 
 def check_invariants(appended: dict[str, list[bytes]], writer_of: dict[str, str]) -> None:
@@ -365,17 +383,17 @@ def test_a_peer_dead_for_long_is_forgotten_unless_it_is_a_seed_and_is_welcome_ba
     nodes["c"] = SimNode("c", net, ["b"])
     run_for = Stepper(net).run_seconds
     run_for(5)
-    assert set(nodes["a"].mesh.peers) == {"b", "c"}
+    assert set(nodes["a"].mesh.peers) == {addr("b"), addr("c")}
     nodes["b"].up = False
     forget = nodes["a"].mesh.forget_after_s
     run_for(forget / 2)
-    assert nodes["a"].mesh.peers["b"].state == "dead" and "b" in nodes["c"].mesh.peers
+    assert nodes["a"].mesh.peers[addr("b")].state == "dead" and addr("b") in nodes["c"].mesh.peers
     run_for(forget / 2 + 5)
-    assert "b" not in nodes["a"].mesh.peers  # forgotten: not a seed of a
-    assert nodes["c"].mesh.peers["b"].state == "dead"  # kept: c was told to join through b
+    assert addr("b") not in nodes["a"].mesh.peers  # forgotten: not a seed of a
+    assert nodes["c"].mesh.peers[addr("b")].state == "dead"  # kept: c was told to join through b
     nodes["b"].up = True
     run_for(5)
-    assert nodes["a"].mesh.peers["b"].state == ALIVE and nodes["c"].mesh.peers["b"].state == ALIVE
+    assert nodes["a"].mesh.peers[addr("b")].state == ALIVE and nodes["c"].mesh.peers[addr("b")].state == ALIVE
 
 
 def test_another_node_answering_at_a_known_address_is_a_new_peer_not_a_restart():
@@ -387,6 +405,9 @@ def test_another_node_answering_at_a_known_address_is_a_new_peer_not_a_restart()
             pass
 
         def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+        def forget(self, address: str) -> None:
             pass
 
     m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), NoNet(), address="me:1", pub="me:2",
@@ -424,7 +445,7 @@ def test_a_restarted_node_starts_its_repair_from_the_reply_to_its_first_heartbea
     ctx = nodes["b"].ledger.contexts.get("notes")
     assert ctx is not None and ctx.size == 30, "the restarted node did not pull from the heartbeat reply"
     # a peer that keeps beating with the same boot gets no digest back: heartbeats stay small
-    b_hb = codec.Heartbeat("b", "b", "b/pub", "b-boot-2", 1, 30, (), b"", "ledger")
+    b_hb = codec.Heartbeat("b", addr("b"), "b:2", "b-boot-2", 1, 30, (), b"", "ledger")
     assert "digest" not in nodes["a"].mesh.rpc_heartbeat(b_hb, clock.now)
 
 
@@ -447,6 +468,9 @@ def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dea
             pass
 
         def unsubscribe(self, pub_address: str) -> None:
+            pass
+
+        def forget(self, address: str) -> None:
             pass
 
     t = Connecting()
@@ -525,12 +549,12 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
     for i in range(4):  # 4 messages of 4 entries after the lost one: past the bound of 10
         for j in range(4):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
-        b.mesh.peers["a"].state = "dead"  # no gap pull: only the bound acts
+        b.mesh.peers[addr("a")].state = "dead"  # no gap pull: only the bound acts
         run_for(1)
     assert b.mesh.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
     assert b.ledger.contexts["notes"].size == 1
     # the digest repair still brings everything
-    b.mesh.peers["a"].state = "alive"
+    b.mesh.peers[addr("a")].state = "alive"
     a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT
     run_for(20)
     assert b.ledger.contexts["notes"].size == 18
@@ -550,6 +574,9 @@ class Recording:
         pass
 
     def unsubscribe(self, pub_address: str) -> None:
+        pass
+
+    def forget(self, address: str) -> None:
         pass
 
 
@@ -671,7 +698,7 @@ def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_
     run_for(1)
     assert b.mesh.held_entries == 3
     run_for(60)  # b declares a dead
-    assert b.mesh.peers["a"].state == "dead" and not b.mesh.held
+    assert b.mesh.peers[addr("a")].state == "dead" and not b.mesh.held
     na = restart()
     for i in range(9):
         na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
@@ -727,14 +754,14 @@ def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
         return real_request(address, op, fields)
 
     b.request = request  # type: ignore[method-assign]
-    m, p = b.mesh, b.mesh.peers["a"]
+    m, p = b.mesh, b.mesh.peers[addr("a")]
     p.pulls[:] = [("x", 1, b""), ("y", 1, b"")]
     m._next_pull(p)
     assert asked == ["x"]  # one context at a time from one peer
     rid_x = next(rid for rid, (_a, op, f, _t) in m.pending.items() if op == "snapshot" and f["context"] == "x")
-    m.on_reply("a", {"ok": False, "id": rid_x, "node_id": "a", "error": {"code": "NOT_FOUND", "message": "no"}},
+    m.on_reply(addr("a"), {"ok": False, "id": rid_x, "node_id": "a", "error": {"code": "NOT_FOUND", "message": "no"}},
                b.now)
-    assert [n for n, _t, _r in p.pulls] == ["y"] and m.pulling == {"y": "a"} and asked == ["x", "y"]
+    assert [n for n, _t, _r in p.pulls] == ["y"] and m.pulling == {"y": addr("a")} and asked == ["x", "y"]
     run_for(4)
     assert b.ledger.contexts["y"].size == 1  # y's pull went on
 

@@ -1,0 +1,265 @@
+"""Peer input that is hostile or broken (issue #12, SPEC 17.6), at the codec and the mesh core:
+addresses checked before use, the peer table capped, acks only from members, one peer's fault
+isolated to it. No sockets: the mesh runs on a recording transport with a hand-set clock."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from node.ledger import Ledger
+from node.mesh import ALIVE, DEFAULT_MAX_PEERS, Mesh
+from node.storage import MemoryKV
+from protocol import codec
+from protocol.errors import RemoteProtocolError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def hb_frame(node_id: str = "p", address: str = "10.0.0.2:7400", peers: list[Any] | None = None,
+             **extra: Any) -> bytes:
+    fields: dict[str, Any] = {"node_id": node_id, "address": address, "pub": "10.0.0.2:7401", "boot": "b",
+                              "lamport": 1, "entries": 0, "peers": peers or [], "cluster": "ledger", **extra}
+    return codec.encode_request("heartbeat", 1, fields)
+
+
+def decode_hb(frame: bytes) -> codec.Heartbeat:
+    req = codec.decode_request(frame, 1 << 20).request
+    assert isinstance(req, codec.Heartbeat)
+    return req
+
+
+# -- codec -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["garbage", "", "host:", ":1", "host:0", "host:65536", "tcp://h:1", " h:1",
+                                 "h:\u0661", "x" * 300 + ":1", "[::1]"])
+@pytest.mark.parametrize("field", ["address", "pub"])
+def test_a_heartbeat_with_a_bad_address_or_pub_is_a_bad_request(field, bad):
+    with pytest.raises(RemoteProtocolError) as info:
+        codec.decode_request(hb_frame(**{field: bad}), 1 << 20)
+    assert info.value.code == "BAD_REQUEST" and field in info.value.message
+
+
+def test_heartbeat_addresses_are_normalized():
+    h = decode_hb(hb_frame(address="Node-2.Example:07400", pub="[0::1]:7401"))
+    assert (h.address, h.pub) == ("node-2.example:7400", "[::1]:7401")
+
+
+def test_bad_gossiped_peers_are_skipped_and_counted_not_a_reason_to_refuse():
+    h = decode_hb(hb_frame(peers=[["a", "garbage"], ["b", "10.0.0.3:1"], ["c", "10.0.0.4:0"], ["d", "D.x:2"]]))
+    assert h.peers == (("b", "10.0.0.3:1"), ("d", "d.x:2"))
+    assert h.bad_peers == 2 and "'garbage'" in h.bad_peer_error
+    with pytest.raises(RemoteProtocolError):  # a malformed pair is still a bad request
+        codec.decode_request(hb_frame(peers=[["a"]]), 1 << 20)
+
+
+# -- the mesh core ---------------------------------------------------------------------------
+
+
+class Recording:
+    """Takes every request (or raises for the addresses in `fail`), records what happens."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.fail: set[str] = set()
+        self.down: set[str] = set()  # sends to these return None (not connected)
+        self.subscribed: set[str] = set()
+        self.forgotten: list[str] = []
+
+    def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+        if address in self.fail:
+            raise OSError(24, "Too many open files")
+        if address in self.down:
+            return None
+        self.sent.append((address, op))
+        return len(self.sent)
+
+    def subscribe(self, pub_address: str) -> None:
+        self.subscribed.add(pub_address)
+
+    def unsubscribe(self, pub_address: str) -> None:
+        self.subscribed.discard(pub_address)
+
+    def forget(self, address: str) -> None:
+        self.forgotten.append(address)
+
+
+def mesh(t: Recording, **kw: Any) -> Mesh:
+    return Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), t, address="10.0.0.1:7400",
+                pub="10.0.0.1:7401", heartbeat_s=0.5, **{"seeds": [], **kw})
+
+
+def gossip(n: int, start: int = 0) -> list[list[str]]:
+    return [[f"g{i}", f"192.0.2.{1 + i // 1000}:{10_000 + i % 1000}"] for i in range(start, start + n)]
+
+
+def test_the_peer_table_is_capped_and_refusals_are_counted_and_logged_once(caplog):
+    t = Recording()
+    m = mesh(t, max_peers=5)
+    with caplog.at_level(logging.WARNING, logger="node.mesh"):
+        m.rpc_heartbeat(decode_hb(hb_frame(peers=gossip(1000))), 1.0)
+        m.rpc_heartbeat(decode_hb(hb_frame(peers=gossip(100, 1000))), 1.1)
+        m.rpc_heartbeat(decode_hb(hb_frame("q", "10.0.0.9:7400")), 1.2)  # a new sender: refused too
+    assert len(m.peers) == 5 and "10.0.0.2:7400" in m.peers
+    assert m.refused_peers == 1100 - 4 + 1
+    assert sum("keeps at most 5 peers" in r.message for r in caplog.records) == 1
+    m.tick(2.0)
+    assert len({a for a, op in t.sent if op == "heartbeat"}) == 5  # sockets only for those kept
+    st = m.status(2.0)
+    assert st["max_peers"] == 5 and st["replication"]["refused_peers"] == m.refused_peers
+    assert DEFAULT_MAX_PEERS == 64
+
+
+def test_a_moving_or_replaced_peer_is_not_refused_at_the_cap():
+    m = mesh(Recording(), max_peers=1)
+    m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.2:7400")), 1.0)
+    m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.3:7400")), 1.1)  # the same node, moved
+    assert list(m.peers) == ["10.0.0.3:7400"] and m.peers["10.0.0.3:7400"].node_id == "p"
+    m.rpc_heartbeat(decode_hb(hb_frame("p2", "10.0.0.3:7400")), 1.2)  # another node at that address
+    assert m.peers["10.0.0.3:7400"].node_id == "p2" and m.refused_peers == 0
+
+
+def test_gossiped_peers_that_never_answer_are_forgotten_and_free_their_slots():
+    t = Recording()
+    m = mesh(t, max_peers=4, dead_after=10)
+    m.rpc_heartbeat(decode_hb(hb_frame(peers=gossip(10))), 0.0)
+    assert len(m.peers) == 4
+    now = 0.0
+    while now < 2 * 10 * 0.5 + 1:  # two dead-after spans
+        now += 0.5
+        m.rpc_heartbeat(decode_hb(hb_frame()), now)  # the gossiper itself stays alive
+        m.tick(now)
+    assert list(m.peers) == ["10.0.0.2:7400"]
+    assert len(t.forgotten) == 3  # their sockets are released
+    m.rpc_heartbeat(decode_hb(hb_frame("n", "10.0.0.5:7400")), now)
+    assert "10.0.0.5:7400" in m.peers  # a slot for a real newcomer
+
+
+def test_a_peer_whose_heartbeats_cannot_be_sent_is_connected_anew():
+    t = Recording()
+    m = mesh(t, seeds=["10.0.0.2:7400"], dead_after=4)
+    t.down.add("10.0.0.2:7400")
+    for i in range(8):
+        m.tick(i * 0.5)
+    assert t.forgotten == ["10.0.0.2:7400"] * 2  # every dead-after span, never more often
+
+
+def test_a_bad_pub_in_a_heartbeat_reply_is_skipped_and_counted():
+    t = Recording()
+    m = mesh(t, seeds=["10.0.0.2:7400"])
+    m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "garbage", "boot": "b"}, 1.0)
+    m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "tcp://10.0.0.2:7401", "boot": "b"}, 1.1)
+    assert t.subscribed == set() and m.bad_peer_addresses == 2
+    assert m.peers["10.0.0.2:7400"].state == ALIVE
+    m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "10.0.0.2:7401", "boot": "b"}, 1.2)
+    assert t.subscribed == {"10.0.0.2:7401"}
+
+
+def test_a_peer_that_fails_is_logged_counted_and_the_others_still_get_their_heartbeats(caplog):
+    t = Recording()
+    m = mesh(t, seeds=["10.0.0.2:7400", "10.0.0.3:7400"])
+    t.fail.add("10.0.0.2:7400")
+    with caplog.at_level(logging.WARNING, logger="node.mesh"):
+        for i in range(8):
+            m.tick(i * 0.5)
+    assert [a for a, _op in t.sent] == ["10.0.0.3:7400"] * 8
+    assert m.peer_errors == 8 and m.status(4.0)["replication"]["peer_errors"] == 8
+    logged = [r.message for r in caplog.records if "10.0.0.2:7400" in r.message]
+    assert len(logged) == 4 and "Too many open files" in logged[0]  # the 1st, 2nd, 4th and 8th
+
+
+def test_acks_count_only_from_known_members_and_go_when_they_are_forgotten():
+    t = Recording()
+    m = mesh(t)
+    ctx = m.ledger.append(codec.Append("c", "", b"x", {})).ctx
+    for i in range(1000):
+        m.rpc_ack(codec.Ack(f"ghost{i}", (("c", 1),)), 1.0)
+    assert m.replica_sizes.get("c", {}) == {} and m.replicated(ctx, 1) == 0
+    assert m.ignored_acks == 1000 and m.status(1.0)["replication"]["replica_acks"] == 0
+    m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.2:7400")), 1.0)
+    m.rpc_ack(codec.Ack("p", (("c", 1),)), 1.1)
+    assert m.replicated(ctx, 1) == 1 and m.status(1.1)["replication"]["replica_acks"] == 1
+    m._forget(m.peers["10.0.0.2:7400"])
+    assert m.replicated(ctx, 1) == 0 and m.replica_sizes["c"] == {}
+    m.rpc_ack(codec.Ack("p", (("c", 1),)), 1.2)  # forgotten: not a member any more
+    assert m.replicated(ctx, 1) == 0 and m.ignored_acks == 1001
+
+
+def test_heartbeats_of_other_clusters_from_many_addresses_do_not_grow_the_node():
+    from node.mesh import MAX_REFUSED_LOGGED
+    from protocol.errors import Conflict
+
+    m = mesh(Recording())
+    for i in range(MAX_REFUSED_LOGGED + 500):
+        with pytest.raises(Conflict):
+            m.rpc_heartbeat(decode_hb(hb_frame("o", f"192.0.2.9:{1 + i}", cluster="other")), 1.0)
+    assert len(m._refused) == MAX_REFUSED_LOGGED and not m.peers
+
+
+# -- the seeded simulation -------------------------------------------------------------------
+
+
+def test_in_the_simulation_bad_addresses_and_a_gossip_flood_do_not_stop_replication():
+    from tests.unit import test_mesh_sim as sim
+
+    seed = 4242
+    print("seed", seed)
+    net = sim.perfect_pair("a", "b", seed)
+    clock = sim.Stepper(net)
+    a, b = sim.nodes["a"], sim.nodes["b"]
+    clock.run_seconds(2)
+    # a hostile sender: a garbage address (refused by the codec), then a flood of gossip
+    net.send(clock.now, "req", "evil", "a", hb_frame("evil", "garbage"))
+    flood = gossip(999)  # + 1 bad one: the most one heartbeat may carry
+    net.send(clock.now, "req", "evil", "a", hb_frame("evil", "evil:1", flood + [["x", "garbage"]], pub="evil:2"))
+    net.send(clock.now, "req", "evil", "a", codec.encode_request(
+        "ack", 9, {"node_id": "ghost", "acks": [["notes", 5]]}))
+    for i in range(20):
+        a.ledger.append(codec.Append("notes", "", bytes([i]), {}))
+    clock.run_seconds(2)
+    assert len(a.mesh.peers) == DEFAULT_MAX_PEERS and a.mesh.refused_peers > 0
+    assert a.mesh.bad_peer_addresses == 1 and a.mesh.ignored_acks == 1
+    assert b.ledger.contexts["notes"].size == 20  # replication went on
+    clock.run_seconds(2 * 8 * sim.HEARTBEAT + 2)  # the made-up peers never answer: forgotten
+    # (the sender itself spoke: it is dead now, and forgotten only after the usual while)
+    assert set(a.mesh.peers) == {sim.addr("b"), "evil:1"} and a.mesh.peers[sim.addr("b")].state == ALIVE
+    assert set(a.mesh.replica_sizes.get("notes", {})) <= {"b"}
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_max_peers_flag_and_environment():
+    from node.config import ConfigError, parse
+
+    assert parse([], {}).max_peers == DEFAULT_MAX_PEERS
+    assert parse([], {"LEDGER_MAX_PEERS": "9"}).max_peers == 9
+    assert parse(["--max-peers", "3"], {"LEDGER_MAX_PEERS": "9"}).max_peers == 3
+    for bad in ("0", "513", "-1", "x", "\u0661", ""):
+        with pytest.raises(ConfigError, match="--max-peers must be an integer from 1 to 512"):
+            parse(["--max-peers", bad], {})
+    with pytest.raises(ConfigError, match="more than --max-peers"):
+        parse(["--max-peers", "1", "--peers", "10.0.0.1:1,10.0.0.2:1"], {})
+
+
+@pytest.mark.parametrize("bad", ["garbage", "host:", ":1", "h:0", "h:65536", "tcp://h:1", "::1:5", "h:\u00b2",
+                                 "x" * 300 + ":1"])
+def test_peers_and_advertise_must_be_host_port(bad):
+    from node.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match="--peers: .* is not HOST:PORT"):
+        parse(["--peers", f"10.0.0.1:1,{bad}"], {})
+    with pytest.raises(ConfigError, match="--advertise .* is not HOST:PORT"):
+        parse(["--advertise", bad], {})
+
+
+def test_peers_are_normalized_and_deduplicated():
+    from node.config import ConfigError, parse
+
+    c = parse(["--peers", " Node.A:7400, [0::1]:7400 ,node.a:7400", "--advertise", "Me.Example:7400"], {})
+    assert c.peers == ("node.a:7400", "[::1]:7400") and c.advertise == "me.example:7400"
+    with pytest.raises(ConfigError, match="reach"):
+        parse(["--advertise", "0.0.0.0:7400"], {})
