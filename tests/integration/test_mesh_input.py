@@ -339,13 +339,14 @@ def test_an_oversized_push_on_the_peer_sub_socket_is_dropped(node_factory, fake_
 
 @pytest.mark.timeout(60)
 def test_a_peer_socket_that_cannot_be_made_is_counted_and_the_request_dropped():
-    # An in-process server on a context with room for 8 sockets (it uses 5 itself): past that,
+    # An in-process server on a context with room for 12 sockets (it uses 9 itself: request, watch,
+    # peer SUB, the flusher's wake pair and two connection monitors of two sockets each): past that,
     # making a peer socket raises ZMQError (as at ZeroMQ's MAX_SOCKETS, 1,023 by default).
     from node.config import Config
     from node.server import Server
 
     zctx = zmq.Context()
-    zctx.set(zmq.MAX_SOCKETS, 8)
+    zctx.set(zmq.MAX_SOCKETS, 12)
     cfg = Config(node_id="s", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability="async",
                  flush_ms=5, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info")
     server = Server(cfg, Ledger(MemoryKV(), node_id="s", sync_meta=False), zctx=zctx)
