@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from node import storage as st
+from node.marks import Journal, h_record, n_record
 from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import bucket_of, digest_item
@@ -130,8 +131,16 @@ class Ledger:
         hot_bytes: int = 64 << 20,
         now_ns: Callable[[], int] = time.time_ns,
         sync_meta: bool = True,
+        journal: Journal | None = None,
     ) -> None:
         self.kv = kv
+        # the durable high-water marks (node/marks.py): None for a RAM-only node
+        self.journal = journal
+        # contexts that came back from disk shorter or different than their mark: id -> (size, root)
+        self.damaged: dict[int, tuple[int, bytes]] = {}
+        self.integrity_errors = 0  # entries read from disk that did not match their leaf hash
+        # contexts with an entry found missing or damaged on disk by a read: id -> first such seq
+        self.holes: dict[int, int] = {}
         self.max_payload = max_payload
         self.hot_limit = hot_bytes
         self.now_ns = now_ns
@@ -213,7 +222,53 @@ class Ledger:
             info = _unpackb(value)
             self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
         self._names.sort()
+        if self.journal is not None:
+            self._check_marks()
         return node_id
+
+    def _check_marks(self) -> None:
+        """Compare what LevelDB gave back with the durable high-water marks. Only a context whose
+        mark is not what it holds needs reading beyond what start-up read anyway (its frontier)."""
+        j = self.journal
+        assert j is not None
+        for cid, (size, root) in list(j.marks.items()):
+            ctx = self._by_id.get(cid)
+            if ctx is None:
+                if size == 0:
+                    continue
+                name, writer = j.names.get(cid, (None, None))
+                if name is None or writer is None or name in self.contexts:
+                    log.error("INTEGRITY: context #%d (%s) held %d entries (root %s) and is gone from the data "
+                              "folder; it cannot be recreated here", cid, name or "name unknown", size, root.hex())
+                    continue
+                # its b"C" record was lost with LevelDB's log: recreate it empty, under its old id
+                info = {"id": cid, "writer": writer, "created_ns": 0}
+                ctx = self._load_ctx(name, info)
+                self.pending[st.ctx_key(name)] = _packb(info)
+                self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
+                self.contexts[name] = ctx
+                self._names.append(name)
+                self.entries_total += ctx.size
+            if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
+                continue
+            self.damaged[cid] = (size, root)
+            log.error("INTEGRITY: context %r came back from disk %s: it held %d entries (root %s) and now "
+                      "holds %d; serving the first %d and repairing the rest from peers",
+                      ctx.name, "shorter" if ctx.size < size else "different", size, root.hex(), ctx.size,
+                      ctx.size)
+
+    def damage(self, ctx: ContextState) -> dict[str, Any] | None:
+        """What a damaged context is missing: the (size, root) it held before, or None."""
+        d = self.damaged.get(ctx.id)
+        bad = self.holes.get(ctx.id)
+        if d is None and bad is None:
+            return None
+        out: dict[str, Any] = {"size": ctx.size}
+        if d is not None:
+            out.update(expected_size=d[0], expected_root=d[1])
+        if bad is not None:
+            out["bad_seq"] = bad
+        return out
 
     def _load_ctx(self, name: str, info: dict[str, Any]) -> ContextState:
         kv = self.kv
@@ -620,14 +675,57 @@ class Ledger:
         self.pending_bytes = 0
         return batch, dirty
 
+    def marks_job(self, dirty: dict[ContextState, int]) -> tuple[bytes, bytes | None]:
+        """The journal records (and a whole rewrite, when due) for a batch of `dirty` contexts,
+        to be written once that batch is in LevelDB. The journal's view moves now: the next
+        batch's records follow these ones in the same (flusher) thread."""
+        j = self.journal
+        if j is None or not dirty:
+            return b"", None
+        out = []
+        damaged = self.damaged
+        for ctx, seq in dirty.items():
+            cid = ctx.id
+            if damaged and cid in damaged and seq < damaged[cid][0]:
+                continue  # a repair in progress must not lower the mark it is repairing to
+            if cid not in j.names:
+                j.names[cid] = (ctx.name, ctx.writer)
+                out.append(n_record(cid, ctx.name, ctx.writer))
+            root = ctx.frontier.root() if seq == ctx.size else self.root_at(ctx, seq)
+            j.marks[cid] = (seq, root)
+            out.append(h_record(cid, seq, root))
+        return b"".join(out), (j.snapshot() if j.wants_compaction() else None)
+
+    def with_marks(self, commit: Callable[[], None], dirty: dict[ContextState, int], sync: bool) -> Callable[[], None]:
+        """`commit` (a prepared LevelDB write), then the high-water marks of what it wrote."""
+        j = self.journal
+        if j is None:
+            return commit
+        records, rewrite = self.marks_job(dirty)
+        if not records and rewrite is None:
+            return commit
+
+        def write() -> None:
+            commit()
+            j.write(records, sync, rewrite)
+        return write
+
+    def close(self) -> None:
+        """Make the marks durable (clean shutdown), after the last flush."""
+        if self.journal is not None:
+            self.journal.close()
+
     def buffered(self) -> tuple[int, int]:
         """(keys, entry bytes) held in RAM waiting for storage."""
         return len(self.pending) + len(self.inflight), self.pending_bytes + self.inflight_bytes
 
     def mark_flushed(self, dirty: dict[ContextState, int]) -> None:
+        damaged = self.damaged
         for ctx, seq in dirty.items():
             if seq > ctx.flushed_seq:
                 ctx.flushed_seq = seq
+            if damaged and ctx.id in damaged:
+                self._check_repaired(ctx)
         self.inflight = {}
         self.inflight_bytes = 0
         self.evict()
@@ -637,8 +735,23 @@ class Ledger:
         if not self.pending:
             return
         batch, dirty = self.take_pending()
-        self.kv.write(batch.items(), sync=sync)
+        self.with_marks(lambda: self.kv.write(batch.items(), sync=sync), dirty, sync)()
         self.mark_flushed(dirty)
+
+    def _check_repaired(self, ctx: ContextState) -> None:
+        size, root = self.damaged[ctx.id]
+        if ctx.flushed_seq < size:
+            return
+        del self.damaged[ctx.id]
+        if self.root_at(ctx, size) == root:
+            log.warning("INTEGRITY: context %r is repaired: it holds its %d entries (root %s) again",
+                        ctx.name, size, root.hex())
+        else:
+            log.error("INTEGRITY: context %r was refilled from peers with another history than the %d entries "
+                      "(root %s) it held before the damage", ctx.name, size, root.hex())
+        if self.journal is not None:
+            # its mark was held back during the repair: write it now, with the next batch
+            self._dirty.setdefault(ctx, ctx.size)
 
     def durable(self, ctx: ContextState, seq: int) -> bool:
         return ctx.flushed_seq >= seq
@@ -664,8 +777,37 @@ class Ledger:
             return hot[1]
         v = self._lookup(st.entry_key(ctx.id, seq))
         if v is None:
-            raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
-        return v
+            raise self._missing(ctx, seq)
+        return self.verified(ctx, seq, v)
+
+    def _missing(self, ctx: ContextState, seq: int) -> IntegrityError:
+        """An entry below the context's size is not in storage (LevelDB dropped a damaged block of
+        its log): the context is reported damaged from now on, and the read fails."""
+        self.integrity_errors += 1
+        if seq < self.holes.get(ctx.id, seq + 1):
+            self.holes[ctx.id] = seq
+            log.error("INTEGRITY: entry %r#%d (of %d) is missing from storage", ctx.name, seq, ctx.size)
+        return IntegrityError(f"entry {ctx.name!r}#{seq} is missing from this node's storage (damaged); "
+                              "read it from another node", {"context": ctx.name, "seq": seq})
+
+    def verified(self, ctx: ContextState, seq: int, blob: bytes) -> bytes:
+        """`blob`, read from storage as entry `seq` of `ctx`, once it matches its leaf hash: a byte
+        flipped on disk must never be served or sent to a peer (an INTEGRITY error instead)."""
+        try:
+            e = _unpackb(blob)
+            md = e["metadata"]
+            ok = (e["seq"] == seq and e["hash"] == leaf_hash_named(
+                ctx.leaf_names, seq, e["key"].encode(), e["payload"], md, e["lamport"], e["ts_ns"]))
+        except Exception:  # not even an entry: msgpack, key or type errors
+            ok = False
+        if not ok:
+            self.integrity_errors += 1
+            if seq < self.holes.get(ctx.id, seq + 1):
+                self.holes[ctx.id] = seq
+            log.error("INTEGRITY: entry %r#%d read from storage does not match its hash; not served", ctx.name, seq)
+            raise IntegrityError(f"entry {ctx.name!r}#{seq} is damaged in this node's storage (it does not match "
+                                 "its hash); read it from another node", {"context": ctx.name, "seq": seq})
+        return blob
 
     def _iter_blobs(self, ctx: ContextState, first: int, last: int) -> Iterator[tuple[int, str | None, bytes]]:
         """(seq, key or None when unknown, blob) for first..last, RAM before disk."""
@@ -681,15 +823,15 @@ class Ledger:
             for k, v in disk:
                 s = st.seq_of_entry_key(k)
                 if s == seq:
-                    yield seq, None, v
+                    yield seq, None, self.verified(ctx, seq, v)
                     break
                 if s > seq:
-                    raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
+                    raise self._missing(ctx, seq)
             else:
                 v2 = self._lookup(st.entry_key(ctx.id, seq))
                 if v2 is None:
-                    raise InternalError(f"entry {ctx.name!r}#{seq} is missing from storage")
-                yield seq, None, v2
+                    raise self._missing(ctx, seq)
+                yield seq, None, self.verified(ctx, seq, v2)
 
     def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
         """(encoded entries, last seq of the context, more remain, next `after`)."""
@@ -741,6 +883,7 @@ class Ledger:
             "root": ctx.frontier.root(),
             "lamport": ctx.last_lamport,
             "writer": ctx.writer,
+            **({"damaged": d} if (d := self.damage(ctx)) is not None else {}),
         }
 
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
@@ -825,7 +968,20 @@ class Ledger:
             "hot_limit": self.hot_limit,
             "pending_writes": len(self.pending) + len(self.inflight),
             "loads_in_progress": len(self.loads),
+            "integrity_errors": self.integrity_errors,
+            "damaged": self._damaged_list(),
         }
+
+    def _damaged_list(self, limit: int = 100) -> list[dict[str, Any]]:
+        out = []
+        for cid in {**self.damaged, **self.holes}:
+            ctx = self._by_id[cid]
+            d = self.damage(ctx)
+            if d is not None:
+                out.append({"context": ctx.name, **d})
+                if len(out) >= limit:
+                    break
+        return out
 
     # -- load ----------------------------------------------------------------
 
@@ -943,6 +1099,9 @@ class Ledger:
                 puts = []
         self.kv.write(puts, sync=sync)
         ctx.flushed_seq = ctx.size  # written above, in storage: servable and publishable
+        if self.journal is not None:
+            records, rewrite = self.marks_job({ctx: ctx.size})
+            self.journal.write(records, sync, rewrite)
         self._digest_dirty.add(ctx)
         if ctx.size != s.size or ctx.frontier.root() != s.root:
             raise IntegrityError("staged entries changed before commit")  # storage fault

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from node import __version__
 from node.config import ConfigError, parse
 from node.ledger import DataDirError, Ledger
+from node.marks import Journal
 from node.server import Server
 from node.sockets import AddressInUse
 from node.storage import KV, LevelDBKV, MemoryKV, StorageLocked
@@ -55,13 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # plyvel.Error and friends (corruption, permissions)
             return _fail(f"cannot open data folder {cfg.data!r}: {exc}")
     try:
+        journal = None if cfg.data == ":memory:" else Journal(cfg.data)
         ledger = Ledger(
             kv, node_id=cfg.node_id, max_payload=cfg.max_payload, hot_bytes=cfg.hot_bytes,
-            sync_meta=cfg.data != ":memory:",
+            sync_meta=cfg.data != ":memory:", journal=journal,
         )
     except DataDirError as exc:
         kv.close()
         return _fail(str(exc))
+    except Exception as exc:  # a damaged folder (LevelDB corruption, a broken record): one line, no traceback
+        kv.close()
+        log.debug("start-up failed", exc_info=True)
+        return _fail(f"data folder {cfg.data!r} is damaged and cannot be served: {type(exc).__name__}: {exc}; "
+                     "run `ledger-node --check DATA` on it, or move it away and let this node refill from its peers")
     try:
         server = Server(cfg, ledger)
     except AddressInUse as exc:
@@ -101,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.run(ready)
     finally:
         kv.close()
+        ledger.close()
     print("ledger-node: stopped cleanly", flush=True)
     return 0
 

@@ -449,7 +449,7 @@ class Server:
         if not due:
             return
         batch, dirty = ledger.take_pending()
-        commit = ledger.kv.prepare(batch.items(), sync=self.config.sync)
+        commit = ledger.with_marks(ledger.kv.prepare(batch.items(), sync=self.config.sync), dirty, self.config.sync)
         self.pending_since = None
         self.flushing = True
         self.flusher.jobs.put((commit, len(batch), dirty))
