@@ -775,10 +775,21 @@ class Ledger:
         hot = ctx.tail.get(seq)
         if hot is not None:
             return hot[1]
-        v = self._lookup(st.entry_key(ctx.id, seq))
+        try:
+            v = self._lookup(st.entry_key(ctx.id, seq))
+        except st.Corruption as exc:
+            raise self._corrupt(ctx, seq, exc) from None
         if v is None:
             raise self._missing(ctx, seq)
         return self.verified(ctx, seq, v)
+
+    def _corrupt(self, ctx: ContextState, seq: int, exc: Exception) -> IntegrityError:
+        self.integrity_errors += 1
+        if seq < self.holes.get(ctx.id, seq + 1):
+            self.holes[ctx.id] = seq
+        log.error("INTEGRITY: reading entry %r#%d: storage is damaged (%s); not served", ctx.name, seq, exc)
+        return IntegrityError(f"entry {ctx.name!r}#{seq} is damaged in this node's storage (a checksum failed); "
+                              "read it from another node", {"context": ctx.name, "seq": seq})
 
     def _missing(self, ctx: ContextState, seq: int) -> IntegrityError:
         """An entry below the context's size is not in storage (LevelDB dropped a damaged block of
@@ -809,29 +820,37 @@ class Ledger:
                                  "its hash); read it from another node", {"context": ctx.name, "seq": seq})
         return blob
 
-    def _iter_blobs(self, ctx: ContextState, first: int, last: int) -> Iterator[tuple[int, str | None, bytes]]:
-        """(seq, key or None when unknown, blob) for first..last, RAM before disk."""
+    def _iter_blobs(self, ctx: ContextState, first: int, last: int,
+                    check_hash: bool = False) -> Iterator[tuple[int, str | None, bytes]]:
+        """(seq, key or None when unknown, blob) for first..last, RAM before disk. What comes from
+        disk passed LevelDB's block checksums; with `check_hash` (what goes to a peer or into a
+        snapshot), each entry also matches its leaf hash."""
         tail = ctx.tail
         disk: Iterator[tuple[bytes, bytes]] | None = None
-        for seq in range(first, last + 1):
-            hot = tail.get(seq)
-            if hot is not None:
-                yield seq, hot[0], hot[1]
-                continue
-            if disk is None:
-                disk = self.kv.scan(st.entry_key(ctx.id, seq), st.entry_key(ctx.id, last + 1))
-            for k, v in disk:
-                s = st.seq_of_entry_key(k)
-                if s == seq:
-                    yield seq, None, self.verified(ctx, seq, v)
-                    break
-                if s > seq:
-                    raise self._missing(ctx, seq)
-            else:
-                v2 = self._lookup(st.entry_key(ctx.id, seq))
-                if v2 is None:
-                    raise self._missing(ctx, seq)
-                yield seq, None, self.verified(ctx, seq, v2)
+        check = self.verified if check_hash else _as_is
+        seq = first
+        try:
+            for seq in range(first, last + 1):
+                hot = tail.get(seq)
+                if hot is not None:
+                    yield seq, hot[0], hot[1]
+                    continue
+                if disk is None:
+                    disk = self.kv.scan(st.entry_key(ctx.id, seq), st.entry_key(ctx.id, last + 1))
+                for k, v in disk:
+                    s = st.seq_of_entry_key(k)
+                    if s == seq:
+                        yield seq, None, check(ctx, seq, v)
+                        break
+                    if s > seq:
+                        raise self._missing(ctx, seq)
+                else:
+                    v2 = self._lookup(st.entry_key(ctx.id, seq))
+                    if v2 is None:
+                        raise self._missing(ctx, seq)
+                    yield seq, None, check(ctx, seq, v2)
+        except st.Corruption as exc:
+            raise self._corrupt(ctx, seq, exc) from None
 
     def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
         """(encoded entries, last seq of the context, more remain, next `after`)."""
@@ -913,7 +932,7 @@ class Ledger:
         last = min(size, req.after + req.limit)
         last_seen = req.after
         if req.after < size:
-            for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last):
+            for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last, check_hash=True):
                 if out and nbytes + len(blob) > MAX_REPLY_BYTES:
                     break
                 out.append(blob)
@@ -1132,6 +1151,10 @@ def _getter(
             raise InternalError(f"Merkle node ({level}, {index}) of context #{ctx_id} is missing from storage")
         return v
     return get
+
+
+def _as_is(ctx: ContextState, seq: int, blob: bytes) -> bytes:
+    return blob
 
 
 def decode_blob(blob: bytes) -> Entry:

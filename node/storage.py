@@ -112,6 +112,10 @@ class StorageLocked(Exception):
     """Another process holds the data folder."""
 
 
+class Corruption(Exception):
+    """A read found damaged data in storage (LevelDB's block checksum did not match)."""
+
+
 class KV(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
@@ -168,8 +172,13 @@ class MemoryKV:
 class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
 
-    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20) -> None:
+    def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
+                 verify_checksums: bool = True, paranoid_checks: bool = True) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
+
+        self._corruption = plyvel.CorruptionError
+        # every read checks the CRC of the blocks it reads (a flipped byte on disk is an error)
+        self._verify = verify_checksums
 
         try:
             self._db = plyvel.DB(
@@ -178,6 +187,8 @@ class LevelDBKV:
                 lru_cache_size=lru_cache_size,
                 write_buffer_size=32 << 20,
                 bloom_filter_bits=10,
+                # a damaged table or log found while LevelDB works is an error, not skipped quietly
+                paranoid_checks=paranoid_checks,
             )
         except plyvel.IOError as exc:
             text = str(exc)
@@ -187,7 +198,10 @@ class LevelDBKV:
         self._wo_sync = True
 
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)  # type: ignore[no-any-return]
+        try:
+            return self._db.get(key, verify_checksums=self._verify)  # type: ignore[no-any-return]
+        except self._corruption as exc:
+            raise Corruption(str(exc)) from None
 
     def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None:
         wb = self._db.write_batch(sync=sync)
@@ -209,9 +223,11 @@ class LevelDBKV:
         return wb.write  # type: ignore[no-any-return]
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        it = self._db.iterator(start=start, stop=stop, reverse=reverse)
+        it = self._db.iterator(start=start, stop=stop, reverse=reverse, verify_checksums=self._verify)
         try:
             yield from it
+        except self._corruption as exc:
+            raise Corruption(str(exc)) from None
         finally:
             it.close()
 
