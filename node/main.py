@@ -27,6 +27,14 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--check" or any(a.startswith("--check=") for a in args[:1]):
+        # `ledger-node --check DATA`: an offline check of a stopped node's folder (node/check.py)
+        data = args[0].partition("=")[2] if "=" in args[0] else (args[1] if len(args) > 1 else "")
+        if not data or len(args) > (1 if "=" in args[0] else 2):
+            return _fail("usage: ledger-node --check DATA")
+        from node.check import check
+        return check(data, sys.stdout)
     try:
         cfg = parse(argv)
     except ConfigError as exc:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import os
 import random
+import subprocess
+import sys
 
 import plyvel
 import pytest
@@ -156,3 +158,28 @@ def test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback(node_fac
     errors = [line for line in out.splitlines() if line.startswith("ledger-node: error:")]
     assert len(errors) == 1 and "damaged" in errors[0], out
     print(errors[0])
+
+
+def _check(data) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.main", "--check", str(data)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, zctx):
+    clean = node_factory(name="clean")
+    _fill(clean, zctx, "c", 300)
+    assert clean.stop() == 0
+    r = _check(clean.data)
+    assert r.returncode == 0 and "ok (1 histories, 300 entries" in r.stdout, r.stdout + r.stderr
+    n = node_factory()
+    _fill(n, zctx, "first", 10)
+    _fill(n, zctx, "c", 2000)
+    assert n.stop() == 0
+    log = _only(str(n.data / "*.log"))
+    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    r = _check(n.data)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "DAMAGED 'c': holds" in r.stdout and "of the 2000 it held" in r.stdout and "'first'" not in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    r = _check(n.data / "nothing-here")
+    assert r.returncode == 2 and r.stdout.startswith("ledger-node: error:")
