@@ -19,7 +19,7 @@ import msgpack
 
 from node import marks
 from node import storage as st
-from node.ledger import STORED_MIN_LEVEL, _getter
+from node.ledger import _getter
 from protocol import merkle
 from protocol.entry import leaf_hash_named, leaf_names
 
@@ -96,7 +96,7 @@ def check(path: str, out: Any) -> int:
             if trouble is None and seq:
                 try:
                     served = merkle.Frontier.load(seq, _getter(
-                        lambda i: msgpack.unpackb(kv.get(st.entry_key(cid, i + 1)) or b"\xc0")["hash"],
+                        lambda i, cid=cid: msgpack.unpackb(kv.get(st.entry_key(cid, i + 1)) or b"\xc0")["hash"],
                         kv.get, cid)).root()
                     if served != frontier.root():
                         trouble = "its stored Merkle nodes do not match its entries"
