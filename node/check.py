@@ -13,6 +13,7 @@ folder (LevelDB's lock refuses that anyway).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -33,6 +34,12 @@ def _entry_ok(names: bytes, seq: int, blob: bytes) -> tuple[bool, bytes]:
         return ok, h
     except Exception:
         return False, b""
+
+
+def _leaf_of(kv: st.LevelDBKV, cid: int) -> Callable[[int], bytes]:
+    def leaf(index: int) -> bytes:
+        return msgpack.unpackb(kv.get(st.entry_key(cid, index + 1)) or b"\xc0")["hash"]  # type: ignore[no-any-return]
+    return leaf
 
 
 def check(path: str, out: Any) -> int:
@@ -95,9 +102,7 @@ def check(path: str, out: Any) -> int:
                 trouble = f"storage is damaged after entry #{seq} ({exc})"
             if trouble is None and seq:
                 try:
-                    served = merkle.Frontier.load(seq, _getter(
-                        lambda i, cid=cid: msgpack.unpackb(kv.get(st.entry_key(cid, i + 1)) or b"\xc0")["hash"],
-                        kv.get, cid)).root()
+                    served = merkle.Frontier.load(seq, _getter(_leaf_of(kv, cid), kv.get, cid)).root()
                     if served != frontier.root():
                         trouble = "its stored Merkle nodes do not match its entries"
                 except Exception as exc:
