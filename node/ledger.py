@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from node import storage as st
-from node.marks import Journal, h_record, n_record
+from node.marks import Journal
 from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import bucket_of, digest_item
@@ -689,11 +689,8 @@ class Ledger:
             if damaged and cid in damaged and seq < damaged[cid][0]:
                 continue  # a repair in progress must not lower the mark it is repairing to
             if cid not in j.names:
-                j.names[cid] = (ctx.name, ctx.writer)
-                out.append(n_record(cid, ctx.name, ctx.writer))
-            root = ctx.frontier.root() if seq == ctx.size else self.root_at(ctx, seq)
-            j.marks[cid] = (seq, root)
-            out.append(h_record(cid, seq, root))
+                out.append(j.name(cid, ctx.name, ctx.writer))
+            out.append(j.mark(cid, seq, ctx.frontier.root() if seq == ctx.size else self.root_at(ctx, seq)))
         return b"".join(out), (j.snapshot() if j.wants_compaction() else None)
 
     def with_marks(self, commit: Callable[[], None], dirty: dict[ContextState, int], sync: bool) -> Callable[[], None]:
