@@ -76,18 +76,21 @@ def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx
 
 def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
     rng = random.Random()
-    seed = rng.randrange(1 << 30)
+    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
     print("seed", seed)
     rng.seed(seed)
     payloads = [rng.randbytes(64) for _ in range(200)]  # incompressible: found as is in the table
-    n = node_factory()
+    n = node_factory("--log-level", os.environ.get("LOGLEVEL", "info"))
     _fill(n, zctx, "bad", 200, payload=lambda i: payloads[i])
     _fill(n, zctx, "good", 50)
     assert n.stop() == 0
     db = plyvel.DB(str(n.data))  # move everything from the .log into .ldb tables
     db.compact_range()
     db.close()
-    victim = rng.randrange(200)
+    # in the middle: the blocks start-up reads (the context records, which share a block with the
+    # first entries; a context's last entries) stay sound; damage there is the one-line error of
+    # test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback
+    victim = rng.randrange(60, 130)
     hit = None
     for table in glob.glob(str(n.data / "*.ldb")):
         data = bytearray(open(table, "rb").read())
