@@ -141,6 +141,9 @@ class Ledger:
         self.integrity_errors = 0  # entries read from disk that did not match their leaf hash
         # contexts with an entry found missing or damaged on disk by a read: id -> first such seq
         self.holes: dict[int, int] = {}
+        self._scrub_at: tuple[str, int] = ("", 0)  # the background scrub's place: (context, last seq checked)
+        self.scrubbed_entries = 0
+        self.scrub_passes = 0
         self.max_payload = max_payload
         self.hot_limit = hot_bytes
         self.now_ns = now_ns
@@ -780,6 +783,50 @@ class Ledger:
             raise self._missing(ctx, seq)
         return self.verified(ctx, seq, v)
 
+    def scrub(self, budget: int) -> int:
+        """Check up to `budget` entries on disk against their leaf hashes (and their presence),
+        going on from where the last call stopped, context after context in name order; what
+        fails is reported as a read would report it (`holes`, log, `head.damaged`). Returns the
+        number of entries checked."""
+        names = self._names
+        if not names:
+            return 0
+        name, after = self._scrub_at
+        i = bisect.bisect_left(names, name)
+        if i < len(names) and names[i] != name:
+            after = 0  # that context is gone: start the next one from its beginning
+        done = 0
+        while done < budget:
+            if i >= len(names):
+                self.scrub_passes += 1
+                self._scrub_at = ("", 0)
+                break
+            ctx = self.contexts[names[i]]
+            last = min(ctx.flushed_seq, after + budget - done)
+            if after >= last or ctx.id in self.holes:
+                i += 1
+                after = 0
+                continue
+            seq = after + 1
+            try:
+                for k, v in self.kv.scan(st.entry_key(ctx.id, seq), st.entry_key(ctx.id, last + 1)):
+                    s = st.seq_of_entry_key(k)
+                    if s != seq:
+                        raise self._missing(ctx, seq)
+                    self.verified(ctx, seq, v)
+                    seq += 1
+                if seq <= last:
+                    raise self._missing(ctx, seq)
+            except st.Corruption as exc:
+                self._corrupt(ctx, seq, exc)
+            except IntegrityError:
+                pass  # recorded in `holes` and logged
+            done += last - after
+            after = last
+            self._scrub_at = (ctx.name, after)
+        self.scrubbed_entries += done
+        return done
+
     def _corrupt(self, ctx: ContextState, seq: int, exc: Exception) -> IntegrityError:
         self.integrity_errors += 1
         if seq < self.holes.get(ctx.id, seq + 1):
@@ -985,6 +1032,7 @@ class Ledger:
             "pending_writes": len(self.pending) + len(self.inflight),
             "loads_in_progress": len(self.loads),
             "integrity_errors": self.integrity_errors,
+            "scrub": {"entries": self.scrubbed_entries, "passes": self.scrub_passes},
             "damaged": self._damaged_list(),
         }
 

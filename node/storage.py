@@ -173,7 +173,7 @@ class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
 
     def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
-                 verify_checksums: bool = True, paranoid_checks: bool = True) -> None:
+                 verify_checksums: bool = True, paranoid_checks: bool = False) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
         self._corruption = plyvel.CorruptionError
@@ -187,7 +187,10 @@ class LevelDBKV:
                 lru_cache_size=lru_cache_size,
                 write_buffer_size=32 << 20,
                 bloom_filter_bits=10,
-                # a damaged table or log found while LevelDB works is an error, not skipped quietly
+                # off (LevelDB's default): with it, one damaged block met by a background
+                # compaction stops every later write of the node until it is reopened; the
+                # reads' checksums, the snapshot path's leaf hashes, the scrub and --check
+                # find such damage instead
                 paranoid_checks=paranoid_checks,
             )
         except plyvel.IOError as exc:

@@ -121,3 +121,30 @@ def test_an_entry_that_does_not_match_its_hash_is_not_sent_in_a_snapshot(tmp_pat
     page = led.snapshot_page(codec.Snapshot(context="c1", after=4, limit=100, size=None))[1]
     assert [decode_entry(b).seq for b in page] == list(range(5, 11))
     assert led.head("c1")["damaged"]["bad_seq"] == 4 and led.integrity_errors == 1
+
+
+def test_the_background_scrub_finds_damage_nobody_reads_in_bounded_slices():
+    led = make(hot_bytes=0)
+    for i in range(30):
+        app(led, "a", b"a%d" % i)
+        app(led, "b", b"b%d" % i)
+    led.flush_sync()
+    key = st.entry_key(led.contexts["b"].id, 17)
+    m = msgpack.unpackb(led.kv.get(key))
+    m["payload"] = b"rotted"
+    led.kv.write([(key, msgpack.packb(m, use_bin_type=True))])
+    led.kv.write((), [st.entry_key(led.contexts["a"].id, 25)])  # and one entry lost
+    checked = []
+    for _ in range(10):
+        checked.append(led.scrub(7))
+    assert max(checked) <= 7
+    assert led.head("a")["damaged"]["bad_seq"] == 25
+    assert led.head("b")["damaged"]["bad_seq"] == 17
+    assert led.scrub_passes >= 1 and led.status()["scrub"]["passes"] >= 1
+    clean = make(hot_bytes=0)
+    for i in range(30):
+        app(clean, "a", b"a%d" % i)
+    clean.flush_sync()
+    while clean.scrub_passes < 2:
+        clean.scrub(50)
+    assert clean.status()["damaged"] == [] and clean.scrubbed_entries == 60
