@@ -217,7 +217,10 @@ class Ledger:
         for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
             info = _unpackb(value)
             name = key[1:].decode()
-            ctx = self._load_ctx(name, info)
+            try:
+                ctx = self._load_ctx(name, info)
+            except (st.Corruption, InternalError) as exc:
+                ctx = self._unreadable(name, info, node_id, exc)
             self.contexts[name] = ctx
             self._names.append(name)
             self.entries_total += ctx.size
@@ -228,6 +231,25 @@ class Ledger:
         if self.journal is not None:
             self._check_marks()
         return node_id
+
+    def _unreadable(self, name: str, info: dict[str, Any], node_id: str, exc: Exception) -> ContextState:
+        """A context whose last entries or Merkle nodes cannot be read at start-up. A replica is
+        served empty and reported damaged: the normal repair pulls it again from its writer (the
+        pulled entries are written over the damaged ones). A context this node writes cannot be
+        refilled that way (its next append would reuse acknowledged seqs): the start fails."""
+        if info["writer"] == node_id:
+            raise DataDirError(
+                f"context {name!r}, which this node writes, cannot be read from the data folder ({exc}); "
+                "run `ledger-node --check DATA`") from None
+        ctx = ContextState(name, info["id"], info["writer"], info.get("created_ns", 0))
+        self._by_id[ctx.id] = ctx
+        if ctx.id >= self._next_ctx:
+            self._next_ctx = ctx.id + 1
+        if self.journal is None or ctx.id not in self.journal.marks:
+            self.holes[ctx.id] = 1  # else its mark, checked next, says what it held
+        log.error("INTEGRITY: context %r cannot be read from storage (%s); serving it empty and refilling "
+                  "it from peers", name, exc)
+        return ctx
 
     def _check_marks(self) -> None:
         """Compare what LevelDB gave back with the durable high-water marks. Only a context whose
