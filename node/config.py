@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "new connections are closed at once (peers count too) [LEDGER_MAX_CLIENTS] "
                    "(default 4096, or less when the open-files limit leaves less room)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
+    p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "
+                   "every root, the high-water marks), report damage and exit (0 clean, 1 damaged, 2 unreadable); "
+                   "it must be the first argument")
     p.add_argument("--version", action="version", version=f"ledger-node {__version__}")
     return p
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from node import __version__, clients
 from node.config import ConfigError, parse
 from node.ledger import DataDirError, Ledger
+from node.marks import Journal
 from node.server import Server
 from node.sockets import AddressInUse
 from node.storage import KV, LevelDBKV, MemoryKV, StorageLocked, WriteFailed
@@ -27,6 +28,14 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--check" or any(a.startswith("--check=") for a in args[:1]):
+        # `ledger-node --check DATA`: an offline check of a stopped node's folder (node/check.py)
+        data = args[0].partition("=")[2] if "=" in args[0] else (args[1] if len(args) > 1 else "")
+        if not data or len(args) > (1 if "=" in args[0] else 2):
+            return _fail("usage: ledger-node --check DATA")
+        from node.check import check
+        return check(data, sys.stdout)
     try:
         cfg = parse(argv)
     except ConfigError as exc:
@@ -70,9 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # plyvel.Error and friends (corruption, permissions)
             return _fail(f"cannot open data folder {cfg.data!r}: {exc}")
     try:
+        journal = None if cfg.data == ":memory:" else Journal(cfg.data)
         ledger = Ledger(
             kv, node_id=cfg.node_id, max_payload=cfg.max_payload, hot_bytes=cfg.hot_bytes,
             sync_meta=cfg.data != ":memory:", max_loads=cfg.max_loads, max_staged_bytes=cfg.max_staged_bytes,
+            journal=journal,
         )
     except DataDirError as exc:
         kv.close()
@@ -80,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # start-up writes its id, drops staged loads: a full disk fails here
         kv.close()
         return _fail(f"cannot write to data folder {cfg.data!r}: {exc}; free space or fix the disk, then start again")
+    except Exception as exc:  # a damaged folder (LevelDB corruption, a broken record): one line, no traceback
+        kv.close()
+        log.debug("start-up failed", exc_info=True)
+        return _fail(f"data folder {cfg.data!r} is damaged and cannot be served: {type(exc).__name__}: {exc}; "
+                     "run `ledger-node --check DATA` on it, or move it away and let this node refill from its peers")
     try:
         server = Server(cfg, ledger)
     except AddressInUse as exc:
@@ -119,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.run(ready)
     finally:
         kv.close()
+        ledger.close()
     print("ledger-node: stopped cleanly", flush=True)
     return 0
 

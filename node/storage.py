@@ -132,6 +132,10 @@ class WriteFailed(Exception):
     """
 
 
+class Corruption(Exception):
+    """A read found damaged data in storage (LevelDB's block checksum did not match)."""
+
+
 class KV(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
@@ -222,15 +226,22 @@ class LevelDBKV:
     """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
 
     def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
-                 max_open_files: int = MAX_OPEN_FILES) -> None:
+                 max_open_files: int = MAX_OPEN_FILES, verify_checksums: bool = True,
+                 paranoid_checks: bool = False) -> None:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
         self.path = path
         self._plyvel: Any = plyvel
+        self._corruption = plyvel.CorruptionError
+        # every read checks the CRC of the blocks it reads (a flipped byte on disk is an error)
+        self._verify = verify_checksums
         # max_open_files is bounded, so the descriptors LevelDB may open are reserved out of the
-        # process's limit and never taken by clients (node/clients.py)
+        # process's limit and never taken by clients (node/clients.py). paranoid_checks is off
+        # (LevelDB's default): with it, one damaged block met by a background compaction stops
+        # every later write of the node until it is reopened; the reads' checksums, the snapshot
+        # path's leaf hashes, the scrub and --check find such damage instead
         self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 32 << 20, "bloom_filter_bits": 10,
-                         "max_open_files": max_open_files}
+                         "max_open_files": max_open_files, "paranoid_checks": paranoid_checks}
         try:
             self._db: Any = plyvel.DB(path, create_if_missing=create, **self._options)
         except plyvel.IOError as exc:
@@ -248,7 +259,10 @@ class LevelDBKV:
         db = self._db
         if db is None:
             raise self._closed()
-        return db.get(key)  # type: ignore[no-any-return]
+        try:
+            return db.get(key, verify_checksums=self._verify)  # type: ignore[no-any-return]
+        except self._corruption as exc:
+            raise Corruption(str(exc)) from None
 
     def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None:
         if self._db is None:
@@ -286,9 +300,11 @@ class LevelDBKV:
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         if self._db is None:
             raise self._closed()
-        it = self._db.iterator(start=start, stop=stop, reverse=reverse)
+        it = self._db.iterator(start=start, stop=stop, reverse=reverse, verify_checksums=self._verify)
         try:
             yield from it
+        except self._corruption as exc:
+            raise Corruption(str(exc)) from None
         finally:
             it.close()
 

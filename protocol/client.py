@@ -64,6 +64,7 @@ class Head:
     writer: str
     watchers: int = 0
     fork: dict[str, Any] | None = None  # when the context is forked (SPEC 17.4)
+    damaged: dict[str, Any] | None = None  # came back from disk shorter or different (README, integrity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +440,8 @@ class Client:
 
     def head(self, context: str) -> Head:
         r = self.call("head", context=context)
-        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"))
+        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"),
+                    r.get("damaged"))
 
     def pub_address(self) -> str:
         """The node's watch (PUB) address, reached through the host this client uses."""

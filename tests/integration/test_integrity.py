@@ -1,0 +1,234 @@
+"""Integrity at rest: a data folder damaged while the node was stopped (a truncated LevelDB
+`.log`, a byte flipped in an `.ldb` table) is reported, never served silently, and repaired
+from a peer where one holds the missing tail (ARCHITECTURE invariant 11)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import subprocess
+import sys
+
+import plyvel
+import pytest
+
+from protocol.client import Client
+from protocol.errors import IntegrityError
+from tests.integration.test_mesh import converged, mesh, status, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _fill(n, zctx, name: str, count: int, payload=lambda i: f"p{i}".encode()) -> None:
+    with Client(n.address, zctx=zctx) as c:
+        for _ in c.append_many(name, (payload(i) for i in range(count)), window=200):
+            pass
+
+
+def _only(pattern: str) -> str:
+    files = sorted(glob.glob(pattern), key=os.path.getsize)
+    assert files, f"no file matches {pattern}"
+    return files[-1]
+
+
+def test_truncated_log_is_reported_not_served_silently(node_factory, zctx):
+    n = node_factory()
+    _fill(n, zctx, "other", 10)  # first: in the part of the .log that survives
+    _fill(n, zctx, "c", 2000)
+    with Client(n.address, zctx=zctx) as c:
+        before = c.head("c")
+    assert n.stop() == 0
+    log = _only(str(n.data / "*.log"))
+    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    n.start()
+    with Client(n.address, zctx=zctx) as c:
+        h = c.head("c")
+        assert h.size < 2000
+        assert h.damaged == {"expected_size": 2000, "expected_root": before.root, "size": h.size}
+        st = c.status()
+        assert [d["context"] for d in st["damaged"]] == ["c"]
+        assert c.get("c", after=h.size - 1).entries[0].seq == h.size  # the rest is served
+        assert c.head("other").damaged is None and len(c.get("other").entries) == 10
+    assert "INTEGRITY" in n.output() and "came back from disk shorter" in n.output()
+
+
+def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx):
+    n1, n2 = mesh(node_factory, 2)
+    n2.pin_ports()
+    _fill(n1, zctx, "rep", 2000)
+    wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="replication")
+    wait_for(lambda: status(n2, zctx)["pending_writes"] == 0, what="the replica to be on disk")
+    with Client(n1.address, zctx=zctx) as c:
+        want = c.head("rep")
+    assert n2.stop() == 0
+    log = _only(str(n2.data / "*.log"))
+    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    n2.start()
+    assert "came back from disk shorter" in n2.output()
+    wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="repair from the peer")
+    with Client(n2.address, zctx=zctx) as c:
+        h = c.head("rep")
+        assert (h.size, h.root, h.damaged) == (2000, want.root, None)
+        assert c.status()["damaged"] == []
+    wait_for(lambda: "is repaired" in n2.output(), what="the repair to be logged")
+
+
+def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
+    rng = random.Random()
+    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
+    print("seed", seed)
+    rng.seed(seed)
+    payloads = [rng.randbytes(64) for _ in range(200)]  # incompressible: found as is in the table
+    n = node_factory("--log-level", os.environ.get("LOGLEVEL", "info"))
+    _fill(n, zctx, "bad", 200, payload=lambda i: payloads[i])
+    _fill(n, zctx, "good", 50)
+    assert n.stop() == 0
+    db = plyvel.DB(str(n.data))  # move everything from the .log into .ldb tables
+    db.compact_range()
+    db.close()
+    # in the middle: the blocks start-up reads (the context records, which share a block with the
+    # first entries; a context's last entries) stay sound; damage there is the one-line error of
+    # test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback
+    # (the first found as is: LevelDB's block compression may, rarely, split one payload)
+    tables = {t: bytearray(open(t, "rb").read()) for t in glob.glob(str(n.data / "*.ldb"))}
+    hit = None
+    for victim in rng.sample(range(60, 130), 70):
+        for table, data in tables.items():
+            at = data.find(payloads[victim])
+            if at >= 0:
+                data[at + 10] ^= 0x01
+                open(table, "wb").write(data)
+                hit = table
+                break
+        if hit:
+            break
+    assert hit, "no payload found in any table"
+    n.start()
+    with Client(n.address, zctx=zctx) as c:
+        with pytest.raises(IntegrityError):
+            c.get("bad", after=victim, limit=1)
+        with pytest.raises(IntegrityError):
+            c.get("bad")  # a range that covers it
+        # each entry is served as written or refused: those sharing the damaged block with it
+        # (LevelDB's checksum covers a block of a few KiB) are refused too, the rest are served
+        refused = []
+        for seq in range(1, 201):
+            try:
+                (e,) = c.get("bad", after=seq - 1, limit=1).entries
+                assert e.payload == payloads[seq - 1]
+            except IntegrityError:
+                refused.append(seq)
+        assert victim + 1 in refused and len(refused) < 40, refused
+        assert len(c.get("good").entries) == 50
+        assert c.head("bad").damaged["bad_seq"] == min(refused)
+        with pytest.raises(IntegrityError):  # nor does it go out in a snapshot (what peers pull)
+            c.call("snapshot", context="bad")
+        assert c.status()["integrity_errors"] >= 2
+    assert "INTEGRITY" in n.output()
+
+
+@pytest.mark.parametrize("damage", ["flip_log", "truncate_ldb"])
+def test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback(node_factory, zctx, damage):
+    n = node_factory()
+    _fill(n, zctx, "c", 3000, payload=lambda i: os.urandom(100))
+    assert n.stop() == 0
+    if damage == "flip_log":
+        log = _only(str(n.data / "*.log"))
+        with open(log, "r+b") as f:
+            f.seek(os.path.getsize(log) // 3)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0xFF]))
+    else:
+        db = plyvel.DB(str(n.data))
+        db.compact_range()
+        db.close()
+        table = _only(str(n.data / "*.ldb"))
+        os.truncate(table, os.path.getsize(table) // 2)
+    try:
+        n.start(timeout=10)
+    except RuntimeError:
+        print("refused to start")  # the message is checked below
+    else:
+        print("started")
+        with Client(n.address, zctx=zctx) as c:  # it started: what LevelDB dropped must not pass silently
+            with pytest.raises(IntegrityError):
+                for _ in c.iter_entries("c"):
+                    pass
+            assert c.head("c").damaged["bad_seq"] >= 1
+            assert [d["context"] for d in c.status()["damaged"]] == ["c"]
+        n.stop()
+        return
+    out = n.output()
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("ledger-node: error:")]
+    assert len(errors) == 1 and "damaged" in errors[0], out
+    print(errors[0])
+
+
+def _check(data) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.main", "--check", str(data)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, zctx):
+    clean = node_factory(name="clean")
+    _fill(clean, zctx, "c", 300)
+    assert clean.stop() == 0
+    r = _check(clean.data)
+    assert r.returncode == 0 and "ok (1 histories, 300 entries" in r.stdout, r.stdout + r.stderr
+    n = node_factory()
+    _fill(n, zctx, "first", 10)
+    _fill(n, zctx, "c", 2000)
+    assert n.stop() == 0
+    log = _only(str(n.data / "*.log"))
+    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    r = _check(n.data)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "DAMAGED 'c': holds" in r.stdout and "of the 2000 it held" in r.stdout and "'first'" not in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    r = _check(n.data / "nothing-here")
+    assert r.returncode == 2 and r.stdout.startswith("ledger-node: error:")
+
+
+def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(node_factory, zctx):
+    """Damage in a block start-up reads (a context's last entries) costs that context, not the node."""
+    rng = random.Random()
+    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
+    print("seed", seed)
+    rng.seed(seed)
+    payloads = [rng.randbytes(64) for _ in range(200)]
+    n1, n2 = mesh(node_factory, 2)
+    n2.pin_ports()
+    _fill(n1, zctx, "rep", 200, payload=lambda i: payloads[i])
+    # enough entries after rep's (ids in creation order) that the node's meta records, which sort
+    # after every entry, are not in the damaged block
+    _fill(n1, zctx, "zz-other", 200, payload=lambda i: os.urandom(64))
+    wait_for(lambda: converged([n1, n2], zctx, ["rep", "zz-other"], {"rep": 200, "zz-other": 200}),
+             what="replication")
+    wait_for(lambda: status(n2, zctx)["pending_writes"] == 0, what="the replica to be on disk")
+    with Client(n1.address, zctx=zctx) as c:
+        want = c.head("rep")
+    assert n2.stop() == 0
+    db = plyvel.DB(str(n2.data))
+    db.compact_range()
+    db.close()
+    hit = False
+    for table in glob.glob(str(n2.data / "*.ldb")):
+        data = bytearray(open(table, "rb").read())
+        at = data.find(payloads[199])  # the last entry: start-up reads its block
+        if at >= 0:
+            data[at + 5] ^= 0x40
+            open(table, "wb").write(data)
+            hit = True
+    assert hit
+    n2.args += ["--log-level", os.environ.get("LOGLEVEL", "info")]
+    n2.start()
+    assert "cannot be read from storage" in n2.output()
+    wait_for(lambda: converged([n1, n2], zctx, ["rep", "zz-other"], {"rep": 200, "zz-other": 200}),
+             what="repair from the peer")
+    with Client(n2.address, zctx=zctx) as c:
+        h = c.head("rep")
+        assert (h.size, h.root, h.damaged) == (200, want.root, None)
+        assert [e.payload for e in c.get("rep", after=190).entries] == payloads[190:]
