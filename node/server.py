@@ -149,6 +149,9 @@ class Server:
         self._peer_turn = 0
         self.peer_max_msg = max_peer_message(config.max_payload)
         self.peer_sub = sockets.peer_sub(self.zctx, self.peer_max_msg)
+        self._sub_addresses: set[str] = set()  # the peers' PUB addresses it is connected to
+        self._sub_stale = False  # a peer's PUB was dropped: make the socket anew (unsubscribe)
+        self.sub_renewals = 0
         self._forgotten: list[zmq.Socket[Any]] = []  # sockets of forgotten peers, closed between loop turns
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.mesh = Mesh(
@@ -284,6 +287,8 @@ class Server:
                     self._peer_events(events)
                 self._collect_done()
                 self._maybe_handoff()
+                if self._sub_stale:
+                    self._renew_sub()
                 now = time.monotonic()
                 try:
                     mesh.tick(now)  # (each peer's part is isolated inside; this is the last guard)
@@ -364,6 +369,7 @@ class Server:
         return rid
 
     def subscribe(self, pub_address: str) -> None:
+        self._sub_addresses.add(pub_address)
         try:
             self.peer_sub.connect(f"tcp://{pub_address}")
         except zmq.ZMQError as exc:
@@ -383,10 +389,28 @@ class Server:
         self._forgotten = []
 
     def unsubscribe(self, pub_address: str) -> None:
-        try:
-            self.peer_sub.disconnect(f"tcp://{pub_address}")
-        except zmq.ZMQError:
-            pass
+        # Not zmq_disconnect: libzmq (4.3.5) may process the end of that pipe between two
+        # frames of a message it is handing out, and aborts ("Assertion failed: !_more
+        # (src/fq.cpp:80)", seen in a chaos run when a peer restarted). The SUB socket is
+        # made anew instead, at the start of the next loop turn; pushes in flight from the
+        # other peers are lost with it, and their gaps are pulled (17.3).
+        if pub_address in self._sub_addresses:
+            self._sub_addresses.discard(pub_address)
+            self._sub_stale = True
+
+    def _renew_sub(self) -> None:
+        self._sub_stale = False
+        old = self.peer_sub
+        self.poller.unregister(old)
+        old.close(linger=0)
+        self.peer_sub = sockets.peer_sub(self.zctx, self.peer_max_msg)
+        self.poller.register(self.peer_sub, zmq.POLLIN)
+        self.sub_renewals += 1
+        for a in sorted(self._sub_addresses):
+            try:
+                self.peer_sub.connect(f"tcp://{a}")
+            except zmq.ZMQError as exc:
+                self.mesh.peer_error(a, "subscribing to its PUB failed", exc, expected=True)
 
     def _peer_events(self, events: dict[Any, int]) -> None:
         now = time.monotonic()
@@ -820,6 +844,7 @@ class Server:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "durability": self.config.durability,
             "write_batches": self.flusher.batches,
+            "peer_sub_renewals": self.sub_renewals,
             "backpressure_waits": self.backpressure_waits,
             "written_keys": self.flusher.keys,
             "flush_ms": self.config.flush_ms,
