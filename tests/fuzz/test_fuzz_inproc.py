@@ -34,6 +34,7 @@ from tests.fuzz.oracle import INTERNAL, Honest, check_after_run
 N = gen.count_from_env(12_000, long=800_000)
 LONG = N > 12_000
 HONEST = ["honest-a", "honest-b", "honest-c"]
+REPLICAS = ["r1", "r2"]  # written by an honest fake peer (gen.FakeWriter), replicated here
 FUZZED = ["f1", "f2", "f3", "c", "x" * 256]
 PEERS = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "[::1]:4"]
 
@@ -77,8 +78,10 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
     seed = gen.seed_from_env()
     print(f"fuzz seed {seed} (replay with LEDGER_FUZZ_SEED={seed}), {N} messages")
     caplog.set_level(logging.ERROR)
-    fz = gen.Fuzzer(seed, contexts=FUZZED, read_only=HONEST, node_id="fz", addresses=PEERS, max_payload=64 << 10)
+    fz = gen.Fuzzer(seed, contexts=FUZZED, read_only=HONEST + REPLICAS, node_id="fz", addresses=PEERS,
+                    max_payload=64 << 10, protected=REPLICAS)
     honest = Honest(fz.rng, HONEST)
+    writer = gen.FakeWriter(fz.rng, REPLICAS, address="127.0.0.1:9")
     server, out, fake = make_server(zctx)
     server.flusher.start()
     failures: list[str] = []
@@ -102,9 +105,20 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
         return codec.decode_reply(out[-1][-1])
 
     try:
+        # every protected context exists before the fuzzing starts (a hostile empty load could create it)
+        for ctx in HONEST:
+            honest.waiting["setup"] = (ctx, None)
+            honest.on_reply(call("append", {"id": "setup", "context": ctx, "payload": b"first"}))
+        assert call("heartbeat", writer.heartbeat())["ok"]
+        for ctx in REPLICAS:
+            writer.grow(ctx, 3)
+            server.mesh.on_push(writer.push(ctx, 1, 3))
+            assert server.ledger.contexts[ctx].size == 3
+        named = FUZZED + HONEST + REPLICAS
         for i in range(N):
+            out.clear()  # (replies are checked as they come; a long run must not keep them)
             r = fz.rng.random()
-            sizes = {n: c.size for n, c in server.ledger.contexts.items()}
+            sizes = {n: c.size for n in named if (c := server.ledger.contexts.get(n)) is not None}
             if r < 0.12:
                 kind = "honest"
                 op, fields = honest.request()
@@ -129,7 +143,7 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
                         fail("INTERNAL", f"{m['error'].get('message')} <- {frames!r:.300}")
             elif r < 0.84:
                 kind = "push"
-                frames = fz.push(sizes)
+                frames = writer.next_push(sizes) if fz.chance(0.4) else fz.push(sizes)
                 try:
                     server.mesh.on_push(frames)
                 except Exception:
@@ -142,7 +156,10 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
                 else:
                     rid, op, sent_fields = fz.rng.choice((None, 0, -1, 2**64 - 1, "x")), None, None
                     address = fz.rng.choice(PEERS)
-                reply = fz.reply(rid, op, sent_fields, sizes)
+                if address == writer.address and op is not None:
+                    reply = writer.reply(rid, op, sent_fields or {})  # the writer is honest
+                else:
+                    reply = fz.reply(rid, op, sent_fields, sizes)
                 raw = fz.pack(reply)
                 try:
                     decoded = codec.decode_reply(raw)
@@ -156,6 +173,8 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
             else:
                 kind = "tick"
                 now += fz.rng.choice((0.01, 0.2, 1.0, 30.0))
+                if not call("heartbeat", writer.heartbeat()).get("ok"):  # the writer keeps in touch
+                    fail("heartbeat", "the fake writer's heartbeat was refused")
                 try:
                     server.mesh.tick(now)
                     server.mesh.flush_acks(now)
@@ -167,10 +186,31 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
                 except Exception:
                     fail("housekeeping raised", traceback.format_exc(limit=-3))
             kinds[kind] = kinds.get(kind, 0) + 1
+        # the hostile peers fall silent; the writer keeps in touch: its contexts must converge
+        for _ in range(200):
+            if all(server.ledger.contexts[c].size == len(writer.logs[c]) for c in REPLICAS):
+                break
+            now += 0.2
+            call("heartbeat", writer.heartbeat())
+            server.mesh.tick(now)
+            for rid, (address, op, sent_fields) in list(fake.sent.items()):
+                if address == writer.address:
+                    del fake.sent[rid]
+                    server.mesh.on_reply(address, codec.decode_reply(fz.pack(writer.reply(rid, op, sent_fields))), now)
+        else:
+            fail("convergence", f"the replicas stopped short of their writer's history: "
+                 f"{({c: server.ledger.contexts[c].size for c in REPLICAS})} of "
+                 f"{({c: len(log) for c, log in writer.logs.items()})}; forks: {server.mesh.forks}")
         server._check_replicated()  # replicas=N appends time out at once (replica_timeout_ms=0)
         while server.flushing:
             server._collect_done()
         problems = check_after_run(call, honest)
+        for ctx in REPLICAS:
+            bad = writer.check(ctx, call("head", {"context": ctx}))
+            if bad:
+                problems.append(bad)
+        replicated = {c: server.ledger.contexts[c].size for c in REPLICAS if c in server.ledger.contexts}
+        print(f"replicas: {replicated} of {({c: len(log) for c, log in writer.logs.items()})}")
     finally:
         server._shutdown()
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]

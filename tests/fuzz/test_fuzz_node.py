@@ -32,24 +32,28 @@ LONG = N > 5_000
 WINDOW = int(os.environ.get("LEDGER_FUZZ_WINDOW", "100"))  # requests in flight (1 to find the one that fails)
 HONEST = ["honest-a", "honest-b"]
 FUZZED = ["f1", "f2", "c"]
-PUBLISHER = "peerP"  # the fake peer whose PUB pushes hostile messages: the fuzzer never names it
+REPLICAS = ["r1", "r2"]  # written by the publishing fake peer, an honest writer (gen.FakeWriter)
 NODE_FLAGS = ("--id", "fz", "--durability", "async", "--heartbeat-ms", "50", "--replica-timeout-ms", "50",
               "--max-payload", "64K", "--dead-after", "4")
 
 
 class FakePeer:
-    """A ROUTER that answers the node's peer requests, hostile; with `publish`, also a PUB that pushes."""
+    """A ROUTER that answers the node's peer requests, hostile; or, with a `writer`, an honest
+    writer's ROUTER and PUB (which also carries hostile pushes)."""
 
-    def __init__(self, zctx: zmq.Context, fz: gen.Fuzzer, requests: dict[str, int], publish: bool = False) -> None:
+    def __init__(self, zctx: zmq.Context, fz: gen.Fuzzer, requests: dict[str, int],
+                 writer_contexts: list[str] | None = None) -> None:
         self.fz = fz
         self.router = zctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.pub = None
-        if publish:
+        self.writer = None
+        if writer_contexts is not None:
             self.pub = zctx.socket(zmq.PUB)
             self.pub.setsockopt(zmq.LINGER, 0)
-            self.pub_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+            pub_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+            self.writer = gen.FakeWriter(fz.rng, writer_contexts, f"127.0.0.1:{self.port}", f"127.0.0.1:{pub_port}")
         self.requests = requests  # op -> how many the node sent us
 
     def serve(self) -> None:
@@ -61,24 +65,23 @@ class FakePeer:
                 continue
             op = m.get("op") if isinstance(m, dict) else None
             self.requests[str(op)] = self.requests.get(str(op), 0) + 1
-            if self.pub is not None:
-                # the publishing peer answers plainly: a changed id, cluster or pub would make the
-                # node drop its subscription (gen.LIVE_PUB_STABLE)
-                body = codec.encode_reply(m.get("id"), {"node_id": PUBLISHER, "cluster": "ledger"})
+            fz = self.fz
+            if self.writer is not None:
+                # the writer answers honestly (a changed id, cluster or pub would also make the
+                # node drop its subscription: gen.LIVE_PUB_STABLE)
+                body = fz.pack(self.writer.reply(m.get("id"), str(op), m))
             else:
-                fz = self.fz
                 body = fz.garbage_frame() if fz.chance(0.05) else fz.pack(fz.reply(m.get("id"), op, m, {}))
             self.router.send_multipart([ident, body])
 
     def heartbeat(self) -> bytes:
-        """The publishing peer's heartbeat (what keeps the node subscribed to it)."""
-        return codec.encode_request("heartbeat", "publisher", {
-            "node_id": PUBLISHER, "address": f"127.0.0.1:{self.port}", "pub": f"127.0.0.1:{self.pub_port}",
-            "boot": "b", "cluster": "ledger"})
+        assert self.writer is not None
+        return codec.encode_request("heartbeat", "writer", self.writer.heartbeat())
 
     def push(self) -> None:
-        assert self.pub is not None
-        self.pub.send_multipart(self.fz.push({}))
+        assert self.pub is not None and self.writer is not None
+        fz = self.fz
+        self.pub.send_multipart(self.writer.next_push(self.writer.pushed) if fz.chance(0.5) else fz.push({}))
 
     def close(self) -> None:
         self.router.close(linger=0)
@@ -100,11 +103,13 @@ def test_hostile_messages_against_a_real_node(node_factory, zctx):
     seed = gen.seed_from_env()
     print(f"fuzz seed {seed} (replay with LEDGER_FUZZ_SEED={seed}), {N} requests")
     node = node_factory(*NODE_FLAGS)
-    fz0 = gen.Fuzzer(seed, contexts=FUZZED, read_only=HONEST, node_id="fz", addresses=["127.0.0.1:1"],
-                     max_payload=64 << 10)
+    fz0 = gen.Fuzzer(seed, contexts=FUZZED, read_only=HONEST + REPLICAS, node_id="fz", addresses=["127.0.0.1:1"],
+                     max_payload=64 << 10, protected=REPLICAS)
     asked: dict[str, int] = {}
     peer = FakePeer(zctx, fz0, asked)  # answers hostile
-    publisher = FakePeer(zctx, fz0, asked, publish=True)  # pushes hostile
+    publisher = FakePeer(zctx, fz0, asked, REPLICAS)  # an honest writer; its stream carries hostile pushes too
+    writer = publisher.writer
+    assert writer is not None
     # the fuzzed heartbeats name the answering fake peer and closed ports, never the publisher
     fz0.addresses = [f"127.0.0.1:{peer.port}", f"127.0.0.1:{peer.port}", "127.0.0.1:1"]
     fz0.pubs = ["127.0.0.1:1", "127.0.0.1:2"]
@@ -125,6 +130,7 @@ def test_hostile_messages_against_a_real_node(node_factory, zctx):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             peer.serve()
+            publisher.serve()
             if s.poll(10):
                 m = codec.decode_reply(s.recv_multipart()[-1])
                 if m.get("id") == rid:
@@ -132,6 +138,18 @@ def test_hostile_messages_against_a_real_node(node_factory, zctx):
         raise AssertionError(f"no reply to {op} within 20 s (node alive: {node.proc.poll() is None})")
 
     try:
+        # every protected context exists before the fuzzing starts (a hostile empty load could create it)
+        for ctx in HONEST:
+            honest.waiting["setup"] = (ctx, None)
+            honest.on_reply(call("append", {"id": "setup", "context": ctx, "payload": b"first"}))
+        for ctx in REPLICAS:
+            writer.grow(ctx, 3)
+        deadline = time.monotonic() + 15
+        while not all(call("head", {"context": c}).get("ok") for c in REPLICAS):  # pulled by repair
+            assert time.monotonic() < deadline, (f"the node did not replicate the fake writer's contexts; it asked "
+                                                 f"{asked}:\n{node.output()[-3000:]}")
+            call("heartbeat", writer.heartbeat())
+            time.sleep(0.05)
         sent = 0
         while sent < N and not failures:
             window: dict[int, list[bytes]] = {}
@@ -175,7 +193,19 @@ def test_hostile_messages_against_a_real_node(node_factory, zctx):
         if node.proc.poll() is not None:
             fail(f"the node exited: {node.output()[-3000:]}")
         if not failures:
+            # the hostile peers fall silent; the writer keeps in touch: its contexts must converge
+            deadline = time.monotonic() + 20
+            while any(call("head", {"context": c}).get("size") != len(writer.logs[c]) for c in REPLICAS):
+                if time.monotonic() > deadline:
+                    fail("the replicas stopped short of their writer's history")
+                    break
+                call("heartbeat", writer.heartbeat())
+                time.sleep(0.05)
             failures += check_after_run(call, honest)
+            heads = {c: call("head", {"context": c}) for c in REPLICAS}
+            failures += [bad for c, h in heads.items() if (bad := writer.check(c, h))]
+            print(f"replicas: {({c: h.get('size') for c, h in heads.items()})} of "
+                  f"{({c: len(log) for c, log in writer.logs.items()})}")
         before = {c: honest.expected(c) for c in HONEST}
         s.close(linger=0)
         peer.close()
@@ -191,7 +221,7 @@ def test_hostile_messages_against_a_real_node(node_factory, zctx):
             node.start()
             s = dealer(zctx, node.address)
             peer = FakePeer(zctx, fz, asked)  # (nothing names it now: call() serves it anyway)
-            publisher = FakePeer(zctx, fz, asked, publish=True)
+            publisher = FakePeer(zctx, fz, asked)
             for c, want in before.items():
                 head = call("head", {"context": c})
                 if (head.get("size"), head.get("root")) != want:

@@ -87,6 +87,80 @@ def test_a_failed_peer_reply_whose_error_is_not_a_map_is_ignored(zctx):
         close(server)
 
 
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str, str, dict]] = []
+
+    def request(self, address: str, op: str, fields: dict) -> int:
+        self.sent.append((len(self.sent) + 1, address, op, fields))
+        return len(self.sent)
+
+    def subscribe(self, pub: str) -> None: ...
+
+    def unsubscribe(self, pub: str) -> None: ...
+
+
+def sync_heads_pending(server: Server, out: list[list[bytes]], node_id: str, address: str) -> int:
+    """Make `node_id` at `address` a peer whose digest differs: the node asks it for heads; the request id."""
+    fake = server.mesh.transport
+    ask(server, out, "heartbeat", node_id=node_id, address=address, digest=b"\x01" * 8 * NBUCKETS)
+    rid, to, op, _f = fake.sent[-1]
+    assert (to, op) == (address, "sync_heads")
+    return rid
+
+
+@pytest.mark.xfail(strict=True, reason="Mesh._on_heads pages on with heads[-1][0] unchecked: then set "
+                   "gen.LAST_HEAD_IS_A_LIST = False")
+def test_a_sync_heads_reply_whose_last_head_is_not_a_list_is_refused_cleanly(zctx):
+    server, out = server_and_replies(zctx)
+    server.mesh.transport = FakeTransport()
+    try:
+        rid = sync_heads_pending(server, out, "p", "127.0.0.1:1")
+        server.mesh.on_reply("127.0.0.1:1", {"v": 1, "id": rid, "ok": True, "heads": [7], "more": True},
+                             time.monotonic())
+    finally:
+        close(server)
+
+
+@pytest.mark.xfail(strict=True, reason="a fork the node's writer wins stops the pulls of that context (node/mesh.py "
+                   "_fork/_next_pull): then set gen.FORK_STOPS_PULLS = False")
+def test_a_peer_claiming_a_replicated_context_for_another_writer_does_not_stop_its_replication(zctx):
+    import random
+
+    from tests.fuzz.gen import FakeWriter
+
+    server, out = server_and_replies(zctx)
+    fake = FakeTransport()
+    server.mesh.transport = fake
+    writer = FakeWriter(random.Random(1), ["r1"], "127.0.0.1:9")
+    t = time.monotonic()
+
+    def sync_with_writer() -> None:
+        ask(server, out, "heartbeat", **writer.heartbeat())
+        for _ in range(10):  # answer whatever the node asks the writer (sync_heads, then snapshots)
+            todo = [x for x in fake.sent if x[1] == writer.address]
+            fake.sent = [x for x in fake.sent if x[1] != writer.address]
+            for rid, address, op, fields in todo:
+                server.mesh.on_reply(address, writer.reply(rid, op, fields), t)
+
+    try:
+        writer.grow("r1", 3)
+        sync_with_writer()
+        assert server.ledger.contexts["r1"].size == 3
+        # another peer says r1 is peerB's (a partition's second writer, or a lie): a fork of writers,
+        # which r1's own writer wins ("a-writer" sorts first)
+        rid = sync_heads_pending(server, out, "peerB", "127.0.0.1:2")
+        server.mesh.on_reply("127.0.0.1:2", {"v": 1, "id": rid, "ok": True,
+                                             "heads": [["r1", 9, b"\x00" * 32, "peerB", 0]]}, t)
+        assert server.mesh.forks["r1"].served_writer == "a-writer"  # r1's writer stays served
+        writer.grow("r1", 3)
+        for _ in range(3):
+            sync_with_writer()
+        assert server.ledger.contexts["r1"].size == 6, server.mesh.forks
+    finally:
+        close(server)
+
+
 @pytest.mark.xfail(strict=True, reason="libzmq aborts on SUB disconnect mid-message (zeromq/libzmq#2163): then "
                    "set gen.LIVE_PUB_STABLE = False")
 def test_a_peer_changing_its_id_while_its_pub_streams_does_not_abort_the_node(node_factory, zctx):
