@@ -7,10 +7,18 @@ or a value of the wrong type; bad UTF-8 goes onto the wire as a msgpack string
 whose bytes are not UTF-8 (msgpack will not pack such a string itself, so a
 placeholder is swapped for the bad bytes after packing).
 
-The contexts the honest oracle (tests/fuzz/oracle.py) writes are passed in as
-`read_only`: the fuzzer reads them, loads onto them (a load of a made-up root can
-never commit) and nothing else, so their (size, root) must stay what the honest
-appends made them.
+The contexts the honest oracle (tests/fuzz/oracle.py) and the honest `FakeWriter`
+write are passed in as `read_only`: the fuzzer reads them, loads onto them (a load
+of a made-up root can never commit) and nothing else, so their (size, root) must
+stay what the honest side made them. The node under test is "fz": its id sorts
+before every peer id the fuzzer uses, so when a hostile peer claims one of the
+node's contexts for another writer the fork rule (the writer whose id sorts first)
+keeps the node's history served; that is the rule, not a bug, until peers are
+authenticated (the trust issue).
+
+Known bugs the suite found are kept out of the generator by the switches below, so
+that it stays green until they are fixed; tests/fuzz/test_known_bugs.py reproduces
+each one (strict xfail).
 """
 
 from __future__ import annotations
@@ -73,10 +81,6 @@ NAME_EDGES = ["", "x" * 256, "x" * 257, "é" * 128, "é" * 129, "\x00", "a\x00b"
               "\U0001f600" * 65, "c" * 1000]
 BAD_UTF8_TAG = "\x01BADUTF8:"  # + 4 digits: 13 characters, replaced after packing
 WRITERS = ["peerA", "peerB"]  # writers of pushed entries (other nodes)
-
-
-class BadUtf8:
-    """Marks a string whose wire bytes must not be UTF-8."""
 
 
 def lamport_ok(v: object) -> bool:
@@ -341,7 +345,7 @@ class Fuzzer:
         name = ctx if isinstance(ctx, str) and not ctx.startswith(BAD_UTF8_TAG) else "loaded"
         if self.chance(0.2) and ctx not in self.read_only:
             # a whole, valid snapshot of a new context: the success path, hostile neighbours around it
-            name = f"L{self.rng.randrange(1 << 30)}"
+            name = f"L{self.rng.randrange(64)}"  # a bounded pool: later loads of a name conflict
             n = self.rng.randrange(0, 6)
             es = [self.entry_map(name, i + 1, "peerL", spoil=False) for i in range(n)]
             f = merkle.Frontier()

@@ -117,6 +117,8 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
         named = FUZZED + HONEST + REPLICAS
         for i in range(N):
             out.clear()  # (replies are checked as they come; a long run must not keep them)
+            if i and not i % 100_000:
+                print(f"{i} messages, {len(failures)} failures so far", flush=True)
             r = fz.rng.random()
             sizes = {n: c.size for n in named if (c := server.ledger.contexts.get(n)) is not None}
             if r < 0.12:
