@@ -161,8 +161,31 @@ def test_a_peer_claiming_a_replicated_context_for_another_writer_does_not_stop_i
         close(server)
 
 
-@pytest.mark.xfail(strict=True, reason="libzmq aborts on SUB disconnect mid-message (zeromq/libzmq#2163): then "
-                   "set gen.LIVE_PUB_STABLE = False")
+@pytest.mark.xfail(strict=True, reason="node/storage.py MemoryKV is not safe against the flusher thread: then let "
+                   "test_fuzz_inproc.py flush through the server's flusher again")
+def test_a_memory_kv_scan_racing_a_write_returns_only_keys_in_its_range():
+    # What a `--data :memory:` node's read does while its flusher thread writes a batch: the
+    # write lands between scan()'s bisect and its slice (forced here at that point, so the test
+    # is deterministic; with a real thread it happened 7 times in 66,000 scans). The read then
+    # sees another context's key and answers INTERNAL "entry ... is missing from storage".
+    from node.storage import MemoryKV
+
+    kv = MemoryKV()
+    kv.write([(b"a1", b"v"), (b"a2", b"v")])
+
+    class Racing(list):  # type: ignore[type-arg]
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            if isinstance(i, slice):
+                kv.write([(b"0%d" % len(self), b"v")])  # the flusher's write, of a key before the range
+            return list.__getitem__(self, i)
+
+    kv._keys = Racing(kv._keys)
+    assert [k for k, _v in kv.scan(b"a", b"b")] == [b"a1", b"a2"]
+
+
+@pytest.mark.xfail(strict=False, reason="libzmq aborts on SUB disconnect mid-message (zeromq/libzmq#2163): then "
+                   "set gen.LIVE_PUB_STABLE = False (not strict: the abort needs a message in flight at the "
+                   "disconnect, which a 3-second run hits nearly always, not always)")
 def test_a_peer_changing_its_id_while_its_pub_streams_does_not_abort_the_node(node_factory, zctx):
     node = node_factory("--id", "kb", "--heartbeat-ms", "50")
     pub = zctx.socket(zmq.PUB)
@@ -172,11 +195,14 @@ def test_a_peer_changing_its_id_while_its_pub_streams_does_not_abort_the_node(no
     d.setsockopt(zmq.LINGER, 0)
     d.connect(node.address)
     try:
-        for i in range(400):
+        deadline = time.monotonic() + 3
+        for i in range(100_000):
+            if time.monotonic() > deadline or node.proc.poll() is not None:
+                break
             # the same address and pub, another node id each time: the node unsubscribes and subscribes
             d.send(codec.encode_request("heartbeat", i, {"node_id": f"peer{i % 2}", "address": "127.0.0.1:1",
                                                           "pub": f"127.0.0.1:{port}", "boot": "b"}))
-            for _ in range(20):
+            for _ in range(50):
                 pub.send_multipart([watch.repl_topic("c"), b"x"])  # any two-frame message
             if not d.poll(3000):
                 break
