@@ -25,6 +25,14 @@ READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="fuzz suite: 1,000,000 messages instead of 17,000 (same as LEDGER_FUZZ_LONG=1)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # read by tests/fuzz when their modules are imported (after this)
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["LEDGER_FUZZ_LONG"] = "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
