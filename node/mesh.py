@@ -578,7 +578,9 @@ class Mesh:
                 self._on_head(p, reply, fields)
                 return
             if not reply.get("ok"):
-                err = reply.get("error") or {}
+                err = reply.get("error")
+                if not isinstance(err, dict):  # a peer's reply is input like any other
+                    err = {"code": "?", "message": f"a failed reply without an error map ({type(err).__name__})"}
                 log.warning("%s to %s failed: %s %s", op, address, err.get("code"), err.get("message"))
                 if op == "snapshot":
                     # only that context's pull: the peer's other contexts are unaffected (a fork
@@ -735,24 +737,32 @@ class Mesh:
         if not isinstance(heads, list):
             raise RemoteProtocolError("BAD_REQUEST", "sync_heads reply without heads")
         listed = set()
+        last_name: str | None = None  # the last well-formed head's: where the next page starts
         for h in heads:
             if not (isinstance(h, list) and len(h) == 5 and isinstance(h[0], str) and type(h[1]) is int
                     and isinstance(h[2], bytes) and isinstance(h[3], str)):
                 continue
             name, size, root, writer = h[0], h[1], h[2], h[3]
             listed.add(name)
+            last_name = name
             self._compare(p, name, size, root, writer)
+        after = fields.get("after")
+        if last_name is not None and after is not None and last_name <= after:
+            last_name = None  # a page that does not move on (a broken or hostile peer): stop paging
         if p.node_id is not None:
             # A context of that peer's that it did not list: it lost the whole context (a crash
             # before its first flush); asked once more, like a lost tail.
-            upto = heads[-1][0] if reply.get("more") and heads and isinstance(heads[-1], list) else None
+            if reply.get("more") and last_name is None:
+                upto = after or ""  # a page we cannot place: judge nothing missing from it
+            else:
+                upto = last_name if reply.get("more") else None
             for name in self.ledger.names_in_buckets(set(fields["buckets"]), fields["nbuckets"],
                                                      fields.get("after"), upto, writer=p.node_id):
                 ctx = self.ledger.contexts.get(name)
                 if name not in listed and ctx is not None and ctx.size > 0:
                     self._verify_tail(p, ctx)
-        if reply.get("more") and heads:
-            nxt = dict(fields, after=heads[-1][0])
+        if reply.get("more") and last_name is not None:
+            nxt = dict(fields, after=last_name)
             if self._send(p, "sync_heads", nxt) is not None:
                 return
         self._next_pull(p)

@@ -39,7 +39,7 @@ from protocol.errors import (
     UNSUPPORTED_VERSION,
     RemoteProtocolError,
 )
-from protocol.lamport import MAX_AFTER_LAMPORT, MAX_LAMPORT
+from protocol.lamport import MAX_LAMPORT
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -310,7 +310,7 @@ def _parse_append(m: Mapping[str, Any], max_payload: int) -> Append:
         metadata=check_metadata(m.get("metadata")),
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
-        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_AFTER_LAMPORT),
+        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_LAMPORT),
         replicas=_replicas(m),
     )
 
@@ -356,7 +356,7 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         items=tuple(items),
         dedup_id=_dedup(m),
         expect_seq=_opt_uint(m, "expect_seq"),
-        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_AFTER_LAMPORT),
+        after_lamport=_opt_uint(m, "after_lamport", maximum=MAX_LAMPORT),
         replicas=_replicas(m),
         payload_bytes=total,
     )

@@ -15,10 +15,12 @@ RESERVE_STEP = 100_000
 # most MAX_LAMPORT: 2^64-1 passed validation once and made the next tick overflow the u64 of
 # the leaf hash, so every later append failed, on every node it reached.
 MAX_LAMPORT = (1 << 63) - 1
-# A client's causal token (`after_lamport`) is at most MAX_AFTER_LAMPORT, and a value received
-# from elsewhere moves the clock at most to it (`observe`). Only the node's own ticks go past,
-# and 2^62 of them remain (centuries at a billion appends a second): no input, whoever sent it,
-# can use the clock up. Honest values stay far below: they grow by one per append.
+# A client's causal token (`after_lamport`) is honoured up to MAX_AFTER_LAMPORT, and a value
+# received from elsewhere moves the clock at most to it (`observe`). Only the node's own ticks go
+# past, and 2^62 of them remain (centuries at a billion appends a second): no input, whoever sent
+# it, can use the clock up. Honest values stay far below: they grow by one per append. (A token
+# above the bound is accepted, not refused: once some input moved clocks to the bound, honest
+# clients pass tokens above it, taken from the entries they read.)
 MAX_AFTER_LAMPORT = 1 << 62
 
 
@@ -39,7 +41,7 @@ class LamportClock:
         nothing; raises ClockExhausted past MAX_LAMPORT, so a refused append moves no clock."""
         v = self.value
         if after is not None and after > v:
-            v = after
+            v = after if after <= MAX_AFTER_LAMPORT else max(v, MAX_AFTER_LAMPORT)
         v += count
         if v > MAX_LAMPORT:
             raise ClockExhausted(f"the Lamport clock would pass {MAX_LAMPORT}")

@@ -61,6 +61,9 @@ class FakeTransport:
     def unsubscribe(self, pub_address: str) -> None:
         self.subscribed.discard(pub_address)
 
+    def forget(self, address: str) -> None:
+        pass
+
 
 def make_server(zctx: Any) -> tuple[Server, list[list[bytes]], FakeTransport]:
     cfg = Config(node_id="fz", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability="async",

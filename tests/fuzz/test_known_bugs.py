@@ -1,8 +1,7 @@
-"""The bugs the fuzz suite found and does not generate yet: one minimal reproduction each.
+"""The bugs the fuzz suite found: one minimal reproduction each, kept as regression tests.
 
-Each is marked xfail(strict): when a fix lands its test passes, the strict mark
-turns that into a failure, and whoever fixed it removes the mark here and widens
-the matching constant in tests/fuzz/gen.py so the fuzzer covers it from then on.
+Each was marked xfail(strict) while open; its fix removed the mark here and widened the
+matching switch in tests/fuzz/gen.py, so the fuzzer generates that input from then on.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ def server_and_replies(zctx: zmq.Context) -> tuple[Server, list[list[bytes]]]:
     cfg = Config(node_id="kb", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability="async",
                  flush_ms=5, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info")
     server = Server(cfg, Ledger(MemoryKV(), node_id="kb", sync_meta=False), zctx=zctx)
+    server.flusher.start()
     out: list[list[bytes]] = []
     server._send = out.append  # type: ignore[method-assign]
     return server, out
@@ -37,12 +37,9 @@ def ask(server: Server, out: list[list[bytes]], op: str, **fields: object) -> di
 
 
 def close(server: Server) -> None:
-    for s in (server.router, server.pub, server._wake_rx, server.flusher._wake, server.peer_sub,
-              *server.peer_socks.values()):
-        s.close(linger=0)
+    server._shutdown()  # every socket of the server, its monitors and the flusher's
 
 
-@pytest.mark.xfail(strict=True, reason="Lamport ceiling (issue #12, the lead): then widen gen.LAMPORT_SAFE_MAX")
 @pytest.mark.parametrize("op, fields", [
     ("append", {"context": "c", "payload": b"x", "after_lamport": (1 << 64) - 2}),
     ("heartbeat", {"node_id": "p", "address": "127.0.0.1:1", "lamport": (1 << 64) - 1}),
@@ -57,8 +54,6 @@ def test_a_lamport_near_2_64_does_not_poison_later_appends(zctx, op, fields):
         close(server)
 
 
-@pytest.mark.xfail(strict=True, reason="peer address validation (issue #12, mesh input): then set "
-                   "gen.PEER_ADDRESSES_SAFE = False")
 def test_a_heartbeat_with_a_bad_address_does_not_break_the_mesh_tick():
     zctx = zmq.Context()  # destroyed below: the failed connect leaks its socket
     server, out = server_and_replies(zctx)
@@ -71,8 +66,6 @@ def test_a_heartbeat_with_a_bad_address_does_not_break_the_mesh_tick():
         zctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(strict=True, reason="Mesh.on_reply must check that `error` is a map: then set "
-                   "gen.REPLY_ERRORS_ARE_MAPS = False")
 def test_a_failed_peer_reply_whose_error_is_not_a_map_is_ignored(zctx):
     server, out = server_and_replies(zctx)
     try:
@@ -109,8 +102,6 @@ def sync_heads_pending(server: Server, out: list[list[bytes]], node_id: str, add
     return rid
 
 
-@pytest.mark.xfail(strict=True, reason="Mesh._on_heads pages on with heads[-1][0] unchecked: then set "
-                   "gen.LAST_HEAD_IS_A_LIST = False")
 def test_a_sync_heads_reply_whose_last_head_is_not_a_list_is_refused_cleanly(zctx):
     server, out = server_and_replies(zctx)
     server.mesh.transport = FakeTransport()
@@ -122,8 +113,6 @@ def test_a_sync_heads_reply_whose_last_head_is_not_a_list_is_refused_cleanly(zct
         close(server)
 
 
-@pytest.mark.xfail(strict=True, reason="a fork the node's writer wins stops the pulls of that context (node/mesh.py "
-                   "_fork/_next_pull): then set gen.FORK_STOPS_PULLS = False")
 def test_a_peer_claiming_a_replicated_context_for_another_writer_does_not_stop_its_replication(zctx):
     import random
 
@@ -161,31 +150,38 @@ def test_a_peer_claiming_a_replicated_context_for_another_writer_does_not_stop_i
         close(server)
 
 
-@pytest.mark.xfail(strict=True, reason="node/storage.py MemoryKV is not safe against the flusher thread: then let "
-                   "test_fuzz_inproc.py flush through the server's flusher again")
 def test_a_memory_kv_scan_racing_a_write_returns_only_keys_in_its_range():
-    # What a `--data :memory:` node's read does while its flusher thread writes a batch: the
-    # write lands between scan()'s bisect and its slice (forced here at that point, so the test
-    # is deterministic; with a real thread it happened 7 times in 66,000 scans). The read then
-    # sees another context's key and answers INTERNAL "entry ... is missing from storage".
+    # What a `--data :memory:` node's read does while its flusher thread writes a batch. Before
+    # the lock, a write landing between scan()'s bisect and its slice gave keys of another range
+    # (7 times in 66,000 scans), and the read answered INTERNAL "entry ... is missing from storage".
+    import sys
+    import threading
+
     from node.storage import MemoryKV
 
     kv = MemoryKV()
     kv.write([(b"a1", b"v"), (b"a2", b"v")])
+    stop = threading.Event()
 
-    class Racing(list):  # type: ignore[type-arg]
-        def __getitem__(self, i):  # type: ignore[no-untyped-def]
-            if isinstance(i, slice):
-                kv.write([(b"0%d" % len(self), b"v")])  # the flusher's write, of a key before the range
-            return list.__getitem__(self, i)
+    def flusher() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            kv.write([(b"0%08d" % n, b"v")])  # keys before the range, shifting every index
 
-    kv._keys = Racing(kv._keys)
-    assert [k for k, _v in kv.scan(b"a", b"b")] == [b"a1", b"a2"]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns between any two bytecodes, almost
+    t = threading.Thread(target=flusher, daemon=True)
+    t.start()
+    try:
+        bad = [ks for ks in ([k for k, _v in kv.scan(b"a", b"b")] for _ in range(30_000)) if ks != [b"a1", b"a2"]]
+    finally:
+        stop.set()
+        t.join(5)
+        sys.setswitchinterval(switch)
+    assert not bad, bad[:3]
 
 
-@pytest.mark.xfail(strict=False, reason="libzmq aborts on SUB disconnect mid-message (zeromq/libzmq#2163): then "
-                   "set gen.LIVE_PUB_STABLE = False (not strict: the abort needs a message in flight at the "
-                   "disconnect, which a 3-second run hits nearly always, not always)")
 def test_a_peer_changing_its_id_while_its_pub_streams_does_not_abort_the_node(node_factory, zctx):
     node = node_factory("--id", "kb", "--heartbeat-ms", "50")
     pub = zctx.socket(zmq.PUB)

@@ -137,9 +137,19 @@ def test_peek_changes_nothing_and_refuses_to_pass_the_ceiling():
     assert c.peek(None, 2) == MAX_LAMPORT
     with pytest.raises(ClockExhausted):
         c.peek(None, 3)
-    with pytest.raises(ClockExhausted):
-        c.tick(MAX_LAMPORT)
     assert c.value == MAX_LAMPORT - 2
+    assert c.tick(MAX_LAMPORT) == MAX_LAMPORT - 1  # a token is no help past the bound: one tick
+    with pytest.raises(ClockExhausted):
+        c.tick(None)
+        c.tick(None)
+    assert c.value == MAX_LAMPORT
+
+
+def test_a_token_above_the_bound_is_honoured_only_up_to_it():
+    c = LamportClock(5)
+    assert c.tick(MAX_LAMPORT) == MAX_AFTER_LAMPORT + 1  # not exhausted by one request
+    assert c.tick(MAX_AFTER_LAMPORT + 7) == MAX_AFTER_LAMPORT + 2  # the clock is past the bound: +1
+    assert c.peek(MAX_LAMPORT, 10) == MAX_AFTER_LAMPORT + 12
 
 
 def test_the_reservation_never_passes_the_ceiling():
