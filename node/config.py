@@ -75,6 +75,13 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE | re.ASCII)
 _MULT = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+def _int_flag(raw: str, flag: str, lo: int, hi: int, note: str = "") -> str:
+    """`raw` when it is an integer (ASCII digits) in lo..hi, else a one-line ConfigError."""
+    if not _digits(raw) or not lo <= int(raw) <= hi:
+        raise ConfigError(f"{flag} must be an integer from {lo}{note} to {hi}, got {raw!r}")
+    return raw
+
+
 def _digits(text: str) -> bool:
     """Only ASCII digits ('²'.isdigit() is True, and int() refuses it)."""
     return text.isascii() and text.isdigit()
@@ -207,9 +214,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     durability = pick(args.durability, "DURABILITY", "async")
     if durability not in ("async", "sync"):
         raise ConfigError(f"--durability must be async or sync, got {durability!r}")
-    flush_raw = pick(args.flush_ms, "FLUSH_MS", "10")
-    if not _digits(flush_raw) or not 1 <= int(flush_raw) <= 60_000:
-        raise ConfigError(f"--flush-ms must be an integer from 1 to 60000, got {flush_raw!r}")
+    flush_raw = _int_flag(pick(args.flush_ms, "FLUSH_MS", "10"), "--flush-ms", 1, 60_000)
     try:
         max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
         hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
@@ -219,20 +224,12 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(str(exc)) from None
     if not 1 <= max_payload <= 1 << 30:
         raise ConfigError(f"--max-payload must be from 1 byte to 1GiB, got {max_payload}")
-    hb_raw = pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000")
-    if not _digits(hb_raw) or not 10 <= int(hb_raw) <= 60_000:
-        raise ConfigError(f"--watch-heartbeat-ms must be an integer from 10 to 60000, got {hb_raw!r}")
-    wq_raw = pick(args.watch_queue, "WATCH_QUEUE", "1000")
-    if not _digits(wq_raw) or not 1 <= int(wq_raw) <= 1_000_000:
-        raise ConfigError(f"--watch-queue must be an integer from 1 to 1000000, got {wq_raw!r}")
+    hb_raw = _int_flag(pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000"), "--watch-heartbeat-ms", 10, 60_000)
+    wq_raw = _int_flag(pick(args.watch_queue, "WATCH_QUEUE", "1000"), "--watch-queue", 1, 1_000_000)
     if not 1 <= max_staged <= 1 << 40:
         raise ConfigError(f"--max-staged-bytes must be from 1 byte to 1TiB, got {max_staged}")
-    ml_raw = pick(args.max_loads, "MAX_LOADS", "4")
-    if not _digits(ml_raw) or not 1 <= int(ml_raw) <= 1000:
-        raise ConfigError(f"--max-loads must be an integer from 1 to 1000, got {ml_raw!r}")
-    mt_raw = pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000")
-    if not _digits(mt_raw) or not 1 <= int(mt_raw) <= 10_000_000:
-        raise ConfigError(f"--max-watch-topics must be an integer from 1 to 10000000, got {mt_raw!r}")
+    ml_raw = _int_flag(pick(args.max_loads, "MAX_LOADS", "4"), "--max-loads", 1, 1000)
+    mt_raw = _int_flag(pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000"), "--max-watch-topics", 1, 10_000_000)
     peers_raw = pick(args.peers, "PEERS", "")
     peers: list[str] = []
     for item in (x.strip() for x in peers_raw.split(",")):
@@ -243,17 +240,13 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
                 raise ConfigError(exc.message) from None
             if addr not in peers:
                 peers.append(addr)
-    mp_raw = pick(args.max_peers, "MAX_PEERS", str(DEFAULT_MAX_PEERS))
-    if not _digits(mp_raw) or not 1 <= int(mp_raw) <= MAX_MAX_PEERS:
-        raise ConfigError(f"--max-peers must be an integer from 1 to {MAX_MAX_PEERS}, got {mp_raw!r}")
+    mp_raw = _int_flag(pick(args.max_peers, "MAX_PEERS", str(DEFAULT_MAX_PEERS)), "--max-peers", 1, MAX_MAX_PEERS)
     if len(peers) > int(mp_raw):
         raise ConfigError(f"--peers lists {len(peers)} nodes, more than --max-peers ({mp_raw})")
     cluster = pick(args.cluster, "CLUSTER", "ledger")
     if not ID_RE.match(cluster):
         raise ConfigError(f"--cluster must be 1..64 letters, digits, '.', '_' or '-', got {cluster!r}")
-    hbm_raw = pick(args.heartbeat_ms, "HEARTBEAT_MS", "500")
-    if not _digits(hbm_raw) or not 10 <= int(hbm_raw) <= 60_000:
-        raise ConfigError(f"--heartbeat-ms must be an integer from 10 to 60000, got {hbm_raw!r}")
+    hbm_raw = _int_flag(pick(args.heartbeat_ms, "HEARTBEAT_MS", "500"), "--heartbeat-ms", 10, 60_000)
     advertise = pick(args.advertise, "ADVERTISE", "") or None
     if advertise is not None:
         try:
@@ -268,12 +261,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not _digits(sa_raw) or not _digits(da_raw) or not 1 <= int(sa_raw) < int(da_raw) <= 1000:
         raise ConfigError(f"--suspect-after and --dead-after must be integers with 1 <= suspect-after < "
                           f"dead-after <= 1000, got {sa_raw!r} and {da_raw!r}")
-    rt_raw = pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000")
-    if not _digits(rt_raw) or not 1 <= int(rt_raw) <= 600_000:
-        raise ConfigError(f"--replica-timeout-ms must be an integer from 1 to 600000, got {rt_raw!r}")
-    bp_raw = pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US))
-    if not _digits(bp_raw) or not 0 <= int(bp_raw) <= 10_000:
-        raise ConfigError(f"--busy-poll-us must be an integer from 0 (off) to 10000, got {bp_raw!r}")
+    rt_raw = _int_flag(pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000"), "--replica-timeout-ms", 1, 600_000)
+    bp_raw = _int_flag(pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US)), "--busy-poll-us", 0, 10_000, ' (off)')
     try:
         max_client_queue = parse_size(pick(args.max_client_queue, "MAX_CLIENT_QUEUE", str(DEFAULT_MAX_CLIENT_QUEUE)))
     except ValueError as exc:

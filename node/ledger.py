@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import functools
 import logging
 import os
 import time
@@ -70,18 +69,6 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
 _entry_key = st.entry_key
 _unpackb = msgpack.unpackb
-
-
-def _refused_while_failed(method: Callable[..., AppendResult]) -> Callable[..., AppendResult]:
-    """An append is refused while storage has failed. (The one storage write an append does
-    itself, its lamport reservation, comes before any state changes: a failed one leaves no
-    context behind.)"""
-    @functools.wraps(method)
-    def wrapper(self: Ledger, req: Any) -> AppendResult:
-        if self.storage.error is not None:
-            raise self.refused()
-        return method(self, req)
-    return wrapper
 
 
 class DataDirError(Exception):
@@ -588,8 +575,11 @@ class Ledger:
         self.pending_bytes += n
         self.entries_total += 1
 
-    @_refused_while_failed
     def append(self, req: codec.Append) -> AppendResult:
+        if self.storage.error is not None:
+            # refused while storage has failed (the one storage write an append does itself,
+            # its lamport reservation, comes before any state changes)
+            raise self.refused()
         ctx = self.contexts.get(req.context)
         if req.dedup_id is not None:
             hit = self._dedup_hit(ctx, req.dedup_id)
@@ -612,8 +602,9 @@ class Ledger:
             self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
         return AppendResult(ctx, [blob], ctx.size, False)
 
-    @_refused_while_failed
     def append_batch(self, req: codec.AppendBatch) -> AppendResult:
+        if self.storage.error is not None:
+            raise self.refused()
         total = req.payload_bytes if req.payload_bytes >= 0 else sum(len(it[1]) for it in req.items)
         if total > max(self.max_payload, MAX_REPLY_BYTES // 2):
             raise TooLarge(f"batch payloads add up to {total} bytes; split the batch")

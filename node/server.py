@@ -663,9 +663,11 @@ class Server:
         # replies): ZeroMQ's I/O thread then drains many in one wake-up and one
         # TCP write instead of one each, which is worth ~40% of pipelined
         # throughput. A lone request's burst is itself, so its latency is unchanged.
-        self._outbox.append(frames)
-        self._outbox_bytes += len(frames[-1])
-        if len(self._outbox) >= OUTBOX or self._outbox_bytes >= OUTBOX_BYTES:
+        # (Bytes are counted only by the handlers that can answer with a page of entries,
+        # `_page`: a test per reply here cost ~3% of a pipelined append.)
+        out = self._outbox
+        out.append(frames)
+        if len(out) >= OUTBOX:
             self._flush_outbox()
 
     def _flush_outbox(self) -> None:
@@ -679,9 +681,21 @@ class Server:
         replies = self.replies
         track_min = sockets.TRACK_MIN
         drop, plain, track = clients.DROP, clients.SEND, clients.TRACK
+        cut = replies.cut
         for frames in out:
             body = frames[-1]
             big = len(body) >= track_min
+            if not big and not cut:
+                # the common reply: small, nobody cut off, no budget to ask
+                try:
+                    for f in frames[:-1]:
+                        send(f, more)
+                    send(body, zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EAGAIN:
+                        replies.refused(frames[0])
+                    log.debug("reply dropped: %s", exc)
+                continue
             # a counted reply, or any reply while some client is cut off, asks the budget
             how = replies.admit(frames[0], len(body)) if big or replies.cut else plain
             if how == drop:
@@ -806,9 +820,19 @@ class Server:
             return None
         return self._needs_durable(res.ctx, res.last_seq, codec.encode_reply(self._rid, fields, {"entries": res.blobs}))
 
+    def _page(self, body: bytes) -> bytes:
+        """A reply that may be a large page: 64 of 16 MiB must not pile up in the outbox, so
+        what is queued goes out first once it holds OUTBOX_BYTES."""
+        n = len(body)
+        if n >= sockets.TRACK_MIN:
+            if self._outbox_bytes + n >= OUTBOX_BYTES:
+                self._flush_outbox()
+            self._outbox_bytes += n
+        return body
+
     def rpc_get(self, req: codec.Get) -> bytes:
         blobs, last_seq, more, next_after = self.ledger.get(req)
-        return codec.encode_get_reply(self._rid, last_seq, more, next_after, blobs)
+        return self._page(codec.encode_get_reply(self._rid, last_seq, more, next_after, blobs))
 
     def rpc_head(self, req: codec.Head) -> bytes:
         fields = self.ledger.head(req.context)
@@ -868,7 +892,7 @@ class Server:
 
     def rpc_snapshot(self, req: codec.Snapshot) -> bytes:
         fields, blobs = self.ledger.snapshot_page(req)
-        return codec.encode_reply(self._rid, fields, {"entries": blobs})
+        return self._page(codec.encode_reply(self._rid, fields, {"entries": blobs}))
 
     def rpc_load(self, req: codec.Load) -> bytes:
         if not req.abort:

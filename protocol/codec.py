@@ -90,8 +90,9 @@ class AppendBatch:
     payload_bytes: int = field(default=-1, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
-class Get:
+class Get(NamedTuple):
+    # a NamedTuple, like Append (immutable all the same): built for every read, and a frozen
+    # dataclass costs ~0.1 us more per field
     context: str
     key: str | None = None
     after: int = 0
@@ -370,7 +371,7 @@ def _parse_get(m: Mapping[str, Any], max_payload: int) -> Get:
         after=_opt_uint(m, "after", 0) or 0,
         limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
         fork=None if m.get("fork") is None else check_name("fork", m.get("fork"), MAX_ID_BYTES),
-        fork_index=_fork_index(m),
+        fork_index=None if m.get("fork_index") is None else _fork_index(m),
     )
 
 
