@@ -37,38 +37,37 @@ from protocol.entry import Entry, leaf_hash
 # Was a known bug, fixed (issue #12): a Lamport value near 2^64 (append's
 # after_lamport, a heartbeat's lamport, an entry's lamport in a load, a push or a pull)
 # is accepted and makes every later append INTERNAL.
-# widen to 2^64-1 once the Lamport ceiling lands (issue #12)
 LAMPORT_SAFE_MAX = (1 << 64) - 1
 # Was a known bug, fixed (issue #12, "mesh input"): a heartbeat `address`/`pub`
 # or gossiped peer that is not HOST:PORT raises ZMQError in the node's loop and the node
 # exits; many distinct addresses exhaust ZeroMQ's socket limit. Until peer addresses are
 # validated and peers capped, heartbeats name only a few well-formed (closed) addresses.
-# widen to garbage addresses once peer address validation lands (issue #12)
+# (widened: the fix landed)
 PEER_ADDRESSES_SAFE = False
 # Was a known bug, fixed in issue #12 (libzmq 4.3.5 via node/server.py `unsubscribe`): the node calls
 # `disconnect` on its SUB socket when a peer changes id, address or `pub`; when that PUB has a
 # two-frame message on its way, libzmq aborts the process ("Assertion failed: !_more
 # (src/fq.cpp:80)", zeromq/libzmq#2163). So in the real-node test the fake peer that publishes
 # has an id, address and `pub` the fuzzer never names, and fuzzed `pub` values are closed ports.
-# set to False once a peer's subscription can be dropped safely (issue #12)
+# (off: the fix landed)
 LIVE_PUB_STABLE = False
 # Was a known bug, fixed in issue #12 (node/mesh.py `_fork`/`_next_pull`, the lead's area): one hostile
 # `sync_heads` reply naming a replicated context under another writer records a fork that
 # keeps the node's writer served but stops every later pull of that context, so the replica
-# never catches up with its real writer again. Until fixed, hostile heads never name the
+# never catches up with its real writer again. While it was open, hostile heads never named the
 # contexts an honest FakeWriter writes (`protected`).
-# set to False once a fork the node's writer wins no longer stops its pulls (issue #12)
+# (off: the fix landed)
 FORK_STOPS_PULLS = False
 # Was a known bug, fixed in issue #12 (node/mesh.py `_on_heads`): a `sync_heads` reply with `more`
 # set whose last head is not a non-empty list ({"heads": [7], "more": true}) raises
-# TypeError/IndexError in `heads[-1][0]` (the server's loop logs it). Until fixed, the last
+# TypeError/IndexError in `heads[-1][0]` (the server's loop logs it). While it was open, the last
 # forged head is always a list.
-# set to False once _on_heads checks the last head before paging on (issue #12)
+# (off: the fix landed)
 LAST_HEAD_IS_A_LIST = False
 # Was a known bug, fixed in issue #12 (node/mesh.py): `Mesh.on_reply` calls `.get` on a failed reply's
 # `error` without checking it is a map; {"ok": false, "error": 2} from a peer raises
-# AttributeError (the server's loop logs it). Until fixed, forged error replies carry maps.
-# set to False once Mesh.on_reply checks the type of `error` (issue #12)
+# AttributeError (the server's loop logs it). While it was open, forged error replies carried maps.
+# (off: the fix landed)
 REPLY_ERRORS_ARE_MAPS = False
 
 U64 = 1 << 64

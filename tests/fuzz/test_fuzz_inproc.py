@@ -11,7 +11,7 @@ reply, none INTERNAL; no entry point may raise; after the run every honest
 context has the (size, root) the honest appends made.
 
 Seed: printed; replay with LEDGER_FUZZ_SEED=<seed>. Count: LEDGER_FUZZ_N, or
-LEDGER_FUZZ_LONG=1 / --fuzz-long for 100x (see README, "Tests").
+LEDGER_FUZZ_LONG=1 / --fuzz-long for 1,000,000 (see README, "Fuzz testing").
 """
 
 from __future__ import annotations

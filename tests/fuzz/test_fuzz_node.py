@@ -10,7 +10,7 @@ every context verifies; then it stops cleanly and, restarted on its data, still
 serves the same.
 
 Seed: printed; replay with LEDGER_FUZZ_SEED=<seed>. Count: LEDGER_FUZZ_N, or
-LEDGER_FUZZ_LONG=1 / --fuzz-long (see README, "Tests").
+LEDGER_FUZZ_LONG=1 / --fuzz-long (see README, "Fuzz testing").
 """
 
 from __future__ import annotations
