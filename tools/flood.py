@@ -2,10 +2,14 @@
 
     python -m tools.flood unread [--gets 4000] [--seconds 10] [--node-flags "..."]
     python -m tools.flood idle [--connections 1100] [--seconds 10] [--node-nofile N] [--node-flags "..."]
+    python -m tools.flood big [--frame-mib 16] [--seconds 10] [--node-flags "..."]
 
 `unread`: a DEALER sends `--gets` requests for ~1 MiB pages and never reads a reply (its own
 receive queue is 1 message and a 4 KiB kernel buffer, so the node cannot park the replies in the
-flooder's process); `idle`: `--connections` TCP connections are opened and stay idle. Meanwhile a
+flooder's process); `idle`: `--connections` TCP connections are opened and stay idle; `big`: a
+DEALER sends frames of `--frame-mib` MiB of junk, 8 in flight, as fast as the node answers (16 MiB
+is the default request limit: a larger frame is dropped by ZeroMQ before it is buffered, and
+the connection with it). Meanwhile a
 well-behaved client appends one at a time. Prints the node's RSS (start, peak, end), the second
 client's append p50/p99 and the node's status counters, as JSON. Loopback only; bounded in count
 and time. The node is started here (fresh data folder) with --node-flags.
@@ -104,9 +108,34 @@ def flood_unread(address: str, zctx: zmq.Context, gets: int, stop: threading.Eve
     return sent
 
 
+def flood_big(address: str, zctx: zmq.Context, frame_mib: float, stop: threading.Event,
+              counts: dict[str, int]) -> None:
+    s = zctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 200)
+    s.connect(address)
+    frame = os.urandom(1 << 16) * int(frame_mib * 16)  # junk: it fails to decode at once
+    in_flight = 0
+    try:
+        while not stop.is_set():
+            while in_flight < 8:
+                s.send(frame, copy=False)
+                counts["sent"] += 1
+                in_flight += 1
+            try:
+                s.recv()
+                counts["answered"] += 1
+                in_flight -= 1
+            except zmq.Again:
+                in_flight = 0  # dropped (over the limit: the node closed the connection)
+    finally:
+        s.close(linger=0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.flood", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("unread", "idle"))
+    p.add_argument("what", choices=("unread", "idle", "big"))
+    p.add_argument("--frame-mib", type=float, default=16.0)
     p.add_argument("--gets", type=int, default=4000)
     p.add_argument("--connections", type=int, default=1100)
     p.add_argument("--seconds", type=float, default=10.0)
@@ -116,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.node_flags = shlex.split(args.node_flags)
     if not 1 <= args.gets <= 100_000 or not 1 <= args.connections <= 20_000 or not 1 <= args.seconds <= 120:
         p.error("bounds: --gets 1..100000, --connections 1..20000, --seconds 1..120")
+    if not 0.0625 <= args.frame_mib <= 64:
+        p.error("bounds: --frame-mib 0.0625..64")
     work = tempfile.mkdtemp(prefix="ledger-flood-")
     node, _ = start_node(os.path.join(work, "data"), *args.node_flags, nofile=args.node_nofile)
     zctx = zmq.Context()
@@ -133,9 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop = threading.Event()
         socks: list[socket.socket] = []
         flooder = None
+        big_counts = {"sent": 0, "answered": 0}
         if args.what == "unread":
             flooder = threading.Thread(target=flood_unread, args=(node.address, zctx, args.gets, stop),
                                        daemon=True)
+            flooder.start()
+        elif args.what == "big":
+            flooder = threading.Thread(target=flood_big, args=(node.address, zctx, args.frame_mib, stop,
+                                                               big_counts), daemon=True)
             flooder.start()
         else:
             host, port = node.address.split("://", 1)[1].rsplit(":", 1)
@@ -152,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         if flooder is not None:
             flooder.join(10)
+        if args.what == "big":
+            out["big_frames"] = dict(big_counts, frame_mib=args.frame_mib)
         for s in socks:
             s.close()
         sampler.stopping.set()
