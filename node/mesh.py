@@ -466,21 +466,22 @@ class Mesh:
         for rid, (addr, op, _f, sent) in list(self.pending.items()):
             p = self.peers.get(addr)
             if p is None or p.state == DEAD or now - sent > (limit if op == "snapshot" else quick):
-                del self.pending[rid]
-                if op == "head":
-                    self._verifying.pop(_f["context"], None)
+                self._abandon(rid)
                 if p is not None:
                     p.syncing = False
                     self._drop_pulls(p)
 
     def _forget_requests(self, p: Peer) -> None:
-        for rid, (addr, op, f, _sent) in list(self.pending.items()):
-            if addr == p.address:
-                del self.pending[rid]
-                if op == "head":
-                    self._verifying.pop(f["context"], None)
+        for rid in [rid for rid, (addr, _op, _f, _sent) in self.pending.items() if addr == p.address]:
+            self._abandon(rid)
         p.syncing = False
         self._drop_pulls(p)
+
+    def _abandon(self, rid: int) -> None:
+        """A request whose reply will not come (or will be ignored): forget it and what waits on it."""
+        _addr, op, fields, _sent = self.pending.pop(rid)
+        if op == "head":
+            self._verifying.pop(fields["context"], None)
 
     def _send(self, p: Peer, op: str, fields: dict[str, Any]) -> int | None:
         rid = self.transport.request(p.address, op, fields)

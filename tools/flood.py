@@ -35,34 +35,26 @@ import zmq
 
 from protocol import codec
 from protocol.client import Client
-from tools.bench import start_node
+from tools.bench import Proc, start_node
 
 PAGE_CONTEXT = "flood-pages"
 PAGE_ENTRIES = 1000
 PAGE_PAYLOAD = 1000  # bytes: a page of 1,000 entries is a ~1.1 MiB get reply
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class RssSampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
+    def __init__(self, node: Proc) -> None:
         super().__init__(daemon=True)
-        self.pid = pid
+        self.node = node
         self.peak = 0.0
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(0.1):
-            try:
-                self.peak = max(self.peak, rss_mib(self.pid))
-            except OSError:
+            rss = self.node.rss_mb()
+            if rss != rss:  # nan: the process is gone
                 return
+            self.peak = max(self.peak, rss)
 
 
 def appender(address: str, seconds: float, lat: list[float]) -> None:
@@ -152,14 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     zctx = zmq.Context()
     out: dict[str, Any] = {"what": args.what, "node_flags": args.node_flags, "node_nofile": args.node_nofile}
     try:
-        pid = node.popen.pid
         with Client(node.address, timeout=30.0) as c:
             for _ in range(PAGE_ENTRIES // 500):
                 c.call("append_batch", context=PAGE_CONTEXT,
                        entries=[{"payload": b"p" * PAGE_PAYLOAD, "key": "facts"} for _ in range(500)])
         out["before"] = measure_appends(node.address, 2.0)
-        out["rss_start_mib"] = round(rss_mib(pid), 1)
-        sampler = RssSampler(pid)
+        out["rss_start_mib"] = round(node.rss_mb(), 1)
+        sampler = RssSampler(node)
         sampler.start()
         stop = threading.Event()
         socks: list[socket.socket] = []
@@ -180,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 socks.append(socket.create_connection((host, int(port))))
         time.sleep(1.0)
         out["during"] = measure_appends(node.address, args.seconds)
-        out["rss_peak_mib"] = round(max(sampler.peak, rss_mib(pid)), 1)
-        out["rss_during_end_mib"] = round(rss_mib(pid), 1)
+        out["rss_peak_mib"] = round(max(sampler.peak, node.rss_mb()), 1)
+        out["rss_during_end_mib"] = round(node.rss_mb(), 1)
         with Client(node.address, timeout=30.0) as c:
             st = c.call("status")
         out["status"] = {k: v for k, v in st.items() if k.startswith(("client", "max_client", "connections"))}
@@ -194,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.close()
         sampler.stopping.set()
         time.sleep(1.0)
-        out["rss_after_mib"] = round(rss_mib(pid), 1)
+        out["rss_after_mib"] = round(node.rss_mb(), 1)
     finally:
         node.stop()
         zctx.term()

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 
@@ -38,8 +35,7 @@ from protocol import codec
 from protocol.client import Client
 from protocol.entry import decode_entry
 from protocol.errors import LedgerError
-
-READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$")
+from tools.bench import start_node
 
 SUBSCRIBER = """
 import sys, zmq
@@ -56,44 +52,6 @@ while True:
 """
 
 
-class Node:
-    def __init__(self, data: str, flags: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.main", "--data", data, "--listen", "127.0.0.1:0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        )
-        self.router = self.pub = ""
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                m = READY.match(line.strip())
-                if m:
-                    self.router, self.pub = m.group(1), m.group(2)
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(60):
-            self.proc.kill()
-            raise SystemExit("the node did not start")
-
-    def rss_mib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) // 1024
-        return 0
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def folder_mib(d: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) >> 20
 
@@ -106,10 +64,10 @@ def summary(lat: list[float]) -> str:
 
 def topics(n_topics: int, seconds: float, flags: Sequence[str]) -> None:
     data = tempfile.mkdtemp(prefix="probe-topics-")
-    node = Node(data, flags)
+    node = start_node(data, *flags)[0]
     zctx = zmq.Context()
     sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, node.pub, str(n_topics)])
-    c = Client(node.router, timeout=10.0, zctx=zctx)
+    c = Client(node.address, timeout=10.0, zctx=zctx)
     try:
         t0 = time.monotonic()
         while time.monotonic() < t0 + 60:
@@ -125,7 +83,7 @@ def topics(n_topics: int, seconds: float, flags: Sequence[str]) -> None:
             c.append("bench", b"x" * 100, key="facts")
             lat.append((time.perf_counter() - t) * 1000)
         st = c.call("status")
-        print(f"topics={n_topics} flags={list(flags)} {summary(lat)} rss={node.rss_mib()}MiB settle={settle:.1f}s "
+        print(f"topics={n_topics} flags={list(flags)} {summary(lat)} rss={round(node.rss_mb())}MiB settle={settle:.1f}s "
               f"watched={st.get('watched_contexts')} refused={st.get('watch_topics_refused')} "
               f"heads={st.get('watch_heartbeats')}")
     finally:
@@ -143,10 +101,10 @@ def loads(seconds: float, flags: Sequence[str]) -> None:
                for _ in range(64)]
     root = src.head("flood")["root"]
     data = tempfile.mkdtemp(prefix="probe-loads-")
-    node = Node(data, flags)
+    node = start_node(data, *flags)[0]
     zctx = zmq.Context()
-    c = Client(node.router, timeout=30.0, zctx=zctx)
-    w = Client(node.router, timeout=30.0, zctx=zctx)
+    c = Client(node.address, timeout=30.0, zctx=zctx)
+    w = Client(node.address, timeout=30.0, zctx=zctx)
     staged = refused = peak = n = 0
     codes: dict[str, int] = {}
     lat: list[float] = []
@@ -167,7 +125,7 @@ def loads(seconds: float, flags: Sequence[str]) -> None:
                     t = time.perf_counter()
                     w.append("other", b"x" * 100)
                     lat.append((time.perf_counter() - t) * 1000)
-                peak = max(peak, node.rss_mib())
+                peak = max(peak, round(node.rss_mb()))
                 if time.monotonic() >= end:
                     break
         st = c.call("status")
@@ -178,7 +136,7 @@ def loads(seconds: float, flags: Sequence[str]) -> None:
         c.close()
         w.close()
         node.stop()
-    node = Node(data, flags)
+    node = start_node(data, *flags)[0]
     print(f"  after a restart: data={folder_mib(data)}MiB")
     node.stop()
     zctx.term()

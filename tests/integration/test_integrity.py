@@ -26,6 +26,13 @@ def _fill(n, zctx, name: str, count: int, payload=lambda i: f"p{i}".encode()) ->
             pass
 
 
+def _stop_and_cut_log(n) -> None:
+    """A clean stop, then LevelDB's .log cut to nine tenths (what a lost tail of writes looks like)."""
+    assert n.stop() == 0
+    log = _only(str(n.data / "*.log"))
+    os.truncate(log, os.path.getsize(log) * 9 // 10)
+
+
 def _only(pattern: str) -> str:
     files = sorted(glob.glob(pattern), key=os.path.getsize)
     assert files, f"no file matches {pattern}"
@@ -38,9 +45,7 @@ def test_truncated_log_is_reported_not_served_silently(node_factory, zctx):
     _fill(n, zctx, "c", 2000)
     with Client(n.address, zctx=zctx) as c:
         before = c.head("c")
-    assert n.stop() == 0
-    log = _only(str(n.data / "*.log"))
-    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    _stop_and_cut_log(n)
     n.start()
     with Client(n.address, zctx=zctx) as c:
         h = c.head("c")
@@ -61,9 +66,7 @@ def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx
     wait_for(lambda: status(n2, zctx)["pending_writes"] == 0, what="the replica to be on disk")
     with Client(n1.address, zctx=zctx) as c:
         want = c.head("rep")
-    assert n2.stop() == 0
-    log = _only(str(n2.data / "*.log"))
-    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    _stop_and_cut_log(n2)
     n2.start()
     assert "came back from disk shorter" in n2.output()
     wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="repair from the peer")
@@ -181,9 +184,7 @@ def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, z
     n = node_factory()
     _fill(n, zctx, "first", 10)
     _fill(n, zctx, "c", 2000)
-    assert n.stop() == 0
-    log = _only(str(n.data / "*.log"))
-    os.truncate(log, os.path.getsize(log) * 9 // 10)
+    _stop_and_cut_log(n)
     r = _check(n.data)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "DAMAGED 'c': holds" in r.stdout and "of the 2000 it held" in r.stdout and "'first'" not in r.stdout
