@@ -51,6 +51,10 @@ def check(path: str, out: Any) -> int:
         return 2
     try:
         kv = st.LevelDBKV(path, create=False)
+    except st.StorageLocked:
+        say(f"ledger-node: error: {path!r} is in use by a running ledger-node (its LevelDB lock is held); "
+            "stop that node first (--check reads a stopped node's folder)")
+        return 2
     except Exception as exc:
         say(f"ledger-node: error: cannot open {path!r}: {type(exc).__name__}: {exc}")
         return 2

@@ -60,6 +60,7 @@ class Config:
     max_client_queue: int = DEFAULT_MAX_CLIENT_QUEUE
     max_clients: int | None = None  # None: from the open-files limit (node/clients.py)
     max_peers: int = DEFAULT_MAX_PEERS
+    accept_damage: bool = False
 
     @property
     def sync(self) -> bool:
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clients", help="connections to the request and watch sockets together; past it "
                    "new connections are closed at once (peers count too) [LEDGER_MAX_CLIENTS] "
                    "(default 4096, or less when the open-files limit leaves less room)")
+    p.add_argument("--accept-damage", action="store_true",
+                   help="for a context this node writes that came back from disk shorter than it was (its "
+                   "high-water mark) and that no peer can refill: go on from what the disk holds and take "
+                   "appends again; the lost entries are gone from this node (replicas that hold them keep them "
+                   "as a fork). Without it such a context refuses appends while it is refilled from peers "
+                   "(a flag, not a variable: meant for one start)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "
                    "every root, the high-water marks), report damage and exit (0 clean, 1 damaged, 2 unreadable); "
@@ -287,4 +294,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
+        accept_damage=bool(args.accept_damage),
     )

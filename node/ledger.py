@@ -253,11 +253,13 @@ class Ledger:
         return node_id
 
     def _unreadable(self, name: str, info: dict[str, Any], node_id: str, exc: Exception) -> ContextState:
-        """A context whose last entries or Merkle nodes cannot be read at start-up. A replica is
-        served empty and reported damaged: the normal repair pulls it again from its writer (the
-        pulled entries are written over the damaged ones). A context this node writes cannot be
-        refilled that way (its next append would reuse acknowledged seqs): the start fails."""
-        if info["writer"] == node_id:
+        """A context whose last entries or Merkle nodes cannot be read at start-up. It is served
+        empty and reported damaged, and refilled from peers (the pulled entries are written over
+        the damaged ones): a replica from its writer as usual, a context this node writes from
+        its replicas, up to its high-water mark, refusing appends until then (`repairing`).
+        Without a mark to say how far it went, a context this node writes cannot be refilled
+        (its next append could reuse acknowledged seqs): the start fails."""
+        if info["writer"] == node_id and (self.journal is None or info["id"] not in self.journal.marks):
             raise DataDirError(
                 f"context {name!r}, which this node writes, cannot be read from the data folder ({exc}); "
                 "run `ledger-node --check DATA`") from None
@@ -301,6 +303,41 @@ class Ledger:
                       "holds %d; serving the first %d and repairing the rest from peers",
                       ctx.name, "shorter" if ctx.size < size else "different", size, root.hex(), ctx.size,
                       ctx.size)
+
+    def repairing(self, ctx: ContextState) -> tuple[int, bytes] | None:
+        """For a damaged context this node writes: the (size, root) its high-water mark says it
+        held. Until it holds that again (pulled back from its replicas), appends to it are
+        refused: an append now would reuse a seq that was acknowledged."""
+        if ctx.writer != self.node_id:
+            return None
+        return self.damaged.get(ctx.id)
+
+    def accept_damage(self) -> list[str]:
+        """`--accept-damage`: take what the disk holds of each damaged context this node writes
+        as its history from now on (its mark is lowered with the next flush) and take appends
+        again. The entries lost are gone from this node; replicas that still hold them set them
+        aside as a fork once this node appends past them. Returns the names accepted."""
+        done = []
+        for cid, (size, root) in list(self.damaged.items()):
+            ctx = self._by_id.get(cid)
+            if ctx is None or ctx.writer != self.node_id:
+                continue
+            del self.damaged[cid]
+            if self.journal is not None:
+                self.journal.write(self.journal.mark(cid, ctx.size, ctx.frontier.root()), sync=True)
+            done.append(ctx.name)
+            log.warning("INTEGRITY: --accept-damage: context %r goes on from the %d entries its disk holds; the "
+                        "%d entries after them (root %s at %d) are lost on this node", ctx.name, ctx.size,
+                        size - ctx.size, root.hex(), size)
+        return done
+
+    def _refuse_while_repairing(self, ctx: ContextState) -> None:
+        size, _root = self.damaged[ctx.id]
+        raise Unavailable(
+            f"context {ctx.name!r} came back from this node's disk with {ctx.size} of its {size} entries; "
+            "it is being refilled from its replicas and takes appends again once it holds them all "
+            "(`ledger head` shows `damaged`; if no peer holds them, see `--accept-damage`)",
+            {"context": ctx.name, "size": ctx.size, "expected_size": size})
 
     def damage(self, ctx: ContextState) -> dict[str, Any] | None:
         """What a damaged context is missing: the (size, root) it held before, or None."""
@@ -581,6 +618,8 @@ class Ledger:
             # its lamport reservation, comes before any state changes)
             raise self.refused()
         ctx = self.contexts.get(req.context)
+        if self.damaged and ctx is not None and ctx.id in self.damaged and ctx.writer == self.node_id:
+            self._refuse_while_repairing(ctx)
         if req.dedup_id is not None:
             hit = self._dedup_hit(ctx, req.dedup_id)
             if hit is not None:
@@ -609,6 +648,8 @@ class Ledger:
         if total > max(self.max_payload, MAX_REPLY_BYTES // 2):
             raise TooLarge(f"batch payloads add up to {total} bytes; split the batch")
         ctx = self.contexts.get(req.context)
+        if self.damaged and ctx is not None and ctx.id in self.damaged and ctx.writer == self.node_id:
+            self._refuse_while_repairing(ctx)
         hit = self._dedup_hit(ctx, req.dedup_id)
         if hit is not None:
             return hit
@@ -695,9 +736,13 @@ class Ledger:
                 f"context {name!r} is written by {ctx.writer!r} here; entries from writer {writer!r} fork it",
                 {"context": name, "writer": ctx.writer, "other_writer": writer},
             )
+        repair = None
         if writer == self.node_id:
-            raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
-                           {"context": name})
+            # only while refilling a damaged context of ours from a replica, up to its mark
+            repair = self.repairing(ctx) if ctx is not None else None
+            if repair is None or entries[-1].seq > repair[0]:
+                raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
+                               {"context": name})
         size = ctx.size if ctx is not None else 0
         names = leaf_names(name.encode(), writer.encode())
         # One pass checks every entry and builds the new frontier on a copy; the
@@ -719,6 +764,8 @@ class Ledger:
         nodes = frontier.extend(hashes, STORED_MIN_LEVEL)
         if root is not None and frontier.root() != root:
             return None
+        if repair is not None and seq == repair[0] and frontier.root() != repair[1]:
+            return None  # not the history this node's mark says it wrote
         if ctx is None:
             ctx = self._create(name, writer)
         ctx.frontier = frontier

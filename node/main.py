@@ -96,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("start-up failed", exc_info=True)
         return _fail(f"data folder {cfg.data!r} is damaged and cannot be served: {type(exc).__name__}: {exc}; "
                      "run `ledger-node --check DATA` on it, or move it away and let this node refill from its peers")
+    if cfg.accept_damage:
+        accepted = ledger.accept_damage()
+        log.warning("--accept-damage: %s", f"went on from what the disk holds of {', '.join(map(repr, accepted))}"
+                    if accepted else "no damaged context this node writes; nothing to accept")
     try:
         server = Server(cfg, ledger)
     except AddressInUse as exc:

@@ -776,6 +776,13 @@ class Mesh:
             return
         if size > local_size:
             if writer == self.ledger.node_id:
+                repair = self.ledger.repairing(ctx) if ctx is not None else None
+                if repair is not None:
+                    # our disk lost entries our mark says we held: pull them back from this
+                    # replica, up to the mark (its root is checked when the last one arrives)
+                    if self._may_pull(p, name, ctx, writer):
+                        p.pulls.append((name, min(size, repair[0]), root if size <= repair[0] else repair[1]))
+                    return
                 # the peer holds more of a context we write than we do: it cannot
                 # be ours (we would have it); two histories
                 self._fork(p, ctx, size, root, writer)
@@ -821,6 +828,8 @@ class Mesh:
             size, root, writer = reply.get("size"), reply.get("root"), reply.get("writer")
             if type(size) is not int or not isinstance(root, bytes) or len(root) != 32 or writer != ctx.writer:
                 return
+            if reply.get("damaged") is not None:
+                return  # its disk lost entries it is refilling from its replicas (ours): not a lost tail
             gone = False
         else:
             err = reply.get("error")
@@ -937,6 +946,15 @@ class Mesh:
             whole = entries[-1].seq == end
             if whole:
                 applied = self.ledger.apply_replicated(name, entries, root)
+                if applied is None and ctx is not None and ctx.writer == self.ledger.node_id:
+                    # a repair chunk that does not end at the root our mark recorded: this
+                    # peer holds another history under our name; pull nothing more of it here
+                    log.error("INTEGRITY: peer %s holds a history of %r, which this node writes, that is not "
+                              "the one its high-water mark recorded; not repairing from it", p.node_id, name)
+                    self._diverged[(name, p.address)] = ctx.id
+                    self._drop_pulls(p, name)
+                    self._next_pull(p)
+                    return
                 if applied is None:
                     # the chunk is sound but does not end at the sender's root: two histories
                     self._drop_pulls(p)

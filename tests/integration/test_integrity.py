@@ -14,7 +14,7 @@ import plyvel
 import pytest
 
 from protocol.client import Client
-from protocol.errors import IntegrityError
+from protocol.errors import IntegrityError, Unavailable
 from tests.integration.test_mesh import converged, mesh, status, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,6 +75,54 @@ def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx
         assert (h.size, h.root, h.damaged) == (2000, want.root, None)
         assert c.status()["damaged"] == []
     wait_for(lambda: "is repaired" in n2.output(), what="the repair to be logged")
+
+
+def test_truncated_log_at_a_writer_is_refilled_from_its_replica_before_it_appends_again(node_factory, zctx):
+    """The writer's disk lost entries its replicas hold: it takes them back from a replica (no seq
+    acknowledged before is reused), the replica keeps its copy (no fork), and appends go on."""
+    n1, n2 = mesh(node_factory, 2)
+    n1.pin_ports()
+    _fill(n1, zctx, "w", 2000)
+    wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2000}), what="replication")
+    wait_for(lambda: status(n1, zctx)["pending_writes"] == 0, what="the writer to be on disk")
+    with Client(n1.address, zctx=zctx) as c:
+        want = c.head("w")
+    _stop_and_cut_log(n1)
+    n1.start()
+    assert "came back from disk shorter" in n1.output()
+    wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2000}), what="the writer's repair from its replica")
+    with Client(n1.address, zctx=zctx) as c:
+        h = c.head("w")
+        assert (h.size, h.root, h.damaged) == (2000, want.root, None)
+        e = c.append("w", b"after the repair")
+        assert e.seq == 2001
+    wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2001}), what="the new entry to replicate")
+    for n in (n1, n2):
+        assert status(n, zctx)["forks"] == [], n.name
+    assert "FORK" not in n2.output()
+    wait_for(lambda: "is repaired" in n1.output(), what="the repair to be logged")
+
+
+def test_a_writer_with_no_replica_refuses_appends_until_accept_damage(node_factory, zctx):
+    n = node_factory()
+    _fill(n, zctx, "w", 2000)
+    _stop_and_cut_log(n)
+    n.start()
+    with Client(n.address, zctx=zctx, retries=0) as c:
+        size = c.head("w").size
+        assert size < 2000
+        with pytest.raises(Unavailable) as exc:
+            c.append("w", b"would reuse an acknowledged seq")
+        assert exc.value.details == {"context": "w", "size": size, "expected_size": 2000}
+        assert c.head("w").size == size
+        c.append("elsewhere", b"other contexts are fine")
+    assert n.stop() == 0
+    n.args += ["--accept-damage"]
+    n.start()
+    assert "--accept-damage" in n.output() and "'w'" in n.output()
+    with Client(n.address, zctx=zctx) as c:
+        assert c.append("w", b"goes on").seq == size + 1
+        assert c.head("w").damaged is None
 
 
 def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
@@ -191,6 +239,9 @@ def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, z
     assert "Traceback" not in r.stdout + r.stderr
     r = _check(n.data / "nothing-here")
     assert r.returncode == 2 and r.stdout.startswith("ledger-node: error:")
+    n.start()  # a running node's folder: told to stop it, not LevelDB's lock message
+    r = _check(n.data)
+    assert r.returncode == 2 and "in use by a running ledger-node" in r.stdout and "LOCK" not in r.stdout, r.stdout
 
 
 def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(node_factory, zctx):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import msgpack
@@ -13,7 +14,7 @@ from node.marks import Journal
 from node.storage import MemoryKV
 from protocol import codec
 from protocol.entry import decode_entry
-from protocol.errors import IntegrityError
+from protocol.errors import Conflict, IntegrityError, Unavailable
 from tests.unit.test_ledger import app, make
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,6 +90,84 @@ def test_a_replica_that_came_back_shorter_is_reported_and_repaired_by_pulls(tmp_
     r.close()
     r = _replica(tmp_path, kv2)
     assert "damaged" not in r.head("c1") and r.contexts["c1"].id == cid
+
+
+def _damaged_writer(tmp_path, keep: int = 10, total: int = 20):
+    """A writer whose disk came back holding `keep` of the `total` entries its mark recorded
+    (as after a cut LevelDB log), and those entries as its replicas hold them."""
+    w = _writer(tmp_path)
+    es = [app(w, "c1", b"e%d" % i) for i in range(keep)]
+    w.flush_sync()
+    kept = list(w.kv.scan(b"", b"\xff" * 8))
+    es += [app(w, "c1", b"e%d" % i) for i in range(keep, total)]
+    w.flush_sync()
+    root = w.head("c1")["root"]
+    w.close()
+    kv = MemoryKV()
+    kv.write(kept)
+    return _writer(tmp_path, kv), es, root
+
+
+def _writer(tmp_path, kv: MemoryKV | None = None):
+    return make(kv, node_id="w", journal=Journal(str(tmp_path)))
+
+
+def test_a_writer_that_came_back_shorter_refuses_appends_until_its_replicas_refill_it(tmp_path):
+    w, es, root = _damaged_writer(tmp_path)
+    ctx = w.contexts["c1"]
+    assert w.head("c1")["damaged"] == {"expected_size": 20, "expected_root": root, "size": 10}
+    assert w.repairing(ctx) == (20, root)
+    # an append now would reuse seq 11, which was acknowledged: refused, nothing changes
+    for req in (codec.Append(context="c1", key="", payload=b"new", metadata={}),
+                codec.AppendBatch(context="c1", items=(("", b"n", {}),))):
+        with pytest.raises(Unavailable) as exc:
+            (w.append if isinstance(req, codec.Append) else w.append_batch)(req)
+        assert exc.value.details == {"context": "c1", "size": 10, "expected_size": 20}
+        assert "refilled from its replicas" in str(exc.value)
+    assert ctx.size == 10
+    app(w, "other", b"o")  # other contexts take appends as usual
+    # entries of its own past the mark are not taken from a peer (they would be someone else's)
+    with pytest.raises(Conflict):
+        w.apply_replicated("c1", es[10:] + [_fake_next(es[-1])])
+    # its own entries back from a replica, up to the mark: taken, checked against the mark's root
+    assert w.apply_replicated("c1", es[10:15]) is not None
+    assert w.apply_replicated("c1", es[15:], root) is not None
+    w.flush_sync()
+    assert "damaged" not in w.head("c1") and w.repairing(ctx) is None
+    assert decode_entry(w.append(codec.Append(context="c1", key="", payload=b"new", metadata={})).blobs[0]).seq == 21
+    # repaired: a peer's entries naming this writer are refused again
+    with pytest.raises(Conflict):
+        w.apply_replicated("c1", [_fake_next(es[-1])])
+
+
+def _fake_next(e):
+    """An entry that claims to follow `e` in its context, by its writer."""
+    f = dataclasses.replace(e, seq=e.seq + 1, payload=b"forged", lamport=e.lamport + 1)
+    return dataclasses.replace(f, hash=f.computed_hash())
+
+
+def test_a_repair_that_does_not_reach_the_marks_root_is_not_applied(tmp_path):
+    w, es, root = _damaged_writer(tmp_path)
+    other = make(node_id="w")  # another history under the same writer id: what a broken peer could hold
+    lies = [app(other, "c1", b"x%d" % i) for i in range(20)]
+    assert w.apply_replicated("c1", es[10:15]) is not None  # (a prefix cannot be checked yet)
+    assert w.apply_replicated("c1", es[15:19] + lies[19:]) is None
+    assert w.contexts["c1"].size == 15 and w.repairing(w.contexts["c1"]) == (20, root)
+
+
+def test_accept_damage_takes_what_the_disk_holds_and_lowers_the_mark(tmp_path):
+    w, es, root = _damaged_writer(tmp_path)
+    replica_kv = MemoryKV()
+    r = make(replica_kv, node_id="r", journal=None)
+    r.apply_replicated("c1", es)  # a replica's damage is never "accepted": it refills from the writer
+    assert w.accept_damage() == ["c1"]
+    assert "damaged" not in w.head("c1") and w.status()["damaged"] == []
+    assert decode_entry(w.append(codec.Append(context="c1", key="", payload=b"new", metadata={})).blobs[0]).seq == 11
+    w.flush_sync()
+    w.close()
+    w = _writer(tmp_path, w.kv)  # the lowered mark is durable: no damage reported at the next start
+    assert "damaged" not in w.head("c1") and w.contexts["c1"].size == 11
+    assert w.accept_damage() == []
 
 
 def test_a_context_whose_record_was_lost_is_recreated_empty_and_reported(tmp_path):
