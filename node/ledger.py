@@ -339,6 +339,68 @@ class Ledger:
             "(`ledger head` shows `damaged`; if no peer holds them, see `--accept-damage`)",
             {"context": ctx.name, "size": ctx.size, "expected_size": size})
 
+    def context_by_id(self, ctx_id: int) -> ContextState | None:
+        ctx = self._by_id.get(ctx_id)
+        return ctx if ctx is not None and self.contexts.get(ctx.name) is ctx else None
+
+    def hole_block(self, ctx: ContextState) -> tuple[int, int] | None:
+        """The seqs (first, last) to fetch again from a peer for the first damaged entry found in
+        `ctx` (`holes`): the block of 2^STORED_MIN_LEVEL entries around it, whose Merkle node (or,
+        for the last, incomplete block, the frontier) lets this node check what a peer sends
+        without trusting it. None when nothing is known damaged."""
+        bad = self.holes.get(ctx.id)
+        if bad is None or bad > ctx.size or ctx.id in self.damaged:
+            return None  # (a context refilled from its mark is repaired by pulls instead)
+        width = 1 << STORED_MIN_LEVEL
+        first = (bad - 1) // width * width + 1
+        return first, min(first + width - 1, ctx.size)
+
+    def repair_hole(self, name: str, entries: list[Entry]) -> bool:
+        """Write `entries` (from a peer) over the damaged block `hole_block` names, if they are
+        exactly that block and hash to what this node's own Merkle state says it held; then look
+        on for the next damaged entry (a damaged LevelDB block spans several of ours). Returns
+        whether they were written."""
+        ctx = self.contexts.get(name)
+        block = self.hole_block(ctx) if ctx is not None else None
+        if ctx is None or block is None:
+            return False
+        first, last = block
+        if [e.seq for e in entries] != list(range(first, last + 1)):
+            return False
+        for e in entries:
+            if e.context != name or e.writer != ctx.writer or leaf_hash_named(
+                    ctx.leaf_names, e.seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns) != e.hash:
+                return False
+        part = merkle.Frontier()
+        part.extend([e.hash for e in entries], STORED_MIN_LEVEL)
+        try:
+            if len(entries) == 1 << STORED_MIN_LEVEL:
+                ok = part.nodes[STORED_MIN_LEVEL] == self.node_getter(ctx)(STORED_MIN_LEVEL, (first - 1) >> STORED_MIN_LEVEL)
+            else:  # the last, incomplete block: the frontier holds its complete nodes
+                r = len(entries)
+                ok = all(part.nodes[lv] == ctx.frontier.nodes[lv] for lv in range(r.bit_length()) if r >> lv)
+        except (st.Corruption, KeyError, IndexError, InternalError):
+            return False  # the Merkle node itself is unreadable: nothing to check against
+        if not ok:
+            return False
+        cp, wp = ctx.name_packed, packed_str(ctx.writer)
+        for e in entries:
+            self.pending[_entry_key(ctx.id, e.seq)] = encode_entry_parts(
+                cp, e.seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
+        del self.holes[ctx.id]
+        log.warning("INTEGRITY: entries %r#%d..%d rewritten from a peer's copy (checked against this node's "
+                    "Merkle tree)", name, first, last)
+        self._find_hole(ctx, last + 1)
+        return True
+
+    def _find_hole(self, ctx: ContextState, seq: int, budget: int = 4 << STORED_MIN_LEVEL) -> None:
+        """Read up to `budget` entries from `seq` on; the first that fails becomes the next hole."""
+        for s in range(seq, min(ctx.size, seq + budget - 1) + 1):
+            try:
+                self.entry_blob(ctx, s)
+            except IntegrityError:
+                return
+
     def damage(self, ctx: ContextState) -> dict[str, Any] | None:
         """What a damaged context is missing: the (size, root) it held before, or None."""
         d = self.damaged.get(ctx.id)
@@ -1074,33 +1136,46 @@ class Ledger:
                     check_hash: bool = False) -> Iterator[tuple[int, str | None, bytes]]:
         """(seq, key or None when unknown, blob) for first..last, RAM before disk. What comes from
         disk passed LevelDB's block checksums; with `check_hash` (what goes to a peer or into a
-        snapshot), each entry also matches its leaf hash."""
+        snapshot), each entry also matches its leaf hash.
+
+        A range scan that meets a damaged block goes on with point look-ups: a LevelDB iterator
+        reads every version of a key, so a block whose entries were rewritten from a peer
+        (`repair_hole`) fails a scan until a compaction drops it, while a look-up finds the new
+        version first."""
         tail = ctx.tail
         disk: Iterator[tuple[bytes, bytes]] | None = None
         check = self.verified if check_hash else _as_is
         seq = first
-        try:
-            for seq in range(first, last + 1):
-                hot = tail.get(seq)
-                if hot is not None:
-                    yield seq, hot[0], hot[1]
-                    continue
+        point = False
+        while seq <= last:
+            hot = tail.get(seq)
+            if hot is not None:
+                yield seq, hot[0], hot[1]
+                seq += 1
+                continue
+            v: bytes | None = None
+            if not point:
                 if disk is None:
                     disk = self.kv.scan(st.entry_key(ctx.id, seq), st.entry_key(ctx.id, last + 1))
-                for k, v in disk:
-                    s = st.seq_of_entry_key(k)
-                    if s == seq:
-                        yield seq, None, check(ctx, seq, v)
-                        break
-                    if s > seq:
-                        raise self._missing(ctx, seq)
-                else:
-                    v2 = self._lookup(st.entry_key(ctx.id, seq))
-                    if v2 is None:
-                        raise self._missing(ctx, seq)
-                    yield seq, None, check(ctx, seq, v2)
-        except st.Corruption as exc:
-            raise self._corrupt(ctx, seq, exc) from None
+                try:
+                    for k, found in disk:
+                        s = st.seq_of_entry_key(k)
+                        if s == seq:
+                            v = found
+                            break
+                        if s > seq:
+                            raise self._missing(ctx, seq)
+                except st.Corruption:
+                    point, disk, v = True, None, None
+            if v is None:
+                try:
+                    v = self._lookup(st.entry_key(ctx.id, seq))
+                except st.Corruption as exc:
+                    raise self._corrupt(ctx, seq, exc) from None
+                if v is None:
+                    raise self._missing(ctx, seq)
+            yield seq, None, check(ctx, seq, v)
+            seq += 1
 
     def get(self, req: codec.Get) -> tuple[list[bytes], int, bool, int]:
         """(encoded entries, last seq of the context, more remain, next `after`)."""

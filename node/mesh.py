@@ -58,6 +58,7 @@ MAX_HELD_BYTES = 32 << 20  # pushed messages held (all contexts) while the gap b
 RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
 MAX_VERIFYING = 1_000  # contexts whose writer is being asked whether it lost a tail, at once
+MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once
 MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
 # A heartbeat that could not be sent (the connection to a peer is still being made, as right
@@ -225,6 +226,8 @@ class Mesh:
         self._lost_tail: set[str] = set()  # contexts whose writer lost a tail: pulled from the writer only
         self._diverged: dict[tuple[str, str], int] = {}  # (context, peer address) -> our ctx id it differs from
         self._fork_logged: set[tuple[str, int, str]] = set()
+        self._hole_asks: dict[int, str] = {}  # request id -> context whose damaged block it fetches
+        self.rewritten_entries = 0  # damaged entries rewritten from a peer's copy (ledger.repair_hole)
         for s in seeds:
             if s != address:
                 self.peers[s] = Peer(s)
@@ -378,6 +381,8 @@ class Mesh:
                 self.peer_error(p.address, "heartbeat failed", exc)
         self._last_retry = now
         self._expire_requests(now)
+        if self.ledger.holes:
+            self._repair_holes()
 
     def _tick_peer(self, p: Peer, now: float, fields: dict[str, Any]) -> None:
         if (p.state == DEAD and p.address not in self.seeds and p.last_heard is not None
@@ -482,6 +487,8 @@ class Mesh:
         _addr, op, fields, _sent = self.pending.pop(rid)
         if op == "head":
             self._verifying.pop(fields["context"], None)
+        elif op == "repair":
+            self._hole_asks.pop(rid, None)
 
     def _send(self, p: Peer, op: str, fields: dict[str, Any]) -> int | None:
         rid = self.transport.request(p.address, op, fields)
@@ -577,6 +584,10 @@ class Mesh:
         try:
             if op == "head":
                 self._on_head(p, reply, fields)
+                return
+            if op == "repair":
+                self._hole_asks.pop(rid, None)  # type: ignore[arg-type]  # (an int: it was in pending)
+                self._on_repair(p, reply, fields)
                 return
             if not reply.get("ok"):
                 err = reply.get("error")
@@ -841,6 +852,53 @@ class Mesh:
         self._lost_tail.add(name)
         self._fork(p, ctx, size, root, ctx.writer, replace=not gone)
 
+    def _repair_holes(self) -> None:
+        """Fetch again, from a peer, the block around the first damaged entry of a few contexts
+        (found by reads or the scrub): from the writer while it lives, for a replica; from any
+        live peer for a context this node writes. The ledger checks what comes back against its
+        own Merkle tree, so a peer that holds another history cannot write anything."""
+        ledger = self.ledger
+        asking = set(self._hole_asks.values())
+        for cid in list(ledger.holes)[:MAX_VERIFYING]:
+            if len(self._hole_asks) >= MAX_HOLE_ASKS:
+                return
+            ctx = ledger.context_by_id(cid)
+            if ctx is None or ctx.name in asking:
+                continue
+            block = ledger.hole_block(ctx)
+            if block is None:
+                continue
+            p = self._hole_source(ctx)
+            if p is None:
+                continue
+            first, last = block
+            fields = {"context": ctx.name, "size": last, "after": first - 1, "limit": last - first + 1}
+            rid = self._send(p, "snapshot", fields)
+            if rid is not None:
+                self.pending[rid] = (p.address, "repair", fields, self.now)
+                self._hole_asks[rid] = ctx.name
+
+    def _hole_source(self, ctx: ContextState) -> Peer | None:
+        if ctx.writer != self.ledger.node_id:
+            w = self.peers.get(self.by_id.get(ctx.writer, ""))
+            if w is not None and w.state == ALIVE:
+                return w
+        live = sorted((p for p in self.peers.values() if p.state == ALIVE and p.node_id is not None),
+                      key=lambda p: p.address)
+        return live[self.beats % len(live)] if live else None  # another one next time, if it fails
+
+    def _on_repair(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        name = fields["context"]
+        raw = reply.get("entries")
+        if not reply.get("ok") or not isinstance(raw, list):
+            return  # that peer does not hold the block (yet): another peer is asked next time
+        entries = [entry_from_wire(e) for e in raw]
+        if self.ledger.repair_hole(name, entries):
+            self.rewritten_entries += len(entries)
+        else:
+            log.warning("damaged entries of %r: the copy from %s does not match this node's Merkle tree; "
+                        "not written", name, p.node_id)
+
     def _fork(self, p: Peer, ctx: ContextState | None, peer_size: int, peer_root: bytes, peer_writer: str,
               replace: bool = True) -> None:
         if ctx is None:
@@ -1099,6 +1157,7 @@ class Mesh:
                 "gap_pulls": self.gap_pulls,
                 "dropped_pushes": self.dropped_pushes,
                 "pulled_entries": self.pulled_entries,
+                "rewritten_entries": self.rewritten_entries,
                 "pulled_bytes": self.pulled_bytes,
                 "reply_bytes": self.reply_bytes,
                 "refused_messages": self.refused_messages,

@@ -202,6 +202,51 @@ def test_an_entry_that_does_not_match_its_hash_is_not_sent_in_a_snapshot(tmp_pat
     assert led.head("c1")["damaged"]["bad_seq"] == 4 and led.integrity_errors == 1
 
 
+def _rot(led, name: str, seq: int) -> None:
+    key = st.entry_key(led.contexts[name].id, seq)
+    m = msgpack.unpackb(led.kv.get(key))
+    m["payload"] = b"rotted"
+    led.kv.write([(key, msgpack.packb(m, use_bin_type=True))])
+
+
+@pytest.mark.parametrize("size", [40, 37])  # the last block complete, or not
+def test_a_damaged_block_is_rewritten_from_a_peers_copy_checked_against_the_merkle_tree(size):
+    w = make(node_id="w")
+    es = [app(w, "c1", b"e%d" % i) for i in range(size)]
+    r = make(node_id="r", hot_bytes=0)
+    r.apply_replicated("c1", es)
+    r.flush_sync()
+    r.evict()
+    ctx = r.contexts["c1"]
+    _rot(r, "c1", 12)
+    _rot(r, "c1", 27)
+    last_block = (33, size)
+    _rot(r, "c1", size)
+    assert r.hole_block(ctx) is None  # nothing found yet
+    with pytest.raises(IntegrityError):
+        r.entry_blob(ctx, 12)
+    assert r.hole_block(ctx) == (9, 16)
+    # a copy that is not this node's history, or not exactly the block, is not written
+    other = make(node_id="w")
+    lies = [app(other, "c1", b"x%d" % i) for i in range(size)]
+    assert not r.repair_hole("c1", lies[8:16])
+    assert not r.repair_hole("c1", es[8:15]) and not r.repair_hole("c1", es[7:16])
+    assert r.hole_block(ctx) == (9, 16)
+    # the right one: written, and the next damaged entry is found at once
+    assert r.repair_hole("c1", es[8:16])
+    assert decode_entry(r.entry_blob(ctx, 12)).payload == b"e11"
+    assert r.hole_block(ctx) == (25, 32)
+    assert r.repair_hole("c1", es[24:32])
+    assert r.hole_block(ctx) == last_block
+    assert not r.repair_hole("c1", es[32:size - 1] + lies[size - 1:])
+    assert r.repair_hole("c1", es[32:size])
+    assert r.hole_block(ctx) is None and "damaged" not in r.head("c1")
+    r.flush_sync()
+    r.evict()
+    assert [decode_entry(b).payload for b in r.snapshot_page(
+        codec.Snapshot(context="c1", after=0, limit=100, size=None))[1]] == [b"e%d" % i for i in range(size)]
+
+
 def test_the_background_scrub_finds_damage_nobody_reads_in_bounded_slices():
     led = make(hot_bytes=0)
     for i in range(30):
