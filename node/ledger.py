@@ -110,7 +110,6 @@ class LoadSession:
     root: bytes
     fail_if_exists: bool
     existing_size: int
-    existing_root: bytes
     verifier: SnapshotVerifier
     prefix_root: bytes | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -186,7 +185,6 @@ class Ledger:
         # their size are deleted by the next successful write (see write_unwritten)
         self._stale_tails: set[ContextState] = set()
         self.node_id = self._open(node_id)
-        self._writer_bytes = self.node_id.encode()
         self._writer_packed = packed_str(self.node_id)
 
     # -- start-up ----------------------------------------------------------
@@ -934,9 +932,6 @@ class Ledger:
 
     empty_root = merkle.EMPTY_ROOT
 
-    def has_pending(self) -> bool:
-        return bool(self.pending)
-
     def take_pending(self) -> tuple[dict[bytes, bytes], dict[ContextState, int]]:
         """Hand the write buffer to the flusher; it stays readable as `inflight`."""
         batch, dirty = self.pending, self._dirty
@@ -1414,7 +1409,6 @@ class Ledger:
                 context=req.context, load_id=req.load_id, load_no=self._next_load_no,
                 size=req.size, root=req.root, fail_if_exists=req.fail_if_exists,
                 existing_size=existing.size if existing else 0,
-                existing_root=existing.frontier.root() if existing else merkle.EMPTY_ROOT,
                 verifier=SnapshotVerifier(req.context, req.size, req.root),
             )
             s.prefix_root = merkle.EMPTY_ROOT if s.existing_size == 0 else None
@@ -1570,6 +1564,3 @@ def _getter(
 def _as_is(ctx: ContextState, seq: int, blob: bytes) -> bytes:
     return blob
 
-
-def decode_blob(blob: bytes) -> Entry:
-    return decode_entry(blob)

@@ -14,9 +14,10 @@ Theory of operation
   `suspect_after` heartbeats is suspect, for `dead_after` dead; it is alive
   again as soon as it speaks. Dead peers get a heartbeat only every few
   intervals, and the transport drops (never queues) what a peer cannot take.
-- Push: we subscribe to every peer's PUB socket with the empty prefix and apply
-  entries that extend our replica (seq == size + 1); anything else is left to
-  repair.
+- Push: we subscribe to the replication stream (prefix `watch.REPL_PREFIX`) of
+  every peer's watch socket and apply entries that extend our replica (seq ==
+  size + 1); a message past that is held while the gap is pulled; anything
+  else is left to repair.
 - Repair: when a peer's digest differs from ours in some buckets, we ask it for
   the heads of those buckets (`sync_heads`), and for every context where it is
   ahead we pull exactly the missing tail in chunks (`snapshot` at the chunk's

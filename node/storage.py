@@ -262,7 +262,6 @@ class LevelDBKV:
             if "lock" in text.lower():
                 raise StorageLocked(text) from None
             raise
-        self._wo_sync = True
         self._compactor: threading.Thread | None = None
 
     def _closed(self) -> StorageError:

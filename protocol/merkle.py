@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 
 from protocol.errors import IntegrityError
 
-HASH_LEN = 32
 INNER_PREFIX = b"\x01"
 ROOT_PREFIX = b"\x02"
 

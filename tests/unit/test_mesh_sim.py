@@ -5,7 +5,8 @@ No sockets, no threads: each simulated node is a `Ledger` on a `MemoryKV` and a
 duplicates, delays and partitions them. Requests and replies go through the
 real codec. Every step checks that every replica is a prefix of its writer's
 log and that nothing acknowledged is lost; after healing, every root must
-converge. Each run prints its seed; LEDGER_SIM_SEED=<seed> replays one.
+converge. Seeds are fixed per test id (a failure replays from its name); each run
+prints its seed, LEDGER_SIM_SEED=<seed> replays one and LEDGER_SIM_SEEDS=<n> explores n.
 """
 
 from __future__ import annotations
@@ -262,11 +263,15 @@ def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400, heal
 
 
 def seeds() -> list[int]:
+    """Fixed per test id, so a failure replays from its name; LEDGER_SIM_SEEDS=N explores N
+    seeds (the long mode), LEDGER_SIM_SEED=S runs one."""
     env = os.environ.get("LEDGER_SIM_SEED")
     if env:
         return [int(env)]
-    base = random.randrange(1 << 30)
-    return [base + i for i in range(6)]
+    return [SEED_BASE + i for i in range(int(os.environ.get("LEDGER_SIM_SEEDS", "6")))]
+
+
+SEED_BASE = 20_261_207
 
 
 @pytest.mark.parametrize("seed", seeds())
