@@ -35,16 +35,17 @@ Theory of operation
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from node.ledger import ContextState, Ledger
 from protocol import codec, digest, merkle, watch
 from protocol.address import parse_address
 from protocol.digest import NBUCKETS
-from protocol.entry import Entry, entry_from_wire
+from protocol.entry import Entry
 from protocol.errors import NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
 from protocol.lamport import MAX_LAMPORT
 
@@ -97,7 +98,51 @@ class Transport(Protocol):
         ...
 
 
-ALIVE, SUSPECT, DEAD, UNKNOWN = "alive", "suspect", "dead", "unknown"
+class Liveness(enum.StrEnum):
+    """What this node believes of a peer. It changes only through `next_liveness`."""
+
+    UNKNOWN = "unknown"  # learned of (a seed, gossip), never heard from
+    ALIVE = "alive"  # spoke within `suspect_after` heartbeat intervals
+    SUSPECT = "suspect"  # silent for `suspect_after` intervals: still a member, not yet given up
+    DEAD = "dead"  # silent for `dead_after` intervals, or a node of another cluster at a seed address
+
+
+ALIVE, SUSPECT, DEAD, UNKNOWN = Liveness.ALIVE, Liveness.SUSPECT, Liveness.DEAD, Liveness.UNKNOWN
+
+
+def next_liveness(state: Liveness, *, heard: bool = False, silent: float = 0.0, suspect_after: int = 3,
+                  dead_after: int = 10, foreign: bool = False) -> Liveness:
+    """The one transition function of a peer's liveness: it spoke (`heard`), it has been silent
+    for `silent` heartbeat intervals, or a node of another cluster answered at its address
+    (`foreign`: a seed keeps its place, dead)."""
+    if foreign:
+        return DEAD
+    if heard:
+        return ALIVE
+    if state == UNKNOWN:
+        return state  # never heard from: no silence to time out (it is forgotten instead, see tick)
+    if silent >= dead_after:
+        return DEAD
+    if silent >= suspect_after and state == ALIVE:
+        return SUSPECT
+    return state
+
+
+class Outstanding(NamedTuple):
+    """A request sent to a peer whose reply has not come yet (`Mesh.pending`, by request id)."""
+
+    address: str  # the peer's
+    op: str  # as sent, or "repair" for a `snapshot` that fetches a damaged block again
+    fields: dict[str, Any]  # as sent
+    sent: float  # when (for giving up on it)
+
+
+class Pull(NamedTuple):
+    """A context to pull from a peer (17.2), up to `target` entries, whose root there is `root`."""
+
+    context: str
+    target: int
+    root: bytes
 
 
 @dataclass
@@ -105,7 +150,7 @@ class Peer:
     address: str  # its request (ROUTER) address, host:port
     node_id: str | None = None
     pub: str | None = None
-    state: str = UNKNOWN
+    state: Liveness = UNKNOWN
     last_heard: float | None = None
     lamport: int = 0
     boot: str | None = None
@@ -113,7 +158,7 @@ class Peer:
     sent: int = 0
     digest: list[int] = field(default_factory=list)
     syncing: bool = False  # a sync_heads or pull is under way with this peer
-    pulls: list[tuple[str, int, bytes]] = field(default_factory=list)  # (context, target size, target root)
+    pulls: list[Pull] = field(default_factory=list)
     pulled_entries: int = 0
     subscribed: str | None = None
     learned: float = 0.0  # when this node learned of it
@@ -191,7 +236,7 @@ class Mesh:
         self.peers: dict[str, Peer] = {}  # by address
         self.by_id: dict[str, str] = {}  # node id -> address
         # request id -> (address, op, fields, sent at)
-        self.pending: dict[int, tuple[str, str, dict[str, Any], float]] = {}
+        self.pending: dict[int, Outstanding] = {}
         self.now = 0.0  # the latest time given to any entry point
         self.forks: dict[str, Fork] = {}
         self._refused: set[str] = set()  # addresses of other clusters, warned about once
@@ -275,7 +320,7 @@ class Mesh:
     def _heard(self, p: Peer, now: float, lamport: int | None = None) -> None:
         if p.state != ALIVE:
             log.info("peer %s at %s is %s", p.node_id or "?", p.address, "back" if p.state != UNKNOWN else "up")
-        p.state = ALIVE
+        p.state = next_liveness(p.state, heard=True)
         p.last_heard = now
         if lamport is not None:
             p.lamport = max(p.lamport, lamport)
@@ -398,16 +443,16 @@ class Mesh:
             return
         if p.last_heard is not None:
             silent = (now - p.last_heard) / self.heartbeat_s
-            if silent >= self.dead_after and p.state != DEAD:
+            was, p.state = p.state, next_liveness(p.state, silent=silent, suspect_after=self.suspect_after,
+                                                  dead_after=self.dead_after)
+            if p.state == DEAD and was != DEAD:
                 log.warning("peer %s at %s is dead (silent %.1f s)", p.node_id or "?", p.address,
                             now - p.last_heard)
-                p.state = DEAD
                 p.syncing = False
                 self._drop_pulls(p)
                 self._drop_held_of(p.node_id)
-            elif self.suspect_after <= silent < self.dead_after and p.state == ALIVE:
+            elif p.state == SUSPECT and was != SUSPECT:
                 log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
-                p.state = SUSPECT
         if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
             return
         if self._send(p, "heartbeat", fields) is not None:
@@ -496,7 +541,7 @@ class Mesh:
         if rid is not None:
             p.sent += 1
             if op not in ("heartbeat", "ack"):
-                self.pending[rid] = (p.address, op, fields, self.now)
+                self.pending[rid] = Outstanding(p.address, op, fields, self.now)
         return rid
 
     def refuse(self, sender: str, what: str) -> None:
@@ -558,7 +603,7 @@ class Mesh:
                 log.warning("the node at %s belongs to cluster %r, not %r; %s", address, other, self.cluster,
                             "it stays a seed but is not joined" if address in self.seeds else "forgetting it")
             if address in self.seeds:
-                p.state = DEAD
+                p.state = next_liveness(p.state, foreign=True)
             else:
                 self._forget(p)
             return
@@ -707,7 +752,7 @@ class Mesh:
         if p is None or p.state == DEAD:
             return
         if not any(n == name for n, _t, _r in p.pulls):
-            p.pulls.insert(0, (name, target, b""))
+            p.pulls.insert(0, Pull(name, target, b""))
             self.gap_pulls += 1
         self._next_pull(p)
 
@@ -746,16 +791,10 @@ class Mesh:
             p.syncing = True
 
     def _on_heads(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
-        heads = reply.get("heads")
-        if not isinstance(heads, list):
-            raise RemoteProtocolError("BAD_REQUEST", "sync_heads reply without heads")
+        page = codec.parse_heads_reply(reply)
         listed = set()
         last_name: str | None = None  # the last well-formed head's: where the next page starts
-        for h in heads:
-            if not (isinstance(h, list) and len(h) == 5 and isinstance(h[0], str) and type(h[1]) is int
-                    and isinstance(h[2], bytes) and isinstance(h[3], str)):
-                continue
-            name, size, root, writer = h[0], h[1], h[2], h[3]
+        for name, size, root, writer in page.heads:
             listed.add(name)
             last_name = name
             self._compare(p, name, size, root, writer)
@@ -765,16 +804,16 @@ class Mesh:
         if p.node_id is not None:
             # A context of that peer's that it did not list: it lost the whole context (a crash
             # before its first flush); asked once more, like a lost tail.
-            if reply.get("more") and last_name is None:
+            if page.more and last_name is None:
                 upto = after or ""  # a page we cannot place: judge nothing missing from it
             else:
-                upto = last_name if reply.get("more") else None
+                upto = last_name if page.more else None
             for name in self.ledger.names_in_buckets(set(fields["buckets"]), fields["nbuckets"],
                                                      fields.get("after"), upto, writer=p.node_id):
                 ctx = self.ledger.contexts.get(name)
                 if name not in listed and ctx is not None and ctx.size > 0:
                     self._verify_tail(p, ctx)
-        if reply.get("more") and last_name is not None:
+        if page.more and last_name is not None:
             nxt = dict(fields, after=last_name)
             if self._send(p, "sync_heads", nxt) is not None:
                 return
@@ -793,7 +832,7 @@ class Mesh:
                     # our disk lost entries our mark says we held: pull them back from this
                     # replica, up to the mark (its root is checked when the last one arrives)
                     if self._may_pull(p, name, ctx, writer):
-                        p.pulls.append((name, min(size, repair[0]), root if size <= repair[0] else repair[1]))
+                        p.pulls.append(Pull(name, min(size, repair[0]), root if size <= repair[0] else repair[1]))
                     return
                 # the peer holds more of a context we write than we do: it cannot
                 # be ours (we would have it); two histories
@@ -801,7 +840,7 @@ class Mesh:
                 return
             if not self._may_pull(p, name, ctx, writer):
                 return
-            p.pulls.append((name, size, root))
+            p.pulls.append(Pull(name, size, root))
         elif ctx is not None:
             if size > 0 and self.ledger.root_at(ctx, size) != root:
                 self._fork(p, ctx, size, root, writer)
@@ -837,12 +876,12 @@ class Mesh:
         if asked is None or ctx is None or ctx.id != asked[0] or p.node_id != ctx.writer:
             return  # the context changed meanwhile (set aside, pulled): the next comparison decides
         if reply.get("ok"):
-            size, root, writer = reply.get("size"), reply.get("root"), reply.get("writer")
-            if type(size) is not int or not isinstance(root, bytes) or len(root) != 32 or writer != ctx.writer:
+            head = codec.parse_head_reply(reply)
+            if head.writer != ctx.writer:
                 return
-            if reply.get("damaged") is not None:
+            if head.damaged:
                 return  # its disk lost entries it is refilling from its replicas (ours): not a lost tail
-            gone = False
+            size, root, gone = head.size, head.root, False
         else:
             err = reply.get("error")
             if not (isinstance(err, dict) and err.get("code") == NOT_FOUND):
@@ -876,7 +915,7 @@ class Mesh:
             fields = {"context": ctx.name, "size": last, "after": first - 1, "limit": last - first + 1}
             rid = self._send(p, "snapshot", fields)
             if rid is not None:
-                self.pending[rid] = (p.address, "repair", fields, self.now)
+                self.pending[rid] = Outstanding(p.address, "repair", fields, self.now)
                 self._hole_asks[rid] = ctx.name
 
     def _hole_source(self, ctx: ContextState) -> Peer | None:
@@ -890,10 +929,9 @@ class Mesh:
 
     def _on_repair(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         name = fields["context"]
-        raw = reply.get("entries")
-        if not reply.get("ok") or not isinstance(raw, list):
+        if not reply.get("ok"):
             return  # that peer does not hold the block (yet): another peer is asked next time
-        entries = [entry_from_wire(e) for e in raw]
+        entries = list(codec.parse_chunk_reply(reply).entries)
         if self.ledger.repair_hole(name, entries):
             self.rewritten_entries += len(entries)
         else:
@@ -942,7 +980,7 @@ class Mesh:
             f.histories_set_aside += 1
             self._drop_pulls(p, ctx.name)
             if replace and peer_size > 0:
-                p.pulls.append((ctx.name, peer_size, peer_root))
+                p.pulls.append(Pull(ctx.name, peer_size, peer_root))
 
     def _drop_pulls(self, p: Peer, name: str | None = None) -> None:
         """Forget what we meant to pull from `p` (of context `name` only, if given)."""
@@ -995,12 +1033,9 @@ class Mesh:
         end = fields["size"]
         ctx = self.ledger.contexts.get(name)
         size = ctx.size if ctx is not None else 0
-        root = reply.get("root")
-        raw = reply.get("entries")
-        if not isinstance(raw, list) or not isinstance(root, bytes):
-            raise RemoteProtocolError("BAD_REQUEST", "snapshot reply without entries or root")
-        entries: list[Entry] = [entry_from_wire(e) for e in raw]
-        entries = [e for e in entries if e.seq > size]  # pushes may have moved us on meanwhile
+        chunk = codec.parse_chunk_reply(reply)
+        root = chunk.root
+        entries: list[Entry] = [e for e in chunk.entries if e.seq > size]  # pushes may have moved us on meanwhile
         if entries and entries[0].seq == size + 1:
             whole = entries[-1].seq == end
             if whole:
@@ -1137,7 +1172,7 @@ class Mesh:
                     "id": p.node_id,
                     "address": p.address,
                     "pub": p.pub,
-                    "state": p.state,
+                    "state": str(p.state),
                     "last_heard_s": None if p.last_heard is None else round(now - p.last_heard, 3),
                     "entries": p.entries,
                     "behind": max(0, local_total - p.entries) if p.last_heard is not None else None,

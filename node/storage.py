@@ -75,7 +75,8 @@ def u32_of(key: bytes) -> int:
 
 
 def seq_of_entry_key(key: bytes) -> int:
-    return _u32u64.unpack_from(key, 1)[1]
+    seq: int = _u32u64.unpack_from(key, 1)[1]
+    return seq
 
 
 def node_key(ctx_id: int, level: int, index: int) -> bytes:

@@ -692,6 +692,77 @@ def encode_request(op: str, rid: RequestId, fields: Mapping[str, Any]) -> bytes:
     return out
 
 
+# -- node-to-node replies ----------------------------------------------------------------
+#
+# A peer's reply is input like any other (SPEC 17.6): these turn the reply maps of `sync_heads`,
+# `head` and `snapshot` into typed records, or raise RemoteProtocolError. The checks are the
+# protocol's bounds; whether the content is *true* (a root, a writer) is the mesh's to judge.
+
+
+class HeadItem(NamedTuple):
+    """One context in a `sync_heads` page: [name, size, root, writer, lamport]."""
+
+    name: str
+    size: int
+    root: bytes
+    writer: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadsPage:
+    heads: tuple[HeadItem, ...]
+    more: bool
+    malformed: int  # items skipped for a wrong shape or type (the rest of the page is used)
+
+
+def parse_heads_reply(m: Mapping[str, Any]) -> HeadsPage:
+    """A `sync_heads` reply. A malformed item is skipped, not the page: one bad context of a
+    peer must not hold back the repair of its others."""
+    heads = m.get("heads")
+    if not isinstance(heads, list):
+        raise _bad("sync_heads reply without heads")
+    out = []
+    for h in heads:
+        if (isinstance(h, list) and len(h) == 5 and type(h[0]) is str and type(h[1]) is int
+                and 0 <= h[1] < U64 and type(h[2]) is bytes and len(h[2]) == 32 and type(h[3]) is str):
+            out.append(HeadItem(h[0], h[1], h[2], h[3]))
+    return HeadsPage(tuple(out), m.get("more") is True, len(heads) - len(out))
+
+
+@dataclass(frozen=True, slots=True)
+class HeadInfo:
+    """A `head` reply as a peer uses it: None fields are absent or of a wrong type."""
+
+    size: int
+    root: bytes
+    writer: str
+    damaged: bool  # the peer's copy came back from its disk shorter or different (6.4)
+
+
+def parse_head_reply(m: Mapping[str, Any]) -> HeadInfo:
+    size, root, writer = m.get("size"), m.get("root"), m.get("writer")
+    if not (type(size) is int and 0 <= size < U64 and type(root) is bytes and len(root) == 32
+            and type(writer) is str):
+        raise _bad("head reply without a well-formed size, root and writer")
+    return HeadInfo(size, root, writer, m.get("damaged") is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A `snapshot` page a peer sent: its entries (every field checked, hashes not verified)
+    and its root at the page's `size`."""
+
+    entries: tuple[Entry, ...]
+    root: bytes
+
+
+def parse_chunk_reply(m: Mapping[str, Any]) -> Chunk:
+    raw, root = m.get("entries"), m.get("root")
+    if not isinstance(raw, list) or type(root) is not bytes or len(root) != 32:
+        raise _bad("snapshot reply without entries or root")
+    return Chunk(tuple(entry_from_wire(e) for e in raw), root)
+
+
 def decode_reply(frame: bytes) -> dict[str, Any]:
     """A reply frame to a map (client side). Raises RemoteProtocolError on junk."""
     try:

@@ -13,6 +13,7 @@ from node.ledger import Ledger
 from node.mesh import ALIVE, DEFAULT_MAX_PEERS, Mesh
 from node.storage import MemoryKV
 from protocol import codec
+from protocol.entry import decode_entry
 from protocol.errors import RemoteProtocolError
 
 pytestmark = pytest.mark.timeout(60)
@@ -263,3 +264,69 @@ def test_peers_are_normalized_and_deduplicated():
     assert c.peers == ("node.a:7400", "[::1]:7400") and c.advertise == "me.example:7400"
     with pytest.raises(ConfigError, match="reach"):
         parse(["--advertise", "0.0.0.0:7400"], {})
+
+
+# -- typed peer replies (protocol/codec.py) ---------------------------------------------------
+
+ROOT = b"r" * 32
+
+
+def test_a_heads_page_keeps_its_well_formed_items_and_counts_the_rest():
+    page = codec.parse_heads_reply({"heads": [["a", 3, ROOT, "w", 9], ["b", -1, ROOT, "w", 1], ["c", 1, b"short", "w", 1],
+                                              ["d", 1 << 64, ROOT, "w", 1], "junk", ["e", 2, ROOT, 7, 1],
+                                              ["f", True, ROOT, "w", 1]], "more": 1})
+    assert page.heads == (codec.HeadItem("a", 3, ROOT, "w"),) and page.malformed == 6
+    assert page.more is False  # only `true` is true
+    with pytest.raises(RemoteProtocolError):
+        codec.parse_heads_reply({"heads": {"a": 1}})
+
+
+@pytest.mark.parametrize("bad", [{"size": -1}, {"size": "3"}, {"root": b"x" * 31}, {"writer": None}, {"size": 1 << 64}])
+def test_a_head_reply_without_a_well_formed_size_root_and_writer_is_refused(bad):
+    good = {"ok": True, "size": 3, "root": ROOT, "writer": "w"}
+    assert codec.parse_head_reply(good) == codec.HeadInfo(3, ROOT, "w", False)
+    assert codec.parse_head_reply({**good, "damaged": {"size": 1}}).damaged
+    with pytest.raises(RemoteProtocolError):
+        codec.parse_head_reply({**good, **bad})
+
+
+@pytest.mark.parametrize("bad", [{"root": b"x" * 31}, {"root": "r" * 32}, {"entries": None}, {"entries": [{"seq": 1}]}])
+def test_a_snapshot_reply_that_is_not_a_chunk_is_refused(bad):
+    with pytest.raises(RemoteProtocolError):
+        codec.parse_chunk_reply({"ok": True, "entries": [], "root": ROOT, **bad})
+
+
+def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork():
+    """Before the typed replies, a pulled chunk's root of the wrong length reached the root
+    comparison and set the local history aside as a fork."""
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    for i in range(3):
+        w.append(codec.Append("c", "", bytes([i]), {}))
+    t = Recording()
+    m = mesh(t, seeds=["10.0.0.2:7400"])
+    m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "w", "pub": "10.0.0.2:7401", "boot": "b"}, 1.0)
+    m.ledger.apply_replicated("c", [e for e in map(decode_entry, w.snapshot_page(
+        codec.Snapshot(context="c", after=0, limit=1, size=None))[1])])
+    p = m.peers["10.0.0.2:7400"]
+    p.pulls.append(("c", 3, w.head("c")["root"]))
+    m._next_pull(p)
+    rid, (_a, op, fields, _t) = next(iter(m.pending.items()))
+    assert op == "snapshot" and fields["after"] == 1
+    page = w.snapshot_page(codec.Snapshot(context="c", after=1, limit=2, size=3))[1]
+    m.on_reply("10.0.0.2:7400", {"ok": True, "id": rid, "node_id": "w", "root": w.head("c")["root"][:31],
+                                 "entries": [decode_entry(b).to_wire() for b in page]}, 1.1)
+    assert m.forks == {} and "c" not in m.ledger.aside and m.ledger.contexts["c"].size == 1
+
+
+# -- peer liveness ------------------------------------------------------------------------------
+
+
+def test_liveness_changes_only_by_its_transition_function():
+    from node.mesh import DEAD, SUSPECT, UNKNOWN, Liveness, next_liveness
+    nl = lambda s, **kw: next_liveness(s, suspect_after=3, dead_after=10, **kw)  # noqa: E731
+    assert nl(UNKNOWN, silent=50) == UNKNOWN  # never heard: nothing to time out from
+    assert nl(UNKNOWN, heard=True) == ALIVE and nl(DEAD, heard=True) == ALIVE
+    assert nl(ALIVE, silent=2.9) == ALIVE and nl(ALIVE, silent=3) == SUSPECT and nl(SUSPECT, silent=9) == SUSPECT
+    assert nl(SUSPECT, silent=10) == DEAD and nl(ALIVE, silent=10) == DEAD  # straight to dead after a pause
+    assert nl(ALIVE, foreign=True) == DEAD
+    assert [str(s) for s in Liveness] == ["unknown", "alive", "suspect", "dead"]  # what status shows

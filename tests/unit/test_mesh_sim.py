@@ -20,7 +20,7 @@ import pytest
 
 from node import mesh as mesh_mod
 from node.ledger import Ledger
-from node.mesh import ALIVE, Mesh
+from node.mesh import ALIVE, DEAD, Mesh
 from node.storage import MemoryKV
 from protocol import codec, watch
 from protocol.entry import decode_entry
@@ -490,7 +490,7 @@ def test_a_heartbeat_that_could_not_be_sent_is_tried_again_soon_but_not_to_a_dea
     t.now = 0.02
     m.tick(0.02)
     assert t.sent == [(0.02, "a:1")] and set(m.unsent) == {"b:1"}  # retried long before the next beat at 0.5
-    m.peers["b:1"].state = "dead"
+    m.peers["b:1"].state = DEAD
     t.up.add("b:1")
     t.now = 0.04
     m.tick(0.04)
@@ -554,12 +554,12 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
     for i in range(4):  # 4 messages of 4 entries after the lost one: past the bound of 10
         for j in range(4):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
-        b.mesh.peers[addr("a")].state = "dead"  # no gap pull: only the bound acts
+        b.mesh.peers[addr("a")].state = DEAD  # no gap pull: only the bound acts
         run_for(1)
     assert b.mesh.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
     assert b.ledger.contexts["notes"].size == 1
     # the digest repair still brings everything
-    b.mesh.peers[addr("a")].state = "alive"
+    b.mesh.peers[addr("a")].state = ALIVE
     a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT
     run_for(20)
     assert b.ledger.contexts["notes"].size == 18
