@@ -1,0 +1,60 @@
+"""Converge Ledger for library users: `from converge_ledger import Client`.
+
+The public names of the reference client and the protocol, under one import name that cannot
+clash with a project's own `node/`, `protocol/` or `tools/` folders. The code lives in the
+`protocol` package (SPEC.md is its text); this module only names what is meant to be used:
+
+    from converge_ledger import Client, NotFound
+
+    with Client("127.0.0.1:7400") as c:
+        entry = c.append("notes", b"hello")
+        for e in c.get("notes").entries:
+            print(e.seq, e.payload)
+
+Anything not listed in `__all__` may change without notice.
+"""
+
+from node import __version__
+from protocol.client import Client, ConsistencyProof, GetResult, Head, InclusionProof, Watch
+from protocol.codec import PROTOCOL_VERSION
+from protocol.entry import Entry
+from protocol.errors import (
+    BadRequest,
+    Conflict,
+    IntegrityError,
+    InternalError,
+    LedgerError,
+    NotFound,
+    NotWriter,
+    StorageError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    UnknownOp,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BadRequest",
+    "Client",
+    "Conflict",
+    "ConsistencyProof",
+    "Entry",
+    "GetResult",
+    "Head",
+    "InclusionProof",
+    "IntegrityError",
+    "InternalError",
+    "LedgerError",
+    "NotFound",
+    "NotWriter",
+    "StorageError",
+    "Timeout",
+    "TooLarge",
+    "Unavailable",
+    "UnknownOp",
+    "UnsupportedVersion",
+    "Watch",
+    "__version__",
+]
