@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from node.ledger import ContextState, Ledger
@@ -128,6 +128,28 @@ def next_liveness(state: Liveness, *, heard: bool = False, silent: float = 0.0, 
     return state
 
 
+@dataclass
+class MeshStats:
+    """The mesh's counters, shown whole in `status.replication` (SPEC 6.7, 17)."""
+
+    heartbeats_sent: int = 0
+    heartbeat_bytes: int = 0  # size of the last heartbeat sent (one per peer per interval)
+    pushed_entries: int = 0
+    skipped_pushes: int = 0  # pushed messages dropped unread (nothing new in them)
+    push_mismatches: int = 0  # pushes that did not reproduce their writer's root (not applied)
+    gap_pulls: int = 0  # pulls started by a gap in the pushes
+    dropped_pushes: int = 0  # held pushes dropped for the bound (repair fetched them)
+    pulled_entries: int = 0
+    rewritten_entries: int = 0  # damaged entries rewritten from a peer's copy (ledger.repair_hole)
+    pulled_bytes: int = 0  # bytes of pull replies (snapshot pages) received
+    reply_bytes: int = 0
+    refused_messages: int = 0  # peer messages dropped for values out of bounds (SPEC 17)
+    refused_peers: int = 0  # new peers refused for max_peers
+    bad_peer_addresses: int = 0  # peer addresses (gossip, pub) that did not parse, skipped
+    peer_errors: int = 0  # failures handling one peer's message or sending to it, isolated
+    ignored_acks: int = 0  # acks from node ids that are not known members
+
+
 class Outstanding(NamedTuple):
     """A request sent to a peer whose reply has not come yet (`Mesh.pending`, by request id)."""
 
@@ -215,6 +237,7 @@ class Mesh:
         ack_durable: bool = False,
         max_peers: int = DEFAULT_MAX_PEERS,
     ) -> None:
+        self.stats = MeshStats()
         self.ledger = ledger
         self.transport = transport
         self.address = address
@@ -226,11 +249,7 @@ class Mesh:
         self.cluster = cluster
         self.seeds = {a for a in seeds if a != address}
         self.max_peers = max_peers
-        self.refused_peers = 0  # new peers refused for max_peers
         self._cap_logged = False  # the refusal is logged once until a slot frees up
-        self.bad_peer_addresses = 0  # peer addresses (gossip, pub) that did not parse, skipped
-        self.peer_errors = 0  # failures handling one peer's message or sending to it, isolated
-        self.ignored_acks = 0  # acks from node ids that are not known members
         self.forget_after_s = FORGET_AFTER_DEAD_INTERVALS * dead_after * heartbeat_s
         self.on_applied = on_applied or (lambda ctx: None)
         self.peers: dict[str, Peer] = {}  # by address
@@ -251,29 +270,17 @@ class Mesh:
         self.held: dict[str, list[tuple[int, int, list[bytes]]]] = {}
         self.held_entries = 0
         self.held_bytes = 0
-        self.push_mismatches = 0  # pushes that did not reproduce their writer's root (not applied)
-        self.gap_pulls = 0  # pulls started by a gap in the pushes
-        self.dropped_pushes = 0  # held pushes dropped for the bound (repair fetched them)
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
         self.unsent: dict[str, int] = {}  # peers whose last heartbeat could not be sent -> retries so far
         self._last_retry = -1e18
         self.beats = 0
-        self.pushed_entries = 0
-        self.skipped_pushes = 0  # pushed messages dropped unread (nothing new in them)
-        self.pulled_entries = 0
-        self.heartbeats_sent = 0
-        self.pulled_bytes = 0  # bytes of pull replies (snapshot pages) received
-        self.heartbeat_bytes = 0  # size of the last heartbeat sent (one per peer per interval)
-        self.reply_bytes = 0
-        self.refused_messages = 0  # peer messages dropped for values out of bounds (SPEC 17)
         self._verifying: dict[str, tuple[int, int]] = {}  # context -> (ctx id, size held) while its writer is asked
         self._lost_tail: set[str] = set()  # contexts whose writer lost a tail: pulled from the writer only
         self._diverged: dict[tuple[str, str], int] = {}  # (context, peer address) -> our ctx id it differs from
         self._fork_logged: set[tuple[str, int, str]] = set()
         self._hole_asks: dict[int, str] = {}  # request id -> context whose damaged block it fetches
-        self.rewritten_entries = 0  # damaged entries rewritten from a peer's copy (ledger.repair_hole)
         for s in seeds:
             if s != address:
                 self.peers[s] = Peer(s)
@@ -288,7 +295,7 @@ class Mesh:
         known = self.peers.get(address)
         moving = node_id is not None and self.by_id.get(node_id) not in (None, address)
         if known is None and not moving and len(self.peers) >= self.max_peers:
-            self.refused_peers += 1
+            self.stats.refused_peers += 1
             if not self._cap_logged:
                 self._cap_logged = True
                 log.warning("not adding peer at %s%s: this node keeps at most %d peers (--max-peers); "
@@ -370,7 +377,7 @@ class Mesh:
 
     def _bad_address(self, p: Peer, error: str, count: int = 1) -> None:
         """Peer data with an address that does not parse: skipped, counted, logged once per peer."""
-        self.bad_peer_addresses += count
+        self.stats.bad_peer_addresses += count
         if not p.bad_gossip:
             log.warning("peer %s at %s sent %d address(es) that are not HOST:PORT, skipped (first: %s); "
                         "further ones are counted in status (bad_peer_addresses)", p.node_id or "?", p.address,
@@ -382,7 +389,7 @@ class Mesh:
         isolated to that peer (the loop goes on), counted, and logged (the 1st, 2nd, 4th, 8th...
         time per peer, so a peer that fails on every heartbeat does not flood the log), with a
         traceback unless it is `expected` (a resource error) or a protocol error."""
-        self.peer_errors += 1
+        self.stats.peer_errors += 1
         p = self.peers.get(address)
         n = 1
         if p is not None:
@@ -456,7 +463,7 @@ class Mesh:
         if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
             return
         if self._send(p, "heartbeat", fields) is not None:
-            self.heartbeats_sent += 1
+            self.stats.heartbeats_sent += 1
             p.unsent_beats = 0
             return
         if p.state != DEAD:
@@ -483,7 +490,7 @@ class Mesh:
                 self.peer_error(address, "heartbeat failed", exc)
                 sent = False
             if sent:
-                self.heartbeats_sent += 1
+                self.stats.heartbeats_sent += 1
                 p.unsent_beats = 0
                 del self.unsent[address]
             else:
@@ -546,8 +553,8 @@ class Mesh:
 
     def refuse(self, sender: str, what: str) -> None:
         """A peer message dropped for a value out of bounds: counted, and logged (not every one)."""
-        self.refused_messages += 1
-        n = self.refused_messages
+        self.stats.refused_messages += 1
+        n = self.stats.refused_messages
         if n <= 10 or n % 1000 == 0:
             log.warning("dropped %s from %s (%d dropped so far)", what, sender, n)
 
@@ -575,7 +582,7 @@ class Mesh:
         else:
             # this node itself, or refused for max_peers: nothing is learned from it (its clock
             # included: entries reach this node only from peers, which carry their own clocks)
-            self.bad_peer_addresses += hb.bad_peers
+            self.stats.bad_peer_addresses += hb.bad_peers
         out = {"node_id": self.ledger.node_id, "lamport": self.ledger.clock.value, "boot": self.boot,
                "address": self.address, "pub": self.pub, "cluster": self.cluster}
         if fresh:
@@ -590,7 +597,7 @@ class Mesh:
 
     def on_reply(self, address: str, reply: dict[str, Any], now: float, nbytes: int = 0) -> None:
         self.now = now
-        self.reply_bytes += nbytes
+        self.stats.reply_bytes += nbytes
         p = self.peers.get(address)
         if p is None:
             return
@@ -652,7 +659,7 @@ class Mesh:
             if op == "sync_heads":
                 self._on_heads(p, reply, fields)
             elif op == "snapshot":
-                self.pulled_bytes += nbytes
+                self.stats.pulled_bytes += nbytes
                 self._on_chunk(p, reply, fields)
         except (LedgerError, RemoteProtocolError) as exc:
             log.warning("replication from %s stopped for now: %s", address, exc)
@@ -675,7 +682,7 @@ class Mesh:
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
             if first + count - 1 <= size or (ctx is not None and ctx.writer == self.ledger.node_id):
-                self.skipped_pushes += 1
+                self.stats.skipped_pushes += 1
                 return
             if first > size + 1 or name in self.held:
                 self._hold(name, ctx, first, count, frames)
@@ -708,7 +715,7 @@ class Mesh:
             assert m.root is not None
             self._push_diverges(m.context, entries[-1].seq, m.root, entries[0].writer)
             return False
-        self.pushed_entries += len(entries)
+        self.stats.pushed_entries += len(entries)
         self.ack_due[applied.name] = applied.writer
         if m.ack:
             self.ack_now = True
@@ -720,7 +727,7 @@ class Mesh:
         if self.held_bytes + nbytes > MAX_HELD_BYTES:
             # too far behind to buffer: drop what is held of it; the digest repair pulls it all
             self._drop_held(name)
-            self.dropped_pushes += 1
+            self.stats.dropped_pushes += 1
             return
         self.held.setdefault(name, []).append((first, count, frames))
         self.held_entries += count
@@ -728,7 +735,7 @@ class Mesh:
         self._drain_held(name)  # applies what extends the replica, pulls the gap before the rest
 
     def _push_diverges(self, name: str, end: int, root: bytes, writer: str) -> None:
-        self.push_mismatches += 1
+        self.stats.push_mismatches += 1
         self._drop_held(name)
         p = self.peers.get(self.by_id.get(writer, ""))
         log.warning("pushed entries of %r up to #%d do not reproduce writer %s's root on this replica; "
@@ -753,7 +760,7 @@ class Mesh:
             return
         if not any(n == name for n, _t, _r in p.pulls):
             p.pulls.insert(0, Pull(name, target, b""))
-            self.gap_pulls += 1
+            self.stats.gap_pulls += 1
         self._next_pull(p)
 
     def _drop_held(self, name: str) -> None:
@@ -933,7 +940,7 @@ class Mesh:
             return  # that peer does not hold the block (yet): another peer is asked next time
         entries = list(codec.parse_chunk_reply(reply).entries)
         if self.ledger.repair_hole(name, entries):
-            self.rewritten_entries += len(entries)
+            self.stats.rewritten_entries += len(entries)
         else:
             log.warning("damaged entries of %r: the copy from %s does not match this node's Merkle tree; "
                         "not written", name, p.node_id)
@@ -1056,7 +1063,7 @@ class Mesh:
                     self._fork(p, ctx, end, root, entries[0].writer)
                     self._next_pull(p)
                     return
-                self.pulled_entries += len(entries)
+                self.stats.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
                 self.ack_due[applied.name] = applied.writer
                 self.ack_now = True  # a pull may be what a writer's replicas=N append waits for
@@ -1123,7 +1130,7 @@ class Mesh:
         if p is None:
             # not a member this node knows (a made-up id, or one forgotten): its acks would
             # grow replica_sizes without bound and could satisfy replicas=N with nobody
-            self.ignored_acks += 1
+            self.stats.ignored_acks += 1
             return {"node_id": self.ledger.node_id}
         self._heard(p, now)
         for name, size in req.acks:
@@ -1183,24 +1190,9 @@ class Mesh:
             "forks": [vars(f) for f in self.forks.values()],
             "replication": {
                 "heartbeat_ms": int(self.heartbeat_s * 1000),
-                "heartbeats_sent": self.heartbeats_sent,
-                "heartbeat_bytes": self.heartbeat_bytes,
-                "pushed_entries": self.pushed_entries,
-                "skipped_pushes": self.skipped_pushes,
+                **asdict(self.stats),
                 "held_push_entries": self.held_entries,
                 "held_push_bytes": self.held_bytes,
-                "push_mismatches": self.push_mismatches,
-                "gap_pulls": self.gap_pulls,
-                "dropped_pushes": self.dropped_pushes,
-                "pulled_entries": self.pulled_entries,
-                "rewritten_entries": self.rewritten_entries,
-                "pulled_bytes": self.pulled_bytes,
-                "reply_bytes": self.reply_bytes,
-                "refused_messages": self.refused_messages,
-                "refused_peers": self.refused_peers,
-                "bad_peer_addresses": self.bad_peer_addresses,
-                "peer_errors": self.peer_errors,
-                "ignored_acks": self.ignored_acks,
                 "replica_acks": sum(len(sizes) for sizes in self.replica_sizes.values()),
             },
         }

@@ -361,7 +361,7 @@ class Server:
         self._peer_rid += 1
         frame = codec.encode_request(op, rid, fields)
         if op == "heartbeat":
-            self.mesh.heartbeat_bytes = len(frame)
+            self.mesh.stats.heartbeat_bytes = len(frame)
         try:
             s.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -105,12 +105,12 @@ def test_the_peer_table_is_capped_and_refusals_are_counted_and_logged_once(caplo
         m.rpc_heartbeat(decode_hb(hb_frame(peers=gossip(100, 1000))), 1.1)
         m.rpc_heartbeat(decode_hb(hb_frame("q", "10.0.0.9:7400")), 1.2)  # a new sender: refused too
     assert len(m.peers) == 5 and "10.0.0.2:7400" in m.peers
-    assert m.refused_peers == 1100 - 4 + 1
+    assert m.stats.refused_peers == 1100 - 4 + 1
     assert sum("keeps at most 5 peers" in r.message for r in caplog.records) == 1
     m.tick(2.0)
     assert len({a for a, op in t.sent if op == "heartbeat"}) == 5  # sockets only for those kept
     st = m.status(2.0)
-    assert st["max_peers"] == 5 and st["replication"]["refused_peers"] == m.refused_peers
+    assert st["max_peers"] == 5 and st["replication"]["refused_peers"] == m.stats.refused_peers
     assert DEFAULT_MAX_PEERS == 64
 
 
@@ -120,7 +120,7 @@ def test_a_moving_or_replaced_peer_is_not_refused_at_the_cap():
     m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.3:7400")), 1.1)  # the same node, moved
     assert list(m.peers) == ["10.0.0.3:7400"] and m.peers["10.0.0.3:7400"].node_id == "p"
     m.rpc_heartbeat(decode_hb(hb_frame("p2", "10.0.0.3:7400")), 1.2)  # another node at that address
-    assert m.peers["10.0.0.3:7400"].node_id == "p2" and m.refused_peers == 0
+    assert m.peers["10.0.0.3:7400"].node_id == "p2" and m.stats.refused_peers == 0
 
 
 def test_gossiped_peers_that_never_answer_are_forgotten_and_free_their_slots():
@@ -153,7 +153,7 @@ def test_a_bad_pub_in_a_heartbeat_reply_is_skipped_and_counted():
     m = mesh(t, seeds=["10.0.0.2:7400"])
     m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "garbage", "boot": "b"}, 1.0)
     m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "tcp://10.0.0.2:7401", "boot": "b"}, 1.1)
-    assert t.subscribed == set() and m.bad_peer_addresses == 2
+    assert t.subscribed == set() and m.stats.bad_peer_addresses == 2
     assert m.peers["10.0.0.2:7400"].state == ALIVE
     m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "p", "pub": "10.0.0.2:7401", "boot": "b"}, 1.2)
     assert t.subscribed == {"10.0.0.2:7401"}
@@ -167,7 +167,7 @@ def test_a_peer_that_fails_is_logged_counted_and_the_others_still_get_their_hear
         for i in range(8):
             m.tick(i * 0.5)
     assert [a for a, _op in t.sent] == ["10.0.0.3:7400"] * 8
-    assert m.peer_errors == 8 and m.status(4.0)["replication"]["peer_errors"] == 8
+    assert m.stats.peer_errors == 8 and m.status(4.0)["replication"]["peer_errors"] == 8
     logged = [r.message for r in caplog.records if "10.0.0.2:7400" in r.message]
     assert len(logged) == 4 and "Too many open files" in logged[0]  # the 1st, 2nd, 4th and 8th
 
@@ -179,14 +179,14 @@ def test_acks_count_only_from_known_members_and_go_when_they_are_forgotten():
     for i in range(1000):
         m.rpc_ack(codec.Ack(f"ghost{i}", (("c", 1),)), 1.0)
     assert m.replica_sizes.get("c", {}) == {} and m.replicated(ctx, 1) == 0
-    assert m.ignored_acks == 1000 and m.status(1.0)["replication"]["replica_acks"] == 0
+    assert m.stats.ignored_acks == 1000 and m.status(1.0)["replication"]["replica_acks"] == 0
     m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.2:7400")), 1.0)
     m.rpc_ack(codec.Ack("p", (("c", 1),)), 1.1)
     assert m.replicated(ctx, 1) == 1 and m.status(1.1)["replication"]["replica_acks"] == 1
     m._forget(m.peers["10.0.0.2:7400"])
     assert m.replicated(ctx, 1) == 0 and m.replica_sizes["c"] == {}
     m.rpc_ack(codec.Ack("p", (("c", 1),)), 1.2)  # forgotten: not a member any more
-    assert m.replicated(ctx, 1) == 0 and m.ignored_acks == 1001
+    assert m.replicated(ctx, 1) == 0 and m.stats.ignored_acks == 1001
 
 
 def test_heartbeats_of_other_clusters_from_many_addresses_do_not_grow_the_node():
@@ -221,8 +221,8 @@ def test_in_the_simulation_bad_addresses_and_a_gossip_flood_do_not_stop_replicat
     for i in range(20):
         a.ledger.append(codec.Append("notes", "", bytes([i]), {}))
     clock.run_seconds(2)
-    assert len(a.mesh.peers) == DEFAULT_MAX_PEERS and a.mesh.refused_peers > 0
-    assert a.mesh.bad_peer_addresses == 1 and a.mesh.ignored_acks == 1
+    assert len(a.mesh.peers) == DEFAULT_MAX_PEERS and a.mesh.stats.refused_peers > 0
+    assert a.mesh.stats.bad_peer_addresses == 1 and a.mesh.stats.ignored_acks == 1
     assert b.ledger.contexts["notes"].size == 20  # replication went on
     clock.run_seconds(2 * 8 * sim.HEARTBEAT + 2)  # the made-up peers never answer: forgotten
     # (the sender itself spoke: it is dead now, and forgotten only after the usual while)

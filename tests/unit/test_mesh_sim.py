@@ -258,8 +258,8 @@ def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400, heal
         assert all(p.state == ALIVE for p in node.mesh.peers.values()), (seed, node.name)
         assert len(node.mesh.peers) == n_nodes - 1
     return {"entries": sum(len(h) for h in appended.values()),
-            "pulled": sum(n.mesh.pulled_entries for n in nodes.values()),
-            "pushed": sum(n.mesh.pushed_entries for n in nodes.values())}
+            "pulled": sum(n.mesh.stats.pulled_entries for n in nodes.values()),
+            "pushed": sum(n.mesh.stats.pushed_entries for n in nodes.values())}
 
 
 def seeds() -> list[int]:
@@ -528,7 +528,7 @@ def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_app
         real_send(now, kind, src, dst, body)
 
     a.net.send = send  # type: ignore[method-assign]
-    pulled, pushed = b.mesh.pulled_entries, b.mesh.pushed_entries
+    pulled, pushed = b.mesh.stats.pulled_entries, b.mesh.stats.pushed_entries
     held = []
     for i in range(5):  # five pushed messages of 3 entries; the first is lost
         for j in range(3):
@@ -540,7 +540,7 @@ def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_app
     ctx = b.ledger.contexts["notes"]
     assert ctx.size == 16 and ctx.frontier.root() == a.ledger.contexts["notes"].frontier.root()
     # exactly the lost message was pulled; everything else came by push
-    assert b.mesh.gap_pulls == 1 and b.mesh.pulled_entries - pulled == 3 and b.mesh.pushed_entries - pushed == 12
+    assert b.mesh.stats.gap_pulls == 1 and b.mesh.stats.pulled_entries - pulled == 3 and b.mesh.stats.pushed_entries - pushed == 12
     assert not b.mesh.held and b.mesh.held_entries == 0
 
 
@@ -556,7 +556,7 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
         b.mesh.peers[addr("a")].state = DEAD  # no gap pull: only the bound acts
         run_for(1)
-    assert b.mesh.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
+    assert b.mesh.stats.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
     assert b.ledger.contexts["notes"].size == 1
     # the digest repair still brings everything
     b.mesh.peers[addr("a")].state = ALIVE
@@ -677,7 +677,7 @@ def test_pushes_of_a_rewritten_history_are_never_spliced_onto_the_lost_one():
     assert bx.frontier.root() == ax.frontier.root()
     (old,) = b.ledger.aside["x"]
     assert payloads(b.ledger, old) == [b"shared", b"old2", b"old3", b"old4"]  # not spliced
-    assert b.mesh.push_mismatches >= 1
+    assert b.mesh.stats.push_mismatches >= 1
 
 
 def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_history():
