@@ -10,6 +10,7 @@ import pytest
 
 from protocol.entry import Entry, leaf_hash
 from tools import chaos
+from tools.chaos import cli
 
 SEED = 20251125
 
@@ -61,7 +62,7 @@ def test_the_schedule_depends_on_the_seed_alone_and_covers_every_kind():
 
 
 def test_partitions_refuse_clearly_where_they_cannot_run(monkeypatch):
-    monkeypatch.setattr(chaos, "partition_support", lambda: "network partitions need root (test)")
+    monkeypatch.setattr(cli, "partition_support", lambda: "network partitions need root (test)")
     err = io.StringIO()
     rc = chaos.execute(chaos.parse_args(["--partitions", "--duration", "1", "--seed", "1"]), io.StringIO(), err)
     assert rc == 2 and "--partitions is not possible here: network partitions need root" in err.getvalue()
@@ -83,7 +84,7 @@ def test_short_run_with_network_partitions(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_paused_node_is_continued_before_it_is_stopped_and_a_killed_one_restarts_in_place(tmp_path):
-    base = chaos._free_port_block(2)
+    base = chaos.free_port_block(2)
     n = chaos.NodeProc("n1", tmp_path, "127.0.0.1", base, base + 1, ["--durability", "sync"])
     try:
         n.start([])
