@@ -8,19 +8,16 @@ here is stopped (SIGTERM, then SIGKILL) at teardown, and every client closed.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
-READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$")
+from tools import launch
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,34 +55,18 @@ class NodeProcess:
         self.node_id = ""
 
     def start(self, timeout: float = 15.0) -> NodeProcess:
-        cmd = [sys.executable, "-m", "node.main", "--data", str(self.data), *self.args]
+        args = ["--data", str(self.data), *self.args]
         if not any(a.startswith("--listen") for a in self.args):
-            cmd += ["--listen", "127.0.0.1:0"]
-        env = dict(os.environ)
-        env.update(self.env or {})
+            args += ["--listen", "127.0.0.1:0"]
+        self.proc = None
         self.lines = []
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-        )
-        ready = threading.Event()
-
-        def reader(proc: subprocess.Popen[str]) -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                self.lines.append(line)
-                m = READY.match(line)
-                if m:
-                    self.address, self.pub, self.node_id = m.groups()
-                    ready.set()
-
-        threading.Thread(target=reader, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = "\n".join(self.lines)
-                self.kill()
-                raise RuntimeError(f"ledger-node did not become ready:\n{out}")
+        try:
+            self.proc, out, ready = launch.start(args, timeout=timeout, env=self.env)
+        except launch.NodeDidNotStart as exc:
+            self.lines = exc.lines
+            raise
+        self.lines = out.lines
+        self.address, self.pub, self.node_id = ready.router, ready.pub, ready.node_id
         return self
 
     def pin_ports(self) -> NodeProcess:

@@ -9,18 +9,17 @@ each with SIGTERM (they flush and exit), then SIGKILL for any that hang.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO
 
-READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$")
+from tools import launch
+
 START_TIMEOUT = 30.0
 
 
@@ -32,24 +31,14 @@ class ClusterError(Exception):
 class Member:
     name: str
     proc: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
+    out: launch.Output
     router: str = ""
     pub: str = ""
     node_id: str = ""
-    ready: threading.Event = field(default_factory=threading.Event)
 
-    def read(self, echo: IO[str] | None) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            m = READY.match(line)
-            if m:
-                self.router, self.pub, self.node_id = m.groups()
-                self.ready.set()
-            elif echo is not None and self.ready.is_set() and (" WARNING " in line or " ERROR " in line):
-                echo.write(f"[{self.name}] {line}\n")
-                echo.flush()
+    @property
+    def lines(self) -> list[str]:
+        return self.out.lines
 
 
 def _hostport(address: str) -> str:
@@ -58,19 +47,24 @@ def _hostport(address: str) -> str:
 
 def start_member(name: str, data: str, listen: str, peers: list[str], extra: Sequence[str],
                  echo: IO[str] | None) -> Member:
-    cmd = [sys.executable, "-m", "node.main", "--id", name, "--data", data, "--listen", listen, *extra]
+    args = ["--id", name, "--data", data, "--listen", listen, *extra]
     if peers:
-        cmd += ["--peers", ",".join(peers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    m = Member(name, proc)
-    threading.Thread(target=m.read, args=(echo,), daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not m.ready.wait(0.05):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_members([m])
-            tail = "\n".join(m.lines[-40:])  # a usage error is ~30 lines: show it whole
-            raise ClusterError(f"node {name} did not start:\n{tail}")
-    return m
+        args += ["--peers", ",".join(peers)]
+    ready = threading.Event()
+
+    def on_line(line: str) -> None:
+        # once it serves, its warnings and errors are shown on the console
+        if echo is not None and ready.is_set() and (" WARNING " in line or " ERROR " in line):
+            echo.write(f"[{name}] {line}\n")
+            echo.flush()
+
+    try:
+        proc, out, info = launch.start(args, timeout=START_TIMEOUT, on_line=on_line)
+    except launch.NodeDidNotStart as exc:
+        tail = "\n".join(exc.lines[-40:])  # a usage error is ~30 lines: show it whole
+        raise ClusterError(f"node {name} did not start:\n{tail}") from None
+    ready.set()
+    return Member(name, proc, out, info.router, info.pub, info.node_id)
 
 
 def stop_members(members: list[Member], timeout: float = 20.0) -> None:

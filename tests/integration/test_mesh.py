@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -396,3 +400,31 @@ def test_replicated_acks_in_sync_durability_are_sent_once_the_follower_has_flush
     n2.start()
     with Client(n2.address, zctx=zctx) as c2:
         assert c2.head("durable").size == 70 and c2.get("durable", after=19, limit=1).entries[0].hash == e.hash
+
+
+@pytest.mark.timeout(90)
+def test_ledger_cluster_runs_from_a_folder_with_its_own_node_and_tools_packages(zctx, tmp_path):
+    """An agent project's own `node/`, `protocol/` or `tools/` folder must not shadow ours in the
+    nodes the tools start (they run `python -P`): before, `ledger cluster` failed there with
+    "No module named node.main"."""
+    for pkg in ("node", "protocol", "tools"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text(f"raise ImportError('the project\\'s own {pkg} was imported')\n")
+    ledger = os.path.join(os.path.dirname(sys.executable), "ledger")
+    proc = subprocess.Popen([ledger, "cluster", "--nodes", "2", "--data", str(tmp_path / "data")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready nodes="):
+                break
+        out = "".join(lines)
+        assert "ready nodes=" in out and "own" not in out, out
+        addrs = out.split("ready nodes=", 1)[1].split()[0].split(",")
+        with Client(addrs[0], zctx=zctx) as c:
+            assert c.append("shadow", "x").seq == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -14,15 +14,15 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tools import launch
+
 from .common import PROG, ChaosError
 
-READY = re.compile(r"^ready router=(\S+) pub=(\S+) id=(\S+)$", re.MULTILINE)
 # Fast failure detection so that faults of a second or two are seen as faults.
 NODE_FLAGS = (
     "--heartbeat-ms", "100", "--suspect-after", "3", "--dead-after", "8",
@@ -87,11 +87,11 @@ class NodeProc:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, peers: Sequence[str], abort: threading.Event | None = None) -> None:
-        cmd = ["ip", "netns", "exec", self.netns] if self.netns else []
-        cmd += [sys.executable, "-m", "node.main", "--id", self.name, "--data", str(self.data),
-                "--listen", self.address, "--pub-port", str(self.pub_port), *self.flags]
+        args = ["--id", self.name, "--data", str(self.data), "--listen", self.address,
+                "--pub-port", str(self.pub_port), *self.flags]
         if peers:
-            cmd += ["--peers", ",".join(peers)]
+            args += ["--peers", ",".join(peers)]
+        cmd = launch.node_command(*args, netns=self.netns)
         self.starts += 1
         with open(self.log_path, "ab") as log:
             stamp = time.strftime("%H:%M:%S")
@@ -105,23 +105,11 @@ class NodeProc:
                                          env=env, start_new_session=True)
         self.paused = False
         self.expect_exit = False
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = self._log_from(offset)
-            if READY.search(text):
-                return
-            rc = self.proc.poll()
-            if rc is not None or time.monotonic() > deadline or (abort is not None and abort.is_set()):
-                self.kill()
-                tail = "\n".join(text.splitlines()[-8:])
-                why = f"exited with code {rc}" if rc is not None else "did not become ready"
-                raise ChaosError(f"node {self.name} {why} (log {self.log_path}):\n{tail}")
-            time.sleep(0.05)
-
-    def _log_from(self, offset: int) -> str:
-        with open(self.log_path, "rb") as f:
-            f.seek(offset)
-            return f.read().decode(errors="replace")
+        try:
+            launch.wait_ready_in_file(self.proc, self.log_path, offset, START_TIMEOUT, abort)
+        except launch.NodeDidNotStart as exc:
+            self.kill()
+            raise ChaosError(f"node {self.name}: {exc}") from None
 
     def kill(self) -> None:
         """kill -9, as a crash would (SIGKILL ends a stopped process too)."""
