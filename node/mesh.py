@@ -16,7 +16,8 @@ Theory of operation
   intervals, and the transport drops (never queues) what a peer cannot take.
 - Push: we subscribe to the replication stream (prefix `watch.REPL_PREFIX`) of
   every peer's watch socket and apply entries that extend our replica (seq ==
-  size + 1); a message past that is held while the gap is pulled; anything
+  size + 1); a message past that is kept as *early* while the gap is pulled
+  (the word "held" is the server's: replies waiting for disk or replicas); anything
   else is left to repair.
 - Repair: when a peer's digest differs from ours in some buckets, we ask it for
   the heads of those buckets (`sync_heads`), and for every context where it is
@@ -56,7 +57,7 @@ PULL_WINDOW = 2  # pull chunks in flight to one peer
 # Acks to a writer go out at once when it waits for them (its pushes say `ack`, SPEC 17.5, or the
 # entries came by a pull), else at most this often: they only keep its view of the replicas fresh.
 ACK_LAZY_S = 0.05
-MAX_HELD_BYTES = 32 << 20  # pushed messages held (all contexts) while the gap before them is pulled
+MAX_EARLY_BYTES = 32 << 20  # early pushes kept (all contexts) while the gap before them is pulled
 RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
 MAX_VERIFYING = 1_000  # contexts whose writer is being asked whether it lost a tail, at once
@@ -138,7 +139,7 @@ class MeshStats:
     skipped_pushes: int = 0  # pushed messages dropped unread (nothing new in them)
     push_mismatches: int = 0  # pushes that did not reproduce their writer's root (not applied)
     gap_pulls: int = 0  # pulls started by a gap in the pushes
-    dropped_pushes: int = 0  # held pushes dropped for the bound (repair fetched them)
+    dropped_pushes: int = 0  # early pushes dropped for the bound (repair fetched them)
     pulled_entries: int = 0
     rewritten_entries: int = 0  # damaged entries rewritten from a peer's copy (ledger.repair_hole)
     pulled_bytes: int = 0  # bytes of pull replies (snapshot pages) received
@@ -267,9 +268,9 @@ class Mesh:
         self.ack_durable = ack_durable
         self.pulling: dict[str, str] = {}  # context -> the peer it is being pulled from
         # pushed messages that arrived past a gap, per context: (first seq, count, frames), in order
-        self.held: dict[str, list[tuple[int, int, list[bytes]]]] = {}
-        self.held_entries = 0
-        self.held_bytes = 0
+        self.early: dict[str, list[tuple[int, int, list[bytes]]]] = {}
+        self.early_entries = 0
+        self.early_bytes = 0
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[], None] = lambda: None
         self.last_beat = -1e18
@@ -338,7 +339,7 @@ class Mesh:
         if isinstance(boot, str):
             if p.boot is not None and boot != p.boot:
                 log.info("peer %s restarted", p.node_id)
-                self._drop_held_of(p.node_id)  # what it pushed before may be lost with it
+                self._drop_early_of(p.node_id)  # what it pushed before may be lost with it
                 self._forget_requests(p)  # and what we asked of it will not be answered
                 if p.subscribed:
                     # a new connection to its PUB: the old one may have been dropped for good
@@ -457,7 +458,7 @@ class Mesh:
                             now - p.last_heard)
                 p.syncing = False
                 self._drop_pulls(p)
-                self._drop_held_of(p.node_id)
+                self._drop_early_of(p.node_id)
             elif p.state == SUSPECT and was != SUSPECT:
                 log.info("peer %s at %s is suspect", p.node_id or "?", p.address)
         if p.state == DEAD and self.beats % DEAD_PROBE_EVERY:
@@ -672,8 +673,8 @@ class Mesh:
         """A message from a peer's replication stream: apply entries that extend our replica.
 
         A message that starts past our size (one before it was lost: a high-water mark,
-        a reconnection) is held, and the missing range is pulled from the context's writer
-        at once; once it is in, the held messages apply in order. So a lost message costs
+        a reconnection) is kept as early, and the missing range is pulled from the context's
+        writer at once; once it is in, the early messages apply in order. So a lost message costs
         a round trip, not a wait for the next digest."""
         peek = watch.peek_entries(frames)
         if peek is not None:
@@ -684,8 +685,8 @@ class Mesh:
             if first + count - 1 <= size or (ctx is not None and ctx.writer == self.ledger.node_id):
                 self.stats.skipped_pushes += 1
                 return
-            if first > size + 1 or name in self.held:
-                self._hold(name, ctx, first, count, frames)
+            if first > size + 1 or name in self.early:
+                self._keep_early(name, ctx, first, count, frames)
                 return
         self._apply_push(frames)
 
@@ -722,21 +723,21 @@ class Mesh:
         self.on_applied(applied)
         return True
 
-    def _hold(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
+    def _keep_early(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
         nbytes = len(frames[-1])
-        if self.held_bytes + nbytes > MAX_HELD_BYTES:
-            # too far behind to buffer: drop what is held of it; the digest repair pulls it all
-            self._drop_held(name)
+        if self.early_bytes + nbytes > MAX_EARLY_BYTES:
+            # too far behind to buffer: drop what is kept of it; the digest repair pulls it all
+            self._drop_early(name)
             self.stats.dropped_pushes += 1
             return
-        self.held.setdefault(name, []).append((first, count, frames))
-        self.held_entries += count
-        self.held_bytes += nbytes
-        self._drain_held(name)  # applies what extends the replica, pulls the gap before the rest
+        self.early.setdefault(name, []).append((first, count, frames))
+        self.early_entries += count
+        self.early_bytes += nbytes
+        self._apply_early(name)  # applies what extends the replica, pulls the gap before the rest
 
     def _push_diverges(self, name: str, end: int, root: bytes, writer: str) -> None:
         self.stats.push_mismatches += 1
-        self._drop_held(name)
+        self._drop_early(name)
         p = self.peers.get(self.by_id.get(writer, ""))
         log.warning("pushed entries of %r up to #%d do not reproduce writer %s's root on this replica; "
                     "comparing the histories", name, end, writer)
@@ -744,11 +745,11 @@ class Mesh:
             self._compare(p, name, end, root, writer)  # a pull that ends in the fork rule (17.4)
             self._next_pull(p)
 
-    def _drop_held_of(self, writer: str | None) -> None:
-        for name in list(self.held):
+    def _drop_early_of(self, writer: str | None) -> None:
+        for name in list(self.early):
             ctx = self.ledger.contexts.get(name)
             if ctx is None or ctx.writer == writer:
-                self._drop_held(name)
+                self._drop_early(name)
 
     def _pull_gap(self, name: str, ctx: ContextState | None, target: int) -> None:
         """Pull `name` up to `target` from its writer now (when it is a live peer and no pull
@@ -763,27 +764,27 @@ class Mesh:
             self.stats.gap_pulls += 1
         self._next_pull(p)
 
-    def _drop_held(self, name: str) -> None:
-        for _first, count, frames in self.held.pop(name, ()):
-            self.held_entries -= count
-            self.held_bytes -= len(frames[-1])
+    def _drop_early(self, name: str) -> None:
+        for _first, count, frames in self.early.pop(name, ()):
+            self.early_entries -= count
+            self.early_bytes -= len(frames[-1])
 
-    def _drain_held(self, name: str) -> None:
-        """After a pull of `name`: apply the held messages that now extend it, in order."""
-        held = self.held.get(name)
-        while held:
-            first, count, frames = held[0]
+    def _apply_early(self, name: str) -> None:
+        """After a pull of `name`: apply the early messages that now extend it, in order."""
+        early = self.early.get(name)
+        while early:
+            first, count, frames = early[0]
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
             if first > size + 1:
                 self._pull_gap(name, ctx, first - 1)  # another gap
                 return
-            held.pop(0)
-            self.held_entries -= count
-            self.held_bytes -= len(frames[-1])
+            early.pop(0)
+            self.early_entries -= count
+            self.early_bytes -= len(frames[-1])
             if first + count - 1 > size:
                 self._apply_push(frames)
-        self.held.pop(name, None)
+        self.early.pop(name, None)
 
     # -- repair ---------------------------------------------------------------------------
 
@@ -977,7 +978,7 @@ class Mesh:
             f = self.forks[ctx.name] = Fork(ctx.name, p.node_id or p.address, ctx.writer, peer_writer, ctx.size,
                                             peer_size, self.ledger.clock.value, served)
         if theirs:
-            self._drop_held(ctx.name)  # pushes of the history set aside
+            self._drop_early(ctx.name)  # pushes of the history set aside
             self.ledger.set_aside(ctx.name, peer_writer, replace=replace)
             # the record says what happened last; every history set aside stays readable (17.4)
             f.peer, f.local_writer, f.peer_writer = p.node_id or p.address, ctx.writer, peer_writer
@@ -1068,8 +1069,8 @@ class Mesh:
                 self.ack_due[applied.name] = applied.writer
                 self.ack_now = True  # a pull may be what a writer's replicas=N append waits for
                 self.on_applied(applied)
-                if name in self.held:
-                    self._drain_held(name)
+                if name in self.early:
+                    self._apply_early(name)
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
@@ -1191,8 +1192,8 @@ class Mesh:
             "replication": {
                 "heartbeat_ms": int(self.heartbeat_s * 1000),
                 **asdict(self.stats),
-                "held_push_entries": self.held_entries,
-                "held_push_bytes": self.held_bytes,
+                "held_push_entries": self.early_entries,
+                "held_push_bytes": self.early_bytes,
                 "replica_acks": sum(len(sizes) for sizes in self.replica_sizes.values()),
             },
         }

@@ -534,18 +534,18 @@ def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_app
         for j in range(3):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
         run_for(1)
-        held.append(b.mesh.held_entries)
+        held.append(b.mesh.early_entries)
     assert held[:2] == [0, 3]  # the second message waits for the pull of the first
     run_for(4)
     ctx = b.ledger.contexts["notes"]
     assert ctx.size == 16 and ctx.frontier.root() == a.ledger.contexts["notes"].frontier.root()
     # exactly the lost message was pulled; everything else came by push
     assert b.mesh.stats.gap_pulls == 1 and b.mesh.stats.pulled_entries - pulled == 3 and b.mesh.stats.pushed_entries - pushed == 12
-    assert not b.mesh.held and b.mesh.held_entries == 0
+    assert not b.mesh.early and b.mesh.early_entries == 0
 
 
-def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
-    monkeypatch.setattr(mesh_mod, "MAX_HELD_BYTES", 600)  # about 2 messages of 4 entries
+def test_early_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
+    monkeypatch.setattr(mesh_mod, "MAX_EARLY_BYTES", 600)  # about 2 messages of 4 entries
     a, b, run_for = formed_pair(12)
     a.net.cut = {frozenset(("a", "b"))}
     a.ledger.append(codec.Append("notes", "", b"lost", {}))
@@ -556,7 +556,7 @@ def test_held_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch):
             a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
         b.mesh.peers[addr("a")].state = DEAD  # no gap pull: only the bound acts
         run_for(1)
-    assert b.mesh.stats.dropped_pushes >= 1 and b.mesh.held_bytes <= 600
+    assert b.mesh.stats.dropped_pushes >= 1 and b.mesh.early_bytes <= 600
     assert b.ledger.contexts["notes"].size == 1
     # the digest repair still brings everything
     b.mesh.peers[addr("a")].state = ALIVE
@@ -701,9 +701,9 @@ def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_
     a.up = False  # crashes before it answers the gap pull
     deliver(a.net, 0)
     run_for(1)
-    assert b.mesh.held_entries == 3
+    assert b.mesh.early_entries == 3
     run_for(60)  # b declares a dead
-    assert b.mesh.peers[addr("a")].state == "dead" and not b.mesh.held
+    assert b.mesh.peers[addr("a")].state == "dead" and not b.mesh.early
     na = restart()
     for i in range(9):
         na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
