@@ -65,6 +65,7 @@ class Opts:
     gets: int = 4000
     connections: int = 1100
     frame_mib: float = 16.0
+    in_flight: int = 8  # big: junk frames sent before waiting for an answer
     topics: int = 100_000
     node_flags: tuple[str, ...] = ()
     node_nofile: int | None = None
@@ -112,13 +113,14 @@ def flood_big(address: str, pub: str, o: Opts, stop: threading.Event, counts: di
     zctx: zmq.Context[Any] = zmq.Context()
     s = _dealer(zctx, address)
     s.setsockopt(zmq.RCVTIMEO, 200)
+    s.setsockopt(zmq.SNDHWM, o.in_flight + 1)
     frame = os.urandom(1 << 16) * int(o.frame_mib * 16)  # junk: it fails to decode at once
     counts.update(sent=0, answered=0, frame_mib=o.frame_mib)
     in_flight = 0
     ready()
     try:
         while not stop.is_set():
-            while in_flight < 8:
+            while in_flight < o.in_flight:
                 s.send(frame, copy=False)
                 counts["sent"] += 1
                 in_flight += 1
@@ -413,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.flood", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=KINDS)
     p.add_argument("--frame-mib", type=float, default=Opts.frame_mib)
+    p.add_argument("--in-flight", type=int, default=Opts.in_flight, help="big: frames sent ahead of answers")
     p.add_argument("--gets", type=int, default=Opts.gets)
     p.add_argument("--connections", type=int, default=Opts.connections)
     p.add_argument("--topics", type=int, default=Opts.topics)
@@ -422,9 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(args)
     if not 1 <= a.gets <= 100_000 or not 1 <= a.connections <= 20_000 or not 1 <= a.seconds <= 120:
         p.error("bounds: --gets 1..100000, --connections 1..20000, --seconds 1..120")
-    if not 0.0625 <= a.frame_mib <= 64 or not 1 <= a.topics <= 1_000_000:
-        p.error("bounds: --frame-mib 0.0625..64, --topics 1..1000000")
-    o = Opts(seconds=a.seconds, gets=a.gets, connections=a.connections, frame_mib=a.frame_mib, topics=a.topics,
+    if not 0.0625 <= a.frame_mib <= 64 or not 1 <= a.topics <= 1_000_000 or not 1 <= a.in_flight <= 10_000:
+        p.error("bounds: --frame-mib 0.0625..64, --topics 1..1000000, --in-flight 1..10000")
+    o = Opts(seconds=a.seconds, in_flight=a.in_flight, gets=a.gets, connections=a.connections, frame_mib=a.frame_mib, topics=a.topics,
              node_flags=tuple(shlex.split(a.node_flags)), node_nofile=a.node_nofile)
     print(json.dumps(measure(a.what, o), indent=1))
     return 0

@@ -155,6 +155,24 @@ def test_oversized_frame_is_cut_off_and_others_keep_being_served(node_factory, z
         big.close(linger=0)
 
 
+def test_large_requests_are_served_from_zeromqs_buffer_and_large_junk_refused(node, zctx):
+    """Requests from 64 KiB on are decoded without a copy (node/server.py recv_request), with or
+    without an envelope; junk that size is refused at its first byte."""
+    s = dealer(zctx, node.address)
+    payload = os.urandom(1 << 20)
+    try:
+        s.send_multipart([b"", msgpack.packb({"v": 1, "id": 1, "op": "append", "context": "big", "payload": payload})])
+        empty, reply = s.recv_multipart()
+        assert empty == b"" and msgpack.unpackb(reply, raw=False)["ok"] is True
+        s.send(b"\x05" + os.urandom(2 << 20))
+        err = msgpack.unpackb(s.recv(), raw=False)["error"]
+        assert err["code"] == "BAD_REQUEST" and "first byte 0x05" in err["message"]
+        with Client(node.address, zctx=zctx) as c:
+            assert c.get("big", after=0).entries[0].payload == payload
+    finally:
+        s.close(linger=0)
+
+
 def test_req_socket_with_delimiter_is_served(node, zctx):
     s = zctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
