@@ -53,6 +53,8 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 
 MAX_BURST = 2_000  # requests handled before the loop looks at flushes again
+BIG_REQUEST = 64 << 10  # a request this large switches the loop to receiving without a copy...
+ZERO_COPY_SPAN = 1_000  # ...for this many requests (see recv_request)
 OUTBOX = 64  # replies queued before they are handed to ZeroMQ together
 OUTBOX_BYTES = 1 << 20  # or this many bytes of them: 64 get pages of 16 MiB must not pile up here
 ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a flush before the deadline
@@ -228,6 +230,7 @@ class Server:
         heartbeat_check = min(0.1, publisher.heartbeat_s / 4)
         busy = self.busy
         clock = time.perf_counter
+        zero_copy = 0  # requests still to receive without a copy, after a big one
         if ready is not None:
             ready()
         try:
@@ -251,9 +254,15 @@ class Server:
                     ledger = self.ledger
                     for i in range(1, MAX_BURST + 1):
                         try:
-                            frames = recv_request(router)
+                            if zero_copy:
+                                zero_copy -= 1
+                                frames = recv_request(router)
+                            else:
+                                frames = router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        if len(frames[-1]) >= BIG_REQUEST:
+                            zero_copy = ZERO_COPY_SPAN  # (see recv_request)
                         handle(frames)
                         if i == 1 and self._outbox:
                             # The first request of a burst is answered at once: a lone
@@ -915,29 +924,26 @@ class Server:
         return codec.encode_reply(self._rid, self.ledger.consistency(req))
 
 
-BIG_REQUEST = 64 << 10  # a request frame from this size on is not copied out of ZeroMQ's message
+_NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enums cost ~0.1 us a use
 
 
 def recv_request(router: zmq.Socket) -> list[Any]:
-    """One request's frames from the ROUTER (zmq.Again when none is waiting).
+    """One request's frames from the ROUTER without copying the request (zmq.Again when none is waiting).
 
-    The identity and any envelope frames come as bytes, and so does the request itself below
-    BIG_REQUEST; a larger one comes as a memoryview of ZeroMQ's own buffer, so that junk of
-    16 MiB is refused at its first byte (codec.unpack_request) instead of being copied first:
-    copied, the node took ~6 ms a frame and a client sending such frames without waiting for
-    answers queued them faster than the node dismissed them (docs/benchmarks.md, "Floods").
-    Receiving the last frame as a Frame costs nothing measurable for small requests
-    (recv_multipart makes the same calls)."""
-    frames: list[Any] = [router.recv(zmq.NOBLOCK)]
+    The identity and any envelope frames come as bytes; the request itself as the zmq.Frame
+    ZeroMQ received: msgpack decodes from its buffer, and junk is refused at its first byte
+    (codec.unpack_request). Copied, a 16 MiB junk frame cost the node ~6 ms (this copy and
+    msgpack's), and a client sending such frames without waiting for answers queued them faster
+    than the node dismissed them (docs/benchmarks.md, "Floods"). But a Frame costs ~0.5 us more
+    than a copy of a small request, so the loop receives this way only for ZERO_COPY_SPAN
+    requests after one of BIG_REQUEST bytes or more: small requests alone never pay for it."""
+    recv = router.recv
+    frames: list[Any] = [recv(_NOBLOCK)]
     more = router.getsockopt
-    while more(zmq.RCVMORE):
-        frames.append(router.recv(zmq.NOBLOCK, copy=False))
-    last = len(frames) - 1
-    for i in range(1, last):
+    while more(_RCVMORE):
+        frames.append(recv(_NOBLOCK, False))
+    for i in range(1, len(frames) - 1):
         frames[i] = frames[i].bytes
-    if last:
-        f = frames[last]
-        frames[last] = f.buffer if len(f) >= BIG_REQUEST else f.bytes
     return frames
 
 

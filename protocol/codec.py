@@ -581,9 +581,12 @@ def _starts_a_map(b: int) -> bool:
 
 
 def unpack_request(frame: bytes | memoryview) -> dict[str, Any]:
-    """Bytes (or a buffer of them) to a map, or RemoteProtocolError."""
-    if len(frame) >= CHECK_FIRST_BYTE_FROM and not _starts_a_map(frame[0]):
-        raise _bad(f"request must be a msgpack map (first byte 0x{frame[0]:02x})")
+    """Bytes (or anything with the buffer protocol: the node passes a zmq.Frame) to a map, or
+    RemoteProtocolError."""
+    if len(frame) >= CHECK_FIRST_BYTE_FROM:
+        first = memoryview(frame)[0]
+        if not _starts_a_map(first):
+            raise _bad(f"request must be a msgpack map (first byte 0x{first:02x})")
     try:
         m = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, ...
