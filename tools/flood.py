@@ -9,7 +9,7 @@
 
 `unread`: a DEALER sends `--gets` requests for ~1 MiB pages and never reads a reply (its own
 receive queue is 1 message and a 4 KiB kernel buffer, so the node cannot park the replies in the
-flooder's process); `idle`: `--connections` TCP connections are opened and stay idle; `big`: a
+flooder's process); `idle`: `--connections` DEALER sockets connect and stay silent; `big`: a
 DEALER sends frames of `--frame-mib` MiB of junk, 8 in flight, as fast as the node answers (16 MiB
 is the default request limit: a larger frame is dropped by ZeroMQ before it is buffered, and
 the connection with it); `topics`: a SUB socket subscribes to `--topics` exact watch topics and
@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -137,19 +136,22 @@ def flood_big(address: str, pub: str, o: Opts, stop: threading.Event, counts: di
 
 def flood_idle(address: str, pub: str, o: Opts, stop: threading.Event, counts: dict[str, Any],
                ready: Callable[[], None]) -> None:
-    _raise_fd_limit(o.connections + 64)
-    host, port = address.split("://", 1)[1].rsplit(":", 1)
+    # DEALER sockets that complete ZeroMQ's handshake and then never send: idle clients as a
+    # real client library leaves them (a bare TCP connection is closed by the node after 5 s)
+    _raise_fd_limit(3 * o.connections + 64)
+    zctx: zmq.Context[Any] = zmq.Context()
+    zctx.set(zmq.MAX_SOCKETS, o.connections + 64)
     socks = []
     try:
         for _ in range(o.connections):
-            # plain TCP connections that never speak: idle clients at their cheapest
-            socks.append(socket.create_connection((host, int(port))))
+            socks.append(_dealer(zctx, address))
         counts["opened"] = len(socks)
         ready()
         stop.wait()
     finally:
         for s in socks:
-            s.close()
+            s.close(linger=0)
+        zctx.term()
 
 
 def flood_topics(address: str, pub: str, o: Opts, stop: threading.Event, counts: dict[str, Any],
@@ -287,14 +289,20 @@ class RssSampler(threading.Thread):
 def measure_appends(address: str, seconds: float) -> dict[str, Any]:
     """A well-behaved client: one 256-byte append at a time, for `seconds`."""
     lat: list[float] = []
-    with Client(address, timeout=30.0) as c:
+    error = None
+    with Client(address, timeout=max(5.0, seconds), retries=0) as c:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t0 = time.perf_counter()
-            c.append("flood-good", b"x" * 256, key="facts", dedup_id=f"g{len(lat)}".encode())
+            try:
+                c.append("flood-good", b"x" * 256, key="facts", dedup_id=f"g{len(lat)}".encode())
+            except LedgerError as exc:  # not served at all (locked out): that is the figure
+                error = str(exc)
+                break
             lat.append(time.perf_counter() - t0)
     lat.sort()
     return {
+        "error": error,
         "appends": len(lat),
         "p50_ms": round(statistics.median(lat) * 1000, 3) if lat else None,
         "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None,
@@ -313,12 +321,15 @@ def _prepare(kind: str, c: Client) -> None:
 
 
 def _taken_in(kind: str, o: Opts, c: Client, timeout: float = 60.0) -> float:
-    """Seconds until the node has taken the flood in (the topics subscribed), before timing."""
+    """Seconds until the node has taken the flood in (the topics subscribed, the connections
+    accepted or refused), before timing."""
     t0 = time.monotonic()
-    if kind == "topics":
+    if kind in ("topics", "idle"):
         while time.monotonic() < t0 + timeout:
             st = c.call("status")
-            if st.get("watched_contexts", 0) + st.get("watch_topics_refused", 0) >= o.topics:
+            if kind == "topics" and st.get("watched_contexts", 0) + st.get("watch_topics_refused", 0) >= o.topics:
+                break
+            if kind == "idle" and st["connections_peak"] + st["connections_refused"] >= o.connections:
                 break
             time.sleep(0.2)
     else:
