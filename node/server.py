@@ -135,6 +135,7 @@ class Server:
             self.router.close(linger=0)
             raise
         self.replies = clients.ReplyBudget(config.max_client_queue)
+        self.junk = clients.JunkGate()
         max_clients = config.max_clients
         if max_clients is None:
             max_clients = min(clients.DEFAULT_MAX_CLIENTS, max(clients.MIN_CLIENTS, clients.clients_allowed(
@@ -320,6 +321,7 @@ class Server:
                     last_housekeeping = now
                     self.ledger.expire_loads()
                     self.replies.sweep()
+                    self.junk.sweep()
                 if self.ledger.storage.due(now) and not self.flushing:
                     self._recover(now)
         finally:
@@ -750,12 +752,21 @@ class Server:
             return
         rid: RequestId = None
         m = None
+        body = frames[-1]
+        big = len(body) >= BIG_REQUEST
+        if big and self.junk.until and self.junk.holds(ident):
+            self._send([ident, *envelope, codec.encode_error(
+                None, BAD_REQUEST, f"refused unread: a request of {BIG_REQUEST} bytes or more from this connection "
+                f"could not be decoded less than {clients.JUNK_HOLD_S:g} s ago")])
+            return
         try:
-            m = codec.unpack_request(frames[-1])
+            m = codec.unpack_request(body)
             env = codec.parse_request(m, self.ledger.max_payload)
             self._rid = rid = env.id
             out = self.handlers[env.op](env.request)
         except RemoteProtocolError as exc:
+            if m is None and big:
+                self.junk.junk(ident)  # (see clients.JunkGate)
             if rid is None:
                 rid = codec.peek_id(m)
             out = codec.encode_error(rid, exc.code, exc.message, exc.details)
@@ -888,6 +899,7 @@ class Server:
             "storage": self.ledger.storage.status(time.monotonic()),
         })
         fields.update(self.replies.status())
+        fields.update(self.junk.status())
         fields.update(self.connections.status())
         fields.update(self.busy.status())
         fields.update(self.publisher.status())
