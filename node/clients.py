@@ -1,4 +1,5 @@
-"""What one client can make the node hold: its unread reply bytes and its connections.
+"""What one client can make the node hold: its unread reply bytes and its connections (and
+what its large junk requests can make the node do: `JunkGate`).
 
 Reply bytes (`ReplyBudget`). ZeroMQ bounds a ROUTER's queue per client in messages (SNDHWM),
 not bytes, and one get reply can be 16 MiB: a client that sends requests and never reads its
@@ -197,6 +198,49 @@ class ReplyBudget:
             "client_cutoffs": self.cutoffs,
             "client_replies_dropped": self.dropped,
         }
+
+
+JUNK_HOLD_S = 1.0  # a connection's large requests are refused unread this long after one was junk
+
+
+class JunkGate:
+    """Large requests of a connection whose last large request could not be decoded.
+
+    A large junk frame is refused at its first byte when it cannot begin a msgpack map
+    (codec.unpack_request), but junk that begins like one (a small map, then megabytes of
+    anything) reaches msgpack, which copies the rest into its ExtraData error: as much work as
+    a real request of that size, and a flood of them kept another client's p99 at ~85 ms. So
+    once a request of the server's BIG_REQUEST bytes or more fails to decode, that connection's
+    large requests are answered BAD_REQUEST unread for JUNK_HOLD_S: one decode a second per
+    connection. Small requests are never looked at here. An entry lives JUNK_HOLD_S (swept
+    every second), so there is at most one per connection that sent junk in the last 2 s."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.until: dict[bytes, float] = {}
+        self.refused = 0
+        self.clock = clock
+
+    def holds(self, ident: bytes) -> bool:
+        """Whether this large request is refused unread (counted)."""
+        t = self.until.get(ident)
+        if t is None:
+            return False
+        if self.clock() < t:
+            self.refused += 1
+            return True
+        del self.until[ident]
+        return False
+
+    def junk(self, ident: bytes) -> None:
+        self.until[ident] = self.clock() + JUNK_HOLD_S
+
+    def sweep(self) -> None:
+        now = self.clock()
+        for ident in [i for i, t in self.until.items() if t <= now]:
+            del self.until[ident]
+
+    def status(self) -> dict[str, Any]:
+        return {"junk_connections": len(self.until), "junk_refused_unread": self.refused}
 
 
 def raise_fd_limit() -> int:

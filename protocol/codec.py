@@ -570,8 +570,23 @@ def peek_id(m: object) -> RequestId:
     return None
 
 
-def unpack_request(frame: bytes) -> dict[str, Any]:
-    """Bytes to a map, or RemoteProtocolError."""
+# A request this large is looked at before it is decoded: junk that cannot be a map is refused at
+# its first byte (msgpack would decode a first object and then copy the rest into its ExtraData
+# error: as long again as receiving the frame, for nothing).
+CHECK_FIRST_BYTE_FROM = 64 << 10
+
+
+def _starts_a_map(b: int) -> bool:
+    return 0x80 <= b <= 0x8F or b == 0xDE or b == 0xDF  # fixmap, map 16, map 32
+
+
+def unpack_request(frame: bytes | memoryview) -> dict[str, Any]:
+    """Bytes (or anything with the buffer protocol: the node passes a zmq.Frame) to a map, or
+    RemoteProtocolError."""
+    if len(frame) >= CHECK_FIRST_BYTE_FROM:
+        first = memoryview(frame)[0]
+        if not _starts_a_map(first):
+            raise _bad(f"request must be a msgpack map (first byte 0x{first:02x})")
     try:
         m = msgpack.unpackb(frame, raw=False, unicode_errors="surrogateescape", strict_map_key=False)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, ...
@@ -604,7 +619,7 @@ def parse_request(m: dict[str, Any], max_payload: int) -> Envelope:
     return Envelope(rid, op, parser(m, max_payload))
 
 
-def decode_request(frame: bytes, max_payload: int) -> Envelope:
+def decode_request(frame: bytes | memoryview, max_payload: int) -> Envelope:
     return parse_request(unpack_request(frame), max_payload)
 
 

@@ -39,6 +39,16 @@ Scenarios (256-byte payloads):
                                      from its restart until its head equals the writer's
   heartbeat_bytes_10k                (a figure, not a scenario) the heartbeat's size on a 2-node mesh
                                      with 10,000 contexts in sync
+
+Floods (issue #12; only when named, e.g. --only flood for all five; tools/flood.py): each on a
+node of its own, one hostile client in a process of its own while a well-behaved client appends
+one 256-byte entry at a time; its p50/p99 before and during the flood, the node's RSS (start,
+peak, after) against the targets p50 <= 5 ms, p99 <= 50 ms, RSS under README's bound:
+  flood_unread                       4,000 gets of ~1.1 MiB pages, never read
+  flood_idle                         1,100 idle connections (DEALERs that never send)
+  flood_big                          junk frames just under the 16 MiB request limit, 8 in flight
+  flood_topics                       100,000 watch topics on one SUB socket
+  flood_loads                        loads of 1 MiB entries started and never finished
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
 MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
 # what --only accepts besides SCENARIOS: figures that are not a throughput scenario
 OTHER_FIGURES = ("memory", "heartbeat_bytes_10k")
+FLOOD_FIGURES = ("flood_unread", "flood_idle", "flood_big", "flood_topics", "flood_loads")  # --only flood: all
 PAYLOAD_SIZE = 256
 WINDOW = 1000
 BATCH = 1000
@@ -1261,17 +1272,23 @@ class Sizes:
     fanout_entries: int  # entries appended to each context per fan-out round
     catch_up_entries: int  # entries a killed follower misses per catch_up round (a multiple of BATCH)
     heartbeat_contexts: int  # contexts in sync when heartbeat_bytes_10k reads the heartbeat size
+    flood_seconds: float = 10.0  # the second client timed during each flood
+    flood_gets: int = 4000  # flood_unread
+    flood_connections: int = 1100  # flood_idle
+    flood_frame_mib: float = 15.9  # flood_big: just under the 16 MiB request limit (a larger frame is dropped)
+    flood_topics: int = 100_000  # flood_topics
 
 
 QUICK = Sizes(rounds=3, seq=1500, pipelined=20_000, batches=30, sync_pipelined=10_000, gets=1500,
               memory_entries=1_000_000, memory_contexts=1000, watch_appends=2000, fanout_contexts=100,
-              fanout_entries=50, catch_up_entries=200_000, heartbeat_contexts=10_000)
+              fanout_entries=50, catch_up_entries=200_000, heartbeat_contexts=10_000, flood_seconds=5.0)
 FULL = Sizes(rounds=7, seq=5000, pipelined=60_000, batches=100, sync_pipelined=30_000, gets=5000,
              memory_entries=1_000_000, memory_contexts=1000, watch_appends=5000, fanout_contexts=100,
              fanout_entries=100, catch_up_entries=200_000, heartbeat_contexts=10_000)
 SMOKE = Sizes(rounds=1, seq=20, pipelined=200, batches=2, sync_pipelined=100, gets=20,
               memory_entries=2000, memory_contexts=10, watch_appends=50, fanout_contexts=100,
-              fanout_entries=3, catch_up_entries=2000, heartbeat_contexts=200)
+              fanout_entries=3, catch_up_entries=2000, heartbeat_contexts=200, flood_seconds=1.0,
+              flood_gets=50, flood_connections=20, flood_frame_mib=0.25, flood_topics=200)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -1641,6 +1658,22 @@ def run_memory(sizes: Sizes, workdir: str, quiet: bool) -> dict[str, Any]:
     }
 
 
+def run_floods(sizes: Sizes, names: Sequence[str], workdir: str, quiet: bool) -> dict[str, Any]:
+    """Each flood of `names` on a node of its own (tools/flood.py), one after the other."""
+    from tools import flood
+
+    o = flood.Opts(seconds=sizes.flood_seconds, gets=sizes.flood_gets, connections=sizes.flood_connections,
+                   frame_mib=sizes.flood_frame_mib, topics=sizes.flood_topics,
+                   before_seconds=min(2.0, sizes.flood_seconds))
+    out = {}
+    for name in names:
+        kind = name.removeprefix("flood_")
+        settle()
+        log(f"{name}: {sizes.flood_seconds:g} s under the flood", quiet)
+        out[name] = flood.measure(kind, o, workdir)
+    return out
+
+
 def round_robin(contexts: Sequence[str], first_id: int, payload: bytes) -> Callable[[int], dict[str, Any]]:
     """Append requests over `contexts` in turn (Dealer.frames passes request ids from `first_id`)."""
     def make(i: int) -> dict[str, Any]:
@@ -1721,7 +1754,8 @@ def run_fanout(sizes: Sizes, workdir: str, quiet: bool) -> tuple[list[Sample], d
 
 def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[float]],
                  memory: dict[str, Any] | None, notes: list[str], mode: str,
-                 watch: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> dict[str, Any]:
+                 watch: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None,
+                 floods: dict[str, Any] | None = None) -> dict[str, Any]:
     order = [n for n in SCENARIOS if n in samples]
     results = {name: summarize(samples[name]) for name in order}
     ratios: dict[str, Any] = {}
@@ -1760,8 +1794,11 @@ def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[flo
         ratios["rss_mb_1m_entries"] = {"value": memory["rss_mb"], "target": "<= 300", "met": memory["rss_mb"] <= 300}
         ratios["restart_s_1m_entries"] = {"value": memory["restart_s"], "target": "<= 3",
                                           "met": memory["restart_s"] <= 3}
+    for name, f in (floods or {}).items():
+        for fig, r in f["targets"].items():
+            ratios[f"{name}_{fig}"] = r
     return {"mode": mode, "results": results, "ratios": ratios, "memory": memory, "watch": watch or None,
-            "mesh": mesh or None, "environment": environment(), "notes": notes}
+            "mesh": mesh or None, "floods": floods or None, "environment": environment(), "notes": notes}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -1788,6 +1825,13 @@ def print_table(report: dict[str, Any]) -> None:
                                               if k not in ("rounds", "per_node", "node_log_problems")))
         else:
             print(f"mesh {name}: {w}")
+    for name, f in (report.get("floods") or {}).items():
+        b, d = f["before"], f["during"]
+        print(f"{name}: second client's append p50/p99 {b['p50_ms']}/{b['p99_ms']} ms before, "
+              f"{d['p50_ms']}/{d['p99_ms']} ms during ({d['appends']:,} appends; x{f.get('p50_ratio')}/"
+              f"x{f.get('p99_ratio')}); node RSS {f['rss_start_mib']:.0f} / {f['rss_peak_mib']:.0f} / "
+              f"{f['rss_after_mib']:.0f} MiB (start / peak / after), bound {f['rss_bound_mib']:.0f}; "
+              f"flooder {f['flood']}")
     print()
     print(f"{'figure':55s} {'value':>10s}  target")
     for name, r in report["ratios"].items():
@@ -1845,9 +1889,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = SMOKE if ns.smoke else QUICK if ns.quick else FULL
     mode_name = "smoke" if ns.smoke else "quick" if ns.quick else "full"
     only = set(ns.only.split(",")) if ns.only else None
-    if only and only - set(SCENARIOS) - set(OTHER_FIGURES):
-        p.error(f"--only: unknown {', '.join(sorted(only - set(SCENARIOS) - set(OTHER_FIGURES)))} "
-                f"(known: {', '.join(SCENARIOS + OTHER_FIGURES)})")
+    if only and "flood" in only:
+        only = (only - {"flood"}) | set(FLOOD_FIGURES)
+    known = set(SCENARIOS) | set(OTHER_FIGURES) | set(FLOOD_FIGURES)
+    if only and only - known:
+        p.error(f"--only: unknown {', '.join(sorted(only - known))} "
+                f"(known: {', '.join(SCENARIOS + OTHER_FIGURES + FLOOD_FIGURES)}, flood)")
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-")
     os.makedirs(workdir, exist_ok=True)
     watch: dict[str, Any] = {}
@@ -1875,6 +1922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mesh["heartbeat"] = run_heartbeat(sizes, workdir, ns.json)
             notes += mesh["heartbeat"].pop("notes", [])
         memory = None if ns.no_memory or (only and "memory" not in only) else run_memory(sizes, workdir, ns.json)
+        floods = run_floods(sizes, [n for n in FLOOD_FIGURES if n in (only or ())], workdir, ns.json)
     except KeyboardInterrupt:
         print("ledger-bench: interrupted", file=sys.stderr)
         return 130
@@ -1886,7 +1934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old_term)
         if not ns.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(samples, per_round, memory, notes, mode_name, watch, mesh)
+    report = build_report(samples, per_round, memory, notes, mode_name, watch, mesh, floods)
     if ns.json:
         print(json.dumps(report))
     else:

@@ -155,6 +155,53 @@ def test_oversized_frame_is_cut_off_and_others_keep_being_served(node_factory, z
         big.close(linger=0)
 
 
+def test_large_requests_are_served_from_zeromqs_buffer_and_large_junk_refused(node, zctx):
+    """After a request of 64 KiB or more the node receives the next ones without a copy
+    (node/server.py recv_request), with or without an envelope; large junk is refused at its
+    first byte; small requests are served alike in both modes."""
+    s = dealer(zctx, node.address)
+    payloads = [os.urandom(1 << 20), os.urandom(1 << 20), b"small"]
+    try:
+        for i, payload in enumerate(payloads):  # the first is copied, the next ones are not
+            s.send_multipart([b"", msgpack.packb({"v": 1, "id": i, "op": "append", "context": "big",
+                                                  "payload": payload})])
+            empty, reply = s.recv_multipart()
+            assert empty == b"" and msgpack.unpackb(reply, raw=False)["ok"] is True
+        s.send(b"\x05" + os.urandom(2 << 20))
+        err = msgpack.unpackb(s.recv(), raw=False)["error"]
+        assert err["code"] == "BAD_REQUEST" and "first byte 0x05" in err["message"]
+        s.send_multipart([b"a", b"b", b"c"])  # envelope frames received without a copy too
+        assert "frame" in msgpack.unpackb(s.recv(), raw=False)["error"]["message"]
+        with Client(node.address, zctx=zctx) as c:
+            assert [e.payload for e in c.get("big", after=0).entries] == payloads
+    finally:
+        s.close(linger=0)
+
+
+def test_a_connection_that_sent_large_junk_has_its_large_requests_refused_unread_for_a_second(node, zctx):
+    """Junk that begins like a map reaches msgpack, which copies the rest: after one, the same
+    connection's large requests are refused without decoding them (node/clients.py JunkGate)."""
+    junk_sender, other = dealer(zctx, node.address), dealer(zctx, node.address)
+    big = msgpack.packb({"v": 1, "id": 2, "op": "append", "context": "j", "payload": os.urandom(1 << 20)})
+    try:
+        junk_sender.send(b"\x80" + os.urandom(1 << 20))  # {} and then 1 MiB of junk
+        assert "ExtraData" in msgpack.unpackb(junk_sender.recv(), raw=False)["error"]["message"]
+        junk_sender.send(big)
+        err = msgpack.unpackb(junk_sender.recv(), raw=False)["error"]
+        assert err["code"] == "BAD_REQUEST" and "refused unread" in err["message"]
+        junk_sender.send(msgpack.packb({"v": 1, "id": 3, "op": "ping"}))  # small requests: served
+        assert msgpack.unpackb(junk_sender.recv(), raw=False)["ok"] is True
+        other.send(big)  # other connections: served
+        assert msgpack.unpackb(other.recv(), raw=False)["ok"] is True
+        with Client(node.address, zctx=zctx) as c:
+            st = c.status()
+            assert st["junk_refused_unread"] == 1 and st["junk_connections"] == 1
+            assert c.head("j").size == 1
+    finally:
+        junk_sender.close(linger=0)
+        other.close(linger=0)
+
+
 def test_req_socket_with_delimiter_is_served(node, zctx):
     s = zctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)

@@ -153,3 +153,22 @@ def test_a_stalled_client_of_mid_sized_replies_is_cut_off_too() -> None:
 def test_clients_allowed_keeps_the_storage_reserve() -> None:
     assert clients.clients_allowed(1024) == 1024 - clients.RESERVED_FDS
     assert clients.RESERVED_FDS > clients.STORAGE_FDS > 200
+
+
+def test_junk_gate_refuses_a_junk_senders_large_requests_for_a_while_then_forgets_it() -> None:
+    now = [100.0]
+    gate = clients.JunkGate(clock=lambda: now[0])
+    assert not gate.holds(b"a")
+    gate.junk(b"a")
+    assert gate.holds(b"a") and gate.holds(b"a") and not gate.holds(b"b")
+    assert gate.status() == {"junk_connections": 1, "junk_refused_unread": 2}
+    now[0] += clients.JUNK_HOLD_S
+    assert not gate.holds(b"a")  # served again, and forgotten
+    assert gate.status()["junk_connections"] == 0
+    gate.junk(b"b")
+    gate.junk(b"c")
+    now[0] += clients.JUNK_HOLD_S / 2
+    gate.junk(b"c")  # junk again: held from now on
+    now[0] += clients.JUNK_HOLD_S / 2
+    gate.sweep()
+    assert set(gate.until) == {b"c"}  # the sweep bounds it to connections that sent junk lately

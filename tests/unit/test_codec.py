@@ -188,6 +188,24 @@ def test_non_map_request(value):
     assert "map" in err.message
 
 
+def test_large_junk_is_refused_at_its_first_byte_without_decoding(monkeypatch):
+    junk = b"\x05" + bytes(codec.CHECK_FIRST_BYTE_FROM)  # an int, then junk: msgpack would copy it all
+    calls = []
+    monkeypatch.setattr(codec.msgpack, "unpackb", lambda *a, **k: calls.append(a))
+    for frame in (junk, memoryview(junk)):
+        err = expect(frame)
+        assert "map" in err.message and "0x05" in err.message
+    assert calls == []
+
+
+def test_large_requests_decode_from_a_buffer_and_small_junk_as_before():
+    req = pack({"v": 1, "id": 7, "op": "append", "context": "c", "payload": bytes(1 << 20)})
+    env = codec.decode_request(memoryview(req), 4 << 20)
+    assert env.id == 7 and env.request.payload == bytes(1 << 20)
+    small = b"\x05" + bytes(100)  # under the threshold: decoded, refused by msgpack
+    assert "ExtraData" in expect(small).message
+
+
 def test_protocol_version():
     for v in (2, 0, -1, 2**32):
         err = expect(pack({"v": v, "id": 1, "op": "ping"}), UNSUPPORTED_VERSION)
