@@ -14,6 +14,7 @@ from tools import flood
     ["big", "--frame-mib", "0.25", "--seconds", "1"],
     ["unread", "--gets", "50", "--seconds", "1"],
     ["idle", "--connections", "20", "--seconds", "1"],
+    ["watchers", "--watchers", "20", "--seconds", "1", "--node-flags", "--max-watchers-per-context 15"],
 ])
 def test_each_flood_runs_bounded_and_reports_the_second_client(args, capsys):
     assert flood.main(args) == 0
@@ -23,6 +24,9 @@ def test_each_flood_runs_bounded_and_reports_the_second_client(args, capsys):
     assert out["rss_peak_mib"] >= out["rss_start_mib"] > 0
     if args[0] == "big":
         assert out["big_frames"]["answered"] > 0  # junk under the size limit: each got an error reply
+    if args[0] == "watchers":
+        assert out["watchers_subscribed"] == 20 and out["status"]["watchers_refused"] == 5
+        assert out["watcher_messages_received"] > 0
 
 
 def test_bounds_are_refused():

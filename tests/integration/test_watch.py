@@ -545,6 +545,51 @@ def test_a_watch_past_max_watchers_per_context_is_refused_alone_polls_and_a_leav
         c.close()
 
 
+@pytest.mark.parametrize("greeting, refused", [
+    ("plain", False),  # accepted: a refusal heard later is another watcher's (SPEC 16.3)
+    ("refusal topic", True),  # this revision: the refusal goes under topic || FF
+    ("own topic", True),  # a node before it: the limited head under the context's topic
+])
+def test_only_the_answer_to_its_own_subscription_makes_a_watch_limited(node, zctx, greeting, refused):
+    fake = zctx.socket(zmq.XPUB)  # the watch socket of a node the test plays, for the heads
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.setsockopt(zmq.XPUB_VERBOSER, 1)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    t = watch.topic("told")
+    empty = Ledger(MemoryKV(), node_id="fake", sync_meta=False).empty_root
+
+    def head(limited: bool) -> bytes:
+        return watch.encode_head("told", 0, 0, empty, "fake", "boot", 200, 1, limited=limited)
+
+    def answer() -> None:
+        assert fake.poll(10_000) and fake.recv() == b"\x01" + t
+        if greeting == "plain":
+            fake.send_multipart([t, head(False)])
+            fake.send_multipart([watch.limited_topic("told"), head(True)])
+            fake.send_multipart([t, head(True)])
+        elif greeting == "refusal topic":
+            fake.send_multipart([watch.limited_topic("told"), head(False)])
+        else:
+            fake.send_multipart([t, head(True)])
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    events: list[str] = []
+    try:
+        with Client(node.address, timeout=5.0, zctx=zctx) as c, \
+                c.watch("told", after=0, pub_address=f"tcp://127.0.0.1:{port}",
+                        on_event=lambda k, _t: events.append(k)) as w:
+            th.join(10)
+            time.sleep(0.3)
+            assert w.drain() == []
+            assert w.limited is refused and events.count("limited") == int(refused)
+            if refused:  # it gave its place back at once
+                assert fake.poll(5000) and fake.recv() == b"\x00" + t
+    finally:
+        th.join(10)
+        fake.close(linger=0)
+
+
 def test_max_watchers_per_context_flag_is_checked():
     for bad in ("0", "-1", "x", "1000001"):
         with pytest.raises(ConfigError, match="--max-watchers-per-context"):
