@@ -180,8 +180,8 @@ class Publisher:
         # Every subscription holds a place, the refused ones too: the node cannot tell whose
         # unsubscription (or disconnect) it reads later, only that one of them left.
         self.counts[t] = n + 1
-        if t not in self.last_sent:
-            self.last_sent[t] = 0.0
+        if t not in self.last_sent:  # last in the oldest-first order, as its greeting is (or refusal)
+            self.last_sent[t] = self.now()
         if n + self.other_subs >= self.max_watchers:
             self.watchers_refused += 1
             self._refuse(t)
