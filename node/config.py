@@ -57,6 +57,7 @@ class Config:
     max_loads: int = 4
     max_staged_bytes: int = 256 << 20
     max_watch_topics: int = 10_000
+    max_watchers_per_context: int = 1_000
     max_client_queue: int = DEFAULT_MAX_CLIENT_QUEUE
     max_clients: int | None = None  # None: from the open-files limit (node/clients.py)
     max_peers: int = DEFAULT_MAX_PEERS
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "subscription to another topic past it is refused (counted in status, answered with one "
                    "`head` marked `limited`, nothing else published on it: the watcher polls) "
                    "[LEDGER_MAX_WATCH_TOPICS] (default 10000)")
+    p.add_argument("--max-watchers-per-context", help="subscriptions the node holds per context topic (and "
+                   "prefix subscriptions, node-wide); one more is refused like a topic past --max-watch-topics "
+                   "(counted in status, answered with one `head` marked `limited`: that watcher polls) "
+                   "[LEDGER_MAX_WATCHERS_PER_CONTEXT] (default 1000)")
     p.add_argument("--max-loads", help="snapshot loads in progress at once; a new one past it is answered "
                    "UNAVAILABLE [LEDGER_MAX_LOADS] (default 4)")
     p.add_argument("--max-staged-bytes", help="bytes all loads in progress may stage on disk together "
@@ -237,6 +242,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(f"--max-staged-bytes must be from 1 byte to 1TiB, got {max_staged}")
     ml_raw = _int_flag(pick(args.max_loads, "MAX_LOADS", "4"), "--max-loads", 1, 1000)
     mt_raw = _int_flag(pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000"), "--max-watch-topics", 1, 10_000_000)
+    mw_raw = _int_flag(pick(args.max_watchers_per_context, "MAX_WATCHERS_PER_CONTEXT", "1000"),
+                       "--max-watchers-per-context", 1, 1_000_000)
     peers_raw = pick(args.peers, "PEERS", "")
     peers: list[str] = []
     for item in (x.strip() for x in peers_raw.split(",")):
@@ -293,6 +300,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
+        max_watchers_per_context=int(mw_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage),
     )

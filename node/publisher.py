@@ -1,17 +1,35 @@
 """The watch side of a node: the XPUB socket, the watch registry, publishing, heartbeats.
 
-The XPUB socket runs with XPUB_VERBOSER, so every subscribe and unsubscribe
+The XPUB socket runs in ZMQ_XPUB_MANUAL mode: every subscribe and unsubscribe
 (including the unsubscriptions ZeroMQ generates when a watcher disconnects)
-reaches `on_subscriptions`; the registry counts watchers per topic from them.
-It tracks at most `max_topics` distinct context topics (--max-watch-topics): a
-subscription to one more is refused, counted, and answered with a single
-`head` marked `limited`; nothing else is published on that topic, and its
-watcher polls with `get` (SPEC 16.5). Nothing here costs O(topics) per loop
-turn: heartbeats walk the topics in the order they were last sent to (oldest
-first) and stop at the first one not due, with a budget per call, and one
-call reads a bounded number of (un)subscriptions. (With 100k topics the old
-walk over every topic every 0.1 s, and a head for each once a second, held the
-loop for ~0.5 s a second.)
+reaches `on_subscriptions`, and ZeroMQ applies none of them itself; the registry
+counts subscriptions per topic and applies the ones it accepts to the subscriber
+that sent them (libzmq: a SUBSCRIBE set on the XPUB applies to the pipe whose
+message was read last). That is what lets it refuse one subscriber of a topic
+others are served on. Two bounds, each answered alike (SPEC 16.5): a refused
+subscription is counted, never applied, and its subscriber alone is sent one
+`head` marked `limited` under the refusal topic (`watch.limited_topic`, which
+starts with the subscriber's own topic, so its filter lets it through); its
+watcher polls with `get`.
+
+- `max_topics` (--max-watch-topics): distinct context topics tracked; a
+  subscription to one more is refused and not tracked.
+- `max_watchers` (--max-watchers-per-context): subscriptions held per context
+  topic (and prefix subscriptions, node-wide: each may match every context).
+  A refused subscription still holds its place until it is unsubscribed (the
+  reference client does so at once) or its subscriber leaves: the node cannot
+  tell whose unsubscription it reads, only which topic's. (So a client that
+  sends unsubscriptions it never subscribed, or other messages upstream, which
+  in libzmq 4.3.5 shift which pipe the next SUBSCRIBE applies to, can skew the
+  count: such connections stay bounded by --max-clients as a whole.)
+  Peers' subscriptions to the replication stream are never refused.
+
+Nothing here costs O(topics) per loop turn: heartbeats walk the topics in the
+order they were last sent to (oldest first) and stop at the first one not due,
+with a budget per call, and one call reads a bounded number of
+(un)subscriptions, each O(1), its greeting or refusal one message to its
+subscriber alone. (With 100k topics the old walk over every topic every 0.1 s,
+and a head for each once a second, held the loop for ~0.5 s a second.)
 
 Publishing is pull-based: the server marks a context due (`mark`) when it
 grows, and `publish()` (end of every burst, and after every flush) sends what
@@ -51,13 +69,15 @@ MAX_MSG_BYTES = 64 << 10  # ... or bytes: with --watch-queue messages per watche
 MAX_PUBLISH_PER_CALL = 20_000  # entries per context per publish() call; the rest next time
 MAX_SUBSCRIPTIONS_PER_CALL = 1_000  # (un)subscriptions read per on_subscriptions() call; the rest wait in the socket
 DEFAULT_MAX_TOPICS = 10_000
+DEFAULT_MAX_WATCHERS = 1_000
 
 
 class Publisher:
     def __init__(self, sock: zmq.Socket, ledger: Ledger, *, sync: bool, heartbeat_ms: int,
                  now: Callable[[], float] = time.monotonic,
                  wants_ack: Callable[[ContextState], bool] = lambda ctx: False,
-                 max_topics: int = DEFAULT_MAX_TOPICS) -> None:
+                 max_topics: int = DEFAULT_MAX_TOPICS,
+                 max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
         self.sock = sock
         self.ledger = ledger
         self.sync = sync
@@ -70,6 +90,8 @@ class Publisher:
         self.max_topics = max_topics
         self.counts: dict[bytes, int] = {}  # exact context topic -> watchers; at most max_topics keys
         self.topics_refused = 0  # subscriptions to a new topic past max_topics
+        self.max_watchers = max_watchers  # subscriptions held per context topic (and prefix ones, node-wide)
+        self.watchers_refused = 0  # subscriptions past max_watchers
         self.other_subs = 0  # prefix / wildcard subscriptions (they may match any context)
         self.peer_subs = 0  # subscriptions to the replication stream (peers; SPEC 17.3)
         # the tracked topics (the keys of `counts`), least recently sent to first, with that time
@@ -91,50 +113,91 @@ class Publisher:
     # -- the registry --------------------------------------------------------------
 
     def on_subscriptions(self) -> None:
-        """Read every pending (un)subscription; greet each new watcher with a head."""
+        """Read pending (un)subscriptions, apply the ones accepted, greet or refuse each new one.
+
+        The socket is in ZMQ_XPUB_MANUAL mode: ZeroMQ applies no subscription itself; a
+        SUBSCRIBE/UNSUBSCRIBE set on the XPUB applies to the subscriber whose message was read
+        last. For the length of this call it is in MANUAL_LAST_VALUE mode as well: the first
+        send after such a read goes to that subscriber alone (its greeting, or its refusal), so a
+        new watcher costs one message, not one to every watcher of its context."""
         sock = self.sock
-        greet: set[bytes] = set()
-        refused: set[bytes] = set()
-        for _ in range(MAX_SUBSCRIPTIONS_PER_CALL):
-            try:
-                msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if not msg:
-                continue
-            sub, t = msg[0] == 1, msg[1:]
-            if msg[0] > 1:
-                continue  # not a subscription message (XPUB passes other sends through)
-            if t.startswith(watch.REPL_PREFIX):
-                self.peer_subs = max(0, self.peer_subs + (1 if sub else -1))
-                continue
-            if watch.context_of_topic(t) is None:
-                self.other_subs = max(0, self.other_subs + (1 if sub else -1))
-                continue
-            n = self.counts.get(t, 0) + (1 if sub else -1)
-            if n > 0:
-                if n == 1 and sub and len(self.counts) >= self.max_topics:
-                    # Past the bound: not tracked, so never published or heartbeated on.
-                    # (An unsubscription of it later finds nothing to count down.)
-                    self.topics_refused += 1
-                    refused.add(t)
-                    continue
-                self.counts[t] = n
-                if t not in self.last_sent:
-                    self.last_sent[t] = 0.0
+        sock.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 1)
+        try:
+            for _ in range(MAX_SUBSCRIPTIONS_PER_CALL):
+                try:
+                    msg = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg and msg[0] <= 1:
+                    self._on_subscription(msg[0] == 1, msg[1:])
+                # else: not a subscription message (an XSUB may send anything upstream)
+        finally:
+            # Back to plain manual mode, where every send goes to all its subscribers. (Turning
+            # MANUAL_LAST_VALUE off turns manual mode off too; nothing runs between the two
+            # calls: libzmq reads its pipes only inside send/recv/poll, not in setsockopt.)
+            sock.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 0)
+            sock.setsockopt(zmq.XPUB_MANUAL, 1)
+
+    def _on_subscription(self, sub: bool, t: bytes) -> None:
+        sock = self.sock
+        if t.startswith(watch.REPL_PREFIX):
+            # a peer's subscription to the replication stream: never refused (17.3)
+            self.peer_subs = max(0, self.peer_subs + (1 if sub else -1))
+            sock.setsockopt(zmq.SUBSCRIBE if sub else zmq.UNSUBSCRIBE, t)
+            return
+        if watch.context_of_topic(t) is None:
+            # A prefix subscription may match every context: the node holds at most
+            # max_watchers of them, node-wide (each counts as a watcher of every context).
+            if not sub:
+                self.other_subs = max(0, self.other_subs - 1)
+                sock.setsockopt(zmq.UNSUBSCRIBE, t)
+            elif self.other_subs >= self.max_watchers:
+                self.watchers_refused += 1  # not applied; there is no context to name in a refusal
             else:
-                self.counts.pop(t, None)
-                self.last_sent.pop(t, None)
-            if sub:
-                greet.add(t)
-        for t in greet:
-            # The greeting tells the new watcher its subscription is active (the
-            # moment from which live delivery is complete up to HWM drops).
-            if t in self.counts:
-                self._send_head(t)
-        for t in refused:
-            # ... and this one that it is not: the watcher polls instead (SPEC 16.5)
-            self._send_head(t, limited=True)
+                self.other_subs += 1
+                sock.setsockopt(zmq.SUBSCRIBE, t)
+            return
+        if not sub:
+            n = self.counts.get(t)
+            if n is not None:
+                if n > 1:
+                    self.counts[t] = n - 1
+                else:
+                    del self.counts[t]
+                    self.last_sent.pop(t, None)
+            # Whichever it was (accepted, or refused and told so), it now holds neither. Removing
+            # a subscription a subscriber does not hold changes nothing.
+            sock.setsockopt(zmq.UNSUBSCRIBE, t)
+            sock.setsockopt(zmq.UNSUBSCRIBE, t + watch.LIMITED_SUFFIX)
+            return
+        n = self.counts.get(t, 0)
+        if n == 0 and len(self.counts) >= self.max_topics:
+            # Past --max-watch-topics: not tracked, so never published or heartbeated on.
+            # (Its unsubscription, later, finds nothing to count down.)
+            self.topics_refused += 1
+            self._refuse(t)
+            return
+        # Every subscription holds a place, the refused ones too: the node cannot tell whose
+        # unsubscription (or disconnect) it reads later, only that one of them left.
+        self.counts[t] = n + 1
+        if t not in self.last_sent:  # last in the oldest-first order, as its greeting is (or refusal)
+            self.last_sent[t] = self.now()
+        if n + self.other_subs >= self.max_watchers:
+            self.watchers_refused += 1
+            self._refuse(t)
+            return
+        sock.setsockopt(zmq.SUBSCRIBE, t)
+        # The greeting tells the new watcher its subscription is active (the moment from
+        # which live delivery is complete up to HWM drops); it goes to that watcher alone,
+        # so it does not put off the topic's heartbeat to the others.
+        self._send_head(t, to_all=False)
+
+    def _refuse(self, t: bytes) -> None:
+        """Tell the subscriber just read (alone) that it is refused: a `limited` head under
+        its refusal topic, which it alone holds (SPEC 16.5)."""
+        lt = t + watch.LIMITED_SUFFIX
+        self.sock.setsockopt(zmq.SUBSCRIBE, lt)
+        self._send_head(t, limited=True, under=lt, to_all=False)
 
     def watchers(self, context: str) -> int:
         return self.counts.get(watch.topic(context), 0)
@@ -217,19 +280,19 @@ class Publisher:
             self.replication_entries += len(blobs)
             self.replication_messages += 1
 
-    def _send(self, t: bytes, body: bytes) -> None:
+    def _send(self, t: bytes, body: bytes, to_all: bool = True) -> None:
         try:
             self.sock.send(t, zmq.NOBLOCK | zmq.SNDMORE)
             self.sock.send(body, zmq.NOBLOCK)
         except zmq.Again:
             self.send_drops += 1  # XPUB does not block by default; only with XPUB_NODROP
-        if t in self.last_sent:  # a tracked topic: its next heartbeat is due one interval from now
+        if to_all and t in self.last_sent:  # a tracked topic: its next heartbeat is due one interval from now
             self.last_sent[t] = self.now()
             self.last_sent.move_to_end(t)
 
     # -- heartbeats -------------------------------------------------------------------
 
-    def _send_head(self, t: bytes, limited: bool = False) -> None:
+    def _send_head(self, t: bytes, limited: bool = False, under: bytes | None = None, to_all: bool = True) -> None:
         name = watch.context_of_topic(t)
         if name is None:
             return
@@ -242,7 +305,7 @@ class Publisher:
             lamport, root = ctx.last_lamport, self.ledger.root_at(ctx, size)
         body = watch.encode_head(name, size, lamport, root, self.ledger.node_id, self.boot,
                                  self.heartbeat_ms, self.counts.get(t, 0), limited=limited)
-        self._send(t, body)
+        self._send(t if under is None else under, body, to_all)
         self.heartbeats += 1
 
     def heartbeat(self) -> None:
@@ -279,6 +342,8 @@ class Publisher:
             "watched_contexts": len(self.counts),
             "max_watch_topics": self.max_topics,
             "watch_topics_refused": self.topics_refused,
+            "max_watchers_per_context": self.max_watchers,
+            "watchers_refused": self.watchers_refused,
             "wildcard_subscriptions": self.other_subs,
             "watchers_by_context": {watch.context_of_topic(t): n for t, n in top},
             "published_entries": self.published_entries,

@@ -144,7 +144,8 @@ class Server:
             {"router": (self.router, self.port), "watch": (self.pub, self.pub_port)}, max_clients)
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
                                    wants_ack=lambda ctx: any(h[0] is ctx for h in self.repl_held),
-                                   max_topics=config.max_watch_topics)
+                                   max_topics=config.max_watch_topics,
+                                   max_watchers=config.max_watchers_per_context)
         self.poller = zmq.Poller()
         self.peer_socks: dict[str, zmq.Socket] = {}
         self.peer_addr: dict[zmq.Socket, str] = {}

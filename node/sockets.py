@@ -77,8 +77,12 @@ def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.So
 
 
 def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zmq.Socket, int]:
-    """The watch socket. XPUB_VERBOSER hands the node every subscribe and every
-    unsubscribe (disconnects included), which the watch registry counts. Sends
+    """The watch socket. XPUB_MANUAL: ZeroMQ hands the node every subscribe and every
+    unsubscribe (disconnects included) and applies none of them: the watch registry
+    (node.publisher) counts them and applies the ones it accepts, so that it can refuse
+    a watcher of a context that has --max-watchers-per-context already (in ZeroMQ's own
+    mode a subscriber to a topic already served gets every message, whatever the node
+    thinks). XPUB_VERBOSER is what ZeroMQ's own mode would need for the same counts. Sends
     never block: past SNDHWM a slow watcher's messages are dropped (it refills
     by seq), so no watcher can slow the writer. What it receives is only
     subscriptions, so MAXMSGSIZE is a topic's size: a larger message ends its
@@ -90,6 +94,7 @@ def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zm
     s.setsockopt(zmq.MAXMSGSIZE, WATCH_MAX_MSG)
     s.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
     s.setsockopt(zmq.XPUB_VERBOSER, 1)
+    s.setsockopt(zmq.XPUB_MANUAL, 1)
     return s, _bind(s, host, port)
 
 

@@ -710,7 +710,7 @@ class Watch:
                 continue
             self._early.append(m)
             if isinstance(m, watch.HeadMsg):
-                self._note_head(m)
+                self._note_head(m, greeting=True)
                 return
 
     def _decode(self, frames: list[bytes]) -> watch.WatchMsg | None:
@@ -724,14 +724,19 @@ class Watch:
                 e.verify()
         return m
 
-    def _note_head(self, m: watch.HeadMsg) -> bool:
+    def _note_head(self, m: watch.HeadMsg, greeting: bool = False) -> bool:
         """Record a head's heartbeat and boot; True when the node restarted since the last one."""
         if m.heartbeat_ms:
             self.heartbeat_s = m.heartbeat_ms / 1000.0
-        if m.limited and not self.limited:
+        # Only the answer to our subscription says whether it was refused (SPEC 16.5); a
+        # `limited` head later is another watcher's refusal that reached us too.
+        if m.limited and greeting and not self.limited:
             self.limited = True
             self.on_event("limited", f"node at {self.pub_address} is at its watch limit and will not publish "
                           f"{self.context!r}; polling it every {self.heartbeat_s:g} s instead")
+            if self._sub is not None:
+                # nothing live comes to a refused subscription: give the node its place back
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, self._topic)
         restarted = self.boot is not None and m.boot != self.boot
         self.boot = m.boot
         return restarted

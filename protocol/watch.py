@@ -57,9 +57,28 @@ def repl_topic(context: str) -> bytes:
     return REPL_PREFIX + topic(context)
 
 
+# The topic of a refusal (SPEC 16.5): topic(context) || FF. A node sends the `limited` head of a
+# refused subscription there, to that subscriber alone; the subscriber's own filter (its exact
+# topic) lets it through because it starts with that topic. UTF-8 never holds an FF byte, so no
+# context topic ends with one.
+LIMITED_SUFFIX = b"\xff"
+
+
+def limited_topic(context: str) -> bytes:
+    return topic(context) + LIMITED_SUFFIX
+
+
+def is_limited_topic(t: bytes) -> bool:
+    return t.endswith(LIMITED_SUFFIX) and not t.startswith(REPL_PREFIX) and context_of_topic(t[:-1]) is not None
+
+
 def context_of_message_topic(t: bytes) -> str | None:
-    """The context a published message's topic names: a watch topic or a replication topic."""
-    return context_of_topic(t[2:] if t.startswith(REPL_PREFIX) else t)
+    """The context a published message's topic names: a watch, replication or refusal topic."""
+    if t.startswith(REPL_PREFIX):
+        return context_of_topic(t[2:])
+    if t.endswith(LIMITED_SUFFIX):
+        return context_of_topic(t[:-1])
+    return context_of_topic(t)
 
 
 def context_of_topic(t: bytes) -> str | None:
@@ -207,6 +226,9 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
     if context != name:
         raise _bad(f"watch message for {context!r} arrived under the topic of {name!r}")
     kind = m.get("type")
+    refusal = is_limited_topic(t)
+    if refusal and kind != HEAD:
+        raise _bad("only a head travels under a refusal topic")
     if kind == ENTRIES:
         raw = m.get("entries")
         if not isinstance(raw, list):
@@ -233,7 +255,7 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
         if not isinstance(node_id, str) or not isinstance(boot, str):
             raise _bad("watch message: node_id and boot must be strings")
         return HeadMsg(context, _uint(m, "size"), _uint(m, "lamport"), root, node_id, boot,
-                       _uint(m, "heartbeat_ms"), _uint(m, "watchers"), m.get("limited") is True)
+                       _uint(m, "heartbeat_ms"), _uint(m, "watchers"), refusal or m.get("limited") is True)
     # Raised like any malformed message; a receiver ignores it (SPEC: MUST ignore unknown types).
     raise _bad(f"unknown watch message type {kind!r}")
 

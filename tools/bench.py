@@ -49,6 +49,7 @@ peak, after) against the targets p50 <= 5 ms, p99 <= 50 ms, RSS under README's b
   flood_big                          junk frames just under the 16 MiB request limit, 8 in flight
   flood_topics                       100,000 watch topics on one SUB socket
   flood_loads                        loads of 1 MiB entries started and never finished
+  flood_watchers                     1,000 watchers of the context the second client appends to
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
 MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
 # what --only accepts besides SCENARIOS: figures that are not a throughput scenario
 OTHER_FIGURES = ("memory", "heartbeat_bytes_10k")
-FLOOD_FIGURES = ("flood_unread", "flood_idle", "flood_big", "flood_topics", "flood_loads")  # --only flood: all
+FLOOD_FIGURES = ("flood_unread", "flood_idle", "flood_big", "flood_topics", "flood_loads", "flood_watchers")  # --only flood: all
 PAYLOAD_SIZE = 256
 WINDOW = 1000
 BATCH = 1000
@@ -1277,6 +1278,7 @@ class Sizes:
     flood_connections: int = 1100  # flood_idle
     flood_frame_mib: float = 15.9  # flood_big: just under the 16 MiB request limit (a larger frame is dropped)
     flood_topics: int = 100_000  # flood_topics
+    flood_watchers: int = 1000  # flood_watchers (the default --max-watchers-per-context)
 
 
 QUICK = Sizes(rounds=3, seq=1500, pipelined=20_000, batches=30, sync_pipelined=10_000, gets=1500,
@@ -1288,7 +1290,7 @@ FULL = Sizes(rounds=7, seq=5000, pipelined=60_000, batches=100, sync_pipelined=3
 SMOKE = Sizes(rounds=1, seq=20, pipelined=200, batches=2, sync_pipelined=100, gets=20,
               memory_entries=2000, memory_contexts=10, watch_appends=50, fanout_contexts=100,
               fanout_entries=3, catch_up_entries=2000, heartbeat_contexts=200, flood_seconds=1.0,
-              flood_gets=50, flood_connections=20, flood_frame_mib=0.25, flood_topics=200)
+              flood_gets=50, flood_connections=20, flood_frame_mib=0.25, flood_topics=200, flood_watchers=20)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -1663,7 +1665,7 @@ def run_floods(sizes: Sizes, names: Sequence[str], workdir: str, quiet: bool) ->
     from tools import flood
 
     o = flood.Opts(seconds=sizes.flood_seconds, gets=sizes.flood_gets, connections=sizes.flood_connections,
-                   frame_mib=sizes.flood_frame_mib, topics=sizes.flood_topics,
+                   frame_mib=sizes.flood_frame_mib, topics=sizes.flood_topics, watchers=sizes.flood_watchers,
                    before_seconds=min(2.0, sizes.flood_seconds))
     out = {}
     for name in names:

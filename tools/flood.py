@@ -5,6 +5,7 @@
     python -m tools.flood big [--frame-mib 16] [--seconds 10] [--node-flags "..."]
     python -m tools.flood topics [--topics 100000] [--seconds 10] [--node-flags "..."]
     python -m tools.flood loads [--seconds 10] [--node-flags "..."]
+    python -m tools.flood watchers [--watchers 1000] [--seconds 10] [--node-nofile N] [--node-flags "..."]
     ledger-bench --only flood_unread,flood_idle,flood_big,flood_topics,flood_loads   (the same, with targets)
 
 `unread`: a DEALER sends `--gets` requests for ~1 MiB pages and never reads a reply (its own
@@ -14,7 +15,10 @@ DEALER sends frames of `--frame-mib` MiB of junk, 8 in flight, as fast as the no
 is the default request limit: a larger frame is dropped by ZeroMQ before it is buffered, and
 the connection with it); `topics`: a SUB socket subscribes to `--topics` exact watch topics and
 reads whatever the node sends it; `loads`: a client starts loads of 1 MiB entries (4 a chunk)
-and never finishes them, a new load each time one is refused.
+and never finishes them, a new load each time one is refused; `watchers`: `--watchers` SUB
+sockets all watch the context the second client appends to, and read what comes (at nice 19:
+real watchers are other machines, here they share two cores with the node), so every append
+fans out to all of them (up to `--max-watchers-per-context`; the rest are refused).
 
 The node is started here (fresh data folder, --node-flags), the flood runs in a process of its
 own (`python -m tools.flood _flood KIND OPTIONS ADDRESS PUB`), and meanwhile a well-behaved
@@ -53,7 +57,8 @@ PAGE_ENTRIES = 1000
 PAGE_PAYLOAD = 1000  # bytes: a page of 1,000 entries is a ~1.1 MiB get reply
 LOAD_ENTRIES = 64  # 1 MiB entries per load, staged 4 a chunk
 LOAD_CHUNK = 4
-KINDS = ("unread", "idle", "big", "topics", "loads")
+KINDS = ("unread", "idle", "big", "topics", "loads", "watchers")
+GOOD_CONTEXT = "flood-good"  # what the second client appends to
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Opts:
     frame_mib: float = 16.0
     in_flight: int = 8  # big: junk frames sent before waiting for an answer
     topics: int = 100_000
+    watchers: int = 1000
     node_flags: tuple[str, ...] = ()
     node_nofile: int | None = None
     before_seconds: float = 2.0
@@ -175,6 +181,42 @@ def flood_topics(address: str, pub: str, o: Opts, stop: threading.Event, counts:
         zctx.term()
 
 
+def flood_watchers(address: str, pub: str, o: Opts, stop: threading.Event, counts: dict[str, Any],
+                   ready: Callable[[], None]) -> None:
+    os.nice(19)
+    _raise_fd_limit(2 * o.watchers + 64)
+    zctx: zmq.Context[Any] = zmq.Context()
+    zctx.set(zmq.MAX_SOCKETS, o.watchers + 64)
+    socks = []
+    poller = zmq.Poller()
+    counts.update(subscribed=0, greeted=0, received=0)
+    try:
+        for _ in range(o.watchers):
+            s = zctx.socket(zmq.SUB)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SUBSCRIBE, wire.topic(GOOD_CONTEXT))
+            s.connect(pub)
+            socks.append(s)
+            poller.register(s, zmq.POLLIN)
+        counts["subscribed"] = len(socks)
+        ready()
+        greeted: set[Any] = set()
+        while not stop.is_set():
+            for s, _ in poller.poll(100):
+                while True:
+                    try:
+                        s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    counts["received"] += 1
+                    greeted.add(s)
+        counts["greeted"] = len(greeted)  # watchers that got at least one message (a greeting, or a refusal)
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        zctx.term()
+
+
 def load_entries(n: int) -> tuple[list[dict[str, Any]], bytes]:
     """`n` entries of 1 MiB of a context "flood" as a writer made them (wire form), and their root."""
     from node.ledger import Ledger
@@ -209,7 +251,7 @@ def flood_loads(address: str, pub: str, o: Opts, stop: threading.Event, counts: 
 
 
 FLOODS: dict[str, Flood] = {"unread": flood_unread, "idle": flood_idle, "big": flood_big,
-                            "topics": flood_topics, "loads": flood_loads}
+                            "topics": flood_topics, "loads": flood_loads, "watchers": flood_watchers}
 
 
 def flooder_main(kind: str, opts_json: str, address: str, pub: str) -> int:
@@ -286,24 +328,28 @@ class RssSampler(threading.Thread):
             self.peak = max(self.peak, rss)
 
 
-def measure_appends(address: str, seconds: float) -> dict[str, Any]:
-    """A well-behaved client: one 256-byte append at a time, for `seconds`."""
+def measure_appends(address: str, seconds: float, node: Proc | None = None) -> dict[str, Any]:
+    """A well-behaved client: one 256-byte append at a time, for `seconds` (and the node's CPU
+    per append meanwhile, given the node)."""
     lat: list[float] = []
     error = None
+    cpu0 = node.cpu_s() if node is not None else float("nan")
     with Client(address, timeout=max(5.0, seconds), retries=0) as c:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t0 = time.perf_counter()
             try:
-                c.append("flood-good", b"x" * 256, key="facts", dedup_id=f"g{len(lat)}".encode())
+                c.append(GOOD_CONTEXT, b"x" * 256, key="facts", dedup_id=f"g{len(lat)}".encode())
             except LedgerError as exc:  # not served at all (locked out): that is the figure
                 error = str(exc)
                 break
             lat.append(time.perf_counter() - t0)
+    cpu = node.cpu_s() - cpu0 if node is not None else float("nan")
     lat.sort()
     return {
         "error": error,
         "appends": len(lat),
+        "node_cpu_us_per_append": round(cpu / len(lat) * 1e6) if lat and cpu == cpu else None,
         "p50_ms": round(statistics.median(lat) * 1000, 3) if lat else None,
         "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3) if lat else None,
     }
@@ -324,9 +370,11 @@ def _taken_in(kind: str, o: Opts, c: Client, timeout: float = 60.0) -> float:
     """Seconds until the node has taken the flood in (the topics subscribed, the connections
     accepted or refused), before timing."""
     t0 = time.monotonic()
-    if kind in ("topics", "idle"):
+    if kind in ("topics", "idle", "watchers"):
         while time.monotonic() < t0 + timeout:
             st = c.call("status")
+            if kind == "watchers" and st.get("watchers", 0) + st.get("watchers_refused", 0) >= o.watchers:
+                break
             if kind == "topics" and st.get("watched_contexts", 0) + st.get("watch_topics_refused", 0) >= o.topics:
                 break
             if kind == "idle" and st["connections_peak"] + st["connections_refused"] >= o.connections:
@@ -362,7 +410,7 @@ def verdict(out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-STATUS_KEYS = ("client", "max_client", "connections", "watch", "watched", "loads", "max_request", "hot_")
+STATUS_KEYS = ("client", "max_client", "connections", "watch", "watched", "max_watch", "loads", "max_request", "hot_")
 
 
 def measure(kind: str, o: Opts, workdir: str | None = None) -> dict[str, Any]:
@@ -383,7 +431,7 @@ def measure(kind: str, o: Opts, workdir: str | None = None) -> dict[str, Any]:
             sampler.start()
             flooder = Flooder(kind, o, node)
             out["settle_s"] = _taken_in(kind, o, c)
-            out["during"] = measure_appends(node.address, o.seconds)
+            out["during"] = measure_appends(node.address, o.seconds, node)
             out["rss_peak_mib"] = round(max(sampler.peak, node.rss_mb()), 1)
             out["rss_during_end_mib"] = round(node.rss_mb(), 1)
             st = c.call("status")
@@ -430,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gets", type=int, default=Opts.gets)
     p.add_argument("--connections", type=int, default=Opts.connections)
     p.add_argument("--topics", type=int, default=Opts.topics)
+    p.add_argument("--watchers", type=int, default=Opts.watchers)
     p.add_argument("--seconds", type=float, default=Opts.seconds)
     p.add_argument("--node-nofile", type=int, help="the node's open-files limit (soft and hard)")
     p.add_argument("--node-flags", default="", help="flags for the node, in one string")
@@ -438,8 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("bounds: --gets 1..100000, --connections 1..20000, --seconds 1..120")
     if not 0.0625 <= a.frame_mib <= 64 or not 1 <= a.topics <= 1_000_000 or not 1 <= a.in_flight <= 10_000:
         p.error("bounds: --frame-mib 0.0625..64, --topics 1..1000000, --in-flight 1..10000")
+    if not 1 <= a.watchers <= 8000:
+        p.error("bounds: --watchers 1..8000")
     o = Opts(seconds=a.seconds, in_flight=a.in_flight, gets=a.gets, connections=a.connections, frame_mib=a.frame_mib, topics=a.topics,
-             node_flags=tuple(shlex.split(a.node_flags)), node_nofile=a.node_nofile)
+             watchers=a.watchers, node_flags=tuple(shlex.split(a.node_flags)), node_nofile=a.node_nofile)
     print(json.dumps(measure(a.what, o), indent=1))
     return 0
 

@@ -17,6 +17,7 @@ from tools import bench, flood, probe_bounds
     ["unread", "--gets", "50", "--seconds", "1"],
     ["idle", "--connections", "20", "--seconds", "1"],
     ["topics", "--topics", "50", "--seconds", "1"],
+    ["watchers", "--watchers", "20", "--seconds", "1", "--node-flags", "--max-watchers-per-context 15"],
 ])
 def test_each_flood_runs_bounded_and_reports_the_second_client(args, capsys):
     before = _children()
@@ -31,6 +32,10 @@ def test_each_flood_runs_bounded_and_reports_the_second_client(args, capsys):
         assert out["flood"]["answered"] > 0  # junk under the size limit: each got an error reply
     if args[0] == "topics":
         assert out["status"]["watched_contexts"] == 50  # the flooder's subscriptions reached the node
+    if args[0] == "watchers":
+        assert out["flood"]["subscribed"] == 20 and out["status"]["watchers_refused"] == 5
+        assert out["flood"]["greeted"] == 20 and out["flood"]["received"] > 20  # greetings, then entries
+        assert out["during"]["node_cpu_us_per_append"] > 0
 
 
 @pytest.mark.timeout(120)

@@ -428,3 +428,22 @@ def test_ledger_cluster_runs_from_a_folder_with_its_own_node_and_tools_packages(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_replication_push_is_never_refused_by_max_watchers_per_context(node_factory, zctx):
+    """A peer's subscription to the replication stream is no watcher: with the bound at 1 and
+    that one place taken by a watcher, the writer still pushes to its peer."""
+    n1, n2 = mesh(node_factory, 2, "--max-watchers-per-context", "1")
+    wait_for(lambda: all_alive([n1, n2], zctx), what="the mesh")
+    with Client(n1.address, zctx=zctx) as c1:
+        with c1.watch("pushed", after=0) as w:
+            assert not w.limited
+            wait_for(lambda: status(n1, zctx)["replication_subscribers"] >= 1, what="n2's subscription")
+            for i in range(50):
+                c1.append("pushed", f"p{i}")
+            wait_for(lambda: converged([n1, n2], zctx, ["pushed"], {"pushed": 50}), what="replication")
+            with c1.watch("pushed", after=0) as w2:  # the context's one place is w's
+                assert w2.limited
+            st = status(n1, zctx)
+            assert st["replication_entries"] >= 50 and st["watchers_refused"] == 1
+            assert status(n2, zctx)["replication"]["pushed_entries"] >= 50

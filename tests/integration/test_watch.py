@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import zmq
 
-from node.config import Config
+from node.config import Config, ConfigError
+from node.config import parse as parse_config
 from node.ledger import Ledger
 from node.server import Server
 from node.storage import MemoryKV
@@ -508,6 +509,93 @@ def test_a_watch_past_max_watch_topics_is_told_so_and_still_gets_every_entry(nod
             assert (st["watched_contexts"], st["watch_topics_refused"], st["max_watch_topics"]) == (1, 1, 1)
     finally:
         c.close()
+
+
+def test_a_watch_past_max_watchers_per_context_is_refused_alone_polls_and_a_leaver_frees_its_place(
+        node_factory, zctx):
+    n = node_factory("--max-watchers-per-context", "2", "--watch-heartbeat-ms", "200")
+    c = Client(n.address, timeout=5.0, zctx=zctx)
+    events: list[tuple[str, str]] = []
+    try:
+        with c.watch("crowd", after=0) as w1, c.watch("crowd", after=0) as w2, \
+                c.watch("crowd", after=0, on_event=lambda k, t: events.append((k, t))) as w3:
+            assert not w1.limited and not w2.limited and w3.limited
+            assert [k for k, _ in events] == ["limited"]
+            for i in range(20):
+                c.append("crowd", f"e{i}")
+            want = [f"e{i}".encode() for i in range(20)]
+            for w in (w1, w2, w3):  # every entry once, in order: the first two live, the third by polling
+                assert [e.payload for e in collect(w, 20)] == want
+            assert (w1.refills, w2.refills) == (0, 0) and w3.refills > 0
+            st = c.call("status")
+            assert (st["max_watchers_per_context"], st["watchers_refused"]) == (2, 1)
+            # the refused watch gave its place back
+            wait_for(lambda: c.call("status")["watchers_by_context"].get("crowd") == 2, what="the unsubscription")
+            w1.close()  # one leaves: the next is accepted and gets what follows live
+            wait_for(lambda: c.call("status")["watchers_by_context"].get("crowd") == 1, what="w1's leaving")
+            with c.watch("crowd", after=20) as w4:
+                assert not w4.limited
+                for i in range(20, 30):
+                    c.append("crowd", f"e{i}")
+                assert [e.payload for e in collect(w4, 10)] == [f"e{i}".encode() for i in range(20, 30)]
+                assert w4.refills == 0
+                assert [e.seq for e in collect(w3, 10)] == list(range(21, 31))
+            assert c.call("status")["watchers_refused"] == 1
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("greeting, refused", [
+    ("plain", False),  # accepted: a refusal heard later is another watcher's (SPEC 16.3)
+    ("refusal topic", True),  # this revision: the refusal goes under topic || FF
+    ("own topic", True),  # a node before it: the limited head under the context's topic
+])
+def test_only_the_answer_to_its_own_subscription_makes_a_watch_limited(node, zctx, greeting, refused):
+    fake = zctx.socket(zmq.XPUB)  # the watch socket of a node the test plays, for the heads
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.setsockopt(zmq.XPUB_VERBOSER, 1)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    t = watch.topic("told")
+    empty = Ledger(MemoryKV(), node_id="fake", sync_meta=False).empty_root
+
+    def head(limited: bool) -> bytes:
+        return watch.encode_head("told", 0, 0, empty, "fake", "boot", 200, 1, limited=limited)
+
+    def answer() -> None:
+        assert fake.poll(10_000) and fake.recv() == b"\x01" + t
+        if greeting == "plain":
+            fake.send_multipart([t, head(False)])
+            fake.send_multipart([watch.limited_topic("told"), head(True)])
+            fake.send_multipart([t, head(True)])
+        elif greeting == "refusal topic":
+            fake.send_multipart([watch.limited_topic("told"), head(False)])
+        else:
+            fake.send_multipart([t, head(True)])
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    events: list[str] = []
+    try:
+        with Client(node.address, timeout=5.0, zctx=zctx) as c, \
+                c.watch("told", after=0, pub_address=f"tcp://127.0.0.1:{port}",
+                        on_event=lambda k, _t: events.append(k)) as w:
+            th.join(10)
+            time.sleep(0.3)
+            assert w.drain() == []
+            assert w.limited is refused and events.count("limited") == int(refused)
+            if refused:  # it gave its place back at once
+                assert fake.poll(5000) and fake.recv() == b"\x00" + t
+    finally:
+        th.join(10)
+        fake.close(linger=0)
+
+
+def test_max_watchers_per_context_flag_is_checked():
+    for bad in ("0", "-1", "x", "1000001"):
+        with pytest.raises(ConfigError, match="--max-watchers-per-context"):
+            parse_config(["--max-watchers-per-context", bad], {})
+    assert parse_config([], {"LEDGER_MAX_WATCHERS_PER_CONTEXT": "7"}).max_watchers_per_context == 7
+    assert parse_config([], {}).max_watchers_per_context == 1000
 
 
 def test_load_bounds_are_flags_and_show_in_status(node_factory, zctx, tmp_path):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import zmq
 
+from node import sockets
 from node.ledger import Ledger
 from node.publisher import Publisher
 from node.storage import MemoryKV
@@ -41,7 +42,7 @@ def drain(s: zmq.Socket) -> list[list[bytes]]:
 
 def test_own_entries_go_to_peers_and_watchers_replicated_ones_to_watchers_only(zctx):
     xpub = zctx.socket(zmq.XPUB)
-    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # as node.sockets.xpub: the registry applies subscriptions
     xpub.setsockopt(zmq.LINGER, 0)
     addr = f"inproc://pub-{id(xpub)}"
     xpub.bind(addr)
@@ -90,6 +91,7 @@ def test_replication_topics_never_match_a_watch_topic():
 
 def test_the_replication_stream_says_ack_while_the_writer_waits_for_replicas(zctx):
     xpub = zctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
     xpub.setsockopt(zmq.LINGER, 0)
     addr = f"inproc://pub-ack-{id(xpub)}"
     xpub.bind(addr)
@@ -125,7 +127,7 @@ class Clock:
 
 def registry(zctx: zmq.Context, name: str, **kw) -> tuple[zmq.Socket, str, Ledger, Publisher, Clock]:
     xpub = zctx.socket(zmq.XPUB)
-    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # as node.sockets.xpub: the registry applies subscriptions
     xpub.setsockopt(zmq.LINGER, 0)
     xpub.setsockopt(zmq.SNDHWM, 0)
     addr = f"inproc://{name}-{id(xpub)}"
@@ -153,10 +155,11 @@ def test_subscriptions_past_max_watch_topics_are_refused_counted_and_not_tracked
     take_in(xpub, pub, lambda: pub.counts.get(watch.topic("a")) == 2 and pub.topics_refused == 1)
     assert set(pub.counts) == {watch.topic("a"), watch.topic("b")} and set(pub.last_sent) == set(pub.counts)
     # the refused watcher hears one head that says so, and nothing of what is appended later
-    greet = [watch.decode_message(f) for f in drain(c)]
-    assert [(m.context, m.limited, m.watchers) for m in greet] == [("c", True, 0)]
-    # (a hears a greeting for itself and one for a2)
-    assert [m.limited for m in (watch.decode_message(f) for f in drain(a))] == [False, False]
+    greet = drain(c)
+    assert [f[0] for f in greet] == [watch.limited_topic("c")]  # under its refusal topic
+    assert [(m.context, m.limited, m.watchers) for m in map(watch.decode_message, greet)] == [("c", True, 0)]
+    # (a hears its own greeting; a2's goes to a2 alone)
+    assert [m.limited for m in (watch.decode_message(f) for f in drain(a))] == [False]
     drain(b), drain(a2)
     for name in ("a", "c"):
         pub.mark(led.append(codec.Append(name, "", b"x", {})).ctx)
@@ -215,3 +218,157 @@ def test_heartbeats_go_oldest_first_within_a_budget_per_call_and_reach_every_top
     assert sorted(heads) == sorted(f"t{i}" for i in range(n))
     s.close(linger=0)
     xpub.close(linger=0)
+
+
+# -- watchers per context (--max-watchers-per-context), with ZeroMQ's manual XPUB mode (SPEC 16.5) --
+
+
+def tcp_sub(zctx: zmq.Context, port: int, prefix: bytes | None) -> zmq.Socket:
+    s = zctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    if prefix is not None:
+        s.setsockopt(zmq.SUBSCRIBE, prefix)
+    return s
+
+
+def recv_sub(xpub: zmq.Socket) -> bytes:
+    assert xpub.poll(5000), "no subscription message arrived"
+    return xpub.recv()
+
+
+def test_libzmq_manual_xpub_applies_only_what_the_node_applies_to_the_pipe_read_last(zctx):
+    """Pins the libzmq behaviour the registry rests on (4.3.5 src/xpub.cpp): in XPUB_MANUAL mode a
+    subscription reaches the application and is not applied; SUBSCRIBE on the XPUB applies to the
+    subscriber whose message was read last; MANUAL_LAST_VALUE sends the next message to that
+    subscriber alone; a disconnect hands up an unsubscription of what the subscriber asked for; a
+    SUB lets through a message whose topic only starts with its subscription."""
+    xpub, port = sockets.xpub(zctx, "127.0.0.1", 0)
+    t = watch.topic("c")
+    a = tcp_sub(zctx, port, t)
+    assert recv_sub(xpub) == b"\x01" + t
+    xpub.send_multipart([t, b"not applied"])
+    assert not a.poll(300)  # manual: ZeroMQ did not apply it
+    xpub.setsockopt(zmq.SUBSCRIBE, t)  # applies to a, the subscriber read last
+    xpub.send_multipart([t, b"one"])
+    assert a.recv_multipart() == [t, b"one"]
+    b = tcp_sub(zctx, port, t)
+    assert recv_sub(xpub) == b"\x01" + t
+    xpub.setsockopt(zmq.SUBSCRIBE, t + watch.LIMITED_SUFFIX)  # b alone: under a longer topic
+    xpub.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 1)
+    xpub.send_multipart([t + watch.LIMITED_SUFFIX, b"to b alone"])  # a holds t, a prefix of it, too
+    xpub.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 0)
+    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+    assert b.recv_multipart() == [t + watch.LIMITED_SUFFIX, b"to b alone"]
+    assert not a.poll(300)
+    xpub.send_multipart([t, b"two"])  # back to plain manual mode: to every pipe that holds t
+    assert a.recv_multipart() == [t, b"two"]
+    assert not b.poll(300)  # b holds only its refusal topic
+    c = tcp_sub(zctx, port, t)
+    assert recv_sub(xpub) == b"\x01" + t
+    assert not c.poll(300)  # still manual after the toggle: nothing applied to c
+    b.close(linger=0)
+    assert recv_sub(xpub) == b"\x00" + t  # what b asked for, though the node never applied it
+    for s in (a, c, xpub):
+        s.close(linger=0)
+
+
+def bounded(zctx: zmq.Context, max_watchers: int, **kw) -> tuple[zmq.Socket, int, Ledger, Publisher]:
+    xpub, port = sockets.xpub(zctx, "127.0.0.1", 0)
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    return xpub, port, led, Publisher(xpub, led, sync=False, heartbeat_ms=60_000, max_watchers=max_watchers, **kw)
+
+
+def heads(s: zmq.Socket) -> list[tuple[bytes, bool]]:
+    return [(f[0], watch.decode_message(f).limited) for f in drain(s)]
+
+
+def test_a_watcher_past_max_watchers_per_context_is_refused_alone_and_a_leaver_frees_its_place(zctx):
+    xpub, port, led, pub = bounded(zctx, 2)
+    t = watch.topic("c")
+    a1 = tcp_sub(zctx, port, t)
+    take_in(xpub, pub, lambda: pub.counts.get(t) == 1)
+    a2 = tcp_sub(zctx, port, t)
+    take_in(xpub, pub, lambda: pub.counts.get(t) == 2)
+    other = tcp_sub(zctx, port, watch.topic("d"))  # another context is not limited by c's watchers
+    take_in(xpub, pub, lambda: watch.topic("d") in pub.counts)
+    a3 = tcp_sub(zctx, port, t)
+    take_in(xpub, pub, lambda: pub.watchers_refused == 1)
+    # each hears its own answer alone: greetings, and one refusal under the refusal topic
+    assert heads(a1) == [(t, False)] and heads(a2) == [(t, False)]
+    assert heads(a3) == [(watch.limited_topic("c"), True)]
+    assert heads(other) == [(watch.topic("d"), False)]
+    pub.mark(led.append(codec.Append("c", "", b"x", {})).ctx)
+    pub.publish()
+    for s in (a1, a2):
+        assert [[e.seq for e in watch.decode_message(f).entries] for f in drain(s)] == [[1]]
+    assert drain(a3) == []  # refused: nothing live
+    st = pub.status()
+    assert (st["max_watchers_per_context"], st["watchers_refused"], st["watchers_by_context"]["c"]) == (2, 1, 3)
+    # the refused watcher gives its place back (the reference client unsubscribes), one accepted
+    # watcher leaves: a new one is accepted and receives every entry from then on
+    a3.setsockopt(zmq.UNSUBSCRIBE, t)
+    a1.close(linger=0)
+    take_in(xpub, pub, lambda: pub.counts.get(t) == 1)
+    a4 = tcp_sub(zctx, port, t)
+    take_in(xpub, pub, lambda: pub.counts.get(t) == 2)
+    assert heads(a4) == [(t, False)] and pub.watchers_refused == 1
+    pub.mark(led.append(codec.Append("c", "", b"y", {})).ctx)
+    pub.publish()
+    for s in (a2, a4):
+        assert [[e.seq for e in watch.decode_message(f).entries] for f in drain(s)] == [[2]]
+    assert drain(a3) == []
+    for s in (a2, a3, a4, other, xpub):
+        s.close(linger=0)
+
+
+def test_peers_are_never_refused_and_prefix_subscriptions_share_the_bound(zctx):
+    xpub, port, led, pub = bounded(zctx, 1)
+    peers = [tcp_sub(zctx, port, watch.REPL_PREFIX) for _ in range(3)]
+    take_in(xpub, pub, lambda: pub.peer_subs == 3)
+    wild = [tcp_sub(zctx, port, b"") for _ in range(2)]
+    take_in(xpub, pub, lambda: pub.other_subs + pub.watchers_refused == 2)
+    assert (pub.other_subs, pub.watchers_refused) == (1, 1)
+    w = tcp_sub(zctx, port, watch.topic("c"))  # the one wildcard already takes c's only place
+    take_in(xpub, pub, lambda: pub.watchers_refused == 2)
+    pub.mark(led.append(codec.Append("c", "", b"x", {})).ctx)
+    pub.publish()
+    for p in peers:
+        got = [watch.decode_message(f) for f in drain(p)]
+        assert [(m.context, [e.seq for e in m.entries]) for m in got] == [("c", [1])]
+    got = [len(drain(s)) for s in wild]
+    assert sorted(got) == [0, 2]  # the accepted wildcard: both streams; the refused one: nothing
+    assert heads(w) == [(watch.limited_topic("c"), True)]
+    for s in (*peers, *wild, w, xpub):
+        s.close(linger=0)
+
+
+def test_libzmq_applies_manual_subscriptions_to_the_wrong_pipe_after_a_non_subscription_message(zctx):
+    """Pins the caveat SPEC 16.5 states: libzmq 4.3.5 queues no pipe for a message that is not a
+    subscription, so after one (only an XSUB can send it) a SUBSCRIBE on the XPUB applies to the
+    pipe of the next subscription until the queue empties. If this starts failing, libzmq fixed it:
+    update SPEC 16.5 and node/publisher.py's docstring."""
+    xpub, port = sockets.xpub(zctx, "127.0.0.1", 0)
+    junk = zctx.socket(zmq.XSUB)
+    junk.setsockopt(zmq.LINGER, 0)
+    junk.connect(f"tcp://127.0.0.1:{port}")
+    b = tcp_sub(zctx, port, None)
+    c = tcp_sub(zctx, port, None)
+    time.sleep(0.3)  # all three connected
+    junk.send(b"\x05junk")
+    time.sleep(0.1)
+    b.setsockopt(zmq.SUBSCRIBE, b"B")
+    time.sleep(0.1)
+    c.setsockopt(zmq.SUBSCRIBE, b"C")
+    time.sleep(1.0)  # all three messages queued in the XPUB before it reads any
+    assert xpub.recv() == b"\x05junk"
+    assert recv_sub(xpub) == b"\x01B"
+    xpub.setsockopt(zmq.SUBSCRIBE, b"B")  # meant for b: goes to c
+    assert recv_sub(xpub) == b"\x01C"
+    xpub.setsockopt(zmq.SUBSCRIBE, b"C")
+    xpub.send(b"B-msg")
+    xpub.send(b"C-msg")
+    assert not b.poll(300)
+    assert c.recv() == b"C-msg" and not c.poll(100)  # (c's own filter dropped B-msg)
+    for s in (junk, b, c, xpub):
+        s.close(linger=0)

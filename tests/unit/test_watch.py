@@ -200,6 +200,20 @@ def test_entry_hashes_are_not_verified_by_the_decoder() -> None:
     assert got == e and got.hash != got.computed_hash()
 
 
+def test_a_head_under_the_refusal_topic_is_limited_and_nothing_else_travels_there() -> None:
+    """SPEC 16.1/16.3: topic || FF carries only `head`s, each a refusal whatever its body says."""
+    lt = watch.limited_topic(CTX)
+    assert lt == topic(CTX) + b"\xff" and lt.startswith(topic(CTX)) and watch.is_limited_topic(lt)
+    assert not watch.is_limited_topic(topic(CTX)) and not watch.is_limited_topic(watch.repl_topic(CTX))
+    assert watch.context_of_topic(lt) is None  # never counted as a watcher of anything
+    m = decode_message([lt, head_frames()[1]])
+    assert isinstance(m, HeadMsg) and m.limited and m.context == CTX
+    assert decode_message([lt, encode_head(**head_fields(), limited=True)]) == m
+    assert not decode_message(head_frames()).limited  # under the context's own topic it says what it says
+    expect_bad([lt, entries_frames(entries(1, 1))[1]])
+    expect_bad([watch.limited_topic("other"), head_frames()[1]])  # its context must be the topic's
+
+
 # -- decoding rejects -----------------------------------------------------------------
 
 
