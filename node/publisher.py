@@ -108,7 +108,7 @@ class Publisher:
         self.heartbeats = 0
         self.errors = 0
         self.errors_by_context: dict[str, int] = {}
-        self.send_drops = 0
+        self.send_drops = 0  # messages the XPUB refused at once (status.publish_drops)
 
     # -- the registry --------------------------------------------------------------
 
@@ -353,6 +353,7 @@ class Publisher:
             "replication_entries": self.replication_entries,
             "replication_messages": self.replication_messages,
             "publish_errors": self.errors,
+            "publish_drops": self.send_drops,
             "publish_errors_by_context": dict(list(self.errors_by_context.items())[:100]),
             "watch_heartbeat_ms": self.heartbeat_ms,
         }

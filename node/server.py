@@ -193,7 +193,6 @@ class Server:
             "sync_heads": self.rpc_sync_heads,
             "ack": self.rpc_ack,
         }
-        self.requests = 0
         self._outbox: list[list[bytes]] = []
         self._outbox_bytes = 0
         self.backpressure_waits = 0
@@ -737,7 +736,6 @@ class Server:
             log.exception("unexpected failure while answering a request; dropped it")
 
     def _handle(self, frames: list[bytes]) -> None:
-        self.requests += 1
         if len(frames) < 2:
             return  # nothing after the identity: nobody to answer
         ident = frames[0]

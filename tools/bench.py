@@ -78,6 +78,7 @@ import zmq
 from protocol import watch as wire
 from protocol.client import Client, Watch
 from protocol.errors import LedgerError, NotFound
+from tools import launch
 
 SCENARIOS = (
     "raw_echo_seq", "raw_echo_pipelined", "append_seq", "append_pipelined", "append_batch",
@@ -171,7 +172,7 @@ class Proc:
 
 def start_echo(workdir: str) -> Proc:
     port_file = os.path.join(workdir, "echo.port")
-    p = subprocess.Popen([sys.executable, "-m", "tools.bench", "_echo", port_file],
+    p = subprocess.Popen(launch.tool_command("tools.bench", "_echo", port_file),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while not os.path.exists(port_file):
@@ -183,8 +184,8 @@ def start_echo(workdir: str) -> Proc:
 
 
 def start_node(data: str, *flags: str, listen: str = "127.0.0.1:0", log_path: str | None = None,
-               name: str = "ledger", nofile: int | None = None) -> tuple[Proc, float]:
-    """Start a ledger-node; returns it and the seconds until its ready line.
+               name: str = "ledger", nofile: int | None = None, timeout: float = 60.0) -> tuple[Proc, float]:
+    """Start a ledger-node (tools/launch.py); returns it and the seconds until its ready line.
 
     Its output after the ready line is discarded, or appended to `log_path`. `nofile` sets
     the node's open-files limit (soft and hard)."""
@@ -196,44 +197,13 @@ def start_node(data: str, *flags: str, listen: str = "127.0.0.1:0", log_path: st
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    p = subprocess.Popen(
-        [sys.executable, "-m", "node.main", "--data", data, "--listen", listen,
-         "--log-level", "warning", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit if nofile else None,
-    )
-    assert p.stdout is not None
-    lines = []
     try:
-        for raw in p.stdout:
-            line = raw.decode(errors="replace").strip()
-            lines.append(line)
-            if line.startswith("ready router="):
-                fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-                # keep the pipe drained so the node never blocks on a full stdout
-                _drain(p, log_path)
-                return Proc(name, p, fields["router"], fields.get("pub", "")), time.monotonic() - t0
-    except BaseException:
-        Proc(name, p).stop()
-        raise
-    Proc(name, p).stop()
-    raise RuntimeError("ledger-node did not start:\n" + "\n".join(lines))
-
-
-def _drain(p: subprocess.Popen[bytes], log_path: str | None = None) -> None:
-    import threading
-
-    def run() -> None:
-        assert p.stdout is not None
-        if log_path is None:
-            for _ in p.stdout:
-                pass
-            return
-        with open(log_path, "ab") as f:
-            for line in p.stdout:
-                f.write(line)
-                f.flush()
-
-    threading.Thread(target=run, daemon=True).start()
+        p, _out, ready = launch.start(["--data", data, "--listen", listen, "--log-level", "warning", *flags],
+                                      timeout=timeout, keep=False, text=False, log_path=log_path,
+                                      preexec_fn=limit if nofile else None)
+    except launch.NodeDidNotStart as exc:
+        raise RuntimeError(f"{name} did not start: {exc}") from None
+    return Proc(name, p, ready.router, ready.pub), time.monotonic() - t0
 
 
 def start_redis(workdir: str, fsync: bool) -> Proc | None:
@@ -532,7 +502,7 @@ class Watchers:
         self.contexts = set(spec.get("contexts", ()))
         self.log_path = os.path.join(workdir, f"{name}.log")
         with open(self.log_path, "wb") as err:
-            popen = subprocess.Popen([sys.executable, "-m", "tools.bench", "_watchers", json.dumps(spec)],
+            popen = subprocess.Popen(launch.tool_command("tools.bench", "_watchers", json.dumps(spec)),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         self.proc = Proc(name, popen)
         self._timeout = 60.0

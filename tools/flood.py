@@ -50,6 +50,7 @@ from protocol import codec
 from protocol import watch as wire
 from protocol.client import Client
 from protocol.errors import LedgerError
+from tools import launch
 from tools.bench import Proc, _raise_fd_limit, start_node
 
 PAGE_CONTEXT = "flood-pages"
@@ -279,8 +280,8 @@ class Flooder:
 
     def __init__(self, kind: str, o: Opts, node: Proc, timeout: float = 120.0) -> None:
         opts = json.dumps(asdict(o))
-        self.popen = subprocess.Popen([sys.executable, "-m", "tools.flood", "_flood", kind, opts, node.address,
-                                       node.pub], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.popen = subprocess.Popen(launch.tool_command("tools.flood", "_flood", kind, opts, node.address, node.pub),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = self._line(timeout)
         if not line.get("ready"):
             self.stop()

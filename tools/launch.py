@@ -50,6 +50,11 @@ def node_command(*args: str, netns: str | None = None) -> list[str]:
     return [*prefix, sys.executable, "-P", "-m", "node.main", *args]
 
 
+def tool_command(module: str, *args: str) -> list[str]:
+    """A helper process of a tool (`python -P -m tools.bench _echo ...`), safe from shadowing too."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
 def parse_ready(text: str) -> Ready | None:
     m = READY.search(text)
     return Ready(*m.groups()) if m else None

@@ -372,3 +372,19 @@ def test_libzmq_applies_manual_subscriptions_to_the_wrong_pipe_after_a_non_subsc
     assert c.recv() == b"C-msg" and not c.poll(100)  # (c's own filter dropped B-msg)
     for s in (junk, b, c, xpub):
         s.close(linger=0)
+
+
+def test_messages_the_watch_socket_refuses_are_counted_in_status():
+    class Refusing:
+        """A socket at its high-water mark with XPUB_NODROP: every send is refused at once."""
+
+        def send(self, data: bytes, flags: int = 0) -> None:
+            raise zmq.Again()
+
+    me = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    pub = Publisher(Refusing(), me, sync=False, heartbeat_ms=60_000)  # type: ignore[arg-type]
+    pub.peer_subs = 1  # a peer follows this node's replication stream
+    me.append(codec.Append("mine", "", b"x", {}))
+    pub.mark(me.contexts["mine"])
+    pub.publish()
+    assert pub.status()["publish_drops"] == 1  # the replication stream's message for the entry
