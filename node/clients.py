@@ -264,9 +264,9 @@ def clients_allowed(fd_limit: int) -> int:
 class ConnectionLimit:
     """Counts live connections to the node's client-facing sockets; refuses those past the limit."""
 
-    def __init__(self, socks: dict[str, tuple[zmq.Socket, int]], limit: int) -> None:
+    def __init__(self, socks: dict[str, tuple[zmq.Socket[Any], int]], limit: int) -> None:
         self.limit = limit
-        self.monitors: dict[zmq.Socket, tuple[str, int]] = {}
+        self.monitors: dict[zmq.Socket[Any], tuple[str, int]] = {}
         for name, (sock, port) in socks.items():
             self.monitors[sockets.monitor(sock)] = (name, port)
         self.live: dict[str, set[int]] = {name: set() for name in socks}
@@ -278,7 +278,7 @@ class ConnectionLimit:
     def count(self) -> int:
         return sum(len(fds) for fds in self.live.values())
 
-    def on_events(self, mon: zmq.Socket) -> None:
+    def on_events(self, mon: zmq.Socket[Any]) -> None:
         name, port = self.monitors[mon]
         live = self.live[name]
         for _ in range(10_000):

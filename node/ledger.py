@@ -1038,13 +1038,18 @@ class Ledger:
         hot = ctx.tail.get(seq)
         if hot is not None:
             return hot[1]
+        return self.verified(ctx, seq, self._stored(ctx, seq))
+
+    def _stored(self, ctx: ContextState, seq: int) -> bytes:
+        """Entry `seq` of `ctx` as stored (buffers, then disk), by a point look-up; a checksum
+        that fails or an entry that is not there is reported (`holes`) and raised."""
         try:
             v = self._lookup(st.entry_key(ctx.id, seq))
         except st.Corruption as exc:
             raise self._corrupt(ctx, seq, exc) from None
         if v is None:
             raise self._missing(ctx, seq)
-        return self.verified(ctx, seq, v)
+        return v
 
     def scrub(self, budget: int) -> int:
         """Check up to `budget` entries on disk against their leaf hashes (and their presence),
@@ -1163,12 +1168,7 @@ class Ledger:
                 except st.Corruption:
                     point, disk, v = True, None, None
             if v is None:
-                try:
-                    v = self._lookup(st.entry_key(ctx.id, seq))
-                except st.Corruption as exc:
-                    raise self._corrupt(ctx, seq, exc) from None
-                if v is None:
-                    raise self._missing(ctx, seq)
+                v = self._stored(ctx, seq)
             yield seq, None, check(ctx, seq, v)
             seq += 1
 

@@ -73,7 +73,7 @@ DEFAULT_MAX_WATCHERS = 1_000
 
 
 class Publisher:
-    def __init__(self, sock: zmq.Socket, ledger: Ledger, *, sync: bool, heartbeat_ms: int,
+    def __init__(self, sock: zmq.Socket[Any], ledger: Ledger, *, sync: bool, heartbeat_ms: int,
                  now: Callable[[], float] = time.monotonic,
                  wants_ack: Callable[[ContextState], bool] = lambda ctx: False,
                  max_topics: int = DEFAULT_MAX_TOPICS,

@@ -85,7 +85,7 @@ class Flusher(threading.Thread):
     the write failed. A failed batch is not retried here: the handle that failed
     keeps failing (LevelDB's sticky error), and the loop owns the recovery."""
 
-    def __init__(self, kv: KV, wake: zmq.Socket, sync: bool) -> None:
+    def __init__(self, kv: KV, wake: zmq.Socket[Any], sync: bool) -> None:
         super().__init__(name="ledger-flusher", daemon=True)
         self.kv = kv
         self.sync = sync
@@ -120,7 +120,7 @@ class Flusher(threading.Thread):
 
 
 class Server:
-    def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context | None = None) -> None:
+    def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context[Any] | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.zctx = zctx or zmq.Context.instance()
@@ -147,8 +147,8 @@ class Server:
                                    max_topics=config.max_watch_topics,
                                    max_watchers=config.max_watchers_per_context)
         self.poller = zmq.Poller()
-        self.peer_socks: dict[str, zmq.Socket] = {}
-        self.peer_addr: dict[zmq.Socket, str] = {}
+        self.peer_socks: dict[str, zmq.Socket[Any]] = {}
+        self.peer_addr: dict[zmq.Socket[Any], str] = {}
         self._peer_rid = 1
         self._peer_turn = 0
         self.peer_max_msg = max_peer_message(config.max_payload)
@@ -938,7 +938,7 @@ class Server:
 _NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enums cost ~0.1 us a use
 
 
-def recv_request(router: zmq.Socket) -> list[Any]:
+def recv_request(router: zmq.Socket[Any]) -> list[Any]:
     """One request's frames from the ROUTER without copying the request (zmq.Again when none is waiting).
 
     The identity and any envelope frames come as bytes; the request itself as the zmq.Frame

@@ -15,6 +15,7 @@ left to SNDHWM weigh at most ROUTER_SNDHWM x TRACK_MIN.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import zmq
 
@@ -37,7 +38,7 @@ class BindError(Exception):
 AddressInUse = BindError  # the old name
 
 
-def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+def _bind(sock: zmq.Socket[Any], host: str, port: int) -> int:
     ipv6 = ":" in host
     shown = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
     endpoint = f"tcp://[{host}]" if ipv6 else f"tcp://{host}"
@@ -60,7 +61,7 @@ def _bind(sock: zmq.Socket, host: str, port: int) -> int:
         raise BindError(f"{shown}: {exc.strerror}") from None
 
 
-def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.Socket, int]:
+def router(ctx: zmq.Context[Any], host: str, port: int, max_msg: int) -> tuple[zmq.Socket[Any], int]:
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, LINGER_MS)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -76,7 +77,7 @@ def router(ctx: zmq.Context, host: str, port: int, max_msg: int) -> tuple[zmq.So
     return s, _bind(s, host, port)
 
 
-def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zmq.Socket, int]:
+def xpub(ctx: zmq.Context[Any], host: str, port: int, hwm: int = PUB_HWM) -> tuple[zmq.Socket[Any], int]:
     """The watch socket. XPUB_MANUAL: ZeroMQ hands the node every subscribe and every
     unsubscribe (disconnects included) and applies none of them: the watch registry
     (node.publisher) counts them and applies the ones it accepts, so that it can refuse
@@ -98,7 +99,7 @@ def xpub(ctx: zmq.Context, host: str, port: int, hwm: int = PUB_HWM) -> tuple[zm
     return s, _bind(s, host, port)
 
 
-def monitor(sock: zmq.Socket) -> zmq.Socket:
+def monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
     """A monitor of `sock`'s accepted and ended connections (each event carries the
     connection's descriptor): how the node counts clients, as ZeroMQ has no
     connection limit of its own."""
@@ -107,14 +108,14 @@ def monitor(sock: zmq.Socket) -> zmq.Socket:
     # a deep receive queue here (events are ~100 bytes) instead of pyzmq's default 1,000.
     addr = f"inproc://ledger-monitor-{id(sock)}"
     sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-    mon = sock.context.socket(zmq.PAIR)
+    mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
     mon.setsockopt(zmq.LINGER, 0)
     mon.setsockopt(zmq.RCVHWM, MONITOR_HWM)
     mon.connect(addr)
     return mon
 
 
-def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+def wake_pair(ctx: zmq.Context[Any], name: str) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
     """An inproc PAIR: the receiving end for the loop, the sending end for a thread."""
     rx = ctx.socket(zmq.PAIR)
     rx.setsockopt(zmq.LINGER, 0)
@@ -125,14 +126,14 @@ def wake_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
     return rx, tx
 
 
-def peer_dealer(ctx: zmq.Context, address: str, max_msg: int) -> zmq.Socket:
+def peer_dealer(ctx: zmq.Context[Any], address: str, max_msg: int) -> zmq.Socket[Any]:
     """A DEALER to one peer's ROUTER. IMMEDIATE and SNDTIMEO=0 with a small SNDHWM:
     what a dead or slow peer cannot take is dropped at once, never queued to flood
     it when it returns (heartbeats are periodic; repair requests are re-sent).
     MAXMSGSIZE: a reply larger than any legitimate one (server.max_peer_message) drops
     the connection before it is buffered. `address` is parsed already (protocol.address);
     a ZMQError here (too many sockets, a refused endpoint) closes the socket and is raised."""
-    s = ctx.socket(zmq.DEALER)
+    s: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     try:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)
@@ -149,12 +150,12 @@ def peer_dealer(ctx: zmq.Context, address: str, max_msg: int) -> zmq.Socket:
     return s
 
 
-def peer_sub(ctx: zmq.Context, max_msg: int) -> zmq.Socket:
+def peer_sub(ctx: zmq.Context[Any], max_msg: int) -> zmq.Socket[Any]:
     """One SUB connected to every peer's PUB, subscribed to the replication stream (the
     entries each peer writes itself), not to what its watchers get. MAXMSGSIZE as for
     peer_dealer: a larger pushed message drops that peer's connection (it reconnects;
     what it would have pushed comes by repair)."""
-    s = ctx.socket(zmq.SUB)
+    s: zmq.Socket[Any] = ctx.socket(zmq.SUB)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 100_000)
     s.setsockopt(zmq.MAXMSGSIZE, max_msg)

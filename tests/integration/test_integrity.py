@@ -58,17 +58,26 @@ def test_truncated_log_is_reported_not_served_silently(node_factory, zctx):
     assert "INTEGRITY" in n.output() and "came back from disk shorter" in n.output()
 
 
-def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx):
-    n1, n2 = mesh(node_factory, 2)
-    n2.pin_ports()
-    _fill(n1, zctx, "rep", 2000)
-    wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="replication")
-    wait_for(lambda: status(n2, zctx)["pending_writes"] == 0, what="the replica to be on disk")
+def _replicated_then_cut(node_factory, zctx, name: str, victim: int):
+    """Two nodes, 2,000 entries of `name` written at the first and replicated to the second, then
+    node `victim` (0 or 1) stopped, its LevelDB log cut and started again. Returns (n1, n2, the
+    head before)."""
+    nodes = mesh(node_factory, 2)
+    n1, n2 = nodes
+    nodes[victim].pin_ports()
+    _fill(n1, zctx, name, 2000)
+    wait_for(lambda: converged(nodes, zctx, [name], {name: 2000}), what="replication")
+    wait_for(lambda: status(nodes[victim], zctx)["pending_writes"] == 0, what="the victim to be on disk")
     with Client(n1.address, zctx=zctx) as c:
-        want = c.head("rep")
-    _stop_and_cut_log(n2)
-    n2.start()
-    assert "came back from disk shorter" in n2.output()
+        want = c.head(name)
+    _stop_and_cut_log(nodes[victim])
+    nodes[victim].start()
+    assert "came back from disk shorter" in nodes[victim].output()
+    return n1, n2, want
+
+
+def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx):
+    n1, n2, want = _replicated_then_cut(node_factory, zctx, "rep", victim=1)
     wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="repair from the peer")
     with Client(n2.address, zctx=zctx) as c:
         h = c.head("rep")
@@ -80,16 +89,7 @@ def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx
 def test_truncated_log_at_a_writer_is_refilled_from_its_replica_before_it_appends_again(node_factory, zctx):
     """The writer's disk lost entries its replicas hold: it takes them back from a replica (no seq
     acknowledged before is reused), the replica keeps its copy (no fork), and appends go on."""
-    n1, n2 = mesh(node_factory, 2)
-    n1.pin_ports()
-    _fill(n1, zctx, "w", 2000)
-    wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2000}), what="replication")
-    wait_for(lambda: status(n1, zctx)["pending_writes"] == 0, what="the writer to be on disk")
-    with Client(n1.address, zctx=zctx) as c:
-        want = c.head("w")
-    _stop_and_cut_log(n1)
-    n1.start()
-    assert "came back from disk shorter" in n1.output()
+    n1, n2, want = _replicated_then_cut(node_factory, zctx, "w", victim=0)
     wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2000}), what="the writer's repair from its replica")
     with Client(n1.address, zctx=zctx) as c:
         h = c.head("w")
