@@ -1,8 +1,9 @@
 """Converge Ledger for library users: `from converge_ledger import Client`.
 
-The public names of the reference client and the protocol, under one import name that cannot
-clash with a project's own `node/`, `protocol/` or `tools/` folders. The code lives in the
-`protocol` package (SPEC.md is its text); this module only names what is meant to be used:
+The public names of the reference client and the protocol, under one import name of their own.
+The code still lives in the top-level `protocol` and `node` packages (a project folder of those
+names ahead of site-packages on sys.path shadows them; moving them in here is issue #13's); this
+module names what is meant to be used:
 
     from converge_ledger import Client, NotFound
 

@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-damage", action="store_true",
                    help="for a context this node writes that came back from disk shorter than it was (its "
                    "high-water mark) and that no peer can refill: go on from what the disk holds and take "
-                   "appends again; the lost entries are gone from this node (replicas that hold them keep them "
-                   "as a fork). Without it such a context refuses appends while it is refilled from peers "
+                   "appends again at once, asking no peer: the lost entries are gone from this node (a live "
+                   "replica that holds them sets them aside as a fork). Without it such a context refuses appends while it is refilled from peers "
                    "(a flag, not a variable: meant for one start)")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "

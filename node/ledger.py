@@ -247,7 +247,7 @@ class Ledger:
             self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
         self._names.sort()
         if self.journal is not None:
-            self._check_marks()
+            self._check_marks(node_id)
         return node_id
 
     def _unreadable(self, name: str, info: dict[str, Any], node_id: str, exc: Exception) -> ContextState:
@@ -271,7 +271,7 @@ class Ledger:
                   "it from peers", name, exc)
         return ctx
 
-    def _check_marks(self) -> None:
+    def _check_marks(self, node_id: str) -> None:
         """Compare what LevelDB gave back with the durable high-water marks. Only a context whose
         mark is not what it holds needs reading beyond what start-up read anyway (its frontier)."""
         j = self.journal
@@ -298,9 +298,10 @@ class Ledger:
                 continue
             self.damaged[cid] = (size, root)
             log.error("INTEGRITY: context %r came back from disk %s: it held %d entries (root %s) and now "
-                      "holds %d; serving the first %d and repairing the rest from peers",
+                      "holds %d; serving the first %d; the rest is refilled from a peer that holds it%s",
                       ctx.name, "shorter" if ctx.size < size else "different", size, root.hex(), ctx.size,
-                      ctx.size)
+                      ctx.size, " (appends refused until then; with no such peer, see --accept-damage)"
+                      if ctx.writer == node_id else "")
 
     def repairing(self, ctx: ContextState) -> tuple[int, bytes] | None:
         """For a damaged context this node writes: the (size, root) its high-water mark says it

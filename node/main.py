@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail("usage: ledger-node --check DATA")
         from node.check import check
         return check(data, sys.stdout)
+    if any(a == "--check" or a.startswith("--check=") for a in args):
+        # argparse would take it anywhere and start a serving node: never on a folder meant to be checked
+        return _fail("--check must come first and alone: ledger-node --check DATA")
     try:
         cfg = parse(argv)
     except ConfigError as exc:

@@ -732,8 +732,9 @@ class Watch:
         # `limited` head later is another watcher's refusal that reached us too.
         if m.limited and greeting and not self.limited:
             self.limited = True
-            self.on_event("limited", f"node at {self.pub_address} is at its watch limit and will not publish "
-                          f"{self.context!r}; polling it every {self.heartbeat_s:g} s instead")
+            self.on_event("limited", f"node at {self.pub_address} is at its watch limit (--max-watch-topics or "
+                          f"--max-watchers-per-context; see its status) and will not publish "
+                          f"{self.context!r} to this watch; polling it every {self.heartbeat_s:g} s instead")
             if self._sub is not None:
                 # nothing live comes to a refused subscription: give the node its place back
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, self._topic)

@@ -296,6 +296,8 @@ def head_json(h: Head) -> dict[str, Any]:
                          "writer": h.writer, "watchers": h.watchers}
     if h.fork is not None:
         d["fork"] = h.fork
+    if h.damaged is not None:
+        d["damaged"] = {k: _hex(v) if isinstance(v, bytes) else v for k, v in h.damaged.items()}
     return d
 
 
@@ -587,6 +589,12 @@ def cmd_verify(c: Client, args: argparse.Namespace, out: Output) -> int:
         out.obj({"context": r["context"], "size": r["size"], "root": _hex(r["root"]), "verified": True})
     else:
         out.line(f"verified {r['context']}: {r['size']} entries, root {_hex(r['root'])}")
+    damaged = c.head(args.context).damaged
+    if damaged is not None:
+        # what it serves is sound, but not all it held: say so, and fail
+        print(f"ledger: context {args.context!r} is reported damaged by the node ({damaged}); what was verified "
+              "is what it serves now", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ from a peer where one holds the missing tail (ARCHITECTURE invariant 11)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.errors import IntegrityError, Unavailable
+from tests.integration.test_cli import run as cli_run
 from tests.integration.test_mesh import converged, mesh, status, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,7 +105,7 @@ def test_truncated_log_at_a_writer_is_refilled_from_its_replica_before_it_append
     wait_for(lambda: "is repaired" in n1.output(), what="the repair to be logged")
 
 
-def test_a_writer_with_no_replica_refuses_appends_until_accept_damage(node_factory, zctx):
+def test_a_writer_with_no_replica_refuses_appends_until_accept_damage(node_factory, zctx, capsys):
     n = node_factory()
     _fill(n, zctx, "w", 2000)
     _stop_and_cut_log(n)
@@ -116,6 +118,11 @@ def test_a_writer_with_no_replica_refuses_appends_until_accept_damage(node_facto
         assert exc.value.details == {"context": "w", "size": size, "expected_size": 2000}
         assert c.head("w").size == size
         c.append("elsewhere", b"other contexts are fine")
+    # the CLI says so too: `head` shows it, `verify` of what is served passes but exits 1
+    rc, out, _ = cli_run(capsys, n, "head", "w")
+    assert rc == 0 and json.loads(out)["damaged"]["expected_size"] == 2000
+    rc, out, err = cli_run(capsys, n, "verify", "w")
+    assert rc == 1 and json.loads(out)["size"] == size and "reported damaged" in err
     assert n.stop() == 0
     n.args += ["--accept-damage"]
     n.start()
@@ -297,6 +304,10 @@ def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, z
     assert "Traceback" not in r.stdout + r.stderr
     r = _check(n.data / "nothing-here")
     assert r.returncode == 2 and r.stdout.startswith("ledger-node: error:")
+    # anywhere but first, --check is refused: argparse would have started a serving node on it
+    r = subprocess.run([sys.executable, "-m", "node.main", "--data", str(n.data), "--check", str(n.data)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--check must come first" in r.stderr and "ready" not in r.stdout
     n.start()  # a running node's folder: told to stop it, not LevelDB's lock message
     r = _check(n.data)
     assert r.returncode == 2 and "in use by a running ledger-node" in r.stdout and "LOCK" not in r.stdout, r.stdout
