@@ -192,11 +192,11 @@ def test_human_table_and_only_filter(capsys, tmp_path):
 
 def test_settle_waits_for_a_quiet_machine_and_gives_up_after_its_limit(monkeypatch):
     now = [0.0]  # a fake clock that only sleeping moves
-    monkeypatch.setattr(bench.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
-    monkeypatch.setattr(bench.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(bench.machine.time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(bench.machine.time, "monotonic", lambda: now[0])
     # busy CPU seconds of the machine, read once before and once per sample
     busy = iter([0.0, 0.2, 0.4, 0.42, 0.44])  # busy (2 cores) for two samples, then quiet
-    monkeypatch.setattr(bench, "machine_cpu", lambda: (next(busy), 0.0))
+    monkeypatch.setattr(bench.machine, "machine_cpu", lambda: (next(busy), 0.0))
     assert bench.settle() == pytest.approx(0.3)
     assert next(busy) == 0.44  # it sampled until the first quiet one, and no further
 
@@ -208,11 +208,11 @@ def test_settle_waits_for_a_quiet_machine_and_gives_up_after_its_limit(monkeypat
         samples.append(now[0])
         return 2 * now[0], 0.0
 
-    monkeypatch.setattr(bench, "machine_cpu", cpu)
+    monkeypatch.setattr(bench.machine, "machine_cpu", cpu)
     assert bench.settle(max_s=0.95) == pytest.approx(1.0)
     assert len(samples) == 11  # one before, then one per 0.1 s
 
 
 def test_settle_does_not_wait_without_proc_stat(monkeypatch):
-    monkeypatch.setattr(bench, "machine_cpu", lambda: (float("nan"), float("nan")))
+    monkeypatch.setattr(bench.machine, "machine_cpu", lambda: (float("nan"), float("nan")))
     assert bench.settle() == 0.0

@@ -1,0 +1,19 @@
+"""The scenarios, one module per family; importing this package registers them (tools.bench.registry,
+whose FAMILY_ORDER and RUN_ORDER say in which order they set up and run).
+
+- `throughput`: the `baseline` (echo server, ledger async and sync) and `redis` round families;
+- `watch`: the `watch` round family (watch_latency, append_pipelined_watched) and watch_fanout;
+- `mesh`: the `mesh` round family (replication_lag, append_pipelined_replicated), catch_up and
+  heartbeat_bytes_10k;
+- `memory`, `floods`: the memory/restart run and the floods (tools/flood.py).
+"""
+
+from __future__ import annotations
+
+from . import floods, memory, mesh, throughput, watch  # noqa: F401  (registers them)
+from .floods import run_floods
+from .memory import run_memory
+from .mesh import MeshScenarios, run_catch_up, run_heartbeat
+from .watch import run_fanout
+
+__all__ = ["MeshScenarios", "run_catch_up", "run_fanout", "run_floods", "run_heartbeat", "run_memory"]
