@@ -34,7 +34,9 @@ def test_each_flood_runs_bounded_and_reports_the_second_client(args, capsys):
         assert out["status"]["watched_contexts"] == 50  # the flooder's subscriptions reached the node
     if args[0] == "watchers":
         assert out["flood"]["subscribed"] == 20 and out["status"]["watchers_refused"] == 5
-        assert out["flood"]["greeted"] == 20 and out["flood"]["received"] > 20  # greetings, then entries
+        # every watcher was answered (greeted, or refused and told); entries may be dropped at a busy
+        # reader (nice 19) on a loaded machine, so they are not counted here
+        assert out["flood"]["greeted"] == 20 and out["flood"]["received"] >= 20
         assert out["during"]["node_cpu_us_per_append"] > 0
 
 
