@@ -259,7 +259,7 @@ class Server:
                                 zero_copy -= 1
                                 frames = recv_request(router)
                             else:
-                                frames = router.recv_multipart(zmq.NOBLOCK)
+                                frames = recv_frames(router)
                         except zmq.Again:
                             break
                         if len(frames[-1]) >= BIG_REQUEST:
@@ -936,6 +936,17 @@ class Server:
 
 
 _NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)  # plain ints: pyzmq's enums cost ~0.1 us a use
+
+
+def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    """`sock.recv_multipart(zmq.NOBLOCK)` without pyzmq's enum conversion of RCVMORE on every
+    frame: 1.55 against 1.85 us per two-frame request here (~1.5% of a pipelined append)."""
+    recv = sock.recv
+    frames: list[bytes] = [recv(_NOBLOCK)]
+    more = sock.getsockopt
+    while more(_RCVMORE):
+        frames.append(recv(_NOBLOCK))
+    return frames
 
 
 def recv_request(router: zmq.Socket[Any]) -> list[Any]:
