@@ -28,6 +28,16 @@ def _fill(n, zctx, name: str, count: int, payload=lambda i: f"p{i}".encode()) ->
             pass
 
 
+def _seeded_payloads(n: int) -> tuple[random.Random, list[bytes]]:
+    """A seeded generator (SEED=... replays a run; the seed is printed) and `n` random 64-byte
+    payloads from it: incompressible, so each is found as is in a LevelDB table."""
+    rng = random.Random()
+    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
+    print("seed", seed)
+    rng.seed(seed)
+    return rng, [rng.randbytes(64) for _ in range(n)]
+
+
 def _stop_and_cut_log(n) -> None:
     """A clean stop, then LevelDB's .log cut to nine tenths (what a lost tail of writes looks like)."""
     assert n.stop() == 0
@@ -133,11 +143,7 @@ def test_a_writer_with_no_replica_refuses_appends_until_accept_damage(node_facto
 
 
 def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
-    rng = random.Random()
-    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
-    print("seed", seed)
-    rng.seed(seed)
-    payloads = [rng.randbytes(64) for _ in range(200)]  # incompressible: found as is in the table
+    rng, payloads = _seeded_payloads(200)  # incompressible: found as is in the table
     n = node_factory("--log-level", os.environ.get("LOGLEVEL", "info"))
     _fill(n, zctx, "bad", 200, payload=lambda i: payloads[i])
     _fill(n, zctx, "good", 50)
@@ -207,11 +213,7 @@ def _flip_in_tables(n, payloads: list[bytes], candidates) -> int:
 def test_a_flipped_byte_is_rewritten_from_a_peers_copy(node_factory, zctx, damaged):
     """Damage in the middle of a context (found by a read or the scrub) is fetched again from a
     peer and checked against this node's Merkle tree before it is written."""
-    rng = random.Random()
-    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
-    print("seed", seed)
-    rng.seed(seed)
-    payloads = [rng.randbytes(64) for _ in range(300)]
+    rng, payloads = _seeded_payloads(300)
     n1, n2 = mesh(node_factory, 2)
     _fill(n1, zctx, "c", 300, payload=lambda i: payloads[i])
     _fill(n1, zctx, "zz-other", 50)
@@ -315,11 +317,7 @@ def test_check_reads_a_stopped_folder_whole_and_names_the_damage(node_factory, z
 
 def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(node_factory, zctx):
     """Damage in a block start-up reads (a context's last entries) costs that context, not the node."""
-    rng = random.Random()
-    seed = int(os.environ.get("SEED", rng.randrange(1 << 30)))
-    print("seed", seed)
-    rng.seed(seed)
-    payloads = [rng.randbytes(64) for _ in range(200)]
+    rng, payloads = _seeded_payloads(200)
     n1, n2 = mesh(node_factory, 2)
     n2.pin_ports()
     _fill(n1, zctx, "rep", 200, payload=lambda i: payloads[i])
