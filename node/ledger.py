@@ -1377,7 +1377,7 @@ class Ledger:
                 log.warning("abandoning load %r of context %r after %.0f s idle", s.load_id, s.context, now - s.last_used)
                 self._drop_load(s)
 
-    def load(self, req: codec.Load, sync: bool) -> dict[str, Any] | None:
+    def load(self, req: codec.Load, sync: bool, now: float | None = None) -> dict[str, Any] | None:
         """Stage a chunk of a snapshot; on `final`, verify all and commit.
 
         Returns None for an intermediate chunk, else the committed head.
@@ -1420,7 +1420,7 @@ class Ledger:
             raise BadRequest(f"load {req.load_id!r} was started for another context, size or root")
         else:
             self._refuse_load(s, nbytes)
-        s.last_used = time.monotonic()
+        s.last_used = time.monotonic() if now is None else now
         try:
             for e in req.entries:
                 s.verifier.add(e)

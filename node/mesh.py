@@ -272,7 +272,7 @@ class Mesh:
         self.early_entries = 0
         self.early_bytes = 0
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
-        self.on_ack: Callable[[], None] = lambda: None
+        self.on_ack: Callable[[float], None] = lambda now: None  # acks came in (the core's replicas=N)
         self.last_beat = -1e18
         self.unsent: dict[str, int] = {}  # peers whose last heartbeat could not be sent -> retries so far
         self._last_retry = -1e18
@@ -428,6 +428,8 @@ class Mesh:
         self.beats += 1
         self.unsent = {}
         fields = self.heartbeat_fields()
+        if self.peers:
+            self.stats.heartbeat_bytes = len(codec.encode_request("heartbeat", self.beats, fields))
         for p in list(self.peers.values()):
             try:
                 self._tick_peer(p, now, fields)
@@ -1141,7 +1143,7 @@ class Mesh:
             sizes = self.replica_sizes.setdefault(name, {})
             if size > sizes.get(req.node_id, 0):
                 sizes[req.node_id] = min(size, ctx.size)
-        self.on_ack()
+        self.on_ack(now)
         return {"node_id": self.ledger.node_id}
 
     def live_peers(self) -> int:

@@ -2,7 +2,7 @@
 
 The Server is built as `ledger-node` builds it (Ledger on a MemoryKV, Mesh,
 Publisher, flusher thread), but the test calls its entry points itself instead
-of running its loop: `handle` for a request, `mesh.on_push` for a message on a
+of running its loop: `core.request` for a request, `mesh.on_push` for a message on a
 peer's replication stream, `mesh.on_reply` for a peer's answer to a request the
 node made, and the loop's own housekeeping (tick, flush hand-off, publish) in
 between. The node's requests to peers go to a recording fake instead of sockets,
@@ -70,7 +70,7 @@ def make_server(zctx: Any) -> tuple[Server, list[list[bytes]], FakeTransport]:
                  flush_ms=5, max_payload=64 << 10, hot_bytes=8 << 20, log_level="info", replica_timeout_ms=0)
     server = Server(cfg, Ledger(MemoryKV(), node_id="fz", sync_meta=False), zctx=zctx)
     out: list[list[bytes]] = []
-    server._send = out.append  # type: ignore[method-assign]  # replies are read here, not sent
+    server.core.outbox = out  # the core queues its replies here; they are read, not sent
     fake = FakeTransport()
     server.mesh.transport = fake
     return server, out, fake
@@ -97,12 +97,12 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
             failures.append(f"{what}: {detail}")
 
     def call(op: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """One request through `handle`, its one reply decoded."""
+        """One request through the core, its one reply decoded."""
         nonlocal requests
         fields = dict(fields)
         rid = fields.pop("id", f"check-{requests}")
         n = len(out)
-        server.handle([b"client", codec.encode_request(op, rid, fields)])
+        server.core.request([b"client", codec.encode_request(op, rid, fields)], now)
         requests += 1
         assert len(out) == n + 1, f"{op} got {len(out) - n} replies"
         return codec.decode_reply(out[-1][-1])
@@ -133,10 +133,10 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
                 kind = "request"
                 frames = fz.frames()
                 n = len(out)
-                server.handle([b"fuzzer", *frames])
+                server.core.request([b"fuzzer", *frames], now)
                 requests += 1
                 # one reply, unless the append waits for replicas (answered at the next tick)
-                if len(out) != n + 1 and not (len(out) == n and server.repl_held):
+                if len(out) != n + 1 and not (len(out) == n and server.core.for_replicas):
                     fail("request", f"{len(out) - n} replies to {frames!r:.300}")
                 for f in out[n:]:
                     try:
@@ -183,7 +183,7 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
                 try:
                     server.mesh.tick(now)
                     server.mesh.flush_acks(now)
-                    server._check_replicated()
+                    server.core.check_replicated(now)
                     # Written here, not by the flusher thread: MemoryKV is not safe against a
                     # concurrent write (see test_known_bugs.py, the memory KV race).
                     server.ledger.flush_sync(sync=False)
@@ -207,7 +207,7 @@ def test_hostile_requests_pushes_and_peer_replies_in_process(zctx, caplog):
             fail("convergence", f"the replicas stopped short of their writer's history: "
                  f"{({c: server.ledger.contexts[c].size for c in REPLICAS})} of "
                  f"{({c: len(log) for c, log in writer.logs.items()})}; forks: {server.mesh.forks}")
-        server._check_replicated()  # replicas=N appends time out at once (replica_timeout_ms=0)
+        server.core.check_replicated(now + 1)  # replicas=N appends time out at once (replica_timeout_ms=0)
         problems = check_after_run(call, honest)
         for ctx in REPLICAS:
             bad = writer.check(ctx, call("head", {"context": ctx}))

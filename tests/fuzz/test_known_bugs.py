@@ -27,12 +27,12 @@ def server_and_replies(zctx: zmq.Context) -> tuple[Server, list[list[bytes]]]:
     server = Server(cfg, Ledger(MemoryKV(), node_id="kb", sync_meta=False), zctx=zctx)
     server.flusher.start()
     out: list[list[bytes]] = []
-    server._send = out.append  # type: ignore[method-assign]
+    server.core.outbox = out  # the core queues its replies here; they are read, not sent
     return server, out
 
 
 def ask(server: Server, out: list[list[bytes]], op: str, **fields: object) -> dict:
-    server.handle([b"c", codec.encode_request(op, 1, fields)])
+    server.core.request([b"c", codec.encode_request(op, 1, fields)], time.monotonic())
     return codec.decode_reply(out[-1][-1])
 
 

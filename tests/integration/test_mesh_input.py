@@ -353,14 +353,14 @@ def test_a_peer_socket_that_cannot_be_made_is_counted_and_the_request_dropped():
     server.flusher.start()
     try:
         # (no send succeeds: 192.0.2.0/24 never answers, and the sockets send only when connected)
-        got = [server.request(f"192.0.2.1:{10_000 + i}", "heartbeat", {}) for i in range(6)]
+        got = [server.peers.request(f"192.0.2.1:{10_000 + i}", "heartbeat", {}) for i in range(6)]
         assert got == [None] * 6
-        assert server.mesh.stats.peer_errors == 3 and len(server.peer_socks) == 3
-        server.forget("192.0.2.1:10000")  # a forgotten peer's socket is closed, its slot reusable
-        server._close_forgotten()
+        assert server.mesh.stats.peer_errors == 3 and len(server.peers.socks) == 3
+        server.peers.forget("192.0.2.1:10000")  # a forgotten peer's socket is closed, its slot reusable
+        server.peers.tidy()
         # (ZeroMQ frees a closed socket's slot in its reaper thread, a moment later)
-        wait_for(lambda: server.request("192.0.2.1:10005", "heartbeat", {}) is None
-                 and "192.0.2.1:10005" in server.peer_socks, what="the freed slot reused")
+        wait_for(lambda: server.peers.request("192.0.2.1:10005", "heartbeat", {}) is None
+                 and "192.0.2.1:10005" in server.peers.socks, what="the freed slot reused")
     finally:
         server._shutdown()
         zctx.term()

@@ -1,9 +1,11 @@
-"""The replication logic (node/mesh.py) stepped by hand: fake clock, fake network, invariants every step.
+"""N real node cores (node/core.py) stepped by hand: fake clock, fake network, invariants every step.
 
-No sockets, no threads: each simulated node is a `Ledger` on a `MemoryKV` and a
-`Mesh` whose transport puts messages on a seeded network that drops,
-duplicates, delays and partitions them. Requests and replies go through the
-real codec. Every step checks that every replica is a prefix of its writer's
+No sockets, no threads: each simulated node is the node's own `Core` (a `Ledger`
+on a `MemoryKV`, its `Mesh`, the request handlers the server runs) and its real
+`Publisher` on a fake watch socket; the mesh's transport puts messages on a
+seeded network that drops, duplicates, delays and partitions them. Requests go
+through the core's request path, replies and pushes through its peer events,
+writes through its write batches, exactly as the server feeds them. Every step checks that every replica is a prefix of its writer's
 log and that nothing acknowledged is lost; after healing, every root must
 converge. Seeds are fixed per test id (a failure replays from its name); each run
 prints its seed, LEDGER_SIM_SEED=<seed> replays one and LEDGER_SIM_SEEDS=<n> explores n.
@@ -17,14 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import zmq
 
 from node import mesh as mesh_mod
+from node.config import Config
+from node.core import Core
 from node.ledger import Ledger
 from node.mesh import ALIVE, DEAD, Mesh
+from node.publisher import Publisher
 from node.storage import MemoryKV
 from protocol import codec, watch
 from protocol.entry import decode_entry
-from protocol.errors import LedgerError, RemoteProtocolError
+from protocol.errors import LedgerError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,20 +86,69 @@ def name_of(address: str) -> str:
     return address.rpartition(":")[0]
 
 
-class SimNode:
-    """One node: a ledger, a mesh, and what its watch socket would publish. The network
-    knows nodes by name; the mesh, by address (`addr(name)`, its PUB at port 2)."""
+class FakeXPub:
+    """The watch socket as the real `Publisher` uses it: what it sends is kept (`sent`, one list of
+    frames per message) for the network to carry; subscriptions arrive as XPUB delivers them."""
 
-    def __init__(self, name: str, net: Network, seeds: list[str]) -> None:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+        self._frames: list[bytes] = []
+        self.inbox: list[bytes] = []  # subscription messages (\x01 + topic, \x00 + topic) not yet read
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        self._frames.append(frame)
+        if not flags & zmq.SNDMORE:
+            self.sent.append(self._frames)
+            self._frames = []
+
+    def recv(self, flags: int = 0) -> bytes:
+        if not self.inbox:
+            raise zmq.Again()
+        return self.inbox.pop(0)
+
+    def setsockopt(self, option: int, value: Any) -> None:
+        pass  # (which subscriber gets what is the network's: `SimNode.subscribers`)
+
+
+class SimNode:
+    """One node: the real `Core` (a `Ledger` on a `MemoryKV`, its `Mesh`, its request
+    handlers) and the real `Publisher` on a fake watch socket, driven as the server drives
+    them. The network knows nodes by name; the mesh, by address (`addr(name)`, its PUB at
+    port 2). `kv` and `boot`: a node back from a crash with what that storage held."""
+
+    def __init__(self, name: str, net: Network, seeds: list[str], kv: MemoryKV | None = None,
+                 boot: str | None = None) -> None:
         self.name = name
         self.net = net
-        self.ledger = Ledger(MemoryKV(), node_id=name, sync_meta=False)
         self.rid = 0
-        self.subscribers: set[str] = set()
-        self.mesh = Mesh(self.ledger, self, address=addr(name), pub=f"{name}:2", seeds=[addr(s) for s in seeds],
-                         heartbeat_s=HEARTBEAT, suspect_after=3, dead_after=8, boot=f"{name}-boot")
         self.now = 0.0
         self.up = True
+        self.subscribers: set[str] = set()  # nodes whose SUB is connected to this node's PUB
+        config = Config(node_id=name, data=":memory:", host="127.0.0.1", port=1, pub_port=2, durability="async",
+                        flush_ms=0, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info",
+                        peers=tuple(addr(s) for s in seeds), heartbeat_ms=int(HEARTBEAT * 1000),
+                        suspect_after=3, dead_after=8)
+        # (entries' timestamps from the fake clock too: a seed replays the same hashes)
+        ledger = Ledger(MemoryKV() if kv is None else kv, node_id=name, sync_meta=False,
+                        now_ns=lambda: int(self.now * 1e9))
+        self.xpub = FakeXPub()
+        self.publisher = Publisher(self.xpub, ledger, sync=False, heartbeat_ms=1000, now=lambda: self.now)  # type: ignore[arg-type]
+        self.publisher.boot = boot or f"{name}-boot"
+        self.core = Core(config, ledger, self, self.publisher, address=addr(name), pub=f"{name}:2")
+        self.publisher.wants_ack = self.core.waits_for_replicas
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.core.ledger
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.core.mesh
+
+    def add_subscriber(self, name: str) -> None:
+        """`name`'s SUB connected and subscribed to the replication stream (SPEC 17.3)."""
+        self.subscribers.add(name)
+        self.xpub.inbox.append(b"\x01" + watch.REPL_PREFIX)
 
     # Transport ------------------------------------------------------------------------
     def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
@@ -106,62 +161,67 @@ class SimNode:
 
     def subscribe(self, pub_address: str) -> None:
         if name_of(pub_address) in nodes:  # (a made-up peer's PUB: nothing there)
-            nodes[name_of(pub_address)].subscribers.add(self.name)
+            nodes[name_of(pub_address)].add_subscriber(self.name)
 
     def unsubscribe(self, pub_address: str) -> None:
-        if name_of(pub_address) in nodes:
-            nodes[name_of(pub_address)].subscribers.discard(self.name)
+        other = nodes.get(name_of(pub_address))
+        if other is not None and self.name in other.subscribers:
+            other.subscribers.discard(self.name)
+            other.xpub.inbox.append(b"\x00" + watch.REPL_PREFIX)
 
     def forget(self, address: str) -> None:
         pass
 
-    # serving --------------------------------------------------------------------------
-    def serve(self, frame: bytes) -> bytes:
-        try:
-            env = codec.decode_request(frame, 1 << 20)
-        except RemoteProtocolError as exc:  # as the server does: an error reply
-            return codec.encode_error(codec.peek_id(codec.unpack_request(frame)), exc.code, exc.message)
-        try:
-            return self._serve(env)
-        except LedgerError as exc:  # as the server does: an error reply (NOT_FOUND, say)
-            return codec.encode_error(env.id, exc.code, exc.message, exc.details)
+    # what the server does ---------------------------------------------------------------
+    def append(self, req: codec.Append) -> dict[str, Any]:
+        """A client's append, through the core's request path; the entry it made (decoded)."""
+        fields: dict[str, Any] = {"context": req.context, "payload": req.payload}
+        if req.key:
+            fields["key"] = req.key
+        self.core.request([b"client", codec.encode_request("append", 1, fields)], self.now)
+        out = [f for f in self.core.outbox if f[0] == b"client"]
+        self.core.outbox = [f for f in self.core.outbox if f[0] != b"client"]
+        assert len(out) == 1, out
+        reply = codec.decode_reply(out[0][-1])
+        assert reply["ok"], reply
+        return reply["entry"]
 
-    def _serve(self, env: codec.Envelope) -> bytes:
-        req = env.request
-        if isinstance(req, codec.Heartbeat):
-            return codec.encode_reply(env.id, self.mesh.rpc_heartbeat(req, self.now))
-        if isinstance(req, codec.SyncHeads):
-            return codec.encode_reply(env.id, self.mesh.rpc_sync_heads(req))
-        if isinstance(req, codec.Ack):
-            return codec.encode_reply(env.id, self.mesh.rpc_ack(req, self.now))
-        if isinstance(req, codec.Snapshot):
-            fields, blobs = self.ledger.snapshot_page(req)
-            return codec.encode_reply(env.id, fields, {"entries": blobs})
-        if isinstance(req, codec.Head):
-            return codec.encode_reply(env.id, self.ledger.head(req.context))
-        raise AssertionError(f"unexpected request {env.op}")
+    def serve(self, src: str, frame: bytes) -> None:
+        """A request from node `src` into the core; its reply onto the network."""
+        self.core.request([src.encode(), frame], self.now)
+        self.send_replies()
+
+    def send_replies(self) -> None:
+        out, self.core.outbox = self.core.outbox, []
+        for frames in out:
+            self.net.send(self.now, "rep", self.name, frames[0].decode(), frames[-1])
 
     def publish(self) -> None:
-        """What the Publisher does for peers: every entry this node writes, in order, to every subscriber."""
-        for ctx in self.ledger.contexts.values():
-            if ctx.writer != self.name:
-                ctx.published_seq = ctx.size  # replicated entries go to watchers only
-            if ctx.size > ctx.published_seq:
-                blobs = [self.ledger.entry_blob(ctx, s) for s in range(ctx.published_seq + 1, ctx.size + 1)]
-                root = self.ledger.root_at(ctx, ctx.size)
-                frames = [watch.repl_topic(ctx.name), watch.encode_entries(ctx.name_packed, blobs, root=root)]
+        """The real publisher's messages; the replication stream goes to every subscriber."""
+        self.publisher.on_subscriptions()
+        self.publisher.publish()
+        sent, self.xpub.sent = self.xpub.sent, []
+        for frames in sent:
+            if frames[0].startswith(watch.REPL_PREFIX):  # (no watchers here: the rest reaches nobody)
                 for sub in sorted(self.subscribers):
                     self.net.send(self.now, "pub", self.name, sub, frames)
-                ctx.published_seq = ctx.size
+
+    def write(self) -> None:
+        """The flusher's part: the core's write batch, done at once."""
+        batch = self.core.next_write(self.now, force=True)
+        if batch is not None:
+            batch.commit()
+            self.core.written(batch.dirty, None, self.now)
+            self.core.settle(self.now)
 
     def step(self, now: float) -> None:
         self.now = now
         if not self.up:
             return
-        self.mesh.tick(now)
-        self.mesh.flush_acks()
+        self.core.tick(now)
+        self.send_replies()
         self.publish()
-        self.ledger.flush_sync(sync=False)
+        self.write()
 
 
 nodes: dict[str, SimNode] = {}
@@ -175,13 +235,11 @@ def deliver(net: Network, now: float) -> None:
             continue
         dst.now = now
         if m.kind == "pub":
-            dst.mesh.on_push(m.body)
+            dst.core.push(m.body, now)
         elif m.kind == "req":
-            reply = dst.serve(m.body)
-            net.send(now, "rep", m.dst, m.src, reply)
+            dst.serve(m.src, m.body)
         else:
-            src_reply = codec.decode_reply(m.body)
-            dst.mesh.on_reply(addr(m.src), src_reply, now, len(m.body))
+            dst.core.peer_reply(addr(m.src), m.body, now)
 
 
 def check_invariants(appended: dict[str, list[bytes]], writer_of: dict[str, str]) -> None:
@@ -235,9 +293,9 @@ def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400, heal
             for name, w in writer_of.items():
                 if nodes[w].up and rng.random() < 0.3:
                     for _ in range(rng.randrange(1, 30)):
-                        res = nodes[w].ledger.append(codec.Append(name, rng.choice(["", "k"]),
-                                                                  rng.randbytes(rng.randrange(0, 40)), {}))
-                        appended[name].append(decode_entry(res.blobs[0]).hash)
+                        entry = nodes[w].append(codec.Append(name, rng.choice(["", "k"]),
+                                                             rng.randbytes(rng.randrange(0, 40)), {}))
+                        appended[name].append(entry["hash"])
         else:  # heal: no more faults, every node up
             net.cut = set()
             net.perfect = True
@@ -258,6 +316,7 @@ def run(seed: int, n_nodes: int = 4, n_contexts: int = 6, steps: int = 400, heal
         assert all(p.state == ALIVE for p in node.mesh.peers.values()), (seed, node.name)
         assert len(node.mesh.peers) == n_nodes - 1
     return {"entries": sum(len(h) for h in appended.values()),
+            "roots": {name: nodes[w].ledger.contexts[name].frontier.root().hex() for name, w in writer_of.items()},
             "pulled": sum(n.mesh.stats.pulled_entries for n in nodes.values()),
             "pushed": sum(n.mesh.stats.pushed_entries for n in nodes.values())}
 
@@ -354,9 +413,9 @@ def test_two_sides_of_a_partition_create_one_context_and_converge_on_one_history
     net = perfect_pair("a", "b", 3)
     net.cut = {frozenset(("a", "b"))}
     for i in range(4):
-        nodes["a"].ledger.append(codec.Append("x", "", f"a{i}".encode(), {}))
+        nodes["a"].append(codec.Append("x", "", f"a{i}".encode(), {}))
     for i in range(7):
-        nodes["b"].ledger.append(codec.Append("x", "", f"b{i}".encode(), {}))
+        nodes["b"].append(codec.Append("x", "", f"b{i}".encode(), {}))
     steps(net, 0, 200, {20: net.cut.clear})  # heal at step 20
     a, b = nodes["a"].ledger, nodes["b"].ledger
     assert (a.contexts["x"].size, a.contexts["x"].frontier.root()) == (b.contexts["x"].size,
@@ -369,13 +428,13 @@ def test_two_sides_of_a_partition_create_one_context_and_converge_on_one_history
 def test_a_writer_that_lost_its_tail_and_wrote_again_is_followed_and_the_old_tail_kept():
     net = perfect_pair("w", "f", 4)
     for i in range(10):
-        nodes["w"].ledger.append(codec.Append("log", "", f"old{i}".encode(), {}))
+        nodes["w"].append(codec.Append("log", "", f"old{i}".encode(), {}))
     steps(net, 0, 40)
     assert nodes["f"].ledger.contexts["log"].size == 10
     # w comes back from a crash that lost its last entries (async durability), then writes others
     nodes["w"] = SimNode("w", net, ["f"])
     for i in range(6):
-        nodes["w"].ledger.append(codec.Append("log", "", f"new{i}".encode(), {}))
+        nodes["w"].append(codec.Append("log", "", f"new{i}".encode(), {}))
     steps(net, 40, 200)
     w, f = nodes["w"].ledger, nodes["f"].ledger
     assert (f.contexts["log"].size, f.contexts["log"].frontier.root()) == (6, w.contexts["log"].frontier.root())
@@ -437,7 +496,7 @@ def test_a_restarted_node_starts_its_repair_from_the_reply_to_its_first_heartbea
     # so the restarted node pulls at once instead of waiting for the writer's own next heartbeat.
     net = perfect_pair("a", "b", 7)
     for i in range(30):
-        nodes["a"].ledger.append(codec.Append("notes", "", bytes([i]), {}))
+        nodes["a"].append(codec.Append("notes", "", bytes([i]), {}))
     clock = Stepper(net)
     run_for = clock.run_seconds
 
@@ -509,7 +568,7 @@ def formed_pair(seed: int) -> tuple[SimNode, SimNode, Any]:
     net = perfect_pair("a", "b", seed)
     a, b = nodes["a"], nodes["b"]
     run_for = Stepper(net).run_for
-    a.ledger.append(codec.Append("notes", "", b"0", {}))
+    a.append(codec.Append("notes", "", b"0", {}))
     run_for(40)
     assert b.ledger.contexts["notes"].size == 1
     a.mesh.heartbeat_s = b.mesh.heartbeat_s = 1e9
@@ -532,7 +591,7 @@ def test_a_lost_push_is_pulled_at_once_and_the_pushes_after_it_are_held_then_app
     held = []
     for i in range(5):  # five pushed messages of 3 entries; the first is lost
         for j in range(3):
-            a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
+            a.append(codec.Append("notes", "", bytes([i, j]), {}))
         run_for(1)
         held.append(b.mesh.early_entries)
     assert held[:2] == [0, 3]  # the second message waits for the pull of the first
@@ -548,12 +607,12 @@ def test_early_pushes_are_bounded_and_dropped_for_the_digest_repair(monkeypatch)
     monkeypatch.setattr(mesh_mod, "MAX_EARLY_BYTES", 600)  # about 2 messages of 4 entries
     a, b, run_for = formed_pair(12)
     a.net.cut = {frozenset(("a", "b"))}
-    a.ledger.append(codec.Append("notes", "", b"lost", {}))
+    a.append(codec.Append("notes", "", b"lost", {}))
     run_for(1)
     a.net.cut = set()
     for i in range(4):  # 4 messages of 4 entries after the lost one: past the bound of 10
         for j in range(4):
-            a.ledger.append(codec.Append("notes", "", bytes([i, j]), {}))
+            a.append(codec.Append("notes", "", bytes([i, j]), {}))
         b.mesh.peers[addr("a")].state = DEAD  # no gap pull: only the bound acts
         run_for(1)
     assert b.mesh.stats.dropped_pushes >= 1 and b.mesh.early_bytes <= 600
@@ -638,16 +697,15 @@ def crashed_writer_setup(seed: int) -> tuple[SimNode, SimNode, Any, Any]:
     net = perfect_pair("a", "b", seed)
     a, b = nodes["a"], nodes["b"]
     run_for = Stepper(net).run_for
-    a.ledger.append(codec.Append("x", "", b"shared", {}))
+    a.append(codec.Append("x", "", b"shared", {}))
     run_for(40)
     assert b.ledger.contexts["x"].size == 1
     saved = copy.deepcopy(a.ledger.kv)  # all a has on disk when it crashes later
 
     def restart() -> SimNode:
-        na = SimNode("a", net, ["b"])
-        na.ledger = na.mesh.ledger = Ledger(saved, node_id="a", sync_meta=False)
-        na.mesh.boot = "a-boot-2"
-        na.subscribers = set(a.subscribers)  # b's SUB socket reconnects by itself
+        na = SimNode("a", net, ["b"], kv=saved, boot="a-boot-2")
+        for sub in a.subscribers:  # b's SUB socket reconnects by itself
+            na.add_subscriber(sub)
         nodes["a"] = na
         return na
 
@@ -664,13 +722,13 @@ def test_pushes_of_a_rewritten_history_are_never_spliced_onto_the_lost_one():
     # old 1..4 aside as it was and follows a's new history.
     a, b, run_for, restart = crashed_writer_setup(21)
     for i in range(3):
-        a.ledger.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
+        a.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
     run_for(2)
     assert payloads(b.ledger, b.ledger.contexts["x"]) == [b"shared", b"old2", b"old3", b"old4"]
     a.up = False
     na = restart()
     for i in range(8):
-        na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
+        na.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
     run_for(40)
     bx, ax = b.ledger.contexts["x"], na.ledger.contexts["x"]
     assert payloads(b.ledger, bx) == payloads(na.ledger, ax) == [b"shared"] + [b"new%d" % i for i in range(2, 10)]
@@ -693,10 +751,10 @@ def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_
 
     a.net.send = send  # type: ignore[method-assign]
     for i in range(3):
-        a.ledger.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
+        a.append(codec.Append("x", "", b"old%d" % (2 + i), {}))
     a.publish()  # lost
     for i in range(3):
-        a.ledger.append(codec.Append("x", "", b"old%d" % (5 + i), {}))
+        a.append(codec.Append("x", "", b"old%d" % (5 + i), {}))
     a.publish()
     a.up = False  # crashes before it answers the gap pull
     deliver(a.net, 0)
@@ -706,7 +764,7 @@ def test_pushes_held_for_a_writer_that_dies_are_dropped_not_applied_to_its_next_
     assert b.mesh.peers[addr("a")].state == "dead" and not b.mesh.early
     na = restart()
     for i in range(9):
-        na.ledger.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
+        na.append(codec.Append("x", "", b"new%d" % (2 + i), {}))
     run_for(40)
     bx = b.ledger.contexts["x"]
     assert payloads(b.ledger, bx) == [b"shared"] + [b"new%d" % i for i in range(2, 11)]
@@ -718,7 +776,7 @@ def test_a_duplicated_pull_reply_does_not_make_every_later_chunk_asked_twice(mon
     a, b, run_for = formed_pair(23)
     a.net.cut = {frozenset(("a", "b"))}
     for i in range(3000):
-        a.ledger.append(codec.Append("notes", "", b"%d" % i, {}))
+        a.append(codec.Append("notes", "", b"%d" % i, {}))
     run_for(1)
     a.net.cut = set()
     a.mesh.heartbeat_s = b.mesh.heartbeat_s = HEARTBEAT  # the digest starts the repair
@@ -749,7 +807,7 @@ def test_a_duplicated_pull_reply_does_not_make_every_later_chunk_asked_twice(mon
 def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
     a, b, run_for = formed_pair(24)
     for name in ("x", "y"):
-        a.ledger.append(codec.Append(name, "", b"1", {}))
+        a.append(codec.Append(name, "", b"1", {}))
     asked: list[str] = []
     real_request = b.request
 
@@ -802,10 +860,9 @@ def restart_from(name: str, net: Network, kv: MemoryKV, boot: str, seeds: list[s
     import copy
 
     old = nodes[name]
-    n = SimNode(name, net, seeds)
-    n.ledger = n.mesh.ledger = Ledger(copy.deepcopy(kv), node_id=name, sync_meta=False)
-    n.mesh.boot = boot
-    n.subscribers = set(old.subscribers)
+    n = SimNode(name, net, seeds, kv=copy.deepcopy(kv), boot=boot)
+    for sub in old.subscribers:  # their SUB sockets reconnect by themselves
+        n.add_subscriber(sub)
     nodes[name] = n
     return n
 
@@ -838,7 +895,7 @@ def run_writer_crashes(seed: int, crashes: int = 4, contexts: int = 3) -> dict[s
         for _ in range(rng.randrange(5, 40)):
             for name in rng.sample(names, rng.randrange(1, contexts + 1)):
                 for _ in range(rng.randrange(1, 4)):
-                    nodes["w"].ledger.append(codec.Append(name, "", rng.randbytes(8), {}))
+                    nodes["w"].append(codec.Append(name, "", rng.randbytes(8), {}))
                     lost += 1
             if rng.random() < 0.3:
                 net.cut = {frozenset(("r1", "r2"))} if rng.random() < 0.5 else set()
@@ -851,7 +908,7 @@ def run_writer_crashes(seed: int, crashes: int = 4, contexts: int = 3) -> dict[s
         w = restart_from("w", net, saved, f"w-boot-{crash + 2}", ["r1"])
         if rng.random() < 0.6:  # sometimes the writer writes again, sometimes it stays behind
             for _ in range(rng.randrange(1, lost + 10)):
-                w.ledger.append(codec.Append(rng.choice(names), "", rng.randbytes(8), {}))
+                w.append(codec.Append(rng.choice(names), "", rng.randbytes(8), {}))
         net.cut = set()
         st.run_seconds(40 * HEARTBEAT)  # 8 s: a lost pull reply is given up after 5 s (expiry), then repair
         for name in names:
@@ -883,11 +940,11 @@ def test_a_writer_that_lost_a_tail_and_writes_nothing_more_is_still_followed(cap
     w, r = nodes["w"], nodes["r"]
     st = Stepper(net)
     for i in range(3):
-        w.ledger.append(codec.Append("x", "", b"kept%d" % i, {}))
+        w.append(codec.Append("x", "", b"kept%d" % i, {}))
     st.run_for(10)
     saved = copy.deepcopy(w.ledger.kv)
     for i in range(2):
-        w.ledger.append(codec.Append("x", "", b"lost%d" % i, {}))
+        w.append(codec.Append("x", "", b"lost%d" % i, {}))
     st.run_for(10)
     assert r.ledger.contexts["x"].size == 5
     w = restart_from("w", net, saved, "w-boot-2", ["r"])
@@ -899,7 +956,7 @@ def test_a_writer_that_lost_a_tail_and_writes_nothing_more_is_still_followed(cap
     assert r.mesh.forks["x"].set_aside and r.mesh.forks["x"].served_writer == "w"
     # w goes on writing; r follows
     for i in range(4):
-        w.ledger.append(codec.Append("x", "", b"new%d" % i, {}))
+        w.append(codec.Append("x", "", b"new%d" % i, {}))
     st.run_seconds(4 * HEARTBEAT)
     assert payloads(r.ledger, r.ledger.contexts["x"]) == [b"kept0", b"kept1", b"kept2"] + [b"new%d" % i
                                                                                            for i in range(4)]
@@ -913,10 +970,10 @@ def test_a_fork_is_logged_once_per_context_and_history_not_every_heartbeat(caplo
     net = perfect_pair("w", "r", 32)
     w, r = nodes["w"], nodes["r"]
     st = Stepper(net)
-    w.ledger.append(codec.Append("x", "", b"a", {}))
+    w.append(codec.Append("x", "", b"a", {}))
     st.run_for(10)
     saved = copy.deepcopy(w.ledger.kv)
-    w.ledger.append(codec.Append("x", "", b"b", {}))
+    w.append(codec.Append("x", "", b"b", {}))
     st.run_for(10)
     r.up = False  # r is away while w crashes and comes back behind it
     w = restart_from("w", net, saved, "w-boot-2", ["r"])
@@ -933,14 +990,14 @@ def test_a_writer_that_loses_tails_twice_is_followed_twice_and_both_old_historie
     net = perfect_pair("w", "r", 33)
     w, r = nodes["w"], nodes["r"]
     st = Stepper(net)
-    w.ledger.append(codec.Append("x", "", b"base", {}))
+    w.append(codec.Append("x", "", b"base", {}))
     st.run_for(10)
     for crash in (1, 2):
         saved = copy.deepcopy(w.ledger.kv)
-        w.ledger.append(codec.Append("x", "", b"lost%d" % crash, {}))
+        w.append(codec.Append("x", "", b"lost%d" % crash, {}))
         st.run_for(10)
         w = restart_from("w", net, saved, f"w-boot-{crash + 1}", ["r"])
-        w.ledger.append(codec.Append("x", "", b"new%d" % crash, {}))
+        w.append(codec.Append("x", "", b"new%d" % crash, {}))
         st.run_seconds(10 * HEARTBEAT)
         assert payloads(r.ledger, r.ledger.contexts["x"]) == payloads(w.ledger, w.ledger.contexts["x"])
     assert payloads(r.ledger, r.ledger.contexts["x"]) == [b"base", b"new1", b"new2"]

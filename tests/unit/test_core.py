@@ -1,0 +1,214 @@
+"""The sans-I/O node core (node/core.py) driven by hand: events in, replies and write batches out.
+
+No sockets, no threads, no clock: time is whatever the test passes in.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Any
+
+import pytest
+
+from node.config import Config
+from node.core import Core, Reply, Request, WhenDurable, WhenReplicated, WriteBatch
+from node.ledger import ContextState, Ledger
+from node.storage import MemoryKV
+from protocol import codec
+
+pytestmark = pytest.mark.timeout(30)
+
+CLIENT = b"client-1"
+
+
+class Wire:
+    """The mesh's transport and the watch feed, recording what the core asks of them."""
+
+    boot = "test-boot"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        self.marked: list[str] = []
+
+    def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
+        self.sent.append((address, op, fields))
+        return len(self.sent)
+
+    def subscribe(self, pub_address: str) -> None:
+        pass
+
+    def unsubscribe(self, pub_address: str) -> None:
+        pass
+
+    def forget(self, address: str) -> None:
+        pass
+
+    def mark(self, ctx: ContextState) -> None:
+        self.marked.append(ctx.name)
+
+    def watchers(self, context: str) -> int:
+        return 0
+
+
+def make_core(durability: str = "async", **kw: Any) -> tuple[Core, Wire]:
+    cfg = Config(node_id="me", data=":memory:", host="127.0.0.1", port=1, pub_port=2, durability=durability,
+                 flush_ms=10, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info", **kw)
+    wire = Wire()
+    return Core(cfg, Ledger(MemoryKV(), node_id="me", sync_meta=False), wire, wire,
+                address="127.0.0.1:1", pub="127.0.0.1:2", started=100.0), wire
+
+
+def ask(core: Core, op: str, now: float = 100.0, ident: bytes = CLIENT, **fields: Any) -> list[dict[str, Any]]:
+    """One request into the core; the replies it queued for `ident` (decoded), taken out of the outbox."""
+    core.request([ident, codec.encode_request(op, 7, fields)], now)
+    return take(core, ident)
+
+
+def take(core: Core, ident: bytes = CLIENT) -> list[dict[str, Any]]:
+    mine = [f for f in core.outbox if f[0] == ident]
+    core.outbox = [f for f in core.outbox if f[0] != ident]
+    return [codec.decode_reply(f[-1]) for f in mine]
+
+
+def write(core: Core, now: float, error: str | None = None) -> WriteBatch:
+    batch = core.next_write(now, force=True)
+    assert batch is not None
+    if error is None:
+        batch.commit()
+    core.written(batch.dirty, error, now)
+    core.settle(now)
+    return batch
+
+
+def test_an_append_is_answered_now_in_async_mode_and_its_context_marked_for_the_watchers():
+    core, wire = make_core()
+    (r,) = ask(core, "append", context="notes", payload=b"x")
+    assert r["ok"] and r["entry"]["seq"] == 1 and wire.marked == ["notes"]
+    assert not core.for_disk
+
+
+def test_in_sync_mode_the_reply_waits_for_disk_and_goes_when_the_write_is_done():
+    core, _ = make_core("sync")
+    assert ask(core, "append", context="notes", payload=b"x") == []
+    assert len(core.for_disk) == 1 and isinstance(core.for_disk[0].answer, WhenDurable)
+    batch = core.next_write(100.0)
+    assert batch is not None and batch.keys > 0 and core.writing
+    assert core.next_write(100.0) is None  # one write at a time
+    batch.commit()
+    assert take(core) == []  # on disk, but the core has not been told yet
+    core.written(batch.dirty, None, 100.01)
+    assert core.settle(100.01)
+    (r,) = take(core)
+    assert r["ok"] and r["entry"]["seq"] == 1 and not core.for_disk and not core.writing
+
+
+def test_a_failed_write_answers_the_waiting_replies_storage_and_refuses_appends():
+    core, _ = make_core("sync")
+    ask(core, "append", context="notes", payload=b"x")
+    write(core, 100.0, error="IO error: No space left on device")
+    (r,) = take(core)
+    assert r["error"]["code"] == "STORAGE" and r["error"]["seq"] == 1
+    assert "No space left" in r["error"]["error"]
+    (r,) = ask(core, "append", context="notes", payload=b"y")
+    assert r["error"]["code"] == "STORAGE"
+    (r,) = ask(core, "get", context="notes")
+    assert r["ok"] and len(r["entries"]) == 1  # the unwritten entry is still served from RAM
+
+
+def test_async_writes_are_grouped_until_half_the_flush_interval():
+    core, _ = make_core()
+    ask(core, "append", context="notes", payload=b"x", now=100.0)
+    assert core.next_write(100.0) is None and 0 < core.next_deadline_ms(100.0) <= 6  # due at 100.005
+    ask(core, "append", context="notes", payload=b"y", now=100.002)
+    assert core.next_write(100.002) is None
+    batch = core.next_write(100.006)
+    assert batch is not None and set(batch.dirty.values()) == {2}  # both appends, one write
+
+
+def peer_heartbeat(core: Core, node_id: str = "p", address: str = "127.0.0.1:9", now: float = 100.0) -> None:
+    (r,) = ask(core, "heartbeat", now=now, ident=b"peer", node_id=node_id, address=address,
+               pub="127.0.0.1:10", boot="b", lamport=0, entries=0, cluster="ledger")
+    assert r["ok"], r
+
+
+def test_replicas_n_waits_for_acks_from_known_members_then_answers_with_the_count():
+    core, wire = make_core()
+    peer_heartbeat(core)
+    assert ask(core, "append", context="notes", payload=b"x", replicas=1) == []
+    assert isinstance(core.for_replicas[0].answer, WhenReplicated) and core.waits_for_replicas(
+        core.ledger.contexts["notes"])
+    ask(core, "ack", ident=b"ghost", node_id="ghost", acks=[["notes", 1]])  # not a member: not counted
+    assert take(core) == [] and core.for_replicas
+    ask(core, "ack", ident=b"peer", node_id="p", acks=[["notes", 1]], now=100.1)
+    (r,) = take(core)
+    assert r["ok"] and r["replicated"] == 1 and r["entry"]["seq"] == 1 and not core.for_replicas
+
+
+def test_replicas_n_answers_unavailable_at_its_deadline_and_the_entry_stays():
+    core, _ = make_core(replica_timeout_ms=500)
+    peer_heartbeat(core)
+    ask(core, "append", context="notes", payload=b"x", replicas=1, now=100.0)
+    core.tick(100.4)
+    assert take(core) == []
+    core.tick(100.6)
+    (r,) = take(core)
+    assert r["error"]["code"] == "UNAVAILABLE"
+    assert {k: r["error"][k] for k in ("context", "seq", "replicated", "required")} == {
+        "context": "notes", "seq": 1, "replicated": 0, "required": 1}
+    assert core.ledger.contexts["notes"].size == 1
+
+
+def test_replicas_more_than_alive_is_refused_before_anything_is_appended():
+    core, _ = make_core()
+    (r,) = ask(core, "append", context="notes", payload=b"x", replicas=1)
+    assert r["error"]["code"] == "UNAVAILABLE" and "notes" not in core.ledger.contexts
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([CLIENT, b"a", b"b", codec.encode_request("ping", 1, {})], "BAD_REQUEST"),  # two envelope frames
+    ([CLIENT, b"x", codec.encode_request("ping", 1, {})], "BAD_REQUEST"),  # a delimiter that is not empty
+    ([CLIENT, b"\xc1junk"], "BAD_REQUEST"),  # not msgpack
+    ([CLIENT, codec.encode_request("nope", 1, {})], "UNKNOWN_OP"),
+])
+def test_malformed_requests_get_one_error_reply_each(frames, code):
+    core, _ = make_core()
+    junk = core.request(frames, 100.0)
+    (r,) = take(core)
+    assert r["error"]["code"] == code
+    assert junk == (frames[-1] == b"\xc1junk")  # only undecodable bytes count for the junk gate
+
+
+def test_a_request_with_the_empty_delimiter_is_answered_under_it():
+    core, _ = make_core()
+    core.request([CLIENT, b"", codec.encode_request("ping", 1, {})], 100.0)
+    (frames,) = core.outbox
+    assert frames[:2] == [CLIENT, b""] and codec.decode_reply(frames[-1])["node_id"] == "me"
+
+
+def test_a_bug_in_a_handler_is_an_internal_error_reply_and_the_core_keeps_serving(monkeypatch):
+    core, _ = make_core()
+
+    def broken(rq: Request, req: Any) -> Reply:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setitem(core.handlers, "ping", broken)
+    (r,) = ask(core, "ping")
+    assert r["error"]["code"] == "INTERNAL" and "boom" in r["error"]["message"]
+    (r,) = ask(core, "append", context="notes", payload=b"x")
+    assert r["ok"]
+
+
+def test_status_takes_its_time_from_the_request_and_adds_the_io_layers_counters():
+    core, _ = make_core()
+    core.io_status = lambda now: {"router": "tcp://x", "seen_now": now}
+    (r,) = ask(core, "status", now=112.5)
+    assert r["uptime_s"] == 12.5 and r["seen_now"] == 112.5 and r["router"] == "tcp://x"
+    assert "replication" in r and r["durability"] == "async"
+
+
+def test_the_core_module_imports_no_socket_clock_disk_or_thread_module():
+    tree = ast.parse(pathlib.Path(__file__).parents[2].joinpath("node", "core.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"zmq", "time", "os", "socket", "plyvel", "threading", "asyncio", "select"}, imported
