@@ -8,6 +8,7 @@ message meant for a person (never `assert`, which `python -O` strips).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,7 @@ class Config:
     max_clients: int | None = None  # None: from the open-files limit (node/clients.py)
     max_peers: int = DEFAULT_MAX_PEERS
     accept_damage: bool = False
+    insecure: bool = False  # serve beyond loopback without authentication (--insecure)
 
     @property
     def sync(self) -> bool:
@@ -107,6 +109,22 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (as given to --listen or --advertise, IPv6 without brackets) is a loopback
+    address: 127.0.0.0/8, ::1 (also IPv4-mapped), or the name localhost. Any other name is not:
+    what it resolves to is not this node's to know."""
+    h = host.strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "appends again at once, asking no peer: the lost entries are gone from this node (a live "
                    "replica that holds them sets them aside as a fork). Without it such a context refuses appends while it is refilled from peers "
                    "(a flag, not a variable: meant for one start)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve on a non-loopback --listen or --advertise address without authentication: anyone "
+                   "who can reach the ports can read, append and join the mesh as a peer. Without it a node "
+                   "serves only on loopback (127.0.0.0/8, ::1, localhost). Use it only on a network you trust; "
+                   "logged at start and shown in status [LEDGER_INSECURE=1]")
     p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "
                    "every root, the high-water marks), report damage and exit (0 clean, 1 damaged, 2 unreadable); "
@@ -289,6 +312,18 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         if not _digits(mc_raw) or not 1 <= int(mc_raw) <= 1_000_000:
             raise ConfigError(f"--max-clients must be an integer from 1 to 1000000, got {mc_raw!r}")
         max_clients = int(mc_raw)
+    insecure_raw = "1" if args.insecure else env.get("LEDGER_INSECURE", "")
+    if insecure_raw not in ("", "0", "1"):
+        raise ConfigError(f"LEDGER_INSECURE must be 1 or 0, got {insecure_raw!r}")
+    insecure = insecure_raw == "1"
+    if not insecure:
+        for flag, h in (("--listen", host), ("--advertise", advertise.rpartition(":")[0] if advertise else None)):
+            if h is not None and not is_loopback(h):
+                raise ConfigError(
+                    f"{flag} {h!r} is not a loopback address. Without authentication a node serves only on "
+                    "loopback: anyone who can reach its ports could read, append and join the mesh as a peer. "
+                    "Authentication (keys) is not available yet; to serve on this address anyway, on a network "
+                    "you trust, add --insecure")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -302,5 +337,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
         max_watchers_per_context=int(mw_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
-        accept_damage=bool(args.accept_damage),
+        accept_damage=bool(args.accept_damage), insecure=insecure,
     )

@@ -170,12 +170,13 @@ class Core:
 
     def __init__(self, config: Config, ledger: Ledger, transport: Transport, watch: WatchFeed, *,
                  address: str, pub: str, io_status: Callable[[float], dict[str, Any]] = no_status,
-                 started: float = 0.0) -> None:
+                 started: float = 0.0, public_key: str = "") -> None:
         self.config = config
         self.ledger = ledger
         self.watch = watch
         self.io_status = io_status
         self.started = started
+        self.public_key = public_key  # this node's identity (hex; node/identity.py)
         self.sync = config.sync
         self.mesh = Mesh(
             ledger, transport, address=address, pub=pub, seeds=list(config.peers),
@@ -364,6 +365,9 @@ class Core:
             "max_peer_message": max_peer_message(cfg.max_payload),
             "data": cfg.data,
             "storage": self.ledger.storage.status(now),
+            "public_key": self.public_key,
+            # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)
+            "security": "insecure" if cfg.insecure else "loopback",
         })
         fields.update(self.io_status(now))
         fields.update(self.mesh.status(now))

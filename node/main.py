@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from node import __version__, clients
 from node.config import ConfigError, parse
+from node.identity import KEY_FILE, IdentityError, load_or_create
 from node.ledger import DataDirError, Ledger
 from node.marks import Journal
 from node.server import Server
@@ -99,18 +100,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("start-up failed", exc_info=True)
         return _fail(f"data folder {cfg.data!r} is damaged and cannot be served: {type(exc).__name__}: {exc}; "
                      "run `ledger-node --check DATA` on it, or move it away and let this node refill from its peers")
+    try:
+        identity, new_key = load_or_create(cfg.data)
+    except IdentityError as exc:
+        kv.close()
+        return _fail(str(exc))
+    if new_key and cfg.data != ":memory:":
+        log.info("made this node's identity key in %s (public key %s)", os.path.join(cfg.data, KEY_FILE),
+                 identity.public_hex)
     if cfg.accept_damage:
         accepted = ledger.accept_damage()
         log.warning("--accept-damage: %s", f"went on from what the disk holds of {', '.join(map(repr, accepted))}"
                     if accepted else "no damaged context this node writes; nothing to accept")
     try:
-        server = Server(cfg, ledger)
+        server = Server(cfg, ledger, identity=identity)
     except AddressInUse as exc:
         kv.close()
         if created:
             shutil.rmtree(cfg.data, ignore_errors=True)
         return _fail(f"cannot listen on {exc}; pick another --listen / --pub-port"
                      + (" or stop whatever uses it" if "in use" in str(exc) else ""))
+    if cfg.insecure:
+        log.warning("--insecure: serving on %s without authentication: anyone who can reach it can read, "
+                    "append and join the mesh as a peer; use it only on a network you trust", server.router_address)
     if cfg.host in ("0.0.0.0", "::") and not cfg.advertise:
         logging.getLogger("node").warning(
             "listening on all interfaces (%s) without --advertise: peers, and clients sent here by "
@@ -128,12 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def ready() -> None:
         flush = f"flushed within {cfg.flush_ms} ms" if not cfg.sync else "fsynced before every reply"
+        security = ("INSECURE: no authentication, beyond loopback" if cfg.insecure
+                    else "loopback only (no authentication configured)")
         print(
             f"ledger-node {__version__} id={ledger.node_id}\n"
             f"  requests (ROUTER): {server.router_address}\n"
             f"  watch (PUB):       {server.pub_address}\n"
             f"  data:              {cfg.data} ({len(ledger.contexts)} contexts, {ledger.entries_total} entries)\n"
             f"  durability:        {cfg.durability} ({flush})\n"
+            f"  identity:          {identity.public_hex}\n"
+            f"  security:          {security}\n"
             f"ready router={server.router_address} pub={server.pub_address} id={ledger.node_id}",
             flush=True,
         )

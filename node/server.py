@@ -48,6 +48,7 @@ from node.publisher import Publisher
 from node.storage import KV, WriteFailed
 from protocol import codec
 from protocol.errors import BAD_REQUEST, LedgerError
+from protocol.keys import Identity
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,10 @@ class Flusher(threading.Thread):
 
 
 class Server:
-    def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context[Any] | None = None,
+                 identity: Identity | None = None) -> None:
         self.config = config
+        self.identity = identity or Identity.generate()
         self.ledger = ledger
         self.zctx = zctx or zmq.Context.instance()
         self.stopping = False
@@ -129,7 +132,7 @@ class Server:
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.core = Core(config, ledger, self.peers, self.publisher, address=advertise,
                          pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}", io_status=self._io_status,
-                         started=time.monotonic())
+                         started=time.monotonic(), public_key=self.identity.public_hex)
         self.peers.core = self.core
         self.publisher.wants_ack = self.core.waits_for_replicas
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")

@@ -26,6 +26,7 @@ from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
 from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, TooLarge
+from protocol.keys import Identity
 from protocol.snapshot import read_snapshot
 from tools.cluster import ClusterError, run_cluster
 
@@ -198,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--port-base", type=int, default=0, metavar="PORT",
                     help="node i listens on PORT + 10*(i-1), its watch socket one above (default: free ports)")
     cl.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    kg = sub.add_parser(
+        "keygen",
+        help="make an identity key file (Ed25519) for a client or a node, and print its public key",
+        description="Write a new identity key to FILE (mode 0600; an existing file is not replaced without "
+        "--force) and print its public key, the 64 hex digits other nodes' allowlists name. With --show, "
+        "print the public key of an existing key file instead. A node makes its own key (DATA/node.key) on "
+        "first start; this is for clients and for provisioning nodes ahead of time.",
+    )
+    kg.add_argument("file", metavar="FILE")
+    kg.add_argument("--force", action="store_true", help="replace FILE if it exists (its old key is lost)")
+    kg.add_argument("--show", action="store_true", help="print the public key of the existing FILE, make nothing")
 
     w = sub.add_parser(
         "watch",
@@ -655,6 +668,23 @@ def _open_snapshot(args: argparse.Namespace) -> IO[bytes]:
     return src
 
 
+def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
+    from node.identity import IdentityError, read_key_file, write_key_file
+
+    try:
+        if args.show:
+            ident = read_key_file(args.file)
+        else:
+            ident = Identity.generate()
+            write_key_file(args.file, ident, overwrite=args.force)
+    except IdentityError as exc:
+        raise UsageError(str(exc)) from None
+    out.fields({"public_key": ident.public_hex, "file": args.file})
+    if not args.show and not args.json:
+        sys.stderr.write(f"{PROG}: wrote a secret key to {args.file} (mode 0600): keep it private\n")
+    return 0
+
+
 def run(args: argparse.Namespace, out: Output | None = None) -> int:
     """Run one parsed command; errors propagate (see `main`)."""
     out = out or Output(args.json)
@@ -668,6 +698,8 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
             return run_cluster(args.nodes, args.data, args.host, args.port_base, extra, out.stream)
         except ClusterError as exc:
             raise UsageError(str(exc)) from None
+    if args.command == "keygen":
+        return cmd_keygen(args, out)
     address = _node_address(args.node)
     # Local input first: a missing file is reported without waiting on a node.
     payload: bytes | None = None

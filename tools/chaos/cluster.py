@@ -71,8 +71,10 @@ class Cluster:
         if self.opts.partitions:
             self.netns = Netns(self.opts.nodes)
             self.netns.setup()
+            # each node on its own namespace's address, not loopback: until the mesh has keys, that
+            # takes --insecure (a private bridge no one else reaches)
             for name, ns, ip in zip(names, self.netns.names, self.netns.ips, strict=True):
-                self.nodes.append(NodeProc(name, self.workdir, ip, NS_PORT, NS_PORT + 1, flags, ns))
+                self.nodes.append(NodeProc(name, self.workdir, ip, NS_PORT, NS_PORT + 1, [*flags, "--insecure"], ns))
         else:
             base = free_port_block(2 * self.opts.nodes)
             for i, name in enumerate(names):

@@ -1,0 +1,105 @@
+"""Identity keys (protocol/keys.py) and the node's key file (node/identity.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from node import identity
+from protocol.keys import Identity, KeyFileError, curve_public, parse_key_file, parse_public_key, verify
+
+pytestmark = pytest.mark.timeout(30)
+
+SEED = bytes(range(32))
+
+
+def test_a_key_file_round_trips_and_its_public_key_is_the_seeds():
+    ident = Identity(SEED)
+    text = ident.to_text()
+    assert text.startswith("#") and f"public-key: {ident.public_hex}" in text
+    assert parse_key_file(text) == ident
+    assert len(ident.public) == 32 and len(ident.public_hex) == 64
+
+
+def test_one_identity_signs_and_gives_the_curve_keypair_for_zeromq():
+    ident = Identity(SEED)
+    sig = ident.sign(b"head")
+    assert len(sig) == 64 and verify(ident.public, b"head", sig)
+    assert not verify(ident.public, b"head!", sig)
+    assert not verify(Identity.generate().public, b"head", sig)
+    assert not verify(b"\x00" * 5, b"head", sig)  # a malformed key is a failed check, not a crash
+    pub, sec = ident.curve_keypair()
+    assert pub == curve_public(ident.public) and len(sec) == 32
+    import nacl.bindings
+    assert nacl.bindings.crypto_scalarmult_base(sec) == pub  # the secret half gives the public half
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no secret-key line"),
+    ("public-key: " + "ab" * 32 + "\n", "no secret-key line"),
+    ("secret-key: " + SEED.hex() + "\n", "no public-key line"),
+    ("secret-key: xyz\npublic-key: " + "ab" * 32, "64 hex digits"),
+    ("secret-key: " + SEED.hex() + "\nsecret-key: " + SEED.hex(), "given twice"),
+    ("secret-key " + SEED.hex(), "line 1: expected"),
+    ("private: 1", "line 1: expected"),
+    ("secret-key: " + SEED.hex() + "\npublic-key: " + Identity.generate().public_hex, "not the one its secret-key"),
+])
+def test_a_broken_key_file_is_refused_with_what_is_wrong(text, message):
+    with pytest.raises(KeyFileError, match=message):
+        parse_key_file(text)
+
+
+def test_public_keys_are_64_hex_digits_and_a_curve_point():
+    ident = Identity(SEED)
+    assert parse_public_key(f"  {ident.public_hex.upper()} \n") == ident.public
+    for bad in ("", "ab" * 31, "ab" * 33, "zz" * 32, "0x" + "ab" * 31):
+        with pytest.raises(KeyFileError, match="64 hex digits"):
+            parse_public_key(bad)
+    # 32 bytes that are not a point of the curve (libsodium refuses to convert them)
+    not_a_point = bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000080")
+    with pytest.raises(KeyFileError, match="not a valid"):
+        parse_public_key(not_a_point.hex())
+
+
+def test_the_node_makes_its_key_once_with_mode_0600_and_keeps_it(tmp_path):
+    ident, created = identity.load_or_create(str(tmp_path))
+    path = tmp_path / identity.KEY_FILE
+    assert created and stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, created = identity.load_or_create(str(tmp_path))
+    assert again == ident and not created
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no temporary file left
+
+
+def test_a_throw_away_node_writes_no_key(tmp_path):
+    a, _ = identity.load_or_create(":memory:")
+    b, _ = identity.load_or_create(":memory:")
+    assert a != b
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path):
+    identity.load_or_create(str(tmp_path))
+    path = tmp_path / identity.KEY_FILE
+    path.chmod(0o644)
+    with pytest.raises(identity.IdentityError, match=r"mode 0644.*chmod 600"):
+        identity.load_or_create(str(tmp_path))
+
+
+def test_a_damaged_key_file_is_refused_not_replaced(tmp_path):
+    path = tmp_path / identity.KEY_FILE
+    path.write_text("secret-key: " + "00" * 31 + "\n")
+    path.chmod(0o600)
+    with pytest.raises(identity.IdentityError, match="64 hex digits"):
+        identity.load_or_create(str(tmp_path))
+    assert path.read_text() == "secret-key: " + "00" * 31 + "\n"  # left as it was, for the operator
+
+
+def test_write_key_file_does_not_replace_an_existing_file(tmp_path):
+    path = str(tmp_path / "client.key")
+    identity.write_key_file(path, Identity(SEED))
+    with pytest.raises(identity.IdentityError, match="already exists"):
+        identity.write_key_file(path, Identity.generate())
+    assert identity.read_key_file(path) == Identity(SEED)
+    identity.write_key_file(path, Identity.generate(), overwrite=True)
+    assert identity.read_key_file(path) != Identity(SEED)
