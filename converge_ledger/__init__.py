@@ -16,12 +16,14 @@ Anything not listed in `__all__` may change without notice.
 """
 
 from node import __version__
+from node.identity import read_key_file
 from protocol.client import Client, ConsistencyProof, GetResult, Head, InclusionProof, Watch
 from protocol.codec import PROTOCOL_VERSION
 from protocol.entry import Entry
 from protocol.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     IntegrityError,
     InternalError,
     LedgerError,
@@ -34,8 +36,10 @@ from protocol.errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+from protocol.keys import Identity
 
 __all__ = [
+    "read_key_file",
     "PROTOCOL_VERSION",
     "BadRequest",
     "Client",
@@ -45,12 +49,14 @@ __all__ = [
     "GetResult",
     "Head",
     "InclusionProof",
+    "Identity",
     "IntegrityError",
     "InternalError",
     "LedgerError",
     "NotFound",
     "NotWriter",
     "StorageError",
+    "Forbidden",
     "Timeout",
     "TooLarge",
     "Unavailable",

@@ -64,6 +64,14 @@ class Config:
     max_peers: int = DEFAULT_MAX_PEERS
     accept_damage: bool = False
     insecure: bool = False  # serve beyond loopback without authentication (--insecure)
+    peer_keys: str | None = None  # --peer-keys FILE: NODE_ID PUBLIC_KEY lines (node/access.py)
+    client_keys: str | None = None  # --client-keys FILE: PUBLIC_KEY ROLE [PREFIX,...] lines
+    seed_ids: tuple[tuple[str, str], ...] = ()  # (address, node id) of the --peers given as ID@HOST:PORT
+
+    @property
+    def secure(self) -> bool:
+        """Keys are configured: every socket uses CURVE and only allowlisted keys connect."""
+        return self.peer_keys is not None or self.client_keys is not None
 
     @property
     def sync(self) -> bool:
@@ -204,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "appends again at once, asking no peer: the lost entries are gone from this node (a live "
                    "replica that holds them sets them aside as a fork). Without it such a context refuses appends while it is refilled from peers "
                    "(a flag, not a variable: meant for one start)")
+    p.add_argument("--peer-keys", metavar="FILE", help="turns authentication on: the other nodes of the mesh, "
+                   "one 'NODE_ID PUBLIC_KEY' line each; every socket then uses CURVE, a node id is accepted only "
+                   "from the key it is bound to, and --peers entries are NODE_ID@HOST:PORT. Re-read on SIGHUP "
+                   "[LEDGER_PEER_KEYS]")
+    p.add_argument("--client-keys", metavar="FILE", help="turns authentication on: the clients allowed, one "
+                   "'PUBLIC_KEY ROLE [PREFIX,...]' line each, ROLE read, write or admin, PREFIXes limiting the "
+                   "contexts it may touch. Re-read on SIGHUP [LEDGER_CLIENT_KEYS]")
     p.add_argument("--insecure", action="store_true",
                    help="serve on a non-loopback --listen or --advertise address without authentication: anyone "
                    "who can reach the ports can read, append and join the mesh as a peer. Without it a node "
@@ -267,16 +282,28 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     mt_raw = _int_flag(pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000"), "--max-watch-topics", 1, 10_000_000)
     mw_raw = _int_flag(pick(args.max_watchers_per_context, "MAX_WATCHERS_PER_CONTEXT", "1000"),
                        "--max-watchers-per-context", 1, 1_000_000)
+    peer_keys = pick(args.peer_keys, "PEER_KEYS", "") or None
+    client_keys = pick(args.client_keys, "CLIENT_KEYS", "") or None
+    secure = peer_keys is not None or client_keys is not None
     peers_raw = pick(args.peers, "PEERS", "")
     peers: list[str] = []
+    seed_ids: dict[str, str] = {}
     for item in (x.strip() for x in peers_raw.split(",")):
         if item:
+            seed_id, at, item = item.rpartition("@")
+            if at and not ID_RE.match(seed_id):
+                raise ConfigError(f"--peers: {seed_id!r} before '@' is not a node id")
+            if secure and not at:
+                raise ConfigError(f"--peers {item!r}: with keys, each entry names its node, NODE_ID@HOST:PORT "
+                                  "(its key is looked up in --peer-keys)")
             try:
                 addr = parse_address(item, "--peers:")
             except RemoteProtocolError as exc:
                 raise ConfigError(exc.message) from None
             if addr not in peers:
                 peers.append(addr)
+            if at:
+                seed_ids[addr] = seed_id
     mp_raw = _int_flag(pick(args.max_peers, "MAX_PEERS", str(DEFAULT_MAX_PEERS)), "--max-peers", 1, MAX_MAX_PEERS)
     if len(peers) > int(mp_raw):
         raise ConfigError(f"--peers lists {len(peers)} nodes, more than --max-peers ({mp_raw})")
@@ -316,14 +343,17 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if insecure_raw not in ("", "0", "1"):
         raise ConfigError(f"LEDGER_INSECURE must be 1 or 0, got {insecure_raw!r}")
     insecure = insecure_raw == "1"
-    if not insecure:
+    if insecure and secure:
+        raise ConfigError("--insecure and keys (--peer-keys, --client-keys) exclude each other: with keys the node "
+                          "authenticates everyone; drop --insecure")
+    if not insecure and not secure:
         for flag, h in (("--listen", host), ("--advertise", advertise.rpartition(":")[0] if advertise else None)):
             if h is not None and not is_loopback(h):
                 raise ConfigError(
                     f"{flag} {h!r} is not a loopback address. Without authentication a node serves only on "
                     "loopback: anyone who can reach its ports could read, append and join the mesh as a peer. "
-                    "Authentication (keys) is not available yet; to serve on this address anyway, on a network "
-                    "you trust, add --insecure")
+                    "Configure keys (--peer-keys, --client-keys; README, \"Security\"), or, on a network you "
+                    "trust, add --insecure")
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
@@ -338,4 +368,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_watchers_per_context=int(mw_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage), insecure=insecure,
+        peer_keys=peer_keys, client_keys=client_keys, seed_ids=tuple(seed_ids.items()),
     )

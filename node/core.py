@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from node import __version__
+from node.access import Access, Principal
 from node.config import Config
 from node.ledger import MAX_REPLY_BYTES, ContextState, Ledger
 from node.mesh import ACK_LAZY_S, Mesh, Transport
@@ -65,7 +66,9 @@ from protocol.errors import (
     INTERNAL,
     STORAGE,
     UNAVAILABLE,
+    Forbidden,
     LedgerError,
+    NotWriter,
     RemoteProtocolError,
     Unavailable,
 )
@@ -100,6 +103,7 @@ class Request(NamedTuple):
     to: list[bytes]  # the frames its reply goes back under: the client's identity (and envelope)
     id: RequestId
     now: float
+    who: Principal | None = None  # the authenticated sender, on a node with keys (node/access.py)
 
 
 class Reply(NamedTuple):
@@ -170,19 +174,22 @@ class Core:
 
     def __init__(self, config: Config, ledger: Ledger, transport: Transport, watch: WatchFeed, *,
                  address: str, pub: str, io_status: Callable[[float], dict[str, Any]] = no_status,
-                 started: float = 0.0, public_key: str = "") -> None:
+                 started: float = 0.0, public_key: str = "", access: Access | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.watch = watch
         self.io_status = io_status
         self.started = started
         self.public_key = public_key  # this node's identity (hex; node/identity.py)
+        self.access = access  # the allowlists, on a node with keys: every request is checked against them
+        self.refused_requests = 0  # requests refused FORBIDDEN (status.forbidden_requests)
         self.sync = config.sync
         self.mesh = Mesh(
             ledger, transport, address=address, pub=pub, seeds=list(config.peers),
             heartbeat_s=config.heartbeat_ms / 1000.0, suspect_after=config.suspect_after,
             dead_after=config.dead_after, boot=watch.boot, cluster=config.cluster, on_applied=watch.mark,
-            ack_durable=config.sync, max_peers=config.max_peers,
+            ack_durable=config.sync, max_peers=config.max_peers, seed_ids=dict(config.seed_ids),
+            known_id=None if access is None else (lambda node_id: node_id in self.access.peers),  # type: ignore[union-attr]
         )
         self.mesh.on_ack = self.check_replicated
         self.outbox: list[list[bytes]] = []  # replies to send now (the server drains it)
@@ -217,17 +224,17 @@ class Core:
 
     # -- events: requests --------------------------------------------------------------
 
-    def request(self, frames: list[Any], now: float) -> bool:
+    def request(self, frames: list[Any], now: float, who: Principal | None = None) -> bool:
         """A request from a client or peer: its ROUTER frames (identity, optional empty
         delimiter, body). The reply, if one goes now, is appended to `outbox`. Returns True
         when the body was not msgpack at all (the server's junk gate counts that)."""
         try:
-            return self._request(frames, now)
+            return self._request(frames, now, who)
         except Exception:  # never let one request take the node down
             log.exception("unexpected failure while answering a request; dropped it")
             return False
 
-    def _request(self, frames: list[Any], now: float) -> bool:
+    def _request(self, frames: list[Any], now: float, who: Principal | None) -> bool:
         if len(frames) < 2:
             return False  # nothing after the identity: nobody to answer
         to = frames[:-1]
@@ -243,7 +250,9 @@ class Core:
             m = codec.unpack_request(frames[-1])
             env = codec.parse_request(m, self.ledger.max_payload)
             rid = env.id
-            out = self.handlers[env.op](Request(to, rid, now), env.request)
+            if self.access is not None:
+                self._authorize(who, env)
+            out = self.handlers[env.op](Request(to, rid, now, who), env.request)
         except RemoteProtocolError as exc:
             if rid is None:
                 rid = codec.peek_id(m)
@@ -274,6 +283,18 @@ class Core:
             self.check_replicated(now)
         return m is None
 
+    def _authorize(self, who: Principal | None, env: codec.Envelope) -> None:
+        """Forbidden unless the sender's key may run this request; a peer speaks only for its own id."""
+        try:
+            self.access.check(who, env.op, getattr(env.request, "context", None))  # type: ignore[union-attr]
+            node_id = getattr(env.request, "node_id", None)
+            if who is not None and who.role == "peer" and node_id is not None and node_id != who.name:
+                raise Forbidden(f"a {env.op} naming node {node_id!r} over the connection of node {who.name!r}",
+                                {"node_id": node_id})
+        except Forbidden:
+            self.refused_requests += 1
+            raise
+
     # -- request handlers: (request, parsed request) -> answer -----------------------------
 
     def _needs_durable(self, ctx: ContextState, seq: int, body: bytes) -> Answer:
@@ -284,7 +305,18 @@ class Core:
     def _check_writer(self, name: str) -> None:
         ctx = self.ledger.contexts.get(name)
         if ctx is not None and ctx.writer != self.ledger.node_id:
+            self._not_writer(ctx)
+
+    def _not_writer(self, ctx: ContextState) -> None:
+        """NOT_WRITER (or UNAVAILABLE) for a context this node replicates; with keys, the reply
+        carries the writer's public key, so that the client can authenticate the writer too."""
+        try:
             self.mesh.check_writer(ctx)
+        except NotWriter as exc:
+            key = self.access.peers.get(ctx.writer) if self.access is not None else None
+            if key is not None:
+                exc.details["key"] = key.hex()
+            raise
 
     def _check_replicas(self, n: int | None) -> None:
         if n:
@@ -298,7 +330,7 @@ class Core:
     def append(self, rq: Request, req: codec.Append) -> Answer:
         ctx = self.ledger.contexts.get(req.context)
         if ctx is not None and ctx.writer != self.ledger.node_id:
-            self.mesh.check_writer(ctx)
+            self._not_writer(ctx)
         if req.replicas:
             self._check_replicas(req.replicas)
         res = self.ledger.append(req)
@@ -367,7 +399,8 @@ class Core:
             "storage": self.ledger.storage.status(now),
             "public_key": self.public_key,
             # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)
-            "security": "insecure" if cfg.insecure else "loopback",
+            "security": "curve" if self.access is not None else "insecure" if cfg.insecure else "loopback",
+            "forbidden_requests": self.refused_requests,
         })
         fields.update(self.io_status(now))
         fields.update(self.mesh.status(now))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from node import __version__, clients
+from node.access import AccessError, load_access
 from node.config import ConfigError, parse
 from node.identity import KEY_FILE, IdentityError, load_or_create
 from node.ledger import DataDirError, Ledger
@@ -105,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IdentityError as exc:
         kv.close()
         return _fail(str(exc))
+    access = None
+    if cfg.secure:
+        try:
+            access = load_access(cfg)
+        except AccessError as exc:
+            kv.close()
+            return _fail(str(exc))
     if new_key and cfg.data != ":memory:":
         log.info("made this node's identity key in %s (public key %s)", os.path.join(cfg.data, KEY_FILE),
                  identity.public_hex)
@@ -113,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("--accept-damage: %s", f"went on from what the disk holds of {', '.join(map(repr, accepted))}"
                     if accepted else "no damaged context this node writes; nothing to accept")
     try:
-        server = Server(cfg, ledger, identity=identity)
+        server = Server(cfg, ledger, identity=identity, access=access)
     except AddressInUse as exc:
         kv.close()
         if created:
@@ -135,13 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    if access is not None:
+        def reload(*_: object) -> None:
+            server.reload_keys = True  # read by the loop, between requests
+
+        signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
 
     def ready() -> None:
         flush = f"flushed within {cfg.flush_ms} ms" if not cfg.sync else "fsynced before every reply"
         security = ("INSECURE: no authentication, beyond loopback" if cfg.insecure
-                    else "loopback only (no authentication configured)")
+                    else f"CURVE, {len(access.peers)} peer key(s), {len(access.clients)} client key(s)"
+                    if access is not None else "loopback only (no authentication configured)")
         print(
             f"ledger-node {__version__} id={ledger.node_id}\n"
             f"  requests (ROUTER): {server.router_address}\n"

@@ -149,6 +149,7 @@ class MeshStats:
     bad_peer_addresses: int = 0  # peer addresses (gossip, pub) that did not parse, skipped
     peer_errors: int = 0  # failures handling one peer's message or sending to it, isolated
     ignored_acks: int = 0  # acks from node ids that are not known members
+    unknown_gossip: int = 0  # gossiped peers whose node id is in no allowlist (with keys), not learned
 
 
 class Outstanding(NamedTuple):
@@ -237,8 +238,13 @@ class Mesh:
         on_applied: Callable[[ContextState], None] | None = None,
         ack_durable: bool = False,
         max_peers: int = DEFAULT_MAX_PEERS,
+        seed_ids: dict[str, str] | None = None,
+        known_id: Callable[[str], bool] | None = None,
     ) -> None:
         self.stats = MeshStats()
+        # With keys (node/access.py): only node ids bound to a key are learned by gossip, each
+        # with its id (its key is how this node connects to it); None: any address, id unknown.
+        self.known_id = known_id
         self.ledger = ledger
         self.transport = transport
         self.address = address
@@ -285,6 +291,10 @@ class Mesh:
         for s in seeds:
             if s != address:
                 self.peers[s] = Peer(s)
+        for s, node_id in (seed_ids or {}).items():
+            if s in self.peers:
+                self.peers[s].node_id = node_id
+                self.by_id[node_id] = s
 
     # -- membership -------------------------------------------------------------------
 
@@ -369,7 +379,12 @@ class Mesh:
                 if addr != self.address and nid != self.ledger.node_id and addr not in self.peers:
                     if nid in self.by_id:
                         continue  # known under its own address already
-                    self._peer(addr, None)
+                    if self.known_id is None:
+                        self._peer(addr, None)
+                    elif self.known_id(nid):
+                        self._peer(addr, nid)  # (connected to with nid's key: an impostor fails the handshake)
+                    else:
+                        self.stats.unknown_gossip += 1
         raw = m.get("digest")
         buckets = digest.decode(raw) if isinstance(raw, bytes) else None
         if buckets is not None:

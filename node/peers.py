@@ -15,6 +15,7 @@ turn, so one busy peer does not starve the others.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -29,8 +30,14 @@ PUSH_SLICE_S = 0.02  # longest the loop spends applying pushes (or peer replies)
 
 
 class Peers:
-    def __init__(self, zctx: zmq.Context[Any], poller: zmq.Poller, max_msg: int) -> None:
+    def __init__(self, zctx: zmq.Context[Any], poller: zmq.Poller, max_msg: int,
+                 curve: tuple[bytes, bytes] | None = None) -> None:
         self.zctx = zctx
+        # With keys: this node's (public, secret) Curve25519 keys, and `server_key(address)` gives
+        # the key a peer (by its ROUTER or PUB address) must prove; None when it is not known
+        self.curve = curve
+        self.server_key: Callable[[str], bytes | None] = lambda address: None
+        self.unkeyed = 0  # requests and subscriptions not made: the peer's key is not known
         self.poller = poller
         self.max_msg = max_msg
         self.core: Core | None = None  # set once the core exists (it holds the mesh this serves)
@@ -54,8 +61,12 @@ class Peers:
     def request(self, address: str, op: str, fields: dict[str, Any]) -> int | None:
         s = self.socks.get(address)
         if s is None:
+            server = self.server_key(address) if self.curve is not None else None
+            if self.curve is not None and server is None:
+                self.unkeyed += 1
+                return None  # (only peers whose node id is bound to a key are connected to)
             try:
-                s = sockets.peer_dealer(self.zctx, address, self.max_msg)
+                s = sockets.peer_dealer(self.zctx, address, self.max_msg, self.curve, server)
             except zmq.ZMQError as exc:
                 # EMFILE (ZeroMQ's MAX_SOCKETS or the fd limit), EINVAL (an endpoint ZeroMQ
                 # refuses): nothing is sent to this peer now; the mesh retries on its next beat
@@ -74,6 +85,15 @@ class Peers:
 
     def subscribe(self, pub_address: str) -> None:
         self._sub_addresses.add(pub_address)
+        self._connect_sub(pub_address)
+
+    def _connect_sub(self, pub_address: str) -> None:
+        if self.curve is not None:
+            server = self.server_key(pub_address)
+            if server is None:
+                self.unkeyed += 1
+                return
+            sockets.curve_client(self.sub, self.curve, server)
         try:
             self.sub.connect(f"tcp://{pub_address}")
         except zmq.ZMQError as exc:
@@ -114,10 +134,7 @@ class Peers:
             self.poller.register(self.sub, zmq.POLLIN)
             self.sub_renewals += 1
             for a in sorted(self._sub_addresses):
-                try:
-                    self.sub.connect(f"tcp://{a}")
-                except zmq.ZMQError as exc:
-                    self._error(a, "subscribing to its PUB failed", exc)
+                self._connect_sub(a)
 
     def receive(self, events: dict[Any, int], core: Core) -> None:
         """Hand what the peer sockets in `events` hold to the core, bounded in time."""

@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 
 from node import clients, sockets
+from node.access import Access, AccessError, Principal, load_access
 from node.busypoll import BusyPoll
 from node.config import Config
 from node.core import FORCE_FLUSH_BYTES, Core, WriteBatch, max_peer_message
@@ -46,9 +47,10 @@ from node.mesh import Mesh
 from node.peers import Peers
 from node.publisher import Publisher
 from node.storage import KV, WriteFailed
+from node.zap import Zap
 from protocol import codec
 from protocol.errors import BAD_REQUEST, LedgerError
-from protocol.keys import Identity
+from protocol.keys import Identity, curve_public
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +104,35 @@ class Flusher(threading.Thread):
 
 class Server:
     def __init__(self, config: Config, ledger: Ledger, zctx: zmq.Context[Any] | None = None,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, access: Access | None = None) -> None:
         self.config = config
         self.identity = identity or Identity.generate()
         self.ledger = ledger
         self.zctx = zctx or zmq.Context.instance()
         self.stopping = False
-        self.router, self.port = sockets.router(self.zctx, config.host, config.port, config.max_request)
+        self.reload_keys = False  # SIGHUP: read the allowlists again (between loop turns)
+        # With keys: the ZAP handler is bound first (a CURVE server socket must never accept
+        # before it can ask), every socket uses CURVE, and each request carries its sender
+        self.access = access
+        self.zap = Zap(self.zctx, access) if access is not None else None
+        self.users = access.users if access is not None else {}
+        curve = self.identity.curve_keypair() if access is not None else None
+        try:
+            self.router, self.port = sockets.router(self.zctx, config.host, config.port, config.max_request,
+                                                    curve=curve[1] if curve else None)
+        except Exception:
+            if self.zap is not None:
+                self.zap.close()
+            raise
         try:
             self.pub, self.pub_port = sockets.xpub(
-                self.zctx, config.host, 0 if config.pub_port is None else config.pub_port, config.watch_queue
+                self.zctx, config.host, 0 if config.pub_port is None else config.pub_port, config.watch_queue,
+                curve=curve[1] if curve else None,
             )
         except Exception:
             self.router.close(linger=0)
+            if self.zap is not None:
+                self.zap.close()
             raise
         self.replies = clients.ReplyBudget(config.max_client_queue)
         self.junk = clients.JunkGate()
@@ -125,15 +143,17 @@ class Server:
         self.connections = clients.ConnectionLimit(
             {"router": (self.router, self.port), "watch": (self.pub, self.pub_port)}, max_clients)
         self.poller = zmq.Poller()
-        self.peers = Peers(self.zctx, self.poller, max_peer_message(config.max_payload))
+        self.peers = Peers(self.zctx, self.poller, max_peer_message(config.max_payload), curve)
         self.publisher = Publisher(self.pub, ledger, sync=config.sync, heartbeat_ms=config.watch_heartbeat_ms,
                                    max_topics=config.max_watch_topics,
                                    max_watchers=config.max_watchers_per_context)
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.core = Core(config, ledger, self.peers, self.publisher, address=advertise,
                          pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}", io_status=self._io_status,
-                         started=time.monotonic(), public_key=self.identity.public_hex)
+                         started=time.monotonic(), public_key=self.identity.public_hex, access=access)
         self.peers.core = self.core
+        if access is not None:
+            self.peers.server_key = self._peer_server_key
         self.publisher.wants_ack = self.core.waits_for_replicas
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
@@ -154,6 +174,35 @@ class Server:
     def pub_address(self) -> str:
         return f"tcp://{_fmt_host(self.config.host)}:{self.pub_port}"
 
+    def _peer_server_key(self, address: str) -> bytes | None:
+        """The Curve25519 key the peer at `address` (its ROUTER or its PUB) must prove: its node
+        id's key in the allowlist. None: not a peer whose id is known and bound to a key."""
+        mesh = self.core.mesh
+        p = mesh.peers.get(address)
+        if p is None:
+            p = next((q for q in mesh.peers.values() if q.pub == address), None)
+        if p is None or p.node_id is None or self.access is None:
+            return None
+        key = self.access.peers.get(p.node_id)
+        return curve_public(key) if key is not None else None
+
+    def _reload_keys(self) -> None:
+        """SIGHUP: new allowlists for handshakes and requests from now on; on an error the old
+        ones stay (logged). A revoked key's open connections get FORBIDDEN from their next request."""
+        self.reload_keys = False
+        try:
+            access = load_access(self.config)
+        except AccessError as exc:
+            log.error("SIGHUP: keeping the current allowlists: %s", exc)
+            return
+        self.access = access
+        self.users = access.users
+        self.core.access = access
+        if self.zap is not None:
+            self.zap.set_access(access)
+        log.info("SIGHUP: allowlists reloaded: %d peer key(s), %d client key(s)", len(access.peers),
+                 len(access.clients))
+
     def _io_status(self, now: float) -> dict[str, Any]:
         """What this layer counts, for the core's `status` reply."""
         fields: dict[str, Any] = {
@@ -169,6 +218,9 @@ class Server:
         fields.update(self.connections.status())
         fields.update(self.busy.status())
         fields.update(self.publisher.status())
+        fields["unkeyed_peer_requests"] = self.peers.unkeyed
+        if self.zap is not None:
+            fields.update(self.zap.status())
         return fields
 
     # -- the loop ----------------------------------------------------------------
@@ -184,6 +236,10 @@ class Server:
         poller.register(self.pub, zmq.POLLIN)
         for mon in self.connections.monitors:
             poller.register(mon, zmq.POLLIN)
+        zap = self.zap
+        if zap is not None:
+            poller.register(zap.sock, zmq.POLLIN)
+        secure = zap is not None
         core = self.core
         router = self.router
         publisher = self.publisher
@@ -218,14 +274,18 @@ class Server:
                     now = monotonic()
                     for i in range(1, MAX_BURST + 1):
                         try:
-                            if zero_copy:
+                            if secure:
+                                frames = recv_request(router)  # (the sender's key is a property of the frame)
+                            elif zero_copy:
                                 zero_copy -= 1
                                 frames = recv_request(router)
                             else:
                                 frames = recv_frames(router)
                         except zmq.Again:
                             break
-                        if len(frames[-1]) >= BIG_REQUEST:
+                        if secure:
+                            self._secure_request(frames, now)
+                        elif len(frames[-1]) >= BIG_REQUEST:
                             zero_copy = ZERO_COPY_SPAN  # (see recv_request)
                             self._big_request(frames, now)
                         elif self.replies.cut and frames[0] in self.replies.cut and self.replies.drop_request(frames[0]):
@@ -264,6 +324,10 @@ class Server:
                     self._drain_wake()
                 if self.pub in events:
                     publisher.on_subscriptions()
+                if zap is not None and zap.sock in events:
+                    zap.handle()
+                if self.reload_keys:
+                    self._reload_keys()
                 if len(events) > 1 or router not in events:
                     for mon in self.connections.monitors:
                         if mon in events:
@@ -287,7 +351,20 @@ class Server:
         finally:
             self._shutdown()
 
-    def _big_request(self, frames: list[Any], now: float) -> None:
+    def _secure_request(self, frames: list[Any], now: float) -> None:
+        """A request on a node with keys: served as its sender's principal (node/access.py), the
+        user id the ZAP handler gave its connection (None: a key revoked since, refused)."""
+        try:
+            user = frames[-1].get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        who = self.users.get(user) if user else None
+        if len(frames[-1]) >= BIG_REQUEST:
+            self._big_request(frames, now, who)
+        elif not (self.replies.cut and frames[0] in self.replies.cut and self.replies.drop_request(frames[0])):
+            self.core.request(frames, now, who)
+
+    def _big_request(self, frames: list[Any], now: float, who: Principal | None = None) -> None:
         """A request of BIG_REQUEST bytes or more: refused unread while its connection sent
         undecodable ones recently (node/clients.py, JunkGate), else served and judged."""
         ident = frames[0]
@@ -298,7 +375,7 @@ class Server:
                 None, BAD_REQUEST, f"refused unread: a request of {BIG_REQUEST} bytes or more from this connection "
                 f"could not be decoded less than {clients.JUNK_HOLD_S:g} s ago")])
             return
-        if self.core.request(frames, now):
+        if self.core.request(frames, now, who):
             self.junk.junk(ident)
 
     def _spin(self, poller: zmq.Poller, deadline: float) -> dict[Any, int] | None:
@@ -390,6 +467,8 @@ class Server:
             s.close(linger=sockets.LINGER_MS)
         self.peers.close()
         self.connections.close()
+        if self.zap is not None:
+            self.zap.close()
 
     def _final_write(self) -> None:
         """Write what RAM holds before the process exits; with storage failed, try once more."""

@@ -61,8 +61,32 @@ def _bind(sock: zmq.Socket[Any], host: str, port: int) -> int:
         raise BindError(f"{shown}: {exc.strerror}") from None
 
 
-def router(ctx: zmq.Context[Any], host: str, port: int, max_msg: int) -> tuple[zmq.Socket[Any], int]:
+def curve_server(s: zmq.Socket[Any], secret: bytes | None) -> None:
+    """Make `s` a CURVE server with this Curve25519 secret key (a node with keys; node/zap.py
+    admits the clients). ZAP_ENFORCE_DOMAIN: no handshake passes unless the ZAP handler says so,
+    even if it were not bound."""
+    if secret is None:
+        return
+    s.setsockopt(zmq.CURVE_SERVER, 1)
+    s.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    s.setsockopt(zmq.ZAP_DOMAIN, b"ledger")
+    s.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def curve_client(s: zmq.Socket[Any], keys: tuple[bytes, bytes] | None, server: bytes | None) -> None:
+    """Make `s` a CURVE client with (public, secret) Curve25519 `keys`, for the server key
+    `server` (set before each connect: libzmq takes it per connection)."""
+    if keys is None or server is None:
+        return
+    s.setsockopt(zmq.CURVE_PUBLICKEY, keys[0])
+    s.setsockopt(zmq.CURVE_SECRETKEY, keys[1])
+    s.setsockopt(zmq.CURVE_SERVERKEY, server)
+
+
+def router(ctx: zmq.Context[Any], host: str, port: int, max_msg: int,
+           curve: bytes | None = None) -> tuple[zmq.Socket[Any], int]:
     s = ctx.socket(zmq.ROUTER)
+    curve_server(s, curve)
     s.setsockopt(zmq.LINGER, LINGER_MS)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     s.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -77,7 +101,8 @@ def router(ctx: zmq.Context[Any], host: str, port: int, max_msg: int) -> tuple[z
     return s, _bind(s, host, port)
 
 
-def xpub(ctx: zmq.Context[Any], host: str, port: int, hwm: int = PUB_HWM) -> tuple[zmq.Socket[Any], int]:
+def xpub(ctx: zmq.Context[Any], host: str, port: int, hwm: int = PUB_HWM,
+         curve: bytes | None = None) -> tuple[zmq.Socket[Any], int]:
     """The watch socket. XPUB_MANUAL: ZeroMQ hands the node every subscribe and every
     unsubscribe (disconnects included) and applies none of them: the watch registry
     (node.publisher) counts them and applies the ones it accepts, so that it can refuse
@@ -89,6 +114,7 @@ def xpub(ctx: zmq.Context[Any], host: str, port: int, hwm: int = PUB_HWM) -> tup
     subscriptions, so MAXMSGSIZE is a topic's size: a larger message ends its
     connection before it is buffered."""
     s = ctx.socket(zmq.XPUB)
+    curve_server(s, curve)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, hwm)
     s.setsockopt(zmq.RCVHWM, ROUTER_HWM)
@@ -126,7 +152,8 @@ def wake_pair(ctx: zmq.Context[Any], name: str) -> tuple[zmq.Socket[Any], zmq.So
     return rx, tx
 
 
-def peer_dealer(ctx: zmq.Context[Any], address: str, max_msg: int) -> zmq.Socket[Any]:
+def peer_dealer(ctx: zmq.Context[Any], address: str, max_msg: int,
+                curve: tuple[bytes, bytes] | None = None, server: bytes | None = None) -> zmq.Socket[Any]:
     """A DEALER to one peer's ROUTER. IMMEDIATE and SNDTIMEO=0 with a small SNDHWM:
     what a dead or slow peer cannot take is dropped at once, never queued to flood
     it when it returns (heartbeats are periodic; repair requests are re-sent).
@@ -143,6 +170,7 @@ def peer_dealer(ctx: zmq.Context[Any], address: str, max_msg: int) -> zmq.Socket
         s.setsockopt(zmq.MAXMSGSIZE, max_msg)
         if address.startswith("["):
             s.setsockopt(zmq.IPV6, 1)
+        curve_client(s, curve, server)
         s.connect(f"tcp://{address}")
     except zmq.ZMQError:
         s.close(linger=0)

@@ -37,6 +37,7 @@ from protocol.errors import (
     Unavailable,
     error_for,
 )
+from protocol.keys import Identity, curve_public, parse_public_key
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
 
 DEFAULT_TIMEOUT = 5.0
@@ -106,8 +107,17 @@ class Client:
         retries: int = 1,
         verify: bool = True,
         zctx: zmq.Context[Any] | None = None,
+        key: Identity | None = None,
+        server_key: bytes | str | None = None,
     ) -> None:
+        """`key` and `server_key`: for a node with keys (SPEC 13), this client's identity (its
+        public key in the node's client allowlist) and the node's public key (hex or 32 bytes,
+        from its `status` or the operator), which the node must prove: CURVE on every socket."""
         self.address = normalize_address(address)
+        if (key is None) != (server_key is None):
+            raise BadRequest("a client with keys needs both its own key and the node's public key (server_key)")
+        self.key = key
+        self.server_key = parse_public_key(server_key) if isinstance(server_key, str) else server_key
         self.timeout = timeout
         self.retries = retries
         self.verify = verify
@@ -130,8 +140,18 @@ class Client:
             s.setsockopt(zmq.IPV6, 1)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+        self._curve(s)
         s.connect(self.address)
         self._sock = s
+
+    def _curve(self, s: zmq.Socket[Any]) -> None:
+        """Make `s` a CURVE client of the node (a client with keys)."""
+        if self.key is None or self.server_key is None:
+            return
+        public, secret = self.key.curve_keypair()
+        s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        s.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        s.setsockopt(zmq.CURVE_SERVERKEY, curve_public(self.server_key))
 
     def _reconnect(self) -> None:
         # Lazy Pirate: a fresh socket drops whatever the old one still queued.
@@ -329,7 +349,7 @@ class Client:
             except NotWriter as exc:
                 if hops >= MAX_REDIRECTS or not exc.details.get("address"):
                     raise
-                self._redirect = self._writer_client(str(exc.details["address"]))
+                self._redirect = self._writer_client(str(exc.details["address"]), exc.details.get("key"))
                 raise
             inflight.popleft()
             return e
@@ -355,11 +375,18 @@ class Client:
             rest = itertools.chain([(p, dd) for _, p, dd in inflight], items)
             yield from writer._append_many(context, rest, key, md, window, hops + 1)
 
-    def _writer_client(self, address: str) -> Client:
-        """A client of the writer node a NOT_WRITER reply named (kept for later appends)."""
+    def _writer_client(self, address: str, key: Any = None) -> Client:
+        """A client of the writer node a NOT_WRITER reply named (kept for later appends); with keys,
+        the writer's public key comes from that reply (`key`), sent by the node this client authenticated."""
         c = self._writers.get(address)
         if c is None:
-            c = Client(address, timeout=self.timeout, retries=self.retries, verify=self.verify, zctx=self._zctx)
+            server_key = None
+            if self.key is not None:
+                if not isinstance(key, str):
+                    raise Unavailable(f"the writer at {address} has no known key; cannot authenticate it")
+                server_key = key
+            c = Client(address, timeout=self.timeout, retries=self.retries, verify=self.verify, zctx=self._zctx,
+                       key=self.key if server_key is not None else None, server_key=server_key)
             self._writers[address] = c
         return c
 
@@ -375,7 +402,7 @@ class Client:
                 if not address:
                     raise
                 writer = exc.details.get("writer")
-                client = self._writer_client(str(address))
+                client = self._writer_client(str(address), exc.details.get("key"))
             except Timeout as exc:
                 if client is self:
                     raise
@@ -646,6 +673,7 @@ class Watch:
         sub.setsockopt(zmq.RCVHWM, rcvhwm)
         if "[" in self.pub_address:
             sub.setsockopt(zmq.IPV6, 1)
+        client._curve(sub)
         sub.connect(self.pub_address)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._sub = sub

@@ -21,6 +21,7 @@ INTEGRITY = "INTEGRITY"
 NOT_WRITER = "NOT_WRITER"
 UNAVAILABLE = "UNAVAILABLE"
 STORAGE = "STORAGE"
+FORBIDDEN = "FORBIDDEN"
 INTERNAL = "INTERNAL"
 
 ALL_CODES = (
@@ -34,6 +35,7 @@ ALL_CODES = (
     NOT_WRITER,
     UNAVAILABLE,
     STORAGE,
+    FORBIDDEN,
     INTERNAL,
 )
 
@@ -117,6 +119,12 @@ class StorageError(LedgerError):
     code = STORAGE
 
 
+class Forbidden(LedgerError):
+    """The connection's key may not do this (its role, or the contexts it is limited to; SPEC 13)."""
+
+    code = FORBIDDEN
+
+
 class InternalError(LedgerError):
     code = INTERNAL
 
@@ -134,6 +142,7 @@ _BY_CODE: dict[str, type[LedgerError]] = {
         NotWriter,
         Unavailable,
         StorageError,
+        Forbidden,
         InternalError,
     )
 }

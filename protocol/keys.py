@@ -1,4 +1,4 @@
-"""Identity keys: one Ed25519 keypair per node or client, and its key file's text (SPEC 18.1).
+"""Identity keys: one Ed25519 keypair per node or client, and its key file's text (SPEC 13.2).
 
 Pure: text in, keys out; reading and writing the file is the caller's (node/identity.py,
 the `ledger keygen` command).

@@ -26,7 +26,7 @@ from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
 from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, TooLarge
-from protocol.keys import Identity
+from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools.cluster import ClusterError, run_cluster
 
@@ -93,6 +93,10 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
         help=f"how long to wait for the node to answer (default {DEFAULT_TIMEOUT:g})",
         **d,
     )
+    p.add_argument("--key-file", metavar="FILE", help="this client's key file (`ledger keygen`), for a node with "
+                   "keys (default $LEDGER_KEY_FILE)", **d)
+    p.add_argument("--server-key", metavar="HEX", help="the node's public key (its `status` public_key), for a "
+                   "node with keys (default $LEDGER_SERVER_KEY)", **d)
     return p
 
 
@@ -202,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     kg = sub.add_parser(
         "keygen",
+        parents=[common],
         help="make an identity key file (Ed25519) for a client or a node, and print its public key",
         description="Write a new identity key to FILE (mode 0600; an existing file is not replaced without "
         "--force) and print its public key, the 64 hex digits other nodes' allowlists name. With --show, "
@@ -244,6 +249,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.node = os.environ.get("LEDGER_NODE") or DEFAULT_NODE
     if getattr(args, "timeout", None) is None:
         args.timeout = DEFAULT_TIMEOUT
+    if getattr(args, "key_file", None) is None:
+        args.key_file = os.environ.get("LEDGER_KEY_FILE") or None
+    if getattr(args, "server_key", None) is None:
+        args.server_key = os.environ.get("LEDGER_SERVER_KEY") or None
     args.json = bool(getattr(args, "json", False))
     if args.command == "append":
         if args.lines and args.payload is not None:
@@ -668,6 +677,23 @@ def _open_snapshot(args: argparse.Namespace) -> IO[bytes]:
     return src
 
 
+def _keys(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's key and the node's public key, for a node with keys (`--key-file`, `--server-key`)."""
+    from node.identity import IdentityError, read_key_file
+
+    if args.key_file is None and args.server_key is None:
+        return {}
+    if args.key_file is None or args.server_key is None:
+        raise UsageError("--key-file and --server-key go together (a node with keys needs this client's key and "
+                         "its own public key)")
+    try:
+        return {"key": read_key_file(args.key_file), "server_key": parse_public_key(args.server_key, "--server-key")}
+    except IdentityError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
     from node.identity import IdentityError, read_key_file, write_key_file
 
@@ -716,7 +742,7 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
     zctx: zmq.Context[Any] = zmq.Context()
     try:
         try:
-            c = Client(address, timeout=args.timeout, zctx=zctx)
+            c = Client(address, timeout=args.timeout, zctx=zctx, **_keys(args))
         except zmq.ZMQError as exc:
             raise UsageError(f"--node: cannot connect to {address}: {exc.strerror}") from None
         try:

@@ -260,7 +260,8 @@ def test_peers_and_advertise_must_be_host_port(bad):
 def test_peers_are_normalized_and_deduplicated():
     from node.config import ConfigError, parse
 
-    c = parse(["--peers", " Node.A:7400, [0::1]:7400 ,node.a:7400", "--advertise", "Me.Example:7400"], {})
+    c = parse(["--peers", " Node.A:7400, [0::1]:7400 ,node.a:7400", "--advertise", "Me.Example:7400",
+               "--insecure"], {})
     assert c.peers == ("node.a:7400", "[::1]:7400") and c.advertise == "me.example:7400"
     with pytest.raises(ConfigError, match="reach"):
         parse(["--advertise", "0.0.0.0:7400"], {})

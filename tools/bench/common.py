@@ -10,7 +10,9 @@ SCENARIOS = (
     "append_sync_pipelined", "get_one", "get_tail100", "redis_xadd_seq", "redis_xadd_pipelined",
     "redis_xadd_fsync_pipelined", "watch_latency", "append_pipelined_watched", "watch_fanout",
     "replication_lag", "append_pipelined_replicated", "catch_up",
+    "append_seq_curve", "append_pipelined_curve", "get_one_curve",
 )
+CURVE_SCENARIOS = ("append_seq_curve", "append_pipelined_curve", "get_one_curve")  # a node with keys
 WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
 MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
 # what --only accepts besides SCENARIOS: figures that are not a throughput scenario
@@ -76,6 +78,11 @@ RATIOS: list[tuple[str, str, str, str, str, float]] = [
      ">=", 0.9),
     ("append_pipelined_replicated_vs_append_pipelined", "append_pipelined_replicated", "ops_per_s",
      "append_pipelined", ">=", 0.8),
+    # a node with keys (CURVE, allowlists) against the plain node, same requests (issue #14)
+    ("append_seq_curve_p50_vs_append_seq_p50", "append_seq_curve", "p50_us", "append_seq", "<=", 1.2),
+    ("append_pipelined_curve_vs_append_pipelined", "append_pipelined_curve", "ops_per_s", "append_pipelined",
+     ">=", 0.8),
+    ("get_one_curve_p50_vs_get_one_p50", "get_one_curve", "p50_us", "get_one", "<=", 1.2),
 ]
 WATCH_LATENCY_P99_US = 5000
 REPLICATION_LAG_P99_MS = 100

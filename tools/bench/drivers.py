@@ -28,9 +28,15 @@ class Sample:
 class Dealer:
     """A bare DEALER driver, the same for the echo server and the ledger."""
 
-    def __init__(self, zctx: zmq.Context[Any], address: str) -> None:
+    def __init__(self, zctx: zmq.Context[Any], address: str,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """`curve`: (public, secret, server public) Curve25519 keys, for a node with keys."""
         self.s = zctx.socket(zmq.DEALER)
         self.s.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.s.setsockopt(zmq.CURVE_PUBLICKEY, curve[0])
+            self.s.setsockopt(zmq.CURVE_SECRETKEY, curve[1])
+            self.s.setsockopt(zmq.CURVE_SERVERKEY, curve[2])
         self.s.setsockopt(zmq.SNDHWM, 100_000)
         self.s.setsockopt(zmq.RCVHWM, 100_000)
         self.s.setsockopt(zmq.RCVTIMEO, 30_000)

@@ -93,7 +93,7 @@ class Run:
     run: Callable[[Sizes, str, bool, set[str] | None, Results], None]
 
 
-FAMILY_ORDER = ("baseline", "redis", "watch", "mesh")
+FAMILY_ORDER = ("baseline", "redis", "curve", "watch", "mesh")
 RUN_ORDER = ("throughput", "watch_fanout", "catch_up", "heartbeat_bytes_10k", "memory", "floods")
 ROUND_FAMILIES: dict[str, RoundFamily] = {}
 RUNS: dict[str, Run] = {}

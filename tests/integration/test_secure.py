@@ -1,0 +1,232 @@
+"""Nodes with keys (issue #14): CURVE on every socket, allowlists with roles, node ids bound to keys.
+
+Each attack of the issue's "Why" that this slice closes is tried here as the stranger would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from node.identity import KEY_FILE, write_key_file
+from protocol.client import Client
+from protocol.errors import Forbidden, NotFound, Timeout
+from protocol.keys import Identity
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def size(c: Client, context: str) -> int:
+    try:
+        return c.head(context).size
+    except NotFound:
+        return 0
+
+
+def node_key(tmp_path: Path, name: str) -> Identity:
+    ident = Identity.generate()
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    write_key_file(str(tmp_path / name / KEY_FILE), ident)
+    return ident
+
+
+class Keys:
+    """A node's key, its allowlist files and some client keys, in tmp_path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.writer, self.reader, self.admin, self.stranger = (Identity.generate() for _ in range(4))
+        self.clients = tmp_path / "clients.txt"
+        self.clients.write_text(f"# test clients\n{self.writer.public_hex} write\n"
+                                f"{self.reader.public_hex} read notes,pub.\n{self.admin.public_hex} admin\n")
+
+    def client(self, node, key: Identity, server: Identity, **kw) -> Client:
+        return Client(node.address, key=key, server_key=server.public_hex, timeout=kw.pop("timeout", 3.0), **kw)
+
+
+@pytest.fixture
+def keyed(node_factory, tmp_path, zctx):
+    keys = Keys(tmp_path)
+    server = node_key(tmp_path, "n1")
+    n = node_factory("--client-keys", str(keys.clients))
+    return n, keys, server
+
+
+def test_roles_and_context_prefixes_are_enforced_per_request(keyed, zctx):
+    n, keys, server = keyed
+    with keys.client(n, keys.writer, server, zctx=zctx) as w, keys.client(n, keys.reader, server, zctx=zctx) as r:
+        assert w.append("notes", "one").seq == 1
+        assert [e.payload for e in r.get("notes").entries] == [b"one"]
+        with pytest.raises(Forbidden, match="append is not allowed for the read role"):
+            r.append("notes", "not mine to write")
+        with pytest.raises(Forbidden, match="'secrets' is not allowed for this key"):
+            r.get("secrets")
+        with pytest.raises(NotFound):
+            r.head("pub.feed")  # allowed (the prefix pub. covers it), and simply not there
+        with pytest.raises(Forbidden, match="load is not allowed for the write role"):
+            w.call("load", context="x", load_id="l", size=0, root=b"\0" * 32, entries=[], final=True)
+        st = w.status()
+        assert st["security"] == "curve" and st["forbidden_requests"] == 3 and st["client_keys"] == 3
+        assert w.head("notes").size == 1  # the node and the data are unharmed
+
+
+def test_a_stranger_key_and_a_plain_client_are_refused_at_the_handshake_and_counted(keyed, zctx):
+    n, keys, server = keyed
+    with keys.client(n, keys.stranger, server, zctx=zctx, timeout=0.5, retries=0) as s:
+        with pytest.raises(Timeout):
+            s.ping()
+    with Client(n.address, zctx=zctx, timeout=0.5, retries=0) as plain:
+        with pytest.raises(Timeout):
+            plain.ping()
+    with keys.client(n, keys.admin, Identity.generate(), zctx=zctx, timeout=0.5, retries=0) as wrong_server:
+        with pytest.raises(Timeout):  # the node cannot prove a key it does not hold: no impostor node either
+            wrong_server.ping()
+    with keys.client(n, keys.admin, server, zctx=zctx) as a:
+        st = a.status()
+        assert st["handshakes_refused"] >= 1 and st["handshakes_accepted"] >= 1
+    assert "in no allowlist of this node" in n.output()
+
+
+def test_a_client_key_cannot_speak_for_a_node(keyed, zctx):
+    n, keys, server = keyed
+    with keys.client(n, keys.admin, server, zctx=zctx) as a:
+        a.append("notes", "x")
+        # the issue's forged ack from a made-up node id, and a fake node's heartbeat
+        with pytest.raises(Forbidden, match="ack is not allowed for the admin role"):
+            a.call("ack", node_id="ghost", acks=[["notes", 1]])
+        with pytest.raises(Forbidden, match="heartbeat is not allowed"):
+            a.call("heartbeat", node_id="0", address="127.0.0.1:9", pub="127.0.0.1:10", boot="b", lamport=1,
+                   entries=0, cluster="ledger")
+        assert a.status()["peers"] == []
+
+
+def test_watch_needs_a_key_too(keyed, zctx):
+    n, keys, server = keyed
+    with keys.client(n, keys.writer, server, zctx=zctx) as w, keys.client(n, keys.reader, server, zctx=zctx) as r:
+        w.append("notes", "before")
+        got = r.watch("notes", after=0)
+        it = iter(got)
+        assert next(it).payload == b"before"
+        w.append("notes", "live")
+        assert next(it).payload == b"live"
+        got.close()
+
+
+def test_sighup_revokes_and_adds_keys_without_a_restart(keyed, zctx):
+    n, keys, server = keyed
+    newcomer = Identity.generate()
+    with keys.client(n, keys.writer, server, zctx=zctx) as w:
+        assert w.append("notes", "a").seq == 1
+        keys.clients.write_text(f"{keys.admin.public_hex} admin\n{newcomer.public_hex} write\n")
+        os.kill(n.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "allowlists reloaded" in n.output(), what="the reload")
+        with pytest.raises(Forbidden, match="not .or no longer. allowed"):
+            w.append("notes", "b")  # its open connection: refused from its next request
+    with keys.client(n, newcomer, server, zctx=zctx) as c:
+        assert c.append("notes", "c").seq == 2
+    keys.clients.write_text("not a key file\n")
+    os.kill(n.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "keeping the current allowlists" in n.output(), what="the refused reload")
+    with keys.client(n, newcomer, server, zctx=zctx) as c:
+        assert c.head("notes").size == 2  # a broken file changed nothing
+
+
+def peer_pair(node_factory, tmp_path):
+    keys = Keys(tmp_path)
+    k1, k2 = node_key(tmp_path, "n1"), node_key(tmp_path, "n2")
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"n1 {k1.public_hex}\nn2 {k2.public_hex}\n")
+    common = ["--peer-keys", str(peers), "--client-keys", str(keys.clients), "--heartbeat-ms", "100"]
+    n1 = node_factory("--id", "n1", *common, name="n1")
+    n2 = node_factory("--id", "n2", *common, "--peers", f"n1@{n1.address.removeprefix('tcp://')}", name="n2")
+    return keys, (n1, k1), (n2, k2)
+
+
+def test_a_mesh_with_keys_replicates_redirects_with_the_writers_key_and_counts_acks(node_factory, tmp_path, zctx):
+    keys, (n1, k1), (n2, k2) = peer_pair(node_factory, tmp_path)
+    with keys.client(n1, keys.writer, k1, zctx=zctx) as c1, keys.client(n2, keys.writer, k2, zctx=zctx) as c2:
+        wait_for(lambda: [p["state"] for p in c1.status()["peers"]] == ["alive"], what="n1 to see n2")
+        for i in range(5):
+            c1.append("notes", f"e{i}")
+        wait_for(lambda: size(c2, "notes") == 5, what="the replica")
+        e = c2.append("notes", "via n2")  # NOT_WRITER, followed to n1 with n1's key from the reply
+        assert (e.seq, e.writer) == (6, "n1")
+        c1.append("notes", "held twice", replicas=1)
+        assert c1.last_replicated == 1
+
+
+def test_a_peer_cannot_speak_for_another_node_id(node_factory, tmp_path, zctx):
+    keys, (n1, k1), (n2, k2) = peer_pair(node_factory, tmp_path)
+    # n2's own key, used by a program that claims to be someone else: the issue's impostor of n1
+    with Client(n1.address, key=k2, server_key=k1.public_hex, zctx=zctx, timeout=3) as fake:
+        with pytest.raises(Forbidden, match="naming node 'n1' over the connection of node 'n2'"):
+            fake.call("heartbeat", node_id="n1", address="127.0.0.1:9", pub="127.0.0.1:10", boot="b",
+                      lamport=1, entries=0, cluster="ledger")
+        with pytest.raises(Forbidden, match="naming node 'ghost'"):
+            fake.call("ack", node_id="ghost", acks=[["notes", 1]])
+        with pytest.raises(Forbidden, match="append is not allowed for the peer role"):
+            fake.append("notes", "a peer is not a client")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--peer-keys", "{peers}", "--peers", "127.0.0.1:7400"], "each entry names its node, NODE_ID@HOST:PORT"),
+    (["--peer-keys", "{peers}", "--peers", "n9@127.0.0.1:7400"], "node n9 is not in --peer-keys"),
+    (["--peer-keys", "{bad}"], "line 1: expected 'NODE_ID PUBLIC_KEY'"),
+    (["--client-keys", "{missing}"], "cannot read"),
+    (["--client-keys", "{peers}", "--insecure"], "exclude each other"),
+])
+def test_key_configuration_errors_are_one_line(tmp_path, args, says):
+    import subprocess
+    import sys
+
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"n1 {Identity.generate().public_hex}\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("n1\n")
+    argv = [a.format(peers=peers, bad=bad, missing=tmp_path / "nope.txt") for a in args]
+    r = subprocess.run([sys.executable, "-m", "node.main", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                        *argv], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_keys_let_a_node_serve_beyond_loopback_without_insecure(node_factory, tmp_path, zctx):
+    keys = Keys(tmp_path)
+    server = node_key(tmp_path, "n1")
+    n = node_factory("--listen", "0.0.0.0:0", "--advertise", "127.0.0.1:7", "--client-keys", str(keys.clients))
+    port = n.address.rpartition(":")[2]
+    with Client(f"127.0.0.1:{port}", key=keys.admin, server_key=server.public_hex, zctx=zctx, timeout=3) as c:
+        assert c.status()["security"] == "curve"
+
+
+def test_the_cli_speaks_to_a_node_with_keys(keyed, tmp_path, capsys):
+    import json
+
+    from tools import cli
+
+    n, keys, server = keyed
+    key_file = tmp_path / "writer.key"
+    write_key_file(str(key_file), keys.writer)
+    addr = n.address.removeprefix("tcp://")
+    base = ["--node", addr, "--json", "--key-file", str(key_file), "--server-key", server.public_hex]
+    assert cli.main([*base, "append", "notes", "from the cli"]) == 0
+    assert json.loads(capsys.readouterr().out)["seq"] == 1
+    assert cli.main([*base, "get", "notes"]) == 0
+    assert json.loads(capsys.readouterr().out)["payload"] == "from the cli"
+    assert cli.main(["--node", addr, "--key-file", str(key_file), "get", "notes"]) == 2
+    assert "--key-file and --server-key go together" in capsys.readouterr().err
+    assert cli.main(["--node", addr, "--timeout", "0.5", "get", "notes"]) == 1  # no key: no answer, a clear error
+    assert "no answer" in capsys.readouterr().err
