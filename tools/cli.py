@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     cl.add_argument("--port-base", type=int, default=0, metavar="PORT",
                     help="node i listens on PORT + 10*(i-1), its watch socket one above (default: free ports)")
+    cl.add_argument("--keys", action="store_true", help="give every node a key and CURVE on its sockets, and "
+                    "write one admin client key (DIR/client.key); always on when --host is not loopback")
     cl.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     kg = sub.add_parser(
@@ -721,7 +723,7 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
         if not 0 <= args.port_base <= 65535 - 10 * args.nodes:
             raise UsageError(f"--port-base {args.port_base} leaves no room for {args.nodes} nodes")
         try:
-            return run_cluster(args.nodes, args.data, args.host, args.port_base, extra, out.stream)
+            return run_cluster(args.nodes, args.data, args.host, args.port_base, extra, out.stream, keys=args.keys)
         except ClusterError as exc:
             raise UsageError(str(exc)) from None
     if args.command == "keygen":

@@ -1,4 +1,7 @@
-"""`ledger cluster`: a mesh of `ledger-node` processes on loopback, in one command.
+"""`ledger cluster`: a mesh of `ledger-node` processes on this machine, in one command.
+
+With `--keys` (and always when `--host` is not loopback) it sets up keys by itself: a key per
+node, the peer allowlist binding n1..nN to them, and one admin client key it prints the path of.
 
 Node 1 starts first; every other node is seeded with node 1's address and
 learns the rest by gossip. Each node's addresses are printed, then one line
@@ -18,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from node.config import is_loopback
+from node.identity import KEY_FILE, IdentityError, read_key_file, write_key_file
+from protocol.keys import Identity
 from tools import launch
 
 START_TIMEOUT = 30.0
@@ -80,9 +86,41 @@ def stop_members(members: list[Member], timeout: float = 20.0) -> None:
             m.proc.wait(5)
 
 
+def setup_keys(data: str, nodes: int) -> tuple[list[str], Identity, list[Identity]]:
+    """Keys for a cluster in `data` (kept when they exist: a restart with the same --data is the
+    same mesh): each node's DATA/nI/node.key, `peers.txt` binding n1..nN to them, and one admin
+    client key `client.key` listed in `clients.txt`. Returns the node flags, the client's key and
+    the nodes' keys."""
+    idents = []
+    for i in range(1, nodes + 1):
+        folder = os.path.join(data, f"n{i}")
+        os.makedirs(folder, exist_ok=True)
+        idents.append(_key(os.path.join(folder, KEY_FILE)))
+    client = _key(os.path.join(data, "client.key"))
+    peers, clients = os.path.join(data, "peers.txt"), os.path.join(data, "clients.txt")
+    with open(peers, "w") as f:
+        f.write("# written by `ledger cluster`: NODE_ID PUBLIC_KEY\n")
+        f.writelines(f"n{i} {k.public_hex}\n" for i, k in enumerate(idents, 1))
+    with open(clients, "w") as f:
+        f.write(f"# written by `ledger cluster`: PUBLIC_KEY ROLE\n{client.public_hex} admin\n")
+    return ["--peer-keys", peers, "--client-keys", clients], client, idents
+
+
+def _key(path: str) -> Identity:
+    try:
+        if os.path.exists(path):
+            return read_key_file(path)
+        ident = Identity.generate()
+        write_key_file(path, ident)
+        return ident
+    except IdentityError as exc:
+        raise ClusterError(str(exc)) from None
+
+
 def run_cluster(nodes: int, data: str | None, host: str, base_port: int, extra: Sequence[str],
-                out: IO[str], stop: threading.Event | None = None) -> int:
-    """Start the mesh, print its addresses, wait for `stop` (or a signal), stop it. Returns 0."""
+                out: IO[str], stop: threading.Event | None = None, keys: bool = False) -> int:
+    """Start the mesh, print its addresses, wait for `stop` (or a signal), stop it. Returns 0.
+    With `keys` (or a `host` that is not loopback), every node and one admin client get keys."""
     if not 1 <= nodes <= 64:
         raise ClusterError(f"--nodes must be from 1 to 64, got {nodes}")
     tmp = None
@@ -90,6 +128,14 @@ def run_cluster(nodes: int, data: str | None, host: str, base_port: int, extra: 
         tmp = tempfile.TemporaryDirectory(prefix="ledger-cluster-")
         data = tmp.name
     os.makedirs(data, exist_ok=True)
+    keys = keys or not is_loopback(host)
+    client: Identity | None = None
+    idents: list[Identity] = []
+    if keys:
+        key_flags, client, idents = setup_keys(data, nodes)
+        extra = [*key_flags, *extra]
+        if host in ("0.0.0.0", "::"):
+            raise ClusterError(f"--host {host}: give the address the nodes are reached at (they advertise it)")
     stop = stop or threading.Event()
     members: list[Member] = []
     old_handlers = {}
@@ -99,11 +145,15 @@ def run_cluster(nodes: int, data: str | None, host: str, base_port: int, extra: 
     try:
         for i in range(1, nodes + 1):
             port = 0 if base_port == 0 else base_port + 10 * (i - 1)
-            seeds = [_hostport(members[0].router)] if members else []
+            seeds = [("n1@" if keys else "") + _hostport(members[0].router)] if members else []
             m = start_member(f"n{i}", os.path.join(data, f"n{i}"), f"{host}:{port}", seeds, extra, out)
             members.append(m)
             out.write(f"node {m.node_id}: requests {m.router}  watch {m.pub}  data {os.path.join(data, m.name)}\n")
             out.flush()
+        if client is not None:
+            out.write(f"keys: CURVE on every socket; admin client key {os.path.join(data, 'client.key')}, e.g.\n"
+                      f"  ledger --node {_hostport(members[0].router)} --key-file {os.path.join(data, 'client.key')}"
+                      f" --server-key {idents[0].public_hex} status\n")
         out.write(f"ready nodes={','.join(_hostport(m.router) for m in members)}\n")
         out.write("(Ctrl-C stops every node)\n" if tmp is None else
                   "(throw-away data; Ctrl-C stops every node and deletes it)\n")

@@ -45,6 +45,21 @@ def test_short_seeded_run_injects_faults_and_every_check_holds(tmp_path):
     assert chaos.make_plan(SEED + 1, 3, 15.0, False, 4, 3, 2).faults != again.faults
 
 
+@pytest.mark.timeout(120)
+def test_a_short_run_with_keys_on_every_node_and_client_holds_every_check(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    opts = chaos.parse_args(["--nodes", "3", "--duration", "10", "--seed", str(SEED + 7), "--secure", "--json",
+                             "--workdir", str(tmp_path / "run")])
+    rc = chaos.execute(opts, out, err)
+    report = json.loads(out.getvalue())
+    assert rc == 0, (report.get("problems"), err.getvalue())
+    assert report["acked"] > 20 and report["converged"] and report["lost_acked"] == 0
+    assert report["faults"]["kill"] + report["faults"]["pause"] > 0
+    for name in ("n1", "n2", "n3"):  # every node ran with keys, every restart too
+        log = (tmp_path / "run" / f"{name}.log").read_text()
+        assert log.count("security:          CURVE") == log.count("ready router=") >= 1
+
+
 def test_the_schedule_depends_on_the_seed_alone_and_covers_every_kind():
     names = chaos.node_names(3)
     for seed in range(20):
@@ -74,8 +89,8 @@ def test_short_run_with_network_partitions(tmp_path):
     if why is not None:
         pytest.skip(why)
     out, err = io.StringIO(), io.StringIO()
-    opts = chaos.parse_args(["--nodes", "3", "--duration", "12", "--seed", str(SEED), "--partitions", "--json",
-                             "--workdir", str(tmp_path / "run")])
+    opts = chaos.parse_args(["--nodes", "3", "--duration", "12", "--seed", str(SEED), "--partitions", "--secure",
+                             "--json", "--workdir", str(tmp_path / "run")])
     rc = chaos.execute(opts, out, err)
     report = json.loads(out.getvalue())
     assert rc == 0, (report.get("problems"), err.getvalue())

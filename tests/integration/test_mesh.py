@@ -280,6 +280,34 @@ def test_cluster_launcher_starts_a_mesh_and_stops_it(zctx, tmp_path):
     assert not t.is_alive() and "stopped 3 node(s)" in out.getvalue()
 
 
+def test_cluster_launcher_with_keys_gives_every_node_a_key_and_one_admin_client_key(zctx, tmp_path):
+    from protocol.errors import Timeout
+    from protocol.keys import parse_key_file
+    from tools.cluster import run_cluster
+
+    out = io.StringIO()
+    stop = threading.Event()
+    t = threading.Thread(target=run_cluster, args=(2, str(tmp_path), "127.0.0.1", 0, FAST, out, stop),
+                         kwargs={"keys": True}, daemon=True)
+    t.start()
+    line = wait_for(lambda: next((x for x in out.getvalue().splitlines() if x.startswith("ready nodes=")), None),
+                    30, what="the ready line")
+    addrs = line.split("=", 1)[1].split(",")
+    key = parse_key_file((tmp_path / "client.key").read_text())
+    servers = [parse_key_file((tmp_path / f"n{i}" / "node.key").read_text()).public_hex for i in (1, 2)]
+    assert f"--server-key {servers[0]}" in out.getvalue()
+    with Client(addrs[0], key=key, server_key=servers[0], zctx=zctx) as c:
+        assert c.status()["security"] == "curve"
+        c.append("cl", "x")
+    with Client(addrs[1], key=key, server_key=servers[1], zctx=zctx) as c:
+        wait_for(lambda: c.get("cl").entries, what="replication between nodes with keys")
+    with Client(addrs[0], zctx=zctx, timeout=0.5, retries=0) as plain, pytest.raises(Timeout):
+        plain.ping()  # no key: not let in
+    stop.set()
+    t.join(30)
+    assert not t.is_alive() and "stopped 2 node(s)" in out.getvalue()
+
+
 def test_replicated_acks_wait_for_n_other_nodes_or_say_how_many_hold_it(node_factory, zctx):
     n1, n2, n3 = mesh(node_factory, 3, "--replica-timeout-ms", "1500")
     wait_for(lambda: all_alive([n1, n2, n3], zctx), what="the mesh to form")

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds after healing within which every node must hold the same logs (default 60)")
     p.add_argument("--workdir", help="folder for node data, logs, history and report (default: a new temp folder)")
     p.add_argument("--keep-data", action="store_true", help="keep the nodes' data folders after a passing run")
+    p.add_argument("--secure", action="store_true", help="every node and client with keys: CURVE on every "
+                   "socket, peer and client allowlists (README, \"Security\")")
     p.add_argument("-v", "--verbose", action="store_true", help="print each fault as it is injected")
     return p
 
@@ -81,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 32)
     return Options(nodes=a.nodes, duration=a.duration, seed=seed, partitions=a.partitions, json=a.json,
                    plot=a.plot, contexts=a.contexts, writers=a.writers, readers=a.readers, replicas=a.replicas,
-                   durability=a.durability, flush_ms=a.flush_ms, converge_timeout=a.converge_timeout, workdir=a.workdir, keep_data=a.keep_data, verbose=a.verbose)
+                   durability=a.durability, flush_ms=a.flush_ms, converge_timeout=a.converge_timeout, workdir=a.workdir, keep_data=a.keep_data, verbose=a.verbose,
+                   secure=a.secure)
 
 
 def execute(opts: Options, out: IO[str] | None = None, err: IO[str] | None = None) -> int:

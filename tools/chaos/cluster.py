@@ -22,9 +22,11 @@ from typing import Any
 
 import zmq
 
+from node.identity import KEY_FILE, write_key_file
 from protocol.client import Client
 from protocol.entry import Entry
 from protocol.errors import LedgerError
+from protocol.keys import Identity
 
 from .common import ChaosError, Options
 from .netns import NS_PORT, Netns
@@ -38,7 +40,7 @@ def client_for(cache: dict[str, Client], node: NodeProc, zctx: zmq.Context[Any])
     """One short-timeout, no-retry client per node, kept in `cache` (a thread's own)."""
     c = cache.get(node.name)
     if c is None:
-        c = Client(node.address, timeout=OP_TIMEOUT, retries=0, zctx=zctx)
+        c = node.client(zctx, timeout=OP_TIMEOUT, retries=0)
         cache[node.name] = c
     return c
 
@@ -61,7 +63,7 @@ class Cluster:
         return next(n for n in self.nodes if n.name == name)
 
     def peers_of(self, node: NodeProc) -> list[str]:
-        return [m.address for m in self.nodes if m is not node]
+        return [m.seed_address for m in self.nodes if m is not node]
 
     def start(self) -> None:
         flags = [*NODE_FLAGS, "--durability", self.opts.durability]
@@ -74,15 +76,32 @@ class Cluster:
             # each node on its own namespace's address, not loopback: until the mesh has keys, that
             # takes --insecure (a private bridge no one else reaches)
             for name, ns, ip in zip(names, self.netns.names, self.netns.ips, strict=True):
-                self.nodes.append(NodeProc(name, self.workdir, ip, NS_PORT, NS_PORT + 1, [*flags, "--insecure"], ns))
+                self.nodes.append(NodeProc(name, self.workdir, ip, NS_PORT, NS_PORT + 1,
+                                           flags if self.opts.secure else [*flags, "--insecure"], ns))
         else:
             base = free_port_block(2 * self.opts.nodes)
             for i, name in enumerate(names):
                 self.nodes.append(NodeProc(name, self.workdir, "127.0.0.1", base + 2 * i, base + 2 * i + 1, flags))
-        for i, n in enumerate(self.nodes):
+        for n in self.nodes:
             n.data.mkdir(parents=True, exist_ok=True)
-            n.start([self.nodes[0].address] if i else [], self.abort)
+        if self.opts.secure:
+            self._keys()
+        for i, n in enumerate(self.nodes):
+            n.start([self.nodes[0].seed_address] if i else [], self.abort)
             self.say(f"node {n.name}: requests {n.address}  watch {n.pub}  log {n.log_path}")
+
+    def _keys(self) -> None:
+        """--secure: a key per node (in its data folder), the peer allowlist, and one admin key
+        for every client of the harness."""
+        client = Identity.generate()
+        peers, clients = self.workdir / "peers.txt", self.workdir / "clients.txt"
+        for n in self.nodes:
+            n.key, n.client_key = Identity.generate(), client
+            write_key_file(str(n.data / KEY_FILE), n.key)
+        peers.write_text("".join(f"{n.name} {n.key.public_hex}\n" for n in self.nodes if n.key))
+        clients.write_text(f"{client.public_hex} admin\n")
+        for n in self.nodes:
+            n.flags += ["--peer-keys", str(peers), "--client-keys", str(clients)]
 
     def restart(self, node: NodeProc) -> None:
         for attempt in range(3):
@@ -157,7 +176,7 @@ class Cluster:
         logs: dict[str, list[Entry]] = {}
         for ctx, writer in context_writers.items():
             node = self.node(writer)
-            with Client(node.address, timeout=10.0, retries=3, zctx=self.zctx) as c:
+            with node.client(self.zctx, timeout=10.0, retries=3) as c:
                 logs[ctx] = list(c.iter_entries(ctx))
                 c.verify_context(ctx)
         return logs
@@ -168,7 +187,7 @@ class Cluster:
         reported: list[tuple[str, dict[str, Any]]] = []
         aside: dict[str, dict[str, str]] = defaultdict(dict)
         for n in self.nodes:
-            with Client(n.address, timeout=5.0, retries=2, zctx=self.zctx) as c:
+            with n.client(self.zctx, timeout=5.0, retries=2) as c:
                 for f in c.status().get("forks", []):
                     reported.append((n.name, f))
                     for i in range(1, int(f.get("histories_set_aside", 1)) + 1):

@@ -33,3 +33,4 @@ class Options:
     workdir: str | None = None
     keep_data: bool = False
     verbose: bool = False
+    secure: bool = False  # every node and client with keys: CURVE, allowlists (README "Security")

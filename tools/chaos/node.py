@@ -18,7 +18,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import zmq
+
+from protocol.client import Client
+from protocol.keys import Identity
 from tools import launch
 
 from .common import PROG, ChaosError
@@ -74,6 +79,19 @@ class NodeProc:
         self.paused = False
         self.expect_exit = False   # we killed or are stopping it: an exit is not a crash
         self.starts = 0
+        self.key: Identity | None = None  # with --secure: the node's key, and the harness's own
+        self.client_key: Identity | None = None
+
+    def client(self, zctx: zmq.Context[Any], **kw: Any) -> Client:
+        """A reference client of this node (with the harness's key when the run has keys)."""
+        if self.key is not None:
+            kw.update(key=self.client_key, server_key=self.key.public_hex)
+        return Client(self.address, zctx=zctx, **kw)
+
+    @property
+    def seed_address(self) -> str:
+        """How other nodes name this one in --peers (with keys: NODE_ID@HOST:PORT)."""
+        return f"{self.name}@{self.address}" if self.key is not None else self.address
 
     @property
     def address(self) -> str:

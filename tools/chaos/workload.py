@@ -57,7 +57,7 @@ class Workload:
         token = 0
         for ctx, writer in self.plan.context_writers.items():
             node = self.cluster.node(writer)
-            with Client(node.address, timeout=5.0, retries=3, zctx=self.zctx) as c:
+            with node.client(self.zctx, timeout=5.0, retries=3) as c:
                 op = self.history.invoke("setup", "append", ctx, writer, dedup=f"setup-{ctx}", after_lamport=token)
                 e = c.append(ctx, f"setup:{ctx}".encode(), key="chaos", metadata={"d": f"setup-{ctx}", "p": "setup"},
                              dedup_id=f"setup-{ctx}", after_lamport=token or None)
@@ -153,7 +153,7 @@ class Workload:
                                "errors": [], "outages": 0, "earlier": [], "switches": []}
         self.watches.append(rec)
         delivered: list[list[Any]] = rec["delivered"]
-        c = Client(node.address, timeout=OP_TIMEOUT, retries=0, zctx=self.zctx)
+        c = node.client(self.zctx, timeout=OP_TIMEOUT, retries=0)
         w = None
         try:
             while not self.stop_watch.is_set():
