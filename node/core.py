@@ -72,6 +72,8 @@ from protocol.errors import (
     RemoteProtocolError,
     Unavailable,
 )
+from protocol.heads import sign_head
+from protocol.keys import Identity
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +176,14 @@ class Core:
 
     def __init__(self, config: Config, ledger: Ledger, transport: Transport, watch: WatchFeed, *,
                  address: str, pub: str, io_status: Callable[[float], dict[str, Any]] = no_status,
-                 started: float = 0.0, public_key: str = "", access: Access | None = None) -> None:
+                 started: float = 0.0, identity: Identity | None = None, access: Access | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.watch = watch
         self.io_status = io_status
         self.started = started
-        self.public_key = public_key  # this node's identity (hex; node/identity.py)
+        self.identity = identity  # this node's key (node/identity.py): it signs the heads of what it writes
+        self.public_key = identity.public_hex if identity is not None else ""
         self.access = access  # the allowlists, on a node with keys: every request is checked against them
         self.refused_requests = 0  # requests refused FORBIDDEN (status.forbidden_requests)
         self.sync = config.sync
@@ -190,6 +193,7 @@ class Core:
             dead_after=config.dead_after, boot=watch.boot, cluster=config.cluster, on_applied=watch.mark,
             ack_durable=config.sync, max_peers=config.max_peers, seed_ids=dict(config.seed_ids),
             known_id=None if access is None else (lambda node_id: node_id in self.access.peers),  # type: ignore[union-attr]
+            writer_key=None if access is None else (lambda node_id: self.access.peers.get(node_id)),  # type: ignore[union-attr]
         )
         self.mesh.on_ack = self.check_replicated
         self.outbox: list[list[bytes]] = []  # replies to send now (the server drains it)
@@ -364,6 +368,13 @@ class Core:
         fork = self.mesh.forks.get(req.context)
         if fork is not None:
             fields["fork"] = vars(fork)
+        ctx = self.ledger.contexts.get(req.context)
+        if ctx is not None:
+            if ctx.writer == self.ledger.node_id and self.identity is not None:
+                # this node's own context: its head, signed now (SPEC 13.6)
+                fields["signed"] = sign_head(self.identity, ctx.name, fields["size"], fields["root"]).to_map()
+            elif ctx.signed is not None:
+                fields["signed"] = ctx.signed.to_map()  # the latest head its writer signed that reached us
         return Reply(codec.encode_reply(rq.id, fields))
 
     def heartbeat(self, rq: Request, req: codec.Heartbeat) -> Answer:

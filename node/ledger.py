@@ -48,6 +48,7 @@ from protocol.errors import (
     TooLarge,
     Unavailable,
 )
+from protocol.heads import SignedHead
 from protocol.lamport import MAX_LAMPORT, ClockExhausted, LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
 
@@ -80,7 +81,7 @@ class ContextState:
 
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
-        "flushed_seq", "created_ns", "topic", "published_seq", "leaf_names",
+        "flushed_seq", "created_ns", "topic", "published_seq", "leaf_names", "signed",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -99,6 +100,8 @@ class ContextState:
         self.topic = watch.topic(name)  # exact-match watch topic
         self.published_seq = 0  # entries up to here were published (or nobody watched them)
         self.leaf_names = leaf_names(self.name_bytes, writer.encode())  # constant part of every leaf hash
+        # a replica's latest head signed by the writer (SPEC 13.6; from its pushes, on a node with keys)
+        self.signed: SignedHead | None = None
 
 
 @dataclass

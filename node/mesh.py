@@ -48,6 +48,7 @@ from protocol.address import parse_address
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry
 from protocol.errors import NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
+from protocol.heads import SignedHead
 from protocol.lamport import MAX_LAMPORT
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class MeshStats:
     peer_errors: int = 0  # failures handling one peer's message or sending to it, isolated
     ignored_acks: int = 0  # acks from node ids that are not known members
     unknown_gossip: int = 0  # gossiped peers whose node id is in no allowlist (with keys), not learned
+    unsigned_pushes: int = 0  # pushed messages without a valid signature of their writer (with keys), not applied
 
 
 class Outstanding(NamedTuple):
@@ -240,11 +242,15 @@ class Mesh:
         max_peers: int = DEFAULT_MAX_PEERS,
         seed_ids: dict[str, str] | None = None,
         known_id: Callable[[str], bool] | None = None,
+        writer_key: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self.stats = MeshStats()
         # With keys (node/access.py): only node ids bound to a key are learned by gossip, each
         # with its id (its key is how this node connects to it); None: any address, id unknown.
         self.known_id = known_id
+        # With keys: a writer's public key by node id; pushed entries are applied only under a head
+        # their writer signed (SPEC 13.6), and that head is kept for `head` replies
+        self.writer_key = writer_key
         self.ledger = ledger
         self.transport = transport
         self.address = address
@@ -722,6 +728,11 @@ class Mesh:
             return False  # duplicate, or a gap: repair pulls it
         if ctx is not None and ctx.writer == self.ledger.node_id:
             return False  # ours: a peer cannot extend it (a fork shows in the digest)
+        signed = None
+        if self.writer_key is not None:
+            signed = self._signed_head(m, entries[0].writer)
+            if signed is None:
+                return False
         try:
             applied = self.ledger.apply_replicated(m.context, entries, m.root)
         except LedgerError as exc:
@@ -734,11 +745,27 @@ class Mesh:
             self._push_diverges(m.context, entries[-1].seq, m.root, entries[0].writer)
             return False
         self.stats.pushed_entries += len(entries)
+        if signed is not None:
+            applied.signed = signed
         self.ack_due[applied.name] = applied.writer
         if m.ack:
             self.ack_now = True
         self.on_applied(applied)
         return True
+
+    def _signed_head(self, m: watch.EntriesMsg, writer: str) -> SignedHead | None:
+        """The head `m` ends at, signed by `writer` with the key this node binds to it; None (counted,
+        logged now and then) when the message carries no such signature: its entries are not applied."""
+        key = self.writer_key(writer) if self.writer_key is not None else None
+        if key is not None and m.root is not None and m.sig is not None:
+            head = SignedHead(m.context, m.entries[-1].seq, m.root, key, 0, m.sig)
+            if head.verify():
+                return head
+        self.stats.unsigned_pushes += 1
+        why = ("its writer has no key here" if key is None else "no signature" if m.sig is None
+               else "a signature that does not verify")
+        self.refuse("(push stream)", f"pushed entries of {m.context!r} by {writer!r} ({why})")
+        return None
 
     def _keep_early(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
         nbytes = len(frames[-1])

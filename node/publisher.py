@@ -109,6 +109,8 @@ class Publisher:
         self.errors = 0
         self.errors_by_context: dict[str, int] = {}
         self.send_drops = 0  # messages the XPUB refused at once (status.publish_drops)
+        # a node with keys signs the head its replication messages end at (SPEC 13.6): (ctx, size, root) -> sig
+        self.signer: Callable[[ContextState, int, bytes], bytes] | None = None
 
     # -- the registry --------------------------------------------------------------
 
@@ -270,8 +272,9 @@ class Publisher:
         if repl:
             # with the root at its last entry, so a replica applies the entries only on top of
             # this very history (never on a tail this writer lost in a crash and rewrote)
-            body = watch.encode_entries(ctx.name_packed, blobs, ack=self.wants_ack(ctx),
-                                        root=self.ledger.root_at(ctx, last))
+            root = self.ledger.root_at(ctx, last)
+            body = watch.encode_entries(ctx.name_packed, blobs, ack=self.wants_ack(ctx), root=root,
+                                        sig=self.signer(ctx, last, root) if self.signer is not None else None)
             try:
                 self.sock.send(watch.REPL_PREFIX + ctx.topic, zmq.NOBLOCK | zmq.SNDMORE)
                 self.sock.send(body, zmq.NOBLOCK)

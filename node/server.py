@@ -50,6 +50,7 @@ from node.storage import KV, WriteFailed
 from node.zap import Zap
 from protocol import codec
 from protocol.errors import BAD_REQUEST, LedgerError
+from protocol.heads import head_bytes
 from protocol.keys import Identity, curve_public
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,12 @@ class Server:
         advertise = config.advertise or f"{_fmt_host(config.host)}:{self.port}"
         self.core = Core(config, ledger, self.peers, self.publisher, address=advertise,
                          pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}", io_status=self._io_status,
-                         started=time.monotonic(), public_key=self.identity.public_hex, access=access)
+                         started=time.monotonic(), identity=self.identity, access=access)
         self.peers.core = self.core
         if access is not None:
             self.peers.server_key = self._peer_server_key
+            ident = self.identity
+            self.publisher.signer = lambda ctx, size, root: ident.sign(head_bytes(ctx.name, size, root, ident.public))
         self.publisher.wants_ack = self.core.waits_for_replicas
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)

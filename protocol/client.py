@@ -12,6 +12,7 @@ before it is returned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import itertools
 import os
@@ -23,7 +24,7 @@ from typing import IO, Any
 import msgpack
 import zmq
 
-from protocol import codec, merkle, watch
+from protocol import codec, heads, merkle, watch
 from protocol.entry import MAX_CONTEXT_BYTES, MAX_KEY_BYTES, Entry, check_name, entry_from_wire
 from protocol.errors import (
     BadRequest,
@@ -37,6 +38,7 @@ from protocol.errors import (
     Unavailable,
     error_for,
 )
+from protocol.heads import SignedHead
 from protocol.keys import Identity, curve_public, parse_public_key
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
 
@@ -66,6 +68,8 @@ class Head:
     watchers: int = 0
     fork: dict[str, Any] | None = None  # when the context is forked (SPEC 17.4)
     damaged: dict[str, Any] | None = None  # came back from disk shorter or different (README, integrity)
+    signed: SignedHead | None = None  # the latest head its writer signed that the node has (SPEC 13.6)
+    verified: int | None = None  # with `writer_key`: the size up to which the writer's signature covers it
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,10 +469,34 @@ class Client:
             streams.append(self.iter_entries(name, after=start))
         return heapq.merge(*streams, key=lambda e: (e.lamport, e.writer, e.context, e.seq))
 
-    def head(self, context: str) -> Head:
+    def head(self, context: str, *, writer_key: bytes | str | None = None) -> Head:
+        """The context's head. With `writer_key` (the writer's public key, pinned by the caller), it is
+        checked against a head signed with that key (SPEC 13.6): IntegrityError unless the node holds
+        one for this context whose root is the node's root at that size; `verified` says up to which
+        size (entries past it, if the node holds more, are not yet covered by a signature it has)."""
         r = self.call("head", context=context)
-        return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"),
-                    r.get("damaged"))
+        signed = None
+        if r.get("signed") is not None:
+            try:
+                signed = heads.from_map(r["signed"])
+            except RemoteProtocolError as exc:
+                raise IntegrityError(f"the node sent a malformed signed head: {exc.message}") from None
+        h = Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"),
+                 r.get("damaged"), signed)
+        if writer_key is None:
+            return h
+        key = parse_public_key(writer_key, "writer key") if isinstance(writer_key, str) else writer_key
+        if signed is None:
+            raise IntegrityError(f"{self.address} has no head of {context!r} signed by its writer")
+        if signed.context != context or not signed.verify(key):
+            raise IntegrityError(f"the head of {context!r} at {self.address} is not signed by the writer key "
+                                 f"{key.hex()}", {"context": context, "signed_by": signed.key.hex()})
+        if signed.size > h.size or (signed.size == h.size and signed.root != h.root):
+            raise IntegrityError(f"{self.address}'s head of {context!r} ({h.size} entries) contradicts the head "
+                                 f"its writer signed ({signed.size} entries)", {"context": context})
+        if signed.size < h.size:
+            self.consistency(context, signed.size, h.size, first_root=signed.root)  # IntegrityError unless a prefix
+        return dataclasses.replace(h, verified=signed.size)
 
     def pub_address(self) -> str:
         """The node's watch (PUB) address, reached through the host this client uses."""
@@ -601,11 +629,15 @@ class Client:
         r = self.call("load", retry=False, entries=chunk, final=True, **base)
         return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
 
-    def verify_context(self, context: str) -> dict[str, Any]:
-        """Download a context at its current size, re-hash everything, recompute the root."""
+    def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
+        """Download a context at its current size, re-hash everything, recompute the root. With
+        `writer_key`, also check the entries against the head their writer signed (SPEC 13.6): the
+        root recomputed at the signed size must be the signed root (`signed_size` in the result)."""
+        signed = self.head(context, writer_key=writer_key).signed if writer_key is not None else None
         first = self.call("snapshot", context=context, after=0, limit=codec.MAX_GET_LIMIT)
         size, root = first["size"], first["root"]
         verifier = SnapshotVerifier(context, size, root)
+        signed_root = merkle.EMPTY_ROOT if signed is not None and signed.size == 0 else None
         r = first
         while True:
             for m in r["entries"]:
@@ -614,11 +646,19 @@ class Client:
                 except RemoteProtocolError as exc:
                     raise IntegrityError(f"node sent a malformed entry: {exc.message}") from None
                 verifier.add(e)
+                if signed is not None and e.seq == signed.size:
+                    signed_root = verifier.frontier.root()
             if not r["more"]:
                 break
             r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
         verifier.finish()
-        return {"context": context, "size": size, "root": root, "ok": True}
+        out = {"context": context, "size": size, "root": root, "ok": True}
+        if signed is not None:
+            if signed_root != signed.root:
+                raise IntegrityError(f"the entries of {context!r} do not give the root their writer signed at "
+                                     f"size {signed.size}", {"context": context, "size": signed.size})
+            out["signed_size"] = signed.size
+        return out
 
 
 class Watch:

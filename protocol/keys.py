@@ -27,6 +27,7 @@ halves of two files pasted together, is refused rather than half-trusted).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -56,9 +57,14 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(bytes(nacl.signing.SigningKey.generate()))
 
-    @property
+    @functools.cached_property
+    def _signing_key(self) -> nacl.signing.SigningKey:
+        # (made once: expanding the seed costs about as much as a signature)
+        return nacl.signing.SigningKey(self.seed)
+
+    @functools.cached_property
     def public(self) -> bytes:
-        return bytes(nacl.signing.SigningKey(self.seed).verify_key)
+        return bytes(self._signing_key.verify_key)
 
     @property
     def public_hex(self) -> str:
@@ -66,7 +72,7 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         """The 64-byte Ed25519 signature of `message`."""
-        return bytes(nacl.signing.SigningKey(self.seed).sign(message).signature)
+        return bytes(self._signing_key.sign(message).signature)
 
     def curve_keypair(self) -> tuple[bytes, bytes]:
         """(public, secret) Curve25519 keys for ZeroMQ's CURVE, converted from this keypair."""

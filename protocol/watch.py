@@ -98,17 +98,19 @@ _ENTRIES_HEAD = b"\x84\xa1v\x01\xa4type\xa7entries\xa7context"
 
 
 def encode_entries(context_packed: bytes, blobs: Sequence[bytes], ack: bool = False,
-                   root: bytes | None = None) -> bytes:
+                   root: bytes | None = None, sig: bytes | None = None) -> bytes:
     """An `entries` body from already-encoded entry maps (spliced, not re-encoded).
 
     On the replication stream (SPEC 17.3) also `root`, the writer's root at the last entry's
-    seq, and `ack`: the writer waits for replicas to acknowledge these entries (17.5)."""
-    if not ack and root is None:
+    seq, `ack`: the writer waits for replicas to acknowledge these entries (17.5), and, from a
+    writer with keys, `sig`: its signature of the head (context, last seq, root) (SPEC 13.6)."""
+    if not ack and root is None and sig is None:
         head = _ENTRIES_HEAD
     else:
         head = b"".join((
-            bytes((0x84 + ack + (root is not None),)), b"\xa1v\x01\xa4type\xa7entries",
+            bytes((0x84 + ack + (root is not None) + (sig is not None),)), b"\xa1v\x01\xa4type\xa7entries",
             b"\xa3ack\xc3" if ack else b"", b"\xa4root\xc4\x20" + root if root is not None else b"",
+            b"\xa3sig\xc4\x40" + sig if sig is not None else b"",
             b"\xa7context",
         ))
     return b"".join((head, context_packed, b"\xa7entries", array_header(len(blobs)), *blobs))
@@ -173,6 +175,7 @@ class EntriesMsg:
     entries: tuple[Entry, ...]
     ack: bool = False  # the writer waits for acknowledgements of these (replication stream)
     root: bytes | None = None  # the writer's root at the last entry's seq (replication stream)
+    sig: bytes | None = None  # the writer's signature of (context, last seq, root) (SPEC 13.6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,10 @@ def decode_message(frames: Sequence[bytes]) -> WatchMsg:
         root = m.get("root")
         if root is not None and (not isinstance(root, bytes) or len(root) != 32):
             raise _bad("watch message: root must be 32 bytes")
-        return EntriesMsg(context, entries, m.get("ack") is True, root)
+        sig = m.get("sig")
+        if sig is not None and (not isinstance(sig, bytes) or len(sig) != 64):
+            raise _bad("watch message: sig must be 64 bytes")
+        return EntriesMsg(context, entries, m.get("ack") is True, root, sig)
     if kind == HEAD:
         root = m.get("root")
         if not isinstance(root, bytes) or len(root) != 32:

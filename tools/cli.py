@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("head", parents=[common], help="size, Merkle root, last lamport and writer of a context")
     h.add_argument("context")
+    h.add_argument("--writer-key", metavar="HEX", help="check the head against one signed by this writer key "
+                   "(the writer node's public_key): exit 1 unless it is")
 
     sub.add_parser("contexts", parents=[common], help="every context with its size")
     sub.add_parser("status", parents=[common], help="the node's status")
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
     v.add_argument("context")
+    v.add_argument("--writer-key", metavar="HEX", help="also check the entries against the head their writer signed "
+                   "with this key (the writer node's public_key): exit 1 unless they match")
 
     mg = sub.add_parser("merged", parents=[common],
                         help="entries of several contexts in one causal order (lamport, writer, context, seq)")
@@ -322,6 +326,11 @@ def head_json(h: Head) -> dict[str, Any]:
         d["fork"] = h.fork
     if h.damaged is not None:
         d["damaged"] = {k: _hex(v) if isinstance(v, bytes) else v for k, v in h.damaged.items()}
+    if h.signed is not None:
+        d["signed"] = {"size": h.signed.size, "root": _hex(h.signed.root), "key": _hex(h.signed.key),
+                       "epoch": h.signed.epoch, "sig": _hex(h.signed.sig)}
+    if h.verified is not None:
+        d["verified_size"] = h.verified
     return d
 
 
@@ -517,8 +526,17 @@ def cmd_merged(c: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _writer_key(args: argparse.Namespace) -> bytes | None:
+    if args.writer_key is None:
+        return None
+    try:
+        return parse_public_key(args.writer_key, "--writer-key")
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_head(c: Client, args: argparse.Namespace, out: Output) -> int:
-    out.fields(head_json(c.head(args.context)))
+    out.fields(head_json(c.head(args.context, writer_key=_writer_key(args))))
     return EXIT_OK
 
 
@@ -606,13 +624,17 @@ def cmd_proof(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_verify(c: Client, args: argparse.Namespace, out: Output) -> int:
     try:
-        r = c.verify_context(args.context)
+        r = c.verify_context(args.context, writer_key=_writer_key(args))
     except RemoteProtocolError as exc:  # a malformed entry from the node
         raise IntegrityError(f"the node sent a malformed entry: {exc.message}") from None
     if out.as_json:
-        out.obj({"context": r["context"], "size": r["size"], "root": _hex(r["root"]), "verified": True})
+        obj = {"context": r["context"], "size": r["size"], "root": _hex(r["root"]), "verified": True}
+        if "signed_size" in r:
+            obj["signed_size"] = r["signed_size"]
+        out.obj(obj)
     else:
-        out.line(f"verified {r['context']}: {r['size']} entries, root {_hex(r['root'])}")
+        signed = (f"; signed by its writer up to #{r['signed_size']}" if "signed_size" in r else "")
+        out.line(f"verified {r['context']}: {r['size']} entries, root {_hex(r['root'])}{signed}")
     damaged = c.head(args.context).damaged
     if damaged is not None:
         # what it serves is sound, but not all it held: say so, and fail

@@ -343,12 +343,63 @@ def message_vectors() -> dict[str, Any]:
 
 # -- files ------------------------------------------------------------------------------
 
+def signed_head_vectors() -> dict[str, Any]:
+    """Heads signed by a writer whose secret key is fixed here (a test key: never use it)."""
+    from protocol.heads import SignedHead, head_bytes, sign_head
+    from protocol.keys import Identity
+
+    writer = Identity(hashlib.sha256(b"converge-ledger test vector writer").digest())
+    other = Identity(hashlib.sha256(b"converge-ledger test vector other writer").digest())
+    tree = _Tree(merkle_leaves())
+    valid = []
+    for description, context, size, epoch in (
+        ("an empty context", "notes", 0, 0),
+        ("13 entries", "notes", 13, 0),
+        ("a name in UTF-8 beyond ASCII", "agent/ünïcode-7", 33, 0),
+        ("a later epoch (reserved for writer handoff)", "notes", 5, 2),
+    ):
+        root = tree.roots[size]
+        h = sign_head(writer, context, size, root, epoch)
+        valid.append({"description": description, "context": context, "size": size, "root": root.hex(),
+                      "key": h.key.hex(), "epoch": epoch,
+                      "signed_bytes": head_bytes(context, size, root, h.key, epoch).hex(), "sig": h.sig.hex()})
+    good = sign_head(writer, "notes", 13, tree.roots[13])
+    invalid_cases = [
+        ("the signature with one bit flipped", good._replace(sig=_flip(good.sig))),
+        ("another size than the one signed", good._replace(size=12)),
+        ("another root than the one signed", good._replace(root=tree.roots[12])),
+        ("another context than the one signed", good._replace(context="notes2")),
+        ("another epoch than the one signed", good._replace(epoch=1)),
+        ("signed by another writer than the key it names", good._replace(sig=sign_head(other, "notes", 13,
+                                                                                       tree.roots[13]).sig)),
+    ]
+    invalid = []
+    for description, h in invalid_cases:
+        if SignedHead(*h).verify():
+            raise RuntimeError(f"invalid signed head vector {description!r} verifies")
+        invalid.append({"description": description, "context": h.context, "size": h.size, "root": h.root.hex(),
+                        "key": h.key.hex(), "epoch": h.epoch, "sig": h.sig.hex()})
+    return {
+        "description": "Heads signed by a context's writer (SPEC 13.6): Ed25519 (RFC 8032) over 'converge-ledger "
+                       "signed head v1\\n', u16 length and UTF-8 bytes of the context name, u64 size, the 32-byte "
+                       "root, the writer's 32-byte public key, u64 epoch (big-endian). The writer's secret key "
+                       "is sha256('converge-ledger test vector writer') as an Ed25519 seed. Roots are those of "
+                       "merkle_roots.json. Every 'valid' head MUST verify against its key and its signed_bytes "
+                       "MUST match byte for byte; every 'invalid' one MUST be rejected.",
+        "conventions": CONVENTIONS,
+        "writer_seed": writer.seed.hex(),
+        "valid": valid,
+        "invalid": invalid,
+    }
+
+
 BUILDERS = {
     "entries.json": entry_vectors,
     "merkle_roots.json": merkle_root_vectors,
     "inclusion_proofs.json": inclusion_vectors,
     "consistency_proofs.json": consistency_vectors,
     "messages.json": message_vectors,
+    "signed_heads.json": signed_head_vectors,
 }
 
 

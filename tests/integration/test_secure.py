@@ -230,3 +230,49 @@ def test_the_cli_speaks_to_a_node_with_keys(keyed, tmp_path, capsys):
     assert "--key-file and --server-key go together" in capsys.readouterr().err
     assert cli.main(["--node", addr, "--timeout", "0.5", "get", "notes"]) == 1  # no key: no answer, a clear error
     assert "no answer" in capsys.readouterr().err
+
+
+# -- signed heads (SPEC 13.6) ------------------------------------------------------------------
+
+
+def test_a_writer_signs_its_heads_and_a_reader_pinning_its_key_checks_them(node_factory, zctx, capsys):
+    import json
+
+    from protocol.errors import IntegrityError
+    from tools import cli
+
+    n = node_factory()  # no keys needed for this: every node has its identity
+    with Client(n.address, zctx=zctx) as c:
+        writer = c.status()["public_key"]
+        for i in range(5):
+            c.append("notes", f"e{i}")
+        h = c.head("notes", writer_key=writer)
+        assert h.signed is not None and h.signed.size == 5 and h.signed.root == h.root and h.verified == 5
+        with pytest.raises(IntegrityError, match="not signed by the writer key"):
+            c.head("notes", writer_key=Identity.generate().public_hex)
+        assert c.verify_context("notes", writer_key=writer)["signed_size"] == 5
+    addr = n.address.removeprefix("tcp://")
+    assert cli.main(["--node", addr, "--json", "head", "notes", "--writer-key", writer]) == 0
+    assert json.loads(capsys.readouterr().out)["verified_size"] == 5
+    assert cli.main(["--node", addr, "head", "notes", "--writer-key", Identity.generate().public_hex]) == 1
+    assert "INTEGRITY" in capsys.readouterr().err
+    assert cli.main(["--node", addr, "verify", "notes", "--writer-key", writer]) == 0
+    assert "signed by its writer up to #5" in capsys.readouterr().out
+    assert cli.main(["--node", addr, "verify", "notes", "--writer-key", "nothex"]) == 2
+
+
+def test_with_keys_a_replica_serves_the_head_its_writer_signed_so_a_reader_of_the_replica_checks_it(
+        node_factory, tmp_path, zctx):
+    keys, (n1, k1), (n2, k2) = peer_pair(node_factory, tmp_path)
+    with keys.client(n1, keys.writer, k1, zctx=zctx) as c1, keys.client(n2, keys.writer, k2, zctx=zctx) as c2:
+        wait_for(lambda: [p["state"] for p in c1.status()["peers"]] == ["alive"], what="n1 to see n2")
+        for i in range(20):
+            c1.append("notes", f"e{i}")
+        wait_for(lambda: size(c2, "notes") == 20, what="the replica")
+        # asked of the replica, signed by the writer (each pushed message carries the writer's signature)
+        wait_for(lambda: c2.head("notes", writer_key=k1.public_hex).verified == 20, what="the signed head")
+        h = c2.head("notes", writer_key=k1.public_hex)
+        assert h.signed is not None and h.signed.key == k1.public and h.signed.root == h.root
+        assert c2.verify_context("notes", writer_key=k1.public_hex)["signed_size"] == 20
+        st = c2.status()["replication"]
+        assert st["unsigned_pushes"] == 0 and st["pushed_entries"] >= 20

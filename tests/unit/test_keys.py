@@ -103,3 +103,35 @@ def test_write_key_file_does_not_replace_an_existing_file(tmp_path):
     assert identity.read_key_file(path) == Identity(SEED)
     identity.write_key_file(path, Identity.generate(), overwrite=True)
     assert identity.read_key_file(path) != Identity(SEED)
+
+
+# -- signed heads (protocol/heads.py) ------------------------------------------------------------
+
+
+def test_a_signed_head_verifies_only_for_the_writer_key_a_reader_trusts():
+    from protocol.heads import from_map, sign_head
+
+    writer, mallory = Identity(SEED), Identity.generate()
+    h = sign_head(writer, "notes", 3, b"r" * 32)
+    assert h.verify() and h.verify(writer.public)
+    assert not h.verify(mallory.public)  # the reader pins the writer's key: a head by anyone else fails
+    forged = sign_head(mallory, "notes", 3, b"r" * 32)
+    assert forged.verify() and not forged.verify(writer.public)
+    assert from_map(h.to_map()) == h
+    assert not h._replace(context="\udcff").verify()  # not encodable: a failed check, not a crash
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"size": -1}, "size"), ({"size": 1 << 64}, "size"), ({"size": "3"}, "size"), ({"epoch": True}, "epoch"),
+    ({"root": b"r" * 31}, "root"), ({"key": "k" * 32}, "key"), ({"sig": b"s" * 63}, "sig"),
+    ({"context": 7}, "context"), ({"context": "x" * 1025}, "context"),
+])
+def test_a_malformed_signed_head_map_is_refused_with_the_field(change, says):
+    from protocol.errors import RemoteProtocolError
+    from protocol.heads import from_map, sign_head
+
+    m = {**sign_head(Identity(SEED), "notes", 3, b"r" * 32).to_map(), **change}
+    with pytest.raises(RemoteProtocolError, match=says):
+        from_map(m)
+    with pytest.raises(RemoteProtocolError, match="map"):
+        from_map([1, 2])

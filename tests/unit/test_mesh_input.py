@@ -12,7 +12,7 @@ import pytest
 from node.ledger import Ledger
 from node.mesh import ALIVE, DEFAULT_MAX_PEERS, Mesh
 from node.storage import MemoryKV
-from protocol import codec
+from protocol import codec, watch
 from protocol.entry import decode_entry
 from protocol.errors import RemoteProtocolError
 
@@ -331,3 +331,65 @@ def test_liveness_changes_only_by_its_transition_function():
     assert nl(SUSPECT, silent=10) == DEAD and nl(ALIVE, silent=10) == DEAD  # straight to dead after a pause
     assert nl(ALIVE, foreign=True) == DEAD
     assert [str(s) for s in Liveness] == ["unknown", "alive", "suspect", "dead"]  # what status shows
+
+
+# -- signed pushes (issue #14; SPEC 13.6) ------------------------------------------------------
+
+
+def signed_push_setup() -> tuple[Mesh, Ledger, Any, Any]:
+    from protocol.keys import Identity
+
+    writer_key, mallory = Identity.generate(), Identity.generate()
+    keys = {"w": writer_key.public}
+    m = mesh(Recording(), writer_key=keys.get)
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    return m, w, writer_key, mallory
+
+
+def push_of(w: Ledger, n: int, signer: Any = None, sig: bytes | None = None) -> list[bytes]:
+    from protocol.heads import head_bytes
+
+    blobs = [w.append(codec.Append("notes", "", bytes([i]), {})).blobs[0] for i in range(n)]
+    ctx = w.contexts["notes"]
+    root = w.root_at(ctx, ctx.size)
+    if signer is not None:
+        sig = signer.sign(head_bytes("notes", ctx.size, root, signer.public))
+    return [watch.repl_topic("notes"), watch.encode_entries(ctx.name_packed, blobs, root=root, sig=sig)]
+
+
+def test_with_keys_a_push_is_applied_only_under_a_head_its_writer_signed(caplog):
+    m, w, writer_key, mallory = signed_push_setup()
+    m.on_push(push_of(w, 3))  # no signature (a node without keys, or a forger)
+    assert "notes" not in m.ledger.contexts and m.stats.unsigned_pushes == 1
+    w1 = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    m.on_push(push_of(w1, 3, signer=mallory))  # signed, but by a key other than the writer's
+    assert "notes" not in m.ledger.contexts and m.stats.unsigned_pushes == 2
+    w2 = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    m.on_push(push_of(w2, 3, sig=b"\x00" * 64))  # a signature that does not verify
+    assert "notes" not in m.ledger.contexts and m.stats.unsigned_pushes == 3
+    w3 = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    m.on_push(push_of(w3, 3, signer=writer_key))
+    ctx = m.ledger.contexts["notes"]
+    assert ctx.size == 3 and ctx.signed is not None and ctx.signed.size == 3 and ctx.signed.verify(writer_key.public)
+    assert "no signature" in caplog.text and m.stats.refused_messages >= 3
+
+
+def test_with_keys_a_push_by_a_writer_with_no_key_here_is_refused():
+    from protocol.keys import Identity
+
+    m = mesh(Recording(), writer_key={}.get)
+    w = Ledger(MemoryKV(), node_id="stranger", sync_meta=False)
+    m.on_push(push_of(w, 2, signer=Identity.generate()))
+    assert "notes" not in m.ledger.contexts and m.stats.unsigned_pushes == 1
+
+
+@pytest.mark.parametrize("sig", [b"short", b"x" * 65, "text" * 16, 7])
+def test_a_sig_field_that_is_not_64_bytes_makes_the_message_malformed(sig):
+    import msgpack
+
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    blob = w.append(codec.Append("notes", "", b"x", {})).blobs[0]
+    body = msgpack.packb({"v": 1, "type": "entries", "context": "notes", "root": b"r" * 32, "sig": sig,
+                          "entries": [msgpack.unpackb(blob)]}, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match="sig must be 64 bytes"):
+        watch.decode_message([watch.repl_topic("notes"), body])
