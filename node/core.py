@@ -424,7 +424,22 @@ class Core:
 
     def snapshot(self, rq: Request, req: codec.Snapshot) -> Answer:
         fields, blobs = self.ledger.snapshot_page(req)
+        signed = self._signed_at(req.context, fields["size"], fields["root"])
+        if signed is not None:
+            fields["signed"] = signed  # a replica pulling it keeps it for its own head (SPEC 17.2, 13.6)
         return Reply(codec.encode_reply(rq.id, fields, {"entries": blobs}))
+
+    def _signed_at(self, name: str, size: int, root: bytes) -> dict[str, Any] | None:
+        """A head of `name` at exactly (size, root) signed by its writer, when this node has one:
+        signed now if it is the writer, else the one it keeps if that is the one."""
+        ctx = self.ledger.contexts.get(name)
+        if ctx is None:
+            return None
+        if ctx.writer == self.ledger.node_id and self.identity is not None:
+            return sign_head(self.identity, ctx.name, size, root).to_map()
+        if ctx.signed is not None and ctx.signed.size == size and ctx.signed.root == root:
+            return ctx.signed.to_map()
+        return None
 
     def load(self, rq: Request, req: codec.Load) -> Answer:
         if not req.abort:

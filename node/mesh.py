@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from node.ledger import ContextState, Ledger
-from protocol import codec, digest, merkle, watch
+from protocol import codec, digest, heads, merkle, watch
 from protocol.address import parse_address
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry
@@ -767,6 +767,19 @@ class Mesh:
         self.refuse("(push stream)", f"pushed entries of {m.context!r} by {writer!r} ({why})")
         return None
 
+    def _keep_signed(self, ctx: ContextState, raw: Any, size: int, root: bytes) -> None:
+        """A pull reply's signed head (SPEC 13.6), kept for `head` when its writer signed exactly what
+        this node now holds. (Pulled entries are not yet refused without one: SPEC 13.5.)"""
+        if self.writer_key is None or raw is None:
+            return
+        key = self.writer_key(ctx.writer)
+        try:
+            h = heads.from_map(raw)
+        except RemoteProtocolError:
+            return
+        if key is not None and (h.context, h.size, h.root) == (ctx.name, size, root) and h.verify(key):
+            ctx.signed = h
+
     def _keep_early(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
         nbytes = len(frames[-1])
         if self.early_bytes + nbytes > MAX_EARLY_BYTES:
@@ -1110,6 +1123,7 @@ class Mesh:
                     return
                 self.stats.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
+                self._keep_signed(applied, reply.get("signed"), end, root)
                 self.ack_due[applied.name] = applied.writer
                 self.ack_now = True  # a pull may be what a writer's replicas=N append waits for
                 self.on_applied(applied)

@@ -265,8 +265,11 @@ def test_head_contexts_status_json(capsys, node, client):
     client.append("beta", b"3")
     rc, out, _ = run(capsys, node, "head", "beta")
     h = one(out)
-    assert rc == 0 and set(h) == {"context", "size", "root", "lamport", "writer", "watchers"}
+    assert rc == 0 and set(h) == {"context", "size", "root", "lamport", "writer", "watchers", "signed"}
     assert (h["context"], h["size"], h["writer"]) == ("beta", 2, node.node_id)
+    # the writer's signature of this head (SPEC 13.6), by the key status shows
+    assert h["signed"]["size"] == 2 and h["signed"]["root"] == h["root"]
+    assert h["signed"]["key"] == client.status()["public_key"]
     assert h["root"] == client.head("beta").root.hex() and h["lamport"] > last.lamport
 
     rc, out, _ = run(capsys, node, "contexts")

@@ -36,6 +36,15 @@ def size(c: Client, context: str) -> int:
         return 0
 
 
+def verified(c: Client, context: str, writer: Identity) -> int | None:
+    from protocol.errors import IntegrityError
+
+    try:
+        return c.head(context, writer_key=writer.public_hex).verified
+    except (NotFound, IntegrityError):
+        return None
+
+
 def node_key(tmp_path: Path, name: str) -> Identity:
     ident = Identity.generate()
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
@@ -269,10 +278,17 @@ def test_with_keys_a_replica_serves_the_head_its_writer_signed_so_a_reader_of_th
         for i in range(20):
             c1.append("notes", f"e{i}")
         wait_for(lambda: size(c2, "notes") == 20, what="the replica")
-        # asked of the replica, signed by the writer (each pushed message carries the writer's signature)
-        wait_for(lambda: c2.head("notes", writer_key=k1.public_hex).verified == 20, what="the signed head")
+        # asked of the replica, signed by the writer: each pushed message carries the writer's signature,
+        # and so does each pull reply from the writer (the first entries may come either way)
+        wait_for(lambda: verified(c2, "notes", k1) == 20, what="the signed head")
         h = c2.head("notes", writer_key=k1.public_hex)
         assert h.signed is not None and h.signed.key == k1.public and h.signed.root == h.root
         assert c2.verify_context("notes", writer_key=k1.public_hex)["signed_size"] == 20
+        # and by pushes alone, once n2 is subscribed to n1's replication stream
+        wait_for(lambda: c1.status()["replication_subscribers"] >= 1, what="n2's subscription")
+        before = c2.status()["replication"]["pushed_entries"]
+        for i in range(10):
+            c1.append("notes", f"f{i}")
+        wait_for(lambda: verified(c2, "notes", k1) == 30, what="the signed head after pushes")
         st = c2.status()["replication"]
-        assert st["unsigned_pushes"] == 0 and st["pushed_entries"] >= 20
+        assert st["unsigned_pushes"] == 0 and st["pushed_entries"] > before
