@@ -193,7 +193,7 @@ class Core:
             dead_after=config.dead_after, boot=watch.boot, cluster=config.cluster, on_applied=watch.mark,
             ack_durable=config.sync, max_peers=config.max_peers, seed_ids=dict(config.seed_ids),
             known_id=None if access is None else (lambda node_id: node_id in self.access.peers),  # type: ignore[union-attr]
-            writer_key=None if access is None else (lambda node_id: self.access.peers.get(node_id)),  # type: ignore[union-attr]
+            writer_key=None if access is None else self._writer_key,
         )
         self.mesh.on_ack = self.check_replicated
         self.outbox: list[list[bytes]] = []  # replies to send now (the server drains it)
@@ -221,6 +221,13 @@ class Core:
             "sync_heads": self.sync_heads,
             "ack": self.ack,
         }
+
+    def _writer_key(self, node_id: str) -> bytes | None:
+        """The key a writer signs with: its allowlisted one, or this node's own for what it writes."""
+        key = self.access.peers.get(node_id) if self.access is not None else None
+        if key is None and node_id == self.ledger.node_id and self.identity is not None:
+            key = self.identity.public
+        return key
 
     def waits_for_replicas(self, ctx: ContextState) -> bool:
         """Whether an append of `ctx` waits for replicas' acks (its pushes then ask for them at once)."""
@@ -424,9 +431,18 @@ class Core:
 
     def snapshot(self, rq: Request, req: codec.Snapshot) -> Answer:
         fields, blobs = self.ledger.snapshot_page(req)
-        signed = self._signed_at(req.context, fields["size"], fields["root"])
+        size, root = fields["size"], fields["root"]
+        signed = self._signed_at(req.context, size, root)
         if signed is not None:
             fields["signed"] = signed  # a replica pulling it keeps it for its own head (SPEC 17.2, 13.6)
+        else:
+            ctx = self.ledger.contexts.get(req.context)
+            if ctx is not None and ctx.signed is not None and ctx.signed.size > size:
+                # the latest head its writer signed, beyond this page, and the proof that the page's
+                # root is a prefix of it: what a node with keys needs before it applies a pull (17.2)
+                fields["signed"] = ctx.signed.to_map()
+                fields["signed_proof"] = self.ledger.consistency(
+                    codec.Consistency(ctx.name, size, ctx.signed.size))["proof"]
         return Reply(codec.encode_reply(rq.id, fields, {"entries": blobs}))
 
     def _signed_at(self, name: str, size: int, root: bytes) -> dict[str, Any] | None:

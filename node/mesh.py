@@ -152,6 +152,7 @@ class MeshStats:
     ignored_acks: int = 0  # acks from node ids that are not known members
     unknown_gossip: int = 0  # gossiped peers whose node id is in no allowlist (with keys), not learned
     unsigned_pushes: int = 0  # pushed messages without a valid signature of their writer (with keys), not applied
+    unsigned_pulls: int = 0  # pull chunks not covered by a head their writer signed (with keys), not applied
 
 
 class Outstanding(NamedTuple):
@@ -767,6 +768,37 @@ class Mesh:
         self.refuse("(push stream)", f"pushed entries of {m.context!r} by {writer!r} ({why})")
         return None
 
+    def _pull_signed(self, p: Peer, name: str, writer: str, end: int, root: bytes, reply: dict[str, Any]) -> bool:
+        """With keys, a pull chunk is applied only under a head its writer signed (SPEC 17.2): one at
+        exactly (end, root), or a later one with a consistency proof that (end, root) is a prefix of it."""
+        key = self.writer_key(writer) if self.writer_key is not None else None
+        why = "its writer has no key here"
+        if key is not None:
+            why = "no head signed by its writer"
+            raw = reply.get("signed")
+            if raw is not None:
+                try:
+                    h = heads.from_map(raw)
+                    if h.context != name or not h.verify(key):
+                        why = "a signed head that does not verify"
+                    elif h.size == end:
+                        if h.root == root:
+                            return True
+                        why = "a signed head of another root"
+                    elif h.size > end:
+                        proof = reply.get("signed_proof")
+                        if not isinstance(proof, list) or len(proof) > 128:
+                            raise RemoteProtocolError(NOT_FOUND, "no consistency proof")
+                        merkle.verify_consistency(end, h.size, root, h.root, proof)
+                        return True
+                    else:
+                        why = "a signed head short of the chunk"
+                except (RemoteProtocolError, LedgerError, TypeError, ValueError):
+                    why = "a signed head without a valid proof"
+        self.stats.unsigned_pulls += 1
+        self.refuse(p.address, f"a pull chunk of {name!r} up to #{end} by {writer!r} ({why})")
+        return False
+
     def _keep_signed(self, ctx: ContextState, raw: Any, size: int, root: bytes) -> None:
         """A pull reply's signed head (SPEC 13.6), kept for `head` when its writer signed exactly what
         this node now holds. (Pulled entries are not yet refused without one: SPEC 13.5.)"""
@@ -1103,6 +1135,11 @@ class Mesh:
         entries: list[Entry] = [e for e in chunk.entries if e.seq > size]  # pushes may have moved us on meanwhile
         if entries and entries[0].seq == size + 1:
             whole = entries[-1].seq == end
+            if whole and self.writer_key is not None and not self._pull_signed(p, name, entries[0].writer, end, root,
+                                                                               reply):
+                self._drop_pulls(p, name)
+                self._next_pull(p)
+                return
             if whole:
                 applied = self.ledger.apply_replicated(name, entries, root)
                 if applied is None and ctx is not None and ctx.writer == self.ledger.node_id:

@@ -292,3 +292,23 @@ def test_with_keys_a_replica_serves_the_head_its_writer_signed_so_a_reader_of_th
         wait_for(lambda: verified(c2, "notes", k1) == 30, what="the signed head after pushes")
         st = c2.status()["replication"]
         assert st["unsigned_pushes"] == 0 and st["pushed_entries"] > before
+
+
+def test_with_keys_a_new_node_catches_up_from_a_replica_while_the_writer_is_down(node_factory, tmp_path, zctx):
+    keys = Keys(tmp_path)
+    ks = {n: node_key(tmp_path, n) for n in ("n1", "n2", "n3")}
+    peers = tmp_path / "peers.txt"
+    peers.write_text("".join(f"{n} {k.public_hex}\n" for n, k in ks.items()))
+    common = ["--peer-keys", str(peers), "--client-keys", str(keys.clients), "--heartbeat-ms", "100"]
+    n1 = node_factory("--id", "n1", *common, name="n1")
+    n2 = node_factory("--id", "n2", *common, "--peers", f"n1@{n1.address.removeprefix('tcp://')}", name="n2")
+    with keys.client(n1, keys.writer, ks["n1"], zctx=zctx) as c1, keys.client(n2, keys.writer, ks["n2"], zctx=zctx) as c2:
+        for i in range(25):
+            c1.append("notes", f"e{i}")
+        wait_for(lambda: verified(c2, "notes", ks["n1"]) == 25, what="n2's signed copy")
+    n1.kill()  # the writer is gone: n3 can only get the entries from n2, under n1's signature
+    n3 = node_factory("--id", "n3", *common, "--peers", f"n2@{n2.address.removeprefix('tcp://')}", name="n3")
+    with keys.client(n3, keys.writer, ks["n3"], zctx=zctx) as c3:
+        wait_for(lambda: verified(c3, "notes", ks["n1"]) == 25, what="n3's copy, checked against n1's key")
+        assert c3.status()["replication"]["unsigned_pulls"] == 0
+        assert c3.verify_context("notes", writer_key=ks["n1"].public_hex)["signed_size"] == 25

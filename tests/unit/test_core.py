@@ -16,6 +16,8 @@ from node.core import Core, Reply, Request, WhenDurable, WhenReplicated, WriteBa
 from node.ledger import ContextState, Ledger
 from node.storage import MemoryKV
 from protocol import codec
+from protocol.heads import sign_head
+from protocol.keys import Identity
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -51,12 +53,13 @@ class Wire:
         return 0
 
 
-def make_core(durability: str = "async", **kw: Any) -> tuple[Core, Wire]:
-    cfg = Config(node_id="me", data=":memory:", host="127.0.0.1", port=1, pub_port=2, durability=durability,
+def make_core(durability: str = "async", node_id: str = "me", identity: Identity | None = None,
+              **kw: Any) -> tuple[Core, Wire]:
+    cfg = Config(node_id=node_id, data=":memory:", host="127.0.0.1", port=1, pub_port=2, durability=durability,
                  flush_ms=10, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info", **kw)
     wire = Wire()
-    return Core(cfg, Ledger(MemoryKV(), node_id="me", sync_meta=False), wire, wire,
-                address="127.0.0.1:1", pub="127.0.0.1:2", started=100.0), wire
+    return Core(cfg, Ledger(MemoryKV(), node_id=node_id, sync_meta=False), wire, wire,
+                address="127.0.0.1:1", pub="127.0.0.1:2", started=100.0, identity=identity), wire
 
 
 def ask(core: Core, op: str, now: float = 100.0, ident: bytes = CLIENT, **fields: Any) -> list[dict[str, Any]]:
@@ -212,3 +215,69 @@ def test_the_core_module_imports_no_socket_clock_disk_or_thread_module():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"zmq", "time", "os", "socket", "plyvel", "threading", "asyncio", "select"}, imported
+
+
+# -- pulls under signed heads (issue #14; SPEC 17.2, 13.6) -----------------------------------------
+
+
+def pull_reply(core: Core, size: int, after: int = 0) -> dict[str, Any]:
+    """`core`'s answer to a peer's pull of `notes` entries after..size (a snapshot page)."""
+    core.request([b"peer", codec.encode_request("snapshot", 9, {"context": "notes", "size": size, "after": after,
+                                                                "limit": 100})], 100.0)
+    (r,) = take(core, b"peer")
+    assert r["ok"], r
+    return r
+
+
+def test_with_keys_a_pull_chunk_is_applied_only_under_a_head_its_writer_signed():
+    from node.mesh import Mesh
+
+    writer = Identity.generate()
+    wcore, _ = make_core(identity=writer)  # the writer, node id "me"
+    for i in range(10):
+        ask(wcore, "append", context="notes", payload=bytes([i]))
+    puller = Mesh(Ledger(MemoryKV(), node_id="p", sync_meta=False), Wire(), address="127.0.0.1:9",
+                  pub="127.0.0.1:10", seeds=[], heartbeat_s=0.5, writer_key={"me": writer.public}.get)
+    peer = puller._peer("127.0.0.1:1", "me")
+    assert peer is not None
+
+    r = pull_reply(wcore, 5)  # from the writer: its head at exactly (5, root), signed now
+    assert r["signed"]["size"] == 5 and "signed_proof" not in r
+    puller._on_chunk(peer, {k: v for k, v in r.items() if k != "signed"}, {"context": "notes", "size": 5})
+    assert "notes" not in puller.ledger.contexts and puller.stats.unsigned_pulls == 1  # no signature: refused
+    forged = sign_head(Identity.generate(), "notes", 5, r["root"]).to_map()
+    puller._on_chunk(peer, {**r, "signed": forged}, {"context": "notes", "size": 5})
+    assert "notes" not in puller.ledger.contexts and puller.stats.unsigned_pulls == 2  # another key: refused
+    puller._on_chunk(peer, r, {"context": "notes", "size": 5})
+    ctx = puller.ledger.contexts["notes"]
+    assert ctx.size == 5 and ctx.signed is not None and ctx.signed.size == 5
+
+    # a replica that holds all 10 and the writer's head signed at 10 serves 6..8 with that head and
+    # the consistency proof that its root at 8 is a prefix of the signed one
+    rcore, _ = make_core(node_id="r")
+    page = pull_reply(wcore, 10)
+    from protocol.entry import entry_from_wire
+    rcore.ledger.apply_replicated("notes", [entry_from_wire(e) for e in page["entries"]], page["root"])
+    rcore.ledger.contexts["notes"].signed = sign_head(writer, "notes", 10, page["root"])
+    r2 = pull_reply(rcore, 8, after=5)
+    assert r2["signed"]["size"] == 10 and r2["signed_proof"]
+    bad = {**r2, "signed_proof": [b"\x00" * 32] * len(r2["signed_proof"])}
+    puller._on_chunk(peer, bad, {"context": "notes", "size": 8})
+    assert ctx.size == 5 and puller.stats.unsigned_pulls == 3  # a proof that does not hold: refused
+    puller._on_chunk(peer, r2, {"context": "notes", "size": 8})
+    assert ctx.size == 8 and ctx.signed.size == 5  # applied; the head it keeps is one at a size it holds
+    assert puller.stats.refused_messages == 3  # each refusal counted (and logged) as a peer message refused
+
+
+def test_without_keys_pulls_need_no_signature():
+    from node.mesh import Mesh
+
+    wcore, _ = make_core(identity=Identity.generate())
+    for i in range(3):
+        ask(wcore, "append", context="notes", payload=bytes([i]))
+    puller = Mesh(Ledger(MemoryKV(), node_id="p", sync_meta=False), Wire(), address="127.0.0.1:9",
+                  pub="127.0.0.1:10", seeds=[], heartbeat_s=0.5)
+    peer = puller._peer("127.0.0.1:1", "me")
+    r = pull_reply(wcore, 3)
+    puller._on_chunk(peer, {k: v for k, v in r.items() if k != "signed"}, {"context": "notes", "size": 3})
+    assert puller.ledger.contexts["notes"].size == 3 and puller.stats.unsigned_pulls == 0
