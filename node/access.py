@@ -82,6 +82,19 @@ class Access:
                             {"role": who.role, "context": context})
 
 
+def may_watch(who: Principal | None, context: str | None, replication: bool) -> bool:
+    """Whether `who` may subscribe: to a context's topic (`context`), to a prefix of topics that may
+    match any context (`context` None), or to the replication stream (peers only: it carries every
+    context this node writes)."""
+    if who is None:
+        return False
+    if replication:
+        return who.role == "peer"
+    if context is None:
+        return not who.prefixes
+    return not who.prefixes or context.startswith(who.prefixes)
+
+
 def _lines(text: str, source: str) -> list[tuple[int, list[str]]]:
     out = []
     for n, line in enumerate(text.splitlines(), 1):

@@ -111,6 +111,10 @@ class Publisher:
         self.send_drops = 0  # messages the XPUB refused at once (status.publish_drops)
         # a node with keys signs the head its replication messages end at (SPEC 13.6): (ctx, size, root) -> sig
         self.signer: Callable[[ContextState, int, bytes], bytes] | None = None
+        # a node with keys: whether the subscriber whose message (a zmq.Frame) is read may subscribe to the
+        # topic (bytes); a subscription it may not hold is counted, never applied (SPEC 13.3)
+        self.gate: Callable[[Any, bytes], bool] | None = None
+        self.watchers_forbidden = 0
 
     # -- the registry --------------------------------------------------------------
 
@@ -125,13 +129,19 @@ class Publisher:
         sock = self.sock
         sock.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 1)
         try:
+            gate = self.gate
             for _ in range(MAX_SUBSCRIPTIONS_PER_CALL):
                 try:
-                    msg = sock.recv(zmq.NOBLOCK)
+                    if gate is None:
+                        msg = sock.recv(zmq.NOBLOCK)
+                    else:
+                        frame = sock.recv(zmq.NOBLOCK, copy=False)  # (its key is a property of the frame)
+                        msg = frame.bytes
                 except zmq.Again:
                     break
                 if msg and msg[0] <= 1:
-                    self._on_subscription(msg[0] == 1, msg[1:])
+                    allowed = True if gate is None or msg[0] == 0 else gate(frame, msg[1:])
+                    self._on_subscription(msg[0] == 1, msg[1:], allowed)
                 # else: not a subscription message (an XSUB may send anything upstream)
         finally:
             # Back to plain manual mode, where every send goes to all its subscribers. (Turning
@@ -140,12 +150,17 @@ class Publisher:
             sock.setsockopt(zmq.XPUB_MANUAL_LAST_VALUE, 0)
             sock.setsockopt(zmq.XPUB_MANUAL, 1)
 
-    def _on_subscription(self, sub: bool, t: bytes) -> None:
+    def _on_subscription(self, sub: bool, t: bytes, allowed: bool = True) -> None:
         sock = self.sock
+        # A subscription its key may not hold (a node with keys) still holds its place in the counts,
+        # as refused ones do: the node cannot tell whose unsubscription it reads later.
+        if sub and not allowed:
+            self.watchers_forbidden += 1
         if t.startswith(watch.REPL_PREFIX):
-            # a peer's subscription to the replication stream: never refused (17.3)
+            # a peer's subscription to the replication stream: never refused for a bound (17.3)
             self.peer_subs = max(0, self.peer_subs + (1 if sub else -1))
-            sock.setsockopt(zmq.SUBSCRIBE if sub else zmq.UNSUBSCRIBE, t)
+            if allowed or not sub:
+                sock.setsockopt(zmq.SUBSCRIBE if sub else zmq.UNSUBSCRIBE, t)
             return
         if watch.context_of_topic(t) is None:
             # A prefix subscription may match every context: the node holds at most
@@ -157,7 +172,8 @@ class Publisher:
                 self.watchers_refused += 1  # not applied; there is no context to name in a refusal
             else:
                 self.other_subs += 1
-                sock.setsockopt(zmq.SUBSCRIBE, t)
+                if allowed:
+                    sock.setsockopt(zmq.SUBSCRIBE, t)
             return
         if not sub:
             n = self.counts.get(t)
@@ -187,6 +203,9 @@ class Publisher:
         if n + self.other_subs >= self.max_watchers:
             self.watchers_refused += 1
             self._refuse(t)
+            return
+        if not allowed:
+            self._refuse(t)  # (it polls with `get`, which answers FORBIDDEN)
             return
         sock.setsockopt(zmq.SUBSCRIBE, t)
         # The greeting tells the new watcher its subscription is active (the moment from
@@ -357,6 +376,7 @@ class Publisher:
             "replication_messages": self.replication_messages,
             "publish_errors": self.errors,
             "publish_drops": self.send_drops,
+            "watchers_forbidden": self.watchers_forbidden,
             "publish_errors_by_context": dict(list(self.errors_by_context.items())[:100]),
             "watch_heartbeat_ms": self.heartbeat_ms,
         }

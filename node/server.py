@@ -38,7 +38,7 @@ from typing import Any
 import zmq
 
 from node import clients, sockets
-from node.access import Access, AccessError, Principal, load_access
+from node.access import Access, AccessError, Principal, load_access, may_watch
 from node.busypoll import BusyPoll
 from node.config import Config
 from node.core import FORCE_FLUSH_BYTES, Core, WriteBatch, max_peer_message
@@ -48,7 +48,7 @@ from node.peers import Peers
 from node.publisher import Publisher
 from node.storage import KV, WriteFailed
 from node.zap import Zap
-from protocol import codec
+from protocol import codec, watch
 from protocol.errors import BAD_REQUEST, LedgerError
 from protocol.heads import head_bytes
 from protocol.keys import Identity, curve_public
@@ -157,6 +157,7 @@ class Server:
             self.peers.server_key = self._peer_server_key
             ident = self.identity
             self.publisher.signer = lambda ctx, size, root: ident.sign(head_bytes(ctx.name, size, root, ident.public))
+            self.publisher.gate = self._may_watch
         self.publisher.wants_ack = self.core.waits_for_replicas
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
@@ -188,6 +189,17 @@ class Server:
             return None
         key = self.access.peers.get(p.node_id)
         return curve_public(key) if key is not None else None
+
+    def _may_watch(self, frame: Any, topic: bytes) -> bool:
+        """Whether the subscriber whose subscription `frame` is may watch `topic` (node/access.py)."""
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        who = self.users.get(user) if user else None
+        if topic.startswith(watch.REPL_PREFIX):
+            return may_watch(who, None, replication=True)
+        return may_watch(who, watch.context_of_topic(topic), replication=False)
 
     def _reload_keys(self) -> None:
         """SIGHUP: new allowlists for handshakes and requests from now on; on an error the old

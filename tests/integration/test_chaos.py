@@ -48,16 +48,44 @@ def test_short_seeded_run_injects_faults_and_every_check_holds(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_short_run_with_keys_on_every_node_and_client_holds_every_check(tmp_path):
     out, err = io.StringIO(), io.StringIO()
-    opts = chaos.parse_args(["--nodes", "3", "--duration", "10", "--seed", str(SEED + 7), "--secure", "--json",
-                             "--workdir", str(tmp_path / "run")])
+    opts = chaos.parse_args(["--nodes", "3", "--duration", "10", "--seed", str(SEED + 7), "--secure", "--intruder",
+                             "--json", "--workdir", str(tmp_path / "run")])
     rc = chaos.execute(opts, out, err)
     report = json.loads(out.getvalue())
     assert rc == 0, (report.get("problems"), err.getvalue())
     assert report["acked"] > 20 and report["converged"] and report["lost_acked"] == 0
+    # the stranger kept trying every attack as every party, and got nowhere
+    assert report["intruder"]["attempts"] > 20 and report["intruder"]["accepted"] == 0
+    assert len(report["intruder"]["by_attack"]) >= 10
     assert report["faults"]["kill"] + report["faults"]["pause"] > 0
     for name in ("n1", "n2", "n3"):  # every node ran with keys, every restart too
         log = (tmp_path / "run" / f"{name}.log").read_text()
         assert log.count("security:          CURVE") == log.count("ready router=") >= 1
+
+
+@pytest.mark.timeout(120)
+def test_without_keys_the_intruder_gets_in_and_the_run_fails(tmp_path):
+    # what issue #14 found, as the harness sees it: a mesh without keys answers a stranger's fake
+    # heartbeats, forged acks and loads
+    out, err = io.StringIO(), io.StringIO()
+    opts = chaos.parse_args(["--nodes", "2", "--duration", "4", "--seed", str(SEED + 8), "--intruder", "--json",
+                             "--workdir", str(tmp_path / "run")])
+    rc = chaos.execute(opts, out, err)
+    report = json.loads(out.getvalue())
+    assert rc == 1 and report["intruder"]["accepted"] > 0
+    assert any(p.startswith("intruder:") for p in report["problems"])
+
+
+def test_the_intruder_check_names_what_got_through():
+    from tools.chaos.intruder import Intruder, check_intruder
+
+    i = Intruder([], None, 1, None)  # type: ignore[arg-type]
+    assert check_intruder(i, {"n1": ["c1", "c2"]}, {"n1", "n2"}) == []
+    i.examples.append("no key: ack from a ghost at n1 was answered")
+    problems = check_intruder(i, {"n1": ["c1", "intruder-7"]}, {"n1", "0"})
+    assert problems == ["intruder: no key: ack from a ghost at n1 was answered",
+                        "intruder: n1 serves contexts the intruder loaded: ['intruder-7']",
+                        "intruder: entries by forged writers are served: ['0']"]
 
 
 def test_the_schedule_depends_on_the_seed_alone_and_covers_every_kind():

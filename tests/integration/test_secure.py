@@ -312,3 +312,33 @@ def test_with_keys_a_new_node_catches_up_from_a_replica_while_the_writer_is_down
         wait_for(lambda: verified(c3, "notes", ks["n1"]) == 25, what="n3's copy, checked against n1's key")
         assert c3.status()["replication"]["unsigned_pulls"] == 0
         assert c3.verify_context("notes", writer_key=ks["n1"].public_hex)["signed_size"] == 25
+
+
+def test_watching_follows_the_keys_prefixes_and_only_peers_get_the_replication_stream(keyed, zctx):
+    import zmq
+
+    from protocol import watch
+    from protocol.keys import curve_public
+
+    n, keys, server = keyed
+    with keys.client(n, keys.writer, server, zctx=zctx) as w, keys.client(n, keys.reader, server, zctx=zctx) as r:
+        w.append("secrets", "not for the reader")
+        with pytest.raises(Forbidden):
+            for _ in r.watch("secrets", after=0):  # refused at the node (`limited`), then its poll: FORBIDDEN
+                break
+        # a client key asking for the replication stream (every context this node writes) gets nothing
+        sub = zctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        pub, sec = keys.admin.curve_keypair()
+        sub.setsockopt(zmq.CURVE_PUBLICKEY, pub)
+        sub.setsockopt(zmq.CURVE_SECRETKEY, sec)
+        sub.setsockopt(zmq.CURVE_SERVERKEY, curve_public(server.public))
+        sub.connect(r.pub_address())
+        sub.setsockopt(zmq.SUBSCRIBE, watch.REPL_PREFIX)
+        try:
+            wait_for(lambda: w.status()["watchers_forbidden"] >= 2, what="the refused subscription")
+            for i in range(5):
+                w.append("secrets", f"s{i}")
+            assert not sub.poll(500)
+        finally:
+            sub.close(linger=0)

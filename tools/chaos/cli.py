@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-data", action="store_true", help="keep the nodes' data folders after a passing run")
     p.add_argument("--secure", action="store_true", help="every node and client with keys: CURVE on every "
                    "socket, peer and client allowlists (README, \"Security\")")
+    p.add_argument("--intruder", action="store_true", help="a stranger keeps trying fake node ids, forged acks "
+                   "and loads during the run, without a key, with an unknown one and with a client key; the run "
+                   "fails if any is answered (without --secure, they are)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each fault as it is injected")
     return p
 
@@ -84,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     return Options(nodes=a.nodes, duration=a.duration, seed=seed, partitions=a.partitions, json=a.json,
                    plot=a.plot, contexts=a.contexts, writers=a.writers, readers=a.readers, replicas=a.replicas,
                    durability=a.durability, flush_ms=a.flush_ms, converge_timeout=a.converge_timeout, workdir=a.workdir, keep_data=a.keep_data, verbose=a.verbose,
-                   secure=a.secure)
+                   secure=a.secure, intruder=a.intruder)
 
 
 def execute(opts: Options, out: IO[str] | None = None, err: IO[str] | None = None) -> int:

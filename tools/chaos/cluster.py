@@ -58,6 +58,7 @@ class Cluster:
     harness_errors: list[str]
     netns: Netns | None = None
     nodes: list[NodeProc] = field(default_factory=list)
+    intruder_key: Identity | None = None
 
     def node(self, name: str) -> NodeProc:
         return next(n for n in self.nodes if n.name == name)
@@ -94,12 +95,13 @@ class Cluster:
         """--secure: a key per node (in its data folder), the peer allowlist, and one admin key
         for every client of the harness."""
         client = Identity.generate()
+        self.intruder_key = Identity.generate()  # allowlisted to write: a client turned hostile (--intruder)
         peers, clients = self.workdir / "peers.txt", self.workdir / "clients.txt"
         for n in self.nodes:
             n.key, n.client_key = Identity.generate(), client
             write_key_file(str(n.data / KEY_FILE), n.key)
         peers.write_text("".join(f"{n.name} {n.key.public_hex}\n" for n in self.nodes if n.key))
-        clients.write_text(f"{client.public_hex} admin\n")
+        clients.write_text(f"{client.public_hex} admin\n{self.intruder_key.public_hex} write\n")
         for n in self.nodes:
             n.flags += ["--peer-keys", str(peers), "--client-keys", str(clients)]
 
@@ -180,6 +182,14 @@ class Cluster:
                 logs[ctx] = list(c.iter_entries(ctx))
                 c.verify_context(ctx)
         return logs
+
+    def context_names(self) -> dict[str, list[str]]:
+        """Every context each node serves (for the intruder check)."""
+        out: dict[str, list[str]] = {}
+        for n in self.nodes:
+            with n.client(self.zctx, timeout=5.0, retries=2) as c:
+                out[n.name] = [str(x["name"]) for x in c.contexts()]
+        return out
 
     def forks(self) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, dict[str, str]]]:
         """Every fork the nodes report, as (node, its status record), and every history set aside,

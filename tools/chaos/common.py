@@ -34,3 +34,4 @@ class Options:
     keep_data: bool = False
     verbose: bool = False
     secure: bool = False  # every node and client with keys: CURVE, allowlists (README "Security")
+    intruder: bool = False  # a stranger keeps trying issue #14's attacks during the run (intruder.py)

@@ -76,6 +76,9 @@ def summary_lines(rep: Mapping[str, Any]) -> list[str]:
         f"forks {rep['forks']}",
         f"converged: {conv}",
     ]
+    if "intruder" in rep:
+        i = rep["intruder"]
+        lines.append(f"intruder: {i['attempts']} attempts, {i['accepted']} answered (of attacks that must not be)")
     lines += [f"problem: {p}" for p in rep["problems"]]
     lines.append(f"PASS (seed {rep['seed']})" if rep["ok"] else f"FAIL (seed {rep['seed']}; logs and history in {rep['workdir']})")
     return lines

@@ -33,6 +33,7 @@ from .checks import check_convergence, check_forks, check_history
 from .cluster import Cluster
 from .common import MAX_PROBLEMS, PROG, Options
 from .history import History
+from .intruder import Intruder, check_intruder
 from .nemesis import Nemesis
 from .node import START_TIMEOUT
 from .plan import make_plan
@@ -118,6 +119,11 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
             threads.append(threading.Thread(target=_guard(w, body, harness_errors), name=w, daemon=True))
         nemesis_thread = threading.Thread(target=_guard("nemesis", nemesis.run, harness_errors), name="nemesis",
                                           daemon=True)
+        intruder = None
+        if opts.intruder:
+            intruder = Intruder(cluster.nodes, zctx, opts.seed + 1, cluster.intruder_key)
+            threads.append(threading.Thread(target=_guard("intruder", lambda: intruder.run(work.stop_work),
+                                                          harness_errors), name="intruder", daemon=True))
         for t in threads:
             t.start()
         nemesis_thread.start()
@@ -146,6 +152,11 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         for t in threads:
             t.join(5.0)
         reported, aside = cluster.forks()
+        intruder_problems: list[str] = []
+        if intruder is not None:
+            report["intruder"] = intruder.report()
+            writers = {e.writer for log in logs.values() for e in log}
+            intruder_problems = check_intruder(intruder, cluster.context_names(), writers)
         forks = check_forks(reported, opts.durability)
         kills = [(e["nodes"][0], e["began"]) for e in nemesis.executed if e["kind"] == "kill"]
         result = check_history(history.ops, logs, work.watches, durability=opts.durability,
@@ -156,6 +167,7 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         problems += [f"fork: {f}" for f in forks]
         problems += [f"crash: {c}" for c in nemesis.crashes]
         problems += [f"harness: {e}" for e in harness_errors]
+        problems += intruder_problems
         for n in cluster.nodes:
             problems += [f"{n.name} log: {line}" for line in n.log_lines(r"Traceback|CRITICAL")[:5]]
         report.update(build_report(
