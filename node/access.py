@@ -1,6 +1,6 @@
 """Who may do what: the key allowlists and the one authorization rule (SPEC 13).
 
-Pure: allowlist text in, `Access` out; `Access.check(principal, op, context)` is the rule
+Parsing is pure (allowlist text in, `Access` out; `load_access` reads the files); `Access.check(principal, op, context)` is the rule
 the core applies to every request of a node that has keys. The ZAP handler (node/zap.py)
 admits a CURVE handshake only for a key listed here and tags its connection with the
 key's user id; every request then carries that id and is checked here.
@@ -20,6 +20,7 @@ Roles are data: a later role (a mirror, a partial replica) is a new row of ROLE_
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -149,25 +150,42 @@ class AccessError(Exception):
     """The allowlist files cannot be used; the message says which line and why."""
 
 
+def _files(path: str) -> list[str]:
+    """`path` itself, or the files of a folder (sorted; hidden ones and sub-folders skipped): one file
+    per node or client is easier to provision and revoke than one shared list."""
+    if not os.path.isdir(path):
+        return [path]
+    return [os.path.join(path, n) for n in sorted(os.listdir(path))
+            if not n.startswith(".") and os.path.isfile(os.path.join(path, n))]
+
+
 def load_access(config: Any) -> Access:
-    """Read the allowlist files a node was started with (`--peer-keys`, `--client-keys`)."""
+    """Read the allowlists a node was started with (`--peer-keys`, `--client-keys`: a file, or a
+    folder whose files together are the list; a node id or key in two of them is refused)."""
     access = Access()
     for path, parse in ((config.peer_keys, parse_peer_keys), (config.client_keys, parse_client_keys)):
         if path is None:
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read(64 << 20)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AccessError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            parsed = parse(text, path)
-        except KeyFileError as exc:
-            raise AccessError(str(exc)) from None
+        merged: dict[Any, Any] = {}
+        for name in _files(path):
+            try:
+                with open(name, encoding="utf-8") as f:
+                    text = f.read(64 << 20)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AccessError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}") from None
+            try:
+                parsed = parse(text, name)
+            except KeyFileError as exc:
+                raise AccessError(str(exc)) from None
+            for k, v in parsed.items():
+                if k in merged or (parse is parse_peer_keys and v in merged.values()):
+                    raise AccessError(f"{name}: {k if isinstance(k, str) else k.hex()} is listed in another file of "
+                                      f"{path} too")
+                merged[k] = v
         if parse is parse_peer_keys:
-            access.peers = parsed  # type: ignore[assignment]
+            access.peers = merged
         else:
-            access.clients = parsed  # type: ignore[assignment]
+            access.clients = merged
     for address, node_id in config.seed_ids:
         if node_id not in access.peers:
             raise AccessError(f"--peers {node_id}@{address}: node {node_id} is not in --peer-keys, so its key "

@@ -212,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "appends again at once, asking no peer: the lost entries are gone from this node (a live "
                    "replica that holds them sets them aside as a fork). Without it such a context refuses appends while it is refilled from peers "
                    "(a flag, not a variable: meant for one start)")
-    p.add_argument("--peer-keys", metavar="FILE", help="turns authentication on: the other nodes of the mesh, "
+    p.add_argument("--peer-keys", metavar="FILE|DIR", help="turns authentication on: the nodes of the mesh (a folder: its files together), "
                    "one 'NODE_ID PUBLIC_KEY' line each; every socket then uses CURVE, a node id is accepted only "
                    "from the key it is bound to, and --peers entries are NODE_ID@HOST:PORT. Re-read on SIGHUP "
                    "[LEDGER_PEER_KEYS]")
-    p.add_argument("--client-keys", metavar="FILE", help="turns authentication on: the clients allowed, one "
+    p.add_argument("--client-keys", metavar="FILE|DIR", help="turns authentication on: the clients allowed (a folder: its files together), one "
                    "'PUBLIC_KEY ROLE [PREFIX,...]' line each, ROLE read, write or admin, PREFIXes limiting the "
                    "contexts it may touch. Re-read on SIGHUP [LEDGER_CLIENT_KEYS]")
     p.add_argument("--insecure", action="store_true",

@@ -135,3 +135,33 @@ def test_a_malformed_signed_head_map_is_refused_with_the_field(change, says):
         from_map(m)
     with pytest.raises(RemoteProtocolError, match="map"):
         from_map([1, 2])
+
+
+# -- allowlists (node/access.py) -----------------------------------------------------------------
+
+
+def test_an_allowlist_may_be_a_folder_of_files_one_per_party(tmp_path):
+    from types import SimpleNamespace
+
+    from node.access import AccessError, load_access
+
+    a, b, c = (Identity.generate() for _ in range(3))
+    peers = tmp_path / "peers.d"
+    peers.mkdir()
+    (peers / "n1").write_text(f"n1 {a.public_hex}\n")
+    (peers / "n2.txt").write_text(f"# node two\nn2 {b.public_hex}\n")
+    (peers / ".n3.swp").write_text("junk that is skipped")
+    clients = tmp_path / "clients.txt"
+    clients.write_text(f"{c.public_hex} read notes\n")
+    cfg = SimpleNamespace(peer_keys=str(peers), client_keys=str(clients), seed_ids=(("h:1", "n2"),))
+    access = load_access(cfg)
+    assert access.peers == {"n1": a.public, "n2": b.public} and access.clients[c.public].prefixes == ("notes",)
+    (peers / "n9").write_text(f"n9 {a.public_hex}\n")  # n1's key again, under another id
+    with pytest.raises(AccessError, match="listed in another file"):
+        load_access(cfg)
+    (peers / "n9").write_text(f"n1 {c.public_hex}\n")  # n1 again, with another key
+    with pytest.raises(AccessError, match="listed in another file"):
+        load_access(cfg)
+    (peers / "n9").unlink()
+    with pytest.raises(AccessError, match="node n7 is not in --peer-keys"):
+        load_access(SimpleNamespace(peer_keys=str(peers), client_keys=None, seed_ids=(("h:1", "n7"),)))
