@@ -640,6 +640,11 @@ class Client:
         signed_root = merkle.EMPTY_ROOT if signed is not None and signed.size == 0 else None
         r = first
         while True:
+            # the next page is asked for before this one is checked: the node reads it meanwhile
+            # (on 2 cores, 1M entries: 7.3 s one page at a time, the node's reading and the
+            # client's hashing taking turns)
+            ahead = (self.submit("snapshot", context=context, size=size, after=r["next_after"],
+                                 limit=codec.MAX_GET_LIMIT) if r["more"] else None)
             for m in r["entries"]:
                 try:
                     e = entry_from_wire(m)
@@ -648,9 +653,13 @@ class Client:
                 verifier.add(e)
                 if signed is not None and e.seq == signed.size:
                     signed_root = verifier.frontier.root()
-            if not r["more"]:
+            if ahead is None:
                 break
-            r = self.call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
+            try:
+                r = self.result(ahead)
+            except Timeout:  # asked again the usual way (with the client's retries)
+                r = self.call("snapshot", context=context, size=size, after=verifier.frontier.size,
+                              limit=codec.MAX_GET_LIMIT)
         verifier.finish()
         out = {"context": context, "size": size, "root": root, "ok": True}
         if signed is not None:
