@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("context")
     h.add_argument("--writer-key", metavar="HEX", help="check the head against one signed by this writer key "
                    "(the writer node's public_key): exit 1 unless it is")
+    h.add_argument("--pin", action="store_true", help="check against the key pinned for the context's writer, "
+                   "pinning the one its signed head names on first use ($LEDGER_KNOWN_WRITERS, default "
+                   "~/.config/converge-ledger/known_writers)")
 
     sub.add_parser("contexts", parents=[common], help="every context with its size")
     sub.add_parser("status", parents=[common], help="the node's status")
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("context")
     v.add_argument("--writer-key", metavar="HEX", help="also check the entries against the head their writer signed "
                    "with this key (the writer node's public_key): exit 1 unless they match")
+    v.add_argument("--pin", action="store_true", help="as `head --pin`: the writer's key pinned on first use")
 
     mg = sub.add_parser("merged", parents=[common],
                         help="entries of several contexts in one causal order (lamport, writer, context, seq)")
@@ -526,17 +530,47 @@ def cmd_merged(c: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _writer_key(args: argparse.Namespace) -> bytes | None:
-    if args.writer_key is None:
+def known_writers_path() -> str:
+    """Where `--pin` keeps the writer keys it learned ($LEDGER_KNOWN_WRITERS, else in the user's config)."""
+    return os.environ.get("LEDGER_KNOWN_WRITERS") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "converge-ledger", "known_writers")
+
+
+def _writer_key(args: argparse.Namespace, c: Client | None = None) -> bytes | None:
+    """The writer key to check the context against: `--writer-key`, or with `--pin` the key pinned
+    for its writer, learned from the writer's signed head on first use (as SSH's known_hosts)."""
+    if args.writer_key is not None:
+        try:
+            return parse_public_key(args.writer_key, "--writer-key")
+        except KeyFileError as exc:
+            raise UsageError(str(exc)) from None
+    if not getattr(args, "pin", False) or c is None:
         return None
+    from node.access import parse_peer_keys
+
+    path = known_writers_path()
     try:
-        return parse_public_key(args.writer_key, "--writer-key")
-    except KeyFileError as exc:
-        raise UsageError(str(exc)) from None
+        with open(path, encoding="utf-8") as f:
+            known = parse_peer_keys(f.read(), path)
+    except FileNotFoundError:
+        known = {}
+    except (OSError, UnicodeDecodeError, KeyFileError) as exc:
+        raise UsageError(f"cannot use the known writers file: {exc}") from None
+    h = c.head(args.context)
+    if h.writer in known:
+        return known[h.writer]
+    if h.signed is None or not h.signed.verify():
+        raise IntegrityError(f"{args.context!r}: the node sent no head signed by its writer {h.writer!r}; "
+                             "nothing to pin")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{h.writer} {h.signed.key.hex()}\n")
+    sys.stderr.write(f"{PROG}: pinned writer {h.writer}'s key {h.signed.key.hex()} on first use, in {path}\n")
+    return h.signed.key
 
 
 def cmd_head(c: Client, args: argparse.Namespace, out: Output) -> int:
-    out.fields(head_json(c.head(args.context, writer_key=_writer_key(args))))
+    out.fields(head_json(c.head(args.context, writer_key=_writer_key(args, c))))
     return EXIT_OK
 
 
@@ -624,7 +658,7 @@ def cmd_proof(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_verify(c: Client, args: argparse.Namespace, out: Output) -> int:
     try:
-        r = c.verify_context(args.context, writer_key=_writer_key(args))
+        r = c.verify_context(args.context, writer_key=_writer_key(args, c))
     except RemoteProtocolError as exc:  # a malformed entry from the node
         raise IntegrityError(f"the node sent a malformed entry: {exc.message}") from None
     if out.as_json:

@@ -57,6 +57,7 @@ def test_a_short_run_with_keys_on_every_node_and_client_holds_every_check(tmp_pa
     # the stranger kept trying every attack as every party, and got nowhere
     assert report["intruder"]["attempts"] > 20 and report["intruder"]["accepted"] == 0
     assert len(report["intruder"]["by_attack"]) >= 10
+    assert "--secure --intruder" in err.getvalue()  # the replay line replays the keys and the intruder too
     assert report["faults"]["kill"] + report["faults"]["pause"] > 0
     for name in ("n1", "n2", "n3"):  # every node ran with keys, every restart too
         log = (tmp_path / "run" / f"{name}.log").read_text()

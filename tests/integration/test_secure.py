@@ -342,3 +342,31 @@ def test_watching_follows_the_keys_prefixes_and_only_peers_get_the_replication_s
             assert not sub.poll(500)
         finally:
             sub.close(linger=0)
+
+
+def test_the_cli_pins_a_writers_key_on_first_use_and_holds_it_to_that_key(node_factory, zctx, tmp_path, capsys,
+                                                                          monkeypatch):
+    import json
+
+    from tools import cli
+
+    known = tmp_path / "known_writers"
+    monkeypatch.setenv("LEDGER_KNOWN_WRITERS", str(known))
+    n = node_factory()
+    with Client(n.address, zctx=zctx) as c:
+        c.append("notes", "one")
+        key = c.status()["public_key"]
+    addr = n.address.removeprefix("tcp://")
+    assert cli.main(["--node", addr, "--json", "head", "notes", "--pin"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["verified_size"] == 1 and "pinned writer" in out.err
+    assert known.read_text() == f"{n.node_id} {key}\n"
+    assert cli.main(["--node", addr, "verify", "notes", "--pin"]) == 0  # the pinned key, silently
+    out = capsys.readouterr()
+    assert "signed by its writer up to #1" in out.out and "pinned" not in out.err
+    known.write_text(f"{n.node_id} {Identity.generate().public_hex}\n")  # as if the writer's key had changed
+    assert cli.main(["--node", addr, "head", "notes", "--pin"]) == 1
+    assert "INTEGRITY" in capsys.readouterr().err
+    known.write_text("garbage\n")
+    assert cli.main(["--node", addr, "head", "notes", "--pin"]) == 2
+    assert "known writers file" in capsys.readouterr().err

@@ -45,6 +45,8 @@ def replay_command(opts: Options) -> str:
     """The command line that replays this run."""
     replay = f"{PROG} --nodes {opts.nodes} --duration {opts.duration:g} --seed {opts.seed}"
     replay += " --partitions" if opts.partitions else ""
+    replay += " --secure" if opts.secure else ""
+    replay += " --intruder" if opts.intruder else ""
     if opts.durability != "sync":
         replay += f" --durability {opts.durability} --flush-ms {opts.flush_ms}"
     defaults = Options()

@@ -15,7 +15,7 @@ from ..common import CURVE_SCENARIOS
 from ..drivers import Dealer
 from ..procs import start_node
 from ..registry import Rounds, round_family
-from .throughput import append_request
+from .throughput import append_request, fill_reads
 
 
 @round_family("curve", lambda only: only is None or bool(only & set(CURVE_SCENARIOS)))
@@ -35,14 +35,7 @@ def curve(r: Rounds) -> None:
     def append_req(i: int) -> dict[str, Any]:
         return append_request(payload)
 
-    pre = d.frames(max(20, sizes.gets // 10), lambda i: {"op": "append_batch", "context": "reads",
-                                                          "entries": [{"key": "k", "payload": payload}] * 100})
-    d.pipelined(pre, window=10)
-    reads_size = len(pre) * 100
-    recent = max(1, min(reads_size, 1000))
-
-    def get_one(i: int) -> dict[str, Any]:
-        return {"op": "get", "context": "reads", "after": reads_size - rng.randrange(recent) - 1, "limit": 1}
+    _size, get_one = fill_reads(d, sizes.gets, payload, rng)  # the same reads as baseline's get_one
 
     r.add("append_seq_curve", lambda: d.seq(d.frames(sizes.seq, append_req)))
     r.add("append_pipelined_curve", lambda: d.pipelined(d.frames(sizes.pipelined, append_req)))

@@ -11,7 +11,9 @@ note saying why they were skipped when not.
 from __future__ import annotations
 
 import os
+import random
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from ..common import BATCH
@@ -23,6 +25,21 @@ from ..registry import Rounds, round_family
 def append_request(payload: bytes, context: str = "bench") -> dict[str, Any]:
     """One append of `payload` (the echo server decodes the same request)."""
     return {"op": "append", "context": context, "key": "k", "payload": payload}
+
+
+def fill_reads(d: Dealer, gets: int, payload: bytes, rng: random.Random) -> tuple[int, Callable[[int], dict[str, Any]]]:
+    """Fill the context `reads` for get_one (and get_tail100); its size, and get_one's request
+    maker: one entry among the 1,000 most recent."""
+    pre = d.frames(max(20, gets // 10), lambda i: {"op": "append_batch", "context": "reads",
+                                                   "entries": [{"key": "k", "payload": payload}] * 100})
+    d.pipelined(pre, window=10)
+    reads_size = len(pre) * 100
+    recent = max(1, min(reads_size, 1000))
+
+    def get_one(i: int) -> dict[str, Any]:
+        return {"op": "get", "context": "reads", "after": reads_size - rng.randrange(recent) - 1, "limit": 1}
+
+    return reads_size, get_one
 
 
 @round_family("baseline")
@@ -49,15 +66,7 @@ def baseline(r: Rounds) -> None:
         return {"op": "append_batch", "context": "batch",
                 "entries": [{"key": "k", "payload": payload} for _ in range(BATCH)]}
 
-    # entries to read back
-    pre = d.frames(max(20, sizes.gets // 10), lambda i: {"op": "append_batch", "context": "reads",
-                                                          "entries": [{"key": "k", "payload": payload}] * 100})
-    d.pipelined(pre, window=10)
-    reads_size = len(pre) * 100
-    recent = max(1, min(reads_size, 1000))
-
-    def get_one(i: int) -> dict[str, Any]:
-        return {"op": "get", "context": "reads", "after": reads_size - rng.randrange(recent) - 1, "limit": 1}
+    reads_size, get_one = fill_reads(d, sizes.gets, payload, rng)
 
     def get_tail(i: int) -> dict[str, Any]:
         return {"op": "get", "context": "reads", "after": reads_size - 100, "limit": 100}
