@@ -67,6 +67,7 @@ from protocol.errors import (
     STORAGE,
     UNAVAILABLE,
     Forbidden,
+    IntegrityError,
     LedgerError,
     NotWriter,
     RemoteProtocolError,
@@ -460,6 +461,8 @@ class Core:
     def load(self, rq: Request, req: codec.Load) -> Answer:
         if not req.abort:
             self._check_writer(req.context)
+            if self.access is not None and req.final:
+                self._check_load_signed(req)
         head = self.ledger.load(req, sync=self.sync, now=rq.now)
         if head is not None and head.get("aborted"):
             return Reply(codec.encode_reply(rq.id, {"done": True, "aborted": True}))
@@ -470,6 +473,22 @@ class Core:
             self.watch.mark(ctx)
         head["done"] = True
         return Reply(codec.encode_reply(rq.id, head))
+
+    def _check_load_signed(self, req: codec.Load) -> None:
+        """With keys, a snapshot is loaded only under a head signed by a writer this node trusts
+        (a key of its peer allowlist), at exactly the snapshot's context, size and root (SPEC 6.9)."""
+        h = req.signed
+        if h is None:
+            raise Forbidden(f"a load of {req.context!r} on a node with keys needs the snapshot's head signed by its "
+                            "writer (`signed`; `ledger snapshot` writes it when the writer, or a replica holding "
+                            "its signature for that size, serves the snapshot)", {"context": req.context})
+        trusted = self.access.peers.values() if self.access is not None else ()
+        if h.key not in trusted and not (self.identity is not None and h.key == self.identity.public):
+            raise Forbidden(f"the snapshot of {req.context!r} is signed by {h.key.hex()}, a key this node does not "
+                            "trust (not in --peer-keys)", {"context": req.context})
+        if (h.context, h.size, h.root) != (req.context, req.size, req.root) or not h.verify():
+            raise IntegrityError(f"the signed head of the snapshot of {req.context!r} does not verify, or is not of "
+                                 "its size and root", {"context": req.context})
 
     def proof(self, rq: Request, req: codec.Proof) -> Answer:
         return Reply(codec.encode_reply(rq.id, self.ledger.proof(req)))

@@ -576,7 +576,15 @@ class Client:
         r = self.call("snapshot", context=context, size=size, after=0, limit=codec.MAX_GET_LIMIT)
         size, root = r["size"], r["root"]
         verifier = SnapshotVerifier(context, size, root)
-        out.write(encode_header(context, size, root))
+        signed = None
+        if r.get("signed") is not None:
+            try:
+                signed = heads.from_map(r["signed"])
+            except RemoteProtocolError as exc:
+                raise IntegrityError(f"the node sent a malformed signed head: {exc.message}") from None
+            if (signed.context, signed.size, signed.root) != (context, size, root) or not signed.verify():
+                signed = None  # (a later head with a proof, or a bad one: not what the file can carry)
+        out.write(encode_header(context, size, root, signed))
         pk = msgpack.Packer(use_bin_type=True)
         while True:
             for m in r["entries"]:
@@ -626,7 +634,7 @@ class Client:
                 except LedgerError:
                     pass
             raise
-        r = self.call("load", retry=False, entries=chunk, final=True, **base)
+        r = self.call("load", retry=False, entries=chunk, final=True, signed=header.get("signed"), **base)
         return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
 
     def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:

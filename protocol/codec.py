@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from protocol import heads
 from protocol.address import parse_address
 from protocol.entry import (
     MAX_CONTEXT_BYTES,
@@ -39,6 +40,7 @@ from protocol.errors import (
     UNSUPPORTED_VERSION,
     RemoteProtocolError,
 )
+from protocol.heads import SignedHead
 from protocol.lamport import MAX_LAMPORT
 
 PROTOCOL_VERSION = 1
@@ -140,6 +142,7 @@ class Load:
     final: bool = False
     fail_if_exists: bool = False
     abort: bool = False
+    signed: SignedHead | None = None  # the snapshot's head signed by its writer (SPEC 6.9, 13.6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +444,7 @@ def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
         final=_bool(m, "final"),
         abort=_bool(m, "abort"),
         fail_if_exists=_bool(m, "fail_if_exists"),
+        signed=heads.from_map(m["signed"]) if m.get("signed") is not None else None,
     )
 
 

@@ -4,7 +4,7 @@ A snapshot file is a msgpack stream: one header map, then `size` entry maps
 in seq order (the same maps as on the wire)::
 
     {"format": "converge-ledger-snapshot", "version": 1,
-     "context": str, "size": uint, "root": bin(32)}
+     "context": str, "size": uint, "root": bin(32), "signed": map (optional: SPEC 13.6)}
     entry 1, entry 2, ..., entry size
 
 A stream is read without holding it in memory. `SnapshotVerifier` re-hashes
@@ -20,19 +20,23 @@ from typing import IO, Any
 
 import msgpack
 
+from protocol import heads
 from protocol.entry import Entry, entry_from_wire
 from protocol.errors import IntegrityError, RemoteProtocolError
+from protocol.heads import SignedHead
 from protocol.merkle import Frontier
 
 FORMAT = "converge-ledger-snapshot"
 VERSION = 1
 
 
-def encode_header(context: str, size: int, root: bytes) -> bytes:
-    out: bytes = msgpack.packb(
-        {"format": FORMAT, "version": VERSION, "context": context, "size": size, "root": root},
-        use_bin_type=True,
-    )
+def encode_header(context: str, size: int, root: bytes, signed: SignedHead | None = None) -> bytes:
+    """The header; with `signed`, the head its context's writer signed at exactly (size, root)
+    (SPEC 10, 13.6), which a node with keys requires before it loads the snapshot."""
+    h: dict[str, Any] = {"format": FORMAT, "version": VERSION, "context": context, "size": size, "root": root}
+    if signed is not None:
+        h["signed"] = signed.to_map()
+    out: bytes = msgpack.packb(h, use_bin_type=True)
     return out
 
 
@@ -46,6 +50,13 @@ def check_header(h: object) -> dict[str, Any]:
     ctx = h.get("context")
     if type(size) is not int or size < 0 or not isinstance(root, bytes) or len(root) != 32 or not isinstance(ctx, str):
         raise IntegrityError("snapshot header has a bad size, root or context")
+    if "signed" in h:
+        try:
+            signed = heads.from_map(h["signed"])
+        except RemoteProtocolError as exc:
+            raise IntegrityError(f"snapshot header has a malformed signed head: {exc.message}") from None
+        if (signed.context, signed.size, signed.root) != (ctx, size, root):
+            raise IntegrityError("snapshot header's signed head is not of the snapshot's context, size and root")
     return h
 
 

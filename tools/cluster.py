@@ -148,7 +148,8 @@ def run_cluster(nodes: int, data: str | None, host: str, base_port: int, extra: 
             seeds = [("n1@" if keys else "") + _hostport(members[0].router)] if members else []
             m = start_member(f"n{i}", os.path.join(data, f"n{i}"), f"{host}:{port}", seeds, extra, out)
             members.append(m)
-            out.write(f"node {m.node_id}: requests {m.router}  watch {m.pub}  data {os.path.join(data, m.name)}\n")
+            key = f"  key {idents[i - 1].public_hex}" if keys else ""
+            out.write(f"node {m.node_id}: requests {m.router}  watch {m.pub}  data {os.path.join(data, m.name)}{key}\n")
             out.flush()
         if client is not None:
             out.write(f"keys: CURVE on every socket; admin client key {os.path.join(data, 'client.key')}, e.g.\n"

@@ -295,7 +295,7 @@ def test_cluster_launcher_with_keys_gives_every_node_a_key_and_one_admin_client_
     addrs = line.split("=", 1)[1].split(",")
     key = parse_key_file((tmp_path / "client.key").read_text())
     servers = [parse_key_file((tmp_path / f"n{i}" / "node.key").read_text()).public_hex for i in (1, 2)]
-    assert f"--server-key {servers[0]}" in out.getvalue()
+    assert f"--server-key {servers[0]}" in out.getvalue() and f"key {servers[1]}" in out.getvalue()
     with Client(addrs[0], key=key, server_key=servers[0], zctx=zctx) as c:
         assert c.status()["security"] == "curve"
         c.append("cl", "x")

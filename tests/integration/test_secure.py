@@ -370,3 +370,44 @@ def test_the_cli_pins_a_writers_key_on_first_use_and_holds_it_to_that_key(node_f
     known.write_text("garbage\n")
     assert cli.main(["--node", addr, "head", "notes", "--pin"]) == 2
     assert "known writers file" in capsys.readouterr().err
+
+
+def test_with_keys_a_snapshot_loads_only_under_a_head_signed_by_a_trusted_writer(node_factory, tmp_path, zctx):
+    import io
+
+    import msgpack
+
+    from protocol.errors import IntegrityError
+    from protocol.heads import SignedHead, sign_head
+    from protocol.snapshot import encode_header, read_snapshot
+
+    keys = Keys(tmp_path)
+    k1, k3 = node_key(tmp_path, "n1"), node_key(tmp_path, "n3")
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"n1 {k1.public_hex}\nn3 {k3.public_hex}\n")
+    common = ["--peer-keys", str(peers), "--client-keys", str(keys.clients)]
+    n1 = node_factory("--id", "n1", *common, name="n1")
+    n3 = node_factory("--id", "n3", *common, name="n3")  # trusts n1's key, not connected to it
+    with keys.client(n1, keys.admin, k1, zctx=zctx) as c1:
+        for i in range(10):
+            c1.append("notes", f"e{i}")
+        buf = io.BytesIO()
+        c1.snapshot("notes", buf)
+    header, entries = read_snapshot(io.BytesIO(buf.getvalue()))
+    assert header["signed"]["size"] == 10 and header["signed"]["key"] == k1.public  # n1 signed it
+    body = b"".join(msgpack.packb(e.to_wire(), use_bin_type=True) for e in entries)
+
+    def file_with(signed: SignedHead | None) -> io.BytesIO:
+        return io.BytesIO(encode_header("notes", 10, header["root"], signed) + body)
+
+    good = SignedHead(**header["signed"])
+    with keys.client(n3, keys.admin, k3, zctx=zctx) as c3:
+        with pytest.raises(Forbidden, match="needs the snapshot's head signed"):
+            c3.load("notes", file_with(None))
+        with pytest.raises(Forbidden, match="a key this node does not trust"):
+            c3.load("notes", file_with(sign_head(Identity.generate(), "notes", 10, header["root"])))
+        with pytest.raises(IntegrityError, match="does not verify"):
+            c3.load("notes", file_with(good._replace(sig=bytes(64))))
+        assert "notes" not in [x["name"] for x in c3.contexts()]  # nothing was loaded by the refusals
+        h = c3.load("notes", file_with(good))
+        assert h.size == 10 and h.root == header["root"]

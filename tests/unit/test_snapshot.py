@@ -292,3 +292,25 @@ def test_any_single_byte_change_is_rejected(pos, value):
     # The only accepted change is one that keeps every entry and the root intact
     # (e.g. a msgpack re-encoding of an equal value, which a byte flip cannot make).
     pytest.fail(f"byte {pos} set to {value:#x} was accepted: {r.entries}")
+
+
+def test_a_snapshot_header_may_carry_its_writers_signed_head_which_must_be_of_that_head():
+    import io
+
+    import msgpack
+
+    from protocol.heads import sign_head
+    from protocol.keys import Identity
+    from protocol.snapshot import encode_header, read_snapshot
+
+    w = Identity.generate()
+    root = b"r" * 32
+    h, _ = read_snapshot(io.BytesIO(encode_header("notes", 3, root, sign_head(w, "notes", 3, root))))
+    assert h["signed"]["key"] == w.public
+    for other in (sign_head(w, "notes", 2, root), sign_head(w, "other", 3, root), sign_head(w, "notes", 3, b"x" * 32)):
+        with pytest.raises(IntegrityError, match="not of the snapshot's context, size and root"):
+            read_snapshot(io.BytesIO(encode_header("notes", 3, root, other)))
+    bad = msgpack.packb({"format": "converge-ledger-snapshot", "version": 1, "context": "notes", "size": 3,
+                         "root": root, "signed": {"size": "three"}}, use_bin_type=True)
+    with pytest.raises(IntegrityError, match="malformed signed head"):
+        read_snapshot(io.BytesIO(bad))
