@@ -25,7 +25,7 @@ import zmq
 from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, TooLarge
+from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge
 from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools.cluster import ClusterError, run_cluster
@@ -806,7 +806,15 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
         try:
             # One ping without retry, so a node that is not there is reported
             # after --timeout, not after every retry of the real request.
-            c.result(c.submit("ping"))
+            try:
+                c.result(c.submit("ping"))
+            except Timeout as exc:
+                # a node with keys does not answer a client it does not let in: say so
+                hint = ("; or it does not let this key in: is it in the node's client allowlist, and is "
+                        "--server-key the node's public_key?" if args.key_file else
+                        "; a node with keys answers only clients with an allowlisted key (--key-file, "
+                        "--server-key)")
+                raise Timeout(exc.message + hint, exc.details) from None
             if args.command == "append":
                 return cmd_append(c, args, out, payload)
             if load_src is not None:

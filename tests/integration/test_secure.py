@@ -238,7 +238,12 @@ def test_the_cli_speaks_to_a_node_with_keys(keyed, tmp_path, capsys):
     assert cli.main(["--node", addr, "--key-file", str(key_file), "get", "notes"]) == 2
     assert "--key-file and --server-key go together" in capsys.readouterr().err
     assert cli.main(["--node", addr, "--timeout", "0.5", "get", "notes"]) == 1  # no key: no answer, a clear error
-    assert "no answer" in capsys.readouterr().err
+    assert "only clients with an allowlisted key (--key-file" in capsys.readouterr().err
+    stranger = tmp_path / "stranger.key"
+    write_key_file(str(stranger), keys.stranger)
+    assert cli.main(["--node", addr, "--timeout", "0.5", "--key-file", str(stranger), "--server-key",
+                     server.public_hex, "get", "notes"]) == 1
+    assert "is it in the node's client allowlist" in capsys.readouterr().err
 
 
 # -- signed heads (SPEC 13.6) ------------------------------------------------------------------
