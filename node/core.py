@@ -376,6 +376,9 @@ class Core:
         fork = self.mesh.forks.get(req.context)
         if fork is not None:
             fields["fork"] = vars(fork)
+        equivocation = self.mesh.equivocations.get(req.context)
+        if equivocation is not None:
+            fields["equivocation"] = equivocation
         ctx = self.ledger.contexts.get(req.context)
         if ctx is not None:
             if ctx.writer == self.ledger.node_id and self.identity is not None:

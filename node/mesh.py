@@ -295,6 +295,9 @@ class Mesh:
         self._diverged: dict[tuple[str, str], int] = {}  # (context, peer address) -> our ctx id it differs from
         self._fork_logged: set[tuple[str, int, str]] = set()
         self._hole_asks: dict[int, str] = {}  # request id -> context whose damaged block it fetches
+        # With keys: contexts whose writer signed two histories (SPEC 13.6): both signed heads and the
+        # proof from this node's copy; kept, shown in status and head, never acted on
+        self.equivocations: dict[str, dict[str, Any]] = {}
         for s in seeds:
             if s != address:
                 self.peers[s] = Peer(s)
@@ -734,6 +737,8 @@ class Mesh:
             signed = self._signed_head(m, entries[0].writer)
             if signed is None:
                 return False
+            if ctx is not None:
+                self._check_equivocation(ctx, signed)
         try:
             applied = self.ledger.apply_replicated(m.context, entries, m.root)
         except LedgerError as exc:
@@ -798,6 +803,29 @@ class Mesh:
         self.stats.unsigned_pulls += 1
         self.refuse(p.address, f"a pull chunk of {name!r} up to #{end} by {writer!r} ({why})")
         return False
+
+    def _check_equivocation(self, ctx: ContextState, new: SignedHead) -> None:
+        """`new`, verified, and the signed head this node keeps for `ctx` (the same key): when they
+        are two histories, keep both and the proof from this node's copy (SPEC 13.6). An async
+        writer that lost its unflushed tail in a crash and wrote again does exactly this; so does a
+        lying one. Recorded and logged, never acted on here (the fork rules of 17.4 do that)."""
+        old = ctx.signed
+        if (old is None or old.key != new.key or new.size > old.size or ctx.name in self.equivocations
+                or len(self.equivocations) >= MAX_DIVERGED):
+            return  # (a later head: this node's copy cannot tell whether it extends the kept one)
+        ours = old.root if new.size == old.size else self.ledger.root_at(ctx, new.size)
+        if ours == new.root:
+            return
+        proof = [] if new.size == old.size else self.ledger.consistency(
+            codec.Consistency(ctx.name, new.size, old.size))["proof"]
+        self.equivocations[ctx.name] = {
+            "context": ctx.name, "writer": ctx.writer, "heads": [old.to_map(), new.to_map()],
+            "root_at": new.size, "root": ours, "proof": proof,
+        }
+        log.warning("EQUIVOCATION: writer %s signed two histories of %r: %d entries with root %s, and %d with "
+                    "root %s where its earlier signed head gives %s (an async writer that lost a tail in a crash "
+                    "does this; both signed heads are kept in status)", ctx.writer, ctx.name, old.size,
+                    old.root.hex()[:16], new.size, new.root.hex()[:16], ours.hex()[:16])
 
     def _keep_signed(self, ctx: ContextState, raw: Any, size: int, root: bytes) -> None:
         """A pull reply's signed head (SPEC 13.6), kept for `head` when its writer signed exactly what
@@ -986,6 +1014,14 @@ class Mesh:
             size, root, gone = 0, merkle.EMPTY_ROOT, True  # it lost the whole context
         if size >= asked[1]:
             return  # it holds what we held when we asked: the roots are compared as usual
+        if reply.get("ok") and self.writer_key is not None and reply.get("signed") is not None:
+            key = self.writer_key(ctx.writer)
+            try:
+                new = heads.from_map(reply["signed"])
+            except RemoteProtocolError:
+                new = None
+            if new is not None and key is not None and new.context == name and new.verify(key):
+                self._check_equivocation(ctx, new)
         self._lost_tail.add(name)
         self._fork(p, ctx, size, root, ctx.writer, replace=not gone)
 
@@ -1284,6 +1320,7 @@ class Mesh:
                 for p in self.peers.values()
             ],
             "forks": [vars(f) for f in self.forks.values()],
+            "equivocations": list(self.equivocations.values())[:100],
             "replication": {
                 "heartbeat_ms": int(self.heartbeat_s * 1000),
                 **asdict(self.stats),

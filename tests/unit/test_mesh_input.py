@@ -393,3 +393,27 @@ def test_a_sig_field_that_is_not_64_bytes_makes_the_message_malformed(sig):
                           "entries": [msgpack.unpackb(blob)]}, use_bin_type=True)
     with pytest.raises(RemoteProtocolError, match="sig must be 64 bytes"):
         watch.decode_message([watch.repl_topic("notes"), body])
+
+
+def test_with_keys_two_histories_signed_by_one_writer_are_kept_as_its_equivocation(caplog):
+    from protocol import merkle
+    from protocol.heads import sign_head
+
+    m, w, writer_key, _mallory = signed_push_setup()
+    m.on_push(push_of(w, 3, signer=writer_key))
+    ctx = m.ledger.contexts["notes"]
+    assert ctx.signed is not None and ctx.signed.size == 3
+    # the same writer's head at size 2 of its own history: a prefix, nothing to keep
+    m._check_equivocation(ctx, sign_head(writer_key, "notes", 2, w.root_at(w.contexts["notes"], 2)))
+    assert not m.equivocations
+    # the writer lost its tail and wrote another second entry: its key signed another root at size 2
+    w2 = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    w2.append(codec.Append("notes", "", bytes([0]), {}))
+    w2.append(codec.Append("notes", "", b"other", {}))
+    other = sign_head(writer_key, "notes", 2, w2.root_at(w2.contexts["notes"], 2))
+    m._check_equivocation(ctx, other)
+    rec = m.equivocations["notes"]
+    assert rec["writer"] == "w" and rec["heads"] == [ctx.signed.to_map(), other.to_map()]
+    assert rec["root"] != other.root  # this node's copy at size 2, which the first signed head covers:
+    merkle.verify_consistency(2, 3, rec["root"], ctx.signed.root, rec["proof"])  # anyone can check it
+    assert "EQUIVOCATION" in caplog.text and m.status(0.0)["equivocations"] == [rec]
