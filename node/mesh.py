@@ -788,6 +788,7 @@ class Mesh:
                         why = "a signed head that does not verify"
                     elif h.size == end:
                         if h.root == root:
+                            self._check_set_aside(name, h)
                             return True
                         why = "a signed head of another root"
                     elif h.size > end:
@@ -795,6 +796,7 @@ class Mesh:
                         if not isinstance(proof, list) or len(proof) > 128:
                             raise RemoteProtocolError(NOT_FOUND, "no consistency proof")
                         merkle.verify_consistency(end, h.size, root, h.root, proof)
+                        self._check_set_aside(name, h)
                         return True
                     else:
                         why = "a signed head short of the chunk"
@@ -816,8 +818,8 @@ class Mesh:
         ours = old.root if new.size == old.size else self.ledger.root_at(ctx, new.size)
         if ours == new.root:
             return
-        proof = [] if new.size == old.size else self.ledger.consistency(
-            codec.Consistency(ctx.name, new.size, old.size))["proof"]
+        proof = ([] if new.size == old.size else
+                 merkle.consistency_proof(new.size, old.size, self.ledger.node_getter(ctx)))
         self.equivocations[ctx.name] = {
             "context": ctx.name, "writer": ctx.writer, "heads": [old.to_map(), new.to_map()],
             "root_at": new.size, "root": ours, "proof": proof,
@@ -826,6 +828,14 @@ class Mesh:
                     "root %s where its earlier signed head gives %s (an async writer that lost a tail in a crash "
                     "does this; both signed heads are kept in status)", ctx.writer, ctx.name, old.size,
                     old.root.hex()[:16], new.size, new.root.hex()[:16], ours.hex()[:16])
+
+    def _check_set_aside(self, name: str, new: SignedHead) -> None:
+        """A verified head of a context whose older history this node set aside (17.4): the same key
+        signing both is an equivocation to keep (a writer that lost its tail and wrote again)."""
+        for old_ctx in reversed(self.ledger.aside.get(name, ())):
+            if old_ctx.signed is not None and old_ctx.signed.key == new.key:
+                self._check_equivocation(old_ctx, new)
+                return
 
     def _keep_signed(self, ctx: ContextState, raw: Any, size: int, root: bytes) -> None:
         """A pull reply's signed head (SPEC 13.6), kept for `head` when its writer signed exactly what

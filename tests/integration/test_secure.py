@@ -416,3 +416,39 @@ def test_with_keys_a_snapshot_loads_only_under_a_head_signed_by_a_trusted_writer
         assert "notes" not in [x["name"] for x in c3.contexts()]  # nothing was loaded by the refusals
         h = c3.load("notes", file_with(good))
         assert h.size == 10 and h.root == header["root"]
+
+
+def test_with_keys_a_writer_that_lost_its_tail_leaves_both_signed_histories_on_its_replica(
+        node_factory, tmp_path, zctx):
+    keys = Keys(tmp_path)
+    k1, k2 = node_key(tmp_path, "n1"), node_key(tmp_path, "n2")
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"n1 {k1.public_hex}\nn2 {k2.public_hex}\n")
+    common = ["--peer-keys", str(peers), "--client-keys", str(keys.clients), "--heartbeat-ms", "100"]
+    # n1 writes in async mode and flushes rarely: a kill -9 loses what it acknowledged since
+    n1 = node_factory("--id", "n1", *common, "--flush-ms", "60000", name="n1").pin_ports()
+    n2 = node_factory("--id", "n2", *common, "--peers", f"n1@{n1.address.removeprefix('tcp://')}", name="n2")
+    with keys.client(n2, keys.writer, k2, zctx=zctx) as c2:
+        with keys.client(n1, keys.writer, k1, zctx=zctx) as c1:
+            wait_for(lambda: c1.status()["replication_subscribers"] >= 1, what="n2's subscription")
+            for i in range(20):
+                c1.append("notes", f"old{i}")
+        wait_for(lambda: verified(c2, "notes", k1) == 20, what="n2's signed copy")
+        n1.kill()
+        n1.start()
+        with keys.client(n1, keys.writer, k1, zctx=zctx) as c1:
+            before = c1.head("notes").size if "notes" in [x["name"] for x in c1.contexts()] else 0
+            for i in range(3):
+                c1.append("notes", f"new{i}")
+        assert before < 20  # the unflushed tail is gone from n1
+        wait_for(lambda: c2.status()["equivocations"], timeout=20, what="the equivocation record")
+        (rec,) = c2.status()["equivocations"]
+        assert rec["context"] == "notes" and rec["writer"] == "n1" and rec["heads"][0]["size"] == 20
+        assert rec["heads"][0]["key"] == rec["heads"][1]["key"] == k1.public
+        from protocol import merkle
+
+        old, new = rec["heads"]
+        assert rec["root_at"] == new["size"] and rec["root"] != new["root"]  # two histories at one size...
+        merkle.verify_consistency(new["size"], old["size"], rec["root"], old["root"], rec["proof"])  # ...proven
+        assert "EQUIVOCATION" in n2.output() and c2.call("head", context="notes")["equivocation"]["writer"] == "n1"
+        wait_for(lambda: size(c2, "notes") == before + 3, what="n2 to follow n1's new history (17.4)")
