@@ -536,20 +536,31 @@ class Client:
         r = self.call("status")
         return {k: v for k, v in r.items() if k not in ("v", "id", "ok")}
 
-    def proof(self, context: str, seq: int, size: int | None = None, *, check_entry: bool = True) -> InclusionProof:
+    def proof(self, context: str, seq: int, size: int | None = None, *, check_entry: bool = True,
+              writer_key: bytes | str | None = None) -> InclusionProof:
         """An inclusion proof of entry `seq`, verified.
 
         With `check_entry` (the default) the entry itself is fetched too and must
         re-hash to the proven leaf with this very seq: a proof over hashes alone
         shows that *some* leaf is in the tree, the entry check shows which one.
+        With `writer_key`, the proof is against the head the writer signed (SPEC 13.6).
         """
         if seq < 1:
             raise BadRequest("seq starts at 1")
+        signed = None
+        if writer_key is not None:
+            signed = self.head(context, writer_key=writer_key).signed
+            assert signed is not None
+            if seq > signed.size:
+                raise IntegrityError(f"entry #{seq} of {context!r} is past the head its writer signed (#{signed.size})")
+            size = signed.size
         r = self.call("proof", context=context, seq=seq, size=size)
         p = InclusionProof(r["context"], r["seq"], r["size"], r["leaf"], list(r["path"]), r["root"])
         if (p.context, p.seq) != (context, seq) or (size is not None and p.size != size):
             raise IntegrityError("the node proved something other than what was asked")
         merkle.verify_inclusion(p.leaf, p.seq - 1, p.size, p.path, p.root)
+        if signed is not None and p.root != signed.root:
+            raise IntegrityError(f"the node's proof of {context!r}#{seq} is not against the root its writer signed")
         if check_entry:
             r2 = self.call("get", context=context, after=seq - 1, limit=1)
             entries = r2["entries"]
@@ -636,6 +647,25 @@ class Client:
             raise
         r = self.call("load", retry=False, entries=chunk, final=True, signed=header.get("signed"), **base)
         return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
+
+    def check_entries(self, context: str, entries: list[Entry], writer_key: bytes | str) -> int:
+        """Check `entries` (read from this node) against the head their writer signed with
+        `writer_key`: each is proven to be the leaf at its seq under the signed root (SPEC 13.6), the
+        proofs asked for all at once. IntegrityError when one is not, or lies past the signed size.
+        Returns the signed size."""
+        signed = self.head(context, writer_key=writer_key).signed
+        assert signed is not None
+        past = [e.seq for e in entries if e.seq > signed.size]
+        if past:
+            raise IntegrityError(f"entries of {context!r} from #{past[0]} on are past the head its writer signed "
+                                 f"that this node holds (#{signed.size})", {"context": context})
+        asked = [(e, self.submit("proof", context=context, seq=e.seq, size=signed.size)) for e in entries]
+        for e, rid in asked:
+            r = self.result(rid)
+            if r["root"] != signed.root or r["leaf"] != e.hash or r["seq"] != e.seq:
+                raise IntegrityError(f"{context!r}#{e.seq} is not the entry its writer signed", {"seq": e.seq})
+            merkle.verify_inclusion(r["leaf"], e.seq - 1, signed.size, list(r["path"]), signed.root)
+        return signed.size
 
     def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
         """Download a context at its current size, re-hash everything, recompute the root. With

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "on this node (see `ledger head`)")
     g.add_argument("--fork-index", type=_uint, metavar="N", help="with --fork: the N-th history of WRITER set "
                    "aside here, from 1 (default: the latest; a writer that lost tails in several crashes)")
+    g.add_argument("--writer-key", metavar="HEX", help="check every entry against the head its writer signed with "
+                   "this key (an inclusion proof each) before printing it: exit 1 unless they all check")
+    g.add_argument("--pin", action="store_true", help="as `head --pin`: the writer's key pinned on first use")
 
     h = sub.add_parser("head", parents=[common], help="size, Merkle root, last lamport and writer of a context")
     h.add_argument("context")
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("proof", parents=[common], help="inclusion proof of one entry, verified locally")
     pr.add_argument("context")
     pr.add_argument("seq", type=_seq)
+    pr.add_argument("--writer-key", metavar="HEX", help="prove it against the root its writer signed with this key")
+    pr.add_argument("--pin", action="store_true", help="as `head --pin`: the writer's key pinned on first use")
 
     v = sub.add_parser("verify", parents=[common], help="download a context, re-hash every entry, recompute the root")
     v.add_argument("context")
@@ -464,6 +469,9 @@ def cmd_append(c: Client, args: argparse.Namespace, out: Output, payload: bytes 
 
 
 def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.fork is not None and (args.writer_key is not None or args.pin):
+        raise UsageError("--fork reads a history set aside here, which no current signed head covers: "
+                         "--writer-key and --pin do not apply")
     if args.fork is not None:
         after, left = args.after, args.limit
         while left is None or left > 0:
@@ -478,7 +486,24 @@ def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
             after = page.next_after
         return EXIT_OK
     shown = 0
-    if args.limit is None:
+    writer_key = _writer_key(args, c)
+    if writer_key is not None:
+        # checked against the head the writer signed, a page at a time, before it is printed
+        left, after = args.limit, args.after
+        while left is None or left > 0:
+            page = c.get(args.context, key=args.key, after=after,
+                         limit=codec.MAX_GET_LIMIT if left is None else min(left, codec.MAX_GET_LIMIT))
+            entries = page.entries if left is None else page.entries[:left]
+            c.check_entries(args.context, entries, writer_key)
+            for e in entries:
+                out.entry(e)
+            shown += len(entries)
+            if left is not None:
+                left -= len(entries)
+            if not page.more:
+                break
+            after = page.next_after
+    elif args.limit is None:
         for e in c.iter_entries(args.context, key=args.key, after=args.after):
             out.entry(e)
             shown += 1
@@ -632,7 +657,8 @@ def cmd_load(c: Client, args: argparse.Namespace, out: Output, src: IO[bytes]) -
 
 
 def cmd_proof(c: Client, args: argparse.Namespace, out: Output) -> int:
-    p = c.proof(args.context, args.seq)  # the client verifies the path against the root
+    # the client verifies the path against the root (with a writer key: the root its writer signed)
+    p = c.proof(args.context, args.seq, writer_key=_writer_key(args, c))
     page = c.get(args.context, after=args.seq - 1, limit=1)
     if not page.entries or page.entries[0].seq != args.seq:
         raise IntegrityError(f"the node proved entry #{args.seq} of {args.context!r} but did not return it")

@@ -250,6 +250,7 @@ def test_the_cli_speaks_to_a_node_with_keys(keyed, tmp_path, capsys):
 
 
 def test_a_writer_signs_its_heads_and_a_reader_pinning_its_key_checks_them(node_factory, zctx, capsys):
+    import dataclasses
     import json
 
     from protocol.errors import IntegrityError
@@ -273,6 +274,21 @@ def test_a_writer_signs_its_heads_and_a_reader_pinning_its_key_checks_them(node_
     assert cli.main(["--node", addr, "verify", "notes", "--writer-key", writer]) == 0
     assert "signed by its writer up to #5" in capsys.readouterr().out
     assert cli.main(["--node", addr, "verify", "notes", "--writer-key", "nothex"]) == 2
+    capsys.readouterr()
+    # get and proof, end to end against the writer's key: an inclusion proof per entry, under the signed root
+    assert cli.main(["--node", addr, "--json", "get", "notes", "--writer-key", writer]) == 0
+    assert [json.loads(x)["payload"] for x in capsys.readouterr().out.splitlines()] == [f"e{i}" for i in range(5)]
+    assert cli.main(["--node", addr, "get", "notes", "--writer-key", Identity.generate().public_hex]) == 1
+    assert cli.main(["--node", addr, "--json", "proof", "notes", "3", "--writer-key", writer]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["size"] == 5
+    assert cli.main(["--node", addr, "proof", "notes", "3", "--writer-key", Identity.generate().public_hex]) == 1
+    assert cli.main(["--node", addr, "get", "notes", "--fork", "x", "--pin"]) == 2
+    with Client(n.address, zctx=zctx) as c:
+        entries = c.get("notes").entries
+        assert c.check_entries("notes", entries, writer) == 5
+        forged = entries[:2] + [dataclasses.replace(entries[2], hash=entries[3].hash)]
+        with pytest.raises(IntegrityError, match="#3 is not the entry its writer signed"):
+            c.check_entries("notes", forged, writer)
 
 
 def test_with_keys_a_replica_serves_the_head_its_writer_signed_so_a_reader_of_the_replica_checks_it(
