@@ -730,6 +730,7 @@ class Watch:
         max_outage: float | None = None,
         on_event: Callable[[str, str], None] | None = None,
         rcvhwm: int = 100_000,
+        writer_key: bytes | str | None = None,
     ) -> None:
         try:  # a bad name is an error now, not after waiting for a greeting that cannot come
             check_name("context", context, MAX_CONTEXT_BYTES)
@@ -740,6 +741,10 @@ class Watch:
         self.client = client
         self.context = context
         self.key = key
+        # with a writer key, every entry is proven under the head its writer signed (SPEC 13.6)
+        # before it is handed out (`_checked`: up to which seq), an inclusion proof each
+        self.writer_key = writer_key
+        self._checked = 0
         self.max_outage = max_outage
         self.on_event = on_event or (lambda kind, text: None)
         self.heartbeat_s = 1.0
@@ -992,4 +997,9 @@ class Watch:
                 self._refill()
             except Timeout as exc:
                 self._outage(exc.message)
+        if self.writer_key is not None and ready[0].seq > self._checked:
+            # what is ready, proven under the head its writer signed before any of it is handed out
+            batch = list(ready)
+            self.client.check_entries(self.context, batch, self.writer_key)
+            self._checked = batch[-1].seq
         return ready.popleft()

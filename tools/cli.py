@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--after", type=_uint, metavar="N", help="start with the entries after seq N (default: only new ones)")
     w.add_argument("--key", help="only entries with this key")
     w.add_argument("--count", type=_uint, metavar="N", help="stop after printing N entries")
+    w.add_argument("--writer-key", metavar="HEX", help="prove every entry under the head its writer signed with "
+                   "this key before printing it (an inclusion proof each): stop with exit 1 at one that is not")
+    w.add_argument("--pin", action="store_true", help="as `head --pin`: the writer's key pinned on first use")
     w.add_argument("--max-outage", type=_positive_float, metavar="SECONDS",
                    help="give up (exit 1) when the node stays unreachable this long (default: keep trying)")
     return p
@@ -535,7 +538,8 @@ def cmd_watch(c: Client, args: argparse.Namespace, out: Output) -> int:
         sys.stderr.flush()
 
     printed = 0
-    with c.watch(args.context, after=args.after, key=args.key, max_outage=args.max_outage, on_event=note) as w:
+    with c.watch(args.context, after=args.after, key=args.key, max_outage=args.max_outage, on_event=note,
+                 writer_key=_writer_key(args, c)) as w:
         if args.count == 0:
             return EXIT_OK
         for e in w:

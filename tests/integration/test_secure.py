@@ -283,9 +283,22 @@ def test_a_writer_signs_its_heads_and_a_reader_pinning_its_key_checks_them(node_
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["size"] == 5
     assert cli.main(["--node", addr, "proof", "notes", "3", "--writer-key", Identity.generate().public_hex]) == 1
     assert cli.main(["--node", addr, "get", "notes", "--fork", "x", "--pin"]) == 2
+    capsys.readouterr()
+    assert cli.main(["--node", addr, "--json", "watch", "notes", "--after", "0", "--count", "2",
+                     "--writer-key", writer]) == 0
+    assert [json.loads(x)["seq"] for x in capsys.readouterr().out.splitlines()] == [1, 2]
     with Client(n.address, zctx=zctx) as c:
-        entries = c.get("notes").entries
-        assert c.check_entries("notes", entries, writer) == 5
+        # watch too: every entry proven under the writer's signed head before it is handed out
+        with c.watch("notes", after=3, writer_key=writer) as w:
+            it = iter(w)
+            assert [next(it).payload for _ in range(2)] == [b"e3", b"e4"]
+            c.append("notes", "e5")
+            assert next(it).payload == b"e5" and w._checked == 6
+        with c.watch("notes", after=0, writer_key=Identity.generate().public_hex) as w, \
+                pytest.raises(IntegrityError, match="not signed by the writer key"):
+            next(iter(w))
+        entries = c.get("notes").entries[:5]
+        assert c.check_entries("notes", entries, writer) == 6
         forged = entries[:2] + [dataclasses.replace(entries[2], hash=entries[3].hash)]
         with pytest.raises(IntegrityError, match="#3 is not the entry its writer signed"):
             c.check_entries("notes", forged, writer)
