@@ -273,6 +273,7 @@ class ConnectionLimit:
         self.refused = 0
         self.accepted = 0
         self.peak = 0
+        self.handshakes_failed = 0
 
     @property
     def count(self) -> int:
@@ -305,6 +306,12 @@ class ConnectionLimit:
                     self.peak = max(self.peak, self.count)
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 live.discard(fd)
+            elif ev["event"] & sockets.HANDSHAKE_FAILED:
+                self.handshakes_failed += 1
+                if self.handshakes_failed in (1, 10) or not self.handshakes_failed % 1000:
+                    log.warning("%s connection(s) failed the handshake on the %s socket (with keys: a client "
+                                "without a key, with a key not allowlisted, or with another server key than "
+                                "this node's public_key)", self.handshakes_failed, name)
 
     def close(self) -> None:
         for mon in self.monitors:
@@ -316,6 +323,7 @@ class ConnectionLimit:
             "connections": {name: len(fds) for name, fds in self.live.items()},
             "connections_peak": self.peak,
             "connections_refused": self.refused,
+            "handshakes_failed": self.handshakes_failed,
         }
 
 

@@ -87,6 +87,7 @@ MAX_BUFFERED_KEYS = 200_000
 PAGE_BYTES = 4096  # replies this large count toward `outbox_bytes` (pages of entries; sockets.TRACK_MIN)
 SCRUB_EVERY_S = 0.025
 SCRUB_SLICE = 50  # entries per slice: at most 2,000 entries a second, ~0.2 ms of the loop per slice
+SCRUB_PASS_PAUSE_S = 60.0  # after a whole pass: a small store is not re-read 40 times a second
 HOUSEKEEPING_S = 1.0
 
 
@@ -671,7 +672,10 @@ class Core:
             # entries on disk checked against their leaf hashes in the background, a
             # slice at a time (a fraction of a millisecond), so damage nobody reads is found
             self._last_scrub = now
+            passes = self.ledger.scrub_passes
             self.ledger.scrub(SCRUB_SLICE)
+            if self.ledger.scrub_passes != passes:
+                self._last_scrub = now + SCRUB_PASS_PAUSE_S  # every entry checked: the next pass later
         if now - self._last_housekeeping > HOUSEKEEPING_S:
             self._last_housekeeping = now
             self.ledger.expire_loads(now)

@@ -113,6 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except AccessError as exc:
             kv.close()
             return _fail(str(exc))
+    if access is not None and access.peers:
+        bound = access.peers.get(ledger.node_id)
+        if bound is not None and bound != identity.public:
+            kv.close()
+            return _fail(f"--peer-keys binds this node's id {ledger.node_id!r} to {bound.hex()}, but its key "
+                         f"({os.path.join(cfg.data, KEY_FILE)}) is {identity.public_hex}: its peers would refuse it; "
+                         "fix the allowlist or the key file")
+        if bound is None:
+            log.warning("this node's id %r is not in --peer-keys: the other nodes refuse it unless their lists bind "
+                        "it to %s", ledger.node_id, identity.public_hex)
     if new_key and cfg.data != ":memory:":
         log.info("made this node's identity key in %s (public key %s)", os.path.join(cfg.data, KEY_FILE),
                  identity.public_hex)

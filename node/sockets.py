@@ -125,6 +125,12 @@ def xpub(ctx: zmq.Context[Any], host: str, port: int, hwm: int = PUB_HWM,
     return s, _bind(s, host, port)
 
 
+# a connection whose ZMTP handshake failed: with keys, a client without one, with an unknown key
+# (the ZAP handler's 400) or with another server key than this node's
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
 def monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
     """A monitor of `sock`'s accepted and ended connections (each event carries the
     connection's descriptor): how the node counts clients, as ZeroMQ has no
@@ -133,7 +139,7 @@ def monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
     # which would stall every connection during a connection storm while the loop is busy:
     # a deep receive queue here (events are ~100 bytes) instead of pyzmq's default 1,000.
     addr = f"inproc://ledger-monitor-{id(sock)}"
-    sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    sock.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
     mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
     mon.setsockopt(zmq.LINGER, 0)
     mon.setsockopt(zmq.RCVHWM, MONITOR_HWM)

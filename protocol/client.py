@@ -411,7 +411,7 @@ class Client:
                 if client is self:
                     raise
                 raise Timeout(
-                    f"{self.address} sent this append to {fields.get('context')!r}'s writer {writer!r} at "
+                    f"{self.address} sent this append to the writer of {fields.get('context')!r}, {writer!r}, at "
                     f"{client.address}, which did not answer within {client.timeout:g} s (it may be down)",
                     exc.details,
                 ) from None
@@ -487,7 +487,9 @@ class Client:
             return h
         key = parse_public_key(writer_key, "writer key") if isinstance(writer_key, str) else writer_key
         if signed is None:
-            raise IntegrityError(f"{self.address} has no head of {context!r} signed by its writer")
+            raise IntegrityError(f"{self.address} has no head of {context!r} signed by its writer {h.writer!r} (a "
+                                 "replica keeps its writer's signed heads only in a mesh with keys: ask the writer)",
+                                 {"context": context, "writer": h.writer})
         if signed.context != context or not signed.verify(key):
             raise IntegrityError(f"the head of {context!r} at {self.address} is not signed by the writer key "
                                  f"{key.hex()}", {"context": context, "signed_by": signed.key.hex()})

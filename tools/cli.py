@@ -568,6 +568,8 @@ def known_writers_path() -> str:
 def _writer_key(args: argparse.Namespace, c: Client | None = None) -> bytes | None:
     """The writer key to check the context against: `--writer-key`, or with `--pin` the key pinned
     for its writer, learned from the writer's signed head on first use (as SSH's known_hosts)."""
+    if args.writer_key is not None and getattr(args, "pin", False):
+        raise UsageError("--writer-key and --pin exclude each other: give the key, or let --pin find it")
     if args.writer_key is not None:
         try:
             return parse_public_key(args.writer_key, "--writer-key")
@@ -587,6 +589,10 @@ def _writer_key(args: argparse.Namespace, c: Client | None = None) -> bytes | No
         raise UsageError(f"cannot use the known writers file: {exc}") from None
     h = c.head(args.context)
     if h.writer in known:
+        if h.signed is not None and h.signed.key != known[h.writer]:
+            raise IntegrityError(f"the key of writer {h.writer!r} changed: {path} pins {known[h.writer].hex()}, "
+                                 f"the node serves heads signed by {h.signed.key.hex()}; if the writer was given a new "
+                                 "key on purpose, remove its line from that file")
         return known[h.writer]
     if h.signed is None or not h.signed.verify():
         raise IntegrityError(f"{args.context!r}: the node sent no head signed by its writer {h.writer!r}; "

@@ -106,6 +106,8 @@ def test_a_stranger_key_and_a_plain_client_are_refused_at_the_handshake_and_coun
     with keys.client(n, keys.admin, server, zctx=zctx) as a:
         st = a.status()
         assert st["handshakes_refused"] >= 1 and st["handshakes_accepted"] >= 1
+        # every failed handshake is counted, the plain client's and the wrong server key's too
+        wait_for(lambda: a.status()["handshakes_failed"] >= 3, what="the failed handshakes")
     assert "in no allowlist of this node" in n.output()
 
 
@@ -481,3 +483,33 @@ def test_with_keys_a_writer_that_lost_its_tail_leaves_both_signed_histories_on_i
         merkle.verify_consistency(new["size"], old["size"], rec["root"], old["root"], rec["proof"])  # ...proven
         assert "EQUIVOCATION" in n2.output() and c2.call("head", context="notes")["equivocation"]["writer"] == "n1"
         wait_for(lambda: size(c2, "notes") == before + 3, what="n2 to follow n1's new history (17.4)")
+
+
+def test_a_node_whose_key_is_not_the_one_its_peer_list_binds_it_to_refuses_to_start(tmp_path):
+    import subprocess
+    import sys
+
+    peers = tmp_path / "peers.txt"
+    peers.write_text(f"n1 {Identity.generate().public_hex}\n")
+    node_key(tmp_path, "n1")
+    r = subprocess.run([sys.executable, "-m", "node.main", "--id", "n1", "--data", str(tmp_path / "n1"), "--listen",
+                        "127.0.0.1:0", "--peer-keys", str(peers)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2 and "binds this node's id 'n1'" in r.stderr and "its peers would refuse it" in r.stderr
+
+
+def test_pin_mismatch_says_the_writer_key_changed_and_where_it_is_pinned(node_factory, zctx, tmp_path, capsys,
+                                                                        monkeypatch):
+    from tools import cli
+
+    known = tmp_path / "known_writers"
+    monkeypatch.setenv("LEDGER_KNOWN_WRITERS", str(known))
+    n = node_factory()
+    with Client(n.address, zctx=zctx) as c:
+        c.append("notes", "one")
+    addr = n.address.removeprefix("tcp://")
+    known.write_text(f"{n.node_id} {Identity.generate().public_hex}\n")
+    assert cli.main(["--node", addr, "head", "notes", "--pin"]) == 1
+    err = capsys.readouterr().err
+    assert f"the key of writer '{n.node_id}' changed" in err and str(known) in err
+    assert cli.main(["--node", addr, "head", "notes", "--pin", "--writer-key", "ab" * 32]) == 2
+    assert "exclude each other" in capsys.readouterr().err
