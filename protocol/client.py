@@ -475,12 +475,7 @@ class Client:
         one for this context whose root is the node's root at that size; `verified` says up to which
         size (entries past it, if the node holds more, are not yet covered by a signature it has)."""
         r = self.call("head", context=context)
-        signed = None
-        if r.get("signed") is not None:
-            try:
-                signed = heads.from_map(r["signed"])
-            except RemoteProtocolError as exc:
-                raise IntegrityError(f"the node sent a malformed signed head: {exc.message}") from None
+        signed = _signed_of(r)
         h = Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"], r.get("watchers", 0), r.get("fork"),
                  r.get("damaged"), signed)
         if writer_key is None:
@@ -589,14 +584,10 @@ class Client:
         r = self.call("snapshot", context=context, size=size, after=0, limit=codec.MAX_GET_LIMIT)
         size, root = r["size"], r["root"]
         verifier = SnapshotVerifier(context, size, root)
-        signed = None
-        if r.get("signed") is not None:
-            try:
-                signed = heads.from_map(r["signed"])
-            except RemoteProtocolError as exc:
-                raise IntegrityError(f"the node sent a malformed signed head: {exc.message}") from None
-            if (signed.context, signed.size, signed.root) != (context, size, root) or not signed.verify():
-                signed = None  # (a later head with a proof, or a bad one: not what the file can carry)
+        signed = _signed_of(r)
+        if signed is not None and ((signed.context, signed.size, signed.root) != (context, size, root)
+                                   or not signed.verify()):
+            signed = None  # (a later head with a proof, or a bad one: not what the file can carry)
         out.write(encode_header(context, size, root, signed))
         pk = msgpack.Packer(use_bin_type=True)
         while True:
@@ -708,6 +699,16 @@ class Client:
                                      f"size {signed.size}", {"context": context, "size": signed.size})
             out["signed_size"] = signed.size
         return out
+
+
+def _signed_of(reply: Mapping[str, Any]) -> SignedHead | None:
+    """The signed head a `head` or `snapshot` reply carries, if any (SPEC 13.6)."""
+    if reply.get("signed") is None:
+        return None
+    try:
+        return heads.from_map(reply["signed"])
+    except RemoteProtocolError as exc:
+        raise IntegrityError(f"the node sent a malformed signed head: {exc.message}") from None
 
 
 class Watch:
