@@ -417,3 +417,48 @@ def test_with_keys_two_histories_signed_by_one_writer_are_kept_as_its_equivocati
     assert rec["root"] != other.root  # this node's copy at size 2, which the first signed head covers:
     merkle.verify_consistency(2, 3, rec["root"], ctx.signed.root, rec["proof"])  # anyone can check it
     assert "EQUIVOCATION" in caplog.text and m.status(0.0)["equivocations"] == [rec]
+
+
+# -- anti-entropy rounds (issue #15) -----------------------------------------------------------
+
+
+def test_comparisons_with_a_peer_that_has_nothing_for_us_back_off_and_resume_when_one_finds_work():
+    from protocol import digest
+    from protocol.digest import NBUCKETS
+
+    t = Recording()
+    m = mesh(t)
+    for i in range(3):
+        m.ledger.append(codec.Append(f"c{i}", "", b"x", {}))
+    empty = digest.encode([0] * NBUCKETS)  # the peer holds nothing: it is the one catching up
+
+    def beat(now: float) -> int:
+        """A heartbeat from the peer (its digest differs from ours), then our tick; sync_heads sent."""
+        n = len(t.sent)
+        m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now)
+        m.tick(now)
+        return sum(1 for _a, op in t.sent[n:] if op == "sync_heads")
+
+    def answer_rounds(heads: list[list[Any]]) -> None:
+        for rid, (address, op, _fields, _s) in list(m.pending.items()):
+            if op == "sync_heads":
+                m.on_reply(address, {"ok": True, "id": rid, "heads": heads, "more": False}, m.now)
+
+    now = 0.0
+    rounds = []
+    for _ in range(30):
+        rounds.append(beat(now))
+        answer_rounds([])  # nothing to pull from it
+        now += 0.5
+    # a comparison at the first beat, then 2, 4, 8, 16, 16 heartbeats after each empty one ended
+    # (the round ends one beat after it starts here): 4 in 30 beats, not 30
+    starts = [i for i, n in enumerate(rounds) if n]
+    assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == [3, 5, 9, 17][:len(starts) - 1], starts
+    p = m.peers["10.0.0.2:7400"]
+    assert p.idle_rounds >= 4
+    # the peer gets a context we lack: the next comparison finds a pull, and the backoff is gone
+    while not beat(now):
+        now += 0.5
+        m.tick(now)
+    answer_rounds([["new", 5, b"r" * 32, "p", 9]])
+    assert p.pulls and p.idle_rounds == 0 and p.next_round_beat == 0
