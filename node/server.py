@@ -190,13 +190,18 @@ class Server:
         key = self.access.peers.get(p.node_id)
         return curve_public(key) if key is not None else None
 
-    def _may_watch(self, frame: Any, topic: bytes) -> bool:
-        """Whether the subscriber whose subscription `frame` is may watch `topic` (node/access.py)."""
+    def _who(self, frame: Any) -> Principal | None:
+        """The principal of the connection a received frame came over: the user id the ZAP handler
+        gave it (node/zap.py), looked up in the current allowlists (None: a key revoked since)."""
         try:
             user = frame.get("User-Id")
         except zmq.ZMQError:
-            user = None
-        who = self.users.get(user) if user else None
+            return None
+        return self.users.get(user) if user else None
+
+    def _may_watch(self, frame: Any, topic: bytes) -> bool:
+        """Whether the subscriber whose subscription `frame` is may watch `topic` (node/access.py)."""
+        who = self._who(frame)
         if topic.startswith(watch.REPL_PREFIX):
             return may_watch(who, None, replication=True)
         return may_watch(who, watch.context_of_topic(topic), replication=False)
@@ -369,11 +374,7 @@ class Server:
     def _secure_request(self, frames: list[Any], now: float) -> None:
         """A request on a node with keys: served as its sender's principal (node/access.py), the
         user id the ZAP handler gave its connection (None: a key revoked since, refused)."""
-        try:
-            user = frames[-1].get("User-Id")
-        except zmq.ZMQError:
-            user = None
-        who = self.users.get(user) if user else None
+        who = self._who(frames[-1])
         if len(frames[-1]) >= BIG_REQUEST:
             self._big_request(frames, now, who)
         elif not (self.replies.cut and frames[0] in self.replies.cut and self.replies.drop_request(frames[0])):
