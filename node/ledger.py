@@ -636,8 +636,12 @@ class Ledger:
         raw = self._lookup(st.dedup_key(ctx.id, dedup_id))
         if raw is None:
             return None
-        first, count = st.parse_dedup_value(raw)
+        first, count, first_hash = st.parse_dedup_value(raw)
+        if first + count - 1 > ctx.size:
+            return None  # its entries were lost with a crash between the two stores' writes
         blobs = [self.entry_blob(ctx, s) for s in range(first, first + count)]
+        if first_hash is not None and not _unpackb(blobs[0])["hash"].startswith(first_hash):
+            return None  # lost that way, and other entries took their seqs since
         return AppendResult(ctx, blobs, first + count - 1, True)
 
     def _check_expect(self, ctx: ContextState | None, name: str, expect: int | None) -> None:
@@ -702,7 +706,7 @@ class Ledger:
             ctx = self._create(req.context)
         blob = self._add(ctx, req.key, req.payload, req.metadata, lamport, self.now_ns())
         if req.dedup_id is not None:
-            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1)
+            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(ctx.size, 1, blob[-32:])  # the hash ends the map
         return AppendResult(ctx, [blob], ctx.size, False)
 
     def append_batch(self, req: codec.AppendBatch) -> AppendResult:
@@ -774,7 +778,7 @@ class Ledger:
         self._digest_dirty.add(ctx)
         self.entries_total += len(items)
         if req.dedup_id is not None:
-            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(first, len(blobs))
+            self.pending[st.dedup_key(ctx.id, req.dedup_id)] = st.dedup_value(first, len(blobs), hashes[0])
         return AppendResult(ctx, blobs, ctx.size, False)
 
     # -- replicas ------------------------------------------------------------------

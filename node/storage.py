@@ -19,6 +19,21 @@ numeric order):
     b"F" + u32 ctx_id                     msgpack {"name", "writer", "created_ns"}: a history set aside
                                           by a fork (its entries stay under b"E" + ctx_id); the name's
                                           b"C" record then names the history served by default
+
+Two LevelDB stores (format 2; `LevelDBKV` routes each key by its first byte). The entries
+(b"E") live alone in DATA/entries; everything else stays in DATA itself. Why: appends write
+entry keys in increasing order, so each memtable LevelDB flushes covers a key range no older
+table touches and moves down the levels without being rewritten (a "trivial move"). One key
+from another range in the same memtable (a Merkle node, a dedup record, the Lamport
+reservation) makes that flush's range cover every older entry table, and then each compaction
+rewrites them: measured with the node's write pattern for one context (docs/benchmarks.md
+"Storage layout"), 3M appends in one store took write stalls of 3.6 and 7.5 s and wrote 3.45
+bytes per byte stored; with the entries alone, none over 0.1 s up to 10M entries and 2.0 bytes
+per byte (the log, then the table). A batch is written to DATA first, then to DATA/entries:
+a crash between the two leaves Merkle nodes and dedup records ahead of their entries, which
+the node tolerates (nodes are written again when their entries are; a dedup record names the
+first entry's hash and is ignored when that entry is not the one stored). A format-1 folder
+(one store) is moved over at the first start of this version (`migrate`).
 """
 
 from __future__ import annotations
@@ -42,8 +57,11 @@ DEDUP = b"D"
 STAGE = b"S"
 ASIDE = b"F"
 
-FORMAT_VERSION = b"1"
-MAX_OPEN_FILES = 200  # LevelDB's table cache (its default is 1,000); node/clients.py reserves it
+FORMAT_VERSION = b"2"
+ENTRIES_DIR = "entries"  # the entries' own LevelDB, inside the data folder
+MAX_OPEN_FILES = 200  # LevelDB's table caches, both stores (its default is 1,000 each); node/clients.py reserves it
+ENTRY_OPEN_FILES = 160  # of MAX_OPEN_FILES, for the entries' store (most of the tables)
+MIGRATE_BATCH_BYTES = 32 << 20
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +69,7 @@ _u32 = struct.Struct(">I")
 _u32u64 = struct.Struct(">IQ")
 _node = struct.Struct(">IBQ")
 _dedup_val = struct.Struct(">QI")
+DEDUP_HASH_BYTES = 8  # of the first entry's leaf hash, after first seq and count
 
 
 def meta_key(name: str) -> bytes:
@@ -87,13 +106,14 @@ def dedup_key(ctx_id: int, dedup_id: bytes) -> bytes:
     return DEDUP + _u32.pack(ctx_id) + dedup_id
 
 
-def dedup_value(first_seq: int, count: int) -> bytes:
-    return _dedup_val.pack(first_seq, count)
+def dedup_value(first_seq: int, count: int, first_hash: bytes) -> bytes:
+    return _dedup_val.pack(first_seq, count) + first_hash[:DEDUP_HASH_BYTES]
 
 
-def parse_dedup_value(v: bytes) -> tuple[int, int]:
-    first, count = _dedup_val.unpack(v)
-    return first, count
+def parse_dedup_value(v: bytes) -> tuple[int, int, bytes | None]:
+    """(first seq, count, start of the first entry's hash; None in a record of format 1)."""
+    first, count = _dedup_val.unpack_from(v)
+    return first, count, v[_dedup_val.size:] or None
 
 
 def aside_key(ctx_id: int) -> bytes:
@@ -121,6 +141,10 @@ def prefix_end(prefix: bytes) -> bytes:
 
 class StorageLocked(Exception):
     """Another process holds the data folder."""
+
+
+class EntriesMissing(Exception):
+    """A format-2 data folder without its entries' store (DATA/entries)."""
 
 
 class WriteFailed(Exception):
@@ -237,7 +261,9 @@ def _text(exc: BaseException) -> str:
 
 
 class LevelDBKV:
-    """LevelDB through plyvel. One process per folder (LevelDB's LOCK file)."""
+    """LevelDB through plyvel: two stores in one data folder (the entries in DATA/entries,
+    the rest in DATA; see the module's docstring), one process per folder (LevelDB's LOCK
+    files). Every scan and compaction stays within one key prefix, so within one store."""
 
     def __init__(self, path: str, *, create: bool = True, lru_cache_size: int = 8 << 20,
                  max_open_files: int = MAX_OPEN_FILES, verify_checksums: bool = True,
@@ -245,6 +271,7 @@ class LevelDBKV:
         import plyvel  # imported here so MemoryKV users need no LevelDB
 
         self.path = path
+        self.entries_path = os.path.join(path, ENTRIES_DIR)
         self._plyvel: Any = plyvel
         self._corruption = plyvel.CorruptionError
         # every read checks the CRC of the blocks it reads (a flipped byte on disk is an error)
@@ -254,22 +281,100 @@ class LevelDBKV:
         # (LevelDB's default): with it, one damaged block met by a background compaction stops
         # every later write of the node until it is reopened; the reads' checksums, the snapshot
         # path's leaf hashes, the scrub and --check find such damage instead
-        self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 32 << 20, "bloom_filter_bits": 10,
-                         "max_open_files": max_open_files, "paranoid_checks": paranoid_checks}
+        entry_files = max_open_files * ENTRY_OPEN_FILES // MAX_OPEN_FILES
+        self._options = {"lru_cache_size": lru_cache_size, "write_buffer_size": 16 << 20, "bloom_filter_bits": 10,
+                         "max_open_files": max_open_files - entry_files, "paranoid_checks": paranoid_checks}
+        # the entries are read by seq ranges and by one seq: a bloom filter saves a table read
+        # only for a seq that does not exist; memtables of 32 MB make the tables that move down
+        self._entry_options = {**self._options, "write_buffer_size": 32 << 20, "max_open_files": entry_files}
+        self._db: Any = self._open(path, create, self._options)
+        self._edb: Any = None
+        self._compactor: threading.Thread | None = None
         try:
-            self._db: Any = plyvel.DB(path, create_if_missing=create, **self._options)
+            fmt = self._db.get(meta_key("format"))
+            if fmt == FORMAT_VERSION and not os.path.isdir(self.entries_path):
+                raise EntriesMissing(
+                    f"{self.entries_path} is missing: the entries of this data folder are kept there (storage "
+                    "format 2); put it back (a backup), or move the folder away and let this node refill from "
+                    "its peers")
+            if fmt in (None, FORMAT_VERSION) or fmt == b"1":
+                # a new folder, this format, or format 1 (to be migrated): anything else is left
+                # for the ledger to refuse by its format record, without creating a store. A
+                # format-2 folder whose entries' store is gone is refused, not served empty
+                self._edb = self._open(self.entries_path, (create and fmt is None) or fmt == b"1",
+                                       self._entry_options)
+            if fmt == b"1":
+                self.migrate()
+            elif fmt == FORMAT_VERSION:
+                self._drop_stray_entries()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: str, create: bool, options: dict[str, Any]) -> Any:
+        plyvel = self._plyvel
+        try:
+            return plyvel.DB(path, create_if_missing=create, **options)
         except plyvel.IOError as exc:
             text = _text(exc)
             if "lock" in text.lower():
                 raise StorageLocked(text) from None
             raise
-        self._compactor: threading.Thread | None = None
+
+    def migrate(self) -> None:
+        """Format 1 -> 2: copy the entries into their own store, record format 2, then delete
+        them from the first store. Each step is safe to interrupt: an interrupted copy is done
+        again (format is still 1), interrupted deletes are finished at the next start."""
+        db, edb = self._db, self._edb
+        t0 = last = time.monotonic()
+        copied = nbytes = 0
+        log.warning("data folder %r has storage format 1: moving its entries to %s/ (once; progress follows)",
+                    self.path, ENTRIES_DIR)
+        wb = edb.write_batch()
+        pending = 0
+        for k, v in db.iterator(start=ENTRY, stop=prefix_end(ENTRY), verify_checksums=self._verify):
+            wb.put(k, v)
+            pending += len(k) + len(v)
+            copied += 1
+            if pending >= MIGRATE_BATCH_BYTES:
+                wb.write()
+                wb = edb.write_batch()
+                nbytes += pending
+                pending = 0
+                if time.monotonic() - last >= 5:
+                    last = time.monotonic()
+                    log.warning("storage format 1 -> 2: %d entries (%d MB) moved so far", copied, nbytes >> 20)
+        wb.write()
+        edb.write_batch(sync=True).write()  # an empty synced batch: what was copied is on disk
+        db.put(meta_key("format"), FORMAT_VERSION, sync=True)
+        self._drop_stray_entries()
+        log.warning("storage format 1 -> 2: %d entries moved in %.1f s", copied, time.monotonic() - t0)
+
+    def _drop_stray_entries(self) -> None:
+        """Entries left in the first store by a migration that stopped after its copy."""
+        db = self._db
+        if next(db.iterator(start=ENTRY, stop=prefix_end(ENTRY), include_value=False), None) is None:
+            return
+        wb = db.write_batch()
+        n = 0
+        for k in db.iterator(start=ENTRY, stop=prefix_end(ENTRY), include_value=False):
+            wb.delete(k)
+            n += 1
+            if n % 100_000 == 0:
+                wb.write()
+                wb = db.write_batch()
+        wb.write()
+        db.compact_range(start=ENTRY, stop=prefix_end(ENTRY))
+        log.info("removed %d entries of format 1 from the first store (they are in %s/)", n, ENTRIES_DIR)
 
     def _closed(self) -> StorageError:
         return StorageError("storage is being reopened after a write error; try again shortly")
 
+    def _store(self, key: bytes) -> Any:
+        return self._edb if key[:1] == ENTRY else self._db
+
     def get(self, key: bytes) -> bytes | None:
-        db = self._db
+        db = self._store(key)
         if db is None:
             raise self._closed()
         try:
@@ -277,43 +382,59 @@ class LevelDBKV:
         except self._corruption as exc:
             raise Corruption(str(exc)) from None
 
-    def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None:
-        if self._db is None:
+    def _batches(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes], sync: bool) -> list[Any]:
+        """The write batches of the first store and of the entries' store, in the order they
+        must be written (see the module's docstring); a store with nothing to write is left out."""
+        if self._db is None or self._edb is None:
             raise WriteFailed("the storage handle is closed (a reopen after a write error failed)")
-        wb = self._db.write_batch(sync=sync)
-        put = wb.put
+        mb = self._db.write_batch(sync=sync)
+        eb = self._edb.write_batch(sync=sync)
+        mput, eput = mb.put, eb.put
+        m = e = 0
         for k, v in puts:
-            put(k, v)
+            if k[:1] == ENTRY:
+                eput(k, v)
+                e += 1
+            else:
+                mput(k, v)
+                m += 1
         for k in deletes:
-            wb.delete(k)
+            if k[:1] == ENTRY:
+                eb.delete(k)
+                e += 1
+            else:
+                mb.delete(k)
+                m += 1
+        return [b for b, n in ((mb, m), (eb, e)) if n]
+
+    def write(self, puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes] = (), sync: bool = False) -> None:
+        batches = self._batches(puts, deletes, sync)
         try:
-            wb.write()
+            for wb in batches:
+                wb.write()
         except self._plyvel.Error as exc:
             raise WriteFailed(_text(exc)) from None
 
     def prepare(self, puts: Iterable[tuple[bytes, bytes]], sync: bool = False) -> Callable[[], None]:
-        # Building the batch needs the GIL (one Python call per key), so the
+        # Building the batches needs the GIL (one Python call per key), so the
         # caller's thread does it; the returned write runs in C++ with the GIL
         # released, so a flusher thread really works in parallel.
-        if self._db is None:
-            raise WriteFailed("the storage handle is closed (a reopen after a write error failed)")
-        wb = self._db.write_batch(sync=sync)
-        put = wb.put
-        for k, v in puts:
-            put(k, v)
+        batches = self._batches(puts, (), sync)
         error = self._plyvel.Error
 
         def commit() -> None:
             try:
-                wb.write()
+                for wb in batches:
+                    wb.write()
             except error as exc:
                 raise WriteFailed(_text(exc)) from None
         return commit
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        if self._db is None:
+        db = self._store(start)
+        if db is None:
             raise self._closed()
-        it = self._db.iterator(start=start, stop=stop, reverse=reverse, verify_checksums=self._verify)
+        it = db.iterator(start=start, stop=stop, reverse=reverse, verify_checksums=self._verify)
         try:
             yield from it
         except self._corruption as exc:
@@ -322,16 +443,17 @@ class LevelDBKV:
             it.close()
 
     def scan_keys(self, start: bytes, stop: bytes) -> Iterator[bytes]:
-        if self._db is None:
+        db = self._store(start)
+        if db is None:
             raise self._closed()
-        it = self._db.iterator(start=start, stop=stop, include_value=False)
+        it = db.iterator(start=start, stop=stop, include_value=False)
         try:
             yield from it
         finally:
             it.close()
 
     def compact(self, start: bytes, stop: bytes, background: bool = False) -> None:
-        db = self._db
+        db = self._store(start)
         if db is None:
             return  # being reopened: a later compaction gives the space back
         if not background:
@@ -358,20 +480,23 @@ class LevelDBKV:
     def close(self) -> None:
         if self._compactor is not None:
             self._compactor.join()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for name in ("_edb", "_db"):
+            db = getattr(self, name)
+            if db is not None:
+                db.close()
+                setattr(self, name, None)
 
     def ensure_room(self, nbytes: int) -> None:
         # A reopen replays the log into a new table file before it serves, so it needs
         # about the log's size again, on top of the batch that is then written.
         logs = 0
-        for name in os.listdir(self.path):
-            if name.endswith(".log"):
-                try:
-                    logs += os.path.getsize(os.path.join(self.path, name))
-                except OSError:
-                    pass
+        for folder in (self.path, self.entries_path):
+            for name in os.listdir(folder):
+                if name.endswith(".log"):
+                    try:
+                        logs += os.path.getsize(os.path.join(folder, name))
+                    except OSError:
+                        pass
         probe = os.path.join(self.path, "space-probe.tmp")
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -385,6 +510,7 @@ class LevelDBKV:
         self.close()
         try:
             self._db = self._plyvel.DB(self.path, create_if_missing=False, **self._options)
+            self._edb = self._plyvel.DB(self.entries_path, create_if_missing=False, **self._entry_options)
         except self._plyvel.Error as exc:
             raise WriteFailed(f"reopening storage failed: {_text(exc)}") from None
 

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import pytest
 from protocol.client import Client
 from protocol.errors import IntegrityError, Unavailable
 from tests.integration.test_cli import run as cli_run
+from tests.integration.test_identity import run_node
 from tests.integration.test_mesh import converged, mesh, status, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,9 +41,10 @@ def _seeded_payloads(n: int) -> tuple[random.Random, list[bytes]]:
 
 
 def _stop_and_cut_log(n) -> None:
-    """A clean stop, then LevelDB's .log cut to nine tenths (what a lost tail of writes looks like)."""
+    """A clean stop, then the entries' LevelDB .log cut to nine tenths (what a lost tail of writes
+    looks like; DATA/entries is the store of the entries, storage format 2)."""
     assert n.stop() == 0
-    log = _only(str(n.data / "*.log"))
+    log = _only(str(n.data / "entries" / "*.log"))
     os.truncate(log, os.path.getsize(log) * 9 // 10)
 
 
@@ -148,14 +151,14 @@ def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
     _fill(n, zctx, "bad", 200, payload=lambda i: payloads[i])
     _fill(n, zctx, "good", 50)
     assert n.stop() == 0
-    db = plyvel.DB(str(n.data))  # move everything from the .log into .ldb tables
+    db = plyvel.DB(str(n.data / "entries"))  # move everything from the .log into .ldb tables
     db.compact_range()
     db.close()
     # in the middle: the blocks start-up reads (the context records, which share a block with the
     # first entries; a context's last entries) stay sound; damage there is the one-line error of
     # test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback
     # (the first found as is: LevelDB's block compression may, rarely, split one payload)
-    tables = {t: bytearray(open(t, "rb").read()) for t in glob.glob(str(n.data / "*.ldb"))}
+    tables = {t: bytearray(open(t, "rb").read()) for t in glob.glob(str(n.data / "entries" / "*.ldb"))}
     hit = None
     for victim in rng.sample(range(60, 130), 70):
         for table, data in tables.items():
@@ -195,10 +198,10 @@ def test_flipped_byte_in_a_table_is_never_served(node_factory, zctx):
 def _flip_in_tables(n, payloads: list[bytes], candidates) -> int:
     """Compact a stopped node's folder into tables and flip a byte of the first candidate entry's
     payload found as is; returns that entry's index."""
-    db = plyvel.DB(str(n.data))
+    db = plyvel.DB(str(n.data / "entries"))
     db.compact_range()
     db.close()
-    tables = {t: bytearray(open(t, "rb").read()) for t in glob.glob(str(n.data / "*.ldb"))}
+    tables = {t: bytearray(open(t, "rb").read()) for t in glob.glob(str(n.data / "entries" / "*.ldb"))}
     for victim in candidates:
         for table, data in tables.items():
             at = data.find(payloads[victim])
@@ -252,17 +255,17 @@ def test_a_folder_damaged_beyond_reading_gives_one_line_not_a_traceback(node_fac
     _fill(n, zctx, "c", 3000, payload=lambda i: os.urandom(100))
     assert n.stop() == 0
     if damage == "flip_log":
-        log = _only(str(n.data / "*.log"))
+        log = _only(str(n.data / "entries" / "*.log"))
         with open(log, "r+b") as f:
             f.seek(os.path.getsize(log) // 3)
             b = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([b[0] ^ 0xFF]))
     else:
-        db = plyvel.DB(str(n.data))
+        db = plyvel.DB(str(n.data / "entries"))
         db.compact_range()
         db.close()
-        table = _only(str(n.data / "*.ldb"))
+        table = _only(str(n.data / "entries" / "*.ldb"))
         os.truncate(table, os.path.getsize(table) // 2)
     try:
         n.start(timeout=10)
@@ -330,14 +333,14 @@ def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(nod
     with Client(n1.address, zctx=zctx) as c:
         want = c.head("rep")
     assert n2.stop() == 0
-    db = plyvel.DB(str(n2.data))
+    db = plyvel.DB(str(n2.data / "entries"))
     db.compact_range()
     db.close()
     hit = False
     # the last entry: start-up reads its block. Looked for by its middle 32 bytes: block
     # compression may, rarely, cut a payload's first or last bytes into a back-reference
     needle = payloads[199][16:48]
-    for table in glob.glob(str(n2.data / "*.ldb")):
+    for table in glob.glob(str(n2.data / "entries" / "*.ldb")):
         data = bytearray(open(table, "rb").read())
         at = data.find(needle)
         if at >= 0:
@@ -358,3 +361,17 @@ def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(nod
         h = c.head("rep")
         assert (h.size, h.root, h.damaged) == (200, want.root, None)
         assert [e.payload for e in c.get("rep", after=190).entries] == payloads[190:]
+
+
+def test_a_folder_without_its_entries_store_is_refused_in_one_line(node_factory, zctx):
+    """Storage format 2 keeps the entries in DATA/entries: a folder that lost it is refused, by
+    the node and by --check, never started empty (which would hand out its seqs again)."""
+    n = node_factory()
+    _fill(n, zctx, "c", 20)
+    assert n.stop() == 0
+    shutil.rmtree(n.data / "entries")
+    r = run_node("--data", str(n.data), "--listen", "127.0.0.1:0")
+    assert r.returncode == 2 and "entries is missing" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _check(n.data)
+    assert r.returncode == 2 and "entries is missing" in r.stdout + r.stderr
+    assert not (n.data / "entries").exists()
