@@ -51,6 +51,18 @@ peak, after) against the targets p50 <= 5 ms, p99 <= 50 ms, RSS under README's b
   flood_loads                        loads of 1 MiB entries started and never finished
   flood_watchers                     1,000 watchers of the context the second client appends to
 
+Scale (issue #15; only with --scale, never in --quick or the full run; --smoke --scale: tiny sizes):
+  contexts curve                     per N in --scale-contexts: N contexts x 10 entries of 64 B on a
+                                     fresh node; restart (SIGTERM -> status answers), idle RSS, the
+                                     `contexts` listing (first and middle page), an empty node
+                                     catching up (time, heads bytes / data bytes)
+  entries curve                      one context grown by append_batch of 1,000 x 256 B through
+                                     --scale-entries: append rate, write amplification, get_one
+                                     p99, head and proof p50, the longest stall of a head probe
+                                     sent every 20 ms; restart at the largest size
+  Each figure against issue #15's goals (PASS/MISS), and a log-log plot of each over its value
+  at the smallest size (--plot-scale; docs/benchmarks-scale.png by default without --smoke).
+
 Where each part lives (the help above ends before this section):
 
 - `common`: scenario and figure names, sizes (SMOKE, QUICK, FULL), targets;
@@ -60,6 +72,7 @@ Where each part lives (the help above ends before this section):
   watcher helper processes, a mesh of nodes;
 - `registry`: the scenario registry and the interleaved rounds;
 - `scenarios`: one module per family (throughput, watch, mesh, memory, floods);
+- `scale`: the scale curves (`--scale`), their goals, table and plot;
 - `report`, `cli`: percentiles, the report, table and plot; the command line.
 """
 

@@ -8,22 +8,27 @@ is in the report, not the exit code); 1 a node or helper failed; 2 usage; 130 in
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from protocol.errors import LedgerError
 
+from . import scale
 from .common import FLOOD_FIGURES, FULL, OTHER_FIGURES, QUICK, SCENARIOS, SMOKE
 from .echo import echo_server
 from .registry import execute
 from .report import build_report, plot, print_table
 from .watchers import watchers_main
+
+SCALE_PLOT = "docs/benchmarks-scale.png"
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +52,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", metavar="NAMES", help="comma-separated scenario names to run")
     p.add_argument("--no-memory", action="store_true", help="skip the 1,000,000-entry memory/restart run")
     p.add_argument("--workdir", help="where nodes keep their data (default: a temporary folder)")
+    sc = p.add_argument_group("scale curves (issue #15; not part of --quick or the full run)")
+    sc.add_argument("--scale", action="store_true",
+                    help="run the scale curves instead: many contexts, and one context grown large "
+                         "(with --smoke: tiny sizes)")
+    sc.add_argument("--scale-contexts", metavar="N,N,...",
+                    help=f"contexts curve sizes (default {','.join(map(str, scale.DEFAULT_CONTEXTS))}; "
+                         "an empty string skips the curve)")
+    sc.add_argument("--scale-entries", metavar="N,N,...",
+                    help=f"entries curve sizes (default {','.join(map(str, scale.DEFAULT_ENTRIES))}; "
+                         "an empty string skips the curve)")
+    sc.add_argument("--scale-catch-up-timeout", metavar="S", type=float, default=600.0,
+                    help="seconds a catch-up may take before it is reported unfinished (default 600)")
+    sc.add_argument("--plot-scale", metavar="FILE.png",
+                    help=f"log-log plot of the curves (default with --scale, not --smoke: {SCALE_PLOT} "
+                         "when matplotlib is installed)")
     ns = p.parse_args(args)
+    if ns.scale:
+        return _scale_main(p, ns)
+    if ns.scale_contexts is not None or ns.scale_entries is not None or ns.plot_scale:
+        p.error("--scale-contexts, --scale-entries and --plot-scale go with --scale")
     sizes = SMOKE if ns.smoke else QUICK if ns.quick else FULL
     mode_name = "smoke" if ns.smoke else "quick" if ns.quick else "full"
     only = set(ns.only.split(",")) if ns.only else None
@@ -60,26 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-")
     os.makedirs(workdir, exist_ok=True)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwind, so that every process started so far is stopped
-
-    try:
-        old_term = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals alone
-        old_term = None
-    try:
-        res = execute(sizes, workdir, ns.json, only, skip={"memory"} if ns.no_memory else set())
-    except KeyboardInterrupt:
-        print("ledger-bench: interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, LedgerError) as exc:
-        print(f"ledger-bench: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if not ns.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    res, rc = _guarded(lambda: execute(sizes, workdir, ns.json, only, skip={"memory"} if ns.no_memory else set()),
+                       None if ns.workdir else workdir)
+    if res is None:
+        return rc
     report = build_report(res.samples, res.per_round, res.memory, res.notes, mode_name, res.watch, res.mesh,
                           res.floods)
     if ns.json:
@@ -89,3 +97,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.plot:
         plot(report, ns.plot)
     return 0
+
+
+def _guarded(job: Callable[[], T], remove: str | None) -> tuple[T | None, int]:
+    """Run `job` with SIGTERM turned into an interrupt (so that every process started so far is
+    stopped on the way out); (its result, 0), or (None, the exit code) after saying why.
+    `remove`: a folder to delete afterwards."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        old_term = None
+    try:
+        return job(), 0
+    except KeyboardInterrupt:
+        print("ledger-bench: interrupted", file=sys.stderr)
+        return None, 130
+    except (RuntimeError, LedgerError) as exc:
+        print(f"ledger-bench: error: {exc}", file=sys.stderr)
+        return None, 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
+
+
+def _scale_main(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    """`--scale`: the curves of issue #15, their table (or JSON) and plot."""
+    if ns.quick or ns.only or ns.no_memory or ns.plot:
+        p.error("--scale goes with --smoke, --json, --workdir and the --scale-*/--plot-scale flags only")
+    if ns.scale_catch_up_timeout <= 0:
+        p.error("--scale-catch-up-timeout must be positive")
+    try:
+        contexts = _sizes(ns.scale_contexts, scale.SMOKE_CONTEXTS if ns.smoke else scale.DEFAULT_CONTEXTS)
+        entries = _sizes(ns.scale_entries, scale.SMOKE_ENTRIES if ns.smoke else scale.DEFAULT_ENTRIES)
+    except ValueError as exc:
+        p.error(f"--scale-contexts/--scale-entries: {exc}")
+    if not contexts and not entries:
+        p.error("--scale: both curves are skipped")
+    plot_path = ns.plot_scale
+    if plot_path is None and not ns.smoke:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("ledger-bench: no plot: matplotlib is not installed (pip install 'converge-ledger[plot]')",
+                  file=sys.stderr)
+        else:
+            plot_path = SCALE_PLOT if os.path.isdir(os.path.dirname(SCALE_PLOT)) else os.path.basename(SCALE_PLOT)
+    elif plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot-scale needs matplotlib (pip install 'converge-ledger[plot]')")
+    workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-scale-")
+    os.makedirs(workdir, exist_ok=True)
+    report, rc = _guarded(lambda: scale.run_scale(contexts, entries, workdir, False, ns.scale_catch_up_timeout,
+                                                  ns.smoke), None if ns.workdir else workdir)
+    if report is None:
+        return rc
+    if ns.json:
+        print(json.dumps(report))
+    else:
+        scale.print_scale_table(report)
+    if plot_path:
+        scale.plot_scale(report, plot_path)
+        print(f"ledger-bench: plot written to {plot_path}", file=sys.stderr)
+    return 0
+
+
+def _sizes(flag: str | None, default: Sequence[int]) -> list[int]:
+    if flag is None:
+        return list(default)
+    return scale.parse_sizes(flag) if flag.strip() else []
