@@ -102,6 +102,7 @@ CONTEXT_FIGURES = (
 ENTRY_FIGURES = (
     Figure("append_rate", "append_batch rate (last stretch)", "entries/s", ">= 0.8x at smallest",
            _relative(0.8, below=False), cost=False),
+    Figure("segment_rate", "append rate since the last size (stalls in)", "entries/s", cost=False),
     Figure("write_amp", "write amplification", "x", "<= 3", _at_most(3.0)),
     Figure("get_one_p99_us", "get_one p99 (random seqs)", "us", "<= 1.5x at smallest", _relative(1.5)),
     Figure("head_p50_us", "head p50", "us", "<= 1.5x at smallest", _relative(1.5)),
@@ -319,9 +320,11 @@ class StallProbe:
         try:
             while not self._stop.is_set():
                 t = time.perf_counter()
-                try:
-                    d.request({"op": "head", "context": BIG})
-                except (zmq.ZMQError, RuntimeError) as exc:
+                try:  # any reply will do (NOT_FOUND before the first batch): it is the round trip we time
+                    (frame,) = d.frames(1, lambda i: {"op": "head", "context": BIG})
+                    d.s.send(frame)
+                    d.s.recv()
+                except zmq.ZMQError as exc:
                     self.error = str(exc)
                     return
                 self.longest = max(self.longest, time.perf_counter() - t)
@@ -366,17 +369,17 @@ def run_entries(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quie
         stretch: list[tuple[int, float]] = []  # (entries, seconds) of each chunk sent
         t_start = time.monotonic()
         for size in sizes:
-            probe = StallProbe(zctx, node.address) if done else None  # the context exists from the first batch on
+            probe = StallProbe(zctx, node.address)
+            first_chunk = len(stretch)
             while done < size:
                 k = min(10, -(-(size - done) // BATCH))  # requests in this chunk
                 counts = [min(BATCH, size - done - j * BATCH) for j in range(k)]
                 s = d.pipelined(_grow_frames(d, counts), window=GROW_WINDOW)
                 done += sum(counts)
                 stretch.append((sum(counts), s.seconds))
-                if probe is None:
-                    probe = StallProbe(zctx, node.address)
                 _progress(f"scale entries: {done:,} / {sizes[-1]:,} ({time.monotonic() - t_start:.0f} s)", quiet)
-            stall = probe.stop() if probe else 0.0
+            segment_s = sum(sec for _cnt, sec in stretch[first_chunk:])  # time spent sending: stalls count
+            stall = probe.stop()
             n = secs = 0.0
             for cnt, sec in reversed(stretch):
                 n += cnt
@@ -388,6 +391,8 @@ def run_entries(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quie
                 counter = "wchar"  # no block-I/O accounting here (e.g. a tmpfs): bytes passed to write()
             written = io.get(counter, 0) - io0.get(counter, 0)
             row = {"entries": size, "append_rate": round(n / secs, 1) if secs else None,
+                   "segment_rate": round((size - (rows[-1]["entries"] if rows else 0)) / segment_s, 1),
+                   "stall_probes": probe.probes,
                    "write_amp": round(written / (size * entry_bytes), 3), "stall_ms": round(stall * 1e3, 1),
                    "disk_mb": round(dir_bytes(data) / 2**20, 1)}
             row.update(_read_figures(d, size, rng))
@@ -529,7 +534,7 @@ def plot_scale(report: dict[str, Any], path: str) -> None:
             pts = [(s, v) for s, v in zip(sizes, part["normalised"][f.key], strict=True) if v]
             if not pts:
                 continue
-            label = f.label if f.cost else "time per entry (1 / append rate)"
+            label = f.label if f.cost else f"time per entry: 1 / {f.label}"
             verdict = part["goals"][f.key]["verdict"]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     label=label + ("" if verdict == "-" else f" [{verdict}]"))
