@@ -102,7 +102,7 @@ CONTEXT_FIGURES = (
 ENTRY_FIGURES = (
     Figure("append_rate", "append_batch rate (last stretch)", "entries/s", ">= 0.8x at smallest",
            _relative(0.8, below=False), cost=False),
-    Figure("segment_rate", "append rate since the last size (stalls in)", "entries/s", cost=False),
+    Figure("segment_rate", "append rate since the last size, stalls in", "entries/s", cost=False),
     Figure("write_amp", "write amplification", "x", "<= 3", _at_most(3.0)),
     Figure("get_one_p99_us", "get_one p99 (random seqs)", "us", "<= 1.5x at smallest", _relative(1.5)),
     Figure("head_p50_us", "head p50", "us", "<= 1.5x at smallest", _relative(1.5)),
@@ -496,13 +496,14 @@ def print_scale_table(report: dict[str, Any]) -> None:
         if not rows:
             continue
         print()
-        head = f"{curve + ' (' + ('x 10 entries' if curve == 'contexts' else 'in one context') + ')':44s}"
-        print(head + "".join(f"{_size(r[size_key]):>10s}" for r in rows) + "  goal")
+        names = {f.key: f"{f.label} ({f.unit})" for f in CURVES[curve]}
+        w = max(map(len, names.values())) + 1
+        head = f"{curve} ({'x 10 entries' if curve == 'contexts' else 'in one context'})"
+        print(f"{head:{w}s}" + "".join(f"{_size(r[size_key]):>10s}" for r in rows) + "  goal")
         for f in CURVES[curve]:
             g = part["goals"][f.key]
             goal = f"{g['goal']} {g['verdict']}" if g["goal"] else ""
-            print(f"{f.label + ' (' + f.unit + ')':44s}" + "".join(f"{_fmt(r.get(f.key)):>10s}" for r in rows)
-                  + f"  {goal}")
+            print(f"{names[f.key]:{w}s}" + "".join(f"{_fmt(r.get(f.key)):>10s}" for r in rows) + f"  {goal}")
     e = report["entries"]
     if e["rows"]:
         print(f"\nwrite amplification: node {e['write_counter']} / {e['entry_bytes']} bytes per entry appended; "
