@@ -220,3 +220,40 @@ def test_a_newer_format_is_refused_without_creating_a_store(tmp_path):
         make(kv)
     kv.close()
     assert not os.path.exists(os.path.join(data, st.ENTRIES_DIR))
+
+
+# -- reads that do not grow with the size: the upper Merkle nodes stay in RAM -----------------
+
+
+class CountingKV(MemoryKV):
+    def __init__(self) -> None:
+        super().__init__()
+        self.node_levels: list[int] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        if key[:1] == st.NODE:
+            self.node_levels.append(key[5])
+        return super().get(key)
+
+
+def test_a_proof_reads_the_upper_merkle_nodes_from_storage_once():
+    from node.ledger import CACHED_MIN_LEVEL
+    from protocol import merkle
+
+    kv = CountingKV()
+    led = make(kv)
+    n = (1 << 13) + 5
+    for i in range(0, n, 1000):
+        batch(led, [i.to_bytes(4, "big") + bytes([j % 256]) for j in range(min(1000, n - i))])
+    led.flush_sync()
+    root = led.contexts["c1"].frontier.root()
+    reads = []
+    for seq in (1, 2, 3000, 1):
+        kv.node_levels.clear()
+        p = led.proof(codec.Proof("c1", seq))
+        assert merkle.root_from_inclusion(p["leaf"], seq - 1, n, p["path"]) == root
+        reads.append(sorted(lv for lv in kv.node_levels if lv >= CACHED_MIN_LEVEL))
+    # (12, 1) is on the right edge (the frontier, always in RAM); (10, 1) and (11, 1) are read once
+    assert reads[0] == [10, 11]
+    assert reads[1] == reads[3] == []  # ... then from RAM
+    assert reads[2] == [10, 11]  # (10, 3) and (11, 0): another part of the tree
