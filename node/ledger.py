@@ -14,7 +14,6 @@ server turns into error replies with their stable code.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import logging
 import os
@@ -27,6 +26,7 @@ import msgpack
 
 from node import storage as st
 from node.marks import Journal
+from node.sortednames import SortedNames
 from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import bucket_of, digest_item
@@ -170,7 +170,7 @@ class Ledger:
         self.now_ns = now_ns
         self._sync_meta = sync_meta
         self.contexts: dict[str, ContextState] = {}
-        self._names: list[str] = []  # sorted, for paging
+        self._names = SortedNames()  # for paging, in name order
         self.pending: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
         # bytes of entries waiting for storage (pending) and being written (inflight)
@@ -252,12 +252,12 @@ class Ledger:
             except (st.Corruption, InternalError) as exc:
                 ctx = self._unreadable(name, info, node_id, exc)
             self.contexts[name] = ctx
-            self._names.append(name)
             self.entries_total += ctx.size
+        # C records come in UTF-8 byte order, which is str order: already sorted
+        self._names = SortedNames(self.contexts)
         for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
             info = _unpackb(value)
             self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
-        self._names.sort()
         if self.journal is not None:
             self._check_marks(node_id)
         return node_id
@@ -304,7 +304,7 @@ class Ledger:
                 self.pending[st.ctx_key(name)] = _packb(info)
                 self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
                 self.contexts[name] = ctx
-                self._names.append(name)
+                self._names.add(name)
                 self.entries_total += ctx.size
             if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
                 continue
@@ -562,9 +562,7 @@ class Ledger:
         if ctx is None:
             return
         self._by_id.pop(ctx.id, None)
-        i = bisect.bisect_left(self._names, name)
-        if i < len(self._names) and self._names[i] == name:
-            del self._names[i]
+        self._names.discard(name)
         self._digest_dirty.discard(ctx)
         self.pending.pop(st.ctx_key(name), None)
         self._next_ctx, prev = mark
@@ -643,7 +641,7 @@ class Ledger:
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
         self.contexts[name] = ctx
         self._by_id[ctx_id] = ctx
-        bisect.insort(self._names, name)
+        self._names.add(name)
         self._digest_dirty.add(ctx)
         return ctx
 
@@ -887,7 +885,7 @@ class Ledger:
         of `writer`'s history under the name, to be filled by pulls (unless `replace` is
         false: the writer holds no such context any more)."""
         old = self.contexts.pop(name)
-        del self._names[bisect.bisect_left(self._names, name)]
+        self._names.discard(name)
         self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
         contrib = self._contrib.pop(old.id, None)
         if contrib is not None and self._buckets:
@@ -930,24 +928,23 @@ class Ledger:
 
     def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
         """[name, size, root, writer, lamport] of the contexts in `wanted` buckets, in name order, paged."""
-        names = self._names
-        i = 0 if after is None else bisect.bisect_right(names, after)
         out: list[list[Any]] = []
-        while i < len(names) and len(out) < limit:
-            ctx = self.contexts[names[i]]
+        contexts = self.contexts
+        for name in self._names.iter_from(after):
+            if len(out) == limit:
+                return out, True
+            ctx = contexts[name]
             if bucket_of(ctx.name_bytes, nbuckets) in wanted:
                 out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
-            i += 1
-        return out, i < len(names)
+        return out, False
 
     def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
                          writer: str) -> list[str]:
         """Names in `wanted` buckets in (after, upto] (no upper end when None) written by `writer`."""
-        names = self._names
-        i = 0 if after is None else bisect.bisect_right(names, after)
-        j = len(names) if upto is None else bisect.bisect_right(names, upto)
         out = []
-        for name in names[i:j]:
+        for name in self._names.iter_from(after):
+            if upto is not None and name > upto:
+                break
             ctx = self.contexts[name]
             if ctx.writer == writer and bucket_of(ctx.name_bytes, nbuckets) in wanted:
                 out.append(name)
@@ -1085,19 +1082,20 @@ class Ledger:
         if not names:
             return 0
         name, after = self._scrub_at
-        i = bisect.bisect_left(names, name)
-        if i < len(names) and names[i] != name:
+        it = names.iter_from(name, inclusive=True)
+        current = next(it, None)
+        if current != name:
             after = 0  # that context is gone: start the next one from its beginning
         done = 0
         while done < budget:
-            if i >= len(names):
+            if current is None:
                 self.scrub_passes += 1
                 self._scrub_at = ("", 0)
                 break
-            ctx = self.contexts[names[i]]
+            ctx = self.contexts[current]
             last = min(ctx.flushed_seq, after + budget - done)
             if after >= last or ctx.id in self.holes:
-                i += 1
+                current = next(it, None)
                 after = 0
                 continue
             seq = after + 1
@@ -1251,11 +1249,8 @@ class Ledger:
         }
 
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        names = self._names
-        i = 0 if after is None else bisect.bisect_right(names, after)
-        page = names[i:i + limit]
-        out = [{"name": n, "size": self.contexts[n].size} for n in page]
-        return out, i + limit < len(names)
+        page, more = self._names.page(after, limit)
+        return [{"name": n, "size": self.contexts[n].size} for n in page], more
 
     def root_at(self, ctx: ContextState, size: int) -> bytes:
         if size == ctx.size:
