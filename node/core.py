@@ -78,7 +78,7 @@ from protocol.keys import Identity
 
 log = logging.getLogger(__name__)
 
-PEER_OPS = frozenset(("heartbeat", "sync_heads", "ack"))  # requests only nodes send
+PEER_OPS = frozenset(("heartbeat", "sync_heads", "sync_digest", "ack"))  # requests only nodes send
 ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a write before the deadline
 FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the server stops reading requests until the
@@ -221,6 +221,7 @@ class Core:
             "consistency": self.consistency,
             "heartbeat": self.heartbeat,
             "sync_heads": self.sync_heads,
+            "sync_digest": self.sync_digest,
             "ack": self.ack,
         }
 
@@ -397,6 +398,9 @@ class Core:
 
     def sync_heads(self, rq: Request, req: codec.SyncHeads) -> Answer:
         return Reply(codec.encode_reply(rq.id, self.mesh.rpc_sync_heads(req)))
+
+    def sync_digest(self, rq: Request, req: codec.SyncDigest) -> Answer:
+        return Reply(codec.encode_reply(rq.id, {"digests": self.ledger.fine_digest(req.buckets)}))
 
     def contexts(self, rq: Request, req: codec.Contexts) -> Answer:
         items, more = self.ledger.list_contexts(req.after, req.limit)

@@ -15,10 +15,11 @@ server turns into error replies with their stable code.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from node.marks import Journal
 from node.sortednames import SortedNames
 from node.storage import KV
 from protocol import codec, merkle, watch
-from protocol.digest import bucket_of, digest_item
+from protocol.digest import FINE, NBUCKETS, bucket_of, digest_item, fine_buckets
 from protocol.entry import (
     Entry,
     decode_entry,
@@ -70,6 +71,7 @@ STORED_MIN_LEVEL = 3
 # RAM per 10M entries). With them, a proof at 10M entries reads as many nodes from storage as
 # one at 10k (levels 3-9).
 CACHED_MIN_LEVEL = 10
+MAX_MERGED_BUCKETS = 512  # fine buckets merged for a sync_heads; past that, all names are filtered
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
@@ -171,6 +173,10 @@ class Ledger:
         self._sync_meta = sync_meta
         self.contexts: dict[str, ContextState] = {}
         self._names = SortedNames()  # for paging, in name order
+        # the same names by fine digest bucket (protocol.digest.FINE): the heads of a few
+        # buckets are found without going through every name (sync_heads, SPEC 17.2)
+        self._by_fine: dict[int, SortedNames] = {}
+        self._fine: list[int] = []  # the fine digest, kept with the top one (`digest`)
         self.pending: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
         # bytes of entries waiting for storage (pending) and being written (inflight)
@@ -253,8 +259,11 @@ class Ledger:
                 ctx = self._unreadable(name, info, node_id, exc)
             self.contexts[name] = ctx
             self.entries_total += ctx.size
-        # C records come in UTF-8 byte order, which is str order: already sorted
         self._names = SortedNames(self.contexts)
+        fine: dict[int, list[str]] = {}
+        for ctx in self.contexts.values():
+            fine.setdefault(bucket_of(ctx.name_bytes, FINE), []).append(ctx.name)
+        self._by_fine = {f: SortedNames(names) for f, names in fine.items()}
         for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
             info = _unpackb(value)
             self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
@@ -304,7 +313,7 @@ class Ledger:
                 self.pending[st.ctx_key(name)] = _packb(info)
                 self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
                 self.contexts[name] = ctx
-                self._names.add(name)
+                self._index_add(name)
                 self.entries_total += ctx.size
             if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
                 continue
@@ -562,7 +571,7 @@ class Ledger:
         if ctx is None:
             return
         self._by_id.pop(ctx.id, None)
-        self._names.discard(name)
+        self._index_discard(name)
         self._digest_dirty.discard(ctx)
         self.pending.pop(st.ctx_key(name), None)
         self._next_ctx, prev = mark
@@ -641,7 +650,7 @@ class Ledger:
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
         self.contexts[name] = ctx
         self._by_id[ctx_id] = ctx
-        self._names.add(name)
+        self._index_add(name)
         self._digest_dirty.add(ctx)
         return ctx
 
@@ -885,11 +894,13 @@ class Ledger:
         of `writer`'s history under the name, to be filled by pulls (unless `replace` is
         false: the writer holds no such context any more)."""
         old = self.contexts.pop(name)
-        self._names.discard(name)
+        self._index_discard(name)
         self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
         contrib = self._contrib.pop(old.id, None)
         if contrib is not None and self._buckets:
-            self._buckets[bucket_of(old.name_bytes, len(self._buckets))] ^= contrib
+            f = bucket_of(old.name_bytes, FINE)
+            self._buckets[f % len(self._buckets)] ^= contrib
+            self._fine[f] ^= contrib
         self._digest_dirty.discard(old)
         self.aside.setdefault(name, []).append(old)
         self.entries_total -= old.size
@@ -908,45 +919,82 @@ class Ledger:
         ctx = self.contexts.get(name)
         return ctx if ctx is not None and ctx.writer == writer else None
 
-    def digest(self, nbuckets: int) -> list[int]:
+    def _index_add(self, name: str) -> None:
+        self._names.add(name)
+        f = bucket_of(name.encode(), FINE)
+        names = self._by_fine.get(f)
+        if names is None:
+            names = self._by_fine[f] = SortedNames()
+        names.add(name)
+
+    def _index_discard(self, name: str) -> None:
+        self._names.discard(name)
+        f = bucket_of(name.encode(), FINE)
+        names = self._by_fine.get(f)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._by_fine[f]
+
+    def digest(self, nbuckets: int = NBUCKETS) -> list[int]:
         """Per bucket (mmh3 of the name), the XOR of an 8-byte hash of (name, size, root)
-        of its contexts. Updated lazily for the contexts that changed since the last call."""
+        of its contexts. Updated lazily for the contexts that changed since the last call.
+        The fine digest (FINE buckets, `fine_digest`) is kept with it when nbuckets divides FINE."""
         if nbuckets != len(self._buckets):
             self._buckets = [0] * nbuckets
+            self._fine = [0] * FINE
             self._contrib = {}
             self._digest_dirty = set(self.contexts.values())
-        buckets = self._buckets
+        buckets, fine = self._buckets, self._fine
         contrib = self._contrib
         for ctx in self._digest_dirty:
             new = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
             old = contrib.get(ctx.id, 0)
-            b = bucket_of(ctx.name_bytes, nbuckets)
-            buckets[b] ^= old ^ new
+            f = bucket_of(ctx.name_bytes, FINE)
+            buckets[f % nbuckets if FINE % nbuckets == 0 else bucket_of(ctx.name_bytes, nbuckets)] ^= old ^ new
+            fine[f] ^= old ^ new
             contrib[ctx.id] = new
         self._digest_dirty = set()
         return buckets
+
+    def fine_digest(self, tops: Iterable[int]) -> list[bytes]:
+        """For each top bucket (of NBUCKETS), the values of its fine buckets (digest.fine_buckets),
+        8 bytes big-endian each: the reply of `sync_digest` (SPEC 17.2)."""
+        self.digest(NBUCKETS)
+        fine = self._fine
+        return [b"".join(fine[f].to_bytes(8, "big") for f in fine_buckets(b)) for b in tops]
+
+    def _names_in(self, wanted: set[int], nbuckets: int, after: str | None) -> Iterator[str]:
+        """The names in `wanted` buckets after `after`, in order: merged from the fine buckets'
+        indexes when they are few, else filtered from all names."""
+        if FINE % nbuckets == 0 and len(wanted) * (FINE // nbuckets) <= MAX_MERGED_BUCKETS:
+            by_fine = self._by_fine
+            lists = [by_fine[f] for b in wanted for f in range(b, FINE, nbuckets) if f in by_fine]
+            if len(lists) == 1:
+                return lists[0].iter_from(after)
+            return heapq.merge(*(names.iter_from(after) for names in lists))
+        contexts = self.contexts
+        return (n for n in self._names.iter_from(after) if bucket_of(contexts[n].name_bytes, nbuckets) in wanted)
 
     def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
         """[name, size, root, writer, lamport] of the contexts in `wanted` buckets, in name order, paged."""
         out: list[list[Any]] = []
         contexts = self.contexts
-        for name in self._names.iter_from(after):
+        for name in self._names_in(wanted, nbuckets, after):
             if len(out) == limit:
                 return out, True
             ctx = contexts[name]
-            if bucket_of(ctx.name_bytes, nbuckets) in wanted:
-                out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
+            out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
         return out, False
 
     def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
                          writer: str) -> list[str]:
         """Names in `wanted` buckets in (after, upto] (no upper end when None) written by `writer`."""
         out = []
-        for name in self._names.iter_from(after):
+        for name in self._names_in(wanted, nbuckets, after):
             if upto is not None and name > upto:
                 break
-            ctx = self.contexts[name]
-            if ctx.writer == writer and bucket_of(ctx.name_bytes, nbuckets) in wanted:
+            if self.contexts[name].writer == writer:
                 out.append(name)
         return out
 

@@ -64,6 +64,10 @@ MAX_EARLY_BYTES = 32 << 20  # early pushes kept (all contexts) while the gap bef
 RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
 MAX_VERIFYING = 1_000  # contexts whose writer is being asked whether it lost a tail, at once
+# At most this many differing top buckets are narrowed down by `sync_digest` first (their
+# fine digests, 2 KiB each); more differ when one node is far behind, and then asking for their
+# heads at once costs no more than narrowing them down
+MAX_NARROWED = 8
 MAX_IDLE_ROUND_BACKOFF = 16  # heartbeats: longest wait before comparing again with a peer that had nothing for us
 MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once
 MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
@@ -187,7 +191,8 @@ class Peer:
     entries: int = 0
     sent: int = 0
     digest: list[int] = field(default_factory=list)
-    syncing: bool = False  # a sync_heads or pull is under way with this peer
+    syncing: bool = False  # a sync_digest, sync_heads or pull is under way with this peer
+    no_fine: bool = False  # it answered sync_digest with an error (a version without it): top buckets only
     pulls: collections.deque[Pull] = field(default_factory=collections.deque)  # (popped from near the front)
     pulled_entries: int = 0
     subscribed: str | None = None
@@ -687,11 +692,20 @@ class Mesh:
                     self._drop_pulls(p, fields["context"])
                     self._next_pull(p)
                     return
+                if op == "sync_digest":
+                    # a peer of a version without sync_digest (or failing it): the top buckets'
+                    # heads, as before; not asked for fine digests again
+                    p.no_fine = err.get("code") in ("UNKNOWN_OP", "BAD_REQUEST", "FORBIDDEN")
+                    if self._send(p, "sync_heads", {"buckets": fields["buckets"], "nbuckets": NBUCKETS}) is None:
+                        p.syncing = False
+                    return
                 p.syncing = False
                 self._drop_pulls(p)
                 return
             if op == "sync_heads":
                 self._on_heads(p, reply, fields)
+            elif op == "sync_digest":
+                self._on_digest(p, reply, fields)
             elif op == "snapshot":
                 self.stats.pulled_bytes += nbytes
                 self._on_chunk(p, reply, fields)
@@ -927,9 +941,30 @@ class Mesh:
         differ = digest.differing(self.ledger.digest(NBUCKETS), p.digest)
         if not differ:
             return
-        fields = {"buckets": differ, "nbuckets": NBUCKETS}
-        if self._send(p, "sync_heads", fields) is not None:
+        fields: dict[str, Any]
+        if len(differ) <= MAX_NARROWED and not p.no_fine:
+            op, fields = "sync_digest", {"buckets": differ}
+        else:
+            op, fields = "sync_heads", {"buckets": differ, "nbuckets": NBUCKETS}
+        if self._send(p, op, fields) is not None:
             p.syncing = True
+
+    def _on_digest(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        """The fine digests of the top buckets that differed: ask for the heads of the fine
+        buckets that differ (one changed context among 1M: ~30 heads, not ~8,000)."""
+        tops = fields["buckets"]
+        theirs = codec.parse_digest_reply(reply, len(tops))
+        ours = self.ledger.fine_digest(tops)
+        fine = [f for b, mine, other in zip(tops, ours, theirs, strict=True)
+                for f, x, y in zip(digest.fine_buckets(b), digest.decode(mine, digest.SUB) or [], other, strict=True)
+                if x != y]
+        if not fine:
+            # equal by now (pushes arrived meanwhile): nothing to compare
+            p.syncing = False
+            self._end_round(p)
+            return
+        if self._send(p, "sync_heads", {"buckets": fine, "nbuckets": digest.FINE}) is None:
+            p.syncing = False
 
     def _on_heads(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         page = codec.parse_heads_reply(reply)

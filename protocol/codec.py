@@ -25,6 +25,7 @@ import msgpack
 
 from protocol import heads
 from protocol.address import parse_address
+from protocol.digest import NBUCKETS, SUB
 from protocol.entry import (
     MAX_CONTEXT_BYTES,
     MAX_KEY_BYTES,
@@ -193,6 +194,13 @@ class SyncHeads:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncDigest:
+    """Node to node: the fine digests (digest.SUB values each) of these top buckets."""
+
+    buckets: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """Node to node: these contexts of yours are held here up to these sizes."""
 
@@ -201,7 +209,7 @@ class Ack:
 
 
 Request = (Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
-           | Heartbeat | SyncHeads | Ack)
+           | Heartbeat | SyncHeads | SyncDigest | Ack)
 
 
 class Envelope(NamedTuple):
@@ -464,6 +472,7 @@ def _parse_consistency(m: Mapping[str, Any], max_payload: int) -> Consistency:
 
 MAX_PEERS = 1_000
 MAX_DIGEST_BYTES = 1 << 16
+MAX_DIGEST_BUCKETS = 16  # top buckets per `sync_digest` (a reply of 2 KiB each)
 
 
 def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
@@ -513,6 +522,14 @@ def _parse_sync_heads(m: Mapping[str, Any], max_payload: int) -> SyncHeads:
     return SyncHeads(tuple(raw), n, None if a is None else check_name("after", a, MAX_CONTEXT_BYTES))
 
 
+def _parse_sync_digest(m: Mapping[str, Any], max_payload: int) -> SyncDigest:
+    raw = m.get("buckets")
+    if (not isinstance(raw, list) or not 1 <= len(raw) <= MAX_DIGEST_BUCKETS
+            or not all(type(b) is int and 0 <= b < NBUCKETS for b in raw) or len(set(raw)) != len(raw)):
+        raise _bad(f"buckets must be an array of 1 to {MAX_DIGEST_BUCKETS} distinct bucket numbers below {NBUCKETS}")
+    return SyncDigest(tuple(raw))
+
+
 def _parse_ack(m: Mapping[str, Any], max_payload: int) -> Ack:
     raw = m.get("acks")
     if not isinstance(raw, list) or len(raw) > MAX_CONTEXTS_LIMIT:
@@ -539,6 +556,7 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "consistency": _parse_consistency,
     "heartbeat": _parse_heartbeat,
     "sync_heads": _parse_sync_heads,
+    "sync_digest": _parse_sync_digest,
     "ack": _parse_ack,
 }
 
@@ -746,6 +764,15 @@ def parse_heads_reply(m: Mapping[str, Any]) -> HeadsPage:
                 and 0 <= h[1] < U64 and type(h[2]) is bytes and len(h[2]) == 32 and type(h[3]) is str):
             out.append(HeadItem(h[0], h[1], h[2], h[3]))
     return HeadsPage(tuple(out), m.get("more") is True, len(heads) - len(out))
+
+
+def parse_digest_reply(m: Mapping[str, Any], count: int) -> list[list[int]]:
+    """A `sync_digest` reply for `count` top buckets: per bucket, its SUB fine values."""
+    raw = m.get("digests")
+    if (not isinstance(raw, list) or len(raw) != count
+            or not all(type(d) is bytes and len(d) == 8 * SUB for d in raw)):
+        raise _bad(f"sync_digest reply without {count} digests of {8 * SUB} bytes")
+    return [[int.from_bytes(d[i:i + 8], "big") for i in range(0, len(d), 8)] for d in raw]
 
 
 @dataclass(frozen=True, slots=True)

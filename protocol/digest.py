@@ -13,11 +13,21 @@ import hashlib
 import mmh3
 
 NBUCKETS = 128
+# The second level (SPEC 17.2, `sync_digest`): a context's fine bucket is mmh3_32(name) mod FINE;
+# its top bucket is that mod NBUCKETS (NBUCKETS divides FINE). Top bucket b holds the SUB fine
+# buckets b, b + NBUCKETS, b + 2 x NBUCKETS, ... in that order.
+FINE = 32768
+SUB = FINE // NBUCKETS
 DIGEST_PREFIX = b"\x03"
 
 
 def bucket_of(name: bytes, nbuckets: int = NBUCKETS) -> int:
     return int(mmh3.hash(name, 0, signed=False)) % nbuckets
+
+
+def fine_buckets(top: int) -> list[int]:
+    """The fine buckets of top bucket `top`, in the order of a `sync_digest` reply."""
+    return [top + NBUCKETS * k for k in range(SUB)]
 
 
 def digest_item(name: bytes, size: int, root: bytes) -> int:

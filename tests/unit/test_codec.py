@@ -136,6 +136,7 @@ def test_mesh_ops_parse_and_reject_bad_fields():
     assert hb == codec.Heartbeat("n1", "127.0.0.1:7400", "127.0.0.1:7401", "b", 5, 9,
                                  (("n2", "127.0.0.1:7500"),), b"\x00" * 16)
     assert decode(req("sync_heads", buckets=[0, 3], nbuckets=8)).request == codec.SyncHeads((0, 3), 8, None)
+    assert decode(req("sync_digest", buckets=[127, 0])).request == codec.SyncDigest((127, 0))
     assert decode(req("ack", node_id="n", acks=[["c", 3]])).request == codec.Ack("n", (("c", 3),))
     assert decode(req("append", context="c", payload=b"x", replicas=2)).request.replicas == 2
     for bad in (
@@ -147,6 +148,12 @@ def test_mesh_ops_parse_and_reject_bad_fields():
         req("sync_heads", buckets=[8], nbuckets=8),
         req("sync_heads", buckets=[0], nbuckets=0),
         req("sync_heads", buckets="all", nbuckets=8),
+        req("sync_digest", buckets=[]),  # nothing to ask for
+        req("sync_digest", buckets=[128]),  # not a top bucket
+        req("sync_digest", buckets=[-1]),
+        req("sync_digest", buckets=[3, 3]),  # twice: twice the reply for nothing
+        req("sync_digest", buckets=list(range(codec.MAX_DIGEST_BUCKETS + 1))),
+        req("sync_digest", buckets=[1.0]),
         req("ack", node_id="n", acks=[["c"]]),
         req("ack", node_id="n", acks=[["c", -1]]),
         req("append", context="c", replicas=65),
@@ -158,7 +165,7 @@ def test_mesh_ops_parse_and_reject_bad_fields():
 
 def test_every_op_is_covered():
     covered = {"append", "append_batch", "get", "head", "contexts", "status", "ping", "snapshot", "load", "proof",
-               "consistency", "heartbeat", "sync_heads", "ack"}
+               "consistency", "heartbeat", "sync_heads", "sync_digest", "ack"}
     assert set(codec.OPS) == covered
 
 
@@ -486,6 +493,7 @@ def test_request_round_trip_for_every_op():
         "consistency": req("consistency", context="c", first=0),
         "heartbeat": req("heartbeat", node_id="n", address="h:1"),
         "sync_heads": req("sync_heads", buckets=[], nbuckets=1),
+        "sync_digest": req("sync_digest", buckets=[5]),
         "ack": req("ack", node_id="n", acks=[["c", 3]]),
     }
     assert set(frames) == set(REQUEST_TYPES) == set(codec.OPS)
@@ -502,7 +510,7 @@ REQUEST_TYPES = {
     "append": codec.Append, "append_batch": codec.AppendBatch, "get": codec.Get, "head": codec.Head,
     "contexts": codec.Contexts, "status": codec.Status, "ping": codec.Ping, "snapshot": codec.Snapshot,
     "load": codec.Load, "proof": codec.Proof, "consistency": codec.Consistency,
-    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads, "ack": codec.Ack,
+    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads, "sync_digest": codec.SyncDigest, "ack": codec.Ack,
 }
 
 

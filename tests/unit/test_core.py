@@ -281,3 +281,26 @@ def test_without_keys_pulls_need_no_signature():
     r = pull_reply(wcore, 3)
     puller._on_chunk(peer, {k: v for k, v in r.items() if k != "signed"}, {"context": "notes", "size": 3})
     assert puller.ledger.contexts["notes"].size == 3 and puller.stats.unsigned_pulls == 0
+
+
+def test_sync_digest_answers_the_fine_digests_of_the_buckets_asked():
+    from protocol import digest
+
+    core, _ = make_core()
+    ask(core, "append", context="notes", payload=b"x")
+    (r,) = ask(core, "sync_digest", buckets=[46, 0])
+    assert r["ok"] and [len(d) for d in r["digests"]] == [8 * digest.SUB] * 2
+    values = digest.decode(r["digests"][0], digest.SUB) or []
+    k = digest.fine_buckets(46).index(digest.bucket_of(b"notes", digest.FINE))
+    assert values[k] == core.ledger.digest()[46] != 0 and values[:k] + values[k + 1:] == [0] * (digest.SUB - 1)
+    (r,) = ask(core, "sync_digest", buckets=[46, 46])
+    assert r["error"]["code"] == "BAD_REQUEST"
+
+
+def test_every_request_only_nodes_send_is_allowed_to_peer_keys():
+    from node.access import ROLE_OPS
+    from node.core import PEER_OPS
+
+    # a mesh op missing here would be FORBIDDEN between nodes with keys (and silently fall back)
+    assert PEER_OPS <= ROLE_OPS["peer"] and "sync_digest" in PEER_OPS
+    assert not PEER_OPS & (ROLE_OPS["admin"] - ROLE_OPS["peer"])

@@ -433,16 +433,21 @@ def test_comparisons_with_a_peer_that_has_nothing_for_us_back_off_and_resume_whe
     empty = digest.encode([0] * NBUCKETS)  # the peer holds nothing: it is the one catching up
 
     def beat(now: float) -> int:
-        """A heartbeat from the peer (its digest differs from ours), then our tick; sync_heads sent."""
+        """A heartbeat from the peer (its digest differs from ours), then our tick; comparisons
+        started (a few top buckets differ: each starts with sync_digest)."""
         n = len(t.sent)
         m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now)
         m.tick(now)
-        return sum(1 for _a, op in t.sent[n:] if op == "sync_heads")
+        return sum(1 for _a, op in t.sent[n:] if op == "sync_digest")
 
     def answer_rounds(heads: list[list[Any]]) -> None:
-        for rid, (address, op, _fields, _s) in list(m.pending.items()):
-            if op == "sync_heads":
-                m.on_reply(address, {"ok": True, "id": rid, "heads": heads, "more": False}, m.now)
+        while any(op in ("sync_digest", "sync_heads") for _a, op, _f, _s in m.pending.values()):
+            for rid, (address, op, fields, _s) in list(m.pending.items()):
+                if op == "sync_heads":
+                    m.on_reply(address, {"ok": True, "id": rid, "heads": heads, "more": False}, m.now)
+                elif op == "sync_digest":  # the peer holds nothing: every fine bucket is 0
+                    zeros = [bytes(8 * digest.SUB)] * len(fields["buckets"])
+                    m.on_reply(address, {"ok": True, "id": rid, "digests": zeros}, m.now)
 
     now = 0.0
     rounds = []
@@ -462,3 +467,49 @@ def test_comparisons_with_a_peer_that_has_nothing_for_us_back_off_and_resume_whe
         m.tick(now)
     answer_rounds([["new", 5, b"r" * 32, "p", 9]])
     assert p.pulls and p.idle_rounds == 0 and p.next_round_beat == 0
+
+
+def test_one_changed_context_among_thousands_is_found_by_its_fine_bucket():
+    """Two nodes with the same 5,000 contexts; the peer has one more entry in one of them. Our
+    comparison asks the fine digest of the one top bucket that differs (2 KiB), then the heads of
+    the one fine bucket that differs: a head or two, not the ~40 of its top bucket."""
+    from protocol import digest
+
+    t = Recording()
+    m = mesh(t)
+    # the same entries on both sides (same writer, clock and order): a replica in sync
+    m.ledger.now_ns = lambda: 1
+    theirs = Ledger(MemoryKV(), node_id="me", sync_meta=False, now_ns=lambda: 1)
+    for i in range(5000):
+        for led in (m.ledger, theirs):
+            led.append(codec.Append(f"c{i}", "", b"x", {}))
+    theirs.append(codec.Append("c1234", "", b"more", {}))
+    m.rpc_heartbeat(decode_hb(hb_frame(digest=digest.encode(theirs.digest()))), 0.0)
+    m.tick(0.0)
+    asked = [(op, f) for _a, op, f, _s in m.pending.values()]
+    assert asked == [("sync_digest", {"buckets": [digest.bucket_of(b"c1234")]})]
+    rid, (address, _op, fields, _s) = next(iter(m.pending.items()))
+    m.on_reply(address, {"ok": True, "id": rid, "digests": theirs.fine_digest(fields["buckets"])}, 0.0)
+    asked = [(op, f) for _a, op, f, _s in m.pending.values()]
+    assert asked == [("sync_heads", {"buckets": [digest.bucket_of(b"c1234", digest.FINE)], "nbuckets": digest.FINE})]
+    heads, more = theirs.heads_in_buckets({digest.bucket_of(b"c1234", digest.FINE)}, digest.FINE, None, 2000)
+    assert "c1234" in [h[0] for h in heads] and len(heads) <= 3 and not more
+    top, _ = theirs.heads_in_buckets({digest.bucket_of(b"c1234")}, digest.NBUCKETS, None, 2000)
+    assert len(top) > 20  # what one level would have sent
+
+
+def test_a_peer_without_sync_digest_is_compared_by_top_buckets_from_then_on():
+    from protocol import digest
+
+    t = Recording()
+    m = mesh(t)
+    m.ledger.append(codec.Append("c", "", b"x", {}))
+    empty = digest.encode([0] * digest.NBUCKETS)
+    m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), 0.0)
+    m.tick(0.0)
+    rid, (address, op, fields, _s) = next(iter(m.pending.items()))
+    assert op == "sync_digest"
+    m.on_reply(address, {"ok": False, "id": rid, "error": {"code": "UNKNOWN_OP", "message": "unknown op"}}, 0.0)
+    asked = [(op, f) for _a, op, f, _s in m.pending.values()]
+    assert asked == [("sync_heads", {"buckets": fields["buckets"], "nbuckets": digest.NBUCKETS})]
+    assert m.peers[address].no_fine
