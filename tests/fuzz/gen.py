@@ -104,6 +104,7 @@ class Fuzzer:
             "contexts": self._contexts, "status": dict, "ping": dict, "snapshot": self._snapshot,
             "load": self._load, "proof": self._proof, "consistency": self._consistency,
             "heartbeat": self._heartbeat, "sync_heads": self._sync_heads, "ack": self._ack,
+            "sync_digest": self._sync_digest,
         }
         missing = set(codec.PARSERS) - set(self.ops)
         if missing:  # a new op must get a generator here
@@ -387,6 +388,13 @@ class Fuzzer:
                                           [["peerA", 7 if PEER_ADDRESSES_SAFE else self.junk()]]))
         return f
 
+    def _sync_digest(self) -> dict[str, Any]:
+        r = self.rng.random()
+        if r < 0.7:
+            return {"buckets": sorted({self.rng.randrange(NBUCKETS) for _ in range(self.rng.randrange(1, 6))})}
+        return {"buckets": self.rng.choice(([], [NBUCKETS], [-1], [1, 1], list(range(codec.MAX_DIGEST_BUCKETS + 1)),
+                                            [self.junk()], self.junk()))}
+
     def _sync_heads(self) -> dict[str, Any]:
         f: dict[str, Any] = {"nbuckets": self.rng.choice((NBUCKETS, NBUCKETS, 1, 0, 65536, 65537, -1, self.junk()))}
         n = f["nbuckets"] if type(f["nbuckets"]) is int and 0 < f["nbuckets"] <= 65536 else NBUCKETS
@@ -545,6 +553,10 @@ class Fuzzer:
                 heads = self.junk()
             m["heads"] = heads
             self.maybe(m, "more", lambda: self.rng.choice((True, False, self.junk())), 0.3)
+        if op == "sync_digest" or (op is None and self.chance(0.1)):
+            n = len((fields or {}).get("buckets") or [1])
+            m["digests"] = self.rng.choice(([self.rng.randbytes(8 * digest.SUB) for _ in range(n)],
+                                            [bytes(8 * digest.SUB)] * n, [b"\x00" * 7] * n, [], self.junk()))
         if op == "snapshot" or (op is None and self.chance(0.3)):
             ctx = (fields or {}).get("context") or self.rng.choice(self.contexts + self.read_only)
             after = (fields or {}).get("after", sizes.get(ctx, 0))
@@ -632,7 +644,15 @@ class FakeWriter:
         if op == "heartbeat":
             m.update(lamport=self.lamport, boot="w", address=self.address)
         elif op == "sync_heads":
-            m.update(heads=self.heads(), more=False)
+            fine = set(fields.get("buckets", ())) if fields.get("nbuckets") == digest.FINE else None
+            m.update(heads=[h for h in self.heads() if fine is None or digest.bucket_of(h[0].encode(), digest.FINE)
+                            in fine], more=False)
+        elif op == "sync_digest":
+            values = [0] * digest.FINE
+            for c, log in self.logs.items():
+                values[digest.bucket_of(c.encode(), digest.FINE)] ^= digest.digest_item(
+                    c.encode(), len(log), self.root_at(c, len(log)))
+            m.update(digests=[digest.encode([values[f] for f in digest.fine_buckets(b)]) for b in fields["buckets"]])
         elif op == "snapshot" and fields.get("context") in self.logs:
             log = self.logs[fields["context"]]
             size = fields.get("size", len(log))
