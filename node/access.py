@@ -34,7 +34,8 @@ ROLE_OPS: dict[str, frozenset[str]] = {
     "write": READ_OPS | {"append", "append_batch"},
     "admin": READ_OPS | {"append", "append_batch", "load"},
     # a peer: the mesh's own requests (SPEC 17), pulls (snapshot), and what a follower asks its writer
-    "peer": frozenset(("heartbeat", "sync_heads", "sync_digest", "ack", "snapshot", "head", "ping", "status")),
+    "peer": frozenset(("heartbeat", "sync_heads", "sync_digest", "ack", "snapshot", "snapshots", "head", "ping",
+                       "status")),
 }
 CONTEXT_OPS = frozenset(("get", "head", "proof", "consistency", "snapshot", "append", "append_batch", "load"))
 MAX_LINES = 100_000

@@ -78,7 +78,7 @@ from protocol.keys import Identity
 
 log = logging.getLogger(__name__)
 
-PEER_OPS = frozenset(("heartbeat", "sync_heads", "sync_digest", "ack"))  # requests only nodes send
+PEER_OPS = frozenset(("heartbeat", "sync_heads", "sync_digest", "snapshots", "ack"))  # requests only nodes send
 ASYNC_FORCE_FLUSH = 20_000  # pending keys that trigger a write before the deadline
 FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the server stops reading requests until the
@@ -222,6 +222,7 @@ class Core:
             "heartbeat": self.heartbeat,
             "sync_heads": self.sync_heads,
             "sync_digest": self.sync_digest,
+            "snapshots": self.snapshots,
             "ack": self.ack,
         }
 
@@ -440,19 +441,45 @@ class Core:
 
     def snapshot(self, rq: Request, req: codec.Snapshot) -> Answer:
         fields, blobs = self.ledger.snapshot_page(req)
-        size, root = fields["size"], fields["root"]
-        signed = self._signed_at(req.context, size, root)
-        if signed is not None:
-            fields["signed"] = signed  # a replica pulling it keeps it for its own head (SPEC 17.2, 13.6)
-        else:
-            ctx = self.ledger.contexts.get(req.context)
-            if ctx is not None and ctx.signed is not None and ctx.signed.size > size:
-                # the latest head its writer signed, beyond this page, and the proof that the page's
-                # root is a prefix of it: what a node with keys needs before it applies a pull (17.2)
-                fields["signed"] = ctx.signed.to_map()
-                fields["signed_proof"] = self.ledger.consistency(
-                    codec.Consistency(ctx.name, size, ctx.signed.size))["proof"]
+        self._sign_page(req.context, fields)
         return Reply(codec.encode_reply(rq.id, fields, {"entries": blobs}))
+
+    def snapshots(self, rq: Request, req: codec.Snapshots) -> Answer:
+        """Chunks of several contexts in one reply (SPEC 17.2): together at most a reply's
+        bytes; the chunks past that are left out (asked again). A context this node cannot
+        serve is an error item, not a failed reply."""
+        chunks = []
+        used = 0
+        for c in req.chunks:
+            if used >= MAX_REPLY_BYTES:
+                break
+            try:
+                fields, blobs = self.ledger.snapshot_page(c, MAX_REPLY_BYTES - used, at_least_one=used == 0)
+            except LedgerError as exc:
+                chunks.append(codec.encode_map({"context": c.context,
+                                                "error": {"code": exc.code, "message": exc.message}}))
+                continue
+            if not blobs:
+                break  # the reply is full: this chunk and the rest are asked again
+            if req.signed:
+                self._sign_page(c.context, fields)
+            used += sum(len(b) for b in blobs)
+            chunks.append(codec.encode_map(fields, {"entries": blobs}))
+        return Reply(codec.encode_reply(rq.id, {}, {"chunks": chunks}))
+
+    def _sign_page(self, name: str, fields: dict[str, Any]) -> None:
+        """A snapshot page's signed head (SPEC 17.2, 13.6): the writer's, at the page's size."""
+        size, root = fields["size"], fields["root"]
+        signed = self._signed_at(name, size, root)
+        if signed is not None:
+            fields["signed"] = signed  # a replica pulling it keeps it for its own head
+            return
+        ctx = self.ledger.contexts.get(name)
+        if ctx is not None and ctx.signed is not None and ctx.signed.size > size:
+            # the latest head its writer signed, beyond this page, and the proof that the page's
+            # root is a prefix of it: what a node with keys needs before it applies a pull (17.2)
+            fields["signed"] = ctx.signed.to_map()
+            fields["signed_proof"] = self.ledger.consistency(codec.Consistency(ctx.name, size, ctx.signed.size))["proof"]
 
     def _signed_at(self, name: str, size: int, root: bytes) -> dict[str, Any] | None:
         """A head of `name` at exactly (size, root) signed by its writer, when this node has one:

@@ -1312,7 +1312,11 @@ class Ledger:
             raise NotFound(f"context {ctx.name!r} has {ctx.size} entries, not {size}", {"size": ctx.size})
         return size
 
-    def snapshot_page(self, req: codec.Snapshot) -> tuple[dict[str, Any], list[bytes]]:
+    def snapshot_page(self, req: codec.Snapshot, max_bytes: int = MAX_REPLY_BYTES,
+                      at_least_one: bool = True) -> tuple[dict[str, Any], list[bytes]]:
+        """A page of entries and the root at `size`. Entries stop before `max_bytes`; the first
+        one goes even past it when `at_least_one` (a page always moves on), else the page may be
+        empty (a `snapshots` reply whose budget earlier chunks used up)."""
         ctx = self.context(req.context)
         size = self._size_arg(ctx, req.size)
         out: list[bytes] = []
@@ -1321,7 +1325,7 @@ class Ledger:
         last_seen = req.after
         if req.after < size:
             for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last, check_hash=True):
-                if out and nbytes + len(blob) > MAX_REPLY_BYTES:
+                if nbytes + len(blob) > max_bytes and (out or not at_least_one):
                     break
                 out.append(blob)
                 nbytes += len(blob)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -48,7 +48,7 @@ from protocol import codec, digest, heads, merkle, watch
 from protocol.address import parse_address
 from protocol.digest import NBUCKETS
 from protocol.entry import Entry
-from protocol.errors import NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
+from protocol.errors import BAD_REQUEST, NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
 from protocol.heads import SignedHead
 from protocol.lamport import MAX_LAMPORT
 
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 PULL_CHUNK = 2_000  # entries per verified pull chunk: applying one holds the loop ~10 ms
 PULL_WINDOW = 2  # pull chunks' worth of entries in flight to one peer (PULL_WINDOW * PULL_CHUNK)
 MAX_PULL_REQUESTS = 32  # pull requests in flight to one peer (many small contexts at once)
+# chunks of at most SMALL_PULL entries go together, up to codec.MAX_PULL_CHUNKS contexts and
+# GROUP_ENTRIES entries per `snapshots` request: 100,000 contexts of 10 entries were 100,000
+# round trips, each a request, a reply, a signature and a loop turn on both nodes
+SMALL_PULL = 200
+GROUP_ENTRIES = PULL_CHUNK // 2
 # Acks to a writer go out at once when it waits for them (its pushes say `ack`, SPEC 17.5, or the
 # entries came by a pull), else at most this often: they only keep its view of the replicas fresh.
 ACK_LAZY_S = 0.05
@@ -193,6 +198,7 @@ class Peer:
     digest: list[int] = field(default_factory=list)
     syncing: bool = False  # a sync_digest, sync_heads or pull is under way with this peer
     no_fine: bool = False  # it answered sync_digest with an error (a version without it): top buckets only
+    no_group: bool = False  # it answered snapshots with an error (a version without it): one context per pull
     pulls: collections.deque[Pull] = field(default_factory=collections.deque)  # (popped from near the front)
     pulled_entries: int = 0
     subscribed: str | None = None
@@ -692,6 +698,19 @@ class Mesh:
                     self._drop_pulls(p, fields["context"])
                     self._next_pull(p)
                     return
+                if op == "snapshots":
+                    names = [c[0] for c in fields["chunks"]]
+                    if err.get("code") in ("UNKNOWN_OP", "BAD_REQUEST", "FORBIDDEN"):
+                        # a peer of a version without snapshots: its contexts one per request
+                        p.no_group = True
+                        for name in names:
+                            if self.pulling.get(name) == p.address:
+                                del self.pulling[name]
+                    else:
+                        for name in names:
+                            self._drop_pulls(p, name)
+                    self._next_pull(p)
+                    return
                 if op == "sync_digest":
                     # a peer of a version without sync_digest (or failing it): the top buckets'
                     # heads, as before; not asked for fine digests again
@@ -709,6 +728,9 @@ class Mesh:
             elif op == "snapshot":
                 self.stats.pulled_bytes += nbytes
                 self._on_chunk(p, reply, fields)
+            elif op == "snapshots":
+                self.stats.pulled_bytes += nbytes
+                self._on_chunks(p, reply, fields)
         except (LedgerError, RemoteProtocolError) as exc:
             log.warning("replication from %s stopped for now: %s", address, exc)
             p.syncing = False
@@ -793,7 +815,7 @@ class Mesh:
         self.refuse("(push stream)", f"pushed entries of {m.context!r} by {writer!r} ({why})")
         return None
 
-    def _pull_signed(self, p: Peer, name: str, writer: str, end: int, root: bytes, reply: dict[str, Any]) -> bool:
+    def _pull_signed(self, p: Peer, name: str, writer: str, end: int, root: bytes, reply: Mapping[str, Any]) -> bool:
         """With keys, a pull chunk is applied only under a head its writer signed (SPEC 17.2): one at
         exactly (end, root), or a later one with a consistency proof that (end, root) is a prefix of it."""
         key = self.writer_key(writer) if self.writer_key is not None else None
@@ -1206,7 +1228,28 @@ class Mesh:
                 inflight += 1
                 asked += f["limit"]
                 ends.setdefault(f["context"], {})[f["after"]] = f["size"]
+            elif a == p.address and o == "snapshots":
+                inflight += 1
+                for name, after, size in f["chunks"]:
+                    asked += size - after
+                    ends.setdefault(name, {})[after] = size
         budget = PULL_WINDOW * PULL_CHUNK
+        group: list[list[Any]] = []  # small chunks for one `snapshots` request: [context, after, size]
+        grouped = 0
+
+        def send_group() -> bool:
+            nonlocal inflight, group, grouped
+            fields = {"chunks": group, "signed": self.writer_key is not None}
+            ok = self._send(p, "snapshots", fields) is not None
+            if ok:
+                inflight += 1
+            else:  # not sent: nothing of it is in flight
+                for name, _after, _size in group:
+                    if self.pulling.get(name) == p.address:
+                        del self.pulling[name]
+            group, grouped = [], 0
+            return ok
+
         i = 0
         while i < len(p.pulls) and inflight < MAX_PULL_REQUESTS and asked < budget:
             name, target, root = p.pulls[i]
@@ -1227,16 +1270,45 @@ class Mesh:
                 i += 1  # every chunk of it is asked for: the next context meanwhile
                 continue
             end = min(target, start + PULL_CHUNK)
-            fields = {"context": name, "size": end, "after": start, "limit": end - start}
-            if self._send(p, "snapshot", fields) is None:
-                break
+            if end - start <= SMALL_PULL and not p.no_group:
+                group.append([name, start, end])
+                grouped += end - start
+                if len(group) == codec.MAX_PULL_CHUNKS or grouped >= GROUP_ENTRIES:
+                    if not send_group():
+                        break
+            else:
+                fields = {"context": name, "size": end, "after": start, "limit": end - start}
+                if self._send(p, "snapshot", fields) is None:
+                    break
+                inflight += 1
             ends.setdefault(name, {})[start] = end
             self.pulling[name] = p.address
-            inflight += 1
             asked += end - start
-        p.syncing = inflight > 0 or self._in_flight(p, "sync_heads") > 0
+        if group:
+            send_group()
+        p.syncing = inflight > 0 or self._in_flight(p, "sync_heads") > 0 or self._in_flight(p, "sync_digest") > 0
 
     def _on_chunk(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        self._apply_chunk(p, reply, fields)
+        self._next_pull(p)
+
+    def _on_chunks(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
+        """A `snapshots` reply: each chunk as a `snapshot` reply would be; a chunk the peer could
+        not serve drops that context's pull only; chunks left out of a full reply are asked again."""
+        asked = fields["chunks"]
+        for item, (name, after, size) in zip(codec.parse_chunks_reply(reply, len(asked)), asked, strict=False):
+            if "error" in item:
+                err = item["error"] if isinstance(item["error"], dict) else {}
+                log.warning("snapshots to %s: %r failed: %s %s", p.address, name, err.get("code"), err.get("message"))
+                self._drop_pulls(p, name)
+                continue
+            if item.get("context") != name:
+                raise RemoteProtocolError(BAD_REQUEST, f"snapshots reply: chunk of {item.get('context')!r} "
+                                          f"where {name!r} was asked")
+            self._apply_chunk(p, item, {"context": name, "size": size, "after": after, "limit": size - after})
+        self._next_pull(p)
+
+    def _apply_chunk(self, p: Peer, reply: Mapping[str, Any], fields: dict[str, Any]) -> None:
         name = fields["context"]
         end = fields["size"]
         ctx = self.ledger.contexts.get(name)
@@ -1249,7 +1321,6 @@ class Mesh:
             if whole and self.writer_key is not None and not self._pull_signed(p, name, entries[0].writer, end, root,
                                                                                reply):
                 self._drop_pulls(p, name)
-                self._next_pull(p)
                 return
             if whole:
                 applied = self.ledger.apply_replicated(name, entries, root)
@@ -1260,14 +1331,12 @@ class Mesh:
                               "the one its high-water mark recorded; not repairing from it", p.node_id, name)
                     self._diverged[(name, p.address)] = ctx.id
                     self._drop_pulls(p, name)
-                    self._next_pull(p)
                     return
                 if applied is None:
                     # the chunk is sound but does not end at the sender's root: two histories
                     self._drop_pulls(p)
                     p.syncing = False
                     self._fork(p, ctx, end, root, entries[0].writer)
-                    self._next_pull(p)
                     return
                 self.stats.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
@@ -1281,11 +1350,9 @@ class Mesh:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
                 f2 = {"context": name, "size": last, "after": size, "limit": last - size}
-                if self._send(p, "snapshot", f2) is not None:
-                    return
+                self._send(p, "snapshot", f2)
         # (a reply that no longer extends the replica, asked for ahead of one that failed or
         # overtaken by pushes, is dropped: the next request starts from what we hold)
-        self._next_pull(p)
 
     # -- acknowledgements (replicas=N) -------------------------------------------------------
 

@@ -194,6 +194,16 @@ class SyncHeads:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshots:
+    """Node to node: pull chunks of several contexts in one request (SPEC 17.2). Each chunk is
+    a `Snapshot` with `size` the chunk's end and `limit` = size - after; `signed` false: the
+    puller checks no signatures (a node without keys), so none are made for it."""
+
+    chunks: tuple[Snapshot, ...]
+    signed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class SyncDigest:
     """Node to node: the fine digests (digest.SUB values each) of these top buckets."""
 
@@ -209,7 +219,7 @@ class Ack:
 
 
 Request = (Append | AppendBatch | Get | Head | Contexts | Status | Ping | Snapshot | Load | Proof | Consistency
-           | Heartbeat | SyncHeads | SyncDigest | Ack)
+           | Heartbeat | SyncHeads | SyncDigest | Snapshots | Ack)
 
 
 class Envelope(NamedTuple):
@@ -473,6 +483,8 @@ def _parse_consistency(m: Mapping[str, Any], max_payload: int) -> Consistency:
 MAX_PEERS = 1_000
 MAX_DIGEST_BYTES = 1 << 16
 MAX_DIGEST_BUCKETS = 16  # top buckets per `sync_digest` (a reply of 2 KiB each)
+MAX_PULL_CHUNKS = 64  # contexts per `snapshots` request
+MAX_PULL_ENTRIES = MAX_GET_LIMIT  # entries asked by one `snapshots` request, all chunks together
 
 
 def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
@@ -522,6 +534,33 @@ def _parse_sync_heads(m: Mapping[str, Any], max_payload: int) -> SyncHeads:
     return SyncHeads(tuple(raw), n, None if a is None else check_name("after", a, MAX_CONTEXT_BYTES))
 
 
+def _parse_snapshots(m: Mapping[str, Any], max_payload: int) -> Snapshots:
+    raw = m.get("chunks")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PULL_CHUNKS:
+        raise _bad(f"chunks must be an array of 1 to {MAX_PULL_CHUNKS} [context, after, size] items")
+    chunks = []
+    seen: set[str] = set()
+    total = 0
+    for c in raw:
+        if not isinstance(c, list) or len(c) != 3:
+            raise _bad("each chunk must be [context, after, size]")
+        name = check_name("context", c[0], MAX_CONTEXT_BYTES)
+        after, size = c[1], c[2]
+        if type(after) is not int or type(size) is not int or not 0 <= after < size < U64:
+            raise _bad(f"chunk of {name!r}: after and size must be integers with 0 <= after < size < 2^64")
+        if name in seen:
+            raise _bad(f"chunk of {name!r}: a context may be asked once per request")
+        seen.add(name)
+        total += size - after
+        chunks.append(Snapshot(name, size, after, size - after))
+    if total > MAX_PULL_ENTRIES:
+        raise _bad(f"chunks ask for {total} entries; at most {MAX_PULL_ENTRIES} per request")
+    signed = m.get("signed", True)
+    if type(signed) is not bool:
+        raise _bad("signed must be a boolean")
+    return Snapshots(tuple(chunks), signed)
+
+
 def _parse_sync_digest(m: Mapping[str, Any], max_payload: int) -> SyncDigest:
     raw = m.get("buckets")
     if (not isinstance(raw, list) or not 1 <= len(raw) <= MAX_DIGEST_BUCKETS
@@ -557,6 +596,7 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], int], Request]] = {
     "heartbeat": _parse_heartbeat,
     "sync_heads": _parse_sync_heads,
     "sync_digest": _parse_sync_digest,
+    "snapshots": _parse_snapshots,
     "ack": _parse_ack,
 }
 
@@ -670,7 +710,15 @@ def encode_reply(
     """An ok reply. `raw` values are pre-encoded msgpack (a bytes object is
     one value, a list of bytes objects becomes an array of them)."""
     n = 3 + len(fields) + (len(raw) if raw else 0)
-    out = [_map_header(n), _OK_PREFIX, _pack(rid)]
+    return _encode_map([_map_header(n), _OK_PREFIX, _pack(rid)], fields, raw)
+
+
+def encode_map(fields: Mapping[str, Any], raw: Mapping[str, bytes | Sequence[bytes]] | None = None) -> bytes:
+    """A map as `encode_reply` builds one, without the reply's `ok` and `id` (a `snapshots` chunk)."""
+    return _encode_map([_map_header(len(fields) + (len(raw) if raw else 0))], fields, raw)
+
+
+def _encode_map(out: list[bytes], fields: Mapping[str, Any], raw: Mapping[str, bytes | Sequence[bytes]] | None) -> bytes:
     for k, v in fields.items():
         out.append(_pack(k))
         out.append(_pack(v))
@@ -800,6 +848,15 @@ class Chunk:
 
     entries: tuple[Entry, ...]
     root: bytes
+
+
+def parse_chunks_reply(m: Mapping[str, Any], asked: int) -> list[Mapping[str, Any]]:
+    """A `snapshots` reply: one map per chunk asked, in order; fewer when the reply was full (the
+    rest is asked again). Each is a `snapshot` reply's fields or {"context", "error"}."""
+    raw = m.get("chunks")
+    if not isinstance(raw, list) or len(raw) > asked or not all(isinstance(c, dict) for c in raw):
+        raise _bad(f"snapshots reply without an array of at most {asked} chunk maps")
+    return raw
 
 
 def parse_chunk_reply(m: Mapping[str, Any]) -> Chunk:

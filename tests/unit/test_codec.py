@@ -137,6 +137,9 @@ def test_mesh_ops_parse_and_reject_bad_fields():
                                  (("n2", "127.0.0.1:7500"),), b"\x00" * 16)
     assert decode(req("sync_heads", buckets=[0, 3], nbuckets=8)).request == codec.SyncHeads((0, 3), 8, None)
     assert decode(req("sync_digest", buckets=[127, 0])).request == codec.SyncDigest((127, 0))
+    assert decode(req("snapshots", chunks=[["a", 0, 10], ["b", 5, 6]])).request == codec.Snapshots(
+        (codec.Snapshot("a", 10, 0, 10), codec.Snapshot("b", 6, 5, 1)), True)
+    assert not decode(req("snapshots", chunks=[["a", 0, 1]], signed=False)).request.signed
     assert decode(req("ack", node_id="n", acks=[["c", 3]])).request == codec.Ack("n", (("c", 3),))
     assert decode(req("append", context="c", payload=b"x", replicas=2)).request.replicas == 2
     for bad in (
@@ -154,6 +157,16 @@ def test_mesh_ops_parse_and_reject_bad_fields():
         req("sync_digest", buckets=[3, 3]),  # twice: twice the reply for nothing
         req("sync_digest", buckets=list(range(codec.MAX_DIGEST_BUCKETS + 1))),
         req("sync_digest", buckets=[1.0]),
+        req("snapshots", chunks=[]),
+        req("snapshots", chunks=[["a", 0, 1]] * 2),  # a context twice
+        req("snapshots", chunks=[[f"c{i}", 0, 1] for i in range(codec.MAX_PULL_CHUNKS + 1)]),
+        req("snapshots", chunks=[["a", 5, 5]]),  # nothing asked
+        req("snapshots", chunks=[["a", -1, 5]]),
+        req("snapshots", chunks=[["a", 0, 2**64 - 1]]),  # below 2^64, as every u64
+        req("snapshots", chunks=[["a", 0]]),
+        req("snapshots", chunks=[["", 0, 1]]),
+        req("snapshots", chunks=[["a", 0, 6000], ["b", 0, 6000]]),  # past MAX_PULL_ENTRIES together
+        req("snapshots", chunks=[["a", 0, 1]], signed="yes"),
         req("ack", node_id="n", acks=[["c"]]),
         req("ack", node_id="n", acks=[["c", -1]]),
         req("append", context="c", replicas=65),
@@ -165,7 +178,7 @@ def test_mesh_ops_parse_and_reject_bad_fields():
 
 def test_every_op_is_covered():
     covered = {"append", "append_batch", "get", "head", "contexts", "status", "ping", "snapshot", "load", "proof",
-               "consistency", "heartbeat", "sync_heads", "sync_digest", "ack"}
+               "consistency", "heartbeat", "sync_heads", "sync_digest", "snapshots", "ack"}
     assert set(codec.OPS) == covered
 
 
@@ -494,6 +507,7 @@ def test_request_round_trip_for_every_op():
         "heartbeat": req("heartbeat", node_id="n", address="h:1"),
         "sync_heads": req("sync_heads", buckets=[], nbuckets=1),
         "sync_digest": req("sync_digest", buckets=[5]),
+        "snapshots": req("snapshots", chunks=[["c", 0, 3]]),
         "ack": req("ack", node_id="n", acks=[["c", 3]]),
     }
     assert set(frames) == set(REQUEST_TYPES) == set(codec.OPS)
@@ -510,7 +524,8 @@ REQUEST_TYPES = {
     "append": codec.Append, "append_batch": codec.AppendBatch, "get": codec.Get, "head": codec.Head,
     "contexts": codec.Contexts, "status": codec.Status, "ping": codec.Ping, "snapshot": codec.Snapshot,
     "load": codec.Load, "proof": codec.Proof, "consistency": codec.Consistency,
-    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads, "sync_digest": codec.SyncDigest, "ack": codec.Ack,
+    "heartbeat": codec.Heartbeat, "sync_heads": codec.SyncHeads, "sync_digest": codec.SyncDigest,
+    "snapshots": codec.Snapshots, "ack": codec.Ack,
 }
 
 

@@ -304,3 +304,29 @@ def test_every_request_only_nodes_send_is_allowed_to_peer_keys():
     # a mesh op missing here would be FORBIDDEN between nodes with keys (and silently fall back)
     assert PEER_OPS <= ROLE_OPS["peer"] and "sync_digest" in PEER_OPS
     assert not PEER_OPS & (ROLE_OPS["admin"] - ROLE_OPS["peer"])
+
+
+def test_snapshots_answers_several_contexts_with_an_error_item_for_one_it_cannot_serve(monkeypatch):
+    import node.core as core_mod
+
+    core, _ = make_core(identity=Identity.generate())
+    for name in ("a", "b"):
+        ask(core, "append_batch", context=name, entries=[{"payload": bytes([i]) * 100} for i in range(5)])
+    (r,) = ask(core, "snapshots", chunks=[["a", 0, 5], ["nosuch", 0, 1], ["b", 2, 4]], signed=False)
+    a, missing, b = r["chunks"]
+    assert [e["seq"] for e in a["entries"]] == [1, 2, 3, 4, 5] and a["root"] == core.ledger.head("a")["root"]
+    assert missing == {"context": "nosuch", "error": {"code": "NOT_FOUND", "message": "context 'nosuch' does not exist"}}
+    assert [e["seq"] for e in b["entries"]] == [3, 4] and b["size"] == 4 and b["more"] is False
+    assert "signed" not in a  # signed: false, the puller checks none (a node without keys)
+    (r,) = ask(core, "snapshots", chunks=[["a", 0, 5]])
+    assert r["chunks"][0]["signed"]["size"] == 5  # asked for (the default): the writer signs the page's head
+    # the reply's entries stop at a reply's bytes: the first chunk fills it, the second is left out
+    monkeypatch.setattr(core_mod, "MAX_REPLY_BYTES", 300)
+    (r,) = ask(core, "snapshots", chunks=[["a", 0, 5], ["b", 0, 5]], signed=False)
+    assert len(r["chunks"]) == 1 and 1 <= len(r["chunks"][0]["entries"]) < 5 and r["chunks"][0]["more"]
+
+
+def test_snapshots_is_for_nodes_only():
+    from node.access import ROLE_OPS
+
+    assert "snapshots" in ROLE_OPS["peer"] and all("snapshots" not in ROLE_OPS[r] for r in ("read", "write", "admin"))

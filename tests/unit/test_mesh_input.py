@@ -297,9 +297,10 @@ def test_a_snapshot_reply_that_is_not_a_chunk_is_refused(bad):
         codec.parse_chunk_reply({"ok": True, "entries": [], "root": ROOT, **bad})
 
 
-def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork():
+@pytest.mark.parametrize("grouped", [False, True], ids=["snapshot", "snapshots"])
+def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork(grouped):
     """Before the typed replies, a pulled chunk's root of the wrong length reached the root
-    comparison and set the local history aside as a fork."""
+    comparison and set the local history aside as a fork. The same inside a `snapshots` reply."""
     w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
     for i in range(3):
         w.append(codec.Append("c", "", bytes([i]), {}))
@@ -310,12 +311,17 @@ def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork():
         codec.Snapshot(context="c", after=0, limit=1, size=None))[1])])
     p = m.peers["10.0.0.2:7400"]
     p.pulls.append(("c", 3, w.head("c")["root"]))
+    p.no_group = not grouped
     m._next_pull(p)
     rid, (_a, op, fields, _t) = next(iter(m.pending.items()))
-    assert op == "snapshot" and fields["after"] == 1
     page = w.snapshot_page(codec.Snapshot(context="c", after=1, limit=2, size=3))[1]
-    m.on_reply("10.0.0.2:7400", {"ok": True, "id": rid, "node_id": "w", "root": w.head("c")["root"][:31],
-                                 "entries": [decode_entry(b).to_wire() for b in page]}, 1.1)
+    chunk = {"context": "c", "root": w.head("c")["root"][:31], "entries": [decode_entry(b).to_wire() for b in page]}
+    if grouped:
+        assert op == "snapshots" and fields["chunks"] == [["c", 1, 3]] and fields["signed"] is False
+        m.on_reply("10.0.0.2:7400", {"ok": True, "id": rid, "node_id": "w", "chunks": [chunk]}, 1.1)
+    else:
+        assert op == "snapshot" and fields["after"] == 1
+        m.on_reply("10.0.0.2:7400", {"ok": True, "id": rid, "node_id": "w", **chunk}, 1.1)
     assert m.forks == {} and "c" not in m.ledger.aside and m.ledger.contexts["c"].size == 1
 
 

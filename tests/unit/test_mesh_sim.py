@@ -818,6 +818,7 @@ def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
 
     b.request = request  # type: ignore[method-assign]
     m, p = b.mesh, b.mesh.peers[addr("a")]
+    p.no_group = True  # one context per request (a peer without `snapshots`); together: the next test
     p.pulls.clear()
     p.pulls.extend([("x", 1, b""), ("y", 1, b"")])
     m._next_pull(p)
@@ -829,6 +830,52 @@ def test_a_failed_pull_of_one_context_does_not_drop_the_pulls_of_the_others():
     assert [n for n, _t, _r in p.pulls] == ["y"] and m.pulling == {"y": addr("a")} and asked == ["x", "y"]
     run_for(4)
     assert b.ledger.contexts["y"].size == 1  # y's pull went on
+
+
+def test_small_contexts_are_pulled_together_and_one_that_fails_drops_only_its_own_pull():
+    a, b, run_for = formed_pair(25)
+    for name in ("x", "y", "z"):
+        a.append(codec.Append(name, "", b"1", {}))
+    asked: list[tuple[str, Any]] = []
+    real_request = b.request
+
+    def request(address: str, op: str, fields: dict[str, Any]) -> int | None:
+        if op.startswith("snapshot"):
+            asked.append((op, fields.get("chunks") or fields["context"]))
+        return real_request(address, op, fields)
+
+    b.request = request  # type: ignore[method-assign]
+    m, p = b.mesh, b.mesh.peers[addr("a")]
+    p.pulls.clear()
+    p.pulls.extend([("x", 1, b""), ("y", 1, b""), ("z", 1, b"")])
+    m._next_pull(p)
+    assert asked == [("snapshots", [["x", 0, 1], ["y", 0, 1], ["z", 0, 1]])]  # one request for the three
+    rid = next(rid for rid, (_a, op, _f, _t) in m.pending.items() if op == "snapshots")
+    page = a.ledger.snapshot_page(codec.Snapshot("y", 1, 0, 1))
+    y = {**page[0], "entries": [decode_entry(blob).to_wire() for blob in page[1]]}
+    # x: the peer cannot serve it; y: served; z: left out of a full reply
+    m.on_reply(addr("a"), {"ok": True, "id": rid, "node_id": "a",
+                           "chunks": [{"context": "x", "error": {"code": "NOT_FOUND", "message": "no"}}, y]}, b.now)
+    assert b.ledger.contexts["y"].size == 1 and "x" not in b.ledger.contexts
+    assert [n for n, _t, _r in p.pulls] == ["z"] and asked[-1] == ("snapshots", [["z", 0, 1]])  # asked again
+    run_for(4)
+    assert b.ledger.contexts["z"].size == 1
+
+
+def test_a_peer_without_snapshots_is_pulled_from_one_context_per_request():
+    a, b, run_for = formed_pair(26)
+    for name in ("x", "y"):
+        a.append(codec.Append(name, "", b"1", {}))
+    m, p = b.mesh, b.mesh.peers[addr("a")]
+    p.pulls.clear()
+    p.pulls.extend([("x", 1, b""), ("y", 1, b"")])
+    m._next_pull(p)
+    rid = next(rid for rid, (_a, op, _f, _t) in m.pending.items() if op == "snapshots")
+    m.on_reply(addr("a"), {"ok": False, "id": rid, "node_id": "a",
+                           "error": {"code": "UNKNOWN_OP", "message": "unknown op 'snapshots'"}}, b.now)
+    assert p.no_group and sorted(f["context"] for _a, op, f, _t in m.pending.values() if op == "snapshot") == ["x", "y"]
+    run_for(4)
+    assert b.ledger.contexts["x"].size == b.ledger.contexts["y"].size == 1
 
 
 def test_in_sync_durability_a_follower_acks_only_what_is_on_its_disk():
