@@ -104,7 +104,7 @@ class Fuzzer:
             "contexts": self._contexts, "status": dict, "ping": dict, "snapshot": self._snapshot,
             "load": self._load, "proof": self._proof, "consistency": self._consistency,
             "heartbeat": self._heartbeat, "sync_heads": self._sync_heads, "ack": self._ack,
-            "sync_digest": self._sync_digest,
+            "sync_digest": self._sync_digest, "snapshots": self._snapshots,
         }
         missing = set(codec.PARSERS) - set(self.ops)
         if missing:  # a new op must get a generator here
@@ -388,6 +388,22 @@ class Fuzzer:
                                           [["peerA", 7 if PEER_ADDRESSES_SAFE else self.junk()]]))
         return f
 
+    def _snapshots(self) -> dict[str, Any]:
+        f: dict[str, Any] = {}
+        if self.chance(0.8):
+            names = self.rng.sample(self.contexts + self.read_only, self.rng.randrange(1, 4))
+            chunks: Any = []
+            for name in names:
+                after = self.rng.choice((0, 0, 1, self.rng.randrange(1 << 64)))
+                chunks.append([name, after, self.rng.choice((after + 1, after + 5, after, self.uint()))])
+            if self.chance(0.1):
+                chunks.append(self.rng.choice((chunks[0], ["x"], [self.junk(), 0, 1], self.junk())))
+        else:
+            chunks = self.rng.choice(([], [["c", 0, 1]] * (codec.MAX_PULL_CHUNKS + 1), self.junk()))
+        f["chunks"] = chunks
+        self.maybe(f, "signed", lambda: self.rng.choice((True, False, self.junk())), 0.3)
+        return f
+
     def _sync_digest(self) -> dict[str, Any]:
         r = self.rng.random()
         if r < 0.7:
@@ -557,6 +573,21 @@ class Fuzzer:
             n = len((fields or {}).get("buckets") or [1])
             m["digests"] = self.rng.choice(([self.rng.randbytes(8 * digest.SUB) for _ in range(n)],
                                             [bytes(8 * digest.SUB)] * n, [b"\x00" * 7] * n, [], self.junk()))
+        if op == "snapshots" or (op is None and self.chance(0.1)):
+            asked = (fields or {}).get("chunks") or [[self.rng.choice(self.contexts + self.read_only), 0, 3]]
+            items: Any = []
+            for name, after, size in asked:
+                r = self.rng.random()
+                if r < 0.6:
+                    es = self.entries(name, after + 1 if type(after) is int else 1)
+                    items.append({"context": self.rng.choice((name, name, "zz")), "size": size, "entries": es,
+                                  "root": self.rng.choice((b"\x00" * 32, self.junk())), "more": False})
+                elif r < 0.8:
+                    items.append({"context": name, "error": self.rng.choice(({"code": "NOT_FOUND", "message": "x"},
+                                                                            self.junk()))})
+                else:
+                    items.append(self.junk())
+            m["chunks"] = self.rng.choice((items, items, items[:1], items + items, self.junk()))
         if op == "snapshot" or (op is None and self.chance(0.3)):
             ctx = (fields or {}).get("context") or self.rng.choice(self.contexts + self.read_only)
             after = (fields or {}).get("after", sizes.get(ctx, 0))
@@ -664,6 +695,15 @@ class FakeWriter:
                      entries=page, more=after + len(page) < size, next_after=after + len(page))
         elif op == "snapshot":
             return {"v": 1, "id": rid, "ok": False, "error": {"code": "NOT_FOUND", "message": "no such context"}}
+        elif op == "snapshots":
+            chunks = []
+            for name, after, size in fields["chunks"]:
+                one = self.reply(rid, "snapshot", {"context": name, "after": after, "size": size, "limit": size - after})
+                if one.get("ok"):
+                    chunks.append({k: one[k] for k in ("context", "size", "root", "entries", "more", "next_after")})
+                else:
+                    chunks.append({"context": name, "error": one["error"]})
+            m.update(chunks=chunks)
         return m
 
     def heartbeat(self) -> dict[str, Any]:
