@@ -15,6 +15,7 @@ server turns into error replies with their stable code.
 from __future__ import annotations
 
 import collections
+import gc
 import heapq
 import logging
 import os
@@ -72,6 +73,13 @@ STORED_MIN_LEVEL = 3
 # one at 10k (levels 3-9).
 CACHED_MIN_LEVEL = 10
 MAX_MERGED_BUCKETS = 512  # fine buckets merged for a sync_heads; past that, all names are filtered
+# Written by a clean stop (`Ledger.mark_clean`) and removed by the next start: while it is there,
+# and the high-water journal is still the one it names, every `C` record's head is current and
+# start-up takes the heads as they are, reading nothing from the entries' store.
+CLEAN_KEY = st.meta_key("clean")
+# The same mark, written first, in the entries' store (context id 0 is never used): LevelDB's log
+# loses a suffix, so while it is there, nothing written to that store before it was lost.
+CLEAN_ENTRIES_KEY = st.entry_key(0, 0)
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
@@ -88,7 +96,7 @@ class ContextState:
 
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
-        "flushed_seq", "created_ns", "topic", "published_seq", "leaf_names", "signed", "upper",
+        "flushed_seq", "created_ns", "_topic", "published_seq", "leaf_names", "signed", "upper", "hinted",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -104,7 +112,7 @@ class ContextState:
         self.tail: dict[int, tuple[str, bytes]] = {}
         self.flushed_seq = 0
         self.created_ns = created_ns
-        self.topic = watch.topic(name)  # exact-match watch topic
+        self._topic: bytes | None = None
         self.published_seq = 0  # entries up to here were published (or nobody watched them)
         self.leaf_names = leaf_names(self.name_bytes, writer.encode())  # constant part of every leaf hash
         # a replica's latest head signed by the writer (SPEC 13.6; from its pushes, on a node with keys)
@@ -113,6 +121,16 @@ class ContextState:
         # Never stale: the nodes within a context's size do not change while this object serves
         # it (its history only grows; a damaged or forked history gets a new ContextState)
         self.upper: dict[tuple[int, int], bytes] | None = None  # made on first use: most contexts never need it
+        # the size its `C` record's head (size, lamport, frontier) was last written at; -1: none written
+        self.hinted = -1
+
+    @property
+    def topic(self) -> bytes:
+        """Its exact-match watch topic (made on first use: most contexts are never published)."""
+        t = self._topic
+        if t is None:
+            t = self._topic = watch.topic(self.name)
+        return t
 
 
 @dataclass
@@ -202,7 +220,15 @@ class Ledger:
         # contexts whose load commit failed after part of it reached disk: entries past
         # their size are deleted by the next successful write (see write_unwritten)
         self._stale_tails: set[ContextState] = set()
-        self.node_id = self._open(node_id)
+        # Start-up makes a few objects per context and frees none: the cyclic GC would go through
+        # all of them again and again for nothing (a third of the start-up time at 200k contexts)
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            self.node_id = self._open(node_id)
+        finally:
+            if gc_was_on:
+                gc.enable()
         self._writer_packed = packed_str(self.node_id)
 
     # -- start-up ----------------------------------------------------------
@@ -248,22 +274,52 @@ class Ledger:
             log.info("discarding %d staged entries of unfinished loads", len(stale))
             kv.write((), stale, sync=False)
             kv.compact(st.STAGE, st.prefix_end(st.STAGE))
-        if puts:
-            kv.write(puts, sync=self._sync_meta)
+        # After a clean stop every context's head is current (see CLEAN_KEY); after any other,
+        # a head is checked against the entries' store (its last entry there, none after it)
+        clean = kv.get(CLEAN_KEY)
+        trusted = (clean is not None and self.journal is not None and clean == self.journal.open_token
+                   and kv.get(CLEAN_ENTRIES_KEY) == clean)
+        deletes = [CLEAN_KEY, CLEAN_ENTRIES_KEY] if clean is not None else []
+        if puts or deletes:
+            # the mark goes before anything else is written: from here on heads may fall behind
+            kv.write(puts, deletes, sync=self._sync_meta)
+        t0 = time.monotonic()
+        read = 0
         for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
             info = _unpackb(value)
             name = key[1:].decode()
             try:
-                ctx = self._load_ctx(name, info)
+                ctx = self._from_head(name, info, trusted)
+                if ctx is None:
+                    read += 1
+                    ctx = self._load_ctx(name, info)
             except (st.Corruption, InternalError) as exc:
                 ctx = self._unreadable(name, info, node_id, exc)
             self.contexts[name] = ctx
             self.entries_total += ctx.size
+        if self.contexts:
+            log.info("loaded %d contexts in %.2f s (%s; %d read from their entries)", len(self.contexts),
+                     time.monotonic() - t0, "after a clean stop" if trusted else
+                     "after a crash or an older version: heads checked" if clean is None or self.journal is None
+                     else "the high-water journal changed since the clean stop: heads checked"
+                     if clean != self.journal.open_token
+                     else "the entries' store lost writes since the clean stop: heads checked", read)
         self._names = SortedNames(self.contexts)
+        # the name index by fine bucket and the digest, in one pass: a node with many contexts
+        # would otherwise stall its first heartbeat to compute the digest (~3 s at 1M)
         fine: dict[int, list[str]] = {}
+        fine_d = [0] * FINE
+        contrib = self._contrib
         for ctx in self.contexts.values():
-            fine.setdefault(bucket_of(ctx.name_bytes, FINE), []).append(ctx.name)
+            f = bucket_of(ctx.name_bytes, FINE)
+            fine.setdefault(f, []).append(ctx.name)
+            item = contrib[ctx.id] = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
+            fine_d[f] ^= item
         self._by_fine = {f: SortedNames(names) for f, names in fine.items()}
+        self._fine = fine_d
+        self._buckets = [0] * NBUCKETS
+        for f, v in enumerate(fine_d):
+            self._buckets[f % NBUCKETS] ^= v
         for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
             info = _unpackb(value)
             self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
@@ -314,6 +370,7 @@ class Ledger:
                 self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
                 self.contexts[name] = ctx
                 self._index_add(name)
+                self._digest_dirty.add(ctx)
                 self.entries_total += ctx.size
             if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
                 continue
@@ -433,6 +490,42 @@ class Ledger:
         if bad is not None:
             out["bad_seq"] = bad
         return out
+
+    def _from_head(self, name: str, info: dict[str, Any], trusted: bool) -> ContextState | None:
+        """A context from the head in its `C` record, or None when there is none (written by an
+        older version) or it does not describe the entries' store (a crash between the two
+        stores' writes, a write path that does not keep heads): then it is read from the entries."""
+        head = info.get("head")
+        if not (type(head) is list and len(head) == 4):
+            return None
+        size, lamport, nodes, root = head
+        if not (type(size) is int and 0 <= size < 1 << 63 and type(lamport) is int and 0 <= lamport <= MAX_LAMPORT
+                and type(nodes) is bytes and len(nodes) == 32 * size.bit_length()
+                and type(root) is bytes and len(root) == 32):
+            log.warning("context %r: its head record is malformed; reading it from its entries", name)
+            return None
+        cid = info["id"]
+        if not trusted:
+            kv = self.kv
+            if (size and kv.get(_entry_key(cid, size)) is None) or kv.get(_entry_key(cid, size + 1)) is not None:
+                return None
+        ctx = ContextState(name, cid, info["writer"], info.get("created_ns", 0))
+        if size:
+            ctx.size = size
+            ctx.last_lamport = lamport
+            self.clock.observe(lamport)
+            frontier = merkle.Frontier(size, [nodes[i:i + 32] for i in range(0, len(nodes), 32)],
+                                       root if trusted else None)
+            if not trusted and frontier.root() != root:
+                log.warning("context %r: its head record does not hash to its root; reading it from its entries",
+                            name)
+                return None
+            ctx.frontier = frontier
+        ctx.flushed_seq = ctx.published_seq = ctx.hinted = size
+        self._by_id[cid] = ctx
+        if cid >= self._next_ctx:
+            self._next_ctx = cid + 1
+        return ctx
 
     def _load_ctx(self, name: str, info: dict[str, Any]) -> ContextState:
         kv = self.kv
@@ -604,6 +697,7 @@ class Ledger:
             deletes += [k for k, _ in self.kv.scan(st.entry_key(ctx.id, ctx.size + 1), st.prefix_end(p))]
         if not batch and not deletes:
             return {}
+        self._add_heads(batch, dirty)
         if deletes:
             # a write of its own, before the batch: within one batch deletes apply after puts
             self.kv.write((), deletes, sync=False)
@@ -1005,6 +1099,7 @@ class Ledger:
     def take_pending(self) -> tuple[dict[bytes, bytes], dict[ContextState, int]]:
         """Hand the write buffer to the flusher; it stays readable as `inflight`."""
         batch, dirty = self.pending, self._dirty
+        self._add_heads(batch, dirty)
         self.pending = {}
         self._dirty = {}
         self.inflight = batch
@@ -1012,6 +1107,15 @@ class Ledger:
         self.inflight_bytes = self.pending_bytes
         self.pending_bytes = 0
         return batch, dirty
+
+    def _add_heads(self, batch: dict[bytes, bytes], dirty: dict[ContextState, int]) -> None:
+        """The heads of what a batch writes go with it, in the first store (written before the
+        entries' store, so after a crash a head may be ahead of its entries: `_from_head` checks)."""
+        contexts = self.contexts
+        for ctx, seq in dirty.items():
+            if seq == ctx.size and contexts.get(ctx.name) is ctx:
+                batch[st.ctx_key(ctx.name)] = _ctx_record(ctx, seq, ctx.last_lamport, ctx.frontier)
+                ctx.hinted = seq
 
     def marks_job(self, dirty: dict[ContextState, int]) -> tuple[bytes, bytes | None]:
         """The journal records (and a whole rewrite, when due) for a batch of `dirty` contexts,
@@ -1044,6 +1148,27 @@ class Ledger:
             commit()
             j.write(records, sync, rewrite)
         return write
+
+    def mark_clean(self) -> bool:
+        """At a clean stop, once everything is written: bring every head up to date and say so
+        on disk (CLEAN_KEY), so that the next start reads no entries. False (and nothing
+        written) when something is not on disk or storage has failed."""
+        j = self.journal
+        if j is None or self.storage.error is not None or self.pending or self.inflight or self.unwritten():
+            return False
+        stale = [ctx for ctx in self.contexts.values() if ctx.hinted != ctx.size]
+        puts = [(st.ctx_key(c.name), _ctx_record(c, c.size, c.last_lamport, c.frontier)) for c in stale]
+        token = j.current_token()
+        puts.append((CLEAN_KEY, token))
+        try:
+            self.kv.write([(CLEAN_ENTRIES_KEY, token)], sync=True)  # first: see CLEAN_ENTRIES_KEY
+            self.kv.write(puts, sync=True)
+        except st.WriteFailed as exc:
+            log.warning("could not record the clean stop (%s): the next start checks every context's head", exc)
+            return False
+        for c in stale:
+            c.hinted = c.size
+        return True
 
     def close(self) -> None:
         """Make the marks durable (clean shutdown), after the last flush."""
@@ -1553,7 +1678,6 @@ class Ledger:
         # context and their id is never reused.
         moved = {k: v for k in (st.meta_key("next_ctx"), st.ctx_key(ctx.name))
                  if (v := self.pending.pop(k, None)) is not None}
-        record = moved.get(st.ctx_key(ctx.name))
         puts: list[tuple[bytes, bytes]] = [(k, v) for k, v in moved.items() if k[:1] == st.META]
         # RAM changes only once every chunk is on disk: a storage fault leaves the context as it was.
         frontier = ctx.frontier.copy()
@@ -1573,8 +1697,7 @@ class Ledger:
                     self._kv_write(puts)
                     wrote = True
                     puts = []
-            if record is not None:
-                puts.append((st.ctx_key(ctx.name), record))
+            puts.append((st.ctx_key(ctx.name), _ctx_record(ctx, size, last_lamport, frontier)))
             self._kv_write(puts, sync=sync)
         except StorageError:
             if created:
@@ -1586,7 +1709,7 @@ class Ledger:
                     self._stale_tails.add(ctx)
             raise
         ctx.frontier = frontier
-        ctx.size = size
+        ctx.size = ctx.hinted = size
         ctx.last_lamport = last_lamport
         self.entries_total += added
         ctx.flushed_seq = ctx.size  # written above, in storage: servable and publishable
@@ -1611,6 +1734,13 @@ class Ledger:
             except StorageError:
                 self.pending.update(puts)
                 raise
+
+
+def _ctx_record(ctx: ContextState, size: int, lamport: int, frontier: merkle.Frontier) -> bytes:
+    """A context's `C` record with its head: what start-up needs to serve it without reading its
+    entries (SPEC Appendix A). `frontier` is the one of `size` entries."""
+    return _packb({"id": ctx.id, "writer": ctx.writer, "created_ns": ctx.created_ns,
+                   "head": [size, lamport, b"".join(frontier.nodes), frontier.root()]})
 
 
 def _abandoned(exc: StorageError, load_id: str) -> StorageError:

@@ -37,12 +37,19 @@ _nhead = struct.Struct(">cIH")
 _u16 = struct.Struct(">H")
 H_SIZE = _H.size + _crc.size
 MIN_COMPACT_BYTES = 1 << 20
+TOKEN_TAIL = 4096  # bytes at the end of the journal that its token checksums
 SYNC_EVERY_S = 0.1
 
 
 def h_record(ctx_id: int, size: int, root: bytes) -> bytes:
     body = _H.pack(b"H", ctx_id, size, root)
     return body + _crc.pack(zlib.crc32(body))
+
+
+def token(size: int, tail: bytes) -> bytes:
+    """What a clean stop records of the journal (its length and a checksum of its end), so
+    that the next start can tell whether anything (an older version, say) wrote it since."""
+    return b"%d:%08x" % (size, zlib.crc32(tail))
 
 
 def n_record(ctx_id: int, name: str, writer: str) -> bytes:
@@ -107,6 +114,7 @@ class Journal:
         self.need = len(self.marks) * H_SIZE + sum(len(n_record(c, n, w)) for c, (n, w) in self.names.items())
         self._synced = 0.0
         self.torn = len(data) - good
+        self.open_token = token(good, data[max(0, good - TOKEN_TAIL):good])
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self.torn:
@@ -177,6 +185,15 @@ class Journal:
             if now - self._synced >= SYNC_EVERY_S:
                 os.fdatasync(self._fd)
                 self._synced = now
+
+    def current_token(self) -> bytes:
+        """`token` of the journal as it is now (after the last write of a clean stop)."""
+        with self._lock:
+            start = max(0, self.bytes - TOKEN_TAIL)
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                tail = f.read(self.bytes - start)
+        return token(self.bytes, tail)
 
     def close(self) -> None:
         with self._lock:

@@ -476,6 +476,8 @@ class Server:
         self.flusher.join(timeout=30)
         self._collect_done()
         self._final_write()
+        if self.ledger.mark_clean():
+            log.info("stopped cleanly: the next start reads no entries")
         core.settle(time.monotonic())
         core.refuse_waiting()  # what the last write could not make durable
         self._send_replies()

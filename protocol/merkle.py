@@ -256,10 +256,10 @@ class Frontier:
 
     __slots__ = ("size", "nodes", "_root")
 
-    def __init__(self, size: int = 0, nodes: list[bytes] | None = None) -> None:
+    def __init__(self, size: int = 0, nodes: list[bytes] | None = None, root: bytes | None = None) -> None:
         self.size = size
         self.nodes: list[bytes] = nodes if nodes is not None else []
-        self._root: bytes | None = None
+        self._root: bytes | None = root  # the caller vouches for it (a stored head), else computed
 
     @classmethod
     def load(cls, size: int, get: GetNode) -> Frontier:

@@ -295,3 +295,23 @@ def test_client_aborts_a_load_whose_file_turns_out_corrupt(node_factory, zctx, t
         s = c.status()
         assert s["loads_in_progress"] == 0  # aborted, not left to expire
         assert s["contexts"] == 0
+
+
+def test_a_clean_stop_lets_the_next_start_skip_the_entries_and_a_kill_does_not(node_factory, zctx):
+    n = node_factory("--durability", "sync")  # an acknowledged append is on disk before the kill
+    with Client(n.address, zctx=zctx) as c:
+        for i in range(30):
+            c.append(f"ctx{i % 3}", f"p{i}")
+        heads = {f"ctx{i}": c.head(f"ctx{i}") for i in range(3)}
+    assert n.stop() == 0
+    n.start()
+    assert "loaded 3 contexts" in n.output() and "after a clean stop" in n.output()
+    with Client(n.address, zctx=zctx) as c:
+        assert {name: c.head(name) for name in heads} == heads
+        c.append("ctx0", "more")
+        heads["ctx0"] = c.head("ctx0")
+    n.kill()
+    n.start()
+    assert "heads checked" in n.output() and "after a clean stop" not in n.output()
+    with Client(n.address, zctx=zctx) as c:
+        assert {name: c.head(name) for name in heads} == heads
