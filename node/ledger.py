@@ -1296,6 +1296,18 @@ class Ledger:
             **({"damaged": d} if (d := self.damage(ctx)) is not None else {}),
         }
 
+    def lamport_at(self, ctx: ContextState, seq: int) -> int:
+        """The lamport of entry `seq` (0 for seq 0): what a head at size `seq` carries, so that
+        its size, root and lamport describe one prefix (SPEC 16.3). O(1) at the context's size;
+        below it (a sync node's watch head, whose size stops at what is on disk) one read,
+        from the hot tail as a rule: entries past the flushed size are never evicted."""
+        if seq <= 0:
+            return 0
+        if seq == ctx.size:
+            return ctx.last_lamport
+        lamport: int = _unpackb(self.entry_blob(ctx, seq))["lamport"]
+        return lamport
+
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         page, more = self._names.page(after, limit)
         return [{"name": n, "size": self.contexts[n].size} for n in page], more
