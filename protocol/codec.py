@@ -362,10 +362,14 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         p = it.get("payload")
         md = it.get("metadata")
         if (type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii() and type(p) is bytes
-                and len(p) <= max_payload and (md is None or (type(md) is dict and not md))):
-            add((k, p, {}))  # fast path: plainly valid
+                and len(p) <= max_payload and (md is None or (type(md) is dict and not md))
+                and len(it) == 1 + ("key" in it) + ("metadata" in it)):
+            add((k, p, {}))  # fast path: plainly valid, and no other key (a bin b"key" among them)
             total += len(p)
             continue
+        for x in it:
+            if type(x) is not str:
+                raise _bad(f"entries[{i}]: map keys must be strings, got {type(x).__name__} key {x!r:.40}")
         try:
             p = _payload(it.get("payload"), max_payload)
             item = BatchItem(_key(it.get("key")), p, check_metadata(it.get("metadata")))
@@ -661,6 +665,10 @@ def unpack_request(frame: bytes | memoryview) -> dict[str, Any]:
 def parse_request(m: dict[str, Any], max_payload: int) -> Envelope:
     """A decoded map to an Envelope, validating every field."""
     rid = _check_id(m.get("id"))
+    for k in m:
+        if type(k) is not str:
+            # a bin "expect_seq" would otherwise be an unknown key, ignored: an append without its check
+            raise _bad(f"request map keys must be strings, got {type(k).__name__} key {k!r:.40}")
     v = m.get("v")
     if type(v) is not int:
         raise _bad("missing or non-integer protocol version 'v'")
