@@ -221,3 +221,17 @@ def test_nil_id_replies_come_in_request_order_among_pipelined_replies(node, zctx
         assert ids == [1, None, None, 3, None, 4]
     finally:
         s.close(linger=0)
+
+
+def test_proto_metadata_keys_and_utf8_byte_order(client):
+    """14.1: `__proto__` is a legal metadata key, kept and hashed like any other; context names
+    page by UTF-8 bytes (U+1F642 after U+FF5E, unlike a UTF-16 sort)."""
+    e = client.append("\uff5e", b"p", metadata={"__proto__": "x", "constructor": "y"})
+    e.verify()
+    assert e.metadata == {"__proto__": "x", "constructor": "y"}
+    (got,) = client.get("\uff5e").entries
+    assert got.hash == e.hash and got.metadata == e.metadata
+    client.append("\U0001f642", b"q")
+    names = [c["name"] for c in client.contexts()]
+    assert names == sorted(names, key=str.encode) == ["\uff5e", "\U0001f642"]
+    assert sorted(names, key=lambda n: n.encode("utf-16-be")) != names  # what a UTF-16 sort would give
