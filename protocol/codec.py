@@ -362,14 +362,10 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
         p = it.get("payload")
         md = it.get("metadata")
         if (type(k) is str and len(k) <= MAX_KEY_BYTES and k.isascii() and type(p) is bytes
-                and len(p) <= max_payload and (md is None or (type(md) is dict and not md))
-                and len(it) == 1 + ("key" in it) + ("metadata" in it)):
-            add((k, p, {}))  # fast path: plainly valid, and no other key (a bin b"key" among them)
+                and len(p) <= max_payload and (md is None or (type(md) is dict and not md))):
+            add((k, p, {}))  # fast path: plainly valid
             total += len(p)
             continue
-        for x in it:
-            if type(x) is not str:
-                raise _bad(f"entries[{i}]: map keys must be strings, got {type(x).__name__} key {x!r:.40}")
         try:
             p = _payload(it.get("payload"), max_payload)
             item = BatchItem(_key(it.get("key")), p, check_metadata(it.get("metadata")))
@@ -377,6 +373,13 @@ def _parse_batch(m: Mapping[str, Any], max_payload: int) -> AppendBatch:
             raise RemoteProtocolError(e.code, f"entries[{i}]: {e.message}", e.details) from None
         total += len(p)
         items.append(item)
+    # Every key a str (SPEC 5.1): a bin b"key" read as an unknown key would be dropped silently.
+    # One pass in C over all the items' keys (~20 ns an item; a check per item cost twice that).
+    if any(type(x) is not str for x in set().union(*raw)):
+        for i, it in enumerate(raw):
+            for x in it:
+                if type(x) is not str:
+                    raise _bad(f"entries[{i}]: map keys must be strings, got {type(x).__name__} key {x!r:.40}")
     return AppendBatch(
         context=_context(m),
         items=tuple(items),
