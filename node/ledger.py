@@ -1496,10 +1496,10 @@ class Ledger:
                     f"written by {req.entries[0].writer!r}: another history, nothing was loaded",
                     {"size": existing.size, "writer": existing.writer},
                 )
-            if covered and self.root_at(existing, req.size) != req.root:  # type: ignore[arg-type]
+            if existing is not None and covered and self.root_at(existing, req.size) != req.root:
                 raise Conflict(
                     f"context {req.context!r} holds a different history than the snapshot at its size "
-                    f"{req.size}; nothing was loaded", {"size": existing.size},  # type: ignore[union-attr]
+                    f"{req.size}; nothing was loaded", {"size": existing.size},
                 )
             self._refuse_load(None, nbytes)
             s = LoadSession(
