@@ -486,8 +486,10 @@ def test_sync_node_heads_match_the_entry_at_their_size(node_factory, zctx):
                     m = watch.decode_message(sub.recv_multipart())
                     if isinstance(m, watch.HeadMsg):
                         heads.append(m)
+            # how many greetings land between an append and its fsync depends on the machine's load;
+            # test_sync_mode_head_describes_one_prefix holds the fsync open and always catches one
             heads = [h for h in heads if isinstance(h, watch.HeadMsg) and h.size > 0]
-            assert len(heads) >= 30
+            assert heads
             for h in heads:
                 (e,) = c.get("pfx", after=h.size - 1, limit=1).entries
                 assert (e.seq, e.lamport) == (h.size, h.lamport)
