@@ -494,18 +494,21 @@ class Core:
         return None
 
     def load(self, rq: Request, req: codec.Load) -> Answer:
-        if not req.abort:
-            self._check_writer(req.context)
-            if self.access is not None and req.final:
-                self._check_load_signed(req)
+        # No NOT_WRITER here: a load brings the history of the writer its entries name, and extends
+        # a context of this node only when that context has the same writer (the ledger checks).
+        if not req.abort and self.access is not None and req.final:
+            self._check_load_signed(req)
         head = self.ledger.load(req, sync=self.sync, now=rq.now)
         if head is not None and head.get("aborted"):
             return Reply(codec.encode_reply(rq.id, {"done": True, "aborted": True}))
         if head is None:
-            return Reply(codec.encode_reply(rq.id, {"done": False, "received": len(req.entries)}))
+            return Reply(codec.encode_reply(rq.id, {"done": False, "received": self.ledger.load_received(req.load_id)}))
         ctx = self.ledger.contexts.get(req.context)
         if ctx is not None:
             self.watch.mark(ctx)
+            if (req.signed is not None and ctx.writer != self.ledger.node_id
+                    and (ctx.size, ctx.frontier.root()) == (req.signed.size, req.signed.root)):
+                ctx.signed = req.signed  # a replica's head signed by its writer (6.4), checked above
         head["done"] = True
         return Reply(codec.encode_reply(rq.id, head))
 
@@ -518,9 +521,16 @@ class Core:
                             "writer (`signed`; `ledger snapshot` writes it when the writer, or a replica holding "
                             "its signature for that size, serves the snapshot)", {"context": req.context})
         trusted = self.access.peers.values() if self.access is not None else ()
+        writer = self.ledger.load_writer(req)
+        bound = self.access.peers.get(writer) if self.access is not None and writer is not None else None
+        if writer == self.ledger.node_id and self.identity is not None:
+            bound = self.identity.public
         if h.key not in trusted and not (self.identity is not None and h.key == self.identity.public):
             raise Forbidden(f"the snapshot of {req.context!r} is signed by {h.key.hex()}, a key this node does not "
                             "trust (not in --peer-keys)", {"context": req.context})
+        if bound is not None and h.key != bound:
+            raise Forbidden(f"the snapshot of {req.context!r} is signed by {h.key.hex()}, not by the key of its "
+                            f"writer {writer!r}", {"context": req.context})
         if (h.context, h.size, h.root) != (req.context, req.size, req.root) or not h.verify():
             raise IntegrityError(f"the signed head of the snapshot of {req.context!r} does not verify, or is not of "
                                  "its size and root", {"context": req.context})

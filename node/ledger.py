@@ -146,6 +146,11 @@ class LoadSession:
     prefix_root: bytes | None = None
     last_used: float = field(default_factory=time.monotonic)
     staged_bytes: int = 0  # encoded entries of this load under its b"S" keys
+    # the context already holds more than the snapshot, and the snapshot's root is its root at the
+    # snapshot's size: the entries are verified, not staged, and the load adds nothing (SPEC 6.9)
+    covered: bool = False
+    # the writer every entry names (SPEC 6.9: one writer per snapshot); None until the first entry
+    writer: str | None = None
 
 
 class AppendResult(NamedTuple):
@@ -1421,6 +1426,18 @@ class Ledger:
             **({"damaged": d} if (d := self.damage(ctx)) is not None else {}),
         }
 
+    def lamport_at(self, ctx: ContextState, seq: int) -> int:
+        """The lamport of entry `seq` (0 for seq 0): what a head at size `seq` carries, so that
+        its size, root and lamport describe one prefix (SPEC 16.3). O(1) at the context's size;
+        below it (a sync node's watch head, whose size stops at what is on disk) one read,
+        from the hot tail as a rule: entries past the flushed size are never evicted."""
+        if seq <= 0:
+            return 0
+        if seq == ctx.size:
+            return ctx.last_lamport
+        lamport: int = _unpackb(self.entry_blob(ctx, seq))["lamport"]
+        return lamport
+
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         page, more = self._names.page(after, limit)
         return [{"name": n, "size": self.contexts[n].size} for n in page], more
@@ -1588,25 +1605,33 @@ class Ledger:
         if self.storage.error is not None:
             raise self.refused()
         existing = self.contexts.get(req.context)
-        staged = [(e.seq, e.encode()) for e in req.entries]
+        covered = s.covered if s is not None else (existing is not None and existing.size > req.size)
+        staged = [] if covered else [(e.seq, e.encode()) for e in req.entries]
         nbytes = sum(len(b) for _, b in staged)
         if s is None:
+            # A load_id not in progress starts a load: its first entry must be seq 1 (SPEC 6.9).
             first = req.entries[0].seq if req.entries else 1
             if first != 1:
                 raise BadRequest(f"load {req.load_id!r} is unknown (expired?); start again from seq 1")
             if existing is not None and req.fail_if_exists:
                 raise Conflict(f"context {req.context!r} already exists", {"size": existing.size})
-            if existing is not None and existing.size > req.size:
+            if existing is not None and req.entries and req.entries[0].writer != existing.writer:
                 raise Conflict(
-                    f"context {req.context!r} has {existing.size} entries, more than the snapshot's {req.size}",
-                    {"size": existing.size},
+                    f"context {req.context!r} is written by {existing.writer!r} here; the snapshot's entries were "
+                    f"written by {req.entries[0].writer!r}: another history, nothing was loaded",
+                    {"size": existing.size, "writer": existing.writer},
+                )
+            if existing is not None and covered and self.root_at(existing, req.size) != req.root:
+                raise Conflict(
+                    f"context {req.context!r} holds a different history than the snapshot at its size "
+                    f"{req.size}; nothing was loaded", {"size": existing.size},
                 )
             self._refuse_load(None, nbytes)
             s = LoadSession(
                 context=req.context, load_id=req.load_id, load_no=self._next_load_no,
                 size=req.size, root=req.root, fail_if_exists=req.fail_if_exists,
                 existing_size=existing.size if existing else 0,
-                verifier=SnapshotVerifier(req.context, req.size, req.root),
+                verifier=SnapshotVerifier(req.context, req.size, req.root), covered=covered,
             )
             s.prefix_root = merkle.EMPTY_ROOT if s.existing_size == 0 else None
             # registered only once its first chunk is verified and staged: a refused
@@ -1619,6 +1644,12 @@ class Ledger:
         s.last_used = time.monotonic() if now is None else now
         try:
             for e in req.entries:
+                if s.writer is None:
+                    s.writer = e.writer
+                elif e.writer != s.writer:
+                    # one context, one writer, named in every entry (SPEC 17): a snapshot is one history
+                    raise IntegrityError(f"entry #{e.seq} of the snapshot names writer {e.writer!r}, the ones "
+                                         f"before it {s.writer!r}; a snapshot's entries name one writer")
                 s.verifier.add(e)
                 if s.verifier.count == s.existing_size:
                     s.prefix_root = s.verifier.frontier.root()
@@ -1645,8 +1676,28 @@ class Ledger:
         finally:
             self._drop_load(s)
 
+    def load_writer(self, req: codec.Load) -> str | None:
+        """The writer a load's entries name, as far as known with this chunk."""
+        s = self.loads.get(req.load_id)
+        if s is not None and s.writer is not None:
+            return s.writer
+        return req.entries[0].writer if req.entries else None
+
+    def load_received(self, load_id: str) -> int:
+        """The entries a load in progress holds so far (its `received`, SPEC 6.9)."""
+        s = self.loads.get(load_id)
+        return s.verifier.count if s is not None else 0
+
     def _commit_load(self, s: LoadSession, sync: bool) -> dict[str, Any]:
         ctx = self.contexts.get(s.context)
+        if s.covered:
+            # an older snapshot of this very history: loading it again is harmless, adds nothing
+            if ctx is None or ctx.size < s.size or self.root_at(ctx, s.size) != s.root:
+                raise Conflict(f"context {s.context!r} changed during the load; load again")
+            return self.head(s.context)
+        if ctx is not None and s.writer is not None and s.writer != ctx.writer:
+            raise Conflict(f"context {s.context!r} is written by {ctx.writer!r} here, the snapshot by "
+                           f"{s.writer!r}; nothing was loaded", {"size": ctx.size, "writer": ctx.writer})
         if ctx is not None:
             if s.fail_if_exists and s.existing_size == 0:
                 raise Conflict(f"context {s.context!r} was created during the load")
@@ -1671,7 +1722,10 @@ class Ledger:
         created = ctx is None
         mark = self._creation_mark()
         if ctx is None:
-            ctx = self._create(s.context)
+            # its writer is the one its entries name: this node for its own snapshot, else the node
+            # holds a replica of that writer's context (moving a context to another writer is the
+            # handoff still to come, SPEC 13.5)
+            ctx = self._create(s.context, s.writer)
         start = ctx.size + 1
         # The context record reaches disk with the last chunk, the id counter with the
         # first: entries of a commit cut short by a storage fault then belong to no

@@ -211,14 +211,23 @@ class Publisher:
         # The greeting tells the new watcher its subscription is active (the moment from
         # which live delivery is complete up to HWM drops); it goes to that watcher alone,
         # so it does not put off the topic's heartbeat to the others.
-        self._send_head(t, to_all=False)
+        self._greet(t)
+
+    def _greet(self, t: bytes, limited: bool = False, under: bytes | None = None) -> None:
+        """A head to the subscriber just read. Isolated like publishing: a head can need a read
+        (its lamport, its root below the context's size) that finds damage on disk."""
+        try:
+            self._send_head(t, limited=limited, under=under, to_all=False)
+        except Exception:
+            self.errors += 1
+            log.exception("greeting for topic %r failed", t)
 
     def _refuse(self, t: bytes) -> None:
         """Tell the subscriber just read (alone) that it is refused: a `limited` head under
         its refusal topic, which it alone holds (SPEC 16.5)."""
         lt = t + watch.LIMITED_SUFFIX
         self.sock.setsockopt(zmq.SUBSCRIBE, lt)
-        self._send_head(t, limited=True, under=lt, to_all=False)
+        self._greet(t, limited=True, under=lt)
 
     def watchers(self, context: str) -> int:
         return self.counts.get(watch.topic(context), 0)
@@ -324,7 +333,9 @@ class Publisher:
         else:
             # A watcher must never learn of a size whose entries it cannot read yet.
             size = ctx.published_seq if self.watched(ctx) else (ctx.flushed_seq if self.sync else ctx.size)
-            lamport, root = ctx.last_lamport, self.ledger.root_at(ctx, size)
+            # all three of one prefix: in sync mode `size` may stop below the context's size, and
+            # the last entry's lamport would then be that of an entry the watcher cannot read yet
+            lamport, root = self.ledger.lamport_at(ctx, size), self.ledger.root_at(ctx, size)
         body = watch.encode_head(name, size, lamport, root, self.ledger.node_id, self.boot,
                                  self.heartbeat_ms, self.counts.get(t, 0), limited=limited)
         self._send(t if under is None else under, body, to_all)

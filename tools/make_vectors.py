@@ -12,7 +12,11 @@ preimage, which is built from the layout in `protocol.entry` and checked
 against `leaf_hash` before anything is written.
 
 JSON conventions: byte strings are lowercase hex; in decoded messages a
-msgpack binary value is written {"$bin": "<hex>"} to tell it from a string.
+msgpack binary value is written {"$bin": "<hex>"} to tell it from a string, and a
+msgpack integer {"$int": "<decimal>"}. Every integer is a string of decimal digits,
+never a JSON number: JavaScript's JSON.parse reads numbers as doubles and silently
+rounds those above 2^53 (a ts_ns, a seq near 2^64). `u64_fields` makes the typed
+fields (seq, size, ...) strings; `to_json_value` tags the integers of messages.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from protocol.errors import IntegrityError, RemoteProtocolError
 VECTORS_DIR = Path(protocol.__file__).resolve().parent / "vectors"
 
 CONVENTIONS = (
-    "Byte strings are lowercase hex. In a decoded message, a msgpack bin value is written "
-    '{"$bin": "<hex>"}; every other value is the JSON form of the msgpack value (str, int, bool, nil, '
+    "Byte strings are lowercase hex. Integers are never JSON numbers (a parser that reads numbers as "
+    "doubles, such as JavaScript's JSON.parse, silently rounds those above 2^53): the integer fields of "
+    "vectors (seq, lamport, ts_ns, size, index, first, second, epoch) are strings of decimal digits, "
+    'and in a decoded message a msgpack integer is written {"$int": "<decimal>"} and a msgpack bin '
+    'value {"$bin": "<hex>"}; every other value is the JSON form of the msgpack value (str, bool, nil, '
     "array, map). Entry fields: seq, lamport and ts_ns are unsigned 64-bit integers (lamport at most "
     "2^63-1, SPEC 9.1); context, key, "
     "writer and metadata keys and values are UTF-8 strings; metadata is hashed sorted by the UTF-8 "
@@ -53,6 +60,18 @@ CONSISTENCY_PAIRS = [
     (0, 0), (0, 1), (0, 33), (1, 1), (1, 2), (1, 33), (2, 3), (3, 4), (3, 7), (4, 8), (5, 6), (6, 8), (7, 8),
     (8, 16), (16, 32), (8, 33), (12, 29), (13, 13), (17, 33), (31, 32), (32, 33), (33, 33),
 ]
+
+
+U64_FIELDS = frozenset({"seq", "lamport", "ts_ns", "size", "index", "first", "second", "epoch"})
+
+
+def u64_fields(v: Any) -> Any:
+    """`v` with the integer values of U64_FIELDS, at any depth, as decimal strings."""
+    if isinstance(v, dict):
+        return {k: (str(x) if k in U64_FIELDS and type(x) is int else u64_fields(x)) for k, x in v.items()}
+    if isinstance(v, list):
+        return [u64_fields(x) for x in v]
+    return v
 
 
 # -- entries --------------------------------------------------------------------------
@@ -270,9 +289,12 @@ def consistency_vectors() -> dict[str, Any]:
 
 
 def to_json_value(v: Any) -> Any:
-    """A decoded msgpack value in the JSON convention ({"$bin": hex} for binary)."""
+    """A decoded msgpack value in the JSON convention ({"$bin": hex} for binary, {"$int": decimal}
+    for integers)."""
     if isinstance(v, bytes):
         return {"$bin": v.hex()}
+    if type(v) is int:
+        return {"$int": str(v)}
     if isinstance(v, dict):
         return {k: to_json_value(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -285,6 +307,8 @@ def from_json_value(v: Any) -> Any:
     if isinstance(v, dict):
         if set(v) == {"$bin"}:
             return bytes.fromhex(v["$bin"])
+        if set(v) == {"$int"}:
+            return int(v["$int"])
         return {k: from_json_value(x) for k, x in v.items()}
     if isinstance(v, list):
         return [from_json_value(x) for x in v]
@@ -404,7 +428,7 @@ BUILDERS = {
 
 
 def render(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(u64_fields(data), indent=2, ensure_ascii=False) + "\n"
 
 
 def build() -> dict[str, str]:

@@ -444,9 +444,13 @@ def test_with_keys_a_snapshot_loads_only_under_a_head_signed_by_a_trusted_writer
             c3.load("notes", file_with(sign_head(Identity.generate(), "notes", 10, header["root"])))
         with pytest.raises(IntegrityError, match="does not verify"):
             c3.load("notes", file_with(good._replace(sig=bytes(64))))
+        with pytest.raises(Forbidden, match="not by the key of its writer 'n1'"):  # trusted, but not n1's (#18)
+            c3.load("notes", file_with(sign_head(k3, "notes", 10, header["root"])))
         assert "notes" not in [x["name"] for x in c3.contexts()]  # nothing was loaded by the refusals
         h = c3.load("notes", file_with(good))
         assert h.size == 10 and h.root == header["root"]
+        # n3 holds n1's context as a replica, with the head n1 signed (SPEC 6.9, 6.4)
+        assert h.writer == "n1" and c3.head("notes", writer_key=k1.public).signed == good
 
 
 def test_with_keys_a_writer_that_lost_its_tail_leaves_both_signed_histories_on_its_replica(

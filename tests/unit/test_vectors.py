@@ -25,8 +25,23 @@ pytestmark = pytest.mark.timeout(60)
 VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors"
 
 
+def _no_json_numbers(text: str) -> Any:
+    raise AssertionError(f"a JSON number ({text}) in a vector file: JSON.parse would round a u64 (SPEC 14)")
+
+
+def _u64s(m: dict[str, Any]) -> dict[str, Any]:
+    """The typed integer fields back to ints: they are decimal strings in the files."""
+    for k in make_vectors.U64_FIELDS & m.keys():
+        if isinstance(m[k], str) and m[k].isdigit():  # (the leaf template holds formulas: "<seq>")
+            assert m[k] == "0" or m[k][0] != "0", m[k]
+            m[k] = int(m[k])
+    return m
+
+
 def load(name: str) -> dict[str, Any]:
-    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
+    # parse_int/parse_float refuse any JSON number: every integer is carried as a string
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"), object_hook=_u64s,
+                      parse_int=_no_json_numbers, parse_float=_no_json_numbers)
 
 
 def h(s: str) -> bytes:
@@ -37,6 +52,9 @@ def from_json(v: Any) -> Any:
     if isinstance(v, dict):
         if list(v) == ["$bin"]:
             return h(v["$bin"])
+        if list(v) == ["$int"]:
+            assert isinstance(v["$int"], str) and v["$int"].lstrip("-").isdigit()
+            return int(v["$int"])
         return {k: from_json(x) for k, x in v.items()}
     if isinstance(v, list):
         return [from_json(x) for x in v]
@@ -245,15 +263,29 @@ def test_generator_is_deterministic_and_check_sees_changes(tmp_path, capsys):
     for name in make_vectors.BUILDERS:
         assert (tmp_path / name).read_text(encoding="utf-8") == (VECTORS / name).read_text(encoding="utf-8")
     p = tmp_path / "merkle_roots.json"
-    p.write_text(p.read_text(encoding="utf-8").replace('"size": 33', '"size": 34'), encoding="utf-8")
+    p.write_text(p.read_text(encoding="utf-8").replace('"size": "33"', '"size": "34"'), encoding="utf-8")
     assert make_vectors.main(["--check", "--out", str(tmp_path)]) == 1
     assert "merkle_roots.json" in capsys.readouterr().err
 
 
 def test_generator_json_helpers_round_trip():
-    value = {"a": b"\x00\xff", "b": [b"", "s", 1, None, True, {"c": b"x"}]}
+    value = {"a": b"\x00\xff", "b": [b"", "s", 1, None, True, {"c": b"x"}], "u": 2**64 - 1, "i": -(2**63)}
     assert make_vectors.from_json_value(make_vectors.to_json_value(value)) == value
     assert from_json(make_vectors.to_json_value(value)) == value
+    assert make_vectors.to_json_value(True) is True  # a bool is not an integer here
+
+
+def test_u64_values_survive_a_parser_that_reads_numbers_as_doubles():
+    """What JavaScript's JSON.parse does: every number becomes a double. The vectors hold no
+    number, so the u64 values above 2^53 (ts_ns, seq 2^64-1, lamport 2^63-1) come through exact."""
+    for name in make_vectors.BUILDERS:
+        as_js = json.loads((VECTORS / name).read_text(encoding="utf-8"), parse_int=float)
+        assert as_js == json.loads((VECTORS / name).read_text(encoding="utf-8"))
+    top = [v for v in ENTRY_VECTORS if v["seq"] == 2**64 - 1]
+    assert top and top[0]["lamport"] == 2**63 - 1
+    assert any(v["ts_ns"] > 2**53 for v in ENTRY_VECTORS)
+    entries = [m for v in MESSAGES for m in [v["decoded"].get("entry"), *v["decoded"].get("entries", [])] if m]
+    assert entries and all(list(m["ts_ns"]) == ["$int"] and int(m["ts_ns"]["$int"]) > 2**53 for m in entries)
 
 
 # -- signed heads (SPEC 13.6) ----------------------------------------------------------------
