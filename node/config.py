@@ -67,6 +67,8 @@ class Config:
     peer_keys: str | None = None  # --peer-keys FILE: NODE_ID PUBLIC_KEY lines (node/access.py)
     client_keys: str | None = None  # --client-keys FILE: PUBLIC_KEY ROLE [PREFIX,...] lines
     seed_ids: tuple[tuple[str, str], ...] = ()  # (address, node id) of the --peers given as ID@HOST:PORT
+    log_format: str = "text"  # --log-format: text, or json (one object per line, node/reqlog.py)
+    slow_ms: int | None = None  # --slow-ms: log requests that take the loop this long or more
 
     @property
     def secure(self) -> bool:
@@ -224,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "who can reach the ports can read, append and join the mesh as a peer. Without it a node "
                    "serves only on loopback (127.0.0.0/8, ::1, localhost). Use it only on a network you trust; "
                    "logged at start and shown in status [LEDGER_INSECURE=1]")
-    p.add_argument("--log-level", help="debug, info, warning or error [LEDGER_LOG_LEVEL] (default info)")
+    p.add_argument("--log-level", help="debug, info, warning or error; debug logs every request (logger "
+                   "node.requests) [LEDGER_LOG_LEVEL] (default info)")
+    p.add_argument("--log-format", help="text, or json: one object per line with the keys ts, level, logger, msg "
+                   "(and op, id, context, outcome, us, bytes on request lines) [LEDGER_LOG_FORMAT] (default text)")
+    p.add_argument("--slow-ms", metavar="N", help="log a warning (logger node.slow) for every request that takes the "
+                   "request loop N ms or more (0: every request) [LEDGER_SLOW_MS] (default off)")
     p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "
                    "every root, the high-water marks), report damage and exit (0 clean, 1 damaged, 2 unreadable); "
                    "it must be the first argument")
@@ -357,6 +364,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     level = pick(args.log_level, "LOG_LEVEL", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {level!r}")
+    log_format = pick(args.log_format, "LOG_FORMAT", "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
+    slow_raw = pick(args.slow_ms, "SLOW_MS", "")
+    slow_ms = int(_int_flag(slow_raw, "--slow-ms", 0, 3_600_000)) if slow_raw else None
     return Config(
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
@@ -369,4 +381,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage), insecure=insecure,
         peer_keys=peer_keys, client_keys=client_keys, seed_ids=tuple(seed_ids.items()),
+        log_format=log_format, slow_ms=slow_ms,
     )

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from node import __version__, clients
+from node import __version__, clients, reqlog
 from node.access import AccessError, load_access
 from node.config import ConfigError, parse
 from node.identity import KEY_FILE, IdentityError, load_or_create
@@ -45,11 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse(argv)
     except ConfigError as exc:
         return _fail(str(exc))
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    reqlog.configure(cfg.log_level, cfg.log_format)
     # Descriptors: the soft limit goes up to the hard one, and clients get what is left after
     # storage's and the process's reserve, so LevelDB never meets "Too many open files".
     fd_limit = clients.raise_fd_limit()

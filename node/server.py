@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from node import clients, sockets
+from node import clients, reqlog, sockets
 from node.access import Access, AccessError, Principal, load_access, may_watch
 from node.busypoll import BusyPoll
 from node.config import Config
@@ -153,6 +153,11 @@ class Server:
                          pub=f"{advertise.rpartition(':')[0]}:{self.pub_port}", io_status=self._io_status,
                          started=time.monotonic(), identity=self.identity, access=access)
         self.peers.core = self.core
+        # the core itself, or with a request log on (--slow-ms, debug), the core timed and logged
+        debug = reqlog.REQUESTS.isEnabledFor(logging.DEBUG)
+        self.request_log = (reqlog.RequestLog(self.core.request, lambda: self.core.outbox, config.slow_ms, debug)
+                            if config.slow_ms is not None or debug else None)
+        self.request: Callable[..., bool] = self.request_log or self.core.request
         if access is not None:
             self.peers.server_key = self._peer_server_key
             ident = self.identity
@@ -261,6 +266,7 @@ class Server:
             poller.register(zap.sock, zmq.POLLIN)
         secure = zap is not None
         core = self.core
+        request = self.request
         router = self.router
         publisher = self.publisher
         last_housekeeping = last_heartbeat = time.monotonic()
@@ -311,7 +317,7 @@ class Server:
                         elif self.replies.cut and frames[0] in self.replies.cut and self.replies.drop_request(frames[0]):
                             pass  # a client cut off for not reading its replies (node/clients.py)
                         else:
-                            core.request(frames, now)
+                            request(frames, now)
                         if i == 1:
                             # The first request of a burst is answered at once: a lone
                             # request (a client with one in flight) loses no time, and the
@@ -378,7 +384,7 @@ class Server:
         if len(frames[-1]) >= BIG_REQUEST:
             self._big_request(frames, now, who)
         elif not (self.replies.cut and frames[0] in self.replies.cut and self.replies.drop_request(frames[0])):
-            self.core.request(frames, now, who)
+            self.request(frames, now, who)
 
     def _big_request(self, frames: list[Any], now: float, who: Principal | None = None) -> None:
         """A request of BIG_REQUEST bytes or more: refused unread while its connection sent
@@ -391,7 +397,7 @@ class Server:
                 None, BAD_REQUEST, f"refused unread: a request of {BIG_REQUEST} bytes or more from this connection "
                 f"could not be decoded less than {clients.JUNK_HOLD_S:g} s ago")])
             return
-        if self.core.request(frames, now, who):
+        if self.request(frames, now, who):
             self.junk.junk(ident)
 
     def _spin(self, poller: zmq.Poller, deadline: float) -> dict[Any, int] | None:
