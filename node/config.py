@@ -69,6 +69,8 @@ class Config:
     seed_ids: tuple[tuple[str, str], ...] = ()  # (address, node id) of the --peers given as ID@HOST:PORT
     log_format: str = "text"  # --log-format: text, or json (one object per line, node/reqlog.py)
     slow_ms: int | None = None  # --slow-ms: log requests that take the loop this long or more
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT: Prometheus, /healthz, /readyz (node/metrics.py)
+    ready_lag: int = 10_000  # --ready-lag: entries a live peer may hold beyond ours while /readyz says ready
 
     @property
     def secure(self) -> bool:
@@ -230,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "node.requests) [LEDGER_LOG_LEVEL] (default info)")
     p.add_argument("--log-format", help="text, or json: one object per line with the keys ts, level, logger, msg "
                    "(and op, id, context, outcome, us, bytes on request lines) [LEDGER_LOG_FORMAT] (default text)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (/metrics), /healthz and "
+                   "/readyz over HTTP there (port 0: any free port, printed at start); no authentication: "
+                   "keep it on loopback or a monitoring network [LEDGER_METRICS] (default off)")
+    p.add_argument("--ready-lag", metavar="N", help="/readyz says not ready while a live peer holds more than N "
+                   "entries this node does not [LEDGER_READY_LAG] (default 10000)")
     p.add_argument("--slow-ms", metavar="N", help="log a warning (logger node.slow) for every request that takes the "
                    "request loop N ms or more (0: every request) [LEDGER_SLOW_MS] (default off)")
     p.add_argument("--check", metavar="DATA", help="read a stopped node's data folder whole (every entry's hash, "
@@ -369,6 +376,9 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
     slow_raw = pick(args.slow_ms, "SLOW_MS", "")
     slow_ms = int(_int_flag(slow_raw, "--slow-ms", 0, 3_600_000)) if slow_raw else None
+    metrics_raw = pick(args.metrics, "METRICS", "")
+    metrics = parse_hostport(metrics_raw, "--metrics") if metrics_raw else None
+    ready_lag = int(_int_flag(pick(args.ready_lag, "READY_LAG", "10000"), "--ready-lag", 0, 1 << 62))
     return Config(
         node_id=node_id, data=data, host=host, port=port, pub_port=pub_port,
         durability=durability, flush_ms=int(flush_raw), max_payload=max_payload,
@@ -381,5 +391,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage), insecure=insecure,
         peer_keys=peer_keys, client_keys=client_keys, seed_ids=tuple(seed_ids.items()),
-        log_format=log_format, slow_ms=slow_ms,
+        log_format=log_format, slow_ms=slow_ms, metrics=metrics, ready_lag=ready_lag,
     )

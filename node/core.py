@@ -225,6 +225,11 @@ class Core:
             "snapshots": self.snapshots,
             "ack": self.ack,
         }
+        # requests by op (every op from the start, so a metric exists before its first request),
+        # and refusals by (op, error code); `invalid`: no known op could be read
+        self.op_counts: dict[str, int] = dict.fromkeys(self.handlers, 0)
+        self.error_counts: dict[tuple[str, str], int] = {}
+        self.last_op = ""  # of the request handled last (node/metrics.py times requests by op)
 
     def _writer_key(self, node_id: str) -> bytes | None:
         """The key a writer signs with: its allowlisted one, or this node's own for what it writes."""
@@ -265,23 +270,28 @@ class Core:
             m = codec.unpack_request(frames[-1])
             env = codec.parse_request(m, self.ledger.max_payload)
             rid = env.id
+            self.last_op = op = env.op
+            self.op_counts[op] += 1
             if self.access is not None:
                 self._authorize(who, env)
-            out = self.handlers[env.op](Request(to, rid, now, who), env.request)
+            out = self.handlers[op](Request(to, rid, now, who), env.request)
         except RemoteProtocolError as exc:
             if rid is None:
                 rid = codec.peek_id(m)
             out = Reply(codec.encode_error(rid, exc.code, exc.message, exc.details))
-            if isinstance(m, dict):
-                op = m.get("op")
-                if isinstance(op, str) and op in PEER_OPS:  # (any hashable check of junk is a crash)
-                    sender = m.get("address")
-                    self.mesh.refuse(sender if isinstance(sender, str) else "a peer", f"a {op} ({exc.message})")
+            named = m.get("op") if isinstance(m, dict) else None
+            known = isinstance(named, str) and named in self.handlers  # (any hashable check of junk is a crash)
+            self._count_error(named if known else "invalid", exc.code)
+            if known and named in PEER_OPS:
+                sender = m.get("address")
+                self.mesh.refuse(sender if isinstance(sender, str) else "a peer", f"a {named} ({exc.message})")
         except LedgerError as exc:
             out = Reply(codec.encode_error(rid, exc.code, exc.message, exc.details))
+            self._count_error(self.last_op, exc.code)
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("internal error while serving a request")
             out = Reply(codec.encode_error(rid, INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+            self._count_error(self.last_op, INTERNAL)
         if type(out) is Reply:
             body = out.body
             if len(body) >= PAGE_BYTES:
@@ -410,8 +420,15 @@ class Core:
             fields["next_after"] = items[-1]["name"]
         return Reply(codec.encode_reply(rq.id, fields))
 
+    def _count_error(self, op: str, code: str) -> None:
+        key = (op, code)
+        self.error_counts[key] = self.error_counts.get(key, 0) + 1
+
     def status(self, rq: Request, req: codec.Status) -> Answer:
-        now = rq.now
+        return Reply(codec.encode_reply(rq.id, self.status_fields(rq.now)))
+
+    def status_fields(self, now: float) -> dict[str, Any]:
+        """What `status` answers (also what the metrics endpoint exports, node/metrics.py)."""
         cfg = self.config
         fields = self.ledger.status()
         fields.update({
@@ -434,7 +451,7 @@ class Core:
         fields.update(self.mesh.status(now))
         fields["advertise"] = self.mesh.address
         fields["cluster"] = self.mesh.cluster
-        return Reply(codec.encode_reply(rq.id, fields))
+        return fields
 
     def ping(self, rq: Request, req: codec.Ping) -> Answer:
         return Reply(codec.encode_reply(rq.id, {"node_id": self.ledger.node_id}))

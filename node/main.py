@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv.close()
         if created:
             shutil.rmtree(cfg.data, ignore_errors=True)
-        return _fail(f"cannot listen on {exc}; pick another --listen / --pub-port"
+        return _fail(f"cannot listen on {exc}; pick another "
+                     + ("--metrics address" if str(exc).startswith("--metrics") else "--listen / --pub-port")
                      + (" or stop whatever uses it" if "in use" in str(exc) else ""))
     if cfg.insecure:
         log.warning("--insecure: serving on %s without authentication: anyone who can reach it can read, "
@@ -166,10 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         security = ("INSECURE: no authentication, beyond loopback" if cfg.insecure
                     else f"CURVE, {len(access.peers)} peer key(s), {len(access.clients)} client key(s)"
                     if access is not None else "loopback only (no authentication configured)")
+        metrics_line = (f"  metrics (HTTP):    http://{server.metrics.address}/metrics, /healthz, /readyz\n"
+                        if server.metrics is not None else "")
         print(
             f"ledger-node {__version__} id={ledger.node_id}\n"
             f"  requests (ROUTER): {server.router_address}\n"
             f"  watch (PUB):       {server.pub_address}\n"
+            f"{metrics_line}"
             f"  data:              {cfg.data} ({len(ledger.contexts)} contexts, {ledger.entries_total} entries)\n"
             f"  durability:        {cfg.durability} ({flush})\n"
             f"  identity:          {identity.public_hex}\n"

@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from node import clients, reqlog, sockets
+from node import clients, metrics, reqlog, sockets
 from node.access import Access, AccessError, Principal, load_access, may_watch
 from node.busypoll import BusyPoll
 from node.config import Config
@@ -115,6 +115,15 @@ class Server:
         # With keys: the ZAP handler is bound first (a CURVE server socket must never accept
         # before it can ask), every socket uses CURVE, and each request carries its sender
         self.access = access
+        # the metrics endpoint is bound first: a port it cannot have fails the start before any other
+        self.metrics: metrics.Endpoint | None = None
+        if config.metrics is not None:
+            try:
+                self.metrics = metrics.Endpoint(config.metrics[0], config.metrics[1], config.data,
+                                                self._wake_metrics, config.ready_lag)
+            except OSError as exc:
+                raise sockets.BindError(f"--metrics {config.metrics[0]}:{config.metrics[1]} "
+                                        f"({exc.strerror or exc})") from None
         self.zap = Zap(self.zctx, access) if access is not None else None
         self.users = access.users if access is not None else {}
         curve = self.identity.curve_keypair() if access is not None else None
@@ -124,6 +133,8 @@ class Server:
         except Exception:
             if self.zap is not None:
                 self.zap.close()
+            if self.metrics is not None:
+                self.metrics.httpd.server_close()
             raise
         try:
             self.pub, self.pub_port = sockets.xpub(
@@ -134,6 +145,8 @@ class Server:
             self.router.close(linger=0)
             if self.zap is not None:
                 self.zap.close()
+            if self.metrics is not None:
+                self.metrics.httpd.server_close()
             raise
         self.replies = clients.ReplyBudget(config.max_client_queue)
         self.junk = clients.JunkGate()
@@ -158,6 +171,13 @@ class Server:
         self.request_log = (reqlog.RequestLog(self.core.request, lambda: self.core.outbox, config.slow_ms, debug)
                             if config.slow_ms is not None or debug else None)
         self.request: Callable[..., bool] = self.request_log or self.core.request
+        # --metrics: an HTTP thread that asks this loop (node/metrics.py); requests then timed by op
+        self.timer: metrics.RequestTimer | None = None
+        if self.metrics is not None:
+            core = self.core
+            self.timer = metrics.RequestTimer(self.request, lambda: core.last_op)
+            self.request = self.timer
+            self._metrics_rx, self._metrics_tx = sockets.wake_pair(self.zctx, f"metrics-{id(self)}")
         if access is not None:
             self.peers.server_key = self._peer_server_key
             ident = self.identity
@@ -248,6 +268,41 @@ class Server:
             fields.update(self.zap.status())
         return fields
 
+    # -- the metrics endpoint's questions (node/metrics.py) --------------------------------------
+
+    def _wake_metrics(self) -> None:
+        """From the metrics thread (its only user of this socket): a job is waiting."""
+        try:
+            self._metrics_tx.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the pipe is full: the loop is woken anyway, and drains every job at once
+
+    def _serve_metrics(self) -> None:
+        """In the loop: answer every job the metrics thread put (fresh copies, nothing live)."""
+        rx = self._metrics_rx
+        try:
+            while True:
+                rx.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        assert self.metrics is not None
+        jobs = self.metrics.jobs
+        core = self.core
+        while not jobs.empty():
+            job = jobs.get_nowait()
+            if job.kind == "metrics":
+                st = core.status_fields(time.monotonic())
+                ops, errs = dict(core.op_counts), dict(core.error_counts)
+                timer = self.timer.copy() if self.timer is not None else None
+                job.result = lambda proc, st=st, ops=ops, errs=errs, timer=timer: metrics.render(
+                    st, ops, errs, timer, proc)
+            elif job.kind == "ready":
+                st = core.status_fields(time.monotonic())
+                job.result = {"storage": st["storage"], "entries": st["entries"], "peers": st["peers"]}
+            else:
+                job.result = True  # health: the loop turns
+            job.done.set()
+
     # -- the loop ----------------------------------------------------------------
 
     def stop(self, *_: Any) -> None:
@@ -259,6 +314,9 @@ class Server:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
+        if self.metrics is not None:
+            poller.register(self._metrics_rx, zmq.POLLIN)
+            self.metrics.start()
         for mon in self.connections.monitors:
             poller.register(mon, zmq.POLLIN)
         zap = self.zap
@@ -348,6 +406,8 @@ class Server:
                     busy.served(clock())
                 if self._wake_rx in events:
                     self._drain_wake()
+                if self.metrics is not None and self._metrics_rx in events:
+                    self._serve_metrics()
                 if self.pub in events:
                     publisher.on_subscriptions()
                 if zap is not None and zap.sock in events:
@@ -487,6 +547,11 @@ class Server:
         core.settle(time.monotonic())
         core.refuse_waiting()  # what the last write could not make durable
         self._send_replies()
+        if self.metrics is not None:
+            self.metrics.close()
+            self._serve_metrics()  # a scrape that came in meanwhile gets its answer, not a hang
+            self._metrics_rx.close(linger=0)
+            self._metrics_tx.close(linger=0)
         for s in (self.router, self.pub, self._wake_rx):
             s.close(linger=sockets.LINGER_MS)
         self.peers.close()
