@@ -171,6 +171,7 @@ class Ledger:
         hot_bytes: int = 64 << 20,
         now_ns: Callable[[], int] = time.time_ns,
         sync_meta: bool = True,
+        durable_reads: bool = False,
         max_loads: int = DEFAULT_MAX_LOADS,
         max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES,
         journal: Journal | None = None,
@@ -194,6 +195,9 @@ class Ledger:
         self.hot_limit = hot_bytes
         self.now_ns = now_ns
         self._sync_meta = sync_meta
+        # `sync` durability: reads see only what is on disk (the acknowledged prefix), like the watch
+        # stream (SPEC 9.2): a read must never return an entry a crash could still take back
+        self.durable_reads = durable_reads
         self.contexts: dict[str, ContextState] = {}
         self._names = SortedNames()  # for paging, in name order
         # the same names by fine digest bucket (protocol.digest.FINE): the heads of a few
@@ -1083,7 +1087,11 @@ class Ledger:
             if len(out) == limit:
                 return out, True
             ctx = contexts[name]
-            out.append([ctx.name, ctx.size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
+            size = ctx.flushed_seq if self.durable_reads else ctx.size
+            if size == ctx.size:
+                out.append([ctx.name, size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
+            else:  # sync durability: peers are shown what reads see, never what a crash may take back
+                out.append([ctx.name, size, self.root_at(ctx, size), ctx.writer, self.lamport_at(ctx, size)])
         return out, False
 
     def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
@@ -1383,19 +1391,19 @@ class Ledger:
                                {"context": req.context})
         else:
             ctx = self.contexts.get(req.context)
-        if ctx is None or req.after >= ctx.size:
-            size = ctx.size if ctx else 0
+        size = 0 if ctx is None else ctx.flushed_seq if self.durable_reads else ctx.size
+        if ctx is None or req.after >= size:
             return [], size, False, max(req.after, 0) if ctx else req.after
         if req.limit == 1 and req.key is None:
             hot = ctx.tail.get(req.after + 1)
             if hot is not None:  # the common read of one recent entry
-                return [hot[1]], ctx.size, req.after + 1 < ctx.size, req.after + 1
+                return [hot[1]], size, req.after + 1 < size, req.after + 1
         out: list[bytes] = []
         nbytes = 0
         examined = 0
         last_seen = req.after
         want = req.key
-        for seq, key, blob in self._iter_blobs(ctx, req.after + 1, ctx.size):
+        for seq, key, blob in self._iter_blobs(ctx, req.after + 1, size):
             if want is not None:
                 if key is None:
                     key = _unpackb(blob)["key"]
@@ -1413,15 +1421,20 @@ class Ledger:
             examined += 1
             if len(out) >= req.limit or examined >= MAX_SCAN:
                 break
-        return out, ctx.size, last_seen < ctx.size, last_seen
+        return out, size, last_seen < size, last_seen
+
+    def visible(self, ctx: ContextState) -> int:
+        """The size reads see: under `sync` durability what is on disk, else all of it."""
+        return ctx.flushed_seq if self.durable_reads else ctx.size
 
     def head(self, name: str) -> dict[str, Any]:
         ctx = self.context(name)
+        size = self.visible(ctx)
         return {
             "context": name,
-            "size": ctx.size,
-            "root": ctx.frontier.root(),
-            "lamport": ctx.last_lamport,
+            "size": size,
+            "root": ctx.frontier.root() if size == ctx.size else self.root_at(ctx, size),
+            "lamport": self.lamport_at(ctx, size),
             "writer": ctx.writer,
             **({"damaged": d} if (d := self.damage(ctx)) is not None else {}),
         }
@@ -1448,10 +1461,11 @@ class Ledger:
         return merkle.root_at(size, self.node_getter(ctx))
 
     def _size_arg(self, ctx: ContextState, size: int | None) -> int:
+        have = self.visible(ctx)
         if size is None:
-            return ctx.size
-        if size > ctx.size:
-            raise NotFound(f"context {ctx.name!r} has {ctx.size} entries, not {size}", {"size": ctx.size})
+            return have
+        if size > have:
+            raise NotFound(f"context {ctx.name!r} has {have} entries, not {size}", {"size": have})
         return size
 
     def snapshot_page(self, req: codec.Snapshot, max_bytes: int = MAX_REPLY_BYTES,

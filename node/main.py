@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger = Ledger(
             kv, node_id=cfg.node_id, max_payload=cfg.max_payload, hot_bytes=cfg.hot_bytes,
             sync_meta=cfg.data != ":memory:", max_loads=cfg.max_loads, max_staged_bytes=cfg.max_staged_bytes,
-            journal=journal,
+            journal=journal, durable_reads=cfg.sync,
         )
     except DataDirError as exc:
         kv.close()

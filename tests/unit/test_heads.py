@@ -222,3 +222,22 @@ def test_after_a_clean_stop_entries_lost_from_the_end_of_their_log_are_still_fou
     assert again.contexts["c"].size == 6
     assert cid in again.damaged  # and its high-water mark says what it held
     assert "entries' store lost writes since the clean stop" in caplog.text
+
+
+def test_with_durable_reads_nothing_is_read_before_it_is_on_disk(tmp_path):
+    # sync durability (SPEC 9.2): a read never returns an entry a crash could still take back
+    kv = MemoryKV()
+    led = Ledger(kv, node_id="n1", now_ns=FakeClock(), sync_meta=False, durable_reads=True)
+    fill(led, "c", 3)
+    led.flush_sync()
+    fill(led, "c", 2)  # in RAM only
+    got = led.get(codec.Get("c", after=0, limit=100))
+    assert len(got[0]) == 3 and got[1] == 3 and not got[2]
+    assert led.get(codec.Get("c", after=3, limit=1))[0] == []  # not even from the hot tail
+    h = led.head("c")
+    assert h["size"] == 3 and h["root"] == led.root_at(led.contexts["c"], 3)
+    assert h["lamport"] == led.lamport_at(led.contexts["c"], 3)
+    heads, _ = led.heads_in_buckets(set(range(128)), 128, None, 10)
+    assert heads[0][1:3] == [3, h["root"]]
+    led.flush_sync()
+    assert led.head("c")["size"] == 5 and len(led.get(codec.Get("c", after=0, limit=100))[0]) == 5
