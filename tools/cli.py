@@ -28,6 +28,7 @@ from protocol.entry import Entry
 from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge
 from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
+from tools import backup as backups
 from tools.cluster import ClusterError, run_cluster
 
 DEFAULT_NODE = "127.0.0.1:7400"
@@ -183,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("context")
     ld.add_argument("file")
     ld.add_argument("--fail-if-exists", action="store_true", help="refuse if the context already exists")
+
+    bk = sub.add_parser("backup", parents=[common], help="every context of the node into DIR, as verified "
+                        "snapshot files and a manifest (run again to resume, or to bring it up to date)")
+    bk.add_argument("dir", metavar="DIR")
+    rs = sub.add_parser("restore", parents=[common], help="load every context of a backup DIR into the node "
+                        "(contexts it already holds at that size and root are skipped)")
+    rs.add_argument("dir", metavar="DIR")
 
     pr = sub.add_parser("proof", parents=[common], help="inclusion proof of one entry, verified locally")
     pr.add_argument("context")
@@ -627,25 +635,8 @@ def cmd_status(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
+    info = backups.write_snapshot(c, args.context, args.output)
     target = os.path.abspath(args.output)
-    # Written beside the target and renamed only once verified and synced, so
-    # a failure or Ctrl-C never leaves a partial file under the target's name.
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial")
-    # O_EXCL: never follow or clobber anything already there; mode 0o666 so
-    # the finished file gets the usual umask permissions (mkstemp gives 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            info = c.snapshot(args.context, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     out.fields(
         {
             "context": info["context"],
@@ -656,6 +647,24 @@ def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
         }
     )
     return EXIT_OK
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def cmd_backup(c: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        out.fields(backups.backup(c, args.dir, args.json, _say))
+    except backups.BackupError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_restore(c: Client, args: argparse.Namespace, out: Output) -> int:
+    summary = backups.restore(c, args.dir, args.json, _say)
+    out.fields(summary)
+    return EXIT_ERROR if summary["failed"] else EXIT_OK
 
 
 def cmd_load(c: Client, args: argparse.Namespace, out: Output, src: IO[bytes]) -> int:
@@ -724,6 +733,8 @@ COMMANDS = {
     "verify": cmd_verify,
     "watch": cmd_watch,
     "merged": cmd_merged,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
 }
 
 
@@ -833,6 +844,11 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
         _check_output(args.output)
     elif args.command == "load":
         load_src = _open_snapshot(args)
+    elif args.command == "restore":
+        try:
+            backups.read_manifest(args.dir)  # a folder that is no backup: said before any node is asked
+        except backups.BackupError as exc:
+            raise UsageError(str(exc)) from None
     zctx: zmq.Context[Any] = zmq.Context()
     try:
         try:

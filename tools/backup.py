@@ -1,0 +1,200 @@
+"""`ledger backup DIR` and `ledger restore DIR`: every context of a node, as verified snapshot files.
+
+A backup folder holds one snapshot file per context (SPEC 10, verified against the node's root
+while it is written, fsynced, renamed into place) and `backup.json`, the manifest:
+
+    {"format": "converge-ledger-backup", "version": 1, "node": <node id>, "started": <unix s>,
+     "finished": <unix s> or null, "contexts": {<name>: {"file", "size", "root" (hex)}}}
+
+The manifest is rewritten (atomically) every few seconds and at the end, so a backup cut short
+is resumed by running it again: a context whose file is listed and whose head on the node is
+still that size and root is kept, anything else is snapshotted (again). `restore` loads each
+listed file into the node, skipping a context the node already holds at that size and root; the
+node verifies every entry, and a context it refuses (CONFLICT: another history) is reported and
+the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from protocol.client import Client
+from protocol.errors import LedgerError, NotFound
+
+MANIFEST = "backup.json"
+FORMAT = "converge-ledger-backup"
+SAVE_EVERY_S = 5.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class BackupError(Exception):
+    """A backup folder that cannot be used (not one, another format, unreadable)."""
+
+
+def file_name(context: str) -> str:
+    """A file name for a context's snapshot: readable, and unique by a hash of the whole name."""
+    safe = _UNSAFE.sub("_", context)[:40].strip("._") or "context"
+    return f"{safe}-{hashlib.sha256(context.encode()).hexdigest()[:16]}.snap"
+
+
+def write_snapshot(c: Client, context: str, target: str) -> dict[str, Any]:
+    """A verified snapshot of `context` at `target`: written beside it, fsynced, then renamed, so a
+    failure or Ctrl-C never leaves a partial file under the target's name."""
+    target = os.path.abspath(target)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.urandom(4).hex()}.partial")
+    # O_EXCL: never follow or clobber anything already there; 0o666: the usual umask permissions
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            info = c.snapshot(context, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return info
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise BackupError(f"{folder!r} holds no {MANIFEST}: not a backup folder (made by `ledger backup`)") from None
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"cannot read {path!r}: {exc}") from None
+    if not (isinstance(m, dict) and m.get("format") == FORMAT and m.get("version") == 1
+            and isinstance(m.get("contexts"), dict)):
+        raise BackupError(f"{path!r} is not a {FORMAT} version 1 manifest")
+    return m
+
+
+def _save(folder: str, m: dict[str, Any]) -> None:
+    path = os.path.join(folder, MANIFEST)
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(m, f, ensure_ascii=False, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Progress:
+    """One line that updates in place on a terminal, a line every 10 s elsewhere, nothing with
+    --json (the summary goes to stdout)."""
+
+    def __init__(self, what: str, total: int, quiet: bool, stream: IO[str] | None = None) -> None:
+        self.what, self.total, self.quiet = what, total, quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+        self.t0 = time.monotonic()
+
+    def show(self, done: int, nbytes: int, force: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else 10.0):
+            return
+        self.last = now
+        text = (f"{self.what}: {done:,}/{self.total:,} contexts, {nbytes / 1e6:,.1f} MB, "
+                f"{now - self.t0:,.1f} s")
+        self.stream.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
+        if force and self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def backup(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Back up every context into `folder` (made if missing; resumed if it holds a backup)."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        m = read_manifest(folder)
+    except BackupError:
+        if os.path.exists(os.path.join(folder, MANIFEST)):
+            raise
+        m = {"format": FORMAT, "version": 1, "contexts": {}}
+    node = c.status().get("node_id")
+    if m.get("node") not in (None, node):
+        raise BackupError(f"{folder!r} holds a backup of node {m['node']!r}, not of {node!r}: use another folder")
+    m.update(node=node, started=m.get("started") or round(time.time(), 3), finished=None)
+    listed = c.contexts()
+    progress = Progress("backup", len(listed), quiet)
+    kept = written = nbytes = 0
+    saved = time.monotonic()
+    for i, item in enumerate(listed):
+        name = item["name"]
+        old = m["contexts"].get(name)
+        if old is not None and os.path.isfile(os.path.join(folder, old["file"])):
+            try:
+                h = c.head(name)
+            except NotFound:
+                h = None
+            if h is not None and h.size == old["size"] and h.root.hex() == old["root"]:
+                kept += 1
+                progress.show(i + 1, nbytes)
+                continue
+        fname = file_name(name)
+        info = write_snapshot(c, name, os.path.join(folder, fname))
+        nbytes += os.path.getsize(os.path.join(folder, fname))
+        m["contexts"][name] = {"file": fname, "size": info["size"], "root": bytes(info["root"]).hex()}
+        written += 1
+        progress.show(i + 1, nbytes)
+        if time.monotonic() - saved >= SAVE_EVERY_S:
+            _save(folder, m)
+            saved = time.monotonic()
+    m["finished"] = round(time.time(), 3)
+    _save(folder, m)
+    progress.show(len(listed), nbytes, force=True)
+    gone = sorted(set(m["contexts"]) - {it["name"] for it in listed})
+    if gone:
+        say(f"note: {len(gone)} context(s) in the backup are no longer on the node (kept in the backup): "
+            + ", ".join(map(repr, gone[:10])) + (" ..." if len(gone) > 10 else ""))
+    return {"folder": folder, "node": node, "contexts": len(listed), "written": written, "kept": kept,
+            "bytes_written": nbytes}
+
+
+def restore(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Load every context of the backup in `folder` into the node; returns a summary whose
+    `failed` lists the contexts that could not be restored (and why)."""
+    m = read_manifest(folder)
+    if m.get("finished") is None:
+        say(f"note: the backup in {folder!r} was not finished; restoring the contexts it holds")
+    items = sorted(m["contexts"].items())
+    progress = Progress("restore", len(items), quiet)
+    loaded = present = nbytes = 0
+    failed: list[dict[str, str]] = []
+    for i, (name, info) in enumerate(items):
+        try:
+            h = c.head(name)
+        except NotFound:
+            h = None
+        if h is not None and h.size == info["size"] and h.root.hex() == info["root"]:
+            present += 1
+            progress.show(i + 1, nbytes)
+            continue
+        path = os.path.join(folder, info["file"])
+        try:
+            with open(path, "rb") as f:
+                c.load(name, f)
+            nbytes += os.path.getsize(path)
+            loaded += 1
+        except (LedgerError, OSError, ValueError) as exc:
+            failed.append({"context": name, "error": str(exc)})
+            say(f"restore: {name!r} not restored: {exc}")
+        progress.show(i + 1, nbytes)
+    progress.show(len(items), nbytes, force=True)
+    return {"folder": folder, "backup_of": m.get("node"), "contexts": len(items), "loaded": loaded,
+            "already_there": present, "bytes_loaded": nbytes, "failed": failed}
