@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("context")
     ld.add_argument("file")
     ld.add_argument("--fail-if-exists", action="store_true", help="refuse if the context already exists")
+    ld.add_argument("--import", dest="import_", action="store_true",
+                    help="append the snapshot's entries (of any context) after CONTEXT's own, as new entries "
+                    "that record where they come from in metadata (import.context, import.seq, import.hash): "
+                    "to branch an agent's memory into another context")
 
     bk = sub.add_parser("backup", parents=[common], help="every context of the node into DIR, as verified "
                         "snapshot files and a manifest (run again to resume, or to bring it up to date)")
@@ -637,6 +641,9 @@ def cmd_status(c: Client, args: argparse.Namespace, out: Output) -> int:
 def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
     info = backups.write_snapshot(c, args.context, args.output)
     target = os.path.abspath(args.output)
+    if info.get("missing"):
+        sys.stderr.write(f"note: context {args.context!r} does not exist on the node: wrote an empty snapshot "
+                         "(size 0)\n")
     out.fields(
         {
             "context": info["context"],
@@ -668,6 +675,9 @@ def cmd_restore(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_load(c: Client, args: argparse.Namespace, out: Output, src: IO[bytes]) -> int:
+    if args.import_:
+        out.fields(backups.import_snapshot(c, args.context, args.file))
+        return EXIT_OK
     h = c.load(args.context, src, fail_if_exists=args.fail_if_exists)
     d = head_json(h)
     d["file"] = args.file
@@ -766,7 +776,10 @@ def _open_snapshot(args: argparse.Namespace) -> IO[bytes]:
         raise UsageError(f"cannot read {args.file!r}: {exc.strerror or exc}") from None
     try:
         header, _ = read_snapshot(src)
-        if header["context"] != args.context:
+        if args.import_ and args.fail_if_exists:
+            raise UsageError("load: --import appends to a context, whether it exists or not: "
+                             "--fail-if-exists does not apply")
+        if header["context"] != args.context and not args.import_:
             # The client would refuse too, but as a generic error; say it plainly.
             raise UsageError(
                 f"{args.file!r} is a snapshot of context {header['context']!r}, not {args.context!r} "

@@ -100,3 +100,48 @@ def test_a_context_the_node_holds_differently_is_reported_and_the_rest_restored(
     assert "CONFLICT" in summary["failed"][0]["error"] and "'notes' not restored" in err
     got = _heads(n2, zctx)
     assert all(got[k] == want[k] for k in NAMES if k != "notes")
+
+
+def test_load_import_branches_a_context_with_its_origin_in_metadata(node, zctx, tmp_path, capsys):
+    with Client(node.address, zctx=zctx) as c:
+        for i in range(3):
+            c.append("agent-a", f"fact {i}", key="facts", metadata={"by": "a"})
+        c.append("agent-b", "b's own")
+        src = c.head("agent-a")
+    snap = tmp_path / "a.snap"
+    assert run(capsys, node, "snapshot", "agent-a", "-o", str(snap))[0] == 0
+    rc, out, _ = run(capsys, node, "load", "agent-b", str(snap), "--import")
+    assert rc == 0 and one(out)["imported"] == 3 and (one(out)["first_seq"], one(out)["last_seq"]) == (2, 4)
+    again = one(run(capsys, node, "load", "agent-b", str(snap), "--import")[1])
+    assert (again["first_seq"], again["last_seq"]) == (2, 4)  # run again: nothing appended twice
+    with Client(node.address, zctx=zctx) as c:
+        es = c.get("agent-b").entries
+        orig = c.get("agent-a").entries
+    assert [e.payload for e in es] == [b"b's own", b"fact 0", b"fact 1", b"fact 2"]
+    assert es[1].key == "facts" and es[1].metadata == {
+        "by": "a", "import.context": "agent-a", "import.seq": "1", "import.hash": orig[0].hash.hex()}
+    assert src.size == 3
+
+
+def test_a_snapshot_of_an_unknown_context_is_empty_with_a_note(node, tmp_path, capsys):
+    snap = tmp_path / "none.snap"
+    rc, out, err = run(capsys, node, "snapshot", "nosuch", "-o", str(snap))
+    assert rc == 0 and one(out)["size"] == 0 and "does not exist on the node: wrote an empty snapshot" in err
+    rc, out, _ = run(capsys, node, "load", "target", str(snap), "--import")
+    assert rc == 0 and one(out)["imported"] == 0
+
+
+def test_an_import_of_a_damaged_snapshot_appends_nothing(node, zctx, tmp_path, capsys):
+    with Client(node.address, zctx=zctx) as c:
+        for i in range(3):
+            c.append("src", f"payload-{i}")
+    snap = tmp_path / "s.snap"
+    assert run(capsys, node, "snapshot", "src", "-o", str(snap))[0] == 0
+    data = bytearray(snap.read_bytes())
+    i = data.rfind(b"payload-2")
+    data[i] ^= 0x01
+    snap.write_bytes(bytes(data))
+    rc, _, err = run(capsys, node, "load", "dst", str(snap), "--import")
+    assert rc in (1, 2) and ("INTEGRITY" in err or "does not match" in err), err
+    with Client(node.address, zctx=zctx) as c:
+        assert c.contexts() == [{"name": "src", "size": 3}]
