@@ -20,6 +20,8 @@ import pytest
 import zmq
 
 from protocol import codec, merkle
+from protocol.client import Client
+from protocol.errors import IntegrityError
 from protocol.entry import Entry, leaf_hash
 from protocol.merkle import Frontier
 from tools import cli
@@ -334,11 +336,17 @@ def test_snapshot_load_round_trip(capsys, node, node_factory, client, tmp_path):
     assert [e["payload"] for e in objs(out)] == [f"PAYLOAD-MARK-{i:04d}" for i in range(50)]
 
 
-def test_snapshot_failure_leaves_no_file(capsys, node, tmp_path):
+def test_snapshot_failure_leaves_no_file(capsys, node, tmp_path, monkeypatch):
     folder = tmp_path / "out"
     folder.mkdir()
-    rc, out, err = run(capsys, node, "snapshot", "nope", "-o", str(folder / "s.snap"))
-    assert rc == 1 and "NOT_FOUND" in err
+
+    def cut_short(self, context, out, size=None):  # part of the file written, then the node fails
+        out.write(b"\x85partial")
+        raise IntegrityError("the node changed its root for a fixed size during the snapshot")
+
+    monkeypatch.setattr(Client, "snapshot", cut_short)
+    rc, out, err = run(capsys, node, "snapshot", "c1", "-o", str(folder / "s.snap"))
+    assert rc == 1 and "INTEGRITY" in err
     assert list(folder.iterdir()) == []
 
 
