@@ -141,12 +141,12 @@ def _scale_main(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     plot_path = ns.plot_scale
     if plot_path is None and not ns.smoke:
         if importlib.util.find_spec("matplotlib") is None:
-            print("ledger-bench: no plot: matplotlib is not installed (pip install 'converge-ledger[plot]')",
+            print("ledger-bench: no plot: matplotlib is not installed (pip install -e '.[plot]' in a checkout)",
                   file=sys.stderr)
         else:
             plot_path = SCALE_PLOT if os.path.isdir(os.path.dirname(SCALE_PLOT)) else os.path.basename(SCALE_PLOT)
     elif plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-        p.error("--plot-scale needs matplotlib (pip install 'converge-ledger[plot]')")
+        p.error("--plot-scale needs matplotlib (pip install -e '.[plot]' in a checkout)")
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-scale-")
     os.makedirs(workdir, exist_ok=True)
     report, rc = _guarded(lambda: scale.run_scale(contexts, entries, workdir, False, ns.scale_catch_up_timeout,

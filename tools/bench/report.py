@@ -163,26 +163,46 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
+    """The ratios against their targets: a bar each with its value written on it, the target as a
+    black tick, and in the label whether it is a floor (at least) or a ceiling (at most)."""
+    fig = figure(report)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def figure(report: dict[str, Any]) -> Any:
+    """The plot's figure (tests look at its labels)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("ledger-bench: --plot needs matplotlib (pip install 'converge-ledger[plot]')") from None
+        raise SystemExit("ledger-bench: --plot needs matplotlib (pip install -e '.[plot]' in a checkout)") from None
     items = [(k, v) for k, v in report["ratios"].items() if k.endswith(("_p50", "_seq", "_pipelined"))
              or "_vs_" in k]
-    names = [k.replace("_vs_", "\nvs ") for k, _ in items]
-    values = [v["value"] for _, v in items]
-    targets = [float(v["target"].split()[1]) for _, v in items]
-    colors = ["tab:green" if v["met"] else "tab:red" for _, v in items]
-    fig, ax = plt.subplots(figsize=(11, 5))
-    ax.bar(range(len(values)), values, color=colors)
-    ax.scatter(range(len(values)), targets, marker="_", s=900, color="black", label="target", zorder=3)
-    ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(names, fontsize=7)
+    names, values, targets, colors = [], [], [], []
+    for k, v in items:
+        sign, _, number = str(v["target"]).partition(" ")
+        kind = "floor" if sign.startswith((">", "≥")) else "ceiling"
+        names.append(k.replace("_vs_", " vs ") + f"\n({kind} {number})")
+        values.append(float(v["value"]))
+        targets.append(float(number))
+        colors.append("tab:green" if v["met"] else "tab:red")
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(values) + 2), 5.5))
+    xs = range(len(values))
+    bars = ax.bar(xs, values, color=colors)
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.2f}", ha="center",
+                va="bottom", fontsize=7)
+    ax.scatter(xs, targets, marker="_", s=900, color="black", label="target (floor: at least; ceiling: at most)",
+               zorder=3)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("ratio")
-    ax.set_title(f"ledger-bench ({report['mode']}): ratios against baselines (green: target met)")
-    ax.legend()
+    ax.set_title(f"ledger-bench ({report['mode']}): ratios against baselines (green: target met, red: missed)")
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig

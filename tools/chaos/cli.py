@@ -104,7 +104,7 @@ def execute(opts: Options, out: IO[str] | None = None, err: IO[str] | None = Non
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            err.write(f"{PROG}: error: --plot needs matplotlib (pip install 'converge-ledger[plot]')\n")
+            err.write(f"{PROG}: error: --plot needs matplotlib (pip install -e '.[plot]' in a checkout)\n")
             return EXIT_USAGE
     old: dict[int, Any] = {}
 

@@ -86,6 +86,15 @@ def summary_lines(rep: Mapping[str, Any]) -> list[str]:
 
 def plot(rep: Mapping[str, Any], ops: Sequence[Mapping[str, Any]], path: str) -> None:
     """Acknowledged, failed and unknown appends per half second, with the faults as bands."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rep, ops)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(rep: Mapping[str, Any], ops: Sequence[Mapping[str, Any]]) -> Any:
+    """The plot's figure (tests look at its labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,25 +108,31 @@ def plot(rep: Mapping[str, Any], ops: Sequence[Mapping[str, Any]], path: str) ->
             series[op["type"]][int(op["complete"] / 0.5)] += 1
     fig, ax = plt.subplots(figsize=(12, 4.5))
     xs = [i * 0.5 for i in range(nbins)]
-    for k, color in (("ok", "tab:green"), ("fail", "tab:orange"), ("unknown", "tab:red")):
+    # appends in greens and greys; faults in red (kill), blue (pause), purple (partition)
+    for k, color in (("ok", "tab:green"), ("fail", "tab:orange"), ("unknown", "tab:gray")):
         ax.plot(xs, series[k], label=f"append {k}", color=color, drawstyle="steps-post")
     colors = {"kill": "tab:red", "pause": "tab:blue", "partition": "tab:purple"}
     top = max(max(s) for s in series.values()) or 1
     names = node_names(rep["nodes"])
+    kinds = {e["kind"] for e in rep["executed"]}
+    rows = names + (["partitions"] if "partition" in kinds else [])
     for e in rep["executed"]:
         end_t = e["ended"] if e["ended"] is not None else rep["heal_at_s"]
         row = names.index(e["nodes"][0]) if e["kind"] != "partition" else len(names)
         y0 = top * (1.05 + 0.08 * row)
         ax.plot([e["began"], end_t], [y0, y0], color=colors[e["kind"]], linewidth=5, solid_capstyle="butt")
+    for row, label in enumerate(rows):  # each fault row named at its left
+        ax.text(-0.01, top * (1.05 + 0.08 * row), label, transform=ax.get_yaxis_transform(), ha="right",
+                va="center", fontsize=7)
     for k, c in colors.items():
-        ax.plot([], [], color=c, linewidth=5, label=k)
+        if k in kinds:  # only the faults that happened
+            ax.plot([], [], color=c, linewidth=5, label=k)
     if rep["heal_at_s"] is not None:
         ax.axvline(rep["heal_at_s"], color="black", linestyle="--", linewidth=1, label="healed")
     ax.set_xlabel("seconds into the fault phase")
-    ax.set_ylabel("appends per 0.5 s (fault rows above: " + ", ".join(names) + ", partitions)")
+    ax.set_ylabel("appends per 0.5 s (faults above, a row per node)")
     ax.set_title(f"ledger-chaos seed {rep['seed']}: {rep['acked']} acknowledged, {rep['lost_acked']} lost, "
                  + (f"converged in {rep['convergence_s']:.2f} s" if rep["converged"] else "NOT converged"))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
