@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from node import __version__
 from node.busypoll import DEFAULT_BUDGET_PCT as DEFAULT_BUSY_POLL_BUDGET
 from node.busypoll import DEFAULT_WINDOW_US as DEFAULT_BUSY_POLL_US
+from node.busypoll import SUGGESTED_WINDOW_US
 from node.mesh import DEFAULT_MAX_PEERS, MAX_MAX_PEERS
 from protocol.address import parse_address, split_address
 from protocol.errors import RemoteProtocolError
@@ -200,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 3000)")
     p.add_argument("--busy-poll-us", help="after answering requests, keep polling without sleeping for this "
                    "long, so a client's next request is not slowed by waking the node; it stops by itself "
-                   "when requests come further apart, and 0 turns it off [LEDGER_BUSY_POLL_US] "
-                   f"(default {DEFAULT_BUSY_POLL_US})")
+                   "when requests come further apart, and spends at most --busy-poll-budget. 0 is off; "
+                   f"{SUGGESTED_WINDOW_US} suits one-at-a-time clients when the node can spare the CPU "
+                   f"[LEDGER_BUSY_POLL_US] (default {DEFAULT_BUSY_POLL_US})")
     p.add_argument("--busy-poll-budget", metavar="PCT", help="the most busy-polling may spend, in percent of "
                    "one core over any second; past it the node sleeps in poll until the budget refills. 100 "
                    "is no budget, 0 turns busy-polling off [LEDGER_BUSY_POLL_BUDGET] "

@@ -232,6 +232,18 @@ def test_busy_poll_catches_back_to_back_requests_and_can_be_turned_off(node_fact
                         "budget_pct": 10, "spent_pct_last_s": 0.0, "budget_runouts": 0}
 
 
+def test_busy_poll_is_off_by_default(node_factory, zctx):
+    # issue #17: a budget that bounds the CPU keeps little of the latency win under load, so
+    # spinning is opt-in (docs/benchmarks.md, "Busy-poll budget")
+    n = node_factory("--flush-ms", "60000")
+    with Client(n.address, zctx=zctx) as c:
+        for i in range(50):
+            c.append("bp", f"e{i}")
+        busy = c.status()["busy_poll"]
+    assert (busy["window_us"], busy["active"], busy["hits"], busy["spun_ms"]) == (0, False, 0, 0.0), busy
+    assert busy["budget_pct"] == 10  # what it would spend at most, once turned on
+
+
 def test_node_id_is_kept_and_a_different_id_is_refused(node_factory):
     n = node_factory()
     first = n.node_id
