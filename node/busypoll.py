@@ -23,8 +23,9 @@ A client that sends just inside the window (a steady 2,000 appends/s against a 5
 window) is caught every time, so none of the above stops the spin, and the loop spins the
 whole gap between requests: 83% of a core against 29% without spinning (issue #17). So the
 spin also has a CPU budget: over the last second, at most `budget_pct` percent of a core is
-spent spinning (`BUDGET_SLOTS` slots of `SLOT_S`, a sliding window; a spin is cut short when
-the budget runs out, and the loop sleeps in poll until enough of the window has passed).
+spent spinning (a sliding window of slots of 1/`SLOTS_PER_S` s, each spin remembered for at
+least a second; a spin is cut short when the budget runs out, and the loop sleeps in poll
+until enough of the window has passed).
 Time spinning is measured on the loop's own clock (wall time from the first turn of a spin
 to its last): it counts time given away in `sched_yield` too, so it is never less than the
 CPU the spin used. `budget_pct` 100 is no budget (the spin before issue #17).
@@ -53,30 +54,32 @@ COOLDOWN_S = 0.2  # ... for at least this long
 NEAR_MISS = 1.5  # a request within this many windows of the last one made the miss a near one
 REARM = 3  # requests in a row a window would have caught, to start spinning again
 DEFAULT_BUDGET_PCT = 10  # share of one core the spin may use over any second (100: no budget)
-SLOT_S = 0.1  # the budget's sliding window is BUDGET_SLOTS slots of this many seconds
-BUDGET_SLOTS = 10
+SLOTS_PER_S = 10  # the budget's sliding window is kept in slots of 1/SLOTS_PER_S s: ...
+BUDGET_SLOTS = SLOTS_PER_S + 1  # ... the current one and a second's worth before it
 MIN_SPIN_S = 5e-6  # a spin the budget would end sooner than this is not started
 
 
 class SpinBudget:
-    """Seconds spent spinning over the last second (BUDGET_SLOTS slots of SLOT_S), against a cap.
+    """Seconds spent spinning over the last 1.0-1.1 s (BUDGET_SLOTS slots), against a cap.
 
-    The slot of the current time is always part of the sum, so over any second the spin uses
-    at most the cap plus one slot's share of it (10% of a core: 100 ms, plus at most 10 ms)."""
+    A spin counts in the sum until the slot it ended in is more than SLOTS_PER_S slots old,
+    so for at least a second: any second's spinning is in the sum at that second's end, and a
+    spin never starts past what is left, so no second holds more than the cap (to the loop's
+    last turn of a spin, a few microseconds, and the clock's rounding)."""
 
     def __init__(self, budget_pct: int) -> None:
         self.pct = budget_pct
         self.cap = budget_pct / 100.0  # seconds per second
         self.unlimited = budget_pct >= 100
         self.slots = [0.0] * BUDGET_SLOTS
-        self.slot = 0  # index of the newest slot: the slot number (time // SLOT_S) it holds ...
+        self.slot = 0  # index of the newest slot: the slot number (time * SLOTS_PER_S) it holds ...
         self.slot_no = 0  # ... is this one
         self.total = 0.0  # sum of the slots
         self.runouts = 0  # times a spin was refused or cut short for want of budget
         self.dry = False  # the budget ran out and has not refilled since (one runout per episode)
 
     def _advance(self, now: float) -> None:
-        no = int(now // SLOT_S)
+        no = int(now * SLOTS_PER_S)  # (not now // 0.1: 1.0 // 0.1 is 9.0)
         gap = no - self.slot_no
         if gap <= 0:
             return  # (a clock read a little earlier by the caller: the newest slot still counts)
@@ -116,9 +119,9 @@ class SpinBudget:
             self.runouts += 1
 
     def spent_share(self, now: float) -> float:
-        """Share of one core spent spinning over the last second."""
+        """Share of one core spent spinning over the last second (1.0-1.1 s: the window's length)."""
         self._advance(now)
-        return self.total / (SLOT_S * BUDGET_SLOTS)
+        return self.total
 
 
 class BusyPoll:
