@@ -20,9 +20,12 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def config(durability: str, busy_poll_us: int, flush_ms: int = 5) -> Config:
+    # no CPU budget: these tests are about where the spin ends and when the window opens (with
+    # the budget, a loop that spun its 100 ms sleeps in poll instead, and the tests below would
+    # time a wake-up on a loaded machine, not the spin); the budget has tests of its own below
     return Config(node_id="bp", data=":memory:", host="127.0.0.1", port=0, pub_port=0, durability=durability,
                   flush_ms=flush_ms, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info",
-                  busy_poll_us=busy_poll_us)
+                  busy_poll_us=busy_poll_us, busy_poll_budget=100)
 
 
 class TimedKV(MemoryKV):
