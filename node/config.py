@@ -15,7 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from node import __version__
+from node.busypoll import DEFAULT_BUDGET_PCT as DEFAULT_BUSY_POLL_BUDGET
 from node.busypoll import DEFAULT_WINDOW_US as DEFAULT_BUSY_POLL_US
+from node.busypoll import SUGGESTED_WINDOW_US
 from node.mesh import DEFAULT_MAX_PEERS, MAX_MAX_PEERS
 from protocol.address import parse_address, split_address
 from protocol.errors import RemoteProtocolError
@@ -55,6 +57,7 @@ class Config:
     replica_timeout_ms: int = 3000
     cluster: str = "ledger"
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    busy_poll_budget: int = DEFAULT_BUSY_POLL_BUDGET  # percent of one core, over any second
     max_loads: int = 4
     max_staged_bytes: int = 256 << 20
     max_watch_topics: int = 10_000
@@ -202,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 3000)")
     p.add_argument("--busy-poll-us", help="after answering requests, keep polling without sleeping for this "
                    "long, so a client's next request is not slowed by waking the node; it stops by itself "
-                   "when requests come further apart, and 0 turns it off [LEDGER_BUSY_POLL_US] "
-                   f"(default {DEFAULT_BUSY_POLL_US})")
+                   "when requests come further apart, and spends at most --busy-poll-budget. 0 is off; "
+                   f"{SUGGESTED_WINDOW_US} suits one-at-a-time clients when the node can spare the CPU "
+                   f"[LEDGER_BUSY_POLL_US] (default {DEFAULT_BUSY_POLL_US})")
+    p.add_argument("--busy-poll-budget", metavar="PCT", help="the most busy-polling may spend, in percent of "
+                   "one core over any second; past it the node sleeps in poll until the budget refills. 100 "
+                   "is no budget, 0 turns busy-polling off [LEDGER_BUSY_POLL_BUDGET] "
+                   f"(default {DEFAULT_BUSY_POLL_BUDGET})")
     p.add_argument("--max-client-queue", help="reply bytes the node holds for one client that has not read "
                    "them; a client past it is cut off (its requests go unanswered, counted in status, until "
                    "it has read what was queued) [LEDGER_MAX_CLIENT_QUEUE] (default 64MiB)")
@@ -341,6 +349,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
                           f"dead-after <= 1000, got {sa_raw!r} and {da_raw!r}")
     rt_raw = _int_flag(pick(args.replica_timeout_ms, "REPLICA_TIMEOUT_MS", "3000"), "--replica-timeout-ms", 1, 600_000)
     bp_raw = _int_flag(pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US)), "--busy-poll-us", 0, 10_000, ' (off)')
+    bb_raw = _int_flag(pick(args.busy_poll_budget, "BUSY_POLL_BUDGET", str(DEFAULT_BUSY_POLL_BUDGET)),
+                       "--busy-poll-budget", 0, 100, " (off)")
     try:
         max_client_queue = parse_size(pick(args.max_client_queue, "MAX_CLIENT_QUEUE", str(DEFAULT_MAX_CLIENT_QUEUE)))
     except ValueError as exc:
@@ -386,6 +396,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         watch_heartbeat_ms=int(hb_raw), watch_queue=int(wq_raw), peers=tuple(peers),
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
+        busy_poll_budget=int(bb_raw),
         max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
         max_watchers_per_context=int(mw_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),

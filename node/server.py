@@ -187,7 +187,7 @@ class Server:
         self._wake_rx, wake_tx = sockets.wake_pair(self.zctx, f"flush-{id(self)}")
         self.flusher = Flusher(ledger.kv, wake_tx, config.sync)
         self.backpressure_waits = 0
-        self.busy = BusyPoll(config.busy_poll_us)
+        self.busy = BusyPoll(config.busy_poll_us, config.busy_poll_budget)
 
     @property
     def mesh(self) -> Mesh:
@@ -261,7 +261,7 @@ class Server:
         fields.update(self.replies.status())
         fields.update(self.junk.status())
         fields.update(self.connections.status())
-        fields.update(self.busy.status())
+        fields.update(self.busy.status(time.perf_counter()))  # (the loop's spin clock)
         fields.update(self.publisher.status())
         fields["unkeyed_peer_requests"] = self.peers.unkeyed
         if self.zap is not None:
@@ -466,8 +466,8 @@ class Server:
         clock = time.perf_counter
         router = self.router
         events = zmq.EVENTS
-        end = min(busy.until, deadline)
         started = now = clock()
+        end = min(busy.spin_end(now), deadline)  # (the window's end, or where the budget runs out)
         turn = 0
         while now < end:
             # the request socket is asked alone (2 us); every socket every 8th turn (6 us)
@@ -482,7 +482,7 @@ class Server:
                     return found
             os.sched_yield()  # a thread waiting for this core (the client's, say) runs first
             now = clock()
-        # the window ran out (a miss), or a deadline came first (no verdict)
+        # the window ran out (a miss), or a deadline or the CPU budget came first (no verdict)
         busy.spun(started, now, hit=False if now >= busy.until else None)
         return None
 

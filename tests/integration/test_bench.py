@@ -216,3 +216,28 @@ def test_settle_waits_for_a_quiet_machine_and_gives_up_after_its_limit(monkeypat
 def test_settle_does_not_wait_without_proc_stat(monkeypatch):
     monkeypatch.setattr(bench.machine, "machine_cpu", lambda: (float("nan"), float("nan")))
     assert bench.settle() == 0.0
+
+
+def test_steady_rate_runs_only_when_named_and_reports_cpu_and_p50(capsys, tmp_path):
+    # short: two small rates, 0.3 s each, one round (figures are never asserted, only their shape)
+    before = _children()
+    assert bench.main(["--smoke", "--json", "--workdir", str(tmp_path), "--only", "steady_rate"]) == 0
+    assert _children() <= before, "ledger-bench left processes running"
+    report = json.loads(capsys.readouterr().out)
+    assert report["results"] == {} and report["memory"] is None  # nothing else ran
+    s = report["steady_rate"]
+    assert s["rates"] == list(bench.SMOKE.steady_rates) and s["rounds"] == 1
+    assert s["variants"] == {"default": [], "off": ["--busy-poll-us", "0"], "on_500us": ["--busy-poll-us", "500"]}
+    for name in s["variants"]:
+        for rate in bench.SMOKE.steady_rates:
+            r = s["results"][name][str(rate)]
+            assert r["cpu_pct"] >= 0 and r["p50_us"] > 0, (name, rate, r)
+            # the client kept its pace (it sends one at a time, so it can only fall behind)
+            assert 0.5 * rate <= r["achieved_per_s"] <= 1.2 * rate, (name, rate, r)
+            assert len(r["per_round"]) == 1 and r["per_round"][0]["spin_pct_last_s"] is not None
+    top = max(bench.SMOKE.steady_rates)
+    fig = report["ratios"][f"steady_{top}_cpu_default_vs_off"]
+    assert fig["target"] == "<= 1.3" and isinstance(fig["met"], bool)
+    # and not part of a run that does not name it
+    assert bench.main(["--smoke", "--json", "--no-memory", "--workdir", str(tmp_path), "--only", "raw_echo_seq"]) == 0
+    assert json.loads(capsys.readouterr().out)["steady_rate"] is None

@@ -186,6 +186,8 @@ def test_ipv6_loopback_listen_works(node_factory, zctx):
         (["--id", "bad id!"], "--id"),
         (["--busy-poll-us", "-1"], "--busy-poll-us"),
         (["--busy-poll-us", "10001"], "--busy-poll-us"),
+        (["--busy-poll-budget", "101"], "--busy-poll-budget"),
+        (["--busy-poll-budget", "-5"], "--busy-poll-budget"),
         # digits outside ASCII: isdigit() says yes, int() says no or reads them as a number
         (["--busy-poll-us", "\u00b2"], "--busy-poll-us"),
         (["--flush-ms", "\uff15"], "--flush-ms"),
@@ -214,7 +216,8 @@ def test_busy_poll_catches_back_to_back_requests_and_can_be_turned_off(node_fact
     # A wide window, so a slow CI machine still sends its next request inside it, and no
     # flush during the run: the loop does not spin while a write is in flight, which on a
     # loaded machine can be half the time.
-    spinning = node_factory("--busy-poll-us", "10000", "--flush-ms", "60000")
+    # (no CPU budget: this is about catching requests; the budget has tests of its own)
+    spinning = node_factory("--busy-poll-us", "10000", "--busy-poll-budget", "100", "--flush-ms", "60000")
     off = node_factory("--busy-poll-us", "0", "--flush-ms", "60000", name="n2")
     for n in (spinning, off):
         with Client(n.address, zctx=zctx) as c:
@@ -225,7 +228,20 @@ def test_busy_poll_catches_back_to_back_requests_and_can_be_turned_off(node_fact
     # (a request that arrives before the loop is done with the previous one is read in the
     # same turn, neither hit nor miss: on a loaded machine that is about half of them)
     assert spinning.busy["hits"] >= 40 and spinning.busy["misses"] <= 5, spinning.busy
-    assert off.busy == {"window_us": 0, "active": False, "hits": 0, "misses": 0, "stops": 0, "spun_ms": 0.0}
+    assert off.busy == {"window_us": 0, "active": False, "hits": 0, "misses": 0, "stops": 0, "spun_ms": 0.0,
+                        "budget_pct": 10, "spent_pct_last_s": 0.0, "budget_runouts": 0}
+
+
+def test_busy_poll_is_off_by_default(node_factory, zctx):
+    # issue #17: a budget that bounds the CPU keeps little of the latency win under load, so
+    # spinning is opt-in (docs/benchmarks.md, "Busy-poll budget")
+    n = node_factory("--flush-ms", "60000")
+    with Client(n.address, zctx=zctx) as c:
+        for i in range(50):
+            c.append("bp", f"e{i}")
+        busy = c.status()["busy_poll"]
+    assert (busy["window_us"], busy["active"], busy["hits"], busy["spun_ms"]) == (0, False, 0, 0.0), busy
+    assert busy["budget_pct"] == 10  # what it would spend at most, once turned on
 
 
 def test_node_id_is_kept_and_a_different_id_is_refused(node_factory):

@@ -51,6 +51,14 @@ peak, after) against the targets p50 <= 5 ms, p99 <= 50 ms, RSS under README's b
   flood_loads                        loads of 1 MiB entries started and never finished
   flood_watchers                     1,000 watchers of the context the second client appends to
 
+Steady rate (issue #17; only when named: --only steady_rate, about a minute and a half):
+  steady_rate                        one client appending one 256-byte entry at a time at a steady
+                                     200, 1,000 and 2,000 per second (3 s each, 3 rounds) to a node
+                                     with the default settings, one with --busy-poll-us 0 and one
+                                     with --busy-poll-us 500, alternating: the node's CPU
+                                     (/proc/PID/stat) and the p50; node CPU at 2,000/s, default / off,
+                                     against the target <= 1.3
+
 Scale (issue #15; only with --scale, never in --quick or the full run; --smoke --scale: tiny sizes):
   contexts curve                     per N in --scale-contexts: N contexts x 10 entries of 64 B on a
                                      fresh node; restart (SIGTERM -> status answers), idle RSS, the

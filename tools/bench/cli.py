@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if res is None:
         return rc
     report = build_report(res.samples, res.per_round, res.memory, res.notes, mode_name, res.watch, res.mesh,
-                          res.floods)
+                          res.floods, res.steady)
     if ns.json:
         print(json.dumps(report))
     else:

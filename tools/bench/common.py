@@ -16,7 +16,7 @@ CURVE_SCENARIOS = ("append_seq_curve", "append_pipelined_curve", "get_one_curve"
 WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
 MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
 # what --only accepts besides SCENARIOS: figures that are not a throughput scenario
-OTHER_FIGURES = ("memory", "heartbeat_bytes_10k")
+OTHER_FIGURES = ("memory", "heartbeat_bytes_10k", "steady_rate")
 FLOOD_FIGURES = ("flood_unread", "flood_idle", "flood_big", "flood_topics", "flood_loads", "flood_watchers")  # --only flood: all
 PAYLOAD_SIZE = 256
 WINDOW = 1000
@@ -51,6 +51,9 @@ class Sizes:
     flood_frame_mib: float = 15.9  # flood_big: just under the 16 MiB request limit (a larger frame is dropped)
     flood_topics: int = 100_000  # flood_topics
     flood_watchers: int = 1000  # flood_watchers (the default --max-watchers-per-context)
+    steady_rates: tuple[int, ...] = (200, 1000, 2000)  # steady_rate: appends per second, one at a time
+    steady_seconds: float = 3.0  # each rate on each node, per round
+    steady_rounds: int = 3
 
 
 QUICK = Sizes(rounds=3, seq=1500, pipelined=20_000, batches=30, sync_pipelined=10_000, gets=1500,
@@ -62,7 +65,8 @@ FULL = Sizes(rounds=7, seq=5000, pipelined=60_000, batches=100, sync_pipelined=3
 SMOKE = Sizes(rounds=1, seq=20, pipelined=200, batches=2, sync_pipelined=100, gets=20,
               memory_entries=2000, memory_contexts=10, watch_appends=50, fanout_contexts=100,
               fanout_entries=3, catch_up_entries=2000, heartbeat_contexts=200, flood_seconds=1.0,
-              flood_gets=50, flood_connections=20, flood_frame_mib=0.25, flood_topics=200, flood_watchers=20)
+              flood_gets=50, flood_connections=20, flood_frame_mib=0.25, flood_topics=200, flood_watchers=20,
+              steady_rates=(100, 400), steady_seconds=0.3, steady_rounds=1)
 
 
 RATIOS: list[tuple[str, str, str, str, str, float]] = [
@@ -88,3 +92,4 @@ WATCH_LATENCY_P99_US = 5000
 REPLICATION_LAG_P99_MS = 100
 CATCH_UP_ENTRIES_PER_S = 100_000
 HEARTBEAT_BYTES_MAX = 2048
+STEADY_CPU_RATIO_MAX = 1.3  # steady_rate: node CPU at the top rate, default settings / busy-polling off

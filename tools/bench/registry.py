@@ -9,7 +9,7 @@ imported:
   machine settles (`run_rounds`). Families set up in the order of FAMILY_ORDER, and a slice's
   place in `Rounds.slices` seeds the shuffle, so that order is part of the tool's behaviour;
 - a *run* (`run`) is a figure measured on its own (watch_fanout, catch_up, heartbeat_bytes_10k,
-  memory, the floods); it writes into the shared `Results`. Runs run in the order of RUN_ORDER.
+  memory, the floods, steady_rate); it writes into the shared `Results`. Runs run in the order of RUN_ORDER.
 
 `execute` runs the selected entries and returns the `Results` that
 `tools.bench.report.build_report` turns into the report.
@@ -46,6 +46,7 @@ class Results:
     mesh: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] | None = None
     floods: dict[str, Any] = field(default_factory=dict)
+    steady: dict[str, Any] | None = None
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Run:
 
 
 FAMILY_ORDER = ("baseline", "redis", "curve", "watch", "mesh")
-RUN_ORDER = ("throughput", "watch_fanout", "catch_up", "heartbeat_bytes_10k", "memory", "floods")
+RUN_ORDER = ("throughput", "watch_fanout", "catch_up", "heartbeat_bytes_10k", "memory", "floods", "steady_rate")
 ROUND_FAMILIES: dict[str, RoundFamily] = {}
 RUNS: dict[str, Run] = {}
 

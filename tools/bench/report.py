@@ -76,7 +76,7 @@ def log(msg: str, quiet: bool) -> None:
 def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[float]],
                  memory: dict[str, Any] | None, notes: list[str], mode: str,
                  watch: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None,
-                 floods: dict[str, Any] | None = None) -> dict[str, Any]:
+                 floods: dict[str, Any] | None = None, steady: dict[str, Any] | None = None) -> dict[str, Any]:
     order = [n for n in SCENARIOS if n in samples]
     results = {name: summarize(samples[name]) for name in order}
     ratios: dict[str, Any] = {}
@@ -118,8 +118,12 @@ def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[flo
     for name, f in (floods or {}).items():
         for fig, r in f["targets"].items():
             ratios[f"{name}_{fig}"] = r
+    if steady and "cpu_ratio" in steady:
+        c = steady["cpu_ratio"]
+        ratios[c["name"]] = {k: c[k] for k in ("value", "target", "met")}
     return {"mode": mode, "results": results, "ratios": ratios, "memory": memory, "watch": watch or None,
-            "mesh": mesh or None, "floods": floods or None, "environment": environment(), "notes": notes}
+            "mesh": mesh or None, "floods": floods or None, "steady_rate": steady, "environment": environment(),
+            "notes": notes}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -153,6 +157,13 @@ def print_table(report: dict[str, Any]) -> None:
               f"x{f.get('p99_ratio')}); node RSS {f['rss_start_mib']:.0f} / {f['rss_peak_mib']:.0f} / "
               f"{f['rss_after_mib']:.0f} MiB (start / peak / after), bound {f['rss_bound_mib']:.0f}; "
               f"flooder {f['flood']}")
+    steady = report.get("steady_rate")
+    if steady:
+        print(f"steady_rate: one client, single 256-byte appends, {steady['seconds']:g} s per rate, "
+              f"medians of {steady['rounds']} round(s)")
+        for name, per_rate in steady["results"].items():
+            print(f"  {name:10s} " + "; ".join(f"{rate}/s: node CPU {r['cpu_pct']}%, p50 {r['p50_us']} us"
+                                               for rate, r in per_rate.items()))
     print()
     print(f"{'figure':55s} {'value':>10s}  target")
     for name, r in report["ratios"].items():

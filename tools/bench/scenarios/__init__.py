@@ -7,15 +7,18 @@ whose FAMILY_ORDER and RUN_ORDER say in which order they set up and run).
   heartbeat_bytes_10k;
 - `curve`: the `curve` round family (append_seq_curve, append_pipelined_curve, get_one_curve: a
   node with keys);
-- `memory`, `floods`: the memory/restart run and the floods (tools/flood.py).
+- `memory`, `floods`: the memory/restart run and the floods (tools/flood.py);
+- `steady`: steady_rate, a paced client against the default node and one with busy-polling off
+  (issue #17; only when named).
 """
 
 from __future__ import annotations
 
-from . import curve, floods, memory, mesh, throughput, watch  # noqa: F401  (registers them)
+from . import curve, floods, memory, mesh, steady, throughput, watch  # noqa: F401  (registers them)
 from .floods import run_floods
 from .memory import run_memory
+from .steady import run_steady
 from .mesh import MeshScenarios, run_catch_up, run_heartbeat
 from .watch import run_fanout
 
-__all__ = ["MeshScenarios", "run_catch_up", "run_fanout", "run_floods", "run_heartbeat", "run_memory"]
+__all__ = ["MeshScenarios", "run_catch_up", "run_fanout", "run_floods", "run_heartbeat", "run_memory", "run_steady"]
