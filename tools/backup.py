@@ -127,6 +127,15 @@ class Progress:
         self.stream.flush()
 
 
+def _holds(c: Client, name: str, listed: dict[str, Any]) -> bool:
+    """Whether the node holds `name` at the size and root a manifest lists for it."""
+    try:
+        h = c.head(name)
+    except NotFound:
+        return False
+    return bool(h.size == listed["size"] and h.root.hex() == listed["root"])
+
+
 def backup(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> dict[str, Any]:
     """Back up every context into `folder` (made if missing; resumed if it holds a backup)."""
     os.makedirs(folder, exist_ok=True)
@@ -147,15 +156,10 @@ def backup(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> d
     for i, item in enumerate(listed):
         name = item["name"]
         old = m["contexts"].get(name)
-        if old is not None and os.path.isfile(os.path.join(folder, old["file"])):
-            try:
-                h = c.head(name)
-            except NotFound:
-                h = None
-            if h is not None and h.size == old["size"] and h.root.hex() == old["root"]:
-                kept += 1
-                progress.show(i + 1, nbytes)
-                continue
+        if old is not None and os.path.isfile(os.path.join(folder, old["file"])) and _holds(c, name, old):
+            kept += 1
+            progress.show(i + 1, nbytes)
+            continue
         fname = file_name(name)
         info = write_snapshot(c, name, os.path.join(folder, fname))
         nbytes += os.path.getsize(os.path.join(folder, fname))
@@ -187,11 +191,7 @@ def restore(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> 
     loaded = present = nbytes = 0
     failed: list[dict[str, str]] = []
     for i, (name, info) in enumerate(items):
-        try:
-            h = c.head(name)
-        except NotFound:
-            h = None
-        if h is not None and h.size == info["size"] and h.root.hex() == info["root"]:
+        if _holds(c, name, info):
             present += 1
             progress.show(i + 1, nbytes)
             continue

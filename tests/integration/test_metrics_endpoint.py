@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import urllib.error
 import urllib.request
 
 import pytest
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protocol.client import Client
 from protocol.errors import NotFound
 from tests.integration.test_node import run_node
+from tests.unit.test_metrics import _get
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,14 +22,6 @@ def _address(n) -> str:
     m = re.search(r"metrics \(HTTP\):\s+http://(\S+)/metrics", n.output())
     assert m, n.output()
     return m.group(1)
-
-
-def _get(address: str, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:

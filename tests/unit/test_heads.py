@@ -53,6 +53,17 @@ def state(led: Ledger) -> dict:
     return {n: (c.size, c.frontier.root(), c.last_lamport) for n, c in led.contexts.items()}
 
 
+def cleanly_stopped(tmp_path, n: int) -> tuple[MemoryKV, Ledger]:
+    """A ledger with context `c` of `n` entries, stopped cleanly (heads current, marks written)."""
+    kv = MemoryKV()
+    led = make(kv, tmp_path)
+    fill(led, "c", n)
+    led.flush_sync()
+    assert led.mark_clean()
+    led.close()
+    return kv, led
+
+
 def test_a_flush_writes_each_written_contexts_head_with_its_batch(tmp_path):
     kv = MemoryKV()
     led = make(kv, tmp_path)
@@ -136,12 +147,7 @@ def test_entries_beyond_a_head_are_found(tmp_path):
 
 def test_the_clean_mark_is_ignored_when_the_journal_changed_since(tmp_path, caplog):
     # an older version (which keeps no heads and knows no clean mark) ran on the folder in between
-    kv = MemoryKV()
-    led = make(kv, tmp_path)
-    fill(led, "c", 4)
-    led.flush_sync()
-    assert led.mark_clean()
-    led.close()
+    kv, _ = cleanly_stopped(tmp_path, 4)
     stale = kv.get(st.ctx_key("c"))
     older = make(kv, tmp_path)
     fill(older, "c", 4)
@@ -209,12 +215,7 @@ def test_a_clean_stop_brings_every_head_up_to_date_the_load_path_too(tmp_path):
 
 def test_after_a_clean_stop_entries_lost_from_the_end_of_their_log_are_still_found(tmp_path, caplog):
     # the entries' LevelDB log cut short after the stop: its last write (the clean mark) goes first
-    kv = MemoryKV()
-    led = make(kv, tmp_path)
-    fill(led, "c", 10)
-    led.flush_sync()
-    assert led.mark_clean()
-    led.close()
+    kv, led = cleanly_stopped(tmp_path, 10)
     cid = led.contexts["c"].id
     kv.write((), [CLEAN_ENTRIES_KEY] + [st.entry_key(cid, s) for s in range(7, 11)])
     caplog.set_level(logging.INFO, logger="node.ledger")
