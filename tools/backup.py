@@ -109,8 +109,7 @@ class Progress:
         self.what, self.total, self.quiet = what, total, quiet
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
-        self.last = 0.0
-        self.t0 = time.monotonic()
+        self.t0 = self.last = time.monotonic()  # the first line after an interval, or at the end
 
     def show(self, done: int, nbytes: int, force: bool = False) -> None:
         if self.quiet:
