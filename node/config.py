@@ -1,8 +1,9 @@
-"""Node configuration: flags, their environment variables and defaults, validated.
+"""Node configuration: flags, their environment variables, a config file and defaults, validated.
 
-Every flag `--foo-bar` can also be set as `LEDGER_FOO_BAR`; a flag on the
-command line wins over the environment. Validation raises ConfigError with a
-message meant for a person (never `assert`, which `python -O` strips).
+Every flag `--foo-bar` can also be set as `LEDGER_FOO_BAR`, or as `foo-bar` (or `foo_bar`) in
+the TOML file given by `--config FILE` / `LEDGER_CONFIG`. Precedence: flag > environment > file
+> default. Validation raises ConfigError with a message meant for a person (never `assert`,
+which `python -O` strips); a file value is checked by the same rules as the flag.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import ipaddress
 import os
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +76,7 @@ class Config:
     slow_ms: int | None = None  # --slow-ms: log requests that take the loop this long or more
     metrics: tuple[str, int] | None = None  # --metrics HOST:PORT: Prometheus, /healthz, /readyz (node/metrics.py)
     ready_lag: int = 10_000  # --ready-lag: entries a live peer may hold beyond ours while /readyz says ready
+    config_file: str | None = None  # --config: the TOML file the settings were read from, if any
 
     @property
     def secure(self) -> bool:
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Converge Ledger node. Every flag can also be set by its LEDGER_* "
         "environment variable (shown in brackets); flags win.",
     )
+    p.add_argument("--config", metavar="FILE", help="a TOML file of settings: `flag-name = value` for any flag "
+                   "below (e.g. `listen = \"127.0.0.1:7400\"`, `peers = [\"h1:7400\", \"h2:7400\"]`, "
+                   "`insecure = true`); flags and LEDGER_* variables win over it [LEDGER_CONFIG]")
     p.add_argument("--id", help="node id, kept in the data folder; generated on first start [LEDGER_ID]")
     p.add_argument("--data", help="data folder (LevelDB), or :memory: for a throw-away node "
                    "[LEDGER_DATA] (default ./ledger-data)")
@@ -254,14 +260,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# settings a config file may not hold: one-off actions and what names the file itself
+_NOT_IN_FILE = {"CONFIG": "it names the file", "CHECK": "an action, not a setting",
+                "ACCEPT_DAMAGE": "a flag for one start (--accept-damage)", "VERSION": "an action, not a setting"}
+
+
+def settings_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The LEDGER_* names of the parser's options (each flag's help names its variable)."""
+    return set(re.findall(r"\[LEDGER_([A-Z_]+)", parser.format_help())) | {"INSECURE"}
+
+
+def read_config_file(path: str, known: set[str]) -> dict[str, str]:
+    """A TOML config file as {NAME: the value as a flag would give it}; ConfigError on anything
+    that is not a known setting with a string, integer, boolean or (for lists) array value."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        name = key.upper().replace("-", "_")
+        if name in _NOT_IN_FILE:
+            raise ConfigError(f"--config {path}: {key!r} cannot be set in a config file ({_NOT_IN_FILE[name]})")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}; settings are the flags' names without "
+                              "the leading dashes (ledger-node --help)")
+        if isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        elif isinstance(value, (int, str)):
+            out[name] = str(value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[name] = ",".join(value)
+        else:
+            raise ConfigError(f"--config {path}: {key!r} must be a string, an integer, true/false or a list of "
+                              f"strings, got {type(value).__name__}")
+    return out
+
+
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     env = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config_file = args.config or env.get("LEDGER_CONFIG") or None
+    from_file = read_config_file(config_file, settings_names(parser)) if config_file else {}
 
     def pick(flag: str | None, name: str, default: str) -> str:
         if flag is not None:
             return flag
-        return env.get("LEDGER_" + name, default)
+        value = env.get("LEDGER_" + name)
+        return value if value is not None else from_file.get(name, default)
 
     node_id = pick(args.id, "ID", "") or None
     if node_id is not None and not ID_RE.match(node_id):
@@ -287,13 +337,16 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if durability not in ("async", "sync"):
         raise ConfigError(f"--durability must be async or sync, got {durability!r}")
     flush_raw = _int_flag(pick(args.flush_ms, "FLUSH_MS", "10"), "--flush-ms", 1, 60_000)
-    try:
-        max_payload = parse_size(pick(args.max_payload, "MAX_PAYLOAD", str(DEFAULT_MAX_PAYLOAD)))
-        hot_bytes = parse_size(pick(args.hot_bytes, "HOT_BYTES", str(DEFAULT_HOT_BYTES)))
-        write_buffer = parse_size(pick(args.write_buffer, "WRITE_BUFFER", str(16 << 20)))
-        max_staged = parse_size(pick(args.max_staged_bytes, "MAX_STAGED_BYTES", str(256 << 20)))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    def size(flag: str | None, name: str, default: int) -> int:
+        try:
+            return parse_size(pick(flag, name, str(default)))
+        except ValueError as exc:  # which setting: --max-payload, LEDGER_MAX_PAYLOAD or the file's
+            raise ConfigError(f"--{name.lower().replace('_', '-')}: {exc}") from None
+
+    max_payload = size(args.max_payload, "MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD)
+    hot_bytes = size(args.hot_bytes, "HOT_BYTES", DEFAULT_HOT_BYTES)
+    write_buffer = size(args.write_buffer, "WRITE_BUFFER", 16 << 20)
+    max_staged = size(args.max_staged_bytes, "MAX_STAGED_BYTES", 256 << 20)
     if not 1 <= max_payload <= 1 << 30:
         raise ConfigError(f"--max-payload must be from 1 byte to 1GiB, got {max_payload}")
     hb_raw = _int_flag(pick(args.watch_heartbeat_ms, "WATCH_HEARTBEAT_MS", "1000"), "--watch-heartbeat-ms", 10, 60_000)
@@ -351,10 +404,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     bp_raw = _int_flag(pick(args.busy_poll_us, "BUSY_POLL_US", str(DEFAULT_BUSY_POLL_US)), "--busy-poll-us", 0, 10_000, ' (off)')
     bb_raw = _int_flag(pick(args.busy_poll_budget, "BUSY_POLL_BUDGET", str(DEFAULT_BUSY_POLL_BUDGET)),
                        "--busy-poll-budget", 0, 100, " (off)")
-    try:
-        max_client_queue = parse_size(pick(args.max_client_queue, "MAX_CLIENT_QUEUE", str(DEFAULT_MAX_CLIENT_QUEUE)))
-    except ValueError as exc:
-        raise ConfigError(f"--max-client-queue: {exc}") from None
+    max_client_queue = size(args.max_client_queue, "MAX_CLIENT_QUEUE", DEFAULT_MAX_CLIENT_QUEUE)
     if not 64 << 10 <= max_client_queue <= 1 << 40:
         raise ConfigError(f"--max-client-queue must be from 64KiB to 1TiB, got {max_client_queue}")
     mc_raw = pick(args.max_clients, "MAX_CLIENTS", "")
@@ -363,7 +413,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         if not _digits(mc_raw) or not 1 <= int(mc_raw) <= 1_000_000:
             raise ConfigError(f"--max-clients must be an integer from 1 to 1000000, got {mc_raw!r}")
         max_clients = int(mc_raw)
-    insecure_raw = "1" if args.insecure else env.get("LEDGER_INSECURE", "")
+    insecure_raw = "1" if args.insecure else env.get("LEDGER_INSECURE", from_file.get("INSECURE", ""))
     if insecure_raw not in ("", "0", "1"):
         raise ConfigError(f"LEDGER_INSECURE must be 1 or 0, got {insecure_raw!r}")
     insecure = insecure_raw == "1"
@@ -402,5 +452,5 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage), insecure=insecure,
         peer_keys=peer_keys, client_keys=client_keys, seed_ids=tuple(seed_ids.items()),
-        log_format=log_format, slow_ms=slow_ms, metrics=metrics, ready_lag=ready_lag,
+        log_format=log_format, slow_ms=slow_ms, metrics=metrics, ready_lag=ready_lag, config_file=config_file,
     )

@@ -441,6 +441,7 @@ class Core:
             "max_request": cfg.max_request,
             "max_peer_message": max_peer_message(cfg.max_payload),
             "data": cfg.data,
+            "config_file": cfg.config_file,
             "storage": self.ledger.storage.status(now),
             "public_key": self.public_key,
             # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)

@@ -46,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     reqlog.configure(cfg.log_level, cfg.log_format)
+    if cfg.config_file:
+        log.info("settings read from %s (flags and LEDGER_* variables win over it)", cfg.config_file)
     # Descriptors: the soft limit goes up to the hard one, and clients get what is left after
     # storage's and the process's reserve, so LevelDB never meets "Too many open files".
     fd_limit = clients.raise_fd_limit()
