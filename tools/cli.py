@@ -25,7 +25,7 @@ import zmq
 from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge
+from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge, Unreachable
 from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools.cluster import ClusterError, run_cluster
@@ -844,6 +844,8 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
             # after --timeout, not after every retry of the real request.
             try:
                 c.result(c.submit("ping"))
+            except Unreachable:
+                raise  # nothing listens there: keys have nothing to do with it
             except Timeout as exc:
                 # a node with keys does not answer a client it does not let in: say so
                 hint = ("; or it does not let this key in: is it in the node's client allowlist, and is "
