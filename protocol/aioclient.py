@@ -56,6 +56,10 @@ from protocol.errors import BadRequest, ClientClosed, LedgerError, NotWriter, Ti
 from protocol.keys import Identity, parse_public_key
 
 T = TypeVar("T")
+# replies taken in one turn of the event loop at most (the rest on the next: other coroutines run
+# in between, and each woken caller re-hashes its entry on its own turn)
+DRAIN_MOST = 1000
+SWEEP_S = 0.05  # how often the requests waiting on a connection are checked against their deadlines
 
 
 class _Connection:
@@ -75,54 +79,85 @@ class _Connection:
         self.monitor = zmq.asyncio.Socket.from_socket(monitor)
         self._plain_monitor = monitor
         self.link = Link()
+        # rid -> (future, deadline, sent at) in loop time, oldest first
         self.book = ReplyBook()
-        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
         self._scheduled = False
         self.loop.add_reader(self.sock.FD, self._drain)
         self.task = self.loop.create_task(self._watch_link())
 
-    def send(self, rid: int, frame: bytes) -> asyncio.Future[dict[str, Any]]:
-        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self.book.sent(rid)
-        self.waiting[rid] = fut
+    def send(self, rid: int, frame: bytes, timeout: float) -> asyncio.Future[dict[str, Any]]:
+        """Send a request; its future fails with Timeout when no reply came within `timeout`."""
+        loop = self.loop
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        now = loop.time()
+        book = self.book
+        book.sent(rid, (fut, now + timeout, now))
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            self.forget(rid)
+            book.forget(rid)
             raise Unavailable(f"more than 100,000 requests queued for {self.address}") from None
+        # A send may take the FD's edge (the signal that replies are queued): look again. Alone,
+        # at once (one request awaited after another: no extra turn of the loop); pipelined,
+        # once per turn of the loop for all the sends of that turn.
         if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._drain)
+            if len(book) > 1:
+                self._scheduled = True
+                loop.call_soon(self._drain)
+            elif self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                self._scheduled = True
+                loop.call_soon(self._drain)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(now + min(timeout, SWEEP_S), self._sweep)
         return fut
 
     def forget(self, rid: int) -> None:
         self.book.forget(rid)
-        self.waiting.pop(rid, None)
 
-    def expire(self, rid: int, start: float) -> None:
-        """The deadline of request `rid` passed (a timer of `AsyncClient._await`)."""
-        fut = self.waiting.get(rid)
-        self.forget(rid)
-        if fut is not None and not fut.done():
-            waited = time.monotonic() - start
-            fut.set_exception(Timeout(calls.timeout_text(self.address, "", waited, 1, True),
-                                      {"address": self.address, "waited": round(waited, 3)}))
+    def shorten(self, rid: int, timeout: float) -> None:
+        kept = self.book.forget(rid)
+        if kept is not None:
+            fut, deadline, sent = kept
+            self.book.sent(rid, (fut, min(deadline, self.loop.time() + timeout), sent))
+
+    def _sweep(self) -> None:
+        """Fail the requests whose deadline passed (one timer for all, not one per request: a
+        timeout is then up to SWEEP_S late, and says how long it really waited)."""
+        self._sweeper = None
+        if self.closed or not self.book:
+            return
+        now = self.loop.time()
+        first = now + SWEEP_S
+        for rid, (fut, deadline, sent) in self.book.items():
+            if deadline > now:
+                first = min(first, deadline)
+                continue
+            self.book.forget(rid)
+            if not fut.done():
+                waited = now - sent
+                fut.set_exception(Timeout(calls.timeout_text(self.address, "", waited, 1, True),
+                                          {"address": self.address, "waited": round(waited, 3)}))
+        if self.book:
+            self._sweeper = self.loop.call_at(first, self._sweep)
 
     def _drain(self) -> None:
         self._scheduled = False
         if self.closed:
             return
-        sock, book, waiting = self.sock, self.book, self.waiting
-        for _ in range(10_000):
+        sock, match = self.sock, self.book.match
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return  # a wake-up for the socket's own commands (after a send): nothing to read
+        for _ in range(DRAIN_MOST):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            got = book.match(frames[-1])
+            got = match(frames[-1])
             if got is not None:
-                fut = waiting.pop(got[0], None)
-                if fut is not None and not fut.done():
+                fut = got[2][0]
+                if not fut.done():
                     fut.set_result(got[1])
         self._scheduled = True  # more queued: the rest on the next turn of the loop
         self.loop.call_soon(self._drain)
@@ -141,9 +176,7 @@ class _Connection:
 
     def fail(self, error: Callable[[], LedgerError]) -> None:
         """Fail every request waiting here (nothing listens, or the connection is replaced)."""
-        self.book.clear()
-        waiting, self.waiting = self.waiting, {}
-        for fut in waiting.values():
+        for _rid, (fut, _deadline, _sent) in self.book.clear():
             if not fut.done():
                 fut.set_exception(error())
 
@@ -152,6 +185,8 @@ class _Connection:
             return
         self.closed = True
         self.task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         try:
             self.loop.remove_reader(self.sock.FD)
         except (RuntimeError, zmq.ZMQError):  # (a loop already closed)
@@ -199,7 +234,8 @@ class AsyncClient:
         self._closed = False
         self._writers: dict[str, AsyncClient] = {}
         self.last_replicated: int | None = None
-        self._pending_conn: dict[int, _Connection] = {}  # submitted, not yet asked for: on which connection
+        # submitted and not yet asked for (`result`): on which connection, and the reply's future
+        self._submitted: dict[int, tuple[_Connection, asyncio.Future[dict[str, Any]]]] = {}
         self._conn: _Connection | None = None  # made when first used, inside the event loop
 
     # -- plumbing ----------------------------------------------------------------
@@ -247,65 +283,85 @@ class AsyncClient:
         conn = self._connection()
         rid = self._next_id
         self._next_id += 1
-        self._pending_conn[rid] = conn
-        conn.send(rid, calls.encode(op, rid, fields))
+        self._submitted[rid] = (conn, conn.send(rid, calls.encode(op, rid, fields), self.timeout))
         return rid
 
     async def result(self, rid: int, timeout: float | None = None) -> dict[str, Any]:
-        """The reply to `rid` (its error raised), within `timeout` (default the client's)."""
-        conn = self._pending_conn.pop(rid, None)
-        if conn is None:
+        """The reply to `rid` (its error raised). Its timeout was set when it was sent (`submit`:
+        the client's); `timeout` here can only shorten the wait."""
+        got = self._submitted.pop(rid, None)
+        if got is None:
             raise BadRequest(f"no request {rid} is waiting for its answer")
-        fut = conn.waiting.get(rid)
-        if fut is None:  # answered, or failed, before anyone asked
-            raise Timeout(f"the answer to request {rid} from {conn.address} is gone (its connection was replaced)",
-                          {"address": conn.address})
-        return calls.check(await self._await(conn, rid, fut, self.timeout if timeout is None else timeout))
-
-    async def _await(self, conn: _Connection, rid: int, fut: asyncio.Future[dict[str, Any]],
-                     timeout: float) -> dict[str, Any]:
-        start = time.monotonic()
-        timer = conn.loop.call_at(conn.loop.time() + timeout, conn.expire, rid, start)
+        conn, fut = got
+        if timeout is not None:
+            conn.shorten(rid, timeout)
         try:
-            return await fut
+            return calls.check(await fut)
         except asyncio.CancelledError:
             conn.forget(rid)
             raise
-        finally:
-            timer.cancel()
+
+    def _deadline(self) -> float:
+        return self._connection().loop.time() + self.timeout
 
     async def call(self, op: str, *, retry: bool = True, **fields: Any) -> dict[str, Any]:
         """One request and its reply, in at most `timeout` seconds (see `Client.call`)."""
-        return await self._call(op, fields, retry, time.monotonic() + self.timeout)
+        return await self._call(op, fields, retry, self._deadline())
 
-    async def _call(self, op: str, fields: dict[str, Any], retry: bool, deadline: float) -> dict[str, Any]:
-        start = time.monotonic()
+    async def _call(self, op: str, fields: dict[str, Any], retry: bool, deadline: float,
+                    follow: bool = False) -> dict[str, Any]:
+        """`call` until `deadline` (loop time); with `follow`, NOT_WRITER is followed to the
+        context's writer, within the same deadline."""
+        loop = self._connection().loop
+        began = loop.time()
         attempts_left = 1 + (self.retries if retry else 0)
         attempts = 0
         refused: list[str] = []
-        frame_fields = fields
         while True:
             conn = self._connection()
             rid = self._next_id
             self._next_id += 1
-            fut = conn.send(rid, calls.encode(op, rid, frame_fields))
+            fut = conn.send(rid, calls.encode(op, rid, fields), max(0.0, (deadline - loop.time()) / attempts_left))
             attempts += 1
             try:
-                return calls.check(await self._await(conn, rid, fut, max(0.0, (deadline - time.monotonic())
-                                                                          / attempts_left)))
+                return calls.check(await fut)
+            except asyncio.CancelledError:
+                conn.forget(rid)
+                raise
+            except NotWriter as exc:
+                if not follow or not exc.details.get("address"):
+                    raise
+                return await self._follow(exc, op, fields, retry, deadline)
             except Unreachable:
                 refused.append(conn.address)
                 movable = retry or not conn.link.ever_up  # it reached no node: any may have it
                 self._reconnect(conn, next_address=True)
-                if not movable or len(set(refused)) >= len(self.addresses) or time.monotonic() >= deadline:
+                if not movable or len(set(refused)) >= len(self.addresses) or loop.time() >= deadline:
                     raise unreachable(list(dict.fromkeys(refused))) from None
             except Timeout:
                 self._reconnect(conn, next_address=retry)
                 attempts_left -= 1
-                if attempts_left <= 0 or time.monotonic() >= deadline:
-                    waited = time.monotonic() - start
-                    raise Timeout(calls.timeout_text(conn.address, op, waited, attempts, retry),
-                                  {"address": conn.address, "waited": round(waited, 3)}) from None
+                now = loop.time()
+                if attempts_left <= 0 or now >= deadline:
+                    raise Timeout(calls.timeout_text(conn.address, op, now - began, attempts, retry),
+                                  {"address": conn.address, "waited": round(now - began, 3)}) from None
+
+    async def _follow(self, exc: NotWriter, op: str, fields: dict[str, Any], retry: bool,
+                      deadline: float) -> dict[str, Any]:
+        """After NOT_WRITER: the same request at the writer it named (and the next, up to
+        MAX_REDIRECTS), within the same deadline."""
+        for _ in range(MAX_REDIRECTS):
+            client = self._writer_client(str(exc.details["address"]), exc.details.get("key"))
+            try:
+                return await client._call(op, fields, retry, deadline)
+            except NotWriter as again:
+                if not again.details.get("address"):
+                    raise
+                exc = again
+            except Timeout as err:
+                raise type(err)(f"{self.address} sent this {op} to the writer of {fields.get('context')!r} at "
+                                f"{client.address}: {err.message} (it may be down)", err.details) from None
+        raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
 
     async def _run(self, flow: Flow[T]) -> T:
         """Drive a flow of `protocol.calls` to its result (as `Client._run`, awaiting)."""
@@ -343,24 +399,6 @@ class AsyncClient:
             self._writers[address] = c
         return c
 
-    async def _follow(self, op: str, retry: bool, **fields: Any) -> dict[str, Any]:
-        """`call`, following NOT_WRITER to the context's writer (appends), all in one `timeout`."""
-        deadline = time.monotonic() + self.timeout
-        client: AsyncClient = self
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                return await client._call(op, fields, retry, deadline)
-            except NotWriter as exc:
-                if not exc.details.get("address"):
-                    raise
-                client = self._writer_client(str(exc.details["address"]), exc.details.get("key"))
-            except Timeout as exc:
-                if client is self:
-                    raise
-                raise type(exc)(f"{self.address} sent this {op} to the writer of {fields.get('context')!r} at "
-                                f"{client.address}: {exc.message} (it may be down)", exc.details) from None
-        raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
-
     # -- operations ------------------------------------------------------------------
 
     async def ping(self) -> str:
@@ -371,12 +409,10 @@ class AsyncClient:
                      expect_seq: int | None = None, after_lamport: int | None = None,
                      replicas: int | None = None) -> Entry:
         """Append one entry (see `Client.append`). Await many at once to pipeline them."""
-        r = await self._follow(
-            "append", dedup_id is not None, context=context, key=key,
-            payload=payload.encode() if isinstance(payload, str) else payload,
-            metadata=dict(metadata) if metadata else None, dedup_id=dedup_id, expect_seq=expect_seq,
-            after_lamport=after_lamport, replicas=replicas,
-        )
+        fields = {"context": context, "key": key, "payload": payload.encode() if isinstance(payload, str) else payload,
+                  "metadata": dict(metadata) if metadata else None, "dedup_id": dedup_id, "expect_seq": expect_seq,
+                  "after_lamport": after_lamport, "replicas": replicas}
+        r = await self._call("append", fields, dedup_id is not None, self._deadline(), follow=True)
         self.last_replicated = r.get("replicated")
         return calls.entry_of(r["entry"], self.verify)
 
@@ -385,9 +421,9 @@ class AsyncClient:
                            dedup_id: bytes | str | None = None, expect_seq: int | None = None,
                            after_lamport: int | None = None, replicas: int | None = None) -> list[Entry]:
         """Append many entries atomically (see `Client.append_batch`)."""
-        r = await self._follow("append_batch", dedup_id is not None, context=context,
-                               entries=calls.append_items(items), dedup_id=dedup_id, expect_seq=expect_seq,
-                               after_lamport=after_lamport, replicas=replicas)
+        fields = {"context": context, "entries": calls.append_items(items), "dedup_id": dedup_id,
+                  "expect_seq": expect_seq, "after_lamport": after_lamport, "replicas": replicas}
+        r = await self._call("append_batch", fields, dedup_id is not None, self._deadline(), follow=True)
         self.last_replicated = r.get("replicated")
         return [calls.entry_of(m, self.verify) for m in r["entries"]]
 

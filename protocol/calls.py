@@ -132,23 +132,31 @@ def check(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 class ReplyBook:
-    """The requests sent on one connection and not yet answered, in the order they were sent."""
+    """The requests sent on one connection and not yet answered, in the order they were sent,
+    each with what its client keeps for it (a future, a deadline; or nothing)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[Any, None] = {}  # insertion-ordered: the oldest first
+        self._waiting: dict[Any, Any] = {}  # insertion-ordered: the oldest first
 
-    def sent(self, rid: Any) -> None:
-        self._waiting[rid] = None
+    def sent(self, rid: Any, value: Any = None) -> None:
+        self._waiting[rid] = value
 
-    def forget(self, rid: Any) -> None:
-        """Stop waiting for `rid` (timed out, or answered elsewhere)."""
-        self._waiting.pop(rid, None)
+    def forget(self, rid: Any) -> Any:
+        """Stop waiting for `rid` (timed out, or answered elsewhere); what was kept for it."""
+        return self._waiting.pop(rid, None)
 
-    def clear(self) -> list[Any]:
-        """Forget every request (a new connection); returns their ids, oldest first."""
-        out = list(self._waiting)
+    def clear(self) -> list[tuple[Any, Any]]:
+        """Forget every request (a new connection); returns them with what was kept, oldest first."""
+        out = list(self._waiting.items())
         self._waiting.clear()
         return out
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return list(self._waiting.items())
+
+    def get(self, rid: Any) -> Any:
+        """What is kept for `rid` while it waits (None once answered or forgotten)."""
+        return self._waiting.get(rid)
 
     def __contains__(self, rid: object) -> bool:
         return rid in self._waiting
@@ -156,23 +164,24 @@ class ReplyBook:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def match(self, frame: bytes) -> tuple[Any, dict[str, Any]] | None:
-        """The request a reply frame answers, and the reply; None for a frame that is not a reply
-        or answers nothing this connection waits for (a late reply to a forgotten request)."""
+    def match(self, frame: bytes) -> tuple[Any, dict[str, Any], Any] | None:
+        """The request a reply frame answers, the reply, and what was kept for the request; None
+        for a frame that is not a reply or answers nothing this connection waits for (a late
+        reply to a forgotten request)."""
         try:
             reply = codec.decode_reply(frame)
         except RemoteProtocolError:
             return None
         rid = reply.get("id")
+        waiting = self._waiting
         if rid is None:
             # The node could not read the request's id (SPEC 5.2): replies come in order (4.2).
-            if not self._waiting:
+            if not waiting:
                 return None
-            rid = next(iter(self._waiting))
-        elif rid not in self._waiting:
+            rid = next(iter(waiting))
+        elif rid not in waiting:
             return None
-        del self._waiting[rid]
-        return rid, reply
+        return rid, reply, waiting.pop(rid)
 
 
 class Link:

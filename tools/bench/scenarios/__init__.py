@@ -7,12 +7,14 @@ whose FAMILY_ORDER and RUN_ORDER say in which order they set up and run).
   heartbeat_bytes_10k;
 - `curve`: the `curve` round family (append_seq_curve, append_pipelined_curve, get_one_curve: a
   node with keys);
+- `clients`: the `clients` round family (the synchronous and asyncio reference clients, one
+  append at a time and pipelined);
 - `memory`, `floods`: the memory/restart run and the floods (tools/flood.py).
 """
 
 from __future__ import annotations
 
-from . import curve, floods, memory, mesh, throughput, watch  # noqa: F401  (registers them)
+from . import clients, curve, floods, memory, mesh, throughput, watch  # noqa: F401  (registers them)
 from .floods import run_floods
 from .memory import run_memory
 from .mesh import MeshScenarios, run_catch_up, run_heartbeat
