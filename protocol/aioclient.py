@@ -9,9 +9,9 @@ synchronous `Client` (protocol/client.py), on `zmq.asyncio` sockets, never block
                 ...
 
 Theory of operation. One DEALER per node address in use; any number of coroutines may await
-requests on it at once (pipelining). A reader task takes every reply as it comes and resolves the
+requests on it at once (pipelining). The loop's reader callback takes every reply as it comes and resolves the
 future of the request it answers (`calls.ReplyBook`: by id, a nil id to the oldest request still
-waiting); a monitor task reads the socket monitor and fails the waiting requests at once when
+waiting); another reads the socket monitor and fails the waiting requests at once when
 nothing listens at the address (`calls.Link`). A call is bounded by `timeout` in all, retries and
 redirects included; it retries (reads, appends with a `dedup_id`) on a fresh connection, at the
 next address when there are several, and follows NOT_WRITER to the context's writer. Everything a
@@ -24,15 +24,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import IO, Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
-from protocol import calls, codec, watch
+from protocol import calls, codec
 from protocol.calls import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
@@ -47,13 +46,14 @@ from protocol.calls import (
     InclusionProof,
     Link,
     ReplyBook,
+    Result,
     Step,
     Submit,
 )
-from protocol.client import monitor_kind, open_dealer, set_curve, unreachable
+from protocol.client import WatchClosed, close_dealer, monitor_kind, open_dealer, open_sub, unreachable
 from protocol.entry import Entry
 from protocol.errors import BadRequest, ClientClosed, LedgerError, NotWriter, Timeout, Unavailable, Unreachable
-from protocol.keys import Identity, parse_public_key
+from protocol.keys import Identity
 
 T = TypeVar("T")
 # replies taken in one turn of the event loop at most (the rest on the next: other coroutines run
@@ -70,14 +70,12 @@ class _Connection:
     request it answers, with no future per message (zmq.asyncio's per-call futures cost about
     half the throughput of pipelined appends). Sends never wait (a large high-water mark), and
     after each one the loop looks for replies once more (a send can take the FD's edge). The
-    monitor is read through zmq.asyncio by a task."""
+    monitor is read the same way."""
 
     def __init__(self, client: AsyncClient, address: str) -> None:
         self.address = address
         self.loop = asyncio.get_running_loop()
-        self.sock, monitor = open_dealer(client._plain_ctx, address, client.key, client.server_key)
-        self.monitor = zmq.asyncio.Socket.from_socket(monitor)
-        self._plain_monitor = monitor
+        self.sock, self.monitor = open_dealer(client._plain_ctx, address, client.key, client.server_key)
         self.link = Link()
         # rid -> (future, deadline, sent at) in loop time, oldest first
         self.book = ReplyBook()
@@ -85,7 +83,9 @@ class _Connection:
         self.closed = False
         self._scheduled = False
         self.loop.add_reader(self.sock.FD, self._drain)
-        self.task = self.loop.create_task(self._watch_link())
+        self.loop.add_reader(self.monitor.FD, self._on_monitor)
+        # (edge-triggered: what came before the readers were added would never wake them)
+        self.loop.call_soon(self._on_monitor)
 
     def send(self, rid: int, frame: bytes, timeout: float) -> asyncio.Future[dict[str, Any]]:
         """Send a request; its future fails with Timeout when no reply came within `timeout`."""
@@ -162,46 +162,46 @@ class _Connection:
         self._scheduled = True  # more queued: the rest on the next turn of the loop
         self.loop.call_soon(self._drain)
 
-    async def _watch_link(self) -> None:
-        try:
-            while True:
-                kind = monitor_kind(await self.monitor.recv_multipart())
-                if kind is None:
-                    continue
-                self.link.on_event(kind)
-                if kind == "refused" and self.link.unreachable:
-                    self.fail(lambda: unreachable([self.address]))
-        except (asyncio.CancelledError, zmq.ZMQError):
+    def _on_monitor(self) -> None:
+        """What the socket monitor says (its FD is edge-triggered too: read all there is)."""
+        if self.closed:
             return
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = monitor_kind(frames)
+            if kind is None:
+                continue
+            self.link.on_event(kind)
+            if kind == "refused" and self.link.unreachable:
+                self.fail(lambda: unreachable([self.address]))
 
     def fail(self, error: Callable[[], LedgerError]) -> None:
         """Fail every request waiting here (nothing listens, or the connection is replaced)."""
         for _rid, (fut, _deadline, _sent) in self.book.clear():
             if not fut.done():
                 fut.set_exception(error())
+                fut.exception()  # (nobody may ask: a submitted request never `result`ed is no error to log)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        try:
-            self.loop.remove_reader(self.sock.FD)
-        except (RuntimeError, zmq.ZMQError):  # (a loop already closed)
-            pass
+        for s in (self.sock, self.monitor):
+            try:
+                self.loop.remove_reader(s.FD)
+            except (RuntimeError, zmq.ZMQError):  # (a loop already closed)
+                pass
         self.fail(lambda: Timeout(f"the connection to {self.address} was closed before the answer came; "
                                   "the request may or may not have been applied", {"address": self.address}))
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)  # (the same socket as `_plain_monitor`: closed once)
-        self.sock.close(linger=0)
+        close_dealer(self.sock, self.monitor)
 
 
-class AsyncClient:
+class AsyncClient(calls.ClientCore):
     """An asyncio connection to a node (one at a time, of the ones given): `async with`, then await
     its operations, from as many coroutines at once as you like. Not thread-safe."""
 
@@ -217,23 +217,11 @@ class AsyncClient:
         server_key: bytes | str | None = None,
     ) -> None:
         """As `Client`; `zctx` is a `zmq.asyncio.Context` (a plain one is wrapped by a shadow)."""
-        self.addresses = calls.addresses_of(address)
-        self.address = self.addresses[0]
-        if (key is None) != (server_key is None):
-            raise BadRequest("a client with keys needs both its own key and the node's public key (server_key)")
-        self.key = key
-        self.server_key = parse_public_key(server_key) if isinstance(server_key, str) else server_key
-        self.timeout = timeout
-        self.retries = retries
-        self.verify = verify
+        super().__init__(address, timeout, retries, verify, key, server_key)
         if zctx is not None and not isinstance(zctx, zmq.asyncio.Context):
             zctx = zmq.asyncio.Context.shadow(zctx.underlying)
         self._zctx: zmq.asyncio.Context = zctx or zmq.asyncio.Context.instance()
         self._plain_ctx: zmq.Context[Any] = zmq.Context.shadow(self._zctx.underlying)
-        self._next_id = int.from_bytes(os.urandom(3), "big") << 20
-        self._closed = False
-        self._writers: dict[str, AsyncClient] = {}
-        self.last_replicated: int | None = None
         # submitted and not yet asked for (`result`): on which connection, and the reply's future
         self._submitted: dict[int, tuple[_Connection, asyncio.Future[dict[str, Any]]]] = {}
         self._conn: _Connection | None = None  # made when first used, inside the event loop
@@ -253,13 +241,13 @@ class AsyncClient:
         if conn is not self._conn or self._closed:
             return
         if next_address:
-            self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
+            self._rotate()
         conn.close()
         self._conn = _Connection(self, self.address)
 
     async def close(self) -> None:
         self.close_now()
-        await asyncio.sleep(0)  # let the cancelled tasks finish
+        await asyncio.sleep(0)  # let callbacks already scheduled see it closed
 
     def close_now(self) -> None:
         """Close without awaiting (from synchronous code, or `__del__`-like cleanup)."""
@@ -281,8 +269,7 @@ class AsyncClient:
     def submit(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id for `result`."""
         conn = self._connection()
-        rid = self._next_id
-        self._next_id += 1
+        rid = self._new_id()
         self._submitted[rid] = (conn, conn.send(rid, calls.encode(op, rid, fields), self.timeout))
         return rid
 
@@ -319,8 +306,7 @@ class AsyncClient:
         refused: list[str] = []
         while True:
             conn = self._connection()
-            rid = self._next_id
-            self._next_id += 1
+            rid = self._new_id()
             fut = conn.send(rid, calls.encode(op, rid, fields), max(0.0, (deadline - loop.time()) / attempts_left))
             attempts += 1
             try:
@@ -363,14 +349,15 @@ class AsyncClient:
                                 f"{client.address}: {err.message} (it may be down)", err.details) from None
         raise Unavailable(f"too many NOT_WRITER redirects for {fields.get('context')!r}")
 
-    async def _run(self, flow: Flow[T]) -> T:
+    async def _run(self, flow: Flow[T], do: Callable[[Step], Awaitable[Any]] | None = None) -> T:
         """Drive a flow of `protocol.calls` to its result (as `Client._run`, awaiting)."""
+        do = do or self._do
         try:
             step = next(flow)
             while True:
                 error: LedgerError | None = None
                 try:
-                    answer = await self._do(step)
+                    answer = await do(step)
                 except LedgerError as exc:
                     error = exc
                 step = flow.throw(error) if error is not None else flow.send(answer)
@@ -382,22 +369,9 @@ class AsyncClient:
             return await self.call(step.op, retry=step.retry, **step.fields)
         if isinstance(step, Submit):
             return self.submit(step.op, **step.fields)
-        return await self.result(step.handle)
-
-    def _writer_client(self, address: str, key: Any = None) -> AsyncClient:
-        """A client of the writer a NOT_WRITER reply named (kept for later appends); see `Client`."""
-        c = self._writers.get(address)
-        if c is None:
-            server_key = None
-            if self.key is not None:
-                if not isinstance(key, str):
-                    raise Unavailable(f"the writer at {address} has no known key; cannot authenticate it")
-                server_key = key
-            c = AsyncClient(address, timeout=self.timeout, retries=self.retries, verify=self.verify,
-                            zctx=self._zctx, key=self.key if server_key is not None else None,
-                            server_key=server_key)
-            self._writers[address] = c
-        return c
+        if isinstance(step, Result):
+            return await self.result(step.handle)
+        raise TypeError(f"a client does not answer {step!r}")
 
     # -- operations ------------------------------------------------------------------
 
@@ -533,7 +507,8 @@ class AsyncWatch:
     """A live, exactly-once, in-order stream of one context's entries for asyncio (see
     `Client.watch` and `Watch`): `async for e in watch`. Cancel the task that iterates it to stop
     (then `await watch.close()`, or use `async with`); with `timeout`, waiting longer than that
-    for the next entry raises Timeout."""
+    for the next entry raises Timeout. What it decides is `calls.WatchState`'s, shared with
+    `Watch`; this class only waits, on the event loop."""
 
     def __init__(self, client: AsyncClient, context: str, after: int | None = None, key: str | None = None, *,
                  pub_address: str | None = None, max_outage: float | None = None, timeout: float | None = None,
@@ -548,7 +523,6 @@ class AsyncWatch:
         self._sub: zmq.asyncio.Socket | None = None
         self._started = False
         self._closed = False
-        self._heard = time.monotonic()
 
     @property
     def last_seq(self) -> int:
@@ -578,133 +552,59 @@ class AsyncWatch:
         s, c = self.state, self.client
         if not self._pub_given:
             s.pub_address = await c.pub_address()
-        sub = c._zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
-        if "[" in s.pub_address:
-            sub.setsockopt(zmq.IPV6, 1)
-        set_curve(sub, c.key, c.server_key)
-        sub.connect(s.pub_address)
-        sub.setsockopt(zmq.SUBSCRIBE, s.topic)
-        self._sub = sub
+        self._sub = open_sub(c._zctx, s.pub_address, s.topic, self._rcvhwm, c.key, c.server_key)
         try:
-            await self._confirm_subscription(sub)
-            s.start(self._after, await c._run(calls.size_flow(s.context)))
-            for m in s.early:
-                await self._on_message(m)
-            s.early = []
+            await self._run(s.start_flow(self._after, c.verify, c.timeout))
         except BaseException:
             await self.close()
             raise
         self._started = True
 
-    async def _confirm_subscription(self, sub: zmq.asyncio.Socket) -> None:
-        s = self.state
-        deadline = time.monotonic() + self.client.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not await sub.poll(int(left * 1000) + 1, zmq.POLLIN):
-                if time.monotonic() < deadline:
-                    continue
-                s.on_event("warning", f"no greeting on {s.pub_address}; watching without it")
-                return
-            m = s.decode(await sub.recv_multipart(), self.client.verify)
-            if m is None:
-                continue
-            s.early.append(m)
-            if isinstance(m, watch.HeadMsg):
-                s.note_head(m, greeting=True)
-                if s.limited:
-                    sub.setsockopt(zmq.UNSUBSCRIBE, s.topic)  # nothing live comes: give the node its place
-                return
+    async def _run(self, flow: Flow[T]) -> T:
+        return await self.client._run(flow, self._do)
 
-    async def _on_message(self, m: watch.WatchMsg) -> None:
-        if self.state.on_message(m):
-            assert isinstance(m, watch.HeadMsg)
-            await self.client._run(calls.continuity_flow(self.state.context, self.state.cursor))
-            self.state.resume(m)
-
-    async def _refill(self) -> None:
-        s = self.state
-        s.ready.extend(await self.client._run(calls.refill_flow(s.context, s.key, s.cursor, self.client.verify)))
-        s.refills += 1
-
-    def _left(self) -> float:
-        if self.state.max_outage is None:
-            return self.client.timeout
-        return self.state.max_outage - (time.monotonic() - self._heard)
+    async def _do(self, step: Step) -> Any:
+        if isinstance(step, calls.Clock):
+            return time.monotonic()
+        if isinstance(step, calls.Receive):
+            sub = self._sub
+            if sub is None:
+                raise WatchClosed()
+            if not await sub.poll(max(0, int(step.seconds * 1000)), zmq.POLLIN):
+                return []
+            out = []
+            for _ in range(1000):
+                try:
+                    out.append(await sub.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            return out
+        if isinstance(step, calls.Ping):
+            return await self._ping(step.seconds)
+        if isinstance(step, calls.Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, calls.Unsubscribe):
+            if self._sub is not None:
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, self.state.topic)
+            return None
+        return await self.client._do(step)
 
     async def _ping(self, timeout: float) -> bool:
         c = self.client
+        conn = c._connection()
         try:
-            conn = c._connection()
-            rid = c.submit("ping")
-            await c.result(rid, timeout=max(0.05, timeout))
+            await c.result(c.submit("ping"), timeout=max(0.05, timeout))
             return True
         except (Timeout, Unavailable):
             c._reconnect(conn, next_address=False)
             return False
 
-    async def _outage(self, why: str) -> None:
-        s, c = self.state, self.client
-        s.outages += 1
-        s.on_event("lost", f"node at {c.address} is not answering ({why}); retrying")
-        while True:
-            left = self._left()
-            if s.max_outage is not None and left <= 0:
-                raise Unavailable(f"node at {c.address} did not come back within {s.max_outage:g} s",
-                                  {"address": c.address})
-            started = time.monotonic()
-            if await self._ping(min(c.timeout, left)):
-                break
-            await asyncio.sleep(max(0.0, min(0.2 - (time.monotonic() - started), self._left())))
-        self._heard = time.monotonic()
-        await c._run(calls.continuity_flow(s.context, s.cursor))
-        s.on_event("back", f"node at {c.address} is back; resuming after #{s.cursor.last}")
-
-    async def _read_queued(self, sub: zmq.asyncio.Socket, most: int = 1000) -> None:
-        for _ in range(most):
-            try:
-                frames = await sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            m = self.state.decode(frames, self.client.verify)
-            if m is not None:
-                await self._on_message(m)
-
     async def __anext__(self) -> Entry:
         await self._start()
-        s = self.state
-        ready = s.ready
-        began = time.monotonic()
-        while not ready:
-            sub = self._sub
-            if sub is None:
-                raise StopAsyncIteration
-            waited = time.monotonic() - began
-            if s.timeout is not None and waited >= s.timeout:
-                raise s.idle_timeout(waited)
-            try:
-                if s.cursor.needs_refill():
-                    await self._refill()
-                    continue
-                silence = s.silence(self._left() if s.max_outage is not None else None)
-                if s.timeout is not None:
-                    silence = min(silence, s.timeout - waited)
-                if await sub.poll(int(silence * 1000), zmq.POLLIN):
-                    self._heard = time.monotonic()
-                    await self._read_queued(sub)
-                    continue
-                if s.timeout is not None and time.monotonic() - began >= s.timeout:
-                    continue  # (raised above)
-                if not s.limited and not await self._ping(min(self.client.timeout, self._left())):
-                    await self._outage("no heartbeat")
-                self._heard = time.monotonic()
-                await self._refill()
-            except Timeout as exc:
-                await self._outage(exc.message)
-        if s.writer_key is not None and ready[0].seq > s.checked:
-            batch = list(ready)
-            await self.client.check_entries(s.context, batch, s.writer_key)
-            s.checked = batch[-1].seq
-        return ready.popleft()
+        if self._sub is None and not self.state.ready:
+            raise StopAsyncIteration
+        try:
+            return await self._run(self.state.next_flow(self.client.verify, self.client.timeout, self.client.address))
+        except WatchClosed:
+            raise StopAsyncIteration from None

@@ -37,10 +37,11 @@ from protocol.errors import (
     RemoteProtocolError,
     Timeout,
     TooLarge,
+    Unavailable,
     error_for,
 )
 from protocol.heads import SignedHead
-from protocol.keys import parse_public_key
+from protocol.keys import Identity, parse_public_key
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
 
 DEFAULT_TIMEOUT = 5.0
@@ -215,6 +216,55 @@ class Link:
         return not self.up and self.refused >= self.REFUSALS
 
 
+class ClientCore:
+    """What both clients keep and decide without I/O: the node addresses (and the one in use),
+    keys, timeout, retries, verification, request ids, and the clients of writers that
+    NOT_WRITER replies named."""
+
+    def __init__(self, address: str | Sequence[str], timeout: float, retries: int, verify: bool,
+                 key: Identity | None, server_key: bytes | str | None) -> None:
+        self.addresses = addresses_of(address)
+        self.address = self.addresses[0]
+        if (key is None) != (server_key is None):
+            raise BadRequest("a client with keys needs both its own key and the node's public key (server_key)")
+        self.key = key
+        self.server_key = parse_public_key(server_key) if isinstance(server_key, str) else server_key
+        self.timeout = timeout
+        self.retries = retries
+        self.verify = verify
+        self.last_replicated: int | None = None  # other nodes holding the last replicas=N append
+        self._closed = False
+        self._next_id = int.from_bytes(os.urandom(3), "big") << 20
+        self._writers: dict[str, Any] = {}
+        self._zctx: Any = None  # the ZeroMQ context the writers' clients share (the client's own)
+
+    def _new_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def _rotate(self) -> None:
+        """Use the next address of the list from now on (the first after the last)."""
+        self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
+
+    def _writer_client(self, address: str, key: Any = None) -> Any:
+        """A client (of this client's kind) of the writer node a NOT_WRITER reply named, kept for
+        later appends; with keys, the writer's public key comes from that reply (`key`), sent by
+        the node this client authenticated."""
+        c = self._writers.get(address)
+        if c is None:
+            server_key = None
+            if self.key is not None:
+                if not isinstance(key, str):
+                    raise Unavailable(f"the writer at {address} has no known key; cannot authenticate it")
+                server_key = key
+            c = type(self)(address, timeout=self.timeout, retries=self.retries, verify=self.verify,  # type: ignore[call-arg]
+                           zctx=self._zctx, key=self.key if server_key is not None else None,
+                           server_key=server_key)
+            self._writers[address] = c
+        return c
+
+
 # -- results --------------------------------------------------------------------------
 
 
@@ -304,7 +354,39 @@ class Result:
     handle: Any
 
 
-Step = Call | Submit | Result
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """The driver's monotonic clock, in seconds (flows read no clock of their own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """Wait up to `seconds` for watch messages; the answer is those queued by then (lists of
+    frames), [] when none came."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Ping the node, waiting at most `seconds`; True when it answered (when not, the driver has
+    put a fresh connection in place)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Drop the watch socket's subscription (the node refused it, SPEC 16.5)."""
+
+
+CLOCK = Clock()
+Step = Call | Submit | Result | Clock | Receive | Ping | Sleep | Unsubscribe
 Flow = Generator[Step, Any, T]
 
 
@@ -598,6 +680,7 @@ class WatchState:
         self.outages = 0
         self.ready: collections.deque[Entry] = collections.deque()
         self.early: list[watch.WatchMsg] = []
+        self.heard = 0.0  # when the node last said anything (the driver's clock)
         self.cursor = watch.WatchCursor(context, 0, key)  # replaced by `start` once the size is known
 
     def start(self, after: int | None, size: int) -> None:
@@ -662,6 +745,118 @@ class WatchState:
         if left is not None:
             silence = max(0.05, min(silence, left))
         return silence
+
+    def left(self, now: float, wait: float) -> float:
+        """Seconds left before `max_outage` runs out, counted from the last word of the node
+        (`wait`, a request's timeout, when there is no `max_outage`)."""
+        if self.max_outage is None:
+            return wait
+        return self.max_outage - (now - self.heard)
+
+    # -- flows: what both watches do, with the waiting left to their drivers ----------------
+
+    def take_flow(self, messages: list[list[bytes]], verify: bool) -> Flow[None]:
+        """Take in messages read from the watch socket."""
+        for frames in messages:
+            m = self.decode(frames, verify)
+            if m is not None and self.on_message(m):
+                assert isinstance(m, watch.HeadMsg)
+                yield from continuity_flow(self.context, self.cursor)
+                self.resume(m)
+
+    def refill_flow(self, verify: bool) -> Flow[None]:
+        self.ready.extend((yield from refill_flow(self.context, self.key, self.cursor, verify)))
+        self.refills += 1
+
+    def start_flow(self, after: int | None, verify: bool, wait: float) -> Flow[None]:
+        """Subscribed: wait up to `wait` for the node's greeting (from then on, live delivery is
+        complete), then set the catch-up point (SPEC 16.4)."""
+        deadline = (yield CLOCK) + wait
+        greeted = False
+        while not greeted:
+            left = deadline - (yield CLOCK)
+            if left <= 0:
+                # No greeting (an older node, or the PUB port is unreachable): go on;
+                # completeness then rests on seq gaps and heads, as always.
+                self.on_event("warning", f"no greeting on {self.pub_address}; watching without it")
+                break
+            for frames in (yield Receive(left)):
+                m = self.decode(frames, verify)
+                if m is None:
+                    continue
+                self.early.append(m)
+                if isinstance(m, watch.HeadMsg) and not greeted:
+                    greeted = True
+                    self.note_head(m, greeting=True)
+                    if self.limited:
+                        yield Unsubscribe()  # nothing live comes to a refused subscription: give the place back
+        self.heard = yield CLOCK
+        self.start(after, (yield from size_flow(self.context)))
+        early, self.early = self.early, []
+        for m in early:
+            if self.on_message(m):
+                assert isinstance(m, watch.HeadMsg)
+                yield from continuity_flow(self.context, self.cursor)
+                self.resume(m)
+
+    def outage_flow(self, why: str, wait: float, address: str) -> Flow[None]:
+        """The node is not answering: ping it until it does (or `max_outage` runs out), then
+        check that it still holds what was delivered."""
+        self.outages += 1
+        self.on_event("lost", f"node at {address} is not answering ({why}); retrying")
+        while True:
+            now = yield CLOCK
+            left = self.left(now, wait)
+            if self.max_outage is not None and left <= 0:
+                raise Unavailable(f"node at {address} did not come back within {self.max_outage:g} s",
+                                  {"address": address})
+            if (yield Ping(min(wait, left))):
+                break
+            # nothing listening fails at once: do not spin on a node that is down
+            later = yield CLOCK
+            yield Sleep(max(0.0, min(0.2 - (later - now), self.left(later, wait))))
+        self.heard = yield CLOCK
+        yield from continuity_flow(self.context, self.cursor)
+        self.on_event("back", f"node at {address} is back; resuming after #{self.cursor.last}")
+
+    def next_flow(self, verify: bool, wait: float, address: str) -> Flow[Entry]:
+        """The next entry: live, refilled by seq, through outages (SPEC 16.4); `wait` is the
+        client's timeout, `address` its node's."""
+        began = yield CLOCK
+        while not self.ready:
+            now = yield CLOCK
+            waited = now - began
+            if self.timeout is not None and waited >= self.timeout:
+                raise self.idle_timeout(waited)
+            try:
+                if self.cursor.needs_refill():
+                    yield from self.refill_flow(verify)
+                    continue
+                silence = self.silence(self.left(now, wait) if self.max_outage is not None else None)
+                if self.timeout is not None:
+                    silence = min(silence, self.timeout - waited)
+                messages = yield Receive(silence)
+                if messages:
+                    self.heard = yield CLOCK
+                    yield from self.take_flow(messages, verify)
+                    continue
+                now = yield CLOCK
+                if self.timeout is not None and now - began >= self.timeout:
+                    continue  # (raised above)
+                # Silence for three heartbeats: a dead node, or a lost subscription.
+                # (A limited watch polls: the refill's own timeout tells of a dead node.)
+                if not self.limited and not (yield Ping(min(wait, self.left(now, wait)))):
+                    yield from self.outage_flow("no heartbeat", wait, address)
+                self.heard = yield CLOCK
+                yield from self.refill_flow(verify)
+            except Timeout as exc:
+                yield from self.outage_flow(exc.message, wait, address)
+        if self.writer_key is not None and self.ready[0].seq > self.checked:
+            # what is ready, proven under the head its writer signed before any of it is handed out
+            batch = list(self.ready)
+            yield from check_entries_flow(self.context, batch, self.writer_key, address, verify)
+            self.checked = batch[-1].seq
+        return self.ready.popleft()
 
     def idle_timeout(self, waited: float) -> Timeout:
         return Timeout(f"no entry of {self.context!r} within {waited:.1f} s (the watch's timeout)",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, TypeVar
@@ -29,7 +28,7 @@ from typing import IO, Any, TypeVar
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from protocol import calls, codec, watch
+from protocol import calls, codec
 from protocol.calls import (  # noqa: F401  (names this module has always offered)
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT,
@@ -49,20 +48,9 @@ from protocol.calls import (  # noqa: F401  (names this module has always offere
     Submit,
     normalize_address,
 )
-from protocol.entry import MAX_CONTEXT_BYTES, MAX_KEY_BYTES, Entry, check_name
-from protocol.errors import (
-    BadRequest,
-    ClientClosed,
-    IntegrityError,
-    LedgerError,
-    NotFound,
-    NotWriter,
-    RemoteProtocolError,
-    Timeout,
-    Unavailable,
-    Unreachable,
-)
-from protocol.keys import Identity, curve_public, parse_public_key
+from protocol.entry import Entry
+from protocol.errors import ClientClosed, LedgerError, NotWriter, Timeout, Unavailable, Unreachable
+from protocol.keys import Identity, curve_public
 
 T = TypeVar("T")
 
@@ -123,7 +111,7 @@ def unreachable(addresses: list[str]) -> Unreachable:
                        {"address": addresses[0], "addresses": addresses})
 
 
-class Client:
+class Client(calls.ClientCore):
     """A connection to a node (one at a time, of the ones given). Not thread-safe (neither are
     ZeroMQ sockets)."""
 
@@ -143,26 +131,14 @@ class Client:
         `key` and `server_key`: for a node with keys (SPEC 13), this client's identity (its
         public key in the node's client allowlist) and the node's public key (hex or 32 bytes,
         from its `status` or the operator), which the node must prove: CURVE on every socket."""
-        self.addresses = calls.addresses_of(address)
-        self.address = self.addresses[0]
-        if (key is None) != (server_key is None):
-            raise BadRequest("a client with keys needs both its own key and the node's public key (server_key)")
-        self.key = key
-        self.server_key = parse_public_key(server_key) if isinstance(server_key, str) else server_key
-        self.timeout = timeout
-        self.retries = retries
-        self.verify = verify
+        super().__init__(address, timeout, retries, verify, key, server_key)
         self._zctx = zctx or zmq.Context.instance()
         self._sock: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
         self._link = Link()
-        self._closed = False
-        self._next_id = int.from_bytes(os.urandom(3), "big") << 20
         self._book = ReplyBook()
         self._stash: dict[Any, dict[str, Any]] = {}
-        self._writers: dict[str, Client] = {}
         self._redirect: Client | None = None
-        self.last_replicated: int | None = None  # other nodes holding the last replicas=N append
         self._connect()
 
     # -- plumbing ----------------------------------------------------------------
@@ -183,7 +159,7 @@ class Client:
         self._book.clear()
         self._stash.clear()
         if next_address:
-            self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
+            self._rotate()
         self._connect()
 
     def _socket(self) -> zmq.Socket[Any]:
@@ -209,8 +185,7 @@ class Client:
     def submit(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its id for `result`."""
         sock = self._socket()
-        rid = self._next_id
-        self._next_id += 1
+        rid = self._new_id()
         frame = calls.encode(op, rid, fields)
         self._book.sent(rid)
         sock.send(frame)
@@ -315,14 +290,15 @@ class Client:
                     raise Timeout(calls.timeout_text(address, op, waited, attempts, retry),
                                   {"address": address, "waited": round(waited, 3)}) from None
 
-    def _run(self, flow: Flow[T]) -> T:
-        """Drive a flow of `protocol.calls` to its result."""
+    def _run(self, flow: Flow[T], do: Callable[[Step], Any] | None = None) -> T:
+        """Drive a flow of `protocol.calls` to its result (`do`: what answers its steps)."""
+        do = do or self._do
         try:
             step = next(flow)
             while True:
                 error: LedgerError | None = None
                 try:
-                    answer = self._do(step)
+                    answer = do(step)
                 except LedgerError as exc:
                     error = exc
                 step = flow.throw(error) if error is not None else flow.send(answer)
@@ -334,7 +310,9 @@ class Client:
             return self.call(step.op, retry=step.retry, **step.fields)
         if isinstance(step, Submit):
             return self.submit(step.op, **step.fields)
-        return self.result(step.handle)
+        if isinstance(step, Result):
+            return self.result(step.handle)
+        raise TypeError(f"a client does not answer {step!r}")
 
     def _entry(self, m: Any) -> Entry:
         return calls.entry_of(m, self.verify)
@@ -444,21 +422,6 @@ class Client:
                 self._forget(rid)
             rest = itertools.chain([(p, dd) for _, p, dd in inflight], items)
             yield from writer._append_many(context, rest, key, md, window, hops + 1)
-
-    def _writer_client(self, address: str, key: Any = None) -> Client:
-        """A client of the writer node a NOT_WRITER reply named (kept for later appends); with keys,
-        the writer's public key comes from that reply (`key`), sent by the node this client authenticated."""
-        c = self._writers.get(address)
-        if c is None:
-            server_key = None
-            if self.key is not None:
-                if not isinstance(key, str):
-                    raise Unavailable(f"the writer at {address} has no known key; cannot authenticate it")
-                server_key = key
-            c = Client(address, timeout=self.timeout, retries=self.retries, verify=self.verify, zctx=self._zctx,
-                       key=self.key if server_key is not None else None, server_key=server_key)
-            self._writers[address] = c
-        return c
 
     def _follow(self, op: str, retry: bool, **fields: Any) -> dict[str, Any]:
         """`call`, following NOT_WRITER to the context's writer (appends), all in one `timeout`."""
@@ -592,6 +555,10 @@ class Client:
         return self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify))
 
 
+class WatchClosed(Exception):
+    """The watch's socket was closed while a flow waited on it (ends the iteration)."""
+
+
 class Watch:
     """A live, exactly-once, in-order stream of one context's entries (see `Client.watch`).
 
@@ -601,7 +568,8 @@ class Watch:
     entries, refilling by seq whatever PUB/SUB dropped. If the node stops
     answering it keeps trying (forever, unless `max_outage` is set) and resumes
     after the last entry it delivered. With `timeout`, waiting longer than that
-    for the next entry raises Timeout (the watch stays usable).
+    for the next entry raises Timeout (the watch stays usable). What it decides
+    is `calls.WatchState`'s, shared with `AsyncWatch`; this class only waits.
     """
 
     def __init__(
@@ -622,26 +590,13 @@ class Watch:
         self.state = calls.WatchState(context, key, writer_key, max_outage, timeout, on_event,
                                       pub_address or "tcp://0.0.0.0:0")
         self._sub: zmq.Socket[Any] | None = None
-        self._heard = time.monotonic()  # the last time the node said anything
         s = self.state
         if pub_address is None:
             s.pub_address = client.pub_address()
         self.pub_address = s.pub_address
-        sub = client._zctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, rcvhwm)
-        if "[" in s.pub_address:
-            sub.setsockopt(zmq.IPV6, 1)
-        client._curve(sub)
-        sub.connect(s.pub_address)
-        sub.setsockopt(zmq.SUBSCRIBE, s.topic)
-        self._sub = sub
+        self._sub = open_sub(client._zctx, s.pub_address, s.topic, rcvhwm, client.key, client.server_key)
         try:
-            self._confirm_subscription()
-            s.start(after, client._run(calls.size_flow(context)))
-            for m in s.early:
-                self._on_message(m)
-            s.early = []
+            self._run(s.start_flow(after, client.verify, client.timeout))
         except BaseException:
             self.close()
             raise
@@ -676,49 +631,41 @@ class Watch:
     def __iter__(self) -> Watch:
         return self
 
-    # -- the stream ----------------------------------------------------------------
+    # -- the driver of the watch's flows ----------------------------------------------------
 
-    def _confirm_subscription(self) -> None:
-        """Wait for the node's greeting: from then on, live delivery is complete."""
-        sub = self._sub
-        assert sub is not None
-        s = self.state
-        deadline = time.monotonic() + self.client.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                # No greeting (an older node, or the PUB port is unreachable): go on;
-                # completeness then rests on seq gaps and heads, as always.
-                s.on_event("warning", f"no greeting on {s.pub_address}; watching without it")
-                return
-            if not sub.poll(int(left * 1000) + 1, zmq.POLLIN):
-                continue
-            m = s.decode(sub.recv_multipart(), self.client.verify)
-            if m is None:
-                continue
-            s.early.append(m)
-            if isinstance(m, watch.HeadMsg):
-                self._note_head(m, greeting=True)
-                return
+    def _run(self, flow: Flow[T]) -> T:
+        return self.client._run(flow, self._do)
 
-    def _note_head(self, m: watch.HeadMsg, greeting: bool = False) -> bool:
-        limited = self.state.limited
-        restarted = self.state.note_head(m, greeting)
-        if self.state.limited and not limited and self._sub is not None:
-            # nothing live comes to a refused subscription: give the node its place back
-            self._sub.setsockopt(zmq.UNSUBSCRIBE, self.state.topic)
-        return restarted
+    def _do(self, step: Step) -> Any:
+        if isinstance(step, calls.Clock):
+            return time.monotonic()
+        if isinstance(step, calls.Receive):
+            sub = self._sub
+            if sub is None:
+                raise WatchClosed()
+            if not sub.poll(max(0, int(step.seconds * 1000)), zmq.POLLIN):
+                return []
+            return self._queued(sub)
+        if isinstance(step, calls.Ping):
+            return self._ping(step.seconds)
+        if isinstance(step, calls.Sleep):
+            time.sleep(step.seconds)
+            return None
+        if isinstance(step, calls.Unsubscribe):
+            if self._sub is not None:
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, self.state.topic)
+            return None
+        return self.client._do(step)
 
-    def _on_message(self, m: watch.WatchMsg) -> None:
-        if self.state.on_message(m):
-            assert isinstance(m, watch.HeadMsg)
-            self.client._run(calls.continuity_flow(self.state.context, self.state.cursor))
-            self.state.resume(m)
-
-    def _refill(self) -> None:
-        s = self.state
-        s.ready.extend(self.client._run(calls.refill_flow(s.context, s.key, s.cursor, self.client.verify)))
-        s.refills += 1
+    @staticmethod
+    def _queued(sub: zmq.Socket[Any], most: int = 1000) -> list[list[bytes]]:
+        out = []
+        for _ in range(most):
+            try:
+                out.append(sub.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        return out
 
     def _ping(self, timeout: float) -> bool:
         """One ping, waiting at most `timeout`; True when the node answered."""
@@ -731,43 +678,6 @@ class Watch:
             c._forget(rid)
             c._reconnect()
             return False
-
-    def _left(self) -> float:
-        """Seconds left before `max_outage` runs out, counted from the last word of the node."""
-        if self.state.max_outage is None:
-            return self.client.timeout
-        return self.state.max_outage - (time.monotonic() - self._heard)
-
-    def _outage(self, why: str) -> None:
-        """The node is not answering: wait until it does, then resume where we were."""
-        s = self.state
-        s.outages += 1
-        s.on_event("lost", f"node at {self.client.address} is not answering ({why}); retrying")
-        while True:
-            left = self._left()
-            if s.max_outage is not None and left <= 0:
-                raise Unavailable(
-                    f"node at {self.client.address} did not come back within {s.max_outage:g} s",
-                    {"address": self.client.address},
-                )
-            started = time.monotonic()
-            if self._ping(min(self.client.timeout, left)):
-                break
-            # nothing listening fails at once: do not spin on a node that is down
-            time.sleep(max(0.0, min(0.2 - (time.monotonic() - started), self._left())))
-        self._heard = time.monotonic()
-        self.client._run(calls.continuity_flow(s.context, s.cursor))
-        s.on_event("back", f"node at {self.client.address} is back; resuming after #{s.cursor.last}")
-
-    def _read_queued(self, sub: zmq.Socket[Any], most: int = 1000) -> None:
-        for _ in range(most):
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            m = self.state.decode(frames, self.client.verify)
-            if m is not None:
-                self._on_message(m)
 
     @property
     def socket(self) -> zmq.Socket[Any] | None:
@@ -783,51 +693,33 @@ class Watch:
         sub = self._sub
         if sub is None:
             return []
-        self._read_queued(sub, most=100_000)
-        if self.state.cursor.needs_refill():
-            while True:
-                self._refill()
-                if not self.state.cursor.needs_refill():
-                    break
-        out = list(self.state.ready)
-        self.state.ready.clear()
+        s = self.state
+        self._run(s.take_flow(self._queued(sub, most=100_000), self.client.verify))
+        while s.cursor.needs_refill():
+            self._run(s.refill_flow(self.client.verify))
+        out = list(s.ready)
+        s.ready.clear()
         return out
 
     def __next__(self) -> Entry:
-        s = self.state
-        ready = s.ready
-        began = time.monotonic()
-        while not ready:
-            sub = self._sub
-            if sub is None:
-                raise StopIteration
-            waited = time.monotonic() - began
-            if s.timeout is not None and waited >= s.timeout:
-                raise s.idle_timeout(waited)
-            try:
-                if s.cursor.needs_refill():
-                    self._refill()
-                    continue
-                silence = s.silence(self._left() if s.max_outage is not None else None)
-                if s.timeout is not None:
-                    silence = min(silence, s.timeout - waited)
-                if sub.poll(int(silence * 1000), zmq.POLLIN):
-                    self._heard = time.monotonic()
-                    self._read_queued(sub)
-                    continue
-                if s.timeout is not None and time.monotonic() - began >= s.timeout:
-                    continue  # (raised above)
-                # Silence for three heartbeats: a dead node, or a lost subscription.
-                # (A limited watch polls: the refill's own timeout tells of a dead node.)
-                if not s.limited and not self._ping(min(self.client.timeout, self._left())):
-                    self._outage("no heartbeat")
-                self._heard = time.monotonic()
-                self._refill()
-            except Timeout as exc:
-                self._outage(exc.message)
-        if s.writer_key is not None and ready[0].seq > s.checked:
-            # what is ready, proven under the head its writer signed before any of it is handed out
-            batch = list(ready)
-            self.client.check_entries(s.context, batch, s.writer_key)
-            s.checked = batch[-1].seq
-        return ready.popleft()
+        if self._sub is None and not self.state.ready:
+            raise StopIteration
+        try:
+            return self._run(self.state.next_flow(self.client.verify, self.client.timeout, self.client.address))
+        except WatchClosed:
+            raise StopIteration from None
+
+
+def open_sub(zctx: zmq.Context[Any], address: str, topic: bytes, rcvhwm: int, key: Identity | None,
+             server_key: bytes | None) -> zmq.Socket[Any]:
+    """A SUB socket connected to a node's watch address, subscribed to `topic` (a plain or a
+    `zmq.asyncio` context alike)."""
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, rcvhwm)
+    if "[" in address:
+        sub.setsockopt(zmq.IPV6, 1)
+    set_curve(sub, key, server_key)
+    sub.connect(address)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    return sub

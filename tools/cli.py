@@ -84,7 +84,8 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     # SUPPRESS keeps a command's unset option from hiding the top-level one.
     p = argparse.ArgumentParser(add_help=False)
     d: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
-    p.add_argument("--node", metavar="HOST:PORT", help=f"node to talk to (default $LEDGER_NODE or {DEFAULT_NODE})", **d)
+    p.add_argument("--node", metavar="HOST:PORT", help=f"node to talk to, or several with commas, tried in that order "
+                   f"(default $LEDGER_NODE or {DEFAULT_NODE})", **d)
     p.add_argument("--json", action="store_true", help="one JSON object per line", **d)
     p.add_argument(
         "--timeout",
@@ -728,15 +729,19 @@ COMMANDS = {
 
 
 def _node_address(text: str) -> str:
-    try:
-        address = normalize_address(text)
-    except ValueError as exc:
-        raise UsageError(f"--node: {exc}") from None
-    if address.startswith("tcp://"):
-        port = address.rpartition(":")[2]
-        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise UsageError(f"--node: port must be 1..65535, got {port!r}")
-    return address
+    """HOST:PORT, or several with commas (the client fails over between them, in that order)."""
+    out = []
+    for item in text.split(","):
+        try:
+            address = normalize_address(item.strip())
+        except ValueError as exc:
+            raise UsageError(f"--node: {exc}") from None
+        if address.startswith("tcp://"):
+            port = address.rpartition(":")[2]
+            if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+                raise UsageError(f"--node: port must be 1..65535, got {port!r}")
+        out.append(address)
+    return ",".join(out)
 
 
 def _check_output(path: str) -> None:

@@ -172,7 +172,7 @@ def test_an_async_watch_times_out_and_can_be_cancelled(node):
     run(main())
 
 
-def test_both_clients_fail_over_past_a_dead_address_for_reads_and_to_the_writer(node_factory, zctx):
+def test_both_clients_fail_over_past_a_dead_address_for_reads_and_to_the_writer(node_factory, zctx, capsys):
     n1, n2 = mesh(node_factory, 2)
     with Client(n1.address, zctx=zctx) as c1:
         c1.append("routed", "first")
@@ -186,6 +186,11 @@ def test_both_clients_fail_over_past_a_dead_address_for_reads_and_to_the_writer(
         assert (e.seq, e.writer) == (2, "n1")  # n2 named its writer, n1
     with Client(f"{dead},{hostport(n2)}", zctx=zctx) as c:  # one string, commas
         assert c.get("routed").entries[0].payload == b"first"
+    from tools import cli
+
+    capsys.readouterr()
+    assert cli.main(["--node", f"{dead},{hostport(n2)}", "--json", "append", "routed", "by the cli"]) == 0
+    assert '"writer":"n1"' in capsys.readouterr().out
 
     async def main() -> None:
         async with AsyncClient([dead, hostport(n2)]) as ac:
