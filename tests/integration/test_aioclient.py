@@ -196,7 +196,7 @@ def test_both_clients_fail_over_past_a_dead_address_for_reads_and_to_the_writer(
         async with AsyncClient([dead, hostport(n2)]) as ac:
             assert (await ac.head("routed")).size >= 2
             e = await ac.append("routed", "async via the list", dedup_id="a1")
-            assert (e.writer, e.seq, e.payload) == ("n1", 3, b"async via the list")
+            assert (e.writer, e.seq, e.payload) == ("n1", 4, b"async via the list")  # (after the cli's)
             assert await ac.append("routed", "async via the list", dedup_id="a1") == e  # exactly once
 
     run(main())
@@ -292,3 +292,17 @@ def test_a_closed_client_says_so(node, zctx):
             await ac.append("c", "x")
 
     run(main())
+
+
+def test_a_sync_watch_takes_a_timeout_too(node, zctx):
+    with Client(node.address, zctx=zctx) as c:
+        c.append("quiet", "x")
+        with c.watch("quiet", timeout=0.3) as w:
+            t0 = time.monotonic()
+            with pytest.raises(Timeout, match="no entry of 'quiet' within"):
+                next(w)
+            assert 0.25 < time.monotonic() - t0 < 2
+            c.append("quiet", "y")
+            assert next(w).payload == b"y"
+        with pytest.raises(BadRequest, match="positive"):
+            c.watch("quiet", timeout=0)
