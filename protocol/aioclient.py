@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
+import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, TypeVar
 
 import zmq
@@ -182,7 +183,10 @@ class _Connection:
         """Fail every request waiting here (nothing listens, or the connection is replaced)."""
         for _rid, (fut, _deadline, _sent) in self.book.clear():
             if not fut.done():
-                fut.set_exception(error())
+                try:
+                    fut.set_exception(error())
+                except RuntimeError:  # its event loop is closed: nobody waits for it any more
+                    continue
                 fut.exception()  # (nobody may ask: a submitted request never `result`ed is no error to log)
 
     def close(self) -> None:
@@ -231,9 +235,12 @@ class AsyncClient(calls.ClientCore):
     def _connection(self) -> _Connection:
         if self._closed:
             raise ClientClosed("this client is closed (make a new one)")
-        if self._conn is None:
-            self._conn = _Connection(self, self.address)
-        return self._conn
+        conn = self._conn
+        if conn is None or conn.loop is not asyncio.get_running_loop():
+            if conn is not None:  # used from another event loop now (a second asyncio.run)
+                conn.close()
+            conn = self._conn = _Connection(self, self.address)
+        return conn
 
     def _reconnect(self, conn: _Connection, next_address: bool) -> None:
         """A fresh connection in place of `conn` (once, however many requests saw it fail); the
@@ -404,24 +411,54 @@ class AsyncClient(calls.ClientCore):
     async def append_many(self, context: str, payloads: Iterable[bytes | str], *, key: str = "",
                           metadata: Mapping[str, str] | None = None, window: int = DEFAULT_WINDOW,
                           dedup_prefix: str | None = None) -> AsyncIterator[Entry]:
-        """Pipelined appends, up to `window` awaited at once; yields the entries in order (each
-        append follows NOT_WRITER to the writer by itself)."""
+        """Pipelined appends, up to `window` in flight on one connection; yields the entries in
+        order. At a node that is not the context's writer, everything not yet acknowledged (none
+        of it was applied) goes to the writer instead (as `Client.append_many`)."""
         md = dict(metadata) if metadata else None
-        loop = asyncio.get_running_loop()
-        inflight: collections.deque[asyncio.Future[Entry]] = collections.deque()
-        try:
-            for i, p in enumerate(payloads):
-                inflight.append(loop.create_task(self.append(
-                    context, p, key=key, metadata=md, dedup_id=f"{dedup_prefix}:{i}" if dedup_prefix else None)))
-                if len(inflight) >= window:
-                    yield await inflight.popleft()
-                while inflight and inflight[0].done():
-                    yield inflight.popleft().result()
-            while inflight:
-                yield await inflight.popleft()
-        finally:
-            for t in inflight:
-                t.cancel()
+        items: Iterator[tuple[bytes, str | None]] = (
+            (p.encode() if isinstance(p, str) else p, f"{dedup_prefix}:{i}" if dedup_prefix else None)
+            for i, p in enumerate(payloads))
+        client: AsyncClient = self
+        for hop in range(MAX_REDIRECTS + 1):
+            inflight: collections.deque[tuple[int, bytes, str | None]] = collections.deque()
+            try:
+                for p, dd in items:
+                    rid = client.submit("append", context=context, key=key, payload=p, metadata=md, dedup_id=dd)
+                    inflight.append((rid, p, dd))
+                    if len(inflight) >= window:
+                        yield await client._first_entry(inflight)
+                    # what is acknowledged already goes out at once (a slow producer sees progress)
+                    while inflight and client._answered(inflight[0][0]):
+                        yield await client._first_entry(inflight)
+                while inflight:
+                    yield await client._first_entry(inflight)
+                return
+            except NotWriter as exc:
+                if hop >= MAX_REDIRECTS or not exc.details.get("address"):
+                    raise
+                for rid, _, _ in inflight:
+                    client._drop(rid)
+                items = itertools.chain([(p, dd) for _, p, dd in inflight], items)
+                client = self._writer_client(str(exc.details["address"]), exc.details.get("key"))
+            finally:
+                for rid, _, _ in inflight:
+                    client._drop(rid)
+
+    async def _first_entry(self, inflight: collections.deque[tuple[int, bytes, str | None]]) -> Entry:
+        """The entry of the oldest pipelined append, once acknowledged (then it leaves `inflight`)."""
+        got = self._submitted[inflight[0][0]]
+        e = calls.entry_of(calls.check(await got[1])["entry"], self.verify)
+        del self._submitted[inflight.popleft()[0]]
+        return e
+
+    def _answered(self, rid: int) -> bool:
+        return self._submitted[rid][1].done()
+
+    def _drop(self, rid: int) -> None:
+        """Forget a submitted request nobody will ask for."""
+        got = self._submitted.pop(rid, None)
+        if got is not None:
+            got[0].forget(rid)
 
     async def get(self, context: str, *, key: str | None = None, after: int = 0, limit: int | None = None,
                   fork: str | None = None, fork_index: int | None = None) -> GetResult:

@@ -198,6 +198,9 @@ def test_both_clients_fail_over_past_a_dead_address_for_reads_and_to_the_writer(
             e = await ac.append("routed", "async via the list", dedup_id="a1")
             assert (e.writer, e.seq, e.payload) == ("n1", 4, b"async via the list")  # (after the cli's)
             assert await ac.append("routed", "async via the list", dedup_id="a1") == e  # exactly once
+            # pipelined at a replica: what it did not take goes to the writer it names, in order
+            many = [x async for x in ac.append_many("routed", [f"m{i}" for i in range(300)], window=50)]
+            assert [x.seq for x in many] == list(range(5, 305)) and {x.writer for x in many} == {"n1"}
 
     run(main())
 
@@ -292,6 +295,11 @@ def test_a_closed_client_says_so(node, zctx):
             await ac.append("c", "x")
 
     run(main())
+
+    reused = AsyncClient(node.address)  # one client, two event loops one after the other
+    assert run(reused.ping()) == node.node_id
+    assert run(reused.ping()) == node.node_id
+    reused.close_now()
 
 
 def test_a_sync_watch_takes_a_timeout_too(node, zctx):
