@@ -68,8 +68,9 @@ class _Connection:
 
     The DEALER is a plain socket read from the event loop's own reader callback (`add_reader` on
     its edge-triggered FD): every queued reply is taken in one go and resolves the future of the
-    request it answers, with no future per message (zmq.asyncio's per-call futures cost about
-    half the throughput of pipelined appends). Sends never wait (a large high-water mark), and
+    request it answers, with no future per message (a first version awaiting zmq.asyncio's
+    futures, with a timeout context per request, took 0.51 s for 5,000 concurrent appends; this
+    one 0.15 s). Deadlines are swept every SWEEP_S, not timed one by one. Sends never wait (a large high-water mark), and
     after each one the loop looks for replies once more (a send can take the FD's edge). The
     monitor is read the same way."""
 
