@@ -17,11 +17,13 @@ Anything not listed in `__all__` may change without notice.
 
 from node import __version__
 from node.identity import read_key_file
+from protocol.aioclient import AsyncClient, AsyncWatch
 from protocol.client import Client, ConsistencyProof, GetResult, Head, InclusionProof, Watch
 from protocol.codec import PROTOCOL_VERSION
 from protocol.entry import Entry
 from protocol.errors import (
     BadRequest,
+    ClientClosed,
     Conflict,
     Forbidden,
     IntegrityError,
@@ -34,6 +36,7 @@ from protocol.errors import (
     TooLarge,
     Unavailable,
     UnknownOp,
+    Unreachable,
     UnsupportedVersion,
 )
 from protocol.keys import Identity
@@ -41,8 +44,11 @@ from protocol.keys import Identity
 __all__ = [
     "read_key_file",
     "PROTOCOL_VERSION",
+    "AsyncClient",
+    "AsyncWatch",
     "BadRequest",
     "Client",
+    "ClientClosed",
     "Conflict",
     "ConsistencyProof",
     "Entry",
@@ -61,6 +67,7 @@ __all__ = [
     "TooLarge",
     "Unavailable",
     "UnknownOp",
+    "Unreachable",
     "UnsupportedVersion",
     "Watch",
     "__version__",

@@ -112,6 +112,16 @@ class Timeout(Unavailable):
     """The node did not answer within the client's timeout."""
 
 
+class Unreachable(Timeout):
+    """Nothing listens at the node's address: the transport saw every connection attempt refused
+    (the client's socket monitor), so the client gave up early instead of waiting out its timeout.
+    A `Timeout` too (no answer came), so code that handles timeouts handles this."""
+
+
+class ClientClosed(BadRequest):
+    """The client (or watch) was used after `close()`: make a new one."""
+
+
 class StorageError(LedgerError):
     """The node's disk failed a write (full, EIO, out of file descriptors): it takes no
     writes until its storage recovers. Retrying later is safe with the same `dedup_id`."""

@@ -25,7 +25,7 @@ import zmq
 from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge
+from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge, Unreachable
 from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools import backup as backups
@@ -85,7 +85,8 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     # SUPPRESS keeps a command's unset option from hiding the top-level one.
     p = argparse.ArgumentParser(add_help=False)
     d: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
-    p.add_argument("--node", metavar="HOST:PORT", help=f"node to talk to (default $LEDGER_NODE or {DEFAULT_NODE})", **d)
+    p.add_argument("--node", metavar="HOST:PORT", help=f"node to talk to, or several with commas, tried in that order "
+                   f"(default $LEDGER_NODE or {DEFAULT_NODE})", **d)
     p.add_argument("--json", action="store_true", help="one JSON object per line", **d)
     p.add_argument(
         "--timeout",
@@ -749,15 +750,19 @@ COMMANDS = {
 
 
 def _node_address(text: str) -> str:
-    try:
-        address = normalize_address(text)
-    except ValueError as exc:
-        raise UsageError(f"--node: {exc}") from None
-    if address.startswith("tcp://"):
-        port = address.rpartition(":")[2]
-        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise UsageError(f"--node: port must be 1..65535, got {port!r}")
-    return address
+    """HOST:PORT, or several with commas (the client fails over between them, in that order)."""
+    out = []
+    for item in text.split(","):
+        try:
+            address = normalize_address(item.strip())
+        except ValueError as exc:
+            raise UsageError(f"--node: {exc}") from None
+        if address.startswith("tcp://"):
+            port = address.rpartition(":")[2]
+            if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+                raise UsageError(f"--node: port must be 1..65535, got {port!r}")
+        out.append(address)
+    return ",".join(out)
 
 
 def _check_output(path: str) -> None:
@@ -872,7 +877,9 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
             # One ping without retry, so a node that is not there is reported
             # after --timeout, not after every retry of the real request.
             try:
-                c.result(c.submit("ping"))
+                c.call("ping", retry=False)  # (past addresses where nothing listens, with several)
+            except Unreachable:
+                raise  # nothing listens there: keys have nothing to do with it
             except Timeout as exc:
                 # a node with keys does not answer a client it does not let in: say so
                 hint = ("; or it does not let this key in: is it in the node's client allowlist, and is "

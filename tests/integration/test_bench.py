@@ -18,6 +18,8 @@ LEDGER_SCENARIOS = {"raw_echo_seq", "raw_echo_pipelined", "append_seq", "append_
                     "append_sync_pipelined", "get_one", "get_tail100"}
 WATCH_SCENARIOS = {"watch_latency", "append_pipelined_watched", "watch_fanout"}
 MESH_SCENARIOS = {"replication_lag", "append_pipelined_replicated", "catch_up"}
+CLIENT_SCENARIOS = {"client_append_seq", "client_append_pipelined", "aio_append_seq", "aio_append_pipelined",
+                    "aio_append_gather"}
 MESH_FIGURES = {"replication_lag_p99_ms", "append_pipelined_replicated_vs_append_pipelined", "catch_up_entries_per_s",
                 "heartbeat_bytes_10k_contexts"}
 
@@ -45,7 +47,7 @@ def test_smoke_json_report_has_every_scenario_and_ratio(capsys, tmp_path):
     assert _children() <= before, "ledger-bench left processes running"
     report = json.loads(capsys.readouterr().out)
     results = report["results"]
-    assert LEDGER_SCENARIOS | WATCH_SCENARIOS | MESH_SCENARIOS <= set(results)
+    assert LEDGER_SCENARIOS | WATCH_SCENARIOS | MESH_SCENARIOS | CLIENT_SCENARIOS <= set(results)
     for name, r in results.items():
         assert set(r) == {"ops_per_s", "p50_us", "p99_us", "n"}, name
         assert r["ops_per_s"] > 0 and r["n"] > 0 and r["p50_us"] > 0, name
@@ -53,6 +55,8 @@ def test_smoke_json_report_has_every_scenario_and_ratio(capsys, tmp_path):
     for key in ("append_seq_p50_vs_raw_echo_seq_p50", "append_pipelined_vs_raw_echo_pipelined",
                 "get_one_p50_vs_raw_echo_seq_p50", "get_one_p99_us", "rss_mb_1m_entries",
                 "append_pipelined_watched_vs_append_pipelined", "watch_latency_p99_us", "watch_fanout_complete",
+                "aio_append_pipelined_vs_client_append_pipelined", "aio_append_gather_vs_client_append_pipelined",
+                "aio_append_seq_p50_vs_client_append_seq_p50",
                 *MESH_FIGURES):
         assert key in report["ratios"] and isinstance(report["ratios"][key]["met"], bool)
     assert {"replication_lag", "append_pipelined_replicated", "catch_up", "heartbeat"} <= set(report["mesh"])

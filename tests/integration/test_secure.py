@@ -295,7 +295,7 @@ def test_a_writer_signs_its_heads_and_a_reader_pinning_its_key_checks_them(node_
             it = iter(w)
             assert [next(it).payload for _ in range(2)] == [b"e3", b"e4"]
             c.append("notes", "e5")
-            assert next(it).payload == b"e5" and w._checked == 6
+            assert next(it).payload == b"e5" and w.state.checked == 6
         with c.watch("notes", after=0, writer_key=Identity.generate().public_hex) as w, \
                 pytest.raises(IntegrityError, match="not signed by the writer key"):
             next(iter(w))

@@ -11,8 +11,12 @@ SCENARIOS = (
     "redis_xadd_fsync_pipelined", "watch_latency", "append_pipelined_watched", "watch_fanout",
     "replication_lag", "append_pipelined_replicated", "catch_up",
     "append_seq_curve", "append_pipelined_curve", "get_one_curve",
+    "client_append_seq", "client_append_pipelined", "aio_append_seq", "aio_append_pipelined", "aio_append_gather",
 )
 CURVE_SCENARIOS = ("append_seq_curve", "append_pipelined_curve", "get_one_curve")  # a node with keys
+# the reference clients themselves, synchronous and asyncio (issue #16)
+CLIENT_SCENARIOS = ("client_append_seq", "client_append_pipelined", "aio_append_seq", "aio_append_pipelined",
+                    "aio_append_gather")
 WATCH_SCENARIOS = ("watch_latency", "append_pipelined_watched")
 MESH_SCENARIOS = ("replication_lag", "append_pipelined_replicated")  # on one 3-node mesh, in the rounds
 # what --only accepts besides SCENARIOS: figures that are not a throughput scenario
@@ -87,6 +91,12 @@ RATIOS: list[tuple[str, str, str, str, str, float]] = [
     ("append_pipelined_curve_vs_append_pipelined", "append_pipelined_curve", "ops_per_s", "append_pipelined",
      ">=", 0.8),
     ("get_one_curve_p50_vs_get_one_p50", "get_one_curve", "p50_us", "get_one", "<=", 1.2),
+    # the asyncio client against the synchronous one, the same appends (issue #16)
+    ("aio_append_pipelined_vs_client_append_pipelined", "aio_append_pipelined", "ops_per_s",
+     "client_append_pipelined", ">=", 0.8),
+    ("aio_append_gather_vs_client_append_pipelined", "aio_append_gather", "ops_per_s", "client_append_pipelined",
+     ">=", 0.8),
+    ("aio_append_seq_p50_vs_client_append_seq_p50", "aio_append_seq", "p50_us", "client_append_seq", "<=", 1.2),
 ]
 WATCH_LATENCY_P99_US = 5000
 REPLICATION_LAG_P99_MS = 100

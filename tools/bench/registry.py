@@ -94,7 +94,7 @@ class Run:
     run: Callable[[Sizes, str, bool, set[str] | None, Results], None]
 
 
-FAMILY_ORDER = ("baseline", "redis", "curve", "watch", "mesh")
+FAMILY_ORDER = ("baseline", "redis", "curve", "clients", "watch", "mesh")
 RUN_ORDER = ("throughput", "watch_fanout", "catch_up", "heartbeat_bytes_10k", "memory", "floods", "steady_rate")
 ROUND_FAMILIES: dict[str, RoundFamily] = {}
 RUNS: dict[str, Run] = {}
@@ -152,6 +152,10 @@ def run_rounds(r: Rounds) -> tuple[dict[str, list[Sample]], dict[str, list[float
         pair_up(order, "append_pipelined", "append_pipelined_watched", first=i % 2 == 0)
         # on append_pipelined's other side, so that both stay next to it
         pair_up(order, "append_pipelined", "append_pipelined_replicated", first=i % 2 == 1)
+        # each asyncio scenario next to its synchronous counterpart, alternating which goes first
+        pair_up(order, "client_append_pipelined", "aio_append_pipelined", first=i % 2 == 0)
+        pair_up(order, "client_append_pipelined", "aio_append_gather", first=i % 2 == 1)
+        pair_up(order, "client_append_seq", "aio_append_seq", first=i % 2 == 1)
         this_round: dict[str, Sample] = {}
         for name, fn in order:
             waited = settle()

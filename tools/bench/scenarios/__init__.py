@@ -7,6 +7,8 @@ whose FAMILY_ORDER and RUN_ORDER say in which order they set up and run).
   heartbeat_bytes_10k;
 - `curve`: the `curve` round family (append_seq_curve, append_pipelined_curve, get_one_curve: a
   node with keys);
+- `clients`: the `clients` round family (the synchronous and asyncio reference clients, one
+  append at a time and pipelined);
 - `memory`, `floods`: the memory/restart run and the floods (tools/flood.py);
 - `steady`: steady_rate, a paced client against the default node and one with busy-polling off
   (issue #17; only when named).
@@ -14,7 +16,7 @@ whose FAMILY_ORDER and RUN_ORDER say in which order they set up and run).
 
 from __future__ import annotations
 
-from . import curve, floods, memory, mesh, steady, throughput, watch  # noqa: F401  (registers them)
+from . import clients, curve, floods, memory, mesh, steady, throughput, watch  # noqa: F401  (registers them)
 from .floods import run_floods
 from .memory import run_memory
 from .steady import run_steady
