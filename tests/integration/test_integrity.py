@@ -102,6 +102,8 @@ def test_truncated_log_at_a_replica_is_repaired_from_its_peer(node_factory, zctx
     n1, n2, want = _replicated_then_cut(node_factory, zctx, "rep", victim=1)
     wait_for(lambda: converged([n1, n2], zctx, ["rep"], {"rep": 2000}), what="repair from the peer")
     with Client(n2.address, zctx=zctx) as c:
+        # the damage is cleared once the refilled entries are on disk, a flush after they arrive
+        wait_for(lambda: c.head("rep").damaged is None, what="the refilled entries to be on disk")
         h = c.head("rep")
         assert (h.size, h.root, h.damaged) == (2000, want.root, None)
         assert c.status()["damaged"] == []
