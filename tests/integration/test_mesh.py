@@ -251,8 +251,10 @@ def test_status_reports_peers_and_heartbeats_stay_small(node_factory, zctx):
             c1.append(f"many{i}", "x")
     wait_for(lambda: status(n2, zctx)["contexts"] == 201, what="replication of 201 contexts")
     # (waited for, not read once: on a loaded 2-core machine one heartbeat can come late)
+    # (and until n1 has built a heartbeat since it knew n2: heartbeat_bytes is measured then)
     st = wait_for(lambda: (s := status(n1, zctx))["peers"] and s["peers"][0]["state"] == "alive"
-                  and s["peers"][0]["last_heard_s"] < 2 and s, what="n2 alive and heard from lately")
+                  and s["peers"][0]["last_heard_s"] < 2 and s["replication"]["heartbeat_bytes"] > 0 and s,
+                  what="n2 alive and heard from lately, and a heartbeat built for it")
     (p,) = st["peers"]
     assert p["id"] == "n2" and p["address"] == hostport(n2)
     assert "behind" in p and st["advertise"] == hostport(n1)
