@@ -1172,6 +1172,9 @@ class Ledger:
         stale = [ctx for ctx in self.contexts.values() if ctx.hinted != ctx.size]
         puts = [(st.ctx_key(c.name), _ctx_record(c, c.size, c.last_lamport, c.frontier)) for c in stale]
         token = j.current_token()
+        # the clock's reservation comes down to what it handed out: the next start goes on from
+        # there (after a crash it goes on from the reservation, up to RESERVE_STEP further)
+        puts.append((st.meta_key("lamport"), str(self.clock.value).encode()))
         puts.append((CLEAN_KEY, token))
         try:
             self.kv.write([(CLEAN_ENTRIES_KEY, token)], sync=True)  # first: see CLEAN_ENTRIES_KEY
@@ -1181,6 +1184,7 @@ class Ledger:
             return False
         for c in stale:
             c.hinted = c.size
+        self._reserved = self.clock.value
         return True
 
     def close(self) -> None:

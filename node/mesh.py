@@ -208,6 +208,7 @@ class Peer:
     unsent_beats: int = 0  # heartbeats in a row that could not be sent to it
     idle_rounds: int = 0  # comparisons in a row (sync_heads rounds) that found nothing to pull from it
     next_round_beat: int = 0  # no new comparison with it before this heartbeat (backoff, see _end_round)
+    warned_silent: bool = False  # a seed that never answered was logged (once)
 
 
 @dataclass
@@ -493,6 +494,14 @@ class Mesh:
             log.info("forgetting peer at %s: it never answered", p.address)
             self._forget(p)
             return
+        if (p.last_heard is None and not p.warned_silent and p.address in self.seeds
+                and now - p.learned > self.dead_after * self.heartbeat_s):
+            # a seed given in --peers that never answered (as long as a known peer takes to be
+            # declared dead): nothing else would say so, and a typo'd port looks like a quiet mesh
+            p.warned_silent = True
+            log.warning("--peers %s has not answered in %.0f s: is a ledger-node of cluster %r listening there "
+                        "(its request port, not its watch port) and reachable from here? This node keeps trying",
+                        p.address, now - p.learned, self.cluster)
         if p.last_heard is not None:
             silent = (now - p.last_heard) / self.heartbeat_s
             was, p.state = p.state, next_liveness(p.state, silent=silent, suspect_after=self.suspect_after,

@@ -242,3 +242,15 @@ def test_with_durable_reads_nothing_is_read_before_it_is_on_disk(tmp_path):
     assert heads[0][1:3] == [3, h["root"]]
     led.flush_sync()
     assert led.head("c")["size"] == 5 and len(led.get(codec.Get("c", after=0, limit=100))[0]) == 5
+
+
+def test_after_a_clean_stop_the_clock_goes_on_from_its_last_value_after_a_crash_from_its_reservation(tmp_path):
+    kv, led = cleanly_stopped(tmp_path, 3)
+    last = led.contexts["c"].last_lamport
+    again = make(kv, tmp_path)
+    fill(again, "c", 1)
+    assert again.contexts["c"].last_lamport == last + 1  # no jump of a reservation block
+    again.flush_sync()
+    crashed = make(kv, tmp_path)  # no clean stop: the reservation written before that tick holds
+    fill(crashed, "c", 1)
+    assert crashed.contexts["c"].last_lamport > last + 1 + 1000

@@ -519,3 +519,25 @@ def test_a_peer_without_sync_digest_is_compared_by_top_buckets_from_then_on():
     asked = [(op, f) for _a, op, f, _s in m.pending.values()]
     assert asked == [("sync_heads", {"buckets": fields["buckets"], "nbuckets": digest.NBUCKETS})]
     assert m.peers[address].no_fine
+
+
+def test_a_seed_that_never_answers_is_logged_once_with_what_to_check(caplog):
+    m = mesh(Recording(), seeds=["10.0.0.9:7400"])
+    m.dead_after = 4
+    with caplog.at_level(logging.WARNING, logger="node.mesh"):
+        for i in range(1, 40):
+            m.tick(i * 0.5)
+    warned = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+    assert len(warned) == 1 and "--peers 10.0.0.9:7400" in warned[0] and "not its watch port" in warned[0]
+    assert "10.0.0.9:7400" in m.peers  # and it keeps trying
+
+
+def test_a_seed_that_answers_in_time_is_not_warned_about(caplog):
+    m = mesh(Recording(), seeds=["10.0.0.9:7400"])
+    m.dead_after = 4
+    with caplog.at_level(logging.WARNING, logger="node.mesh"):
+        m.tick(0.5)
+        m.rpc_heartbeat(codec.Heartbeat("n9", "10.0.0.9:7400", "10.0.0.9:7401", "b", 1, 0, (), b"", "ledger"), 1.0)
+        for i in range(3, 40):
+            m.tick(i * 0.5)
+    assert not [r for r in caplog.records if "has not answered" in r.getMessage()]
