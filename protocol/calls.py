@@ -200,16 +200,26 @@ class Link:
         self.up = False
         self.ever_up = False
         self.refused = 0
+        # a connection just dropped: ZeroMQ reports the reconnection it schedules like a refused
+        # attempt, which says nothing about whether something listens (a node with keys drops a
+        # keyless client's connection after every handshake)
+        self.dropped = False
 
     def on_event(self, kind: str) -> None:
-        """`kind`: "up" (connected), "down" (disconnected) or "refused" (a connect attempt failed)."""
+        """`kind`: "up" (connected), "down" (disconnected) or "refused" (a connect attempt failed,
+        or a reconnection scheduled after "down")."""
         if kind == "up":
             self.up = self.ever_up = True
             self.refused = 0
+            self.dropped = False
         elif kind == "down":
             self.up = False
+            self.dropped = True
         elif kind == "refused" and not self.up:
-            self.refused += 1
+            if self.dropped:
+                self.dropped = False  # the retry the drop scheduled, not a refusal
+            else:
+                self.refused += 1
 
     @property
     def unreachable(self) -> bool:

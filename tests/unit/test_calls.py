@@ -40,8 +40,20 @@ def test_a_link_is_unreachable_only_when_refused_with_no_connection_up():
     assert not link.unreachable
     link.on_event("down")
     assert not link.unreachable
-    link.on_event("refused")
+    link.on_event("refused")  # the reconnection the drop scheduled: not yet a refusal
+    assert not link.unreachable
+    link.on_event("refused")  # that attempt failed: nothing listens now
     assert link.unreachable and link.ever_up
+
+
+def test_a_node_that_drops_every_handshake_is_not_called_unreachable():
+    # a node with keys and a keyless client: connected, dropped, reconnected, dropped, ...
+    link = calls.Link()
+    for _ in range(5):
+        link.on_event("up")
+        link.on_event("down")
+        link.on_event("refused")
+        assert not link.unreachable
 
 
 def test_addresses_one_many_or_comma_separated():
