@@ -116,6 +116,8 @@ def test_truncated_log_at_a_writer_is_refilled_from_its_replica_before_it_append
     n1, n2, want = _replicated_then_cut(node_factory, zctx, "w", victim=0)
     wait_for(lambda: converged([n1, n2], zctx, ["w"], {"w": 2000}), what="the writer's repair from its replica")
     with Client(n1.address, zctx=zctx) as c:
+        # the damage is cleared once the refilled entries are on disk, a flush after they arrive
+        wait_for(lambda: c.head("w").damaged is None, what="the refilled entries to be on disk")
         h = c.head("w")
         assert (h.size, h.root, h.damaged) == (2000, want.root, None)
         e = c.append("w", b"after the repair")
@@ -370,6 +372,7 @@ def test_a_replica_context_start_up_cannot_read_is_served_empty_and_refilled(nod
     wait_for(lambda: converged([n1, n2], zctx, ["rep", "zz-other"], {"rep": 200, "zz-other": 200}),
              what="repair from the peer")
     with Client(n2.address, zctx=zctx) as c:
+        wait_for(lambda: c.head("rep").damaged is None, what="the refilled entries to be on disk")
         h = c.head("rep")
         assert (h.size, h.root, h.damaged) == (200, want.root, None)
         assert [e.payload for e in c.get("rep", after=190).entries] == payloads[190:]
