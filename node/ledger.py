@@ -1087,7 +1087,7 @@ class Ledger:
             if len(out) == limit:
                 return out, True
             ctx = contexts[name]
-            size = ctx.flushed_seq if self.durable_reads else ctx.size
+            size = self.visible(ctx)
             if size == ctx.size:
                 out.append([ctx.name, size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
             else:  # sync durability: peers are shown what reads see, never what a crash may take back

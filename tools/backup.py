@@ -35,6 +35,8 @@ MANIFEST = "backup.json"
 FORMAT = "converge-ledger-backup"
 SAVE_EVERY_S = 5.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}\.snap")  # what file_name makes: no path, no dot-dot
+_ROOT_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BackupError(Exception):
@@ -88,6 +90,13 @@ def read_manifest(folder: str) -> dict[str, Any]:
     if not (isinstance(m, dict) and m.get("format") == FORMAT and m.get("version") == 1
             and isinstance(m.get("contexts"), dict)):
         raise BackupError(f"{path!r} is not a {FORMAT} version 1 manifest")
+    for name, info in m["contexts"].items():
+        # a manifest is input: each entry a plain file name in the folder, a size, a 32-byte root
+        if not (isinstance(info, dict) and isinstance(info.get("file"), str) and _FILE_NAME.fullmatch(info["file"])
+                and type(info.get("size")) is int and 0 <= info["size"] < 1 << 64
+                and isinstance(info.get("root"), str) and _ROOT_HEX.fullmatch(info["root"])):
+            raise BackupError(f"{path!r}: the entry of context {name!r} is malformed (it needs a file name in the "
+                              "folder, a size and a 64-digit hex root)")
     return m
 
 

@@ -145,3 +145,21 @@ def test_an_import_of_a_damaged_snapshot_appends_nothing(node, zctx, tmp_path, c
     assert rc in (1, 2) and ("INTEGRITY" in err or "does not match" in err), err
     with Client(node.address, zctx=zctx) as c:
         assert c.contexts() == [{"name": "src", "size": 3}]
+
+
+@pytest.mark.parametrize("entry", [
+    {"file": "../../etc/passwd", "size": 1, "root": "00" * 32},
+    {"file": "/etc/passwd", "size": 1, "root": "00" * 32},
+    {"file": "x.snap", "size": -1, "root": "00" * 32},
+    {"file": "x.snap", "size": 2**64, "root": "00" * 32},
+    {"file": "x.snap", "size": 1, "root": "zz"},
+    {"file": "x.snap", "root": "00" * 32},
+    ["not", "a", "map"],
+])
+def test_a_manifest_with_a_malformed_entry_is_refused_before_anything_is_read(tmp_path, capsys, entry):
+    folder = tmp_path / "bk"
+    folder.mkdir()
+    (folder / backups.MANIFEST).write_text(json.dumps(
+        {"format": backups.FORMAT, "version": 1, "contexts": {"c": entry}}))
+    rc, _, err = run(capsys, "127.0.0.1:1", "restore", str(folder))
+    assert rc == 2 and "the entry of context 'c' is malformed" in err
