@@ -442,6 +442,7 @@ class Core:
             "max_peer_message": max_peer_message(cfg.max_payload),
             "data": cfg.data,
             "config_file": cfg.config_file,
+            "config": cfg.report(),  # every setting's effective value, from node/options.py's rows
             "storage": self.ledger.storage.status(now),
             "public_key": self.public_key,
             # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)
