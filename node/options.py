@@ -62,6 +62,8 @@ class Option:
     env: bool = True  # has a LEDGER_* variable
     not_in_file: str | None = None  # why a config file may not hold it (None: it may)
     status: bool = True  # reported in status.config (False: what names the key lists)
+    read: Callable[[Any], Any] | None = None  # its value in a Config, when not one attribute
+    shown_in_status: Callable[[Any], Any] | None = None  # a value as status gives it (default: tuples as lists)
     more: str = ""  # README only: what is too long for --help
     choices: tuple[str, ...] = ()  # argparse's choices (its own message for another word)
 
@@ -102,20 +104,13 @@ class Option:
 
     def value(self, cfg: Any) -> Any:
         """This option's value in a Config, in the type `parse` returns."""
-        if self.flag == "--listen":
-            return (cfg.host, cfg.port)
-        if self.flag == "--peers":
-            ids = dict(cfg.seed_ids)
-            return tuple((addr, ids.get(addr)) for addr in cfg.peers)
-        return getattr(cfg, self.attr)
+        return self.read(cfg) if self.read is not None else getattr(cfg, self.attr)
 
     def report(self, cfg: Any) -> Any:
         """This option's value in a Config as status shows it: strings, integers, lists, nil."""
         v = self.value(cfg)
-        if self.flag in ("--listen", "--metrics"):
-            return None if v is None else join_hostport(*v)
-        if self.flag == "--peers":
-            return [f"{i}@{a}" if i else a for a, i in v]
+        if v is not None and self.shown_in_status is not None:
+            return self.shown_in_status(v)
         return list(v) if isinstance(v, tuple) else v
 
 
@@ -268,6 +263,23 @@ def switch(text: str, flag: str) -> bool:
     return text == "1"
 
 
+def _listen_of(cfg: Any) -> tuple[str, int]:
+    return (cfg.host, cfg.port)
+
+
+def _peers_of(cfg: Any) -> tuple[tuple[str, str | None], ...]:
+    ids = dict(cfg.seed_ids)
+    return tuple((addr, ids.get(addr)) for addr in cfg.peers)
+
+
+def _hostport_text(v: tuple[str, int]) -> str:
+    return join_hostport(*v)
+
+
+def _peers_text(v: tuple[tuple[str, str | None], ...]) -> list[str]:
+    return [f"{i}@{a}" if i else a for a, i in v]
+
+
 def write_buffer(text: str, flag: str) -> int:
     return max(int(size()(text, flag)), 1)
 
@@ -289,7 +301,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--data", "data folder (LevelDB), or `:memory:` for a throw-away node", "./ledger-data", text,
            metavar="DIR", group=NODE),
     Option("--listen", "HOST:PORT of the request (ROUTER) socket; port 0 picks a free one", ("127.0.0.1", 7400),
-           hostport, metavar="HOST:PORT", group=NODE, show=lambda v: join_hostport(*v)),
+           hostport, metavar="HOST:PORT", group=NODE, show=_hostport_text, read=_listen_of,
+           shown_in_status=_hostport_text),
     Option("--pub-port", "port of the watch (PUB) socket", parse=port, metavar="PORT", group=NODE,
            shown="listen port + 1, or a free port when listening on port 0"),
     Option("--durability", "async: acknowledged in RAM, on disk within --flush-ms; sync: fsynced before the reply, "
@@ -320,7 +333,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--peers", "request addresses of other nodes to join; one is enough, the rest is learned by gossip. "
            "HOST: an IPv4 address, an IPv6 address in brackets (`[::1]:7400`) or a DNS name; PORT: 1..65535; no "
            "`tcp://`. With keys each entry is NODE_ID@HOST:PORT", (), peers, metavar="HOST:PORT[,HOST:PORT...]",
-           group=MESH),
+           group=MESH, read=_peers_of, shown_in_status=_peers_text),
     Option("--cluster", "name of the mesh this node belongs to; nodes refuse heartbeats from other clusters, so a "
            "node never joins a mesh by accident", "ledger", cluster, metavar="NAME", group=MESH),
     Option("--max-peers", f"most other nodes this node keeps in its peer table (1..{MAX_MAX_PEERS}; each is one "
@@ -394,7 +407,7 @@ OPTIONS: tuple[Option, ...] = (
            parse=optional(integer(0, 3_600_000)), metavar="N", group=LOGS, shown="off"),
     Option("--metrics", "serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP there (port 0: any "
            "free port, printed at start); no authentication: keep it on loopback or a monitoring network",
-           parse=optional(hostport), metavar="HOST:PORT", group=LOGS, shown="off",
+           parse=optional(hostport), metavar="HOST:PORT", group=LOGS, shown="off", shown_in_status=_hostport_text,
            more="(see \"Metrics and health\")"),
     Option("--ready-lag", "/readyz says not ready (503) while a live peer holds more than N entries this node does "
            "not", DEFAULT_READY_LAG, integer(0, 1 << 62), metavar="N", group=LOGS),
