@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_names(parser: argparse.ArgumentParser | None = None) -> set[str]:
     """The names of the settings (upper case, underscores): what a config file and LEDGER_* may set."""
-    return {o.key for o in options.OPTIONS if o.is_setting or o.flag == "--config"}
+    return {o.key for o in SETTINGS}
 
 
 def read_config_file(path: str, known: set[str] | None = None) -> dict[str, str]:

@@ -64,8 +64,9 @@ def _argv(o: options.Option, text: str) -> list[str]:
     return [o.flag] if o.kind == options.SWITCH else [o.flag, text]
 
 
-def test_every_setting_has_a_sample_here():
+def test_every_setting_has_a_sample_here_and_a_rule():
     assert set(SAMPLES) == {o.flag for o in SETTINGS}
+    assert [o.flag for o in SETTINGS if o.parse is None] == []  # (else a value given would be ignored)
 
 
 def test_the_parser_has_exactly_the_rows_and_no_defaults_of_its_own():
