@@ -61,6 +61,7 @@ class Config:
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
     busy_poll_budget: int = DEFAULT_BUSY_POLL_BUDGET  # percent of one core, over any second
     max_loads: int = 4
+    context_cache: int = 100_000
     max_staged_bytes: int = 256 << 20
     max_watch_topics: int = 10_000
     max_watchers_per_context: int = 1_000
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "[LEDGER_MAX_PAYLOAD] (default 4MiB)")
     p.add_argument("--hot-bytes", help="RAM for recent entries of all contexts together "
                    "[LEDGER_HOT_BYTES] (default 64MiB)")
+    p.add_argument("--context-cache", help="contexts kept in RAM (the others are read from disk on first "
+                   "use, ~2 KB each) [LEDGER_CONTEXT_CACHE] (default 100000)")
     p.add_argument("--write-buffer", help="RAM for appends acknowledged but not yet on disk; when full, "
                    "the node stops reading requests until storage catches up [LEDGER_WRITE_BUFFER] (default 16MiB)")
     p.add_argument("--watch-heartbeat-ms", help="a watched context that published nothing for this long "
@@ -354,6 +357,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not 1 <= max_staged <= 1 << 40:
         raise ConfigError(f"--max-staged-bytes must be from 1 byte to 1TiB, got {max_staged}")
     ml_raw = _int_flag(pick(args.max_loads, "MAX_LOADS", "4"), "--max-loads", 1, 1000)
+    cc_raw = _int_flag(pick(args.context_cache, "CONTEXT_CACHE", "100000"), "--context-cache", 1, 1 << 32)
     mt_raw = _int_flag(pick(args.max_watch_topics, "MAX_WATCH_TOPICS", "10000"), "--max-watch-topics", 1, 10_000_000)
     mw_raw = _int_flag(pick(args.max_watchers_per_context, "MAX_WATCHERS_PER_CONTEXT", "1000"),
                        "--max-watchers-per-context", 1, 1_000_000)
@@ -447,7 +451,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         heartbeat_ms=int(hbm_raw), advertise=advertise, suspect_after=int(sa_raw), dead_after=int(da_raw),
         replica_timeout_ms=int(rt_raw), cluster=cluster, busy_poll_us=int(bp_raw),
         busy_poll_budget=int(bb_raw),
-        max_loads=int(ml_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
+        max_loads=int(ml_raw), context_cache=int(cc_raw), max_staged_bytes=max_staged, max_watch_topics=int(mt_raw),
         max_watchers_per_context=int(mw_raw),
         max_client_queue=max_client_queue, max_clients=max_clients, max_peers=int(mp_raw),
         accept_damage=bool(args.accept_damage), insecure=insecure,
