@@ -73,6 +73,7 @@ STORED_MIN_LEVEL = 3
 # RAM per 10M entries). With them, a proof at 10M entries reads as many nodes from storage as
 # one at 10k (levels 3-9).
 CACHED_MIN_LEVEL = 10
+SHRINK_LOOKS = 20_000  # contexts a heartbeat's digest looks at to bring the cache down to size (~10 ms)
 MAX_MERGED_BUCKETS = 512  # fine buckets merged for a sync_heads; past that, all names are filtered
 # Written by a clean stop (`Ledger.mark_clean`) and removed by the next start: while it is there,
 # and the high-water journal is still the one it names, every `C` record's head is current and
@@ -310,8 +311,9 @@ class Ledger:
             self.contexts.count, self.entries_total, self._fine = state
             # the heads on disk are what the journal's marks would say: it starts again from them
             j.reset()
-            log.info("%d contexts after a clean stop: each is read when first used (--context-cache %d)",
-                     self.contexts.count, self.contexts.capacity)
+            if self.contexts.count:
+                log.info("%d contexts after a clean stop: each is read when first used (--context-cache %d)",
+                         self.contexts.count, self.contexts.capacity)
         else:
             if j is not None:
                 j.load()
@@ -342,7 +344,7 @@ class Ledger:
         need_index = kv.get(BUCKETS_KEY) is None
         fine = self._fine
         contexts = self.contexts
-        seen: set[int] = set()
+        seen: set[int] = set()  # (only for the marks: a mark whose context is gone)
         fixes: list[tuple[bytes, bytes]] = []
         t0 = last_log = time.monotonic()
         read = 0
@@ -363,13 +365,20 @@ class Ledger:
             fine[f] ^= item
             if need_index:
                 fixes.append((st.bucket_key(f, ctx.name_bytes), b""))
-            seen.add(ctx.id)
+            if marks:
+                seen.add(ctx.id)
             if ctx.id >= self._next_ctx:
                 self._next_ctx = ctx.id + 1
             mark = marks.get(ctx.id)
             if mark is not None:
                 self._check_mark(ctx, mark, node_id)
-            contexts.add(name, ctx)
+            if ctx.id in self.damaged or ctx.id in self.holes:
+                contexts.add(name, ctx)  # kept in RAM until repaired
+            else:
+                # not kept: its head on disk is right now, it is read again when used. Keeping the
+                # last N read would leave them scattered over the memory of all the others, which
+                # Python then cannot give back (1M read, 100k kept: 1.1 GB resident, not 0.2)
+                contexts.count += 1
             self.entries_total += ctx.size
             if len(fixes) >= 10_000:
                 self._kv_write(fixes)
@@ -1118,7 +1127,8 @@ class Ledger:
                 ctx.contrib = new
         self._digest_dirty = set()
         # called with every heartbeat: contexts that settled since the last one may leave RAM now
-        self.contexts.shrink()
+        # (a bounded look: a cache full of busy contexts must not stall the loop)
+        self.contexts.shrink(SHRINK_LOOKS)
         if nbuckets == NBUCKETS:
             return buckets
         out = [0] * nbuckets
