@@ -53,6 +53,7 @@ class Config:
     busy_poll_us: int = default("--busy-poll-us")
     busy_poll_budget: int = default("--busy-poll-budget")  # percent of one core, over any second
     max_loads: int = default("--max-loads")
+    context_cache: int = default("--context-cache")
     max_staged_bytes: int = default("--max-staged-bytes")
     max_watch_topics: int = default("--max-watch-topics")
     max_watchers_per_context: int = default("--max-watchers-per-context")

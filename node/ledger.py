@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from node import storage as st
+from node.contexts import DEFAULT_CAPACITY, ContextTable
 from node.marks import Journal
 from node.sortednames import SortedNames
 from node.storage import KV
@@ -72,6 +73,7 @@ STORED_MIN_LEVEL = 3
 # RAM per 10M entries). With them, a proof at 10M entries reads as many nodes from storage as
 # one at 10k (levels 3-9).
 CACHED_MIN_LEVEL = 10
+SHRINK_LOOKS = 20_000  # contexts a heartbeat's digest looks at to bring the cache down to size (~10 ms)
 MAX_MERGED_BUCKETS = 512  # fine buckets merged for a sync_heads; past that, all names are filtered
 # Written by a clean stop (`Ledger.mark_clean`) and removed by the next start: while it is there,
 # and the high-water journal is still the one it names, every `C` record's head is current and
@@ -80,6 +82,11 @@ CLEAN_KEY = st.meta_key("clean")
 # The same mark, written first, in the entries' store (context id 0 is never used): LevelDB's log
 # loses a suffix, so while it is there, nothing written to that store before it was lost.
 CLEAN_ENTRIES_KEY = st.entry_key(0, 0)
+# Written with CLEAN_KEY: what start-up would otherwise count and compute from every context (their
+# number, their entries, the fine digest), so that a start after a clean stop reads no context.
+CLEAN_STATE_KEY = st.meta_key("clean_state")
+# Present once every context has its b"B" (fine bucket) key (see storage.bucket_key)
+BUCKETS_KEY = st.meta_key("bucket_index")
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
@@ -97,6 +104,7 @@ class ContextState:
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
         "flushed_seq", "created_ns", "_topic", "published_seq", "leaf_names", "signed", "upper", "hinted",
+        "contrib",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -123,6 +131,8 @@ class ContextState:
         self.upper: dict[tuple[int, int], bytes] | None = None  # made on first use: most contexts never need it
         # the size its `C` record's head (size, lamport, frontier) was last written at; -1: none written
         self.hinted = -1
+        # what it counts for in the digest now (digest_item of its size and root when last taken)
+        self.contrib = 0
 
     @property
     def topic(self) -> bytes:
@@ -175,6 +185,7 @@ class Ledger:
         max_loads: int = DEFAULT_MAX_LOADS,
         max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES,
         journal: Journal | None = None,
+        context_cache: int = DEFAULT_CAPACITY,
     ) -> None:
         self.kv = kv
         self.max_loads = max_loads
@@ -198,12 +209,14 @@ class Ledger:
         # `sync` durability: reads see only what is on disk (the acknowledged prefix), like the watch
         # stream (SPEC 9.2): a read must never return an entry a crash could still take back
         self.durable_reads = durable_reads
-        self.contexts: dict[str, ContextState] = {}
-        self._names = SortedNames()  # for paging, in name order
-        # the same names by fine digest bucket (protocol.digest.FINE): the heads of a few
-        # buckets are found without going through every name (sync_heads, SPEC 17.2)
-        self._by_fine: dict[int, SortedNames] = {}
-        self._fine: list[int] = []  # the fine digest, kept with the top one (`digest`)
+        # the contexts served: those in use in RAM, the others read from their `C` record on first
+        # use (node/contexts.py). Every context outside the cache has a current head on disk.
+        self.contexts: ContextTable[ContextState] = ContextTable(
+            self._load_named, self._evictable, self._admitted, self._evicted, context_cache)
+        # names created whose `C` (and `B`) record may not be on disk yet: listings and bucket
+        # scans read the names from storage and merge these in
+        self._fresh = SortedNames()
+        self._fine: list[int] = [0] * FINE  # the fine digest, kept with the top one (`digest`)
         self.pending: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
         # bytes of entries waiting for storage (pending) and being written (inflight)
@@ -219,8 +232,7 @@ class Ledger:
         self.entries_total = 0
         self.loads: dict[str, LoadSession] = {}
         self.aside: dict[str, list[ContextState]] = {}  # histories set aside by forks, by name
-        self._buckets: list[int] = []
-        self._contrib: dict[int, int] = {}
+        self._buckets: list[int] = [0] * NBUCKETS
         self._digest_dirty: set[ContextState] = set()
         self._next_load_no = 1
         self.storage = st.StorageHealth()
@@ -283,58 +295,124 @@ class Ledger:
             log.info("discarding %d staged entries of unfinished loads", len(stale))
             kv.write((), stale, sync=False)
             kv.compact(st.STAGE, st.prefix_end(st.STAGE))
-        # After a clean stop every context's head is current (see CLEAN_KEY); after any other,
-        # a head is checked against the entries' store (its last entry there, none after it)
+        # After a clean stop every context's head is current (see CLEAN_KEY) and CLEAN_STATE_KEY
+        # holds what start-up needs of them all: no context is read until it is used. After any
+        # other stop every context is read, its head checked against the entries' store.
         clean = kv.get(CLEAN_KEY)
-        trusted = (clean is not None and self.journal is not None and clean == self.journal.open_token
-                   and kv.get(CLEAN_ENTRIES_KEY) == clean)
-        deletes = [CLEAN_KEY, CLEAN_ENTRIES_KEY] if clean is not None else []
+        j = self.journal
+        heads_ok = (clean is not None and j is not None and clean == j.open_token
+                    and kv.get(CLEAN_ENTRIES_KEY) == clean)
+        state = _clean_state(kv.get(CLEAN_STATE_KEY)) if heads_ok and kv.get(BUCKETS_KEY) is not None else None
+        deletes = [CLEAN_KEY, CLEAN_ENTRIES_KEY, CLEAN_STATE_KEY] if clean is not None else []
         if puts or deletes:
             # the mark goes before anything else is written: from here on heads may fall behind
             kv.write(puts, deletes, sync=self._sync_meta)
-        t0 = time.monotonic()
+        if state is not None and j is not None:
+            self.contexts.count, self.entries_total, self._fine = state
+            # the heads on disk are what the journal's marks would say: it starts again from them
+            j.reset()
+            if self.contexts.count:
+                log.info("%d contexts after a clean stop: each is read when first used (--context-cache %d)",
+                         self.contexts.count, self.contexts.capacity)
+        else:
+            if j is not None:
+                j.load()
+            why = ("after a clean stop" if heads_ok else
+                   "after a crash or an older version: heads checked" if clean is None or j is None
+                   else "the high-water journal changed since the clean stop: heads checked"
+                   if clean != j.open_token else "the entries' store lost writes since the clean stop: heads checked")
+            self._read_all(node_id, heads_ok, why)
+        buckets = self._buckets
+        for f, v in enumerate(self._fine):
+            buckets[f % NBUCKETS] ^= v
+        for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
+            info = _unpackb(value)
+            ctx = self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)})
+            self._by_id[ctx.id] = ctx
+            self._next_ctx = max(self._next_ctx, ctx.id + 1)
+            self.aside.setdefault(info["name"], []).append(ctx)
+        return node_id
+
+    def _read_all(self, node_id: str, heads_ok: bool, why: str) -> None:
+        """Start-up after anything but a clean stop: every context is read (from its head, checked
+        unless `heads_ok`, else from its entries), compared with its high-water mark, counted in
+        the digest; heads found wrong are written again and the name index made if missing, so
+        that from here on any context can leave RAM and come back from its `C` record."""
+        kv = self.kv
+        j = self.journal
+        marks = j.marks if j is not None else {}
+        need_index = kv.get(BUCKETS_KEY) is None
+        fine = self._fine
+        contexts = self.contexts
+        seen: set[int] = set()  # (only for the marks: a mark whose context is gone)
+        fixes: list[tuple[bytes, bytes]] = []
+        t0 = last_log = time.monotonic()
         read = 0
         for key, value in kv.scan(st.CTX, st.prefix_end(st.CTX)):
             info = _unpackb(value)
             name = key[1:].decode()
             try:
-                ctx = self._from_head(name, info, trusted)
+                ctx = self._from_head(name, info, heads_ok)
                 if ctx is None:
                     read += 1
                     ctx = self._load_ctx(name, info)
+                    fixes.append((key, _ctx_record(ctx, ctx.size, ctx.last_lamport, ctx.frontier)))
+                    ctx.hinted = ctx.size
             except (st.Corruption, InternalError) as exc:
                 ctx = self._unreadable(name, info, node_id, exc)
-            self.contexts[name] = ctx
-            self.entries_total += ctx.size
-        if self.contexts:
-            log.info("loaded %d contexts in %.2f s (%s; %d read from their entries)", len(self.contexts),
-                     time.monotonic() - t0, "after a clean stop" if trusted else
-                     "after a crash or an older version: heads checked" if clean is None or self.journal is None
-                     else "the high-water journal changed since the clean stop: heads checked"
-                     if clean != self.journal.open_token
-                     else "the entries' store lost writes since the clean stop: heads checked", read)
-        self._names = SortedNames(self.contexts)
-        # the name index by fine bucket and the digest, in one pass: a node with many contexts
-        # would otherwise stall its first heartbeat to compute the digest (~3 s at 1M)
-        fine: dict[int, list[str]] = {}
-        fine_d = [0] * FINE
-        contrib = self._contrib
-        for ctx in self.contexts.values():
+            ctx.contrib = item = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
             f = bucket_of(ctx.name_bytes, FINE)
-            fine.setdefault(f, []).append(ctx.name)
-            item = contrib[ctx.id] = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
-            fine_d[f] ^= item
-        self._by_fine = {f: SortedNames(names) for f, names in fine.items()}
-        self._fine = fine_d
-        self._buckets = [0] * NBUCKETS
-        for f, v in enumerate(fine_d):
-            self._buckets[f % NBUCKETS] ^= v
-        for _key, value in kv.scan(st.ASIDE, st.prefix_end(st.ASIDE)):
-            info = _unpackb(value)
-            self.aside.setdefault(info["name"], []).append(self._load_ctx(info["name"], {**info, "id": st.u32_of(_key)}))
-        if self.journal is not None:
-            self._check_marks(node_id)
-        return node_id
+            fine[f] ^= item
+            if need_index:
+                fixes.append((st.bucket_key(f, ctx.name_bytes), b""))
+            if marks:
+                seen.add(ctx.id)
+            if ctx.id >= self._next_ctx:
+                self._next_ctx = ctx.id + 1
+            mark = marks.get(ctx.id)
+            if mark is not None:
+                self._check_mark(ctx, mark, node_id)
+            if ctx.id in self.damaged or ctx.id in self.holes:
+                contexts.add(name, ctx)  # kept in RAM until repaired
+            else:
+                # not kept: its head on disk is right now, it is read again when used. Keeping the
+                # last N read would leave them scattered over the memory of all the others, which
+                # Python then cannot give back (1M read, 100k kept: 1.1 GB resident, not 0.2)
+                contexts.count += 1
+            self.entries_total += ctx.size
+            if len(fixes) >= 10_000:
+                self._kv_write(fixes)
+                fixes = []
+            if time.monotonic() - last_log >= 5.0:
+                last_log = time.monotonic()
+                log.info("reading contexts: %d so far (%.0f s)", len(contexts), last_log - t0)
+        if need_index:
+            fixes.append((BUCKETS_KEY, b"1"))
+        if fixes:
+            self._kv_write(fixes, sync=self._sync_meta)
+        if len(contexts):
+            log.info("loaded %d contexts in %.2f s (%s; %d read from their entries; %d kept in RAM)", len(contexts),
+                     time.monotonic() - t0, why, read, contexts.in_ram)
+        for cid, (size, root) in list(marks.items()):
+            if cid in seen or size == 0:
+                continue
+            name, writer = j.names.get(cid, (None, None)) if j is not None else (None, None)
+            if name is None or writer is None or name in contexts:
+                log.error("INTEGRITY: context #%d (%s) held %d entries (root %s) and is gone from the data "
+                          "folder; it cannot be recreated here", cid, name or "name unknown", size, root.hex())
+                continue
+            # its b"C" record was lost with LevelDB's log: recreate it empty, under its old id
+            info = {"id": cid, "writer": writer, "created_ns": 0}
+            ctx = self._load_ctx(name, info)
+            if cid >= self._next_ctx:
+                self._next_ctx = cid + 1
+            self.pending[st.ctx_key(name)] = _packb(info)
+            self.pending[st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes)] = b""
+            self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
+            self._check_mark(ctx, (size, root), node_id)
+            contexts.add(name, ctx)
+            self._fresh.add(name)
+            self._digest_dirty.add(ctx)
 
     def _unreadable(self, name: str, info: dict[str, Any], node_id: str, exc: Exception) -> ContextState:
         """A context whose last entries or Merkle nodes cannot be read at start-up. It is served
@@ -348,47 +426,61 @@ class Ledger:
                 f"context {name!r}, which this node writes, cannot be read from the data folder ({exc}); "
                 "run `ledger-node --check DATA`") from None
         ctx = ContextState(name, info["id"], info["writer"], info.get("created_ns", 0))
-        self._by_id[ctx.id] = ctx
-        if ctx.id >= self._next_ctx:
-            self._next_ctx = ctx.id + 1
         if self.journal is None or ctx.id not in self.journal.marks:
             self.holes[ctx.id] = 1  # else its mark, checked next, says what it held
         log.error("INTEGRITY: context %r cannot be read from storage (%s); serving it empty and refilling "
                   "it from peers", name, exc)
         return ctx
 
-    def _check_marks(self, node_id: str) -> None:
-        """Compare what LevelDB gave back with the durable high-water marks. Only a context whose
-        mark is not what it holds needs reading beyond what start-up read anyway (its frontier)."""
-        j = self.journal
-        assert j is not None
-        for cid, (size, root) in list(j.marks.items()):
-            ctx = self._by_id.get(cid)
-            if ctx is None:
-                if size == 0:
-                    continue
-                name, writer = j.names.get(cid, (None, None))
-                if name is None or writer is None or name in self.contexts:
-                    log.error("INTEGRITY: context #%d (%s) held %d entries (root %s) and is gone from the data "
-                              "folder; it cannot be recreated here", cid, name or "name unknown", size, root.hex())
-                    continue
-                # its b"C" record was lost with LevelDB's log: recreate it empty, under its old id
-                info = {"id": cid, "writer": writer, "created_ns": 0}
-                ctx = self._load_ctx(name, info)
-                self.pending[st.ctx_key(name)] = _packb(info)
-                self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
-                self.contexts[name] = ctx
-                self._index_add(name)
-                self._digest_dirty.add(ctx)
-                self.entries_total += ctx.size
-            if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
-                continue
-            self.damaged[cid] = (size, root)
-            log.error("INTEGRITY: context %r came back from disk %s: it held %d entries (root %s) and now "
-                      "holds %d; serving the first %d; the rest is refilled from a peer that holds it%s",
-                      ctx.name, "shorter" if ctx.size < size else "different", size, root.hex(), ctx.size,
-                      ctx.size, " (appends refused until then; with no such peer, see --accept-damage)"
-                      if ctx.writer == node_id else "")
+    def _check_mark(self, ctx: ContextState, mark: tuple[int, bytes], node_id: str) -> None:
+        """Compare what LevelDB gave back of `ctx` with its durable high-water mark."""
+        size, root = mark
+        if ctx.size >= size and (size == 0 or self.root_at(ctx, size) == root):
+            return
+        self.damaged[ctx.id] = (size, root)
+        log.error("INTEGRITY: context %r came back from disk %s: it held %d entries (root %s) and now "
+                  "holds %d; serving the first %d; the rest is refilled from a peer that holds it%s",
+                  ctx.name, "shorter" if ctx.size < size else "different", size, root.hex(), ctx.size,
+                  ctx.size, " (appends refused until then; with no such peer, see --accept-damage)"
+                  if ctx.writer == node_id else "")
+
+    # -- the context cache -----------------------------------------------------
+
+    def _load_named(self, name: str) -> ContextState | None:
+        """A context from its `C` record (buffers, then disk), or None when there is none. Every
+        context outside the cache has a current head there (start-up and `_evictable` see to it)."""
+        raw = self._lookup(st.ctx_key(name))
+        if raw is None:
+            return None
+        try:
+            info = _unpackb(raw)
+            ctx = self._from_head(name, info, True) or self._load_ctx(name, info)
+        except (st.Corruption, InternalError, ValueError, KeyError, TypeError) as exc:
+            self.integrity_errors += 1
+            log.error("INTEGRITY: context %r cannot be read from storage (%s)", name, exc)
+            raise InternalError(f"context {name!r} cannot be read from this node's storage; "
+                                "run `ledger-node --check DATA` on a stopped node") from None
+        ctx.contrib = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
+        return ctx
+
+    def _evictable(self, ctx: ContextState) -> bool:
+        """Whether `ctx` may leave RAM: nothing of it only there (entries, head, digest, damage)."""
+        size = ctx.size
+        if (ctx.tail or ctx.flushed_seq != size or ctx.published_seq != size or ctx in self._dirty
+                or ctx in self._inflight_dirty or ctx in self._digest_dirty or ctx in self._stale_tails
+                or ctx.id in self.damaged or ctx.id in self.holes):
+            return False
+        if ctx.hinted == size:
+            return True
+        key = st.ctx_key(ctx.name)  # an empty context: its record (with no head) must be on disk
+        return size == 0 and key not in self.pending and key not in self.inflight
+
+    def _admitted(self, ctx: ContextState) -> None:
+        self._by_id[ctx.id] = ctx
+
+    def _evicted(self, ctx: ContextState) -> None:
+        if self._by_id.get(ctx.id) is ctx:
+            del self._by_id[ctx.id]
 
     def repairing(self, ctx: ContextState) -> tuple[int, bytes] | None:
         """For a damaged context this node writes: the (size, root) its high-water mark says it
@@ -427,7 +519,7 @@ class Ledger:
 
     def context_by_id(self, ctx_id: int) -> ContextState | None:
         ctx = self._by_id.get(ctx_id)
-        return ctx if ctx is not None and self.contexts.get(ctx.name) is ctx else None
+        return ctx if ctx is not None and self.contexts.cached(ctx.name) is ctx else None
 
     def hole_block(self, ctx: ContextState) -> tuple[int, int] | None:
         """The seqs (first, last) to fetch again from a peer for the first damaged entry found in
@@ -531,9 +623,6 @@ class Ledger:
                 return None
             ctx.frontier = frontier
         ctx.flushed_seq = ctx.published_seq = ctx.hinted = size
-        self._by_id[cid] = ctx
-        if cid >= self._next_ctx:
-            self._next_ctx = cid + 1
         return ctx
 
     def _load_ctx(self, name: str, info: dict[str, Any]) -> ContextState:
@@ -552,9 +641,6 @@ class Ledger:
             ctx.frontier = merkle.Frontier.load(ctx.size, self._kv_node_getter(ctx.id))
         ctx.flushed_seq = ctx.size
         ctx.published_seq = ctx.size
-        self._by_id[ctx.id] = ctx
-        if ctx.id >= self._next_ctx:
-            self._next_ctx = ctx.id + 1
         return ctx
 
     def _kv_node_getter(self, ctx_id: int) -> merkle.GetNode:
@@ -669,13 +755,13 @@ class Ledger:
 
     def _uncreate(self, name: str, mark: tuple[int, bytes | None]) -> None:
         """Undo `_create` of `name` by the request that failed (nothing else ran in between)."""
-        ctx = self.contexts.pop(name, None)
+        ctx = self.contexts.pop(name, None, gone=False)
         if ctx is None:
             return
-        self._by_id.pop(ctx.id, None)
-        self._index_discard(name)
+        self._fresh.discard(name)
         self._digest_dirty.discard(ctx)
         self.pending.pop(st.ctx_key(name), None)
+        self.pending.pop(st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes), None)
         self._next_ctx, prev = mark
         if prev is None:
             self.pending.pop(st.meta_key("next_ctx"), None)
@@ -683,7 +769,7 @@ class Ledger:
             self.pending[st.meta_key("next_ctx")] = prev
 
     def _all_contexts(self) -> Iterator[ContextState]:
-        yield from self.contexts.values()
+        yield from self.contexts.loaded()  # a context with anything not on disk is in the cache
         for hs in self.aside.values():
             yield from hs
 
@@ -750,10 +836,10 @@ class Ledger:
         writer = writer or self.node_id
         ctx = ContextState(name, ctx_id, writer, now)
         self.pending[st.ctx_key(name)] = _packb({"id": ctx_id, "writer": writer, "created_ns": now})
+        self.pending[st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes)] = b""
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
-        self.contexts[name] = ctx
-        self._by_id[ctx_id] = ctx
-        self._index_add(name)
+        self.contexts.add(name, ctx)
+        self._fresh.add(name)
         self._digest_dirty.add(ctx)
         return ctx
 
@@ -996,14 +1082,16 @@ class Ledger:
         entries stay where they are, listed under `aside`) and start an empty replica
         of `writer`'s history under the name, to be filled by pulls (unless `replace` is
         false: the writer holds no such context any more)."""
-        old = self.contexts.pop(name)
-        self._index_discard(name)
+        old = self.contexts[name]
+        self.contexts.pop(name)
+        self._by_id[old.id] = old  # a history set aside stays in RAM (and by id: its damage, its hot tail)
+        self._fresh.discard(name)
         self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
-        contrib = self._contrib.pop(old.id, None)
-        if contrib is not None and self._buckets:
+        if old.contrib:
             f = bucket_of(old.name_bytes, FINE)
-            self._buckets[f % len(self._buckets)] ^= contrib
-            self._fine[f] ^= contrib
+            self._buckets[f % NBUCKETS] ^= old.contrib
+            self._fine[f] ^= old.contrib
+            old.contrib = 0
         self._digest_dirty.discard(old)
         self.aside.setdefault(name, []).append(old)
         self.entries_total -= old.size
@@ -1022,43 +1110,31 @@ class Ledger:
         ctx = self.contexts.get(name)
         return ctx if ctx is not None and ctx.writer == writer else None
 
-    def _index_add(self, name: str) -> None:
-        self._names.add(name)
-        f = bucket_of(name.encode(), FINE)
-        names = self._by_fine.get(f)
-        if names is None:
-            names = self._by_fine[f] = SortedNames()
-        names.add(name)
-
-    def _index_discard(self, name: str) -> None:
-        self._names.discard(name)
-        f = bucket_of(name.encode(), FINE)
-        names = self._by_fine.get(f)
-        if names is not None:
-            names.discard(name)
-            if not names:
-                del self._by_fine[f]
-
     def digest(self, nbuckets: int = NBUCKETS) -> list[int]:
         """Per bucket (mmh3 of the name), the XOR of an 8-byte hash of (name, size, root)
         of its contexts. Updated lazily for the contexts that changed since the last call.
-        The fine digest (FINE buckets, `fine_digest`) is kept with it when nbuckets divides FINE."""
-        if nbuckets != len(self._buckets):
-            self._buckets = [0] * nbuckets
-            self._fine = [0] * FINE
-            self._contrib = {}
-            self._digest_dirty = set(self.contexts.values())
+        The fine digest (FINE buckets, `fine_digest`) is kept with it; `nbuckets` divides FINE."""
+        if FINE % nbuckets:
+            raise ValueError(f"a digest of {nbuckets} buckets does not divide the fine one ({FINE})")
         buckets, fine = self._buckets, self._fine
-        contrib = self._contrib
         for ctx in self._digest_dirty:
             new = digest_item(ctx.name_bytes, ctx.size, ctx.frontier.root())
-            old = contrib.get(ctx.id, 0)
-            f = bucket_of(ctx.name_bytes, FINE)
-            buckets[f % nbuckets if FINE % nbuckets == 0 else bucket_of(ctx.name_bytes, nbuckets)] ^= old ^ new
-            fine[f] ^= old ^ new
-            contrib[ctx.id] = new
+            change = ctx.contrib ^ new
+            if change:
+                f = bucket_of(ctx.name_bytes, FINE)
+                buckets[f % NBUCKETS] ^= change
+                fine[f] ^= change
+                ctx.contrib = new
         self._digest_dirty = set()
-        return buckets
+        # called with every heartbeat: contexts that settled since the last one may leave RAM now
+        # (a bounded look: a cache full of busy contexts must not stall the loop)
+        self.contexts.shrink(SHRINK_LOOKS)
+        if nbuckets == NBUCKETS:
+            return buckets
+        out = [0] * nbuckets
+        for f, v in enumerate(fine):
+            out[f % nbuckets] ^= v
+        return out
 
     def fine_digest(self, tops: Iterable[int]) -> list[bytes]:
         """For each top bucket (of NBUCKETS), the values of its fine buckets (digest.fine_buckets),
@@ -1067,32 +1143,78 @@ class Ledger:
         fine = self._fine
         return [b"".join(fine[f].to_bytes(8, "big") for f in fine_buckets(b)) for b in tops]
 
+    def _names_from(self, after: str | None, inclusive: bool = False) -> Iterator[str]:
+        """Every context's name after `after` (from it, if `inclusive`), in order: read from the
+        `C` keys on disk, with the names not on disk yet merged in."""
+        kv = self.kv
+        if after is None:
+            start = st.CTX
+        else:
+            start = st.ctx_key(after) + (b"" if inclusive else b"\x00")
+        disk = (k[1:].decode() for k in kv.scan_keys(start, st.prefix_end(st.CTX)))
+        return self._served(disk, self._fresh.iter_from(after, inclusive) if self._fresh else None)
+
+    def _served(self, disk: Iterator[str], fresh: Iterator[str] | None) -> Iterator[str]:
+        """Names in order from `disk` and `fresh` (both in order), once each, none removed."""
+        merged = heapq.merge(disk, fresh) if fresh is not None else disk
+        gone = self.contexts.gone
+        last = None
+        for name in merged:
+            if name != last and not gone(name):
+                yield name
+            last = name
+
     def _names_in(self, wanted: set[int], nbuckets: int, after: str | None) -> Iterator[str]:
         """The names in `wanted` buckets after `after`, in order: merged from the fine buckets'
-        indexes when they are few, else filtered from all names."""
+        name index (b"B" keys) when they are few, else filtered from all names."""
         if FINE % nbuckets == 0 and len(wanted) * (FINE // nbuckets) <= MAX_MERGED_BUCKETS:
-            by_fine = self._by_fine
-            lists = [by_fine[f] for b in wanted for f in range(b, FINE, nbuckets) if f in by_fine]
-            if len(lists) == 1:
-                return lists[0].iter_from(after)
-            return heapq.merge(*(names.iter_from(after) for names in lists))
-        contexts = self.contexts
-        return (n for n in self._names.iter_from(after) if bucket_of(contexts[n].name_bytes, nbuckets) in wanted)
+            fresh = [n for n in self._fresh.iter_from(after) if bucket_of(n.encode(), nbuckets) in wanted]
+            kv = self.kv
+            tail = b"" if after is None else after.encode() + b"\x00"
+            scans = []
+            for b in sorted(wanted):
+                for f in range(b, FINE, nbuckets):
+                    p = st.bucket_prefix(f)
+                    scans.append(k[3:].decode() for k in kv.scan_keys(p + tail, st.prefix_end(p)))
+            if not scans:
+                return iter(())
+            disk = scans[0] if len(scans) == 1 else heapq.merge(*scans)
+            return self._served(disk, iter(fresh) if fresh else None)
+        return (n for n in self._names_from(after) if bucket_of(n.encode(), nbuckets) in wanted)
 
     def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
         """[name, size, root, writer, lamport] of the contexts in `wanted` buckets, in name order, paged."""
         out: list[list[Any]] = []
-        contexts = self.contexts
         for name in self._names_in(wanted, nbuckets, after):
             if len(out) == limit:
                 return out, True
-            ctx = contexts[name]
-            size = self.visible(ctx)
-            if size == ctx.size:
-                out.append([ctx.name, size, ctx.frontier.root(), ctx.writer, ctx.last_lamport])
-            else:  # sync durability: peers are shown what reads see, never what a crash may take back
-                out.append([ctx.name, size, self.root_at(ctx, size), ctx.writer, self.lamport_at(ctx, size)])
+            brief = self._brief(name)
+            if brief is not None:
+                out.append([name, *brief])
         return out, False
+
+    def _brief(self, name: str) -> tuple[int, bytes, str, int] | None:
+        """(size, root, writer, lamport) of a context as reads see it, from the cache or else from
+        its `C` record's head, without letting it into the cache (a peer's sync_heads goes through
+        many contexts once each)."""
+        ctx = self.contexts.cached(name)
+        if ctx is None:
+            raw = self._lookup(st.ctx_key(name))
+            if raw is None:
+                return None
+            info = _unpackb(raw)
+            head = info.get("head") if type(info) is dict else None
+            if (type(head) is list and len(head) == 4 and type(head[0]) is int and type(head[1]) is int
+                    and type(head[3]) is bytes and len(head[3]) == 32 and type(info.get("writer")) is str):
+                return head[0], head[3], info["writer"], head[1]
+            ctx = self.contexts.peek(name)  # no head (an empty context): read as it would be loaded
+            if ctx is None:
+                return None
+        size = self.visible(ctx)
+        if size == ctx.size:
+            return size, ctx.frontier.root(), ctx.writer, ctx.last_lamport
+        # sync durability: peers are shown what reads see, never what a crash may take back
+        return size, self.root_at(ctx, size), ctx.writer, self.lamport_at(ctx, size)
 
     def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
                          writer: str) -> list[str]:
@@ -1101,7 +1223,8 @@ class Ledger:
         for name in self._names_in(wanted, nbuckets, after):
             if upto is not None and name > upto:
                 break
-            if self.contexts[name].writer == writer:
+            brief = self._brief(name)
+            if brief is not None and brief[2] == writer:
                 out.append(name)
         return out
 
@@ -1124,9 +1247,9 @@ class Ledger:
     def _add_heads(self, batch: dict[bytes, bytes], dirty: dict[ContextState, int]) -> None:
         """The heads of what a batch writes go with it, in the first store (written before the
         entries' store, so after a crash a head may be ahead of its entries: `_from_head` checks)."""
-        contexts = self.contexts
+        cached = self.contexts.cached
         for ctx, seq in dirty.items():
-            if seq == ctx.size and contexts.get(ctx.name) is ctx:
+            if seq == ctx.size and cached(ctx.name) is ctx:
                 batch[st.ctx_key(ctx.name)] = _ctx_record(ctx, seq, ctx.last_lamport, ctx.frontier)
                 ctx.hinted = seq
 
@@ -1169,12 +1292,21 @@ class Ledger:
         j = self.journal
         if j is None or self.storage.error is not None or self.pending or self.inflight or self.unwritten():
             return False
-        stale = [ctx for ctx in self.contexts.values() if ctx.hinted != ctx.size]
+        if self.damaged:
+            # their marks say what they held: the next start must read the journal to know it
+            log.warning("%d damaged contexts are not repaired yet: the next start checks every context's head",
+                        len(self.damaged))
+            return False
+        stale = [ctx for ctx in self.contexts.loaded() if ctx.hinted != ctx.size]
         puts = [(st.ctx_key(c.name), _ctx_record(c, c.size, c.last_lamport, c.frontier)) for c in stale]
         token = j.current_token()
         # the clock's reservation comes down to what it handed out: the next start goes on from
         # there (after a crash it goes on from the reservation, up to RESERVE_STEP further)
         puts.append((st.meta_key("lamport"), str(self.clock.value).encode()))
+        self.digest()
+        puts.append((CLEAN_STATE_KEY, _packb({
+            "contexts": self.contexts.count, "entries": self.entries_total,
+            "fine": b"".join(v.to_bytes(8, "big") for v in self._fine)})))
         puts.append((CLEAN_KEY, token))
         try:
             self.kv.write([(CLEAN_ENTRIES_KEY, token)], sync=True)  # first: see CLEAN_ENTRIES_KEY
@@ -1206,7 +1338,16 @@ class Ledger:
         self.inflight = {}
         self._inflight_dirty = {}
         self.inflight_bytes = 0
+        if self._fresh:
+            self._prune_fresh()
         self.evict()
+
+    def _prune_fresh(self) -> None:
+        """Forget the new names whose `C` record is on disk now (listings read it there)."""
+        pending = self.pending
+        left = [n for n in self._fresh.iter_from(None) if st.ctx_key(n) in pending]
+        if len(left) != len(self._fresh):
+            self._fresh = SortedNames(left)
 
     def flush_sync(self, sync: bool = True) -> None:
         """Write everything not on disk yet now, in this thread (shutdown, tests), the
@@ -1268,11 +1409,10 @@ class Ledger:
         going on from where the last call stopped, context after context in name order; what
         fails is reported as a read would report it (`holes`, log, `head.damaged`). Returns the
         number of entries checked."""
-        names = self._names
-        if not names:
+        if not self.contexts.count:
             return 0
         name, after = self._scrub_at
-        it = names.iter_from(name, inclusive=True)
+        it = self._names_from(name or None, inclusive=True)
         current = next(it, None)
         if current != name:
             after = 0  # that context is gone: start the next one from its beginning
@@ -1282,7 +1422,11 @@ class Ledger:
                 self.scrub_passes += 1
                 self._scrub_at = ("", 0)
                 break
-            ctx = self.contexts[current]
+            ctx = self.contexts.peek(current)  # read once, not let into the cache
+            if ctx is None:
+                current = next(it, None)
+                after = 0
+                continue
             last = min(ctx.flushed_seq, after + budget - done)
             if after >= last or ctx.id in self.holes:
                 current = next(it, None)
@@ -1302,6 +1446,8 @@ class Ledger:
                 self._corrupt(ctx, seq, exc)
             except IntegrityError:
                 pass  # recorded in `holes` and logged
+            if ctx.id in self.holes:
+                self.contexts.keep(ctx.name, ctx)  # it stays in RAM until repaired
             done += last - after
             after = last
             self._scrub_at = (ctx.name, after)
@@ -1456,8 +1602,20 @@ class Ledger:
         return lamport
 
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        page, more = self._names.page(after, limit)
-        return [{"name": n, "size": self.contexts[n].size} for n in page], more
+        out = []
+        for name in self._names_from(after):
+            if len(out) == limit:
+                return out, True
+            ctx = self.contexts.cached(name)
+            if ctx is not None:
+                size = ctx.size
+            else:
+                brief = self._brief(name)
+                if brief is None:
+                    continue
+                size = brief[0]
+            out.append({"name": name, "size": size})
+        return out, False
 
     def root_at(self, ctx: ContextState, size: int) -> bytes:
         if size == ctx.size:
@@ -1534,6 +1692,8 @@ class Ledger:
             "node_id": self.node_id,
             "lamport": self.clock.value,
             "contexts": len(self.contexts),
+            "context_cache": {"loaded": self.contexts.in_ram, "capacity": self.contexts.capacity,
+                              "loads": self.contexts.loads, "evictions": self.contexts.evictions},
             "entries": self.entries_total,
             "hot_bytes": self.hot_bytes,
             "hot_limit": self.hot_limit,
@@ -1748,9 +1908,11 @@ class Ledger:
         # The context record reaches disk with the last chunk, the id counter with the
         # first: entries of a commit cut short by a storage fault then belong to no
         # context and their id is never reused.
-        moved = {k: v for k in (st.meta_key("next_ctx"), st.ctx_key(ctx.name))
+        bkey = st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes)
+        moved = {k: v for k in (st.meta_key("next_ctx"), st.ctx_key(ctx.name), bkey)
                  if (v := self.pending.pop(k, None)) is not None}
-        puts: list[tuple[bytes, bytes]] = [(k, v) for k, v in moved.items() if k[:1] == st.META]
+        # (a name in the bucket index without its `C` record is skipped by whoever reads it)
+        puts: list[tuple[bytes, bytes]] = [(k, v) for k, v in moved.items() if k[:1] in (st.META, st.BUCKET)]
         # RAM changes only once every chunk is on disk: a storage fault leaves the context as it was.
         frontier = ctx.frontier.copy()
         size, last_lamport, max_lamport, added, wrote = ctx.size, ctx.last_lamport, 0, 0, False
@@ -1796,7 +1958,8 @@ class Ledger:
 
     def flush_created(self, ctx: ContextState) -> None:
         puts = []
-        for k in (st.ctx_key(ctx.name), st.meta_key("next_ctx")):
+        for k in (st.ctx_key(ctx.name), st.meta_key("next_ctx"),
+                  st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes)):
             v = self.pending.pop(k, None)
             if v is not None:
                 puts.append((k, v))
@@ -1813,6 +1976,23 @@ def _ctx_record(ctx: ContextState, size: int, lamport: int, frontier: merkle.Fro
     entries (SPEC Appendix A). `frontier` is the one of `size` entries."""
     return _packb({"id": ctx.id, "writer": ctx.writer, "created_ns": ctx.created_ns,
                    "head": [size, lamport, b"".join(frontier.nodes), frontier.root()]})
+
+
+def _clean_state(raw: bytes | None) -> tuple[int, int, list[int]] | None:
+    """(contexts, entries, fine digest) of a CLEAN_STATE_KEY record, or None if it is missing or
+    not one (then start-up reads every context, as after a crash)."""
+    if raw is None:
+        return None
+    try:
+        m = _unpackb(raw)
+        n, entries, fine = m["contexts"], m["entries"], m["fine"]
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, it is not used
+        m = None
+    if (m is None or type(n) is not int or type(entries) is not int or not 0 <= n < 1 << 32
+            or not 0 <= entries < 1 << 63 or type(fine) is not bytes or len(fine) != 8 * FINE):
+        log.warning("the clean-stop record is damaged: every context's head is checked")
+        return None
+    return n, entries, [int.from_bytes(fine[i:i + 8], "big") for i in range(0, len(fine), 8)]
 
 
 def _abandoned(exc: StorageError, load_id: str) -> StorageError:

@@ -85,11 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # are frozen below (at 1M contexts one collection of them takes ~2 s)
     gc.disable()
     try:
-        journal = None if cfg.data == ":memory:" else Journal(cfg.data)
+        journal = None if cfg.data == ":memory:" else Journal(cfg.data, lazy=True)
         ledger = Ledger(
             kv, node_id=cfg.node_id, max_payload=cfg.max_payload, hot_bytes=cfg.hot_bytes,
             sync_meta=cfg.data != ":memory:", max_loads=cfg.max_loads, max_staged_bytes=cfg.max_staged_bytes,
-            journal=journal, durable_reads=cfg.sync,
+            journal=journal, durable_reads=cfg.sync, context_cache=cfg.context_cache,
         )
     except DataDirError as exc:
         kv.close()

@@ -99,29 +99,58 @@ class Journal:
     """The `HIGHWATER` file of a data folder. Appends and rewrites happen in one thread at a time
     (the flusher's, or the main thread's once the flusher has stopped)."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, lazy: bool = False) -> None:
+        """Open the journal of `folder`. With `lazy`, only its length and the checksum of its end
+        are read (`open_token`): the caller then either replays it (`load`) or, after a clean stop
+        whose heads it takes as they are, starts it again from nothing (`reset`)."""
         self.path = os.path.join(folder, FILE)
         self.marks: dict[int, tuple[int, bytes]] = {}
         self.names: dict[int, tuple[str, str]] = {}
         self.torn = 0
+        self.need = 0
+        self._synced = 0.0
+        self._lock = threading.Lock()
+        self.loaded = False
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - TOKEN_TAIL))
+                tail = f.read()
         except FileNotFoundError:
-            data = b""
+            size, tail = 0, b""
+        # what a clean stop recorded is the token of the whole file: a torn record at its end
+        # (a kill) makes it another file, replayed then
+        self.open_token = token(size, tail)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.bytes = size
+        if not lazy:
+            self.load()
+
+    def load(self) -> None:
+        """Replay the whole journal into `marks` and `names` (once)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        with open(self.path, "rb") as f:
+            data = f.read()
         self.marks, self.names, good = parse(data)
         # bytes of one record per id: what a rewrite would hold (kept up to date, never summed again)
         self.need = len(self.marks) * H_SIZE + sum(len(n_record(c, n, w)) for c, (n, w) in self.names.items())
-        self._synced = 0.0
         self.torn = len(data) - good
         self.open_token = token(good, data[max(0, good - TOKEN_TAIL):good])
-        self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self.torn:
             # a record torn by a kill: cut it off so later records are not hidden behind it
             log.warning("%s: ignoring %d bytes of a torn record at its end", self.path, self.torn)
             os.ftruncate(self._fd, good)
         self.bytes = good
+
+    def reset(self) -> None:
+        """Start the journal again, empty, without reading it: after a clean stop every context's
+        `C` record holds its head and LevelDB has them on disk (the stop's last write was synced),
+        so no mark is needed for what is there; from now on the journal records what changes."""
+        self.loaded = True
+        self.marks, self.names, self.need, self.torn = {}, {}, 0, 0
+        self.write(b"", sync=True, rewrite=b"")
 
     def name(self, ctx_id: int, name: str, writer: str) -> bytes:
         """The `N` record of an id not named yet (and count it), else b""."""

@@ -165,6 +165,11 @@ def render(st: Mapping[str, Any], op_counts: Mapping[str, int], error_counts: Ma
         t.family("ledger_request_bytes_total", "counter", "Bytes of requests received, by op.",
                  [({"op": op}, n) for op, n in sorted(timer.bytes.items())])
     t.one("ledger_contexts", "gauge", "Contexts held.", st.get("contexts"))
+    cache = st.get("context_cache") or {}
+    t.one("ledger_context_cache_contexts", "gauge", "Contexts in RAM now (--context-cache bounds the idle ones).",
+          cache.get("loaded"))
+    t.one("ledger_context_cache_loads_total", "counter", "Contexts read from storage on first use.", cache.get("loads"))
+    t.one("ledger_context_cache_evictions_total", "counter", "Idle contexts that left RAM.", cache.get("evictions"))
     t.one("ledger_entries", "gauge", "Entries held, over all contexts.", st.get("entries"))
     t.one("ledger_lamport", "gauge", "The node's Lamport clock.", st.get("lamport"))
     t.one("ledger_pending_writes", "gauge", "Keys waiting for storage.", st.get("pending_writes"))

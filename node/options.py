@@ -25,6 +25,7 @@ from typing import Any
 
 from node.busypoll import DEFAULT_BUDGET_PCT, DEFAULT_WINDOW_US, SUGGESTED_WINDOW_US
 from node.clients import DEFAULT_MAX_CLIENTS, RESERVED_FDS
+from node.contexts import DEFAULT_CAPACITY as DEFAULT_CONTEXT_CACHE
 from node.ledger import DEFAULT_MAX_STAGED_BYTES
 from node.mesh import DEFAULT_MAX_PEERS, MAX_MAX_PEERS
 from node.metrics import DEFAULT_READY_LAG
@@ -314,6 +315,9 @@ OPTIONS: tuple[Option, ...] = (
            size(1, 1 << 30, "1 byte to 1GiB"), metavar="BYTES", group=STORAGE, show=format_size),
     Option("--hot-bytes", "RAM for recent entries of all contexts together", 64 << 20, size(), metavar="BYTES",
            group=STORAGE, show=format_size),
+    Option("--context-cache", "contexts kept in RAM, ~2 KB each; the others are read from disk when first used, "
+           "and only idle ones leave RAM", DEFAULT_CONTEXT_CACHE, integer(1, 1 << 32), metavar="N", group=STORAGE,
+           more="(see \"Memory\")"),
     Option("--write-buffer", "RAM for appends acknowledged but not yet on disk; when full, the node stops reading "
            "requests until storage catches up (back-pressure, never unbounded memory)", 16 << 20, write_buffer,
            metavar="BYTES", group=STORAGE, show=format_size),

@@ -56,6 +56,9 @@ NODE = b"N"
 DEDUP = b"D"
 STAGE = b"S"
 ASIDE = b"F"
+# b"B" + u16 fine digest bucket + name: every context's name by the bucket of the fine digest it
+# counts in (protocol.digest.FINE), so that the heads of a few buckets are found by a short scan
+BUCKET = b"B"
 
 FORMAT_VERSION = b"2"
 ENTRIES_DIR = "entries"  # the entries' own LevelDB, inside the data folder
@@ -78,6 +81,14 @@ def meta_key(name: str) -> bytes:
 
 def ctx_key(name: str) -> bytes:
     return CTX + name.encode()
+
+
+def bucket_key(fine: int, name: bytes) -> bytes:
+    return BUCKET + fine.to_bytes(2, "big") + name
+
+
+def bucket_prefix(fine: int) -> bytes:
+    return BUCKET + fine.to_bytes(2, "big")
 
 
 def entry_key(ctx_id: int, seq: int) -> bytes:

@@ -51,6 +51,7 @@ def test_a_scrape_counts_requests_errors_and_latency_by_op(node_factory, zctx):
     assert got[("ledger_request_errors_total", (("code", "BAD_REQUEST"), ("op", "invalid")))] == 1
     assert got[("ledger_request_duration_seconds_count", (("op", "append"),))] == 20
     assert got[("ledger_entries", ())] == 20 and got[("ledger_contexts", ())] == 1
+    assert got[("ledger_context_cache_contexts", ())] == 1  # the one just written, still in RAM
     assert got[("process_open_fds", ())] > 0 and got[("process_resident_memory_bytes", ())] > 1e6
     assert got[("ledger_storage_bytes", (("store", "main"),))] > 0
     assert _get(address, "/healthz") == (200, "ok\n")

@@ -1,0 +1,264 @@
+"""Contexts loaded on first use and kept in a bounded cache (issue #15): a node holds more contexts
+than it keeps in RAM, serves each the same whether it is in RAM or not, and starts after a clean
+stop without reading any of them."""
+
+from __future__ import annotations
+
+import logging
+
+import msgpack
+import pytest
+
+from node import storage as st
+from node.contexts import ContextTable
+from node.ledger import BUCKETS_KEY, CLEAN_STATE_KEY, Ledger
+from node.marks import Journal
+from node.storage import MemoryKV
+from protocol import codec
+from protocol.digest import FINE, NBUCKETS, bucket_of
+from protocol.entry import decode_entry
+from tests.unit.test_ledger import FakeClock
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CountingKV(MemoryKV):
+    """A MemoryKV that counts look-ups of `C` records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx_reads = 0
+
+    def get(self, key: bytes) -> bytes | None:
+        if key[:1] == st.CTX:
+            self.ctx_reads += 1
+        return super().get(key)
+
+    def scan(self, start: bytes, stop: bytes, reverse: bool = False):
+        if start[:1] == st.CTX:
+            self.ctx_reads += 1
+        return super().scan(start, stop, reverse)
+
+
+def make(kv: MemoryKV, tmp_path, cache: int = 4) -> Ledger:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return Ledger(kv, node_id="n1", now_ns=FakeClock(), sync_meta=False, journal=Journal(str(tmp_path), lazy=True),
+                  context_cache=cache)
+
+
+def fill(led: Ledger, ctx: str, n: int) -> None:
+    led.append_batch(codec.AppendBatch(ctx, tuple(("k", b"p%d" % i, {}) for i in range(n))))
+
+
+def settle(led: Ledger) -> None:
+    """What the node's loop does between requests: flush, publish, a heartbeat's digest."""
+    led.flush_sync()
+    for ctx in led.contexts.loaded():
+        ctx.published_seq = ctx.size
+    led.hot_limit = 0
+    led.evict()
+    led.digest()
+
+
+def served(led: Ledger) -> dict[str, tuple[int, bytes, int, str]]:
+    names = [d["name"] for d in led.list_contexts(None, 1 << 30)[0]]
+    return {n: (h["size"], h["root"], h["lamport"], h["writer"]) for n in names if (h := led.head(n))}
+
+
+def test_the_table_keeps_at_most_its_capacity_of_idle_contexts_least_recently_used_out_first():
+    store = {f"c{i}": f"state{i}" for i in range(10)}
+    busy: set[str] = set()
+    out: list[str] = []
+    t = ContextTable(store.get, lambda s: s not in busy, lambda s: None, out.append, capacity=3)
+    for i in range(3):
+        t.add(f"new{i}", f"fresh{i}")
+    assert len(t) == 3 and t.in_ram == 3
+    busy.add("fresh0")
+    assert t.get("c1") == "state1"  # room made: fresh0 is busy (goes to the back), fresh1 goes
+    assert out == ["fresh1"] and t.in_ram == 3 and len(t) == 3  # c1 was already counted (on disk)
+    assert t.get("new0") == "fresh0"
+    assert t.get("nosuch") is None and "nosuch" not in t
+    assert t.peek("c5") == "state5" and t.cached("c5") is None  # peek does not let it in
+    busy.update(f"state{i}" for i in range(10))
+    busy.update(("fresh2",))
+    for i in range(5, 9):
+        t.get(f"c{i}")  # everything busy: the table grows rather than drop a busy context
+    assert t.in_ram > 3
+    busy.clear()
+    assert t.shrink() > 0 and t.in_ram == 3
+
+
+def test_the_context_just_asked_for_is_never_the_one_evicted():
+    t = ContextTable(lambda n: "s-" + n, lambda s: True, lambda s: None, lambda s: None, capacity=1)
+    for name in ("a", "b", "c"):
+        assert t.get(name) == "s-" + name and t.cached(name) == "s-" + name
+
+
+def test_a_name_removed_is_not_loaded_back_from_its_record_until_created_again():
+    t = ContextTable(lambda n: "on-disk", lambda s: True, lambda s: None, lambda s: None, capacity=2)
+    t.count = 1
+    assert t.pop("a") == "on-disk" and len(t) == 0
+    assert t.get("a") is None and t.peek("a") is None and t.gone("a")
+    t.add("a", "new")
+    assert t.get("a") == "new" and not t.gone("a") and len(t) == 1
+
+
+def test_a_cache_of_no_context_is_refused():
+    with pytest.raises(ValueError):
+        ContextTable(lambda n: None, lambda s: True, lambda s: None, lambda s: None, capacity=0)
+
+
+def test_contexts_out_of_ram_are_served_as_if_they_were_in_it(tmp_path):
+    small, big = make(MemoryKV(), tmp_path / "s", cache=3), make(MemoryKV(), tmp_path / "b", cache=1000)
+    for led in (small, big):
+        for i in range(20):
+            fill(led, f"ctx{i:02d}", i % 7 + 1)
+        settle(led)
+    assert small.contexts.in_ram <= 3 and small.contexts.evictions >= 17
+    assert len(small.contexts) == len(big.contexts) == 20
+    assert served(small) == served(big)
+    assert small.digest() == big.digest() and small.fine_digest(range(NBUCKETS)) == big.fine_digest(range(NBUCKETS))
+    # reads, proofs, appends after the last entry of a context that left RAM
+    g = small.get(codec.Get("ctx05"))
+    assert [decode_entry(b).seq for b in g[0]] == list(range(1, 7))
+    assert small.proof(codec.Proof("ctx05", 3, 6)) == big.proof(codec.Proof("ctx05", 3, 6))
+    for led in (small, big):
+        fill(led, "ctx05", 2)
+        settle(led)
+    assert small.head("ctx05") == big.head("ctx05") and small.head("ctx05")["size"] == 8
+    # the heads a peer asks for, by bucket, with the names not on disk yet merged in
+    fill(small, "zz-new", 1)
+    fill(big, "zz-new", 1)
+    wanted = {bucket_of(b"zz-new", NBUCKETS), bucket_of(b"ctx05", NBUCKETS)}
+    assert small.heads_in_buckets(wanted, NBUCKETS, None, 100) == big.heads_in_buckets(wanted, NBUCKETS, None, 100)
+    fine = {bucket_of(b"ctx07", FINE)}
+    assert small.heads_in_buckets(fine, FINE, None, 100) == big.heads_in_buckets(fine, FINE, None, 100)
+    assert [n for n in small.names_in_buckets(wanted, NBUCKETS, None, None, "n1")] == \
+        big.names_in_buckets(wanted, NBUCKETS, None, None, "n1")
+    assert small.list_contexts("ctx18", 5) == big.list_contexts("ctx18", 5)
+    assert small.list_contexts("ctx18", 5)[0][-1]["name"] == "zz-new"
+
+
+def test_a_context_in_flight_stays_in_ram(tmp_path):
+    led = make(MemoryKV(), tmp_path, cache=2)
+    for i in range(6):
+        fill(led, f"c{i}", 3)
+    led.digest()
+    # nothing is on disk yet: every context is still in RAM, whatever the capacity
+    assert led.contexts.in_ram == 6 and led.contexts.evictions == 0
+    settle(led)
+    assert led.contexts.in_ram == 2
+
+
+def test_after_a_clean_stop_start_up_reads_no_context(tmp_path):
+    kv = CountingKV()
+    led = make(kv, tmp_path)
+    for i in range(30):
+        fill(led, f"c{i:02d}", i + 1)
+    settle(led)
+    want, digest, entries = served(led), led.digest(), led.entries_total
+    assert led.mark_clean()
+    led.close()
+    kv.ctx_reads = 0
+    again = make(kv, tmp_path)
+    assert kv.ctx_reads == 0 and again.contexts.in_ram == 0
+    assert len(again.contexts) == 30 and again.entries_total == entries and again.digest() == digest
+    assert kv.get(CLEAN_STATE_KEY) is None  # taken back at start, with the clean mark
+    assert (tmp_path / "HIGHWATER").stat().st_size == 0  # the journal starts again from the heads
+    assert served(again) == want
+    fill(again, "c07", 1)
+    assert again.head("c07")["size"] == 9
+
+
+def test_after_a_clean_start_the_journal_still_catches_a_lost_tail(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path)
+    fill(led, "c", 5)
+    settle(led)
+    assert led.mark_clean()
+    led.close()
+    again = make(kv, tmp_path)
+    fill(again, "c", 3)
+    settle(again)
+    root8 = again.head("c")["root"]
+    cid = again.contexts["c"].id
+    # a crash that took the entries' log tail (and a stale head with it)
+    kv.write((), [st.entry_key(cid, s) for s in (7, 8)])
+    third = make(kv, tmp_path)
+    assert third.contexts["c"].size == 6 and third.damaged[cid] == (8, root8)
+
+
+def test_a_damaged_clean_state_record_means_every_context_is_read(tmp_path, caplog):
+    kv = MemoryKV()
+    led = make(kv, tmp_path)
+    for i in range(5):
+        fill(led, f"c{i}", 2)
+    settle(led)
+    want, digest = served(led), led.digest()
+    assert led.mark_clean()
+    led.close()
+    kv.write([(CLEAN_STATE_KEY, msgpack.packb({"contexts": 5, "entries": 10, "fine": b"short"}))])
+    caplog.set_level(logging.INFO, logger="node.ledger")
+    again = make(kv, tmp_path)
+    assert "clean-stop record is damaged" in caplog.text and "loaded 5 contexts" in caplog.text
+    assert served(again) == want and again.digest() == digest and len(again.contexts) == 5
+
+
+def test_a_folder_without_the_bucket_index_gets_it_at_start(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=100)
+    for i in range(8):
+        fill(led, f"c{i}", 1)
+    settle(led)
+    want = led.heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 100)
+    # as a version before the index left it
+    kv.write((), [k for k, _ in kv.scan(st.BUCKET, st.prefix_end(st.BUCKET))] + [BUCKETS_KEY])
+    assert make(kv, tmp_path / "x").heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 100) == want
+    assert kv.get(BUCKETS_KEY) is not None and len(list(kv.scan(st.BUCKET, st.prefix_end(st.BUCKET)))) == 8
+
+
+def test_a_clean_stop_with_damage_unrepaired_is_not_recorded(tmp_path, caplog):
+    led = make(MemoryKV(), tmp_path)
+    fill(led, "c", 2)
+    settle(led)
+    led.damaged[led.contexts["c"].id] = (5, b"\0" * 32)
+    assert not led.mark_clean()
+    assert "not repaired yet" in caplog.text
+
+
+def test_damage_the_scrub_finds_in_a_context_out_of_ram_keeps_it_in_ram(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=1)
+    for name in ("a", "b", "c"):
+        fill(led, name, 4)
+    settle(led)
+    cid = led.contexts.peek("a").id
+    assert led.contexts.cached("a") is None
+    kv.write([(st.entry_key(cid, 2), b"garbage")])
+    led.scrub(100)
+    assert led.holes == {cid: 2} and led.contexts.cached("a") is not None
+    settle(led)
+    assert led.contexts.cached("a") is not None  # not evicted while damaged
+    assert led.status()["damaged"][0]["context"] == "a"
+
+
+def test_a_context_set_aside_is_not_served_again_from_its_old_record(tmp_path):
+    led = make(MemoryKV(), tmp_path, cache=1)
+    fill(led, "f", 3)
+    fill(led, "g", 1)
+    settle(led)
+    led.set_aside("f", "other", replace=False)
+    settle(led)
+    assert led.contexts.get("f") is None and "f" not in [d["name"] for d in led.list_contexts(None, 10)[0]]
+    assert len(led.contexts) == 1
+    assert led.history("f", "n1").size == 3  # still readable as a fork
+
+
+def test_status_reports_the_cache(tmp_path):
+    led = make(MemoryKV(), tmp_path, cache=2)
+    for i in range(4):
+        fill(led, f"c{i}", 1)
+    settle(led)
+    led.head("c0")
+    c = led.status()["context_cache"]
+    assert c["capacity"] == 2 and c["loaded"] == 2 and c["evictions"] >= 2 and c["loads"] >= 1
