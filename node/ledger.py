@@ -1143,6 +1143,10 @@ class Ledger:
         fine = self._fine
         return [b"".join(fine[f].to_bytes(8, "big") for f in fine_buckets(b)) for b in tops]
 
+    def names(self) -> Iterator[str]:
+        """Every context's name, in order, in RAM or not (`contexts` iterates only those in RAM)."""
+        return self._names_from(None)
+
     def _names_from(self, after: str | None, inclusive: bool = False) -> Iterator[str]:
         """Every context's name after `after` (from it, if `inclusive`), in order: read from the
         `C` keys on disk, with the names not on disk yet merged in."""

@@ -50,8 +50,7 @@ def head_of(kv: MemoryKV, name: str) -> list:
 
 
 def state(led: Ledger) -> dict:
-    names = [d["name"] for d in led.list_contexts(None, 1 << 30)[0]]  # every context, in RAM or not
-    return {n: (c.size, c.frontier.root(), c.last_lamport) for n in names if (c := led.contexts[n])}
+    return {n: (c.size, c.frontier.root(), c.last_lamport) for n in led.names() if (c := led.contexts[n])}
 
 
 def cleanly_stopped(tmp_path, n: int) -> tuple[MemoryKV, Ledger]:

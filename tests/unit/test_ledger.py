@@ -554,7 +554,7 @@ def test_a_single_recent_entry_read_matches_the_general_path():
 
 
 def state(led: Ledger) -> tuple:
-    return (led.clock.value, dict(led.pending), {n: (c.size, c.frontier.root()) for n, c in led.contexts.items()},
+    return (led.clock.value, dict(led.pending), {n: (c.size, c.frontier.root()) for n in led.names() if (c := led.contexts[n])},
             led.entries_total, led.hot_bytes)
 
 

@@ -152,7 +152,7 @@ def write_format_1(data: str, contexts: int = 3, per: int = 50) -> dict[str, tup
     for c in range(contexts):
         batch(led, [f"{c}-{i}".encode() * 8 for i in range(per)], ctx=f"ctx{c}", dedup_id=f"d{c}".encode())
     led.flush_sync()
-    heads = {n: (ctx.size, ctx.frontier.root()) for n, ctx in led.contexts.items()}
+    heads = {n: (ctx.size, ctx.frontier.root()) for n in led.names() if (ctx := led.contexts[n])}
     kv.close()
     edb = plyvel.DB(os.path.join(data, st.ENTRIES_DIR))
     db = plyvel.DB(data)
@@ -173,7 +173,7 @@ def test_a_format_1_folder_is_moved_to_format_2_at_start(tmp_path, caplog):
     kv = LevelDBKV(data)
     assert "storage format 1 -> 2: 150 entries moved" in caplog.text
     led = make(kv)
-    assert {n: (c.size, c.frontier.root()) for n, c in led.contexts.items()} == heads
+    assert {n: (c.size, c.frontier.root()) for n in led.names() if (c := led.contexts[n])} == heads
     assert [decode_entry(b).payload for b in led.get(codec.Get("ctx1", None, 0, 2))[0]] == [b"1-0" * 8, b"1-1" * 8]
     assert batch(led, [b"again"], ctx="ctx2", dedup_id=b"d2").deduplicated
     kv.close()
@@ -194,7 +194,7 @@ def test_a_move_interrupted_after_its_copy_is_finished_at_the_next_start(tmp_pat
     db.close()
     kv = LevelDBKV(data)
     led = make(kv)
-    assert {n: (c.size, c.frontier.root()) for n, c in led.contexts.items()} == heads
+    assert {n: (c.size, c.frontier.root()) for n in led.names() if (c := led.contexts[n])} == heads
     kv.close()
     assert st.ENTRY not in {k[:1] for k in keys_of(data)}
 
