@@ -1168,9 +1168,25 @@ class Ledger:
                 yield name
             last = name
 
-    def _names_in(self, wanted: set[int], nbuckets: int, after: str | None) -> Iterator[str]:
-        """The names in `wanted` buckets after `after`, in order: merged from the fine buckets'
-        name index (b"B" keys) when they are few, else filtered from all names."""
+    def _records_from(self, after: str | None) -> Iterator[tuple[str, bytes | None]]:
+        """(name, its `C` record) of every context after `after`, in order, in one scan of the
+        records, with the names not on disk yet merged in (record None: look it up)."""
+        start = st.CTX if after is None else st.ctx_key(after) + b"\x00"
+        disk: Iterator[tuple[str, bytes | None]] = (
+            (k[1:].decode(), v) for k, v in self.kv.scan(start, st.prefix_end(st.CTX)))
+        merged = disk if not self._fresh else heapq.merge(
+            disk, ((n, None) for n in self._fresh.iter_from(after)), key=_first)
+        gone = self.contexts.gone
+        last = None
+        for name, raw in merged:
+            if name != last and not gone(name):
+                yield name, raw
+            last = name
+
+    def _names_in(self, wanted: set[int], nbuckets: int, after: str | None) -> Iterator[tuple[str, bytes | None]]:
+        """(name, `C` record or None) of the contexts in `wanted` buckets after `after`, in order:
+        merged from the fine buckets' name index (b"B" keys) when they are few, else filtered from
+        a scan of every record."""
         if FINE % nbuckets == 0 and len(wanted) * (FINE // nbuckets) <= MAX_MERGED_BUCKETS:
             fresh = [n for n in self._fresh.iter_from(after) if bucket_of(n.encode(), nbuckets) in wanted]
             kv = self.kv
@@ -1183,27 +1199,28 @@ class Ledger:
             if not scans:
                 return iter(())
             disk = scans[0] if len(scans) == 1 else heapq.merge(*scans)
-            return self._served(disk, iter(fresh) if fresh else None)
-        return (n for n in self._names_from(after) if bucket_of(n.encode(), nbuckets) in wanted)
+            return ((n, None) for n in self._served(disk, iter(fresh) if fresh else None))
+        return ((n, raw) for n, raw in self._records_from(after) if bucket_of(n.encode(), nbuckets) in wanted)
 
     def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
         """[name, size, root, writer, lamport] of the contexts in `wanted` buckets, in name order, paged."""
         out: list[list[Any]] = []
-        for name in self._names_in(wanted, nbuckets, after):
+        for name, raw in self._names_in(wanted, nbuckets, after):
             if len(out) == limit:
                 return out, True
-            brief = self._brief(name)
+            brief = self.brief(name, raw)
             if brief is not None:
                 out.append([name, *brief])
         return out, False
 
-    def _brief(self, name: str) -> tuple[int, bytes, str, int] | None:
+    def brief(self, name: str, raw: bytes | None = None) -> tuple[int, bytes, str, int] | None:
         """(size, root, writer, lamport) of a context as reads see it, from the cache or else from
-        its `C` record's head, without letting it into the cache (a peer's sync_heads goes through
-        many contexts once each)."""
+        its `C` record's head (`raw`, or looked up), without letting it into the cache (a peer's
+        sync_heads goes through many contexts once each)."""
         ctx = self.contexts.cached(name)
         if ctx is None:
-            raw = self._lookup(st.ctx_key(name))
+            if raw is None:
+                raw = self._lookup(st.ctx_key(name))
             if raw is None:
                 return None
             info = _unpackb(raw)
@@ -1224,10 +1241,10 @@ class Ledger:
                          writer: str) -> list[str]:
         """Names in `wanted` buckets in (after, upto] (no upper end when None) written by `writer`."""
         out = []
-        for name in self._names_in(wanted, nbuckets, after):
+        for name, raw in self._names_in(wanted, nbuckets, after):
             if upto is not None and name > upto:
                 break
-            brief = self._brief(name)
+            brief = self.brief(name, raw)
             if brief is not None and brief[2] == writer:
                 out.append(name)
         return out
@@ -1606,15 +1623,17 @@ class Ledger:
         return lamport
 
     def list_contexts(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        out = []
-        for name in self._names_from(after):
+        """A page of names and sizes in name order, from one scan of the `C` records: a context not
+        in RAM is listed from its head, without a look-up of its own."""
+        out: list[dict[str, Any]] = []
+        cached = self.contexts.cached
+        for name, raw in self._records_from(after):
             if len(out) == limit:
                 return out, True
-            ctx = self.contexts.cached(name)
-            if ctx is not None:
-                size = ctx.size
-            else:
-                brief = self._brief(name)
+            ctx = cached(name)
+            size = ctx.size if ctx is not None else _head_size(raw)
+            if size is None:
+                brief = self.brief(name, raw)  # a record without a head (an empty context), or not on disk yet
                 if brief is None:
                     continue
                 size = brief[0]
@@ -1980,6 +1999,23 @@ def _ctx_record(ctx: ContextState, size: int, lamport: int, frontier: merkle.Fro
     entries (SPEC Appendix A). `frontier` is the one of `size` entries."""
     return _packb({"id": ctx.id, "writer": ctx.writer, "created_ns": ctx.created_ns,
                    "head": [size, lamport, b"".join(frontier.nodes), frontier.root()]})
+
+
+def _first(item: tuple[str, Any]) -> str:
+    return item[0]
+
+
+def _head_size(raw: bytes | None) -> int | None:
+    """The size in a `C` record's head, or None (no head, or not one)."""
+    if raw is None:
+        return None
+    try:
+        head = _unpackb(raw).get("head")
+    except Exception:  # noqa: BLE001 - a damaged record: the caller reads the context the long way
+        return None
+    if type(head) is list and len(head) == 4 and type(head[0]) is int and head[0] >= 0:
+        return head[0]
+    return None
 
 
 def _clean_state(raw: bytes | None) -> tuple[int, int, list[int]] | None:

@@ -1041,7 +1041,14 @@ class Mesh:
             p.next_round_beat = self.beats + min(1 << p.idle_rounds, MAX_IDLE_ROUND_BACKOFF)
 
     def _compare(self, p: Peer, name: str, size: int, root: bytes, writer: str) -> None:
-        ctx = self.ledger.contexts.get(name)
+        ctx = self.ledger.contexts.cached(name)
+        if ctx is None:
+            # not in RAM: when its head on disk is the peer's, there is nothing to pull or check,
+            # and no reason to read it into RAM (a catch-up compares every context once)
+            brief = self.ledger.brief(name)
+            if brief is not None and brief[:3] == (size, root, writer):
+                return
+            ctx = self.ledger.contexts.get(name)
         local_size = ctx.size if ctx is not None else 0
         if ctx is not None and ctx.writer != writer:
             self._fork(p, ctx, size, root, writer)

@@ -131,6 +131,11 @@ def test_contexts_out_of_ram_are_served_as_if_they_were_in_it(tmp_path):
     fill(big, "zz-new", 1)
     wanted = {bucket_of(b"zz-new", NBUCKETS), bucket_of(b"ctx05", NBUCKETS)}
     assert small.heads_in_buckets(wanted, NBUCKETS, None, 100) == big.heads_in_buckets(wanted, NBUCKETS, None, 100)
+    every = set(range(NBUCKETS))  # too many buckets to merge: one scan of every record, filtered
+    assert small.heads_in_buckets(every, NBUCKETS, "ctx03", 100) == big.heads_in_buckets(every, NBUCKETS, "ctx03", 100)
+    assert len(small.heads_in_buckets(every, NBUCKETS, None, 100)[0]) == 21
+    odd = {bucket_of(b"ctx09", 100)}  # a bucket count that does not divide the fine one
+    assert small.heads_in_buckets(odd, 100, None, 100) == big.heads_in_buckets(odd, 100, None, 100) != ([], False)
     fine = {bucket_of(b"ctx07", FINE)}
     assert small.heads_in_buckets(fine, FINE, None, 100) == big.heads_in_buckets(fine, FINE, None, 100)
     assert [n for n in small.names_in_buckets(wanted, NBUCKETS, None, None, "n1")] == \

@@ -46,6 +46,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "--client-keys": ("clients.txt", "clients.txt"),
     "--insecure": ("1", True),
     "--max-loads": ("2", 2),
+    "--context-cache": ("5000", 5000),
     "--max-staged-bytes": ("1G", 1 << 30),
     "--max-client-queue": ("128K", 128 << 10),
     "--max-clients": ("100", 100),
@@ -191,3 +192,11 @@ def test_suspect_after_must_stay_below_dead_after():
         parse(["--suspect-after", "10"], {})
     with pytest.raises(ConfigError, match="--dead-after must be an integer from 1 to 1000"):
         parse(["--dead-after", "1001"], {})
+
+
+def test_a_context_cache_of_no_context_is_refused():
+    with pytest.raises(ConfigError, match="--context-cache must be an integer from 1"):
+        parse(["--context-cache", "0"], {})
+    with pytest.raises(ConfigError, match="--context-cache"):
+        parse([], {"LEDGER_CONTEXT_CACHE": "many"})
+    assert parse(["--context-cache", "1"], {}).context_cache == 1
