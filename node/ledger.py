@@ -217,6 +217,8 @@ class Ledger:
         # scans read the names from storage and merge these in
         self._fresh = SortedNames()
         self._fine: list[int] = [0] * FINE  # the fine digest, kept with the top one (`digest`)
+        # contexts served by writer: a peer that writes none of them has none to compare (names_in_buckets)
+        self.by_writer: dict[str, int] = {}
         self.pending: dict[bytes, bytes] = {}
         self.inflight: dict[bytes, bytes] = {}
         # bytes of entries waiting for storage (pending) and being written (inflight)
@@ -308,7 +310,7 @@ class Ledger:
             # the mark goes before anything else is written: from here on heads may fall behind
             kv.write(puts, deletes, sync=self._sync_meta)
         if state is not None and j is not None:
-            self.contexts.count, self.entries_total, self._fine = state
+            self.contexts.count, self.entries_total, self._fine, self.by_writer = state
             # the heads on disk are what the journal's marks would say: it starts again from them
             j.reset()
             if self.contexts.count:
@@ -372,6 +374,7 @@ class Ledger:
             mark = marks.get(ctx.id)
             if mark is not None:
                 self._check_mark(ctx, mark, node_id)
+            self._count_writer(ctx.writer, 1)
             if ctx.id in self.damaged or ctx.id in self.holes:
                 contexts.add(name, ctx)  # kept in RAM until repaired
             else:
@@ -411,6 +414,7 @@ class Ledger:
             self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
             self._check_mark(ctx, (size, root), node_id)
             contexts.add(name, ctx)
+            self._count_writer(writer, 1)
             self._fresh.add(name)
             self._digest_dirty.add(ctx)
 
@@ -474,6 +478,13 @@ class Ledger:
             return True
         key = st.ctx_key(ctx.name)  # an empty context: its record (with no head) must be on disk
         return size == 0 and key not in self.pending and key not in self.inflight
+
+    def _count_writer(self, writer: str, n: int) -> None:
+        left = self.by_writer.get(writer, 0) + n
+        if left > 0:
+            self.by_writer[writer] = left
+        else:
+            self.by_writer.pop(writer, None)
 
     def _admitted(self, ctx: ContextState) -> None:
         self._by_id[ctx.id] = ctx
@@ -758,6 +769,7 @@ class Ledger:
         ctx = self.contexts.pop(name, None, gone=False)
         if ctx is None:
             return
+        self._count_writer(ctx.writer, -1)
         self._fresh.discard(name)
         self._digest_dirty.discard(ctx)
         self.pending.pop(st.ctx_key(name), None)
@@ -839,6 +851,7 @@ class Ledger:
         self.pending[st.bucket_key(bucket_of(ctx.name_bytes, FINE), ctx.name_bytes)] = b""
         self.pending[st.meta_key("next_ctx")] = str(self._next_ctx).encode()
         self.contexts.add(name, ctx)
+        self._count_writer(writer, 1)
         self._fresh.add(name)
         self._digest_dirty.add(ctx)
         return ctx
@@ -1084,6 +1097,7 @@ class Ledger:
         false: the writer holds no such context any more)."""
         old = self.contexts[name]
         self.contexts.pop(name)
+        self._count_writer(old.writer, -1)
         self._by_id[old.id] = old  # a history set aside stays in RAM (and by id: its damage, its hot tail)
         self._fresh.discard(name)
         self.pending[st.aside_key(old.id)] = _packb({"name": name, "writer": old.writer, "created_ns": old.created_ns})
@@ -1240,7 +1254,9 @@ class Ledger:
     def names_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, upto: str | None,
                          writer: str) -> list[str]:
         """Names in `wanted` buckets in (after, upto] (no upper end when None) written by `writer`."""
-        out = []
+        out: list[str] = []
+        if writer not in self.by_writer:
+            return out  # (it writes none of ours: no need to go through them)
         for name, raw in self._names_in(wanted, nbuckets, after):
             if upto is not None and name > upto:
                 break
@@ -1326,7 +1342,7 @@ class Ledger:
         puts.append((st.meta_key("lamport"), str(self.clock.value).encode()))
         self.digest()
         puts.append((CLEAN_STATE_KEY, _packb({
-            "contexts": self.contexts.count, "entries": self.entries_total,
+            "contexts": self.contexts.count, "entries": self.entries_total, "writers": self.by_writer,
             "fine": b"".join(v.to_bytes(8, "big") for v in self._fine)})))
         puts.append((CLEAN_KEY, token))
         try:
@@ -2018,21 +2034,24 @@ def _head_size(raw: bytes | None) -> int | None:
     return None
 
 
-def _clean_state(raw: bytes | None) -> tuple[int, int, list[int]] | None:
-    """(contexts, entries, fine digest) of a CLEAN_STATE_KEY record, or None if it is missing or
-    not one (then start-up reads every context, as after a crash)."""
+def _clean_state(raw: bytes | None) -> tuple[int, int, list[int], dict[str, int]] | None:
+    """(contexts, entries, fine digest, contexts by writer) of a CLEAN_STATE_KEY record, or None
+    if it is missing or not one (then start-up reads every context, as after a crash)."""
     if raw is None:
         return None
     try:
         m = _unpackb(raw)
-        n, entries, fine = m["contexts"], m["entries"], m["fine"]
+        n, entries, fine, writers = m["contexts"], m["entries"], m["fine"], m["writers"]
     except Exception:  # noqa: BLE001 - whatever is wrong with it, it is not used
         m = None
     if (m is None or type(n) is not int or type(entries) is not int or not 0 <= n < 1 << 32
-            or not 0 <= entries < 1 << 63 or type(fine) is not bytes or len(fine) != 8 * FINE):
+            or not 0 <= entries < 1 << 63 or type(fine) is not bytes or len(fine) != 8 * FINE
+            or type(writers) is not dict
+            or not all(type(w) is str and type(c) is int and c > 0 for w, c in writers.items())
+            or sum(writers.values()) != n):
         log.warning("the clean-stop record is damaged: every context's head is checked")
         return None
-    return n, entries, [int.from_bytes(fine[i:i + 8], "big") for i in range(0, len(fine), 8)]
+    return n, entries, [int.from_bytes(fine[i:i + 8], "big") for i in range(0, len(fine), 8)], writers
 
 
 def _abandoned(exc: StorageError, load_id: str) -> StorageError:

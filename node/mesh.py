@@ -1048,7 +1048,7 @@ class Mesh:
             brief = self.ledger.brief(name)
             if brief is not None and brief[:3] == (size, root, writer):
                 return
-            ctx = self.ledger.contexts.get(name)
+            ctx = self.ledger.contexts.get(name) if brief is not None else None
         local_size = ctx.size if ctx is not None else 0
         if ctx is not None and ctx.writer != writer:
             self._fork(p, ctx, size, root, writer)

@@ -267,3 +267,46 @@ def test_status_reports_the_cache(tmp_path):
     led.head("c0")
     c = led.status()["context_cache"]
     assert c["capacity"] == 2 and c["loaded"] == 2 and c["evictions"] >= 2 and c["loads"] >= 1
+
+
+def test_contexts_by_writer_are_counted_kept_across_a_clean_stop_and_spare_a_scan(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=2)
+    for i in range(5):
+        fill(led, f"mine{i}", 1)
+    (tmp_path / "src").mkdir()
+    src = Ledger(MemoryKV(), node_id="n2", now_ns=FakeClock(), sync_meta=False,
+                 journal=Journal(str(tmp_path / "src")))
+    fill(src, "theirs", 2)
+    led.apply_replicated("theirs", [decode_entry(src.entry_blob(src.contexts["theirs"], s)) for s in (1, 2)])
+    settle(led)
+    assert led.by_writer == {"n1": 5, "n2": 1}
+    every = set(range(NBUCKETS))
+    assert led.names_in_buckets(every, NBUCKETS, None, None, "nobody") == []
+    assert led.names_in_buckets(every, NBUCKETS, None, None, "n2") == ["theirs"]
+    assert len(led.names_in_buckets(every, NBUCKETS, None, None, "n1")) == 5
+    assert led.mark_clean()
+    led.close()
+    again = make(kv, tmp_path)
+    assert again.by_writer == led.by_writer
+    fill(again, "mine9", 1)
+    assert again.by_writer == {"n1": 6, "n2": 1} and len(again.contexts) == 7
+    again.set_aside("theirs", "n3")  # a fork: the name's history is now n3's
+    assert again.by_writer == {"n1": 6, "n3": 1}
+
+
+@pytest.mark.parametrize("writers", [{"n1": "x"}, {"n1": 4}, ["n1"], {7: 5}])
+def test_a_clean_state_with_a_bad_writer_count_means_every_context_is_read(tmp_path, caplog, writers):
+    kv = MemoryKV()
+    led = make(kv, tmp_path)
+    for i in range(5):
+        fill(led, f"c{i}", 1)
+    settle(led)
+    assert led.mark_clean()
+    led.close()
+    state = msgpack.unpackb(kv.get(CLEAN_STATE_KEY))
+    kv.write([(CLEAN_STATE_KEY, msgpack.packb({**state, "writers": writers}))])
+    caplog.set_level(logging.INFO, logger="node.ledger")
+    again = make(kv, tmp_path)
+    assert "clean-stop record is damaged" in caplog.text
+    assert again.by_writer == {"n1": 5} and len(again.contexts) == 5
