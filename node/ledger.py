@@ -1453,21 +1453,26 @@ class Ledger:
         current = next(it, None)
         if current != name:
             after = 0  # that context is gone: start the next one from its beginning
-        done = 0
+        done = looked = 0
         while done < budget:
             if current is None:
                 self.scrub_passes += 1
                 self._scrub_at = ("", 0)
                 break
+            if looked > budget:  # contexts with nothing (left) to check cost a read each too
+                self._scrub_at = (current, after)
+                break
             ctx = self.contexts.peek(current)  # read once, not let into the cache
             if ctx is None:
                 current = next(it, None)
                 after = 0
+                looked += 1
                 continue
             last = min(ctx.flushed_seq, after + budget - done)
             if after >= last or ctx.id in self.holes:
                 current = next(it, None)
                 after = 0
+                looked += 1
                 continue
             seq = after + 1
             try:

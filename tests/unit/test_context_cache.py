@@ -310,3 +310,20 @@ def test_a_clean_state_with_a_bad_writer_count_means_every_context_is_read(tmp_p
     again = make(kv, tmp_path)
     assert "clean-stop record is damaged" in caplog.text
     assert again.by_writer == {"n1": 5} and len(again.contexts) == 5
+
+
+def test_a_scrub_slice_looks_at_a_bounded_number_of_contexts_and_goes_on_from_there(tmp_path):
+    led = make(MemoryKV(), tmp_path, cache=2)
+    for i in range(30):  # contexts with one entry each: a slice of 5 entries meets 5 contexts
+        fill(led, f"c{i:02d}", 1)
+    settle(led)
+    assert led.scrub(5) == 5 and led._scrub_at[0] == "c04"
+    for _ in range(6):
+        led.scrub(5)
+    assert led.scrubbed_entries == 30 and led.scrub_passes == 1
+    # contexts with nothing to check cost a look each: a slice stops after `budget` of them
+    for i in range(40):
+        led._create(f"e{i:02d}")  # (empty contexts, as an empty snapshot's load makes them)
+    settle(led)
+    led._scrub_at = ("e00", 0)
+    assert led.scrub(5) == 0 and led._scrub_at[0] == "e06"
