@@ -85,8 +85,7 @@ CLEAN_ENTRIES_KEY = st.entry_key(0, 0)
 # Written with CLEAN_KEY: what start-up would otherwise count and compute from every context (their
 # number, their entries, the fine digest), so that a start after a clean stop reads no context.
 CLEAN_STATE_KEY = st.meta_key("clean_state")
-# Present once every context has its b"B" (fine bucket) key (see storage.bucket_key)
-BUCKETS_KEY = st.meta_key("bucket_index")
+FORMAT_KEY = st.meta_key("format")
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _node_key = st.node_key
@@ -259,7 +258,7 @@ class Ledger:
     def _open(self, wanted_id: str | None) -> str:
         kv = self.kv
         fmt = kv.get(st.meta_key("format"))
-        if fmt is not None and fmt != st.FORMAT_VERSION:
+        if fmt is not None and fmt not in st.TWO_STORES:
             raise DataDirError(
                 f"data folder has storage format {fmt.decode(errors='replace')}, "
                 f"this version reads {st.FORMAT_VERSION.decode()}"
@@ -304,7 +303,8 @@ class Ledger:
         j = self.journal
         heads_ok = (clean is not None and j is not None and clean == j.open_token
                     and kv.get(CLEAN_ENTRIES_KEY) == clean)
-        state = _clean_state(kv.get(CLEAN_STATE_KEY)) if heads_ok and kv.get(BUCKETS_KEY) is not None else None
+        # (format 2: written by a version without the name index, which knows no clean_state either)
+        state = _clean_state(kv.get(CLEAN_STATE_KEY)) if heads_ok and fmt == st.FORMAT_VERSION else None
         deletes = [CLEAN_KEY, CLEAN_ENTRIES_KEY, CLEAN_STATE_KEY] if clean is not None else []
         if puts or deletes:
             # the mark goes before anything else is written: from here on heads may fall behind
@@ -323,7 +323,7 @@ class Ledger:
                    "after a crash or an older version: heads checked" if clean is None or j is None
                    else "the high-water journal changed since the clean stop: heads checked"
                    if clean != j.open_token else "the entries' store lost writes since the clean stop: heads checked")
-            self._read_all(node_id, heads_ok, why)
+            self._read_all(node_id, heads_ok, why, need_index=fmt is not None and fmt != st.FORMAT_VERSION)
         buckets = self._buckets
         for f, v in enumerate(self._fine):
             buckets[f % NBUCKETS] ^= v
@@ -335,15 +335,16 @@ class Ledger:
             self.aside.setdefault(info["name"], []).append(ctx)
         return node_id
 
-    def _read_all(self, node_id: str, heads_ok: bool, why: str) -> None:
+    def _read_all(self, node_id: str, heads_ok: bool, why: str, need_index: bool) -> None:
         """Start-up after anything but a clean stop: every context is read (from its head, checked
         unless `heads_ok`, else from its entries), compared with its high-water mark, counted in
         the digest; heads found wrong are written again and the name index made if missing, so
-        that from here on any context can leave RAM and come back from its `C` record."""
+        that from here on any context can leave RAM and come back from its `C` record. With
+        `need_index` (a format-2 folder) it also writes every context's `B` key, then format 3: an
+        older version then refuses the folder, so no context is ever created without its key."""
         kv = self.kv
         j = self.journal
         marks = j.marks if j is not None else {}
-        need_index = kv.get(BUCKETS_KEY) is None
         fine = self._fine
         contexts = self.contexts
         seen: set[int] = set()  # (only for the marks: a mark whose context is gone)
@@ -390,7 +391,9 @@ class Ledger:
                 last_log = time.monotonic()
                 log.info("reading contexts: %d so far (%.0f s)", len(contexts), last_log - t0)
         if need_index:
-            fixes.append((BUCKETS_KEY, b"1"))
+            fixes.append((FORMAT_KEY, st.FORMAT_VERSION))
+            log.warning("storage format 2 -> 3: the name index of %d contexts is built (an older version now "
+                        "refuses this folder)", len(contexts))
         if fixes:
             self._kv_write(fixes, sync=self._sync_meta)
         if len(contexts):

@@ -60,7 +60,8 @@ ASIDE = b"F"
 # counts in (protocol.digest.FINE), so that the heads of a few buckets are found by a short scan
 BUCKET = b"B"
 
-FORMAT_VERSION = b"2"
+FORMAT_VERSION = b"3"  # 3: 2 plus the b"B" name index (built by the ledger's first start on a format-2 folder)
+TWO_STORES = (b"2", b"3")  # the formats with the entries in a store of their own
 ENTRIES_DIR = "entries"  # the entries' own LevelDB, inside the data folder
 MAX_OPEN_FILES = 200  # LevelDB's table caches, both stores (its default is 1,000 each); node/clients.py reserves it
 ENTRY_OPEN_FILES = 160  # of MAX_OPEN_FILES, for the entries' store (most of the tables)
@@ -303,12 +304,12 @@ class LevelDBKV:
         self._compactor: threading.Thread | None = None
         try:
             fmt = self._db.get(meta_key("format"))
-            if fmt == FORMAT_VERSION and not os.path.isdir(self.entries_path):
+            if fmt in TWO_STORES and not os.path.isdir(self.entries_path):
                 raise EntriesMissing(
                     f"{self.entries_path} is missing: the entries of this data folder are kept there (storage "
                     "format 2); put it back (a backup), or move the folder away and let this node refill from "
                     "its peers")
-            if fmt in (None, FORMAT_VERSION) or fmt == b"1":
+            if fmt is None or fmt in TWO_STORES or fmt == b"1":
                 # a new folder, this format, or format 1 (to be migrated): anything else is left
                 # for the ledger to refuse by its format record, without creating a store. A
                 # format-2 folder whose entries' store is gone is refused, not served empty
@@ -316,7 +317,7 @@ class LevelDBKV:
                                        self._entry_options)
             if fmt == b"1":
                 self.migrate()
-            elif fmt == FORMAT_VERSION:
+            elif fmt in TWO_STORES:
                 self._drop_stray_entries()
         except BaseException:
             self.close()
@@ -357,7 +358,7 @@ class LevelDBKV:
                     log.warning("storage format 1 -> 2: %d entries (%d MB) moved so far", copied, nbytes >> 20)
         wb.write()
         edb.write_batch(sync=True).write()  # an empty synced batch: what was copied is on disk
-        db.put(meta_key("format"), FORMAT_VERSION, sync=True)
+        db.put(meta_key("format"), b"2", sync=True)  # (the ledger's start then makes it 3)
         self._drop_stray_entries()
         log.warning("storage format 1 -> 2: %d entries moved in %.1f s", copied, time.monotonic() - t0)
 

@@ -11,7 +11,7 @@ import pytest
 
 from node import storage as st
 from node.contexts import ContextTable
-from node.ledger import BUCKETS_KEY, CLEAN_STATE_KEY, Ledger
+from node.ledger import CLEAN_STATE_KEY, FORMAT_KEY, DataDirError, Ledger
 from node.marks import Journal
 from node.storage import MemoryKV
 from protocol import codec
@@ -209,17 +209,31 @@ def test_a_damaged_clean_state_record_means_every_context_is_read(tmp_path, capl
     assert served(again) == want and again.digest() == digest and len(again.contexts) == 5
 
 
-def test_a_folder_without_the_bucket_index_gets_it_at_start(tmp_path):
+def test_a_format_2_folder_gets_the_name_index_at_start_and_becomes_format_3(tmp_path, caplog):
     kv = MemoryKV()
     led = make(kv, tmp_path, cache=100)
     for i in range(8):
         fill(led, f"c{i}", 1)
     settle(led)
     want = led.heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 100)
-    # as a version before the index left it
-    kv.write((), [k for k, _ in kv.scan(st.BUCKET, st.prefix_end(st.BUCKET))] + [BUCKETS_KEY])
-    assert make(kv, tmp_path / "x").heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 100) == want
-    assert kv.get(BUCKETS_KEY) is not None and len(list(kv.scan(st.BUCKET, st.prefix_end(st.BUCKET)))) == 8
+    assert led.mark_clean()
+    led.close()
+    # as the version before the index left it (it knew the clean mark, not the clean state)
+    kv.write([(FORMAT_KEY, b"2")], [k for k, _ in kv.scan(st.BUCKET, st.prefix_end(st.BUCKET))] + [CLEAN_STATE_KEY])
+    caplog.set_level(logging.INFO, logger="node.ledger")
+    again = make(kv, tmp_path)
+    assert "storage format 2 -> 3" in caplog.text
+    assert again.heads_in_buckets({bucket_of(b"c3", NBUCKETS)}, NBUCKETS, None, 100)[0] == [
+        h for h in want[0] if h[0] == "c3"]
+    assert kv.get(FORMAT_KEY) == st.FORMAT_VERSION == b"3"
+    assert len(list(kv.scan(st.BUCKET, st.prefix_end(st.BUCKET)))) == 8
+
+
+def test_a_folder_of_a_newer_format_is_refused(tmp_path):
+    kv = MemoryKV()
+    kv.write([(FORMAT_KEY, b"4")])
+    with pytest.raises(DataDirError, match="storage format 4, this version reads 3"):
+        make(kv, tmp_path)
 
 
 def test_a_clean_stop_with_damage_unrepaired_is_not_recorded(tmp_path, caplog):

@@ -216,7 +216,7 @@ def test_a_newer_format_is_refused_without_creating_a_store(tmp_path):
     db.put(st.meta_key("format"), b"9")
     db.close()
     kv = LevelDBKV(data)
-    with pytest.raises(DataDirError, match="storage format 9, this version reads 2"):
+    with pytest.raises(DataDirError, match="storage format 9, this version reads 3"):
         make(kv)
     kv.close()
     assert not os.path.exists(os.path.join(data, st.ENTRIES_DIR))
