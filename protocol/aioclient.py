@@ -526,19 +526,22 @@ class AsyncClient(calls.ClientCore):
                           first_root: bytes | None = None) -> ConsistencyProof:
         return await self._run(calls.consistency_flow(context, first, second, first_root))
 
-    async def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None) -> dict[str, Any]:
+    async def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None,
+                       on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
         """A verified snapshot to `out` (written to as pages come: give it a fast file)."""
-        return await self._run(calls.snapshot_flow(context, out, size, self.verify))
+        return await self._run(calls.snapshot_flow(context, out, size, self.verify, on_progress))
 
     async def load(self, context: str, src: IO[bytes], *, fail_if_exists: bool = False,
-                   chunk_bytes: int = LOAD_CHUNK_BYTES) -> Head:
-        return await self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes))
+                   chunk_bytes: int = LOAD_CHUNK_BYTES, on_progress: calls.ProgressFn | None = None) -> Head:
+        return await self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes, on_progress))
 
     async def check_entries(self, context: str, entries: list[Entry], writer_key: bytes | str) -> int:
         return await self._run(calls.check_entries_flow(context, entries, writer_key, self.address, self.verify))
 
-    async def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
-        return await self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify))
+    async def verify_context(self, context: str, *, writer_key: bytes | str | None = None,
+                             on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
+        return await self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify,
+                                                         on_progress))
 
 
 class AsyncWatch:

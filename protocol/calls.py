@@ -396,6 +396,9 @@ class Unsubscribe:
 
 
 CLOCK = Clock()
+# what a long operation calls after each page or chunk: (entries done, entries in all); it runs in
+# the caller's thread (or event loop) between two requests, so it must be quick
+ProgressFn = Callable[[int, int], None]
 Step = Call | Submit | Result | Clock | Receive | Ping | Sleep | Unsubscribe
 Flow = Generator[Step, Any, T]
 
@@ -531,8 +534,10 @@ def merge_key(e: Entry) -> tuple[int, str, str, int]:
     return (e.lamport, e.writer, e.context, e.seq)
 
 
-def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) -> Flow[dict[str, Any]]:
-    """Write a verified snapshot of `context` (at `size`, default now) to `out`."""
+def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool,
+                  on_progress: ProgressFn | None = None) -> Flow[dict[str, Any]]:
+    """Write a verified snapshot of `context` (at `size`, default now) to `out`; `on_progress(done,
+    size)` after each page."""
     r = yield call("snapshot", context=context, size=size, after=0, limit=codec.MAX_GET_LIMIT)
     size, root = r["size"], r["root"]
     verifier = SnapshotVerifier(context, size, root)
@@ -546,6 +551,8 @@ def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) 
         for m in r["entries"]:
             verifier.add(entry_of(m, verify))
             out.write(pk.pack(m))
+        if on_progress is not None:
+            on_progress(verifier.frontier.size, size)
         if not r["more"]:
             break
         r = yield call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
@@ -555,8 +562,10 @@ def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) 
     return {"context": context, "size": size, "root": root}
 
 
-def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: int) -> Flow[Head]:
-    """Load a snapshot file; the node re-verifies everything before it writes."""
+def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: int,
+              on_progress: ProgressFn | None = None) -> Flow[Head]:
+    """Load a snapshot file; the node re-verifies everything before it writes. `on_progress(sent,
+    size)` after each chunk the node took."""
     header, entries = read_snapshot(src)
     if header["context"] != context:
         raise BadRequest(
@@ -577,6 +586,8 @@ def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: i
             if chunk and nbytes + len(e.payload) + 512 > chunk_bytes:
                 sent = True
                 yield call("load", False, entries=chunk, final=False, **base)
+                if on_progress is not None:
+                    on_progress(chunk[-1]["seq"], header["size"])
                 chunk, nbytes = [], 0
             chunk.append(e.to_wire())
             nbytes += len(e.payload) + 512
@@ -589,13 +600,15 @@ def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: i
                 pass
         raise
     r = yield call("load", False, entries=chunk, final=True, signed=header.get("signed"), **base)
+    if on_progress is not None:
+        on_progress(header["size"], header["size"])
     return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
 
 
 def verify_context_flow(context: str, writer_key: bytes | str | None, address: str,
-                        verify: bool) -> Flow[dict[str, Any]]:
+                        verify: bool, on_progress: ProgressFn | None = None) -> Flow[dict[str, Any]]:
     """Download a context at its current size, re-hash everything, recompute the root (see
-    `Client.verify_context`)."""
+    `Client.verify_context`); `on_progress(checked, size)` after each page."""
     signed = (yield from head_flow(context, writer_key, address, verify)).signed if writer_key is not None else None
     first = yield call("snapshot", context=context, after=0, limit=codec.MAX_GET_LIMIT)
     size, root = first["size"], first["root"]
@@ -613,6 +626,8 @@ def verify_context_flow(context: str, writer_key: bytes | str | None, address: s
             verifier.add(e)
             if signed is not None and e.seq == signed.size:
                 signed_root = verifier.frontier.root()
+        if on_progress is not None:
+            on_progress(verifier.frontier.size, size)
         if ahead is None:
             break
         try:

@@ -532,14 +532,17 @@ class Client(calls.ClientCore):
     ) -> ConsistencyProof:
         return self._run(calls.consistency_flow(context, first, second, first_root))
 
-    def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None) -> dict[str, Any]:
-        """Write a verified snapshot of `context` (at `size`, default now) to `out`."""
-        return self._run(calls.snapshot_flow(context, out, size, self.verify))
+    def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None,
+                 on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
+        """Write a verified snapshot of `context` (at `size`, default now) to `out`.
+        `on_progress(written, size)` is called after each page (entries written, in all)."""
+        return self._run(calls.snapshot_flow(context, out, size, self.verify, on_progress))
 
     def load(self, context: str, src: IO[bytes], *, fail_if_exists: bool = False,
-             chunk_bytes: int = LOAD_CHUNK_BYTES) -> Head:
-        """Load a snapshot file; the node re-verifies everything before it writes."""
-        return self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes))
+             chunk_bytes: int = LOAD_CHUNK_BYTES, on_progress: calls.ProgressFn | None = None) -> Head:
+        """Load a snapshot file; the node re-verifies everything before it writes.
+        `on_progress(sent, size)` is called after each chunk the node took."""
+        return self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes, on_progress))
 
     def check_entries(self, context: str, entries: list[Entry], writer_key: bytes | str) -> int:
         """Check `entries` (read from this node) against the head their writer signed with
@@ -548,11 +551,13 @@ class Client(calls.ClientCore):
         Returns the signed size."""
         return self._run(calls.check_entries_flow(context, entries, writer_key, self.address, self.verify))
 
-    def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
+    def verify_context(self, context: str, *, writer_key: bytes | str | None = None,
+                       on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
         """Download a context at its current size, re-hash everything, recompute the root. With
         `writer_key`, also check the entries against the head their writer signed (SPEC 13.6): the
-        root recomputed at the signed size must be the signed root (`signed_size` in the result)."""
-        return self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify))
+        root recomputed at the signed size must be the signed root (`signed_size` in the result).
+        `on_progress(checked, size)` is called after each page (for a progress line)."""
+        return self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify, on_progress))
 
 
 class WatchClosed(Exception):
