@@ -38,6 +38,7 @@ from protocol.errors import (
     Timeout,
     TooLarge,
     Unavailable,
+    Unreachable,
     error_for,
 )
 from protocol.heads import SignedHead
@@ -192,9 +193,21 @@ class Link:
     connection up; ZeroMQ tries again every ~0.1-0.2 s, so a waiting request can fail then instead
     of at its timeout. A driver counts only refusals that came while it waited (`refused = 0`
     first): one from before a node came back says nothing about it now. `ever_up`: whether a
-    connection was ever made, so that a request sent on this socket may have reached a node."""
+    connection was ever made, so that a request sent on this socket may have reached a node.
+
+    The handshake tells a node's request port from a port where something else listens (SPEC
+    3.1: requests go to the ROUTER; the watch port is a PUB, one above it by default). ZeroMQ
+    refuses to pair socket types that do not talk to each other (a DEALER and a PUB): with no
+    keys, libzmq 4.3 then closes the connection during the handshake without reporting why (no
+    HANDSHAKE_FAILED event before the "down") and never reconnects; a newer libzmq may report
+    it as invalid metadata ("mismatch"). With keys (CURVE) the PUB closes first, which the client
+    only sees as handshakes failing with no detail ("failed"), like a node at its connection
+    limit. Either way `probe_due` asks the driver to look once, with a SUB, whether a PUB is
+    there (`is_pub`), and `verdict` then says what to report: "watch" (a PUB: a node's watch
+    port) or "other" (some other kind of ZeroMQ socket), or None (go on waiting)."""
 
     REFUSALS = 1
+    FAILED_HANDSHAKES = 2  # with keys: this many handshakes dropped with no detail before a probe
 
     def __init__(self) -> None:
         self.up = False
@@ -204,15 +217,52 @@ class Link:
         # attempt, which says nothing about whether something listens (a node with keys drops a
         # keyless client's connection after every handshake)
         self.dropped = False
+        self.shaking = False   # connected, and no word yet on the handshake
+        self.shook = False     # a handshake succeeded: a node's request port (or a DEALER's peer)
+        self.mismatch = False  # the peer's socket type does not talk to ours
+        self.failed = 0        # handshakes that failed with no detail
+        self.rejected = False  # a handshake refused over keys: not a question of ports
+        self.probed = False
+        self.verdict: str | None = None
+
+    @property
+    def probe_due(self) -> bool:
+        """Whether the driver should look (once) whether a PUB listens there; it then calls
+        `on_probe` with what it found."""
+        return (not self.probed and not self.shook and not self.rejected
+                and (self.mismatch or self.failed >= self.FAILED_HANDSHAKES))
+
+    def on_probe(self, is_pub: bool) -> None:
+        self.probed = True
+        if is_pub:
+            self.verdict = "watch"
+        elif self.mismatch:
+            self.verdict = "other"
 
     def on_event(self, kind: str) -> None:
         """`kind`: "up" (connected), "down" (disconnected) or "refused" (a connect attempt failed,
-        or a reconnection scheduled after "down")."""
+        or a reconnection scheduled after "down"); "handshake" (it succeeded), "mismatch" (it
+        failed on the socket types), "failed" (it failed with no detail), "rejected" (it failed on
+        keys)."""
         if kind == "up":
             self.up = self.ever_up = True
             self.refused = 0
             self.dropped = False
+            self.shaking = True
+        elif kind in ("handshake", "mismatch", "failed", "rejected"):
+            self.shaking = False
+            if kind == "handshake":
+                self.shook = True
+            elif kind == "mismatch":
+                self.mismatch = True
+            elif kind == "failed":
+                self.failed += 1
+            else:
+                self.rejected = True
         elif kind == "down":
+            if self.shaking:  # closed during the handshake without a word: socket types (above)
+                self.mismatch = True
+            self.shaking = False
             self.up = False
             self.dropped = True
         elif kind == "refused" and not self.up:
@@ -324,6 +374,43 @@ def append_items(items: Iterable[tuple[str, bytes | str, Mapping[str, str] | Non
             k, p, md = it
             entries.append({"key": k, "payload": p, "metadata": dict(md) if md else None})
     return entries
+
+
+def not_a_request_port(address: str, verdict: str) -> Unreachable:
+    """What a client says when `address` is a ZeroMQ socket of another kind than a node's request
+    socket (`Link.verdict`): at once, instead of waiting for a timeout."""
+    host, _, port = address.partition("://")[2].rpartition(":")
+    below = f"{host}:{int(port) - 1}" if port.isdigit() and int(port) > 1 else None
+    if verdict == "watch":
+        text = (f"{address} is a node's watch (PUB) port, not its request port: clients send requests to the "
+                "port ledger-node listens on (--listen, its `ready router=...` line)")
+        if below is not None:
+            text += f", by default the one below the watch port: try {below}"
+    else:
+        text = (f"{address} is a ZeroMQ socket of another kind, not a node's request port (the socket types "
+                "do not talk to each other): is it the port ledger-node listens on (--listen)?")
+    return Unreachable(text, {"address": address, "addresses": [address], "reason": f"{verdict}_port",
+                              "request_port_guess": below})
+
+
+def unreachable_of(errors: Sequence[Unreachable]) -> Unreachable:
+    """One error for the addresses a call could not reach (nothing listening, or another kind of
+    socket at some of them), in the order they were tried."""
+    if len(errors) == 1:
+        return errors[0]
+    addresses = list(dict.fromkeys(str(e.details.get("address")) for e in errors))
+    if not any(e.details.get("reason") for e in errors):
+        return Unreachable(f"nothing listening at {', '.join(addresses)} (connection refused)",
+                           {"address": addresses[0], "addresses": addresses})
+    seen: set[str] = set()
+    parts = []
+    for e in errors:
+        address = str(e.details.get("address"))
+        if address not in seen:
+            seen.add(address)
+            parts.append(e.message if e.details.get("reason") else f"nothing listening at {address} "
+                         "(connection refused)")
+    return Unreachable("; ".join(parts), {"address": addresses[0], "addresses": addresses})
 
 
 def timeout_text(address: str, op: str, waited: float, attempts: int, retry: bool) -> str:
