@@ -51,7 +51,18 @@ from protocol.calls import (
     Step,
     Submit,
 )
-from protocol.client import WatchClosed, close_dealer, monitor_kind, open_dealer, open_sub, unreachable
+from protocol.client import (
+    PROBE_S,
+    SEND_HWM,
+    WatchClosed,
+    close_dealer,
+    monitor_kind,
+    open_dealer,
+    open_probe,
+    open_sub,
+    probe_answered,
+    unreachable,
+)
 from protocol.entry import Entry
 from protocol.errors import BadRequest, ClientClosed, LedgerError, NotWriter, Timeout, Unavailable, Unreachable
 from protocol.keys import Identity
@@ -61,6 +72,8 @@ T = TypeVar("T")
 # in between, and each woken caller re-hashes its entry on its own turn)
 DRAIN_MOST = 1000
 SWEEP_S = 0.05  # how often the requests waiting on a connection are checked against their deadlines
+QUEUE_MOST = SEND_HWM  # requests waiting on one connection (the DEALER's send high-water mark)
+PROBE_STEP_S = 0.005  # how often a probe for a PUB (calls.Link.probe_due) looks at its monitor
 
 
 class _Connection:
@@ -77,8 +90,10 @@ class _Connection:
     def __init__(self, client: AsyncClient, address: str) -> None:
         self.address = address
         self.loop = asyncio.get_running_loop()
+        self.client = client
         self.sock, self.monitor = open_dealer(client._plain_ctx, address, client.key, client.server_key)
         self.link = Link()
+        self._probe: asyncio.Task[None] | None = None
         # rid -> (future, deadline, sent at) in loop time, oldest first
         self.book = ReplyBook()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -93,14 +108,21 @@ class _Connection:
         """Send a request; its future fails with Timeout when no reply came within `timeout`."""
         loop = self.loop
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        if self.link.verdict is not None:  # not a node's request port: no answer will ever come
+            fut.set_exception(calls.not_a_request_port(self.address, self.link.verdict))
+            return fut
         now = loop.time()
         book = self.book
         book.sent(rid, (fut, now + timeout, now))
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            book.forget(rid)
-            raise Unavailable(f"more than 100,000 requests queued for {self.address}") from None
+            if len(book) > QUEUE_MOST:
+                book.forget(rid)
+                raise Unavailable(f"more than {QUEUE_MOST:,} requests queued for {self.address}") from None
+            # not a full queue: no connection takes it now (the one there was dropped during its
+            # handshake, as at a watch port): it waits, as if lost, for its deadline or for what
+            # the link finds out (`_look_for_pub`)
         # A send may take the FD's edge (the signal that replies are queued): look again. Alone,
         # at once (one request awaited after another: no extra turn of the loop); pipelined,
         # once per turn of the loop for all the sends of that turn.
@@ -179,6 +201,30 @@ class _Connection:
             self.link.on_event(kind)
             if kind == "refused" and self.link.unreachable:
                 self.fail(lambda: unreachable([self.address]))
+            if self.link.probe_due and self._probe is None:
+                self._probe = self.loop.create_task(self._look_for_pub())
+
+    async def _look_for_pub(self) -> None:
+        """Whether a PUB answers at the address (`calls.Link.probe_due`), without blocking the loop;
+        when the link's verdict is then known, fail what waits here with it at once."""
+        client = self.client
+        sock, monitor = open_probe(client._plain_ctx, self.address, client.key, client.server_key)
+        found = False
+        try:
+            end = self.loop.time() + PROBE_S
+            while not self.closed and self.loop.time() < end:
+                if probe_answered(monitor):
+                    found = True
+                    break
+                await asyncio.sleep(PROBE_STEP_S)
+        finally:
+            close_dealer(sock, monitor)
+        if self.closed:
+            return
+        self.link.on_probe(found)
+        verdict = self.link.verdict
+        if verdict is not None:
+            self.fail(lambda: calls.not_a_request_port(self.address, verdict))
 
     def fail(self, error: Callable[[], LedgerError]) -> None:
         """Fail every request waiting here (nothing listens, or the connection is replaced)."""
@@ -196,6 +242,8 @@ class _Connection:
         self.closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
         for s in (self.sock, self.monitor):
             try:
                 self.loop.remove_reader(s.FD)
@@ -311,7 +359,7 @@ class AsyncClient(calls.ClientCore):
         began = loop.time()
         attempts_left = 1 + (self.retries if retry else 0)
         attempts = 0
-        refused: list[str] = []
+        refused: list[Unreachable] = []
         while True:
             conn = self._connection()
             rid = self._new_id()
@@ -326,12 +374,14 @@ class AsyncClient(calls.ClientCore):
                 if not follow or not exc.details.get("address"):
                     raise
                 return await self._follow(exc, op, fields, retry, deadline)
-            except Unreachable:
-                refused.append(conn.address)
-                movable = retry or not conn.link.ever_up  # it reached no node: any may have it
+            except Unreachable as exc:
+                refused.append(exc)
+                # it reached no node (no connection, or not a request port there): any may have it
+                movable = retry or not conn.link.ever_up or conn.link.verdict is not None
                 self._reconnect(conn, next_address=True)
-                if not movable or len(set(refused)) >= len(self.addresses) or loop.time() >= deadline:
-                    raise unreachable(list(dict.fromkeys(refused))) from None
+                tried = {str(e.details.get("address")) for e in refused}
+                if not movable or len(tried) >= len(self.addresses) or loop.time() >= deadline:
+                    raise calls.unreachable_of(refused) from None
             except Timeout:
                 self._reconnect(conn, next_address=retry)
                 attempts_left -= 1
@@ -526,19 +576,22 @@ class AsyncClient(calls.ClientCore):
                           first_root: bytes | None = None) -> ConsistencyProof:
         return await self._run(calls.consistency_flow(context, first, second, first_root))
 
-    async def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None) -> dict[str, Any]:
+    async def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None,
+                       on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
         """A verified snapshot to `out` (written to as pages come: give it a fast file)."""
-        return await self._run(calls.snapshot_flow(context, out, size, self.verify))
+        return await self._run(calls.snapshot_flow(context, out, size, self.verify, on_progress))
 
     async def load(self, context: str, src: IO[bytes], *, fail_if_exists: bool = False,
-                   chunk_bytes: int = LOAD_CHUNK_BYTES) -> Head:
-        return await self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes))
+                   chunk_bytes: int = LOAD_CHUNK_BYTES, on_progress: calls.ProgressFn | None = None) -> Head:
+        return await self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes, on_progress))
 
     async def check_entries(self, context: str, entries: list[Entry], writer_key: bytes | str) -> int:
         return await self._run(calls.check_entries_flow(context, entries, writer_key, self.address, self.verify))
 
-    async def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
-        return await self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify))
+    async def verify_context(self, context: str, *, writer_key: bytes | str | None = None,
+                             on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
+        return await self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify,
+                                                         on_progress))
 
 
 class AsyncWatch:

@@ -38,6 +38,7 @@ from protocol.errors import (
     Timeout,
     TooLarge,
     Unavailable,
+    Unreachable,
     error_for,
 )
 from protocol.heads import SignedHead
@@ -192,9 +193,21 @@ class Link:
     connection up; ZeroMQ tries again every ~0.1-0.2 s, so a waiting request can fail then instead
     of at its timeout. A driver counts only refusals that came while it waited (`refused = 0`
     first): one from before a node came back says nothing about it now. `ever_up`: whether a
-    connection was ever made, so that a request sent on this socket may have reached a node."""
+    connection was ever made, so that a request sent on this socket may have reached a node.
+
+    The handshake tells a node's request port from a port where something else listens (SPEC
+    3.1: requests go to the ROUTER; the watch port is a PUB, one above it by default). ZeroMQ
+    refuses to pair socket types that do not talk to each other (a DEALER and a PUB): with no
+    keys, libzmq 4.3 then closes the connection during the handshake without reporting why (no
+    HANDSHAKE_FAILED event before the "down") and never reconnects; a newer libzmq may report
+    it as invalid metadata ("mismatch"). With keys (CURVE) the PUB closes first, which the client
+    only sees as handshakes failing with no detail ("failed"), like a node at its connection
+    limit. Either way `probe_due` asks the driver to look once, with a SUB, whether a PUB is
+    there (`is_pub`), and `verdict` then says what to report: "watch" (a PUB: a node's watch
+    port) or "other" (some other kind of ZeroMQ socket), or None (go on waiting)."""
 
     REFUSALS = 1
+    FAILED_HANDSHAKES = 2  # with keys: this many handshakes dropped with no detail before a probe
 
     def __init__(self) -> None:
         self.up = False
@@ -204,15 +217,52 @@ class Link:
         # attempt, which says nothing about whether something listens (a node with keys drops a
         # keyless client's connection after every handshake)
         self.dropped = False
+        self.shaking = False   # connected, and no word yet on the handshake
+        self.shook = False     # a handshake succeeded: a node's request port (or a DEALER's peer)
+        self.mismatch = False  # the peer's socket type does not talk to ours
+        self.failed = 0        # handshakes that failed with no detail
+        self.rejected = False  # a handshake refused over keys: not a question of ports
+        self.probed = False
+        self.verdict: str | None = None
+
+    @property
+    def probe_due(self) -> bool:
+        """Whether the driver should look (once) whether a PUB listens there; it then calls
+        `on_probe` with what it found."""
+        return (not self.probed and not self.shook and not self.rejected
+                and (self.mismatch or self.failed >= self.FAILED_HANDSHAKES))
+
+    def on_probe(self, is_pub: bool) -> None:
+        self.probed = True
+        if is_pub:
+            self.verdict = "watch"
+        elif self.mismatch:
+            self.verdict = "other"
 
     def on_event(self, kind: str) -> None:
         """`kind`: "up" (connected), "down" (disconnected) or "refused" (a connect attempt failed,
-        or a reconnection scheduled after "down")."""
+        or a reconnection scheduled after "down"); "handshake" (it succeeded), "mismatch" (it
+        failed on the socket types), "failed" (it failed with no detail), "rejected" (it failed on
+        keys)."""
         if kind == "up":
             self.up = self.ever_up = True
             self.refused = 0
             self.dropped = False
+            self.shaking = True
+        elif kind in ("handshake", "mismatch", "failed", "rejected"):
+            self.shaking = False
+            if kind == "handshake":
+                self.shook = True
+            elif kind == "mismatch":
+                self.mismatch = True
+            elif kind == "failed":
+                self.failed += 1
+            else:
+                self.rejected = True
         elif kind == "down":
+            if self.shaking:  # closed during the handshake without a word: socket types (above)
+                self.mismatch = True
+            self.shaking = False
             self.up = False
             self.dropped = True
         elif kind == "refused" and not self.up:
@@ -326,6 +376,43 @@ def append_items(items: Iterable[tuple[str, bytes | str, Mapping[str, str] | Non
     return entries
 
 
+def not_a_request_port(address: str, verdict: str) -> Unreachable:
+    """What a client says when `address` is a ZeroMQ socket of another kind than a node's request
+    socket (`Link.verdict`): at once, instead of waiting for a timeout."""
+    host, _, port = address.partition("://")[2].rpartition(":")
+    below = f"{host}:{int(port) - 1}" if port.isdigit() and int(port) > 1 else None
+    if verdict == "watch":
+        text = (f"{address} is a node's watch (PUB) port, not its request port: clients send requests to the "
+                "port ledger-node listens on (--listen, its `ready router=...` line)")
+        if below is not None:
+            text += f", by default the one below the watch port: try {below}"
+    else:
+        text = (f"{address} is a ZeroMQ socket of another kind, not a node's request port (the socket types "
+                "do not talk to each other): is it the port ledger-node listens on (--listen)?")
+    return Unreachable(text, {"address": address, "addresses": [address], "reason": f"{verdict}_port",
+                              "request_port_guess": below})
+
+
+def unreachable_of(errors: Sequence[Unreachable]) -> Unreachable:
+    """One error for the addresses a call could not reach (nothing listening, or another kind of
+    socket at some of them), in the order they were tried."""
+    if len(errors) == 1:
+        return errors[0]
+    addresses = list(dict.fromkeys(str(e.details.get("address")) for e in errors))
+    if not any(e.details.get("reason") for e in errors):
+        return Unreachable(f"nothing listening at {', '.join(addresses)} (connection refused)",
+                           {"address": addresses[0], "addresses": addresses})
+    seen: set[str] = set()
+    parts = []
+    for e in errors:
+        address = str(e.details.get("address"))
+        if address not in seen:
+            seen.add(address)
+            parts.append(e.message if e.details.get("reason") else f"nothing listening at {address} "
+                         "(connection refused)")
+    return Unreachable("; ".join(parts), {"address": addresses[0], "addresses": addresses})
+
+
 def timeout_text(address: str, op: str, waited: float, attempts: int, retry: bool) -> str:
     """What a Timeout says: the time really waited, over how many attempts."""
     text = f"no answer from {address} in {waited:.1f} s"
@@ -396,6 +483,9 @@ class Unsubscribe:
 
 
 CLOCK = Clock()
+# what a long operation calls after each page or chunk: (entries done, entries in all); it runs in
+# the caller's thread (or event loop) between two requests, so it must be quick
+ProgressFn = Callable[[int, int], None]
 Step = Call | Submit | Result | Clock | Receive | Ping | Sleep | Unsubscribe
 Flow = Generator[Step, Any, T]
 
@@ -531,8 +621,10 @@ def merge_key(e: Entry) -> tuple[int, str, str, int]:
     return (e.lamport, e.writer, e.context, e.seq)
 
 
-def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) -> Flow[dict[str, Any]]:
-    """Write a verified snapshot of `context` (at `size`, default now) to `out`."""
+def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool,
+                  on_progress: ProgressFn | None = None) -> Flow[dict[str, Any]]:
+    """Write a verified snapshot of `context` (at `size`, default now) to `out`; `on_progress(done,
+    size)` after each page."""
     r = yield call("snapshot", context=context, size=size, after=0, limit=codec.MAX_GET_LIMIT)
     size, root = r["size"], r["root"]
     verifier = SnapshotVerifier(context, size, root)
@@ -546,6 +638,8 @@ def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) 
         for m in r["entries"]:
             verifier.add(entry_of(m, verify))
             out.write(pk.pack(m))
+        if on_progress is not None:
+            on_progress(verifier.frontier.size, size)
         if not r["more"]:
             break
         r = yield call("snapshot", context=context, size=size, after=r["next_after"], limit=codec.MAX_GET_LIMIT)
@@ -555,8 +649,10 @@ def snapshot_flow(context: str, out: IO[bytes], size: int | None, verify: bool) 
     return {"context": context, "size": size, "root": root}
 
 
-def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: int) -> Flow[Head]:
-    """Load a snapshot file; the node re-verifies everything before it writes."""
+def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: int,
+              on_progress: ProgressFn | None = None) -> Flow[Head]:
+    """Load a snapshot file; the node re-verifies everything before it writes. `on_progress(sent,
+    size)` after each chunk the node took."""
     header, entries = read_snapshot(src)
     if header["context"] != context:
         raise BadRequest(
@@ -577,6 +673,8 @@ def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: i
             if chunk and nbytes + len(e.payload) + 512 > chunk_bytes:
                 sent = True
                 yield call("load", False, entries=chunk, final=False, **base)
+                if on_progress is not None:
+                    on_progress(chunk[-1]["seq"], header["size"])
                 chunk, nbytes = [], 0
             chunk.append(e.to_wire())
             nbytes += len(e.payload) + 512
@@ -589,13 +687,15 @@ def load_flow(context: str, src: IO[bytes], fail_if_exists: bool, chunk_bytes: i
                 pass
         raise
     r = yield call("load", False, entries=chunk, final=True, signed=header.get("signed"), **base)
+    if on_progress is not None:
+        on_progress(header["size"], header["size"])
     return Head(r["context"], r["size"], r["root"], r["lamport"], r["writer"])
 
 
 def verify_context_flow(context: str, writer_key: bytes | str | None, address: str,
-                        verify: bool) -> Flow[dict[str, Any]]:
+                        verify: bool, on_progress: ProgressFn | None = None) -> Flow[dict[str, Any]]:
     """Download a context at its current size, re-hash everything, recompute the root (see
-    `Client.verify_context`)."""
+    `Client.verify_context`); `on_progress(checked, size)` after each page."""
     signed = (yield from head_flow(context, writer_key, address, verify)).signed if writer_key is not None else None
     first = yield call("snapshot", context=context, after=0, limit=codec.MAX_GET_LIMIT)
     size, root = first["size"], first["root"]
@@ -613,6 +713,8 @@ def verify_context_flow(context: str, writer_key: bytes | str | None, address: s
             verifier.add(e)
             if signed is not None and e.seq == signed.size:
                 signed_root = verifier.frontier.root()
+        if on_progress is not None:
+            on_progress(verifier.frontier.size, size)
         if ahead is None:
             break
         try:

@@ -55,10 +55,20 @@ from protocol.keys import Identity, curve_public
 T = TypeVar("T")
 
 # What ZeroMQ's socket monitor reports, as `calls.Link` reads it.
-MONITOR_EVENTS = {zmq.EVENT_CONNECTED: "up", zmq.EVENT_DISCONNECTED: "down", zmq.EVENT_CONNECT_RETRIED: "refused"}
-MONITOR_MASK = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+MONITOR_EVENTS = {zmq.EVENT_CONNECTED: "up", zmq.EVENT_DISCONNECTED: "down", zmq.EVENT_CONNECT_RETRIED: "refused",
+                  zmq.EVENT_HANDSHAKE_SUCCEEDED: "handshake", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed",
+                  zmq.EVENT_HANDSHAKE_FAILED_AUTH: "rejected", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "rejected"}
+MONITOR_MASK = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+# a protocol failure that is about the socket types (the peer's metadata), not the keys
+MISMATCH_ERRORS = {zmq.PROTOCOL_ERROR_ZMTP_INVALID_METADATA}
+SEND_HWM = 100_000  # requests a DEALER queues (pipelining) before a send would wait
 # How often a wait with no reply looks at the monitor (a reply in time never does).
 LINK_CHECK_S = 0.05
+# How long a look with a SUB for a PUB at the address may take (calls.Link.probe_due): one
+# handshake, a millisecond on a LAN
+PROBE_S = 0.5
 
 
 def set_curve(s: zmq.Socket[Any], key: Identity | None, server_key: bytes | None) -> None:
@@ -79,7 +89,7 @@ def open_dealer(zctx: zmq.Context[Any], address: str, key: Identity | None,
     s.setsockopt(zmq.LINGER, 0)
     if "[" in address:
         s.setsockopt(zmq.IPV6, 1)
-    s.setsockopt(zmq.SNDHWM, 100_000)
+    s.setsockopt(zmq.SNDHWM, SEND_HWM)
     s.setsockopt(zmq.RCVHWM, 100_000)
     set_curve(s, key, server_key)
     monitor = s.get_monitor_socket(MONITOR_MASK)
@@ -99,11 +109,60 @@ def close_dealer(s: zmq.Socket[Any], monitor: zmq.Socket[Any] | None) -> None:
 
 
 def monitor_kind(frames: list[bytes]) -> str | None:
-    """What one monitor message means for a `Link` ("up", "down", "refused"), or None."""
+    """What one monitor message means for a `Link` ("up", "down", "refused", "handshake",
+    "failed", "rejected", "mismatch"), or None."""
     try:
-        return MONITOR_EVENTS.get(parse_monitor_message(frames)["event"])
+        event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and event["value"] in MISMATCH_ERRORS:
+            return "mismatch"
+        return MONITOR_EVENTS.get(event["event"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def open_probe(zctx: zmq.Context[Any], address: str, key: Identity | None,
+               server_key: bytes | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+    """A SUB connected to `address` (subscribed to nothing), and its monitor: its handshake
+    succeeds only with a PUB (or XPUB), such as a node's watch socket (closed by `close_dealer`)."""
+    s = zctx.socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    if "[" in address:
+        s.setsockopt(zmq.IPV6, 1)
+    set_curve(s, key, server_key)
+    monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    return s, monitor
+
+
+def probe_answered(monitor: zmq.Socket[Any]) -> bool:
+    """Whether the probe's handshake succeeded (reads what its monitor queued, never waits)."""
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        try:
+            if parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+
+
+def is_pub(zctx: zmq.Context[Any], address: str, key: Identity | None, server_key: bytes | None,
+           wait: float) -> bool:
+    """Whether a PUB socket answers at `address` within `wait` seconds (see `open_probe`)."""
+    s, monitor = open_probe(zctx, address, key, server_key)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if monitor.poll(int(left * 1000) + 1, zmq.POLLIN) and probe_answered(monitor):
+                return True
+    finally:
+        close_dealer(s, monitor)
 
 
 def unreachable(addresses: list[str]) -> Unreachable:
@@ -188,7 +247,19 @@ class Client(calls.ClientCore):
         rid = self._new_id()
         frame = calls.encode(op, rid, fields)
         self._book.sent(rid)
-        sock.send(frame)
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            if len(self._book) <= SEND_HWM:
+                # not a full queue: no connection takes it now (the one there was dropped during
+                # its handshake: keys that do not match, a watch port); a blocking send would
+                # wait forever, as ZeroMQ does not reconnect then. It waits, as if lost, for its
+                # timeout or for what the link finds out (`_wait`).
+                return rid
+            if not sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+                self._book.forget(rid)
+                raise Unavailable(f"more than {SEND_HWM:,} requests queued for {self.address}") from None
+            sock.send(frame, zmq.NOBLOCK)
         return rid
 
     def _forget(self, rid: int) -> None:
@@ -249,6 +320,13 @@ class Client(calls.ClientCore):
             elif self._refused():
                 self._book.forget(rid)
                 raise unreachable([self.address])
+            link = self._link
+            if link.probe_due:  # something answers there, but not as a node's request port may
+                link.on_probe(is_pub(self._zctx, self.address, self.key, self.server_key,
+                                     max(0.0, min(PROBE_S, deadline - time.monotonic()))))
+            if link.verdict is not None:
+                self._book.forget(rid)
+                raise calls.not_a_request_port(self.address, link.verdict)
 
     def _ready(self, rid: int) -> bool:
         """Whether the reply to `rid` has arrived (reads what is queued, never waits)."""
@@ -266,20 +344,21 @@ class Client(calls.ClientCore):
         start = time.monotonic()
         attempts_left = 1 + (self.retries if retry else 0)
         attempts = 0
-        refused: list[str] = []
+        refused: list[Unreachable] = []
         while True:
             rid = self.submit(op, **fields)
             attempts += 1
             try:
                 return self.result(rid, timeout=max(0.0, (deadline - time.monotonic()) / attempts_left))
-            except Unreachable:
+            except Unreachable as exc:
                 self._forget(rid)
-                refused.append(self.address)
-                # a request sent where no connection was ever made reached no node: any may have it
-                movable = retry or not self._link.ever_up
+                refused.append(exc)
+                # a request sent where no connection was ever made, or where the handshake failed,
+                # reached no node: any may have it
+                movable = retry or not self._link.ever_up or self._link.verdict is not None
                 self._reconnect(next_address=True)
                 if not movable or len(refused) >= len(self.addresses) or time.monotonic() >= deadline:
-                    raise unreachable(refused) from None
+                    raise calls.unreachable_of(refused) from None
             except Timeout:
                 self._forget(rid)
                 address = self.address
@@ -532,14 +611,17 @@ class Client(calls.ClientCore):
     ) -> ConsistencyProof:
         return self._run(calls.consistency_flow(context, first, second, first_root))
 
-    def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None) -> dict[str, Any]:
-        """Write a verified snapshot of `context` (at `size`, default now) to `out`."""
-        return self._run(calls.snapshot_flow(context, out, size, self.verify))
+    def snapshot(self, context: str, out: IO[bytes], *, size: int | None = None,
+                 on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
+        """Write a verified snapshot of `context` (at `size`, default now) to `out`.
+        `on_progress(written, size)` is called after each page (entries written, in all)."""
+        return self._run(calls.snapshot_flow(context, out, size, self.verify, on_progress))
 
     def load(self, context: str, src: IO[bytes], *, fail_if_exists: bool = False,
-             chunk_bytes: int = LOAD_CHUNK_BYTES) -> Head:
-        """Load a snapshot file; the node re-verifies everything before it writes."""
-        return self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes))
+             chunk_bytes: int = LOAD_CHUNK_BYTES, on_progress: calls.ProgressFn | None = None) -> Head:
+        """Load a snapshot file; the node re-verifies everything before it writes.
+        `on_progress(sent, size)` is called after each chunk the node took."""
+        return self._run(calls.load_flow(context, src, fail_if_exists, chunk_bytes, on_progress))
 
     def check_entries(self, context: str, entries: list[Entry], writer_key: bytes | str) -> int:
         """Check `entries` (read from this node) against the head their writer signed with
@@ -548,11 +630,13 @@ class Client(calls.ClientCore):
         Returns the signed size."""
         return self._run(calls.check_entries_flow(context, entries, writer_key, self.address, self.verify))
 
-    def verify_context(self, context: str, *, writer_key: bytes | str | None = None) -> dict[str, Any]:
+    def verify_context(self, context: str, *, writer_key: bytes | str | None = None,
+                       on_progress: calls.ProgressFn | None = None) -> dict[str, Any]:
         """Download a context at its current size, re-hash everything, recompute the root. With
         `writer_key`, also check the entries against the head their writer signed (SPEC 13.6): the
-        root recomputed at the signed size must be the signed root (`signed_size` in the result)."""
-        return self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify))
+        root recomputed at the signed size must be the signed root (`signed_size` in the result).
+        `on_progress(checked, size)` is called after each page (for a progress line)."""
+        return self._run(calls.verify_context_flow(context, writer_key, self.address, self.verify, on_progress))
 
 
 class WatchClosed(Exception):

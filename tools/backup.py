@@ -20,15 +20,15 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from protocol import merkle
 from protocol.client import Client
 from protocol.errors import LedgerError, NotFound
 from protocol.snapshot import SnapshotVerifier, encode_header, read_snapshot
+from tools.progress import Progress
 
 IMPORT_BATCH = 500  # entries per append_batch of an import (one dedup id each)
 MANIFEST = "backup.json"
@@ -49,7 +49,8 @@ def file_name(context: str) -> str:
     return f"{safe}-{hashlib.sha256(context.encode()).hexdigest()[:16]}.snap"
 
 
-def write_snapshot(c: Client, context: str, target: str) -> dict[str, Any]:
+def write_snapshot(c: Client, context: str, target: str,
+                   on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """A verified snapshot of `context` at `target`: written beside it, fsynced, then renamed, so a
     failure or Ctrl-C never leaves a partial file under the target's name."""
     target = os.path.abspath(target)
@@ -59,7 +60,7 @@ def write_snapshot(c: Client, context: str, target: str) -> dict[str, Any]:
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                info = c.snapshot(context, f)
+                info = c.snapshot(context, f, on_progress=on_progress)
             except NotFound:
                 # no such context: an empty snapshot of it (what importing it would add: nothing)
                 f.seek(0)
@@ -110,29 +111,8 @@ def _save(folder: str, m: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class Progress:
-    """One line that updates in place on a terminal, a line every 10 s elsewhere, nothing with
-    --json (the summary goes to stdout)."""
-
-    def __init__(self, what: str, total: int, quiet: bool, stream: IO[str] | None = None) -> None:
-        self.what, self.total, self.quiet = what, total, quiet
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = self.last = time.monotonic()  # the first line after an interval, or at the end
-
-    def show(self, done: int, nbytes: int, force: bool = False) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < (0.2 if self.tty else 10.0):
-            return
-        self.last = now
-        text = (f"{self.what}: {done:,}/{self.total:,} contexts, {nbytes / 1e6:,.1f} MB, "
-                f"{now - self.t0:,.1f} s")
-        self.stream.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
-        if force and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
+def _counts(done: int, total: int, nbytes: int, progress: Progress) -> str:
+    return f"{done:,}/{total:,} contexts, {nbytes / 1e6:,.1f} MB, {progress.elapsed():,.1f} s"
 
 
 def _holds(c: Client, name: str, listed: dict[str, Any]) -> bool:
@@ -158,28 +138,29 @@ def backup(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> d
         raise BackupError(f"{folder!r} holds a backup of node {m['node']!r}, not of {node!r}: use another folder")
     m.update(node=node, started=m.get("started") or round(time.time(), 3), finished=None)
     listed = c.contexts()
-    progress = Progress("backup", len(listed), quiet)
-    kept = written = nbytes = 0
-    saved = time.monotonic()
-    for i, item in enumerate(listed):
-        name = item["name"]
-        old = m["contexts"].get(name)
-        if old is not None and os.path.isfile(os.path.join(folder, old["file"])) and _holds(c, name, old):
-            kept += 1
-            progress.show(i + 1, nbytes)
-            continue
-        fname = file_name(name)
-        info = write_snapshot(c, name, os.path.join(folder, fname))
-        nbytes += os.path.getsize(os.path.join(folder, fname))
-        m["contexts"][name] = {"file": fname, "size": info["size"], "root": bytes(info["root"]).hex()}
-        written += 1
-        progress.show(i + 1, nbytes)
-        if time.monotonic() - saved >= SAVE_EVERY_S:
-            _save(folder, m)
-            saved = time.monotonic()
-    m["finished"] = round(time.time(), 3)
-    _save(folder, m)
-    progress.show(len(listed), nbytes, force=True)
+    total = len(listed)
+    with Progress("backup", quiet) as progress:
+        kept = written = nbytes = 0
+        saved = time.monotonic()
+        for i, item in enumerate(listed):
+            name = item["name"]
+            old = m["contexts"].get(name)
+            if old is not None and os.path.isfile(os.path.join(folder, old["file"])) and _holds(c, name, old):
+                kept += 1
+                progress.update(_counts(i + 1, total, nbytes, progress))
+                continue
+            fname = file_name(name)
+            info = write_snapshot(c, name, os.path.join(folder, fname))
+            nbytes += os.path.getsize(os.path.join(folder, fname))
+            m["contexts"][name] = {"file": fname, "size": info["size"], "root": bytes(info["root"]).hex()}
+            written += 1
+            progress.update(_counts(i + 1, total, nbytes, progress))
+            if time.monotonic() - saved >= SAVE_EVERY_S:
+                _save(folder, m)
+                saved = time.monotonic()
+        m["finished"] = round(time.time(), 3)
+        _save(folder, m)
+        progress.done(_counts(len(listed), len(listed), nbytes, progress))
     gone = sorted(set(m["contexts"]) - {it["name"] for it in listed})
     if gone:
         say(f"note: {len(gone)} context(s) in the backup are no longer on the node (kept in the backup): "
@@ -195,30 +176,32 @@ def restore(c: Client, folder: str, quiet: bool, say: Callable[[str], None]) -> 
     if m.get("finished") is None:
         say(f"note: the backup in {folder!r} was not finished; restoring the contexts it holds")
     items = sorted(m["contexts"].items())
-    progress = Progress("restore", len(items), quiet)
-    loaded = present = nbytes = 0
-    failed: list[dict[str, str]] = []
-    for i, (name, info) in enumerate(items):
-        if _holds(c, name, info):
-            present += 1
-            progress.show(i + 1, nbytes)
-            continue
-        path = os.path.join(folder, info["file"])
-        try:
-            with open(path, "rb") as f:
-                c.load(name, f)
-            nbytes += os.path.getsize(path)
-            loaded += 1
-        except (LedgerError, OSError, ValueError) as exc:
-            failed.append({"context": name, "error": str(exc)})
-            say(f"restore: {name!r} not restored: {exc}")
-        progress.show(i + 1, nbytes)
-    progress.show(len(items), nbytes, force=True)
+    with Progress("restore", quiet) as progress:
+        total = len(items)
+        loaded = present = nbytes = 0
+        failed: list[dict[str, str]] = []
+        for i, (name, info) in enumerate(items):
+            if _holds(c, name, info):
+                present += 1
+                progress.update(_counts(i + 1, total, nbytes, progress))
+                continue
+            path = os.path.join(folder, info["file"])
+            try:
+                with open(path, "rb") as f:
+                    c.load(name, f)
+                nbytes += os.path.getsize(path)
+                loaded += 1
+            except (LedgerError, OSError, ValueError) as exc:
+                failed.append({"context": name, "error": str(exc)})
+                say(f"restore: {name!r} not restored: {exc}")
+            progress.update(_counts(i + 1, total, nbytes, progress))
+        progress.done(_counts(len(items), len(items), nbytes, progress))
     return {"folder": folder, "backup_of": m.get("node"), "contexts": len(items), "loaded": loaded,
             "already_there": present, "bytes_loaded": nbytes, "failed": failed}
 
 
-def import_snapshot(c: Client, context: str, path: str) -> dict[str, Any]:
+def import_snapshot(c: Client, context: str, path: str,
+                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Append the entries of the snapshot file at `path` (of any context) to `context`, after its
     own, as new entries: same key, payload and metadata, plus `import.context`, `import.seq` and
     `import.hash` naming the entry they copy. The file is verified whole (every hash, its root)
@@ -241,6 +224,8 @@ def import_snapshot(c: Client, context: str, path: str) -> dict[str, Any]:
         got = c.append_batch(context, batch, dedup_id=f"import:{tag}:{seqs[0]}-{seqs[-1]}")
         first = got[0].seq if first is None else first
         last = got[-1].seq
+        if on_progress is not None:
+            on_progress(seqs[-1], header["size"])
         batch.clear()
         seqs.clear()
 

@@ -17,7 +17,7 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 import zmq
@@ -30,6 +30,8 @@ from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools import backup as backups
 from tools.cluster import ClusterError, run_cluster
+from tools.progress import Progress
+from tools.progress import say as _say_above
 
 DEFAULT_NODE = "127.0.0.1:7400"
 PROG = "ledger"
@@ -38,6 +40,9 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # above the node's request limit is dropped by ZeroMQ without a reply, which
 # would look like a dead node instead of a clear TOO_LARGE.
 LARGE_PAYLOAD = 1 << 20
+# A progress line (stderr, not with --json) for snapshot, load and verify once they have taken
+# this long: a quick command prints what it always printed and nothing more.
+PROGRESS_AFTER_S = 1.0
 
 
 class UsageError(Exception):
@@ -639,8 +644,22 @@ def cmd_status(c: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _entries_progress(what: str, args: argparse.Namespace) -> Progress:
+    return Progress(what, quiet=args.json, delay=PROGRESS_AFTER_S)
+
+
+def _counter(p: Progress) -> Callable[[int, int], None]:
+    """An `on_progress(done, total)` of the client that updates `p`."""
+    def on(done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        p.update(f"{done:,}/{total:,} entries ({pct:.0f}%), {p.elapsed():,.1f} s")
+    return on
+
+
 def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
-    info = backups.write_snapshot(c, args.context, args.output)
+    with _entries_progress("snapshot", args) as p:
+        info = backups.write_snapshot(c, args.context, args.output, on_progress=_counter(p))
+        p.done()
     target = os.path.abspath(args.output)
     if info.get("missing"):
         sys.stderr.write(f"note: context {args.context!r} does not exist on the node: wrote an empty snapshot "
@@ -658,7 +677,7 @@ def cmd_snapshot(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def _say(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    _say_above(text)  # (above the progress line, when one is drawn)
 
 
 def cmd_backup(c: Client, args: argparse.Namespace, out: Output) -> int:
@@ -676,10 +695,14 @@ def cmd_restore(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_load(c: Client, args: argparse.Namespace, out: Output, src: IO[bytes]) -> int:
-    if args.import_:
-        out.fields(backups.import_snapshot(c, args.context, args.file))
-        return EXIT_OK
-    h = c.load(args.context, src, fail_if_exists=args.fail_if_exists)
+    with _entries_progress("load", args) as p:
+        if args.import_:
+            summary = backups.import_snapshot(c, args.context, args.file, on_progress=_counter(p))
+            p.done()
+            out.fields(summary)
+            return EXIT_OK
+        h = c.load(args.context, src, fail_if_exists=args.fail_if_exists, on_progress=_counter(p))
+        p.done()
     d = head_json(h)
     d["file"] = args.file
     out.fields(d)
@@ -713,8 +736,11 @@ def cmd_proof(c: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_verify(c: Client, args: argparse.Namespace, out: Output) -> int:
+    writer_key = _writer_key(args, c)
     try:
-        r = c.verify_context(args.context, writer_key=_writer_key(args, c))
+        with _entries_progress("verify", args) as p:
+            r = c.verify_context(args.context, writer_key=writer_key, on_progress=_counter(p))
+            p.done()
     except RemoteProtocolError as exc:  # a malformed entry from the node
         raise IntegrityError(f"the node sent a malformed entry: {exc.message}") from None
     if out.as_json:

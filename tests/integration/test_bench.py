@@ -245,3 +245,29 @@ def test_steady_rate_runs_only_when_named_and_reports_cpu_and_p50(capsys, tmp_pa
     # and not part of a run that does not name it
     assert bench.main(["--smoke", "--json", "--no-memory", "--workdir", str(tmp_path), "--only", "raw_echo_seq"]) == 0
     assert json.loads(capsys.readouterr().out)["steady_rate"] is None
+
+
+class _FakeTTY(__import__("io").StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_names_the_run_and_the_scenario_on_a_terminal_and_nothing_with_json(capsys, monkeypatch, tmp_path):
+    err = _FakeTTY()
+    monkeypatch.setattr("sys.stderr", err)
+    assert bench.main(["--smoke", "--no-memory", "--only", "raw_echo_seq,append_seq",
+                       "--workdir", str(tmp_path / "a")]) == 0
+    text = err.getvalue()
+    # which run of how many, which round, which scenario of how many, rewritten in place
+    assert "\r\x1b[Kledger-bench: throughput (1 of " in text and "): round 1/1, " in text
+    assert ", raw_echo_seq (" in text and ", append_seq (" in text and " of 2)" in text
+    # a round's result line stays (the line cleared before it, drawn again after)
+    assert "\r\x1b[Kround 1/1: " in text
+    assert " runs done in " in text and text.endswith("\n") and text.count("\n") == 2
+    assert "append_seq" in capsys.readouterr().out  # the table, on stdout as before
+    err.seek(0)
+    err.truncate()
+    assert bench.main(["--smoke", "--no-memory", "--json", "--only", "raw_echo_seq",
+                       "--workdir", str(tmp_path / "b")]) == 0
+    assert err.getvalue() == ""
+    assert json.loads(capsys.readouterr().out)["mode"] == "smoke"

@@ -267,3 +267,30 @@ def test_short_seeded_run_in_async_mode_converges_and_keeps_its_promise(tmp_path
     with open(tmp_path / "run" / "n1.log") as f:
         fork_lines = [line for line in f if "FORK" in line]
     assert len(fork_lines) < 50, len(fork_lines)  # once per context, history and peer; not per heartbeat
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.timeout(120)
+def test_progress_is_one_line_on_a_terminal_and_absent_with_json(tmp_path):
+    out, err = io.StringIO(), _FakeTTY()
+    opts = chaos.parse_args(["--nodes", "2", "--duration", "3", "--seed", str(SEED + 9), "--readers", "0",
+                             "--workdir", str(tmp_path / "a")])
+    rc = chaos.execute(opts, out, err)
+    text = err.getvalue()
+    assert rc == 0, (out.getvalue(), text)
+    assert "\r\x1b[Kledger-chaos: faults t=" in text and " faults injected, " in text
+    assert "\r\x1b[Kledger-chaos: converged in " in text and text.endswith("\n")
+    assert text.count("\n") == 1  # one line rewritten in place; the human lines are on stdout
+    assert f"seed {SEED + 9}" in out.getvalue() and "\x1b" not in out.getvalue()
+
+    out, err = io.StringIO(), _FakeTTY()
+    opts = chaos.parse_args(["--nodes", "2", "--duration", "2", "--seed", str(SEED + 9), "--readers", "0", "--json",
+                             "--workdir", str(tmp_path / "b")])
+    rc = chaos.execute(opts, out, err)
+    assert rc == 0 and json.loads(out.getvalue())["ok"] is True
+    assert "\r" not in err.getvalue() and "faults t=" not in err.getvalue()  # the seed lines only
+    assert f"seed {SEED + 9}" in err.getvalue()

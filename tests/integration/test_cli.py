@@ -340,7 +340,7 @@ def test_snapshot_failure_leaves_no_file(capsys, node, tmp_path, monkeypatch):
     folder = tmp_path / "out"
     folder.mkdir()
 
-    def cut_short(self, context, out, size=None):  # part of the file written, then the node fails
+    def cut_short(self, context, out, size=None, on_progress=None):  # part of the file written, then the node fails
         out.write(b"\x85partial")
         raise IntegrityError("the node changed its root for a fixed size during the snapshot")
 

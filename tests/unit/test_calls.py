@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from protocol import calls
-from protocol.errors import IntegrityError, NotFound
+from protocol.errors import IntegrityError, NotFound, Unreachable
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,6 +54,61 @@ def test_a_node_that_drops_every_handshake_is_not_called_unreachable():
         link.on_event("down")
         link.on_event("refused")
         assert not link.unreachable
+
+
+def test_a_handshake_closed_without_a_word_is_a_socket_type_mismatch_to_probe_once():
+    # libzmq 4.3, no keys, a DEALER at a PUB: connected, then closed, no handshake event, no retry
+    link = calls.Link()
+    link.on_event("up")
+    assert not link.probe_due
+    link.on_event("down")
+    assert link.mismatch and link.probe_due and link.verdict is None
+    link.on_probe(True)
+    assert link.verdict == "watch" and not link.probe_due  # probed once, the verdict sticks
+    other = calls.Link()
+    for kind in ("up", "mismatch", "down"):  # a libzmq that says so: invalid metadata
+        other.on_event(kind)
+    other.on_probe(False)  # no PUB answered a SUB: some other kind of socket
+    assert other.verdict == "other"
+
+
+def test_handshakes_failing_with_no_detail_are_probed_but_only_a_pub_gives_a_verdict():
+    # with keys the PUB drops the connection first: only "failed" handshakes (so also a node at
+    # its connection limit): a probe after the second, and no claim unless a PUB answers
+    link = calls.Link()
+    for _ in range(2):
+        assert not link.probe_due
+        for kind in ("up", "failed", "down", "refused"):
+            link.on_event(kind)
+    assert link.probe_due and not link.mismatch
+    link.on_probe(False)
+    assert link.verdict is None and not link.probe_due
+
+
+def test_a_request_port_or_a_refusal_over_keys_is_never_probed():
+    link = calls.Link()
+    for kind in ("up", "handshake", "down", "refused", "up", "handshake"):  # a node that restarted
+        link.on_event(kind)
+    assert not link.mismatch and not link.probe_due
+    keyless = calls.Link()  # a keyless client at a node with keys: failed, then refused over keys
+    for kind in ("up", "failed", "down", "refused", "up", "rejected", "down", "refused", "up", "failed", "down"):
+        keyless.on_event(kind)
+    assert not keyless.probe_due and keyless.verdict is None
+
+
+def test_what_a_client_says_when_a_call_reached_no_request_port():
+    watch = calls.not_a_request_port("tcp://10.0.0.1:7401", "watch")
+    assert "tcp://10.0.0.1:7401 is a node's watch (PUB) port" in watch.message and "try 10.0.0.1:7400" in watch.message
+    assert watch.details["reason"] == "watch_port" and watch.code == "UNAVAILABLE"
+    other = calls.not_a_request_port("tcp://h:9", "other")
+    assert "ZeroMQ socket of another kind" in other.message and other.details["request_port_guess"] == "h:8"
+    refused = Unreachable("nothing listening at tcp://h:1 (connection refused)", {"address": "tcp://h:1"})
+    both = calls.unreachable_of([refused, watch])
+    assert both.message.startswith("nothing listening at tcp://h:1 (connection refused); tcp://10.0.0.1:7401 is")
+    assert both.details["addresses"] == ["tcp://h:1", "tcp://10.0.0.1:7401"]
+    plain = calls.unreachable_of([refused, Unreachable("x", {"address": "tcp://h:2"})])
+    assert plain.message == "nothing listening at tcp://h:1, tcp://h:2 (connection refused)"
+    assert calls.unreachable_of([watch]) is watch
 
 
 def test_addresses_one_many_or_comma_separated():

@@ -149,7 +149,7 @@ def _scale_main(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         p.error("--plot-scale needs matplotlib (pip install -e '.[plot]' in a checkout)")
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-scale-")
     os.makedirs(workdir, exist_ok=True)
-    report, rc = _guarded(lambda: scale.run_scale(contexts, entries, workdir, False, ns.scale_catch_up_timeout,
+    report, rc = _guarded(lambda: scale.run_scale(contexts, entries, workdir, ns.json, ns.scale_catch_up_timeout,
                                                   ns.smoke), None if ns.workdir else workdir)
     if report is None:
         return rc

@@ -25,6 +25,8 @@ from typing import Any
 
 import zmq
 
+from tools.progress import Progress
+
 from .common import PAYLOAD_SIZE, RATIOS, SCENARIOS, Sizes
 from .drivers import Sample
 from .machine import SETTLE_MAX_S, settle
@@ -47,6 +49,10 @@ class Results:
     memory: dict[str, Any] | None = None
     floods: dict[str, Any] = field(default_factory=dict)
     steady: dict[str, Any] | None = None
+    # the progress line (stderr; none with --json): which run, N of M, and inside the rounds which
+    # scenario of which round
+    progress: Progress | None = None
+    stage: str = ""
 
 
 @dataclass
@@ -71,6 +77,8 @@ class Rounds:
     finishers: list[Callable[[], None]] = field(default_factory=list)
     stops: list[Callable[[], None]] = field(default_factory=list)  # before helpers and procs stop
     shared: dict[str, Any] = field(default_factory=dict)  # what one family starts for the next ones
+    progress: Progress | None = None
+    stage: str = ""
 
     def add(self, name: str, fn: Slice) -> None:
         self.slices.append((name, fn))
@@ -157,7 +165,9 @@ def run_rounds(r: Rounds) -> tuple[dict[str, list[Sample]], dict[str, list[float
         pair_up(order, "client_append_pipelined", "aio_append_gather", first=i % 2 == 1)
         pair_up(order, "client_append_seq", "aio_append_seq", first=i % 2 == 1)
         this_round: dict[str, Sample] = {}
-        for name, fn in order:
+        for k, (name, fn) in enumerate(order):
+            if r.progress is not None:
+                r.progress.update(f"{r.stage}round {i + 1}/{r.sizes.rounds}, {name} ({k + 1} of {len(order)})")
             waited = settle()
             settle_s[name] = settle_s.get(name, 0.0) + waited
             s = fn()
@@ -178,11 +188,13 @@ def run_rounds(r: Rounds) -> tuple[dict[str, list[Sample]], dict[str, list[float
 
 def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | None,
                    watch_detail: dict[str, Any] | None = None, mesh_detail: dict[str, Any] | None = None,
+                   progress: Progress | None = None, stage: str = "",
                    ) -> tuple[dict[str, list[Sample]], dict[str, list[float]], list[str]]:
     """The interleaved rounds of every selected round family; what the watch and mesh scenarios
     saw besides timings goes to `watch_detail` and `mesh_detail`."""
     _register()
-    r = Rounds(sizes, workdir, quiet, only, [], {} if watch_detail is None else watch_detail, mesh_detail)
+    r = Rounds(sizes, workdir, quiet, only, [], {} if watch_detail is None else watch_detail, mesh_detail,
+               progress=progress, stage=stage)
     try:
         for family in (ROUND_FAMILIES[n] for n in FAMILY_ORDER):
             if family.selected(only):
@@ -203,7 +215,8 @@ def run_throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | Non
 
 @run("throughput", lambda only: only is None or bool(only & (set(SCENARIOS) - {"watch_fanout", "catch_up"})))
 def _throughput(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | None, res: Results) -> None:
-    res.samples, res.per_round, res.notes = run_throughput(sizes, workdir, quiet, only, res.watch, res.mesh)
+    res.samples, res.per_round, res.notes = run_throughput(sizes, workdir, quiet, only, res.watch, res.mesh,
+                                                           res.progress, res.stage)
 
 
 def execute(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | None, skip: frozenset[str] | set[str] = frozenset(),
@@ -211,7 +224,11 @@ def execute(sizes: Sizes, workdir: str, quiet: bool, only: set[str] | None, skip
     """Every run that `only` selects and `skip` does not name, in the order of RUN_ORDER."""
     _register()
     res = Results()
-    for entry in (RUNS[n] for n in RUN_ORDER):
-        if entry.name not in skip and entry.selected(only):
+    chosen = [RUNS[n] for n in RUN_ORDER if n not in skip and RUNS[n].selected(only)]
+    with Progress("ledger-bench", quiet=quiet) as res.progress:
+        for j, entry in enumerate(chosen):
+            res.stage = f"{entry.name} ({j + 1} of {len(chosen)}): "
+            res.progress.update(f"{res.stage}starting", force=True)
             entry.run(sizes, workdir, quiet, only, res)
+        res.progress.done(f"{len(chosen)} runs done in {res.progress.elapsed():,.0f} s")
     return res

@@ -8,11 +8,12 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 from typing import Any
 
 import msgpack
 import zmq
+
+from tools.progress import say
 
 from .common import (
     CATCH_UP_ENTRIES_PER_S,
@@ -69,8 +70,8 @@ def environment() -> dict[str, Any]:
 
 
 def log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+    """A line that stays on stderr (above the progress line, if one is drawn); none when quiet."""
+    say(msg, quiet)
 
 
 def build_report(samples: dict[str, list[Sample]], per_round: dict[str, list[float]],

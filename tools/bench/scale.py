@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ import msgpack
 import zmq
 
 from protocol.client import Client
+from tools.progress import Progress
 
 from .drivers import Dealer
 from .machine import settle
@@ -163,18 +163,19 @@ def judge(rows: Sequence[dict[str, Any]], figures: Sequence[Figure], size_key: s
 
 # -- measuring ---------------------------------------------------------------------------------
 
-_last_progress = [0.0]
+_line: list[Progress] = []  # the progress line of the step running now
 
 
 def _progress(msg: str, quiet: bool) -> None:
-    """A progress line on stderr: rewritten in place on a terminal, else one every 10 s at most."""
+    """The progress line (tools.progress) says `msg`; an empty `msg` ends it."""
     if quiet:
         return
-    if sys.stderr.isatty():
-        print(f"\r{msg}\033[K", end="", file=sys.stderr, flush=True)
-    elif msg and time.monotonic() - _last_progress[0] >= 10:
-        _last_progress[0] = time.monotonic()
-        print(msg, file=sys.stderr, flush=True)
+    if not _line:
+        _line.append(Progress(""))
+    if msg:
+        _line[0].update(msg)
+    else:
+        _line.pop().done()
 
 
 def restart(node: Proc, data: str, zctx: zmq.Context[Any], flags: Sequence[str] = ()) -> tuple[Proc, float]:

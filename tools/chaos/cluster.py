@@ -154,18 +154,24 @@ class Cluster:
                     out[ctx][n.name] = exc.code
         return out
 
-    def wait_converged(self, contexts: list[str], bound: float,
-                       since: float | None = None) -> tuple[bool, float | None, dict[str, Any]]:
+    def wait_converged(self, contexts: list[str], bound: float, since: float | None = None,
+                       on_wait: Callable[[int, float], None] | None = None,
+                       ) -> tuple[bool, float | None, dict[str, Any]]:
         """Until every node has the same (size, root) for every context, or `bound` seconds
-        after `since` (default now); returns whether they did, how long after `since`, the heads."""
+        after `since` (default now); returns whether they did, how long after `since`, the heads.
+        `on_wait(contexts that agree, seconds since `since`)` after each look that found some
+        not agreeing yet."""
         start = time.monotonic() if since is None else since
         clients: dict[str, Client] = {}
         try:
             while True:
                 hs = self.heads(contexts, clients)
-                if all(len(set(v.values())) == 1 and not isinstance(next(iter(v.values())), str)
-                       for v in hs.values()):
+                agreed = sum(len(set(v.values())) == 1 and not isinstance(next(iter(v.values())), str)
+                             for v in hs.values())
+                if agreed == len(hs):
                     return True, round(time.monotonic() - start, 3), hs
+                if on_wait is not None:
+                    on_wait(agreed, time.monotonic() - start)
                 if time.monotonic() - start > bound or self.abort.is_set():
                     return False, None, hs
                 time.sleep(0.1)

@@ -29,6 +29,8 @@ from typing import IO, Any
 
 import zmq
 
+from tools.progress import Progress
+
 from .checks import check_convergence, check_forks, check_history
 from .cluster import Cluster
 from .common import MAX_PROBLEMS, PROG, Options
@@ -39,6 +41,8 @@ from .node import START_TIMEOUT
 from .plan import make_plan
 from .report import build_report, plot
 from .workload import Workload
+
+PROGRESS_STEP_S = 0.2  # how often the fault phase looks at the clock for its progress line
 
 
 def replay_command(opts: Options) -> str:
@@ -83,10 +87,11 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
     plan = make_plan(opts.seed, opts.nodes, opts.duration, opts.partitions, opts.contexts, opts.writers,
                      opts.readers)
     human = err if opts.json else out
+    # the phases' line on stderr (a terminal rewrites it in place); nothing with --json
+    progress = Progress(PROG, quiet=opts.json, stream=err)
 
     def say(text: str) -> None:
-        human.write(f"{PROG}: {text}\n")
-        human.flush()
+        progress.note(f"{PROG}: {text}", human)
 
     say(f"seed {opts.seed} (replay: {replay_command(opts)})")
     if opts.workdir:
@@ -131,7 +136,13 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         nemesis_thread.start()
         say(f"workload: {opts.writers} writers, {opts.readers} readers, {len(plan.watcher_nodes)} watchers over "
             f"{len(work.contexts)} contexts; faults for {opts.duration:g} s")
-        work.stop_work.wait(opts.duration)
+        faults = len(plan.faults)
+        while not work.stop_work.wait(min(PROGRESS_STEP_S, max(0.0, phase_start + opts.duration - time.monotonic()))):
+            t = time.monotonic() - phase_start
+            if t >= opts.duration:
+                break
+            progress.update(f"faults t={t:.0f}/{opts.duration:g} s, {len(nemesis.executed)}/{faults} faults "
+                            f"injected, {len(history.ops):,} client operations")
         work.stop_work.set()
         nemesis_thread.join()  # it has ended every fault by now: restarted, SIGCONTed, rules flushed
         # Heal whatever is left (a node that crashed and would not restart), then
@@ -143,7 +154,11 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
             if t.name.startswith(("w", "r")) and not t.name.startswith("watch-"):
                 t.join()
         say(f"healed at t={heal_s:.1f} s; waiting up to {opts.converge_timeout:g} s for convergence")
-        converged, conv_s, heads = cluster.wait_converged(work.contexts, opts.converge_timeout, since=healed)
+        converged, conv_s, heads = cluster.wait_converged(
+            work.contexts, opts.converge_timeout, since=healed,
+            on_wait=lambda agreed, waited: progress.update(
+                f"converging: {agreed}/{len(work.contexts)} contexts agree on every node, {waited:.0f} s"))
+        progress.done(f"converged in {conv_s:.1f} s" if converged else "did not converge")
         logs = cluster.final_logs(plan.context_writers)
         work.watch_targets.update({ctx: len(log) for ctx, log in logs.items()})
         deadline = time.monotonic() + 20.0
@@ -180,6 +195,7 @@ def run(opts: Options, out: IO[str], err: IO[str]) -> dict[str, Any]:
         report["ok"] = not problems
         return report
     finally:
+        progress.__exit__()
         abort.set()
         work.stop_work.set()
         work.stop_watch.set()
