@@ -50,7 +50,8 @@ class Ticker:
 
 @pytest.fixture
 def silent_router() -> Iterator[tuple[str, Callable[[Callable[[dict[str, Any]], Any]], None]]]:
-    """A ROUTER on a free port that answers as `answer(request)` says (None: not at all)."""
+    """A ROUTER on a free port that answers as `answer(request)` says (None: not at all; a
+    list: each of its replies)."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, 0)
@@ -64,8 +65,8 @@ def silent_router() -> Iterator[tuple[str, Callable[[Callable[[dict[str, Any]], 
                 continue
             ident, body = s.recv_multipart()
             reply = behaviour[0](msgpack.unpackb(body))
-            if reply is not None:
-                s.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
+            for r in reply if isinstance(reply, list) else [] if reply is None else [reply]:
+                s.send_multipart([ident, msgpack.packb(r, use_bin_type=True)])
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -276,6 +277,24 @@ def test_a_reply_with_a_nil_id_answers_the_oldest_waiting_request(silent_router,
         async with AsyncClient(addr, timeout=3) as ac:
             results = await asyncio.gather(*(ac.get("c") for _ in range(5)), return_exceptions=True)
             assert all(isinstance(r, BadRequest) for r in results)
+
+    run(main())
+
+
+def test_a_stale_reply_left_queued_does_not_hide_the_next_answer(silent_router):
+    """The async client stops reading replies once no request waits (a failed read costs more
+    than a reply); a late duplicate left queued then must not hide the next request's reply (a
+    ZeroMQ socket signals only on an empty queue turning non-empty: the next send looks)."""
+    addr, answer = silent_router
+    answer(lambda req: [{"v": 1, "id": req["id"], "ok": True, "node_id": "n"}] * 2)
+
+    async def main() -> None:
+        async with AsyncClient(addr, timeout=3) as ac:
+            for _ in range(30):
+                t0 = time.monotonic()
+                assert await ac.ping() == "n"
+                assert time.monotonic() - t0 < 1  # an answer, not a timeout
+                await asyncio.sleep(0.002 if _ % 2 else 0)  # the duplicate before and after the next send
 
     run(main())
 
