@@ -299,6 +299,29 @@ def test_a_stale_reply_left_queued_does_not_hide_the_next_answer(silent_router):
     run(main())
 
 
+def test_the_async_client_on_uvloop(node):
+    """The optional extra: the same reader callbacks, deadlines and watch on uvloop's loop."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with AsyncClient(node.address, timeout=5) as c:
+            entries = await asyncio.gather(*(c.append("uv", f"p{i}", dedup_id=f"uv-{i}") for i in range(200)))
+            assert sorted(e.seq for e in entries) == list(range(1, 201))
+            assert (await c.append("uv", "p0", dedup_id="uv-0")).seq == entries[0].seq  # exactly once
+            seen: list[int] = []
+            async with c.watch("uv", after=0, timeout=5) as w:
+                async for e in w:
+                    seen.append(e.seq)
+                    if len(seen) == 200:
+                        break
+            assert seen == list(range(1, 201))
+            with pytest.raises(NotFound):
+                await c.head("no-such-context-on-uvloop")
+
+    uvloop.run(main())
+
+
 def test_a_closed_client_says_so(node, zctx):
     c = Client(node.address, zctx=zctx)
     c.close()
