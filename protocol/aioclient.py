@@ -74,6 +74,8 @@ DRAIN_MOST = 1000
 SWEEP_S = 0.05  # how often the requests waiting on a connection are checked against their deadlines
 QUEUE_MOST = SEND_HWM  # requests waiting on one connection (the DEALER's send high-water mark)
 PROBE_STEP_S = 0.005  # how often a probe for a PUB (calls.Link.probe_due) looks at its monitor
+# pyzmq's flags as plain ints: its enum members cost about 1 µs per `&` and per call on this hot path
+_EVENTS, _POLLIN, _NOBLOCK, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.RCVMORE)
 
 
 class _Connection:
@@ -114,8 +116,9 @@ class _Connection:
         now = loop.time()
         book = self.book
         book.sent(rid, (fut, now + timeout, now))
+        sock = self.sock
         try:
-            self.sock.send(frame, zmq.NOBLOCK)
+            sock.send(frame, _NOBLOCK)
         except zmq.Again:
             if len(book) > QUEUE_MOST:
                 book.forget(rid)
@@ -125,14 +128,11 @@ class _Connection:
             # the link finds out (`_look_for_pub`)
         # A send may take the FD's edge (the signal that replies are queued): look again. Alone,
         # at once (one request awaited after another: no extra turn of the loop); pipelined,
-        # once per turn of the loop for all the sends of that turn.
-        if not self._scheduled:
-            if len(book) > 1:
-                self._scheduled = True
-                loop.call_soon(self._drain)
-            elif self.sock.get(zmq.EVENTS) & zmq.POLLIN:
-                self._scheduled = True
-                loop.call_soon(self._drain)
+        # once per turn of the loop for all the sends of that turn. (This look also finds the
+        # stale replies `_drain` leaves when nothing waits.)
+        if not self._scheduled and (len(book) > 1 or sock.get(_EVENTS) & _POLLIN):  # type: ignore[operator]
+            self._scheduled = True
+            loop.call_soon(self._drain)
         if self._sweeper is None:
             self._sweeper = loop.call_at(now + min(timeout, SWEEP_S), self._sweep)
         return fut
@@ -170,19 +170,28 @@ class _Connection:
         self._scheduled = False
         if self.closed:
             return
-        sock, match = self.sock, self.book.match
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+        sock, book = self.sock, self.book
+        get: Callable[[int], int] = sock.get  # type: ignore[assignment]  # (EVENTS, RCVMORE: ints)
+        recv, match = sock.recv, book.match
+        if not get(_EVENTS) & _POLLIN:
             return  # a wake-up for the socket's own commands (after a send): nothing to read
         for _ in range(DRAIN_MOST):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frame = recv(_NOBLOCK)
+                while get(_RCVMORE):  # (a reply is its last frame)
+                    frame = recv(_NOBLOCK)
             except zmq.Again:
                 return
-            got = match(frames[-1])
+            got = match(frame)
             if got is not None:
                 fut = got[2][0]
                 if not fut.done():
                     fut.set_result(got[1])
+                if not book:
+                    # Nothing waits: stop here rather than pay for a failed read (zmq.Again costs
+                    # more than a reply). What may still be queued is stale (a late reply to a
+                    # forgotten request); the next `send` looks for it.
+                    return
         self._scheduled = True  # more queued: the rest on the next turn of the loop
         self.loop.call_soon(self._drain)
 
@@ -344,26 +353,28 @@ class AsyncClient(calls.ClientCore):
             conn.forget(rid)
             raise
 
-    def _deadline(self) -> float:
-        return self._connection().loop.time() + self.timeout
-
     async def call(self, op: str, *, retry: bool = True, **fields: Any) -> dict[str, Any]:
         """One request and its reply, in at most `timeout` seconds (see `Client.call`)."""
-        return await self._call(op, fields, retry, self._deadline())
+        return await self._call(op, fields, retry, None)
 
-    async def _call(self, op: str, fields: dict[str, Any], retry: bool, deadline: float,
+    async def _call(self, op: str, fields: dict[str, Any], retry: bool, deadline: float | None,
                     follow: bool = False) -> dict[str, Any]:
-        """`call` until `deadline` (loop time); with `follow`, NOT_WRITER is followed to the
-        context's writer, within the same deadline."""
-        loop = self._connection().loop
-        began = loop.time()
+        """`call` until `deadline` (loop time; None: `timeout` from now); with `follow`,
+        NOT_WRITER is followed to the context's writer, within the same deadline."""
+        conn = self._connection()
+        loop = conn.loop
+        began = now = loop.time()
+        if deadline is None:
+            deadline = began + self.timeout
         attempts_left = 1 + (self.retries if retry else 0)
         attempts = 0
         refused: list[Unreachable] = []
         while True:
-            conn = self._connection()
+            if attempts:
+                conn = self._connection()
+                now = loop.time()
             rid = self._new_id()
-            fut = conn.send(rid, calls.encode(op, rid, fields), max(0.0, (deadline - loop.time()) / attempts_left))
+            fut = conn.send(rid, calls.encode(op, rid, fields), max(0.0, (deadline - now) / attempts_left))
             attempts += 1
             try:
                 return calls.check(await fut)
@@ -444,7 +455,7 @@ class AsyncClient(calls.ClientCore):
         fields = {"context": context, "key": key, "payload": payload.encode() if isinstance(payload, str) else payload,
                   "metadata": dict(metadata) if metadata else None, "dedup_id": dedup_id, "expect_seq": expect_seq,
                   "after_lamport": after_lamport, "replicas": replicas}
-        r = await self._call("append", fields, dedup_id is not None, self._deadline(), follow=True)
+        r = await self._call("append", fields, dedup_id is not None, None, follow=True)
         self.last_replicated = r.get("replicated")
         return calls.entry_of(r["entry"], self.verify)
 
@@ -455,7 +466,7 @@ class AsyncClient(calls.ClientCore):
         """Append many entries atomically (see `Client.append_batch`)."""
         fields = {"context": context, "entries": calls.append_items(items), "dedup_id": dedup_id,
                   "expect_seq": expect_seq, "after_lamport": after_lamport, "replicas": replicas}
-        r = await self._call("append_batch", fields, dedup_id is not None, self._deadline(), follow=True)
+        r = await self._call("append_batch", fields, dedup_id is not None, None, follow=True)
         self.last_replicated = r.get("replicated")
         return [calls.entry_of(m, self.verify) for m in r["entries"]]
 

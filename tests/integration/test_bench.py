@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -159,6 +160,28 @@ def test_only_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
         bench.main(["--smoke", "--only", "append_pipelined,no_such_scenario"])
     assert info.value.code == 2
     assert "no_such_scenario" in capsys.readouterr().err
+
+
+def test_uvloop_flag_runs_the_asyncio_client_scenarios_on_uvloop(capsys, tmp_path):
+    pytest.importorskip("uvloop")
+    import asyncio
+
+    try:
+        assert bench.main(["--smoke", "--no-memory", "--json", "--uvloop", "--only", "aio_append_seq,client_append_seq",
+                           "--workdir", str(tmp_path)]) == 0
+    finally:
+        asyncio.set_event_loop_policy(None)  # (the flag sets it for the whole process)
+    report = json.loads(capsys.readouterr().out)
+    assert report["environment"]["event_loop"] == "uvloop"
+    assert report["results"]["aio_append_seq"]["n"] > 0
+
+
+def test_uvloop_flag_without_uvloop_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # (importing it raises ImportError)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--smoke", "--uvloop", "--only", "aio_append_seq"])
+    assert info.value.code == 2
+    assert "uvloop is not installed" in capsys.readouterr().err
 
 
 def test_watcher_state_counts_every_gap_duplicate_and_reorder():

@@ -8,6 +8,7 @@ is in the report, not the exit code); 1 a node or helper failed; 2 usage; 130 in
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import os
@@ -52,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", metavar="NAMES", help="comma-separated scenario names to run")
     p.add_argument("--no-memory", action="store_true", help="skip the 1,000,000-entry memory/restart run")
     p.add_argument("--workdir", help="where nodes keep their data (default: a temporary folder)")
+    p.add_argument("--uvloop", action="store_true",
+                   help="run the asyncio client's scenarios on uvloop (pip install '.[uvloop]')")
     sc = p.add_argument_group("scale curves (issue #15; not part of --quick or the full run)")
     sc.add_argument("--scale", action="store_true",
                     help="run the scale curves instead: many contexts, and one context grown large "
@@ -81,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if only and only - known:
         p.error(f"--only: unknown {', '.join(sorted(only - known))} "
                 f"(known: {', '.join(SCENARIOS + OTHER_FIGURES + FLOOD_FIGURES)}, flood)")
+    if ns.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            p.error("--uvloop: uvloop is not installed (pip install '.[uvloop]')")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-")
     os.makedirs(workdir, exist_ok=True)
 

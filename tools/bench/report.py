@@ -3,6 +3,7 @@ its table and plot, and progress lines on stderr (`log`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import shutil
@@ -55,6 +56,8 @@ def environment() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "msgpack": ".".join(map(str, msgpack.version)),
         "plyvel": plyvel.__version__,
+        # what the asyncio client's scenarios run on (`--uvloop`)
+        "event_loop": type(asyncio.get_event_loop_policy()).__module__.split(".")[0],
     }
     try:
         from node import __version__
