@@ -461,8 +461,10 @@ class Ledger:
             return None
         try:
             info = _unpackb(raw)
+            if not (type(info) is dict and type(info.get("id")) is int and type(info.get("writer")) is str):
+                raise ValueError(f"not a context record: {raw[:64]!r}")
             ctx = self._from_head(name, info, True) or self._load_ctx(name, info)
-        except (st.Corruption, InternalError, ValueError, KeyError, TypeError) as exc:
+        except (st.Corruption, InternalError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.integrity_errors += 1
             log.error("INTEGRITY: context %r cannot be read from storage (%s)", name, exc)
             raise InternalError(f"context {name!r} cannot be read from this node's storage; "
@@ -1240,12 +1242,18 @@ class Ledger:
                 raw = self._lookup(st.ctx_key(name))
             if raw is None:
                 return None
-            info = _unpackb(raw)
+            try:
+                info = _unpackb(raw)
+            except ValueError:
+                info = None
             head = info.get("head") if type(info) is dict else None
             if (type(head) is list and len(head) == 4 and type(head[0]) is int and type(head[1]) is int
                     and type(head[3]) is bytes and len(head[3]) == 32 and type(info.get("writer")) is str):
                 return head[0], head[3], info["writer"], head[1]
-            ctx = self.contexts.peek(name)  # no head (an empty context): read as it would be loaded
+            try:
+                ctx = self.contexts.peek(name)  # no head (an empty context): read as it would be loaded
+            except InternalError:
+                return None  # a damaged record (logged): listed nowhere rather than failing the whole page
             if ctx is None:
                 return None
         size = self.visible(ctx)

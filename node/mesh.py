@@ -74,6 +74,10 @@ MAX_VERIFYING = 1_000  # contexts whose writer is being asked whether it lost a 
 # heads at once costs no more than narrowing them down
 MAX_NARROWED = 8
 MAX_IDLE_ROUND_BACKOFF = 16  # heartbeats: longest wait before comparing again with a peer that had nothing for us
+# ... after a comparison that went through this many heads for nothing (a peer far behind, catching
+# up from us: each such comparison has it send all it holds again), the wait goes on up to
+BIG_ROUND_HEADS = 20_000
+MAX_BIG_ROUND_BACKOFF = 64  # heartbeats (32 s by default)
 MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once
 MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
@@ -207,6 +211,7 @@ class Peer:
     bad_gossip: int = 0  # peer entries of its heartbeats whose address did not parse
     unsent_beats: int = 0  # heartbeats in a row that could not be sent to it
     idle_rounds: int = 0  # comparisons in a row (sync_heads rounds) that found nothing to pull from it
+    round_heads: int = 0  # heads it sent in the comparison under way
     next_round_beat: int = 0  # no new comparison with it before this heartbeat (backoff, see _end_round)
     warned_silent: bool = False  # a seed that never answered was logged (once)
 
@@ -979,6 +984,7 @@ class Mesh:
             op, fields = "sync_heads", {"buckets": differ, "nbuckets": NBUCKETS}
         if self._send(p, op, fields) is not None:
             p.syncing = True
+            p.round_heads = 0
 
     def _on_digest(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         """The fine digests of the top buckets that differed: ask for the heads of the fine
@@ -999,6 +1005,7 @@ class Mesh:
 
     def _on_heads(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         page = codec.parse_heads_reply(reply)
+        p.round_heads += len(page.heads)
         listed = set()
         last_name: str | None = None  # the last well-formed head's: where the next page starts
         for name, size, root, writer in page.heads:
@@ -1032,13 +1039,15 @@ class Mesh:
         behind (catching up from this node, say): its digest keeps differing from ours while it
         pulls, and comparing again at every heartbeat would have it send all its heads each time
         (a 100k-context catch-up: 343 MB of heads for 222 MB of entries). So the next comparison
-        waits 2, 4, 8, then 16 heartbeats, until one finds work again or `p` restarts."""
+        waits 2, 4, 8, then 16 heartbeats (up to 64 after a comparison of 20,000 heads or more: at 1M
+        contexts each one had the peer send ~60 MB), until one finds work again or `p` restarts."""
         if p.pulls or self._in_flight(p, "snapshot") or self._in_flight(p, "head"):
             p.idle_rounds = 0
             p.next_round_beat = 0
         else:
             p.idle_rounds += 1
-            p.next_round_beat = self.beats + min(1 << p.idle_rounds, MAX_IDLE_ROUND_BACKOFF)
+            cap = MAX_BIG_ROUND_BACKOFF if p.round_heads >= BIG_ROUND_HEADS else MAX_IDLE_ROUND_BACKOFF
+            p.next_round_beat = self.beats + min(1 << p.idle_rounds, cap)
 
     def _compare(self, p: Peer, name: str, size: int, root: bytes, writer: str) -> None:
         ctx = self.ledger.contexts.cached(name)

@@ -17,6 +17,7 @@ from node.storage import MemoryKV
 from protocol import codec
 from protocol.digest import FINE, NBUCKETS, bucket_of
 from protocol.entry import decode_entry
+from protocol.errors import InternalError
 from tests.unit.test_ledger import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -341,3 +342,23 @@ def test_a_scrub_slice_looks_at_a_bounded_number_of_contexts_and_goes_on_from_th
     settle(led)
     led._scrub_at = ("e00", 0)
     assert led.scrub(5) == 0 and led._scrub_at[0] == "e06"
+
+
+@pytest.mark.parametrize("record", [b"\xc1garbage", msgpack.packb({"id": "x", "writer": 5}), msgpack.packb([1, 2])])
+def test_a_damaged_record_of_a_context_out_of_ram_fails_that_context_alone(tmp_path, caplog, record):
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=1)
+    for name in ("a", "b"):
+        fill(led, name, 2)
+    settle(led)
+    assert led.contexts.cached("a") is None
+    kv.write([(st.ctx_key("a"), record)])
+    with pytest.raises(InternalError, match="context 'a' cannot be read from this node's storage"):
+        led.head("a")
+    assert led.integrity_errors == 1 and "INTEGRITY" in caplog.text
+    assert led.head("b")["size"] == 2  # the others are served as before
+    # listings, a peer's heads by bucket: the damaged one is left out, the page is served
+    assert [d["name"] for d in led.list_contexts(None, 10)[0]] == ["b"]
+    assert [h[0] for h in led.heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 10)[0]] == ["b"]
+    fill(led, "b", 1)
+    assert led.head("b")["size"] == 3

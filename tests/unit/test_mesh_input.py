@@ -12,7 +12,7 @@ import pytest
 from node.ledger import Ledger
 from node.mesh import ALIVE, DEFAULT_MAX_PEERS, Mesh
 from node.storage import MemoryKV
-from protocol import codec, watch
+from protocol import codec, merkle, watch
 from protocol.entry import decode_entry
 from protocol.errors import RemoteProtocolError
 
@@ -473,6 +473,47 @@ def test_comparisons_with_a_peer_that_has_nothing_for_us_back_off_and_resume_whe
         m.tick(now)
     answer_rounds([["new", 5, b"r" * 32, "p", 9]])
     assert p.pulls and p.idle_rounds == 0 and p.next_round_beat == 0
+
+
+def test_a_fruitless_comparison_of_many_heads_backs_off_longer():
+    """A peer far behind us (catching up) sends all it holds at each comparison: after a comparison
+    of BIG_ROUND_HEADS heads that found nothing, the wait grows past 16 heartbeats, up to 64."""
+    from node.mesh import BIG_ROUND_HEADS, MAX_BIG_ROUND_BACKOFF
+    from protocol import digest
+    from protocol.digest import NBUCKETS
+
+    t = Recording()
+    m = mesh(t)
+    m.ledger.append(codec.Append("c0", "", b"x", {}))
+    empty = digest.encode([0] * NBUCKETS)
+    # heads of contexts it holds empty (as if just created): nothing to pull, nothing to check
+    many = [[f"e{i:06d}", 0, merkle.EMPTY_ROOT, "p", 0] for i in range(BIG_ROUND_HEADS)]
+
+    def one_beat(now: float, heads: list[list[Any]]) -> bool:
+        n = len(t.sent)
+        m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now)
+        m.tick(now)
+        started = any(op in ("sync_digest", "sync_heads") for _a, op in t.sent[n:])
+        while any(op in ("sync_digest", "sync_heads") for _a, op, _f, _s in m.pending.values()):
+            for rid, (address, op, fields, _s) in list(m.pending.items()):
+                if op == "sync_heads":
+                    m.on_reply(address, {"ok": True, "id": rid, "heads": heads if fields.get("after") is None else [],
+                                         "more": False}, m.now)
+                elif op == "sync_digest":
+                    m.on_reply(address, {"ok": True, "id": rid, "digests": [bytes(8 * digest.SUB)] * len(
+                        fields["buckets"])}, m.now)
+        return started
+
+    def intervals(heads: list[list[Any]], beats: int) -> list[int]:
+        starts = [i for i in range(beats) if one_beat(i * 0.5, heads)]
+        return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+    assert max(intervals(many, 140)) == MAX_BIG_ROUND_BACKOFF + 1
+    small = Recording()
+    m = mesh(small)
+    t = small
+    m.ledger.append(codec.Append("c0", "", b"x", {}))
+    assert max(intervals(many[:100], 140)) == 17  # a small comparison: 16 at most, as before
 
 
 def test_one_changed_context_among_thousands_is_found_by_its_fine_bucket():
