@@ -477,3 +477,32 @@ def test_replication_push_is_never_refused_by_max_watchers_per_context(node_fact
             st = status(n1, zctx)
             assert st["replication_entries"] >= 50 and st["watchers_refused"] == 1
             assert status(n2, zctx)["replication"]["pushed_entries"] >= 50
+
+
+@pytest.mark.timeout(120)
+def test_nodes_that_keep_two_contexts_in_ram_replicate_and_restart_every_context(node_factory, zctx):
+    """Issue #15: with --context-cache 2 every context goes out of RAM and comes back all the time:
+    replication, catch-up of a late joiner, listings and a clean restart see every one of them."""
+    n1, n2 = mesh(node_factory, 2, "--context-cache", "2", "--hot-bytes", "1")
+    names = [f"c{i:02d}" for i in range(40)]
+    with Client(n1.address, zctx=zctx) as c1:
+        for i, name in enumerate(names):
+            c1.append_batch(name, [f"{name}-{k}" for k in range(i % 5 + 1)])
+    want = {name: i % 5 + 1 for i, name in enumerate(names)}
+    wait_for(lambda: converged([n1, n2], zctx, names, want), 60, what="replication through tiny caches")
+    late = node_factory(*FAST, "--context-cache", "2", "--hot-bytes", "1", "--peers", hostport(n2), name="late",
+                        env={"LEDGER_ID": "late"})
+    wait_for(lambda: converged([n1, n2, late], zctx, names, want), 60, what="a late joiner with a tiny cache")
+    # (recent entries leave RAM at once with --hot-bytes 1, and then their contexts can)
+    wait_for(lambda: status(late, zctx)["context_cache"]["loaded"] <= 2, what="the cache to shrink back to 2")
+    for n in (n1, n2, late):
+        cache = status(n, zctx)["context_cache"]
+        assert cache["capacity"] == 2 and cache["evictions"] >= 38 and cache["loads"] > 0, cache
+    before = heads([late], zctx, "c17")
+    assert late.stop() == 0
+    late.start()
+    assert "40 contexts after a clean stop" in late.output()
+    with Client(late.address, zctx=zctx) as c:
+        assert [d["name"] for d in c.contexts()] == names
+        assert c.verify_context("c39")["size"] == 5
+    assert heads([late], zctx, "c17") == before
