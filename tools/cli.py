@@ -25,7 +25,7 @@ import zmq
 from protocol import codec
 from protocol.client import DEFAULT_TIMEOUT, Client, Head, normalize_address
 from protocol.entry import Entry
-from protocol.errors import IntegrityError, LedgerError, NotFound, RemoteProtocolError, Timeout, TooLarge, Unreachable
+from protocol.errors import IntegrityError, LedgerError, RemoteProtocolError, Timeout, TooLarge, Unreachable
 from protocol.keys import Identity, KeyFileError, parse_public_key
 from protocol.snapshot import read_snapshot
 from tools import backup as backups
@@ -540,13 +540,11 @@ def cmd_get(c: Client, args: argparse.Namespace, out: Output) -> int:
             if not page.more:
                 break
             after = page.next_after
-    if not shown and not out.as_json:
-        # an empty answer is a valid one (and stays exit 0), but a mistyped name should not
-        # look like an empty context to a person
-        try:
-            c.head(args.context)
-        except NotFound:
-            sys.stderr.write(f"{PROG}: no context {args.context!r} on this node\n")
+    if not shown:
+        # an empty answer of a context that exists is a valid one (exit 0); a context the node does
+        # not have is NOT_FOUND (exit 1), as for `head` and `verify` (the node answers a `get` of
+        # it with no entries: a mistyped name must not look like an empty context)
+        c.head(args.context)
     return EXIT_OK
 
 

@@ -235,11 +235,12 @@ def test_get_key_after_limit(capsys, node, client):
     assert all(e["key"] == "traces" for e in objs(out))
 
 
-def test_get_of_unknown_context_prints_no_entries_and_tells_a_person(capsys, node, client):
+def test_get_of_unknown_context_is_not_found_exit_1_like_head(capsys, node, client):
     rc, out, err = run(capsys, node, "get", "nope")
-    assert (rc, out, err) == (0, "", "")  # --json: an empty answer, nothing else (scripts)
+    assert (rc, out) == (1, "") and json.loads(err)["error"]["code"] == "NOT_FOUND"  # --json
     rc, out, err = run(capsys, node, "get", "nope", as_json=False)
-    assert (rc, out) == (0, "") and "no context 'nope' on this node" in err
+    assert (rc, out) == (1, "") and "NOT_FOUND: context 'nope' does not exist" in err
+    assert run(capsys, node, "head", "nope", as_json=False)[0] == 1  # the same code for the same fact
     client.append("real", "x")
     rc, out, err = run(capsys, node, "get", "real", "--after", "1", as_json=False)
     assert (rc, out, err) == (0, "", "")  # an existing context with nothing after 1: no note
