@@ -30,6 +30,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # read by tests/fuzz when their modules are imported (after this)
     if config.getoption("--fuzz-long", default=False):
         os.environ["LEDGER_FUZZ_LONG"] = "1"
+    # A suite started in the background by a shell without job control (`bash .ci/run &`) inherits
+    # SIGINT ignored, and so would every process it starts: the tests that press Ctrl-C on a CLI
+    # would hang. Children of a process with a handler of its own get the default disposition.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
