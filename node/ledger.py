@@ -1167,34 +1167,25 @@ class Ledger:
         return self._names_from(None)
 
     def _names_from(self, after: str | None, inclusive: bool = False) -> Iterator[str]:
-        """Every context's name after `after` (from it, if `inclusive`), in order: read from the
-        `C` keys on disk, with the names not on disk yet merged in."""
-        kv = self.kv
+        """Every context's name after `after` (from it, if `inclusive`), in order."""
+        return (name for name, _raw in self._records_from(after, inclusive))
+
+    def _records_from(self, after: str | None, inclusive: bool = False) -> Iterator[tuple[str, bytes | None]]:
+        """(name, its `C` record) of every context after `after` (from it, if `inclusive`), in
+        order, in one scan of the records, with the names not on disk yet merged in (record None:
+        look it up)."""
         if after is None:
             start = st.CTX
         else:
             start = st.ctx_key(after) + (b"" if inclusive else b"\x00")
-        disk = (k[1:].decode() for k in kv.scan_keys(start, st.prefix_end(st.CTX)))
+        disk = ((k[1:].decode(), v) for k, v in self.kv.scan(start, st.prefix_end(st.CTX)))
         return self._served(disk, self._fresh.iter_from(after, inclusive) if self._fresh else None)
 
-    def _served(self, disk: Iterator[str], fresh: Iterator[str] | None) -> Iterator[str]:
-        """Names in order from `disk` and `fresh` (both in order), once each, none removed."""
-        merged = heapq.merge(disk, fresh) if fresh is not None else disk
-        gone = self.contexts.gone
-        last = None
-        for name in merged:
-            if name != last and not gone(name):
-                yield name
-            last = name
-
-    def _records_from(self, after: str | None) -> Iterator[tuple[str, bytes | None]]:
-        """(name, its `C` record) of every context after `after`, in order, in one scan of the
-        records, with the names not on disk yet merged in (record None: look it up)."""
-        start = st.CTX if after is None else st.ctx_key(after) + b"\x00"
-        disk: Iterator[tuple[str, bytes | None]] = (
-            (k[1:].decode(), v) for k, v in self.kv.scan(start, st.prefix_end(st.CTX)))
-        merged = disk if not self._fresh else heapq.merge(
-            disk, ((n, None) for n in self._fresh.iter_from(after)), key=_first)
+    def _served(self, disk: Iterator[tuple[str, bytes | None]],
+                fresh: Iterator[str] | None) -> Iterator[tuple[str, bytes | None]]:
+        """(name, record) in name order from `disk` and the names `fresh` (both in order), once
+        each, none removed during this run."""
+        merged = disk if fresh is None else heapq.merge(disk, ((n, None) for n in fresh), key=_first)
         gone = self.contexts.gone
         last = None
         for name, raw in merged:
@@ -1217,8 +1208,8 @@ class Ledger:
                     scans.append(k[3:].decode() for k in kv.scan_keys(p + tail, st.prefix_end(p)))
             if not scans:
                 return iter(())
-            disk = scans[0] if len(scans) == 1 else heapq.merge(*scans)
-            return ((n, None) for n in self._served(disk, iter(fresh) if fresh else None))
+            names = scans[0] if len(scans) == 1 else heapq.merge(*scans)
+            return self._served(((n, None) for n in names), iter(fresh) if fresh else None)
         return ((n, raw) for n, raw in self._records_from(after) if bucket_of(n.encode(), nbuckets) in wanted)
 
     def heads_in_buckets(self, wanted: set[int], nbuckets: int, after: str | None, limit: int) -> tuple[list[list[Any]], bool]:
