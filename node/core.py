@@ -402,7 +402,7 @@ class Core:
         return Reply(codec.encode_reply(rq.id, fields))
 
     def heartbeat(self, rq: Request, req: codec.Heartbeat) -> Answer:
-        return Reply(codec.encode_reply(rq.id, self.mesh.rpc_heartbeat(req, rq.now)))
+        return Reply(codec.encode_reply(rq.id, self.mesh.rpc_heartbeat(req, rq.now, rq.to[0] if rq.to else None)))
 
     def ack(self, rq: Request, req: codec.Ack) -> Answer:
         return Reply(codec.encode_reply(rq.id, self.mesh.rpc_ack(req, rq.now)))
@@ -460,6 +460,7 @@ class Core:
 
     def snapshot(self, rq: Request, req: codec.Snapshot) -> Answer:
         fields, blobs = self.ledger.snapshot_page(req)
+        self.mesh.pulled_by(rq.to[0] if rq.to else None)
         self._sign_page(req.context, fields)
         return Reply(codec.encode_reply(rq.id, fields, {"entries": blobs}))
 
@@ -467,6 +468,7 @@ class Core:
         """Chunks of several contexts in one reply (SPEC 17.2): together at most a reply's
         bytes; the chunks past that are left out (asked again). A context this node cannot
         serve is an error item, not a failed reply."""
+        self.mesh.pulled_by(rq.to[0] if rq.to else None)
         chunks = []
         used = 0
         for c in req.chunks:

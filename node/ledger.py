@@ -1014,7 +1014,8 @@ class Ledger:
 
     # -- replicas ------------------------------------------------------------------
 
-    def apply_replicated(self, name: str, entries: list[Entry], root: bytes | None = None) -> ContextState | None:
+    def apply_replicated(self, name: str, entries: list[Entry], root: bytes | None = None,
+                         looked_up: tuple[ContextState | None] | None = None) -> ContextState | None:
         """Append entries another node wrote, extending the local replica of `name`.
 
         They must start right after the replica's last seq, be consecutive, carry
@@ -1022,13 +1023,14 @@ class Ledger:
         (IntegrityError, Conflict) before anything is stored. With `root` (the
         sender's root at the last entry's seq), the entries must reproduce it too:
         when they do not, the histories differ, nothing is stored and the result
-        is None. The clock advances past every lamport received.
+        is None. The clock advances past every lamport received. `looked_up`: (`contexts.get(name)`), when
+        the caller has just asked (a pull of a context not here yet: one look-up on disk, not two).
         """
         if not entries:
             raise BadRequest("no entries to apply")
         if self.storage.error is not None:
             raise self.refused()  # repair pulls them again once storage recovers
-        ctx = self.contexts.get(name)
+        ctx = self.contexts.get(name) if looked_up is None else looked_up[0]
         writer = entries[0].writer
         if ctx is not None and ctx.writer != writer:
             raise Conflict(
@@ -1680,20 +1682,31 @@ class Ledger:
                       at_least_one: bool = True) -> tuple[dict[str, Any], list[bytes]]:
         """A page of entries and the root at `size`. Entries stop before `max_bytes`; the first
         one goes even past it when `at_least_one` (a page always moves on), else the page may be
-        empty (a `snapshots` reply whose budget earlier chunks used up)."""
-        ctx = self.context(req.context)
+        empty (a `snapshots` reply whose budget earlier chunks used up).
+
+        A context out of RAM is read without being let into the cache: a peer catching up pulls
+        every context once, which would otherwise push out every context in use (and, at 1M
+        contexts, evict one for each served). Damage found on the way keeps it in RAM."""
+        ctx = self.contexts.peek(req.context)
+        if ctx is None:
+            raise NotFound(f"context {req.context!r} does not exist", {"context": req.context})
         size = self._size_arg(ctx, req.size)
         out: list[bytes] = []
         nbytes = 0
         last = min(size, req.after + req.limit)
         last_seen = req.after
         if req.after < size:
-            for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last, check_hash=True):
-                if nbytes + len(blob) > max_bytes and (out or not at_least_one):
-                    break
-                out.append(blob)
-                nbytes += len(blob)
-                last_seen = seq
+            try:
+                for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last, check_hash=True):
+                    if nbytes + len(blob) > max_bytes and (out or not at_least_one):
+                        break
+                    out.append(blob)
+                    nbytes += len(blob)
+                    last_seen = seq
+            except IntegrityError:
+                if ctx.id in self.holes:
+                    self.contexts.keep(ctx.name, ctx)  # it stays in RAM until repaired
+                raise
         fields = {
             "context": ctx.name,
             "size": size,

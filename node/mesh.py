@@ -78,6 +78,11 @@ MAX_IDLE_ROUND_BACKOFF = 16  # heartbeats: longest wait before comparing again w
 # up from us: each such comparison has it send all it holds again), the wait goes on up to
 BIG_ROUND_HEADS = 20_000
 MAX_BIG_ROUND_BACKOFF = 64  # heartbeats (32 s by default)
+# A peer pulling entries from this node is catching up from it: comparing with it meanwhile would
+# find it behind and cost it all its heads (at 1M contexts, ~60 MB and a look-up each per round).
+# No comparison with it while it pulls (PULLING_BEATS after its last pull), but at least one
+# every MAX_BIG_ROUND_BACKOFF heartbeats (a peer that never stops pulling still gets compared).
+PULLING_BEATS = 2
 MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once
 MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
@@ -214,6 +219,9 @@ class Peer:
     round_heads: int = 0  # heads it sent in the comparison under way
     next_round_beat: int = 0  # no new comparison with it before this heartbeat (backoff, see _end_round)
     warned_silent: bool = False  # a seed that never answered was logged (once)
+    conn: bytes | None = None  # its connection to our ROUTER (routing id of its heartbeats and pulls)
+    pulled_us_beat: int = -(1 << 62)  # the heartbeat at which it last pulled entries from this node
+    round_beat: int = -(1 << 62)  # the heartbeat at which this node last started a comparison with it
 
 
 @dataclass
@@ -290,6 +298,7 @@ class Mesh:
         self.on_applied = on_applied or (lambda ctx: None)
         self.peers: dict[str, Peer] = {}  # by address
         self.by_id: dict[str, str] = {}  # node id -> address
+        self._conns: dict[bytes, str] = {}  # a peer's connection to our ROUTER (routing id) -> its address
         # request id -> (address, op, fields, sent at)
         self.pending: dict[int, Outstanding] = {}
         self.now = 0.0  # the latest time given to any entry point
@@ -561,6 +570,8 @@ class Mesh:
         if self.peers.get(p.address) is p:
             del self.peers[p.address]
         self.unsent.pop(p.address, None)
+        if p.conn is not None and self._conns.get(p.conn) == p.address:
+            del self._conns[p.conn]
         if p.node_id is not None and self.by_id.get(p.node_id) == p.address:
             del self.by_id[p.node_id]
             if not keep_acks:
@@ -619,7 +630,8 @@ class Mesh:
 
     # -- requests from peers (served by the node's ROUTER) ------------------------------
 
-    def rpc_heartbeat(self, hb: codec.Heartbeat, now: float) -> dict[str, Any]:
+    def rpc_heartbeat(self, hb: codec.Heartbeat, now: float, conn: bytes | None = None) -> dict[str, Any]:
+        """A peer's heartbeat; `conn`: the routing id of its connection (its pulls come on it)."""
         self.now = now
         if hb.cluster != self.cluster:
             if hb.address not in self._refused and len(self._refused) < MAX_REFUSED_LOGGED:
@@ -635,6 +647,11 @@ class Mesh:
             # can start its repair now rather than at our next heartbeat
             fresh = p.state != ALIVE or p.boot != hb.boot
             self._heard(p, now, hb.lamport)
+            if conn is not None and conn != p.conn:
+                if p.conn is not None and self._conns.get(p.conn) == p.address:
+                    del self._conns[p.conn]
+                p.conn = conn
+                self._conns[conn] = p.address
             if hb.bad_peers:
                 self._bad_address(p, hb.bad_peer_error, hb.bad_peers)
             self._learn(p, hb.as_map(), now)
@@ -647,6 +664,14 @@ class Mesh:
         if fresh:
             out["digest"] = digest.encode(self.ledger.digest(NBUCKETS))
         return out
+
+    def pulled_by(self, conn: bytes | None) -> None:
+        """Entries were served (snapshot, snapshots) on connection `conn`: when it is a peer's,
+        that peer is catching up from this node (see PULLING_BEATS)."""
+        address = self._conns.get(conn) if conn is not None else None
+        p = self.peers.get(address) if address is not None else None
+        if p is not None:
+            p.pulled_us_beat = self.beats
 
     def rpc_sync_heads(self, req: codec.SyncHeads) -> dict[str, Any]:
         heads, more = self.ledger.heads_in_buckets(set(req.buckets), req.nbuckets, req.after, HEADS_PAGE)
@@ -974,6 +999,9 @@ class Mesh:
     def _maybe_sync(self, p: Peer) -> None:
         if p.syncing or p.state == DEAD or self.beats < p.next_round_beat:
             return
+        if (self.beats - p.pulled_us_beat <= PULLING_BEATS
+                and self.beats - p.round_beat < MAX_BIG_ROUND_BACKOFF):
+            return  # it is catching up from us: one repair session per pair at a time
         differ = digest.differing(self.ledger.digest(NBUCKETS), p.digest)
         if not differ:
             return
@@ -985,6 +1013,7 @@ class Mesh:
         if self._send(p, op, fields) is not None:
             p.syncing = True
             p.round_heads = 0
+            p.round_beat = self.beats
 
     def _on_digest(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         """The fine digests of the top buckets that differed: ask for the heads of the fine
@@ -1278,6 +1307,13 @@ class Mesh:
         i = 0
         while i < len(p.pulls) and inflight < MAX_PULL_REQUESTS and asked < budget:
             name, target, root = p.pulls[i]
+            asked_of = ends.get(name)
+            if asked_of and max(asked_of.values()) >= target:
+                # every chunk of it is asked for: the next context meanwhile, without reading this
+                # one (not yet created here while its first chunk is in flight: a look-up on disk
+                # for each context in flight at each reply was 17% of a 100k-context catch-up)
+                i += 1
+                continue
             ctx = self.ledger.contexts.get(name)
             size = ctx.size if ctx is not None else 0
             owner = self.pulling.get(name)
@@ -1288,7 +1324,6 @@ class Mesh:
                     del self.pulling[name]
                 continue
             start = size  # never ask twice for a chunk in flight: start after the last one asked
-            asked_of = ends.get(name)
             while asked_of and start in asked_of:
                 start = asked_of[start]
             if start >= target:
@@ -1348,7 +1383,9 @@ class Mesh:
                 self._drop_pulls(p, name)
                 return
             if whole:
-                applied = self.ledger.apply_replicated(name, entries, root)
+                # (the context as looked up above, unless checking the signed head may have changed it)
+                applied = self.ledger.apply_replicated(name, entries, root,
+                                                       (ctx,) if self.writer_key is None else None)
                 if applied is None and ctx is not None and ctx.writer == self.ledger.node_id:
                     # a repair chunk that does not end at the root our mark recorded: this
                     # peer holds another history under our name; pull nothing more of it here

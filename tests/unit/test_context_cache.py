@@ -17,7 +17,7 @@ from node.storage import MemoryKV
 from protocol import codec
 from protocol.digest import FINE, NBUCKETS, bucket_of
 from protocol.entry import decode_entry
-from protocol.errors import InternalError
+from protocol.errors import IntegrityError, InternalError, NotFound
 from tests.unit.test_ledger import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -362,3 +362,24 @@ def test_a_damaged_record_of_a_context_out_of_ram_fails_that_context_alone(tmp_p
     assert [h[0] for h in led.heads_in_buckets(set(range(NBUCKETS)), NBUCKETS, None, 10)[0]] == ["b"]
     fill(led, "b", 1)
     assert led.head("b")["size"] == 3
+
+
+def test_a_peer_pulling_a_context_out_of_ram_does_not_let_it_in_but_damage_found_keeps_it(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=1)
+    for name in ("a", "b", "c"):
+        fill(led, name, 4)
+    settle(led)
+    assert led.contexts.cached("a") is None
+    loads = led.contexts.loads
+    fields, blobs = led.snapshot_page(codec.Snapshot("a", 4, 0, 10))
+    assert [decode_entry(b).seq for b in blobs] == [1, 2, 3, 4] and fields["root"] == led.brief("a")[1]
+    assert led.contexts.cached("a") is None and led.contexts.loads == loads  # served from its record
+    with pytest.raises(NotFound):
+        led.snapshot_page(codec.Snapshot("nope", None, 0, 10))
+    cid = led.contexts.peek("b").id
+    kv.write([(st.entry_key(cid, 3), b"garbage")])
+    with pytest.raises(IntegrityError):
+        led.snapshot_page(codec.Snapshot("b", 4, 0, 10))
+    assert led.holes == {cid: 3} and led.contexts.cached("b") is not None  # in RAM until repaired
+    assert led.status()["damaged"][0]["context"] == "b"

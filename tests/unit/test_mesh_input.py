@@ -582,3 +582,57 @@ def test_a_seed_that_answers_in_time_is_not_warned_about(caplog):
         for i in range(3, 40):
             m.tick(i * 0.5)
     assert not [r for r in caplog.records if "has not answered" in r.getMessage()]
+
+
+# -- one repair session per pair (issue #15) ---------------------------------------------------
+
+
+def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_least_every_max_backoff():
+    from node.mesh import MAX_BIG_ROUND_BACKOFF, PULLING_BEATS
+    from protocol import digest
+    from protocol.digest import NBUCKETS
+
+    t = Recording()
+    m = mesh(t)
+    m.ledger.append_batch(codec.AppendBatch("c", (("k", b"v", {}),)))  # our digest differs from the peer's
+    empty = digest.encode([0] * NBUCKETS)
+    now = 0.0
+
+    def beat(pull: bool, conn: bytes = b"conn-p") -> int:
+        """One heartbeat interval: ours, the peer's (on `conn`), and a pull of it when `pull`;
+        how many comparisons this node started with it then."""
+        nonlocal now
+        now += 0.5
+        before = sum(op in ("sync_heads", "sync_digest") for _a, op in t.sent)
+        m.tick(now)
+        if pull:
+            m.pulled_by(conn)
+        m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now, conn)
+        p.syncing = False  # (each comparison ends at once, finding nothing: the peer is behind)
+        p.next_round_beat = 0  # (the backoff after it is another rule's)
+        return sum(op in ("sync_heads", "sync_digest") for _a, op in t.sent) - before
+
+    m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now, b"conn-p")
+    p = m.peers["10.0.0.2:7400"]
+    assert sum(op == "sync_digest" for _a, op in t.sent) == 1  # compared at once
+    p.syncing = False
+    # it pulls from us at every heartbeat: compared again only once MAX_BIG_ROUND_BACKOFF have passed
+    counts = [beat(pull=True) for _ in range(2 * MAX_BIG_ROUND_BACKOFF)]
+    assert sum(counts) == 2 and counts.index(1) == MAX_BIG_ROUND_BACKOFF - 1
+    # a pull on a connection that is not a peer's (a client's snapshot) changes nothing
+    m.pulled_by(b"a-client")
+    m.pulled_by(None)
+    # once it stops pulling, compared again PULLING_BEATS heartbeats later, then at each one
+    counts = [beat(pull=False) for _ in range(PULLING_BEATS + 2)]
+    assert counts == [0] * PULLING_BEATS + [1, 1]
+
+
+def test_a_peer_forgotten_or_reconnected_leaves_no_stale_connection():
+    t = Recording()
+    m = mesh(t)
+    m.rpc_heartbeat(decode_hb(hb_frame()), 1.0, b"c1")
+    m.rpc_heartbeat(decode_hb(hb_frame()), 1.1, b"c2")  # it reconnected: a new routing id
+    assert m._conns == {b"c2": "10.0.0.2:7400"} and m.peers["10.0.0.2:7400"].conn == b"c2"
+    m._forget(m.peers["10.0.0.2:7400"])
+    assert m._conns == {}
+    m.pulled_by(b"c2")  # (no peer behind it any more: nothing happens)
