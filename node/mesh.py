@@ -81,8 +81,10 @@ MAX_BIG_ROUND_BACKOFF = 64  # heartbeats (32 s by default)
 # A peer pulling entries from this node is catching up from it: comparing with it meanwhile would
 # find it behind and cost it all its heads (at 1M contexts, ~60 MB and a look-up each per round).
 # No comparison with it while it pulls (PULLING_BEATS after its last pull), but at least one
-# every MAX_BIG_ROUND_BACKOFF heartbeats (a peer that never stops pulling still gets compared).
+# every MAX_PULLING_SKIP heartbeats (2 minutes by default: a peer that never stops pulling still
+# gets compared; each of those costs, at 1M contexts, all its heads again).
 PULLING_BEATS = 2
+MAX_PULLING_SKIP = 240
 MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once
 MAX_DIVERGED = 10_000  # remembered (context, peer) disagreements and logged forks; forgotten past that
 DEAD_PROBE_EVERY = 5  # heartbeats: a dead peer still gets one every this many intervals
@@ -1000,7 +1002,7 @@ class Mesh:
         if p.syncing or p.state == DEAD or self.beats < p.next_round_beat:
             return
         if (self.beats - p.pulled_us_beat <= PULLING_BEATS
-                and self.beats - p.round_beat < MAX_BIG_ROUND_BACKOFF):
+                and self.beats - p.round_beat < MAX_PULLING_SKIP):
             return  # it is catching up from us: one repair session per pair at a time
         differ = digest.differing(self.ledger.digest(NBUCKETS), p.digest)
         if not differ:

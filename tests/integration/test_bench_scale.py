@@ -79,6 +79,21 @@ def test_unfinished_catch_up_is_a_miss_and_a_note(capsys):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("rate,done,verdict", [(130_000.0, True, "PASS"), (124_000.0, True, "MISS"),
+                                               (200_000.0, False, "MISS")])
+def test_the_follower_catch_up_of_the_big_context_is_judged_by_its_rate(rate, done, verdict, capsys):
+    follower = {"entries": 5_000_000, "catch_up_s": 5e6 / rate if done else None, "done": done,
+                "fraction": 1.0 if done else 0.4, "waited_s": 5e6 / rate if done else 600.0, "rate": rate}
+    erow = {"entries": 5_000_000, **{f.key: 1.0 for f in scale.ENTRY_FIGURES}}
+    report = scale.build_scale_report([], [erow], {"write_counter": "wchar", "entry_bytes": 270, "restart_s": 1.0,
+                                                   "restart_entries": 5_000_000, "follower": follower}, 600.0)
+    assert report["entries"]["follower"]["verdict"] == verdict
+    assert any("did not finish: 40% after 600 s" in n for n in report["notes"]) is (not done)
+    scale.print_scale_table(report)
+    assert "an empty follower catches up 5,000,000 entries" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("argv,says", [
     (["--scale", "--quick"], "--scale goes with"),
     (["--scale", "--only", "memory"], "--scale goes with"),
@@ -126,6 +141,9 @@ def test_smoke_scale_json_has_every_figure_at_every_size(capsys, tmp_path):
     e = report["entries"]
     assert e["write_counter"] in ("write_bytes", "wchar") and e["restart_s"] > 0
     assert e["restart_entries"] == scale.SMOKE_ENTRIES[-1]
+    f = e["follower"]  # an empty follower caught the big context up
+    assert f["done"] and f["entries"] == scale.SMOKE_ENTRIES[-1] and f["catch_up_s"] > 0 and f["rate"] > 0
+    assert f["verdict"] in ("PASS", "MISS")
     if has_mpl:
         assert plot.stat().st_size > 1000
     assert not os.path.exists(tmp_path / "docs")

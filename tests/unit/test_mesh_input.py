@@ -587,8 +587,8 @@ def test_a_seed_that_answers_in_time_is_not_warned_about(caplog):
 # -- one repair session per pair (issue #15) ---------------------------------------------------
 
 
-def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_least_every_max_backoff():
-    from node.mesh import MAX_BIG_ROUND_BACKOFF, PULLING_BEATS
+def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_least_every_max_skip():
+    from node.mesh import MAX_PULLING_SKIP, PULLING_BEATS
     from protocol import digest
     from protocol.digest import NBUCKETS
 
@@ -616,9 +616,9 @@ def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_leas
     p = m.peers["10.0.0.2:7400"]
     assert sum(op == "sync_digest" for _a, op in t.sent) == 1  # compared at once
     p.syncing = False
-    # it pulls from us at every heartbeat: compared again only once MAX_BIG_ROUND_BACKOFF have passed
-    counts = [beat(pull=True) for _ in range(2 * MAX_BIG_ROUND_BACKOFF)]
-    assert sum(counts) == 2 and counts.index(1) == MAX_BIG_ROUND_BACKOFF - 1
+    # it pulls from us at every heartbeat: compared again only once MAX_PULLING_SKIP have passed
+    counts = [beat(pull=True) for _ in range(2 * MAX_PULLING_SKIP)]
+    assert sum(counts) == 2 and counts.index(1) == MAX_PULLING_SKIP - 1
     # a pull on a connection that is not a peer's (a client's snapshot) changes nothing
     m.pulled_by(b"a-client")
     m.pulled_by(None)

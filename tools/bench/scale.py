@@ -57,6 +57,7 @@ BIG = "big"
 
 DEFAULT_CONTEXTS = (10_000, 100_000, 1_000_000)
 DEFAULT_ENTRIES = (10_000, 100_000, 1_000_000, 10_000_000)
+FOLLOWER_GOAL_RATE = 125_000  # issue #15: an empty follower catches up 5M entries in <= 40 s
 SMOKE_CONTEXTS = (200, 1000)
 SMOKE_ENTRIES = (2000, 10_000)
 
@@ -219,7 +220,7 @@ def _ctx(i: int) -> str:
 
 
 def catch_up(zctx: zmq.Context[Any], source: Proc, data: str, want: int, timeout: float,
-             quiet: bool) -> dict[str, Any]:
+             quiet: bool, what: str = "scale contexts") -> dict[str, Any]:
     """Start an empty node peered with `source`; the seconds until it holds `want` entries (or
     how far it got in `timeout`), and heads bytes / data bytes over both nodes."""
     t0 = time.monotonic()
@@ -235,8 +236,7 @@ def catch_up(zctx: zmq.Context[Any], source: Proc, data: str, want: int, timeout
                     break
                 if waited - last >= 1:
                     last = waited
-                    _progress(f"scale contexts: catch-up {100 * st2['entries'] / want:.0f}% after {waited:.0f} s",
-                              quiet)
+                    _progress(f"{what}: catch-up {100 * st2['entries'] / want:.0f}% after {waited:.0f} s", quiet)
                 time.sleep(0.1)
             st1 = c1.status()
         reps = [st1["replication"], st2["replication"]]
@@ -357,9 +357,9 @@ def _read_figures(d: Dealer, size: int, rng: random.Random) -> dict[str, float]:
 
 
 def run_entries(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quiet: bool,
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                catch_up_timeout: float = 600.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Grow one context through `sizes`; a row per size, and what holds for the whole run (the
-    write counter used, restart time at the largest size)."""
+    write counter used, restart time at the largest size, an empty follower catching it up)."""
     data = os.path.join(workdir, "entries")
     node, _ = start_node(data, timeout=120)
     rng = random.Random(15)
@@ -410,6 +410,13 @@ def run_entries(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quie
         node, extra["restart_s"] = restart(node, data, zctx)
         extra["restart_s"] = round(extra["restart_s"], 3)
         extra["restart_entries"] = sizes[-1]
+        _progress("scale entries: an empty follower catches up", quiet)
+        cu = catch_up(zctx, node, os.path.join(workdir, "entries-follower"), sizes[-1], catch_up_timeout, quiet,
+                      "scale entries")
+        extra["follower"] = {"entries": sizes[-1], "catch_up_s": cu["catch_up_s"], "done": cu["catch_up_done"],
+                             "fraction": cu["catch_up_fraction"], "waited_s": cu["catch_up_waited_s"],
+                             "rate": round(sizes[-1] * cu["catch_up_fraction"] / cu["catch_up_waited_s"], 1)
+                             if cu["catch_up_waited_s"] else None}
         return rows, extra
     finally:
         node.stop()
@@ -444,7 +451,7 @@ def run_scale(contexts: Sequence[int], entries: Sequence[int], workdir: str, qui
         extra: dict[str, Any] = {}
         if entries:
             log(f"scale entries: one context grown to {', '.join(f'{n:,}' for n in entries)}", quiet)
-            erows, extra = run_entries(entries, workdir, zctx, quiet)
+            erows, extra = run_entries(entries, workdir, zctx, quiet, catch_up_timeout)
             for r in erows:
                 log(f"scale entries {r['entries']:,}: " + ", ".join(f"{k} {v}" for k, v in r.items()
                                                                    if k != "entries"), quiet)
@@ -460,6 +467,14 @@ def build_scale_report(crow: list[dict[str, Any]], erows: list[dict[str, Any]], 
         if not r.get("catch_up_done", True):
             notes.append(f"catch-up of {r['contexts']:,} contexts did not finish: "
                          f"{100 * r['catch_up_fraction']:.0f}% after {r['catch_up_waited_s']:.0f} s")
+    follower = extra.get("follower")
+    if follower is not None:
+        # the issue's goal: 5M entries in <= 40 s, i.e. at least FOLLOWER_GOAL_RATE entries/s at any size
+        follower["goal"] = f">= {FOLLOWER_GOAL_RATE:,} entries/s (5M in <= 40 s)"
+        follower["verdict"] = "PASS" if follower["done"] and (follower["rate"] or 0) >= FOLLOWER_GOAL_RATE else "MISS"
+        if not follower["done"]:
+            notes.append(f"the follower's catch-up of {follower['entries']:,} entries did not finish: "
+                         f"{100 * follower['fraction']:.0f}% after {follower['waited_s']:.0f} s")
     if extra.get("write_counter") == "wchar":
         notes.append("write amplification counts wchar (bytes passed to write()): this system has no "
                      "per-process block-I/O accounting (write_bytes)")
@@ -514,6 +529,10 @@ def print_scale_table(report: dict[str, Any]) -> None:
     if e["rows"]:
         print(f"\nwrite amplification: node {e['write_counter']} / {e['entry_bytes']} bytes per entry appended; "
               f"restart with {e['restart_entries']:,} entries: {e['restart_s']:.2f} s")
+        f = e.get("follower")
+        if f is not None:
+            print(f"an empty follower catches up {f['entries']:,} entries: {_fmt(f['catch_up_s'])} s "
+                  f"({_fmt(f['rate'])} entries/s)  goal {f['goal']} {f['verdict']}")
     for n in report["notes"]:
         print(f"note: {n}")
 
