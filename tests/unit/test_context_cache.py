@@ -383,3 +383,27 @@ def test_a_peer_pulling_a_context_out_of_ram_does_not_let_it_in_but_damage_found
         led.snapshot_page(codec.Snapshot("b", 4, 0, 10))
     assert led.holes == {cid: 3} and led.contexts.cached("b") is not None  # in RAM until repaired
     assert led.status()["damaged"][0]["context"] == "b"
+
+
+def test_a_read_of_one_entry_on_disk_is_one_look_up_not_a_range_scan(tmp_path):
+    class Scans(MemoryKV):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scans = 0
+
+        def scan(self, start: bytes, stop: bytes, reverse: bool = False):
+            self.scans += 1
+            return super().scan(start, stop, reverse)
+
+    kv = Scans()
+    led = make(kv, tmp_path)
+    fill(led, "a", 5)
+    settle(led)
+    assert not led.contexts["a"].tail  # every entry is on disk only
+    kv.scans = 0
+    blobs, size, more, nxt = led.get(codec.Get("a", after=2, limit=1))
+    assert [decode_entry(b).seq for b in blobs] == [3] and (size, more, nxt) == (5, True, 3)
+    assert kv.scans == 0
+    kv.write([], [st.entry_key(led.contexts["a"].id, 4)])
+    with pytest.raises(IntegrityError):  # a hole is still reported as one
+        led.get(codec.Get("a", after=3, limit=1))
