@@ -80,7 +80,8 @@ BIG_ROUND_HEADS = 20_000
 MAX_BIG_ROUND_BACKOFF = 64  # heartbeats (32 s by default)
 # A peer pulling entries from this node is catching up from it: comparing with it meanwhile would
 # find it behind and cost it all its heads (at 1M contexts, ~60 MB and a look-up each per round).
-# No comparison with it while it pulls (PULLING_BEATS after its last pull), but at least one
+# No comparison of more than MAX_NARROWED top buckets with it while it pulls (PULLING_BEATS after
+# its last pull), but at least one
 # every MAX_PULLING_SKIP heartbeats (2 minutes by default: a peer that never stops pulling still
 # gets compared; each of those costs, at 1M contexts, all its heads again).
 PULLING_BEATS = 2
@@ -1001,11 +1002,14 @@ class Mesh:
     def _maybe_sync(self, p: Peer) -> None:
         if p.syncing or p.state == DEAD or self.beats < p.next_round_beat:
             return
-        if (self.beats - p.pulled_us_beat <= PULLING_BEATS
-                and self.beats - p.round_beat < MAX_PULLING_SKIP):
-            return  # it is catching up from us: one repair session per pair at a time
         differ = digest.differing(self.ledger.digest(NBUCKETS), p.digest)
         if not differ:
+            return
+        if (len(differ) > MAX_NARROWED and self.beats - p.pulled_us_beat <= PULLING_BEATS
+                and self.beats - p.round_beat < MAX_PULLING_SKIP):
+            # it is catching up from us (one repair session per pair at a time); a difference
+            # of a few buckets is still compared at once (a few heads: cheap, and what a peer
+            # pulling a gap all the time would otherwise keep from us)
             return
         fields: dict[str, Any]
         if len(differ) <= MAX_NARROWED and not p.no_fine:

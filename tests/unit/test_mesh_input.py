@@ -588,14 +588,16 @@ def test_a_seed_that_answers_in_time_is_not_warned_about(caplog):
 
 
 def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_least_every_max_skip():
-    from node.mesh import MAX_PULLING_SKIP, PULLING_BEATS
+    from node.mesh import MAX_NARROWED, MAX_PULLING_SKIP, PULLING_BEATS
     from protocol import digest
     from protocol.digest import NBUCKETS
 
     t = Recording()
     m = mesh(t)
-    m.ledger.append_batch(codec.AppendBatch("c", (("k", b"v", {}),)))  # our digest differs from the peer's
+    for i in range(40):  # our digest differs from the peer's in more buckets than are narrowed down
+        m.ledger.append_batch(codec.AppendBatch(f"c{i}", (("k", b"v", {}),)))
     empty = digest.encode([0] * NBUCKETS)
+    assert len(digest.differing(m.ledger.digest(NBUCKETS), [0] * NBUCKETS)) > MAX_NARROWED
     now = 0.0
 
     def beat(pull: bool, conn: bytes = b"conn-p") -> int:
@@ -614,7 +616,7 @@ def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_leas
 
     m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), now, b"conn-p")
     p = m.peers["10.0.0.2:7400"]
-    assert sum(op == "sync_digest" for _a, op in t.sent) == 1  # compared at once
+    assert sum(op == "sync_heads" for _a, op in t.sent) == 1  # compared at once
     p.syncing = False
     # it pulls from us at every heartbeat: compared again only once MAX_PULLING_SKIP have passed
     counts = [beat(pull=True) for _ in range(2 * MAX_PULLING_SKIP)]
@@ -625,6 +627,24 @@ def test_no_comparison_with_a_peer_while_it_pulls_from_this_node_but_one_at_leas
     # once it stops pulling, compared again PULLING_BEATS heartbeats later, then at each one
     counts = [beat(pull=False) for _ in range(PULLING_BEATS + 2)]
     assert counts == [0] * PULLING_BEATS + [1, 1]
+
+
+def test_a_difference_of_a_few_buckets_is_compared_at_once_even_with_a_peer_pulling_from_us():
+    from protocol import digest
+    from protocol.digest import NBUCKETS
+
+    t = Recording()
+    m = mesh(t)
+    m.ledger.append_batch(codec.AppendBatch("c", (("k", b"v", {}),)))  # one bucket differs
+    empty = digest.encode([0] * NBUCKETS)
+    m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), 0.0, b"conn-p")
+    p = m.peers["10.0.0.2:7400"]
+    p.syncing = False
+    m.tick(0.5)
+    m.pulled_by(b"conn-p")  # it pulls a gap from us all the time
+    before = len(t.sent)
+    m.rpc_heartbeat(decode_hb(hb_frame(digest=empty)), 0.5, b"conn-p")
+    assert [op for _a, op in t.sent[before:]] == ["sync_digest"]  # narrowed down at once all the same
 
 
 def test_a_peer_forgotten_or_reconnected_leaves_no_stale_connection():
