@@ -1023,8 +1023,9 @@ class Ledger:
         (IntegrityError, Conflict) before anything is stored. With `root` (the
         sender's root at the last entry's seq), the entries must reproduce it too:
         when they do not, the histories differ, nothing is stored and the result
-        is None. The clock advances past every lamport received. `looked_up`: (`contexts.get(name)`), when
-        the caller has just asked (a pull of a context not here yet: one look-up on disk, not two).
+        is None. The clock advances past every lamport received. `looked_up`:
+        (`contexts.get(name)`) when the caller has just asked (a pull of a context not here yet:
+        one look-up on disk, not two).
         """
         if not entries:
             raise BadRequest("no entries to apply")

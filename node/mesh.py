@@ -81,9 +81,8 @@ MAX_BIG_ROUND_BACKOFF = 64  # heartbeats (32 s by default)
 # A peer pulling entries from this node is catching up from it: comparing with it meanwhile would
 # find it behind and cost it all its heads (at 1M contexts, ~60 MB and a look-up each per round).
 # No comparison of more than MAX_NARROWED top buckets with it while it pulls (PULLING_BEATS after
-# its last pull), but at least one
-# every MAX_PULLING_SKIP heartbeats (2 minutes by default: a peer that never stops pulling still
-# gets compared; each of those costs, at 1M contexts, all its heads again).
+# its last pull), but at least one every MAX_PULLING_SKIP heartbeats (2 minutes by default: a peer
+# that never stops pulling still gets compared; each of those costs, at 1M contexts, all its heads).
 PULLING_BEATS = 2
 MAX_PULLING_SKIP = 240
 MAX_HOLE_ASKS = 4  # damaged blocks (ledger.hole_block) being fetched again from peers at once

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zmq
 
+from node.clients import RESERVED_FDS
 from protocol import codec
 from protocol.client import Client
 
@@ -197,7 +198,7 @@ def test_sync_appends_work_with_a_low_descriptor_limit_and_many_idle_connections
             assert "Too many open files" not in node.output()
             st = c.call("status")
             assert c.head("big").size == 48
-            assert st["max_clients"] == 1024 - 512
+            assert st["max_clients"] == 1024 - RESERVED_FDS
             assert st["connections_refused"] > 0
         finally:
             for s in idle:

@@ -246,12 +246,18 @@ def test_a_clean_stop_with_damage_unrepaired_is_not_recorded(tmp_path, caplog):
     assert "not repaired yet" in caplog.text
 
 
-def test_damage_the_scrub_finds_in_a_context_out_of_ram_keeps_it_in_ram(tmp_path):
+def three_with_one_in_ram(tmp_path) -> tuple[MemoryKV, Ledger]:
+    """Contexts a, b, c of 4 entries each, settled with a cache of one: a and b out of RAM."""
     kv = MemoryKV()
     led = make(kv, tmp_path, cache=1)
     for name in ("a", "b", "c"):
         fill(led, name, 4)
     settle(led)
+    return kv, led
+
+
+def test_damage_the_scrub_finds_in_a_context_out_of_ram_keeps_it_in_ram(tmp_path):
+    kv, led = three_with_one_in_ram(tmp_path)
     cid = led.contexts.peek("a").id
     assert led.contexts.cached("a") is None
     kv.write([(st.entry_key(cid, 2), b"garbage")])
@@ -365,11 +371,7 @@ def test_a_damaged_record_of_a_context_out_of_ram_fails_that_context_alone(tmp_p
 
 
 def test_a_peer_pulling_a_context_out_of_ram_does_not_let_it_in_but_damage_found_keeps_it(tmp_path):
-    kv = MemoryKV()
-    led = make(kv, tmp_path, cache=1)
-    for name in ("a", "b", "c"):
-        fill(led, name, 4)
-    settle(led)
+    kv, led = three_with_one_in_ram(tmp_path)
     assert led.contexts.cached("a") is None
     loads = led.contexts.loads
     fields, blobs = led.snapshot_page(codec.Snapshot("a", 4, 0, 10))
