@@ -529,7 +529,7 @@ class Core:
             self.watch.mark(ctx)
             if (req.signed is not None and ctx.writer != self.ledger.node_id
                     and (ctx.size, ctx.frontier.root()) == (req.signed.size, req.signed.root)):
-                ctx.signed = req.signed  # a replica's head signed by its writer (6.4), checked above
+                self.ledger.set_signed(ctx, req.signed)  # a replica's head signed by its writer (6.4), checked above
         head["done"] = True
         return Reply(codec.encode_reply(rq.id, head))
 

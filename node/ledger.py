@@ -47,11 +47,13 @@ from protocol.errors import (
     IntegrityError,
     InternalError,
     NotFound,
+    RemoteProtocolError,
     StorageError,
     TooLarge,
     Unavailable,
 )
 from protocol.heads import SignedHead
+from protocol.heads import from_map as heads_from_map
 from protocol.lamport import MAX_LAMPORT, ClockExhausted, LamportClock, needs_reservation, next_reservation
 from protocol.snapshot import SnapshotVerifier
 
@@ -103,7 +105,7 @@ class ContextState:
     __slots__ = (
         "name", "name_bytes", "name_packed", "id", "writer", "size", "frontier", "last_lamport", "tail",
         "flushed_seq", "created_ns", "_topic", "published_seq", "leaf_names", "signed", "upper", "hinted",
-        "contrib",
+        "contrib", "signed_hinted",
     )
 
     def __init__(self, name: str, ctx_id: int, writer: str, created_ns: int) -> None:
@@ -122,8 +124,10 @@ class ContextState:
         self._topic: bytes | None = None
         self.published_seq = 0  # entries up to here were published (or nobody watched them)
         self.leaf_names = leaf_names(self.name_bytes, writer.encode())  # constant part of every leaf hash
-        # a replica's latest head signed by the writer (SPEC 13.6; from its pushes, on a node with keys)
+        # a replica's latest head signed by the writer (SPEC 13.6; from its pushes, on a node with keys);
+        # kept in its `C` record (`Ledger.set_signed`), `signed_hinted` the one the record holds
         self.signed: SignedHead | None = None
+        self.signed_hinted: SignedHead | None = None
         # complete Merkle nodes of level >= CACHED_MIN_LEVEL read for proofs, by (level, index).
         # Never stale: the nodes within a context's size do not change while this object serves
         # it (its history only grows; a damaged or forked history gets a new ContextState)
@@ -464,6 +468,8 @@ class Ledger:
             if not (type(info) is dict and type(info.get("id")) is int and type(info.get("writer")) is str):
                 raise ValueError(f"not a context record: {raw[:64]!r}")
             ctx = self._from_head(name, info, True) or self._load_ctx(name, info)
+            if "signed" in info:
+                ctx.signed = ctx.signed_hinted = _signed_from_record(name, info["signed"])
         except (st.Corruption, InternalError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.integrity_errors += 1
             log.error("INTEGRITY: context %r cannot be read from storage (%s)", name, exc)
@@ -477,7 +483,7 @@ class Ledger:
         size = ctx.size
         if (ctx.tail or ctx.flushed_seq != size or ctx.published_seq != size or ctx in self._dirty
                 or ctx in self._inflight_dirty or ctx in self._digest_dirty or ctx in self._stale_tails
-                or ctx.id in self.damaged or ctx.id in self.holes):
+                or ctx.id in self.damaged or ctx.id in self.holes or ctx.signed is not ctx.signed_hinted):
             return False
         if ctx.hinted == size:
             return True
@@ -497,6 +503,14 @@ class Ledger:
     def _evicted(self, ctx: ContextState) -> None:
         if self._by_id.get(ctx.id) is ctx:
             del self._by_id[ctx.id]
+
+    def set_signed(self, ctx: ContextState, h: SignedHead) -> None:
+        """A replica's head signed by its writer (checked by the caller), kept in RAM and in the
+        context's record: written now when the record is otherwise current, else with the batch
+        that writes the context (`_add_heads`). Until then the context does not leave RAM."""
+        ctx.signed = h
+        if ctx.hinted == ctx.size and self.contexts.cached(ctx.name) is ctx:
+            self.pending[st.ctx_key(ctx.name)] = _ctx_record(ctx, ctx.size, ctx.last_lamport, ctx.frontier)
 
     def repairing(self, ctx: ContextState) -> tuple[int, bytes] | None:
         """For a damaged context this node writes: the (size, root) its high-water mark says it
@@ -1339,7 +1353,7 @@ class Ledger:
             log.warning("%d damaged contexts are not repaired yet: the next start checks every context's head",
                         len(self.damaged))
             return False
-        stale = [ctx for ctx in self.contexts.loaded() if ctx.hinted != ctx.size]
+        stale = [ctx for ctx in self.contexts.loaded() if ctx.hinted != ctx.size or ctx.signed is not ctx.signed_hinted]
         puts = [(st.ctx_key(c.name), _ctx_record(c, c.size, c.last_lamport, c.frontier)) for c in stale]
         token = j.current_token()
         # the clock's reservation comes down to what it handed out: the next start goes on from
@@ -2036,9 +2050,30 @@ class Ledger:
 
 def _ctx_record(ctx: ContextState, size: int, lamport: int, frontier: merkle.Frontier) -> bytes:
     """A context's `C` record with its head: what start-up needs to serve it without reading its
-    entries (SPEC Appendix A). `frontier` is the one of `size` entries."""
-    return _packb({"id": ctx.id, "writer": ctx.writer, "created_ns": ctx.created_ns,
-                   "head": [size, lamport, b"".join(frontier.nodes), frontier.root()]})
+    entries (SPEC Appendix A). `frontier` is the one of `size` entries. A replica's head signed
+    by its writer goes with it (`signed`; noted as written, `signed_hinted`): a context read again
+    from its record (after leaving RAM, or a restart) must still give it to a peer with keys that
+    pulls from this replica."""
+    record: dict[str, Any] = {"id": ctx.id, "writer": ctx.writer, "created_ns": ctx.created_ns,
+                              "head": [size, lamport, b"".join(frontier.nodes), frontier.root()]}
+    if ctx.signed is not None:
+        record["signed"] = ctx.signed.to_map()
+    ctx.signed_hinted = ctx.signed
+    return _packb(record)
+
+
+def _signed_from_record(name: str, raw: Any) -> SignedHead | None:
+    """The signed head kept in `name`'s record, or None (logged) when it is not one of `name`: the
+    record is rewritten without it at the next write (its signature is checked by whoever uses it)."""
+    try:
+        h = heads_from_map(raw)
+    except RemoteProtocolError as exc:
+        log.warning("context %r: the signed head in its record is malformed (%s); not kept", name, exc.message)
+        return None
+    if h.context != name:
+        log.warning("context %r: its record holds a signed head of %r; not kept", name, h.context)
+        return None
+    return h
 
 
 def _first(item: tuple[str, Any]) -> str:

@@ -835,7 +835,7 @@ class Mesh:
             return False
         self.stats.pushed_entries += len(entries)
         if signed is not None:
-            applied.signed = signed
+            self.ledger.set_signed(applied, signed)
         self.ack_due[applied.name] = applied.writer
         if m.ack:
             self.ack_now = True
@@ -931,7 +931,7 @@ class Mesh:
         except RemoteProtocolError:
             return
         if key is not None and (h.context, h.size, h.root) == (ctx.name, size, root) and h.verify(key):
-            ctx.signed = h
+            self.ledger.set_signed(ctx, h)
 
     def _keep_early(self, name: str, ctx: ContextState | None, first: int, count: int, frames: list[bytes]) -> None:
         nbytes = len(frames[-1])

@@ -330,24 +330,34 @@ def test_with_keys_a_replica_serves_the_head_its_writer_signed_so_a_reader_of_th
         assert st["unsigned_pushes"] == 0 and st["pushed_entries"] > before
 
 
-def test_with_keys_a_new_node_catches_up_from_a_replica_while_the_writer_is_down(node_factory, tmp_path, zctx):
+@pytest.mark.parametrize("cache", [[], ["--context-cache", "1", "--hot-bytes", "1"]], ids=["in-ram", "cache-of-one"])
+def test_with_keys_a_new_node_catches_up_from_a_replica_while_the_writer_is_down(node_factory, tmp_path, zctx,
+                                                                                 cache):
+    # with a cache of one context on the replica, the others are read back from their records:
+    # their writer's signed heads must come back with them (they are kept in the records)
     keys = Keys(tmp_path)
     ks = {n: node_key(tmp_path, n) for n in ("n1", "n2", "n3")}
     peers = tmp_path / "peers.txt"
     peers.write_text("".join(f"{n} {k.public_hex}\n" for n, k in ks.items()))
     common = ["--peer-keys", str(peers), "--client-keys", str(keys.clients), "--heartbeat-ms", "100"]
+    names = ("notes", "plans", "facts")
     n1 = node_factory("--id", "n1", *common, name="n1")
-    n2 = node_factory("--id", "n2", *common, "--peers", f"n1@{n1.address.removeprefix('tcp://')}", name="n2")
+    n2 = node_factory("--id", "n2", *common, *cache, "--peers", f"n1@{n1.address.removeprefix('tcp://')}", name="n2")
     with keys.client(n1, keys.writer, ks["n1"], zctx=zctx) as c1, keys.client(n2, keys.writer, ks["n2"], zctx=zctx) as c2:
         for i in range(25):
-            c1.append("notes", f"e{i}")
-        wait_for(lambda: verified(c2, "notes", ks["n1"]) == 25, what="n2's signed copy")
+            for name in names:
+                c1.append(name, f"e{i}")
+        for name in names:
+            wait_for(lambda name=name: verified(c2, name, ks["n1"]) == 25, what=f"n2's signed copy of {name}")
+        if cache:
+            wait_for(lambda: c2.status()["context_cache"]["evictions"] > 0, what="n2 evicting contexts")
     n1.kill()  # the writer is gone: n3 can only get the entries from n2, under n1's signature
     n3 = node_factory("--id", "n3", *common, "--peers", f"n2@{n2.address.removeprefix('tcp://')}", name="n3")
     with keys.client(n3, keys.writer, ks["n3"], zctx=zctx) as c3:
-        wait_for(lambda: verified(c3, "notes", ks["n1"]) == 25, what="n3's copy, checked against n1's key")
+        for name in names:
+            wait_for(lambda name=name: verified(c3, name, ks["n1"]) == 25, what=f"n3's copy of {name}, checked against n1's key")
+            assert c3.verify_context(name, writer_key=ks["n1"].public_hex)["signed_size"] == 25
         assert c3.status()["replication"]["unsigned_pulls"] == 0
-        assert c3.verify_context("notes", writer_key=ks["n1"].public_hex)["signed_size"] == 25
 
 
 def test_watching_follows_the_keys_prefixes_and_only_peers_get_the_replication_stream(keyed, zctx):

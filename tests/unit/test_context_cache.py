@@ -11,13 +11,14 @@ import pytest
 
 from node import storage as st
 from node.contexts import ContextTable
-from node.ledger import CLEAN_STATE_KEY, FORMAT_KEY, DataDirError, Ledger
+from node.ledger import CLEAN_STATE_KEY, FORMAT_KEY, ContextState, DataDirError, Ledger
 from node.marks import Journal
 from node.storage import MemoryKV
 from protocol import codec
 from protocol.digest import FINE, NBUCKETS, bucket_of
 from protocol.entry import decode_entry
 from protocol.errors import IntegrityError, InternalError, NotFound
+from protocol.heads import SignedHead
 from tests.unit.test_ledger import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
@@ -409,3 +410,69 @@ def test_a_read_of_one_entry_on_disk_is_one_look_up_not_a_range_scan(tmp_path):
     kv.write([], [st.entry_key(led.contexts["a"].id, 4)])
     with pytest.raises(IntegrityError):  # a hole is still reported as one
         led.get(codec.Get("a", after=3, limit=1))
+
+
+def _replica(led: Ledger, tmp_path, name: str, n: int) -> tuple[ContextState, bytes]:
+    """`name` written by n2 (n entries), applied on `led` as a replica; (its context, root)."""
+    (tmp_path / "src").mkdir(exist_ok=True)
+    src = Ledger(MemoryKV(), node_id="n2", now_ns=FakeClock(), sync_meta=False,
+                 journal=Journal(str(tmp_path / "src")))
+    fill(src, name, n)
+    root = src.contexts[name].frontier.root()
+    ctx = led.apply_replicated(name, [decode_entry(src.entry_blob(src.contexts[name], s)) for s in range(1, n + 1)],
+                               root)
+    assert ctx is not None
+    return ctx, root
+
+
+def test_a_replicas_signed_head_survives_leaving_ram_and_a_clean_restart(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path / "n1", cache=1)
+    ctx, root = _replica(led, tmp_path, "r", 2)
+    h = SignedHead("r", 2, root, b"k" * 32, 0, b"s" * 64)
+    led.set_signed(ctx, h)  # as a pull or a push with it does (written with the entries' batch)
+    settle(led)
+    fill(led, "x", 1)
+    settle(led)  # r leaves the cache of one
+    assert led.contexts.cached("r") is None
+    assert led.contexts.get("r").signed == h
+    # one arriving when the record is otherwise current is written at once (and kept RAM until then)
+    h2 = h._replace(sig=b"t" * 64)
+    led.set_signed(led.contexts["r"], h2)
+    fill(led, "y", 1)
+    settle(led)
+    assert led.contexts.cached("r") is None and led.contexts.get("r").signed == h2
+    assert led.mark_clean()
+    led.close()
+    again = make(kv, tmp_path / "n1", cache=1)
+    assert again.contexts.get("r").signed == h2
+
+
+def test_a_signed_head_not_yet_written_keeps_its_context_in_ram(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path / "n1", cache=1)
+    ctx, root = _replica(led, tmp_path, "r", 2)
+    settle(led)
+    assert led.contexts.cached("r") is ctx
+    ctx.signed = SignedHead("r", 2, root, b"k" * 32, 0, b"s" * 64)  # (set without set_signed)
+    fill(led, "x", 1)
+    settle(led)
+    assert led.contexts.cached("r") is ctx  # not evicted: its record does not hold it
+
+
+@pytest.mark.parametrize("bad", [{"context": "r"}, "junk", {"context": "other", "size": 2, "root": b"r" * 32,
+                                                          "key": b"k" * 32, "epoch": 0, "sig": b"s" * 64}])
+def test_a_bad_signed_head_in_a_record_is_dropped_and_logged_and_the_context_served(tmp_path, caplog, bad):
+    kv = MemoryKV()
+    led = make(kv, tmp_path / "n1", cache=1)
+    _replica(led, tmp_path, "r", 2)
+    settle(led)
+    fill(led, "x", 1)
+    settle(led)
+    key = st.ctx_key("r")
+    record = msgpack.unpackb(kv.get(key))
+    kv.write([(key, msgpack.packb({**record, "signed": bad}))])
+    with caplog.at_level(logging.WARNING):
+        ctx = led.contexts.get("r")
+    assert ctx is not None and ctx.size == 2 and ctx.signed is None
+    assert "signed head" in caplog.text
