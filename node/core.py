@@ -495,7 +495,7 @@ class Core:
         if signed is not None:
             fields["signed"] = signed  # a replica pulling it keeps it for its own head
             return
-        ctx = self.ledger.contexts.get(name)
+        ctx = self.ledger.contexts.peek(name)  # (a page served does not let its context into the cache)
         if ctx is not None and ctx.signed is not None and ctx.signed.size > size:
             # the latest head its writer signed, beyond this page, and the proof that the page's
             # root is a prefix of it: what a node with keys needs before it applies a pull (17.2)
@@ -505,7 +505,7 @@ class Core:
     def _signed_at(self, name: str, size: int, root: bytes) -> dict[str, Any] | None:
         """A head of `name` at exactly (size, root) signed by its writer, when this node has one:
         signed now if it is the writer, else the one it keeps if that is the one."""
-        ctx = self.ledger.contexts.get(name)
+        ctx = self.ledger.contexts.peek(name)
         if ctx is None:
             return None
         if ctx.writer == self.ledger.node_id and self.identity is not None:

@@ -363,6 +363,9 @@ class Ledger:
                 if ctx is None:
                     read += 1
                     ctx = self._load_ctx(name, info)
+                if "signed" in info:
+                    ctx.signed = ctx.signed_hinted = _signed_from_record(ctx, info["signed"])
+                if ctx.hinted != ctx.size:  # read from its entries: its head is rewritten
                     fixes.append((key, _ctx_record(ctx, ctx.size, ctx.last_lamport, ctx.frontier)))
                     ctx.hinted = ctx.size
             except (st.Corruption, InternalError) as exc:
@@ -469,7 +472,7 @@ class Ledger:
                 raise ValueError(f"not a context record: {raw[:64]!r}")
             ctx = self._from_head(name, info, True) or self._load_ctx(name, info)
             if "signed" in info:
-                ctx.signed = ctx.signed_hinted = _signed_from_record(name, info["signed"])
+                ctx.signed = ctx.signed_hinted = _signed_from_record(ctx, info["signed"])
         except (st.Corruption, InternalError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.integrity_errors += 1
             log.error("INTEGRITY: context %r cannot be read from storage (%s)", name, exc)
@@ -1713,22 +1716,23 @@ class Ledger:
         nbytes = 0
         last = min(size, req.after + req.limit)
         last_seen = req.after
-        if req.after < size:
-            try:
+        try:
+            if req.after < size:
                 for seq, _key, blob in self._iter_blobs(ctx, req.after + 1, last, check_hash=True):
                     if nbytes + len(blob) > max_bytes and (out or not at_least_one):
                         break
                     out.append(blob)
                     nbytes += len(blob)
                     last_seen = seq
-            except IntegrityError:
-                if ctx.id in self.holes:
-                    self.contexts.keep(ctx.name, ctx)  # it stays in RAM until repaired
-                raise
+            root = self.root_at(ctx, size)  # (below the size: leaves read, which may be damaged too)
+        except IntegrityError:
+            if ctx.id in self.holes:
+                self.contexts.keep(ctx.name, ctx)  # it stays in RAM until repaired
+            raise
         fields = {
             "context": ctx.name,
             "size": size,
-            "root": self.root_at(ctx, size),
+            "root": root,
             "more": last_seen < size,
             "next_after": last_seen,
         }
@@ -1788,7 +1792,10 @@ class Ledger:
     def _damaged_list(self, limit: int = 100) -> list[dict[str, Any]]:
         out = []
         for cid in {**self.damaged, **self.holes}:
-            ctx = self._by_id[cid]
+            ctx = self._by_id.get(cid)
+            if ctx is None:  # (every damaged context is kept in RAM; a status must not fail on one that is not)
+                log.error("INTERNAL: damaged context #%d is not in RAM", cid)
+                continue
             d = self.damage(ctx)
             if d is not None:
                 out.append({"context": ctx.name, **d})
@@ -2062,16 +2069,19 @@ def _ctx_record(ctx: ContextState, size: int, lamport: int, frontier: merkle.Fro
     return _packb(record)
 
 
-def _signed_from_record(name: str, raw: Any) -> SignedHead | None:
-    """The signed head kept in `name`'s record, or None (logged) when it is not one of `name`: the
-    record is rewritten without it at the next write (its signature is checked by whoever uses it)."""
+def _signed_from_record(ctx: ContextState, raw: Any) -> SignedHead | None:
+    """The signed head kept in `ctx`'s record, or None (logged) when it is not one of this history
+    up to its size (the record is rewritten without it at the next write; its signature is
+    checked by whoever uses it)."""
+    name = ctx.name
     try:
         h = heads_from_map(raw)
     except RemoteProtocolError as exc:
         log.warning("context %r: the signed head in its record is malformed (%s); not kept", name, exc.message)
         return None
-    if h.context != name:
-        log.warning("context %r: its record holds a signed head of %r; not kept", name, h.context)
+    if h.context != name or h.size > ctx.size or (h.size == ctx.size and h.root != ctx.frontier.root()):
+        log.warning("context %r (%d entries): its record holds a signed head of %r at %d that is not of this "
+                    "history; not kept", name, ctx.size, h.context, h.size)
         return None
     return h
 

@@ -476,3 +476,55 @@ def test_a_bad_signed_head_in_a_record_is_dropped_and_logged_and_the_context_ser
         ctx = led.contexts.get("r")
     assert ctx is not None and ctx.size == 2 and ctx.signed is None
     assert "signed head" in caplog.text
+
+
+def test_damage_found_while_rooting_a_page_below_the_size_keeps_the_context_and_status_answers(tmp_path):
+    # a page that ends below the size is rooted from leaves outside it (the last partial block)
+    kv = MemoryKV()
+    led = make(kv, tmp_path, cache=1)
+    for name in ("a", "b", "c"):
+        fill(led, name, 12)
+    settle(led)
+    assert led.contexts.cached("b") is None
+    cid = led.contexts.peek("b").id
+    kv.write([(st.entry_key(cid, 9), b"garbage")])
+    with pytest.raises(IntegrityError):
+        led.snapshot_page(codec.Snapshot("b", 10, 9, 1))  # entry 10 alone; its root needs 9
+    assert led.holes == {cid: 9} and led.contexts.cached("b") is not None
+    assert [d["context"] for d in led.status()["damaged"]] == ["b"]
+
+
+def test_a_signed_head_in_a_record_beyond_its_history_is_dropped(tmp_path, caplog):
+    kv = MemoryKV()
+    led = make(kv, tmp_path / "n1", cache=1)
+    _, root = _replica(led, tmp_path, "r", 2)
+    settle(led)
+    fill(led, "x", 1)
+    settle(led)
+    key = st.ctx_key("r")
+    record = msgpack.unpackb(kv.get(key))
+    for size, head_root in ((3, root), (2, b"o" * 32)):  # longer than the replica; same size, other root
+        signed = {"context": "r", "size": size, "root": head_root, "key": b"k" * 32, "epoch": 0, "sig": b"s" * 64}
+        kv.write([(key, msgpack.packb({**record, "signed": signed}))])
+        with caplog.at_level(logging.WARNING):
+            ctx = led.contexts.get("r")
+        assert ctx.size == 2 and ctx.signed is None and "not of this history" in caplog.text
+        caplog.clear()
+        fill(led, "x", 1)
+        settle(led)  # r leaves RAM again
+        assert led.contexts.cached("r") is None
+
+
+def test_a_signed_head_survives_a_start_after_a_crash_that_rewrites_its_record(tmp_path):
+    kv = MemoryKV()
+    led = make(kv, tmp_path / "n1", cache=1)
+    ctx, root = _replica(led, tmp_path, "r", 2)
+    h = SignedHead("r", 2, root, b"k" * 32, 0, b"s" * 64)
+    led.set_signed(ctx, h)
+    settle(led)
+    key = st.ctx_key("r")
+    record = msgpack.unpackb(kv.get(key))
+    kv.write([(key, msgpack.packb({**record, "head": [2, 0, b"bad", root]}))])  # read from its entries
+    again = make(kv, tmp_path / "n1", cache=1)  # no clean stop: every context is read once
+    assert msgpack.unpackb(kv.get(key))["head"][2] != b"bad"  # the record was rewritten...
+    assert again.contexts.get("r").signed == h  # ...with the signed head

@@ -330,3 +330,24 @@ def test_snapshots_is_for_nodes_only():
     from node.access import ROLE_OPS
 
     assert "snapshots" in ROLE_OPS["peer"] and all("snapshots" not in ROLE_OPS[r] for r in ("read", "write", "admin"))
+
+
+def test_pages_served_to_a_peer_signed_or_not_do_not_let_their_contexts_into_the_cache():
+    core, _ = make_core()
+    led = core.ledger
+    led.contexts.capacity = 1
+    for n in ("a", "b", "c"):
+        ask(core, "append_batch", context=n, entries=[{"key": "k", "payload": b"x"}] * 3)
+    write(core, 101.0)
+    for c in led.contexts.loaded():
+        c.published_seq = c.size
+    led.hot_limit = 0
+    led.evict()
+    led.digest()
+    led.contexts.shrink()
+    assert led.contexts.keys() == ["c"]
+    loads = led.contexts.loads
+    assert ask(core, "snapshot", context="a", after=0, limit=10)[0]["size"] == 3
+    r = ask(core, "snapshots", chunks=[["b", 0, 3]], signed=True)[0]
+    assert len(r["chunks"]) == 1 and r["chunks"][0]["size"] == 3
+    assert led.contexts.keys() == ["c"] and led.contexts.loads == loads
