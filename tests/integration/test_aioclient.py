@@ -23,7 +23,9 @@ from tests.integration.test_mesh import converged, hostport, mesh, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT_S = 0.010
-LATE_BOUND_S = 0.100  # generous: CI has 2 shared cores
+# generous: CI has 2 shared cores, and 0.100 failed twice in full runs of session 17 (155 and 161 ms
+# late, never alone); a blocking call on the loop (below: 0.6 s) still fails it
+LATE_BOUND_S = 0.300
 
 
 def run(coro: Any) -> Any:
@@ -128,7 +130,7 @@ def test_a_watch_and_1000_concurrent_appends_never_stall_the_event_loop(node):
                             return
                 watcher = asyncio.get_running_loop().create_task(watch())
                 if blocking:
-                    time.sleep(0.25)  # what a blocking call does to everyone else on the loop
+                    time.sleep(2 * LATE_BOUND_S)  # what a blocking call does to everyone else on the loop
                 entries = await asyncio.gather(*(c.append("busy", f"p{i}") for i in range(1000)))
                 await asyncio.wait_for(watcher, 30)
             ticker.stop = True
