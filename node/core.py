@@ -491,23 +491,22 @@ class Core:
     def _sign_page(self, name: str, fields: dict[str, Any]) -> None:
         """A snapshot page's signed head (SPEC 17.2, 13.6): the writer's, at the page's size."""
         size, root = fields["size"], fields["root"]
-        signed = self._signed_at(name, size, root)
+        ctx = self.ledger.contexts.peek(name)  # (a page served does not let its context into the cache)
+        if ctx is None:
+            return
+        signed = self._signed_at(ctx, size, root)
         if signed is not None:
             fields["signed"] = signed  # a replica pulling it keeps it for its own head
             return
-        ctx = self.ledger.contexts.peek(name)  # (a page served does not let its context into the cache)
-        if ctx is not None and ctx.signed is not None and ctx.signed.size > size:
+        if ctx.signed is not None and ctx.signed.size > size:
             # the latest head its writer signed, beyond this page, and the proof that the page's
             # root is a prefix of it: what a node with keys needs before it applies a pull (17.2)
             fields["signed"] = ctx.signed.to_map()
             fields["signed_proof"] = self.ledger.consistency(codec.Consistency(ctx.name, size, ctx.signed.size))["proof"]
 
-    def _signed_at(self, name: str, size: int, root: bytes) -> dict[str, Any] | None:
-        """A head of `name` at exactly (size, root) signed by its writer, when this node has one:
+    def _signed_at(self, ctx: ContextState, size: int, root: bytes) -> dict[str, Any] | None:
+        """A head of `ctx` at exactly (size, root) signed by its writer, when this node has one:
         signed now if it is the writer, else the one it keeps if that is the one."""
-        ctx = self.ledger.contexts.peek(name)
-        if ctx is None:
-            return None
         if ctx.writer == self.ledger.node_id and self.identity is not None:
             return sign_head(self.identity, ctx.name, size, root).to_map()
         if ctx.signed is not None and ctx.signed.size == size and ctx.signed.root == root:

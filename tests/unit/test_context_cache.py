@@ -25,11 +25,12 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class CountingKV(MemoryKV):
-    """A MemoryKV that counts look-ups of `C` records."""
+    """A MemoryKV that counts look-ups of `C` records, and range scans of any keys."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ctx_reads = 0
+        self.scans = 0
 
     def get(self, key: bytes) -> bytes | None:
         if key[:1] == st.CTX:
@@ -37,6 +38,7 @@ class CountingKV(MemoryKV):
         return super().get(key)
 
     def scan(self, start: bytes, stop: bytes, reverse: bool = False):
+        self.scans += 1
         if start[:1] == st.CTX:
             self.ctx_reads += 1
         return super().scan(start, stop, reverse)
@@ -389,16 +391,7 @@ def test_a_peer_pulling_a_context_out_of_ram_does_not_let_it_in_but_damage_found
 
 
 def test_a_read_of_one_entry_on_disk_is_one_look_up_not_a_range_scan(tmp_path):
-    class Scans(MemoryKV):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scans = 0
-
-        def scan(self, start: bytes, stop: bytes, reverse: bool = False):
-            self.scans += 1
-            return super().scan(start, stop, reverse)
-
-    kv = Scans()
+    kv = CountingKV()
     led = make(kv, tmp_path)
     fill(led, "a", 5)
     settle(led)
