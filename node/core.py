@@ -198,6 +198,7 @@ class Core:
             writer_key=None if access is None else self._writer_key,
         )
         self.mesh.on_ack = self.check_replicated
+        self.mesh.awaited = lambda: {w.answer.ctx.name for w in self.for_replicas}
         self.outbox: list[list[bytes]] = []  # replies to send now (the server drains it)
         self.outbox_bytes = 0  # bytes of the pages (replies >= PAGE_BYTES) in it
         self.for_disk: list[Waiting] = []

@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -62,9 +62,11 @@ MAX_PULL_REQUESTS = 32  # pull requests in flight to one peer (many small contex
 # round trips, each a request, a reply, a signature and a loop turn on both nodes
 SMALL_PULL = 200
 GROUP_ENTRIES = PULL_CHUNK // 2
-# Acks to a writer go out at once when it waits for them (its pushes say `ack`, SPEC 17.5, or the
-# entries came by a pull), else at most this often: they only keep its view of the replicas fresh.
+# Acks to a writer go out at once when it waits for them (its pushes say `ack`, SPEC 17.5), else
+# at most this often (pulled entries too): they only keep its view of the replicas fresh, or answer
+# a replicas=N append whose push was lost a few ms later.
 ACK_LAZY_S = 0.05
+PRUNE_ACKS_SLACK = 1000  # acks of contexts out of RAM kept before a sweep drops them
 MAX_EARLY_BYTES = 32 << 20  # early pushes kept (all contexts) while the gap before them is pulled
 RETRY_UNSENT_TIMES = 5  # ... at most this many times per heartbeat interval
 HEADS_PAGE = 2_000
@@ -211,6 +213,10 @@ class Peer:
     no_fine: bool = False  # it answered sync_digest with an error (a version without it): top buckets only
     no_group: bool = False  # it answered snapshots with an error (a version without it): one context per pull
     pulls: collections.deque[Pull] = field(default_factory=collections.deque)  # (popped from near the front)
+    # how many pulls at the front had every chunk asked for at the last `_next_pull`: it starts
+    # there (hundreds of contexts in flight looked at again at every reply were 6% of a catch-up);
+    # 0 whenever a chunk asked may have come back unapplied
+    pull_cursor: int = 0
     pulled_entries: int = 0
     subscribed: str | None = None
     learned: float = 0.0  # when this node learned of it
@@ -319,6 +325,7 @@ class Mesh:
         self.early_bytes = 0
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[float], None] = lambda now: None  # acks came in (the core's replicas=N)
+        self.awaited: Callable[[], Collection[str]] = frozenset  # contexts whose appends wait for acks
         self.last_beat = -1e18
         self.unsent: dict[str, int] = {}  # peers whose last heartbeat could not be sent -> retries so far
         self._last_retry = -1e18
@@ -496,6 +503,7 @@ class Mesh:
                 self.peer_error(p.address, "heartbeat failed", exc)
         self._last_retry = now
         self._expire_requests(now)
+        self._prune_acks()
         if self.ledger.holes:
             self._repair_holes()
 
@@ -744,6 +752,7 @@ class Mesh:
                     if err.get("code") in ("UNKNOWN_OP", "BAD_REQUEST", "FORBIDDEN"):
                         # a peer of a version without snapshots: its contexts one per request
                         p.no_group = True
+                        p.pull_cursor = 0
                         for name in names:
                             if self.pulling.get(name) == p.address:
                                 del self.pulling[name]
@@ -971,6 +980,7 @@ class Mesh:
             return
         if not any(n == name for n, _t, _r in p.pulls):
             p.pulls.insert(0, Pull(name, target, b""))
+            p.pull_cursor = 0
             self.stats.gap_pulls += 1
         self._next_pull(p)
 
@@ -1263,6 +1273,7 @@ class Mesh:
 
     def _drop_pulls(self, p: Peer, name: str | None = None) -> None:
         """Forget what we meant to pull from `p` (of context `name` only, if given)."""
+        p.pull_cursor = 0
         if name is None:
             p.pulls.clear()
         else:
@@ -1295,6 +1306,21 @@ class Mesh:
         budget = PULL_WINDOW * PULL_CHUNK
         group: list[list[Any]] = []  # small chunks for one `snapshots` request: [context, after, size]
         grouped = 0
+        pulls = p.pulls
+        if not inflight:
+            p.pull_cursor = 0  # (nothing in flight: nothing before it can be, whatever happened)
+        else:
+            # pulls before the cursor are in flight or done: the done ones at the front go
+            contexts = self.ledger.contexts
+            while p.pull_cursor and pulls:
+                name, target, _root = pulls[0]
+                ctx = contexts.cached(name)
+                if ctx is None or ctx.size < target:
+                    break
+                pulls.popleft()
+                p.pull_cursor -= 1
+                if self.pulling.get(name) == p.address:
+                    del self.pulling[name]
 
         def send_group() -> bool:
             nonlocal inflight, group, grouped
@@ -1309,14 +1335,16 @@ class Mesh:
             group, grouped = [], 0
             return ok
 
-        i = 0
-        while i < len(p.pulls) and inflight < MAX_PULL_REQUESTS and asked < budget:
-            name, target, root = p.pulls[i]
+        i = p.pull_cursor
+        while i < len(pulls) and inflight < MAX_PULL_REQUESTS and asked < budget:
+            name, target, root = pulls[i]
             asked_of = ends.get(name)
             if asked_of and max(asked_of.values()) >= target:
                 # every chunk of it is asked for: the next context meanwhile, without reading this
                 # one (not yet created here while its first chunk is in flight: a look-up on disk
                 # for each context in flight at each reply was 17% of a 100k-context catch-up)
+                if i == p.pull_cursor:
+                    p.pull_cursor += 1
                 i += 1
                 continue
             ctx = self.ledger.contexts.get(name)
@@ -1324,7 +1352,7 @@ class Mesh:
             owner = self.pulling.get(name)
             if size >= target or (owner is not None and owner != p.address):
                 # done, or already being pulled from another peer (one copy is enough)
-                del p.pulls[i]  # (a deque: near the front this costs O(i), not O(len))
+                del pulls[i]  # (a deque: near the front this costs O(i), not O(len))
                 if owner == p.address:
                     del self.pulling[name]
                 continue
@@ -1332,6 +1360,8 @@ class Mesh:
             while asked_of and start in asked_of:
                 start = asked_of[start]
             if start >= target:
+                if i == p.pull_cursor:
+                    p.pull_cursor += 1
                 i += 1  # every chunk of it is asked for: the next context meanwhile
                 continue
             end = min(target, start + PULL_CHUNK)
@@ -1354,14 +1384,18 @@ class Mesh:
         p.syncing = inflight > 0 or self._in_flight(p, "sync_heads") > 0 or self._in_flight(p, "sync_digest") > 0
 
     def _on_chunk(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
-        self._apply_chunk(p, reply, fields)
+        if not self._apply_chunk(p, reply, fields):
+            p.pull_cursor = 0
         self._next_pull(p)
 
     def _on_chunks(self, p: Peer, reply: dict[str, Any], fields: dict[str, Any]) -> None:
         """A `snapshots` reply: each chunk as a `snapshot` reply would be; a chunk the peer could
         not serve drops that context's pull only; chunks left out of a full reply are asked again."""
         asked = fields["chunks"]
-        for item, (name, after, size) in zip(codec.parse_chunks_reply(reply, len(asked)), asked, strict=False):
+        items = codec.parse_chunks_reply(reply, len(asked))
+        if len(items) < len(asked):
+            p.pull_cursor = 0  # (the chunks left out are asked again)
+        for item, (name, after, size) in zip(items, asked, strict=False):
             if "error" in item:
                 err = item["error"] if isinstance(item["error"], dict) else {}
                 log.warning("snapshots to %s: %r failed: %s %s", p.address, name, err.get("code"), err.get("message"))
@@ -1370,12 +1404,15 @@ class Mesh:
             if item.get("context") != name:
                 raise RemoteProtocolError(BAD_REQUEST, f"snapshots reply: chunk of {item.get('context')!r} "
                                           f"where {name!r} was asked")
-            self._apply_chunk(p, item, {"context": name, "size": size, "after": after, "limit": size - after})
+            if not self._apply_chunk(p, item, {"context": name, "size": size, "after": after, "limit": size - after}):
+                p.pull_cursor = 0
         self._next_pull(p)
 
-    def _apply_chunk(self, p: Peer, reply: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    def _apply_chunk(self, p: Peer, reply: Mapping[str, Any], fields: dict[str, Any]) -> bool:
+        """Apply a pull reply's chunk; whether it was applied whole (else it, or what is left of
+        it, is to be asked again)."""
         name = fields["context"]
-        end = fields["size"]
+        end: int = fields["size"]
         ctx = self.ledger.contexts.get(name)
         size = ctx.size if ctx is not None else 0
         chunk = codec.parse_chunk_reply(reply)
@@ -1386,7 +1423,7 @@ class Mesh:
             if whole and self.writer_key is not None and not self._pull_signed(p, name, entries[0].writer, end, root,
                                                                                reply):
                 self._drop_pulls(p, name)
-                return
+                return False
             if whole:
                 # (the context as looked up above, unless checking the signed head may have changed it)
                 applied = self.ledger.apply_replicated(name, entries, root,
@@ -1398,28 +1435,32 @@ class Mesh:
                               "the one its high-water mark recorded; not repairing from it", p.node_id, name)
                     self._diverged[(name, p.address)] = ctx.id
                     self._drop_pulls(p, name)
-                    return
+                    return False
                 if applied is None:
                     # the chunk is sound but does not end at the sender's root: two histories
                     self._drop_pulls(p)
                     p.syncing = False
                     self._fork(p, ctx, end, root, entries[0].writer)
-                    return
+                    return False
                 self.stats.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
                 self._keep_signed(applied, reply.get("signed"), end, root)
+                # (within ACK_LAZY_S, not at once: a catch-up applies a reply of up to 64 contexts
+                # every few ms, and an ack after each cost both nodes ~4% of their time)
                 self.ack_due[applied.name] = applied.writer
-                self.ack_now = True  # a pull may be what a writer's replicas=N append waits for
                 self.on_applied(applied)
                 if name in self.early:
                     self._apply_early(name)
+                return True
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
                 last = entries[-1].seq
                 f2 = {"context": name, "size": last, "after": size, "limit": last - size}
                 self._send(p, "snapshot", f2)
+                return False
         # (a reply that no longer extends the replica, asked for ahead of one that failed or
         # overtaken by pushes, is dropped: the next request starts from what we hold)
+        return size >= end
 
     # -- acknowledgements (replicas=N) -------------------------------------------------------
 
@@ -1474,8 +1515,21 @@ class Mesh:
             self.stats.ignored_acks += 1
             return {"node_id": self.ledger.node_id}
         self._heard(p, now)
+        contexts = self.ledger.contexts
+        awaited: Collection[str] | None = None
         for name, size in req.acks:
-            ctx = self.ledger.contexts.get(name)
+            # Only what a replicas=N append may wait for is kept: a context in RAM (every append
+            # waiting for acks is of one, unless it left since) or one an append waits for. A
+            # follower catching up acknowledges every context it pulls: looking each one up on
+            # disk cost a writer more than a tenth of its time serving a catch-up, and keeping
+            # them all grew `replica_sizes` with every context it writes.
+            ctx = contexts.cached(name)
+            if ctx is None:
+                if awaited is None:
+                    awaited = self.awaited()
+                if name not in awaited:
+                    continue
+                ctx = contexts.get(name)
             if ctx is None or ctx.writer != self.ledger.node_id:
                 continue
             sizes = self.replica_sizes.setdefault(name, {})
@@ -1483,6 +1537,17 @@ class Mesh:
                 sizes[req.node_id] = min(size, ctx.size)
         self.on_ack(now)
         return {"node_id": self.ledger.node_id}
+
+    def _prune_acks(self) -> None:
+        """Forget what replicas acknowledged of contexts that left RAM, unless an append waits for
+        them (`rpc_ack` keeps no new ones of those): at most a sweep per PRUNE_ACKS_SLACK contexts
+        that left, and `replica_sizes` stays within twice the cache."""
+        sizes, contexts = self.replica_sizes, self.ledger.contexts
+        if len(sizes) <= 2 * contexts.in_ram + PRUNE_ACKS_SLACK:
+            return
+        awaited = self.awaited()
+        for name in [n for n in sizes if n not in awaited and contexts.cached(n) is None]:
+            del sizes[name]
 
     def live_peers(self) -> int:
         return sum(1 for p in self.peers.values() if p.state in (ALIVE, SUSPECT))

@@ -143,9 +143,11 @@ def test_replicas_n_waits_for_acks_from_known_members_then_answers_with_the_coun
         core.ledger.contexts["notes"])
     ask(core, "ack", ident=b"ghost", node_id="ghost", acks=[["notes", 1]])  # not a member: not counted
     assert take(core) == [] and core.for_replicas
+    assert core.mesh.awaited() == {"notes"}  # (its acks are kept even if it leaves RAM meanwhile)
     ask(core, "ack", ident=b"peer", node_id="p", acks=[["notes", 1]], now=100.1)
     (r,) = take(core)
     assert r["ok"] and r["replicated"] == 1 and r["entry"]["seq"] == 1 and not core.for_replicas
+    assert core.mesh.awaited() == set()
 
 
 def test_replicas_n_answers_unavailable_at_its_deadline_and_the_entry_stays():

@@ -189,6 +189,58 @@ def test_acks_count_only_from_known_members_and_go_when_they_are_forgotten():
     assert m.replicated(ctx, 1) == 0 and m.stats.ignored_acks == 1001
 
 
+def small_cache_mesh(tmp_path, n: int) -> tuple[Mesh, Any]:
+    """A writer (node "n1") of contexts c0..c{n-1}, 3 entries each, with a cache of 2 contexts:
+    all but two are out of RAM; peer "p" is a member. Returns the mesh and its CountingKV."""
+    from tests.unit.test_context_cache import CountingKV, fill, make, settle
+
+    kv = CountingKV()
+    led = make(kv, tmp_path, cache=2)
+    for i in range(n):
+        fill(led, f"c{i}", 3)
+    settle(led)
+    m = Mesh(led, Recording(), address="10.0.0.1:7400", pub="10.0.0.1:7401", heartbeat_s=0.5, seeds=[])
+    m.rpc_heartbeat(decode_hb(hb_frame("p", "10.0.0.2:7400")), 1.0)
+    return m, kv
+
+
+def test_acks_of_contexts_out_of_ram_are_not_read_nor_kept_unless_an_append_waits_for_them(tmp_path):
+    m, kv = small_cache_mesh(tmp_path, 6)
+    led = m.ledger
+    in_ram = {f"c{i}" for i in range(6) if led.contexts.cached(f"c{i}") is not None}
+    assert len(in_ram) == 2
+    reads = kv.ctx_reads
+    m.rpc_ack(codec.Ack("p", tuple((f"c{i}", 3) for i in range(6))), 1.1)
+    # a follower catching up acks every context: one disk read each cost the writer >10% of its time
+    assert kv.ctx_reads == reads and led.contexts.loads == 0
+    assert set(m.replica_sizes) == in_ram and all(v == {"p": 3} for v in m.replica_sizes.values())
+    out = sorted({f"c{i}" for i in range(6)} - in_ram)[0]
+    m.awaited = lambda: {out}  # an append of it waits for replicas (it left RAM since)
+    m.rpc_ack(codec.Ack("p", ((out, 3),)), 1.2)
+    assert m.replica_sizes[out] == {"p": 3} and m.replicated(led.contexts[out], 3) == 1
+
+
+def test_acks_of_contexts_that_left_ram_are_swept_past_the_slack_unless_awaited(tmp_path, monkeypatch):
+    from node import mesh as mesh_mod
+    from tests.unit.test_context_cache import fill, settle
+
+    monkeypatch.setattr(mesh_mod, "PRUNE_ACKS_SLACK", 1)
+    m, _kv = small_cache_mesh(tmp_path, 2)
+    led = m.ledger
+    acked: list[str] = []
+    for i in range(2, 8):  # each acked while in RAM, then pushed out by the next ones
+        fill(led, f"c{i}", 3)
+        m.rpc_ack(codec.Ack("p", ((f"c{i}", 3),)), 1.1)
+        acked.append(f"c{i}")
+        settle(led)
+    assert set(m.replica_sizes) == set(acked)  # kept while below the slack
+    m.awaited = lambda: {"c2"}
+    m.tick(2.0)  # a heartbeat: 6 kept of which 2 in RAM, > 2 * 2 + 1
+    in_ram = {n for n in acked if led.contexts.cached(n) is not None}
+    assert len(in_ram) == 2 and set(m.replica_sizes) == in_ram | {"c2"}
+    assert m.status(2.0)["replication"]["replica_acks"] == 3
+
+
 def test_heartbeats_of_other_clusters_from_many_addresses_do_not_grow_the_node():
     from node.mesh import MAX_REFUSED_LOGGED
     from protocol.errors import Conflict

@@ -675,6 +675,35 @@ def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
     assert len(acks()) == 3
 
 
+def test_pulled_entries_are_acknowledged_within_the_lazy_interval_not_after_every_reply():
+    # a catch-up applies a reply of up to 64 contexts every few ms: an ack after each cost both nodes
+    sent: list[tuple[str, dict[str, Any]]] = []
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(sent), address="me:1", pub="me:2",
+             seeds=[], heartbeat_s=0.5)
+    m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
+    p = m.peers["w:1"]
+    for name in ("x", "y"):
+        w.append_batch(codec.AppendBatch(name, (("k", b"1", {}), ("k", b"2", {}))))
+
+    def pull(name: str) -> None:
+        fields, blobs = w.snapshot_page(codec.Snapshot(name, 2, 0, 2))
+        m._apply_chunk(p, {**fields, "entries": [decode_entry(b).to_wire() for b in blobs]},
+                       {"context": name, "size": 2, "after": 0, "limit": 2})
+
+    def acks() -> list[Any]:
+        return [f["acks"] for op, f in sent if op == "ack"]
+
+    m.flush_acks(1.0)  # (nothing due yet: nothing sent, and the lazy interval not started)
+    pull("x")
+    m.flush_acks(1.0)
+    pull("y")
+    m.flush_acks(1.01)
+    assert acks() == [[["x", 2]]] and not m.ack_now
+    m.flush_acks(1.0 + mesh_mod.ACK_LAZY_S)  # y within the interval, with whatever else came meanwhile
+    assert acks() == [[["x", 2]], [["y", 2]]]
+
+
 def test_the_ack_flag_of_an_entries_message_round_trips():
     w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
     blobs = [w.append(codec.Append("c", "", b"x", {})).blobs[0]]
@@ -860,6 +889,57 @@ def test_small_contexts_are_pulled_together_and_one_that_fails_drops_only_its_ow
     assert [n for n, _t, _r in p.pulls] == ["z"] and asked[-1] == ("snapshots", [["z", 0, 1]])  # asked again
     run_for(4)
     assert b.ledger.contexts["z"].size == 1
+
+
+def two_groups_in_flight(seed: int, monkeypatch: pytest.MonkeyPatch) -> tuple[SimNode, SimNode, Any, list[Any], int]:
+    """b pulls x, y, z (z: 2 entries) and w1..w3 of a in two `snapshots` requests of three
+    chunks; returns a, b, a's peer entry at b, what b asked, and the first request's id."""
+    monkeypatch.setattr(codec, "MAX_PULL_CHUNKS", 3)
+    a, b, _run_for = formed_pair(27)
+    names = ["x", "y", "z", "w1", "w2", "w3"]
+    for name in names:
+        for payload in (b"1", b"2") if name == "z" else (b"1",):
+            a.append(codec.Append(name, "", payload, {}))  # (its pushes never reach b: nothing is stepped)
+    asked: list[Any] = []
+    real_request = b.request
+
+    def request(address: str, op: str, fields: dict[str, Any]) -> int | None:
+        if op.startswith("snapshot"):
+            asked.append((op, fields.get("chunks") or [fields["context"], fields["after"], fields["size"]]))
+        return real_request(address, op, fields)
+
+    b.request = request  # type: ignore[method-assign]
+    m, p = b.mesh, b.mesh.peers[addr("a")]
+    p.pulls.clear()
+    p.pulls.extend([(n, 2 if n == "z" else 1, b"") for n in names])
+    m._next_pull(p)
+    assert [f for _op, f in asked] == [[["x", 0, 1], ["y", 0, 1], ["z", 0, 2]], [["w1", 0, 1], ["w2", 0, 1], ["w3", 0, 1]]]
+    assert p.pull_cursor == 6  # every pull has its chunks asked: the next replies start after them
+    rid = min(rid for rid, (_a, op, _f, _t) in m.pending.items() if op == "snapshots")
+    return a, b, p, asked, rid
+
+
+def chunk_of(a: SimNode, name: str, size: int, upto: int | None = None) -> dict[str, Any]:
+    fields, blobs = a.ledger.snapshot_page(codec.Snapshot(name, size, 0, size))
+    return {**fields, "entries": [decode_entry(blob).to_wire() for blob in blobs[:upto]]}
+
+
+def test_a_chunk_left_out_of_a_full_reply_is_asked_again_while_later_pulls_are_in_flight(monkeypatch):
+    a, b, p, asked, rid = two_groups_in_flight(28, monkeypatch)
+    # a full reply: x and y, z left out (to be asked again), w1..w3 still in flight
+    b.mesh.on_reply(addr("a"), {"ok": True, "id": rid, "node_id": "a",
+                                "chunks": [chunk_of(a, "x", 1), chunk_of(a, "y", 1)]}, b.now)
+    assert b.ledger.contexts["y"].size == 1 and asked[-1] == ("snapshots", [["z", 0, 2]])
+    assert [n for n, _t, _r in p.pulls] == ["z", "w1", "w2", "w3"]  # x and y, done, left the front
+
+
+def test_a_chunk_cut_short_is_asked_again_in_two_while_later_pulls_are_in_flight(monkeypatch):
+    a, b, p, asked, rid = two_groups_in_flight(29, monkeypatch)
+    # z's page cut short after its first entry (the reply's size cap): its first entry again, and the rest
+    b.mesh.on_reply(addr("a"), {"ok": True, "id": rid, "node_id": "a",
+                                "chunks": [chunk_of(a, "x", 1), chunk_of(a, "y", 1), chunk_of(a, "z", 2, upto=1)]},
+                    b.now)
+    assert asked[2:] == [("snapshot", ["z", 0, 1]), ("snapshots", [["z", 1, 2]])]
 
 
 def test_a_peer_without_snapshots_is_pulled_from_one_context_per_request():
