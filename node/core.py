@@ -49,6 +49,7 @@ through the `KV` at once, as the engine documents.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -84,6 +85,11 @@ FORCE_FLUSH_BYTES = 2 << 20  # pending entry bytes that do the same
 # Back-pressure: past either bound the server stops reading requests until the
 # flusher catches up, so a writer faster than the disk cannot fill the RAM.
 MAX_BUFFERED_KEYS = 200_000
+# Meanwhile requests are still read: those that read are answered, those that write are held
+# (in order, with whatever their connection sends after them) up to these bounds; past them no
+# request is read. A LevelDB write stall (a compaction of seconds) then stops the writes only.
+WRITE_OPS = frozenset(("append", "append_batch", "load"))
+MAX_HELD = 10_000
 PAGE_BYTES = 4096  # replies this large count toward `outbox_bytes` (pages of entries; sockets.TRACK_MIN)
 SCRUB_EVERY_S = 0.025
 SCRUB_SLICE = 50  # entries per slice: at most 2,000 entries a second, ~0.2 ms of the loop per slice
@@ -201,6 +207,14 @@ class Core:
         self.mesh.awaited = lambda: {w.answer.ctx.name for w in self.for_replicas}
         self.outbox: list[list[bytes]] = []  # replies to send now (the server drains it)
         self.outbox_bytes = 0  # bytes of the pages (replies >= PAGE_BYTES) in it
+        # requests held while storage is behind (`backlogged`): (frames, principal), in arrival order
+        self.held: collections.deque[tuple[list[Any], Principal | None]] = collections.deque()
+        self.held_bytes = 0
+        self._held_from: dict[Any, int] = {}  # a connection's routing id -> its requests held
+        self.held_total = 0  # requests held since start (`status`)
+        # set by the server while it reads requests with storage behind (`backlogged`): requests
+        # that write are held then (checked once a turn, not at every append: as today's bound)
+        self.behind = False
         self.for_disk: list[Waiting] = []
         self.for_replicas: list[Waiting] = []
         self.writing = False  # a WriteBatch is out (at most one at a time)
@@ -255,6 +269,54 @@ class Core:
             log.exception("unexpected failure while answering a request; dropped it")
             return False
 
+    # -- requests held while storage is behind ----------------------------------------------
+
+    def _hold(self, frames: list[Any], who: Principal | None) -> None:
+        self.held.append((frames, who))
+        self.held_bytes += len(frames[-1])
+        self.held_total += 1
+        sender = frames[0]
+        self._held_from[sender] = self._held_from.get(sender, 0) + 1
+
+    def hold_full(self) -> bool:
+        """No more requests are to be read until a write finishes (the held ones fill the bounds)."""
+        return len(self.held) >= MAX_HELD or self.held_bytes >= self.config.write_buffer
+
+    def release(self, now: float) -> int:
+        """Serve the held requests, in order, for as long as storage keeps up; how many (not
+        while `behind`: the server releases them between the turns it reads requests in)."""
+        n = 0
+        held = self.held
+        while held and not self.behind and not self.backlogged():
+            frames, who = held.popleft()
+            self.held_bytes -= len(frames[-1])
+            sender = frames[0]
+            left = self._held_from[sender] - 1
+            if left:
+                self._held_from[sender] = left
+            else:
+                del self._held_from[sender]
+            try:
+                self._request(frames, now, who)
+            except Exception:  # never let one request take the node down
+                log.exception("unexpected failure while answering a request; dropped it")
+            n += 1
+        return n
+
+    def refuse_held(self) -> None:
+        """The node stops: each held request is answered UNAVAILABLE (it was not served: send it again)."""
+        while self.held:
+            frames, _who = self.held.popleft()
+            try:
+                rid = codec.peek_id(codec.unpack_request(frames[-1]))
+            except RemoteProtocolError:
+                rid = None
+            self.outbox.append([*frames[:-1], codec.encode_error(
+                rid, UNAVAILABLE, "the node is stopping; this request was held while storage caught up and was not "
+                "served: send it again (to this node once it is back, or to another)")])
+        self.held_bytes = 0
+        self._held_from = {}
+
     def _request(self, frames: list[Any], now: float, who: Principal | None) -> bool:
         if len(frames) < 2:
             return False  # nothing after the identity: nobody to answer
@@ -271,6 +333,10 @@ class Core:
             m = codec.unpack_request(frames[-1])
             env = codec.parse_request(m, self.ledger.max_payload)
             rid = env.id
+            if self.behind and (env.op in WRITE_OPS or to[0] in self._held_from):
+                # (a connection's later requests wait behind its held ones: answered in order)
+                self._hold(frames, who)  # (parsed again when it is served: only while storage is behind)
+                return False
             self.last_op = op = env.op
             self.op_counts[op] += 1
             if self.access is not None:
@@ -449,6 +515,9 @@ class Core:
             # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)
             "security": "curve" if self.access is not None else "insecure" if cfg.insecure else "loopback",
             "forbidden_requests": self.refused_requests,
+            # write requests held while storage is behind (reads are answered meanwhile)
+            "held_requests": len(self.held),
+            "held_requests_total": self.held_total,
         })
         fields.update(self.io_status(now))
         fields.update(self.mesh.status(now))

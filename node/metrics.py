@@ -183,6 +183,10 @@ def render(st: Mapping[str, Any], op_counts: Mapping[str, int], error_counts: Ma
     t.one("ledger_written_keys_total", "counter", "Keys written to storage.", st.get("written_keys"))
     t.one("ledger_write_stalls_total", "counter", "Times the request loop waited for storage to catch up "
           "(back-pressure).", st.get("backpressure_waits"))
+    t.one("ledger_held_requests", "gauge", "Write requests held until storage catches up (reads are answered "
+          "meanwhile).", st.get("held_requests"))
+    t.one("ledger_held_requests_total", "counter", "Write requests held until storage caught up.",
+          st.get("held_requests_total"))
     if "storage_bytes" in proc:
         t.family("ledger_storage_bytes", "gauge", "Bytes of the data folder's files, by store.",
                  [({"store": k}, v) for k, v in (("main", proc["storage_bytes"]),

@@ -318,8 +318,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--context-cache", "contexts kept in RAM, ~2 KB each; the others are read from disk when first used, "
            "and only idle ones leave RAM", DEFAULT_CONTEXT_CACHE, integer(1, 1 << 32), metavar="N", group=STORAGE,
            more="(see \"Memory\")"),
-    Option("--write-buffer", "RAM for appends acknowledged but not yet on disk; when full, the node stops reading "
-           "requests until storage catches up (back-pressure, never unbounded memory)", 16 << 20, write_buffer,
+    Option("--write-buffer", "RAM for appends acknowledged but not yet on disk; when full, requests that write are "
+           "held until storage catches up, and reads still answered, until as many bytes of requests are held; then "
+           "no request is read (back-pressure, never unbounded memory)", 16 << 20, write_buffer,
            metavar="BYTES", group=STORAGE, show=format_size),
     Option("--watch-heartbeat-ms", "a watched context that published nothing for this long gets a `head` message, "
            "so watchers tell a quiet context from a dead node", 1000, integer(10, 60_000), metavar="N", group=WATCH),

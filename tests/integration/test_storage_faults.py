@@ -152,6 +152,84 @@ class GatedFaultyKV(FaultyKV):
         return commit
 
 
+def behind(server: Server, kv: GatedFaultyKV, zctx):  # type: ignore[no-untyped-def]
+    """A writer's DEALER, after 12 appends of 1 KiB answered from RAM while the store's next write
+    waits (`kv.gate`): past the 8 KiB write buffer, so its next writes are held."""
+    import zmq
+
+    kv.gate.clear()
+    w = zctx.socket(zmq.DEALER)
+    w.setsockopt(zmq.LINGER, 0)
+    w.connect(server.router_address)
+    for i in range(1, 13):
+        w.send(codec.encode_request("append", i, {"context": "c", "payload": b"%04d" % i * 256}))
+    for i in range(1, 13):
+        assert w.poll(10_000) and codec.decode_reply(w.recv())["id"] == i
+    for i in range(13, 18):
+        w.send(codec.encode_request("append", i, {"context": "c", "payload": b"%04d" % i * 256}))
+    return w
+
+
+def wait_held(reader: Client, n: int) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        st = reader.status()  # answered while the writes wait: what this is about
+        if st["held_requests"] >= n:
+            return st
+        assert time.monotonic() < deadline, f"{st['held_requests']} writes held, not {n}"
+        time.sleep(0.01)
+
+
+def test_while_a_write_stalls_reads_are_answered_and_the_writes_held_then_served_in_order(zctx):
+    # a LevelDB write stall (a compaction of seconds) used to stop every request, reads too
+    kv = GatedFaultyKV()
+    with serving(config("async", write_buffer=8 << 10), kv, zctx) as server, \
+            Client(server.router_address, zctx=zctx, timeout=5) as reader:
+        w = behind(server, kv, zctx)
+        try:
+            wait_held(reader, 5)
+            assert reader.head("c").size == 12 and len(list(reader.iter_entries("c"))) == 12
+            assert not w.poll(100)  # the held appends are not answered while the write waits
+            kv.gate.set()
+            replies = []
+            while len(replies) < 5:
+                assert w.poll(10_000), f"{len(replies)} of 5 held appends answered"
+                replies.append(codec.decode_reply(w.recv()))
+        finally:
+            kv.gate.set()
+            w.close()
+        assert [r["id"] for r in replies] == list(range(13, 18)) and all(r["ok"] for r in replies)
+        assert [r["entry"]["seq"] for r in replies] == list(range(13, 18))
+        st = reader.status()
+        assert st["held_requests"] == 0 and st["held_requests_total"] == 5 and st["held_turns"] > 0
+
+
+def test_requests_held_when_the_node_stops_are_answered_unavailable_and_what_was_acked_kept(zctx):
+    kv = GatedFaultyKV()
+    server = Server(config("async", write_buffer=8 << 10), Ledger(kv, node_id="sf", sync_meta=False), zctx=zctx)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    w = None
+    try:
+        with Client(server.router_address, zctx=zctx, timeout=5) as reader:
+            w = behind(server, kv, zctx)
+            wait_held(reader, 5)
+        server.stop()
+        threading.Timer(0.3, kv.gate.set).start()  # the write in flight finishes; the stop goes on
+        t.join(30)
+        assert not t.is_alive()
+        replies = []
+        while w.poll(2000):
+            replies.append(codec.decode_reply(w.recv()))
+    finally:
+        kv.gate.set()
+        if w is not None:
+            w.close()
+    assert [r["id"] for r in replies] == list(range(13, 18))
+    assert all(r["error"]["code"] == "UNAVAILABLE" and "not served" in r["error"]["message"] for r in replies)
+    assert stored(kv, "c") == [b"%04d" % i * 256 for i in range(1, 13)]  # every acknowledged one, none else
+
+
 def test_a_failed_write_on_the_loop_thread_refuses_what_waits_behind_it(zctx):
     # sync mode: X is being written, Y waits for the next batch; then a write the loop
     # thread does itself (an empty load creates its context on disk at once) fails. X's

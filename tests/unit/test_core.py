@@ -106,6 +106,51 @@ def test_in_sync_mode_the_reply_waits_for_disk_and_goes_when_the_write_is_done()
     assert r["ok"] and r["entry"]["seq"] == 1 and not core.for_disk and not core.writing
 
 
+OTHER, THIRD = b"client-2", b"client-3"
+
+
+def test_while_storage_is_behind_writes_are_held_in_order_and_reads_answered_at_once():
+    core, _ = make_core(write_buffer=1000)
+    (r,) = ask(core, "append", context="notes", payload=b"a" * 2000)  # the buffer is past its bound now
+    assert r["ok"] and core.backlogged()
+    core.behind = True  # what the server sets while it reads requests in this state (Server._held_turn)
+    assert ask(core, "append", context="notes", payload=b"b") == []  # held: no reply yet
+    assert ask(core, "get", context="notes") == []  # behind its own connection's held append
+    assert ask(core, "append_batch", ident=OTHER, context="other", entries=[{"payload": b"c"}]) == []  # held too
+    (r,) = ask(core, "get", ident=THIRD, context="notes")  # a connection with nothing held is read at once
+    assert r["ok"] and [e["seq"] for e in r["entries"]] == [1]
+    (r,) = ask(core, "status", ident=THIRD)
+    assert r["held_requests"] == 3 and r["held_requests_total"] == 3
+    core.behind = False
+    assert core.release(100.0) == 0  # storage is still behind: nothing served
+    write(core, 100.0)
+    assert not core.backlogged() and core.release(100.1) == 3 and not core.held
+    a, g = take(core)
+    assert a["entry"]["seq"] == 2 and [e["seq"] for e in g["entries"]] == [1, 2]  # in order: the get saw it
+    (b,) = take(core, OTHER)
+    assert b["ok"] and b["last_seq"] == 1
+    (r,) = ask(core, "status", ident=THIRD)
+    assert r["held_requests"] == 0 and r["held_requests_total"] == 3
+
+
+def test_held_requests_stop_at_their_bounds_and_are_refused_unavailable_when_the_node_stops(monkeypatch):
+    import node.core as core_mod
+
+    monkeypatch.setattr(core_mod, "MAX_HELD", 3)
+    core, _ = make_core(write_buffer=1000)
+    ask(core, "append", context="notes", payload=b"a" * 2000)
+    core.behind = True
+    for i in range(3):
+        assert not core.hold_full()
+        core.request([CLIENT, codec.encode_request("append", 10 + i, {"context": "notes", "payload": b"x"})], 100.0)
+    assert core.hold_full() and take(core) == []
+    core.refuse_held()
+    replies = take(core)
+    assert [r["id"] for r in replies] == [10, 11, 12] and {r["error"]["code"] for r in replies} == {"UNAVAILABLE"}
+    assert "not served" in replies[0]["error"]["message"] and not core.held and core.held_bytes == 0
+    assert core.ledger.contexts["notes"].size == 1
+
+
 def test_a_failed_write_answers_the_waiting_replies_storage_and_refuses_appends():
     core, _ = make_core("sync")
     ask(core, "append", context="notes", payload=b"x")
