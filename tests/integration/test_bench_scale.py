@@ -75,7 +75,23 @@ def test_unfinished_catch_up_is_a_miss_and_a_note(capsys):
     scale.print_scale_table(report)
     out = capsys.readouterr().out
     assert "empty node catches up" in out and "MISS" in out and "did not finish: 57% after 600 s" in out
-    assert "entries (in one context)" not in out  # a skipped curve has no table
+    assert "entries (in one context)" not in out and "contexts in turn" not in out  # a skipped curve has no table
+
+
+@pytest.mark.timeout(30)
+def test_the_round_robin_curve_is_judged_on_its_read_stall_and_printed(capsys):
+    rows = [{"entries": 1_000_000, "append_rate": 60_000.0, "write_amp": 3.5, "stall_ms": 20.0, "append_max_ms": 900.0},
+            {"entries": 10_000_000, "append_rate": 45_000.0, "write_amp": 4.0, "stall_ms": 700.0,
+             "append_max_ms": 2800.0}]
+    report = scale.build_scale_report([], [], {}, 600.0, rrows=rows,
+                                      rextra={"contexts": 1000, "held_requests_total": 5, "backpressure_waits": 0})
+    g = report["round_robin"]["goals"]
+    assert g["stall_ms"]["met"] == [True, False] and g["stall_ms"]["verdict"] == "MISS"
+    assert g["append_max_ms"]["verdict"] == "-" and g["write_amp"]["verdict"] == "-"  # informative
+    scale.print_scale_table(report)
+    out = capsys.readouterr().out
+    assert "entries (1,000 contexts in turn)" in out and "longest append_batch round trip" in out
+    assert "write requests held while storage caught up (reads answered meanwhile): 5" in out
 
 
 @pytest.mark.timeout(30)
@@ -100,7 +116,9 @@ def test_the_follower_catch_up_of_the_big_context_is_judged_by_its_rate(rate, do
     (["--scale-contexts", "10"], "go with --scale"),  # without --scale
     (["--scale", "--scale-contexts", "10,x"], "invalid literal"),
     (["--scale", "--scale-entries", "0"], "sizes must be positive"),
-    (["--scale", "--scale-contexts", "", "--scale-entries", ""], "both curves are skipped"),
+    (["--scale", "--scale-contexts", "", "--scale-entries", "", "--scale-round-robin", ""], "every curve is skipped"),
+    (["--scale-round-robin", "10"], "go with --scale"),
+    (["--scale", "--scale-round-robin", "-5"], "sizes must be positive"),
     (["--scale", "--scale-catch-up-timeout", "0"], "must be positive"),
 ])
 def test_scale_usage_errors(argv, says, capsys):
@@ -125,14 +143,16 @@ def test_smoke_scale_json_has_every_figure_at_every_size(capsys, tmp_path):
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "scale-smoke"
     for curve, sizes, figures in (("contexts", scale.SMOKE_CONTEXTS, scale.CONTEXT_FIGURES),
-                                  ("entries", scale.SMOKE_ENTRIES, scale.ENTRY_FIGURES)):
+                                  ("entries", scale.SMOKE_ENTRIES, scale.ENTRY_FIGURES),
+                                  ("round_robin", scale.SMOKE_ROUND_ROBIN, scale.ROUND_ROBIN_FIGURES)):
         part = report[curve]
-        assert [r[curve] for r in part["rows"]] == list(sizes)
+        key = "contexts" if curve == "contexts" else "entries"
+        assert [r[key] for r in part["rows"]] == list(sizes)
         for r in part["rows"]:
             for f in figures:
-                assert isinstance(r[f.key], (int, float)) and r[f.key] >= 0, (curve, r[curve], f.key)
+                assert isinstance(r[f.key], (int, float)) and r[f.key] >= 0, (curve, r[key], f.key)
                 if f.key not in ("heads_over_data",):
-                    assert r[f.key] > 0, (curve, r[curve], f.key)
+                    assert r[f.key] > 0, (curve, r[key], f.key)
         for f in figures:
             assert part["normalised"][f.key][0] == 1.0, (curve, f.key)
             assert len(part["goals"][f.key]["met"]) == len(sizes)
@@ -144,6 +164,9 @@ def test_smoke_scale_json_has_every_figure_at_every_size(capsys, tmp_path):
     f = e["follower"]  # an empty follower caught the big context up
     assert f["done"] and f["entries"] == scale.SMOKE_ENTRIES[-1] and f["catch_up_s"] > 0 and f["rate"] > 0
     assert f["verdict"] in ("PASS", "MISS")
+    rr = report["round_robin"]
+    assert rr["contexts"] == scale.RR_CONTEXTS and rr["goals"]["stall_ms"]["goal"] == "<= 500 ms"
+    assert all(isinstance(rr[k], int) for k in ("held_requests_total", "held_turns", "backpressure_waits"))
     if has_mpl:
         assert plot.stat().st_size > 1000
     assert not os.path.exists(tmp_path / "docs")

@@ -65,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.add_argument("--scale-entries", metavar="N,N,...",
                     help=f"entries curve sizes (default {','.join(map(str, scale.DEFAULT_ENTRIES))}; "
                          "an empty string skips the curve)")
+    sc.add_argument("--scale-round-robin", metavar="N,N,...",
+                    help=f"round-robin curve: {scale.RR_CONTEXTS:,} contexts appended in turn up to these "
+                         f"entries (default {','.join(map(str, scale.DEFAULT_ROUND_ROBIN))}; an empty string "
+                         "skips the curve)")
     sc.add_argument("--scale-catch-up-timeout", metavar="S", type=float, default=600.0,
                     help="seconds a catch-up may take before it is reported unfinished (default 600)")
     sc.add_argument("--plot-scale", metavar="FILE.png",
@@ -73,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = p.parse_args(args)
     if ns.scale:
         return _scale_main(p, ns)
-    if ns.scale_contexts is not None or ns.scale_entries is not None or ns.plot_scale:
-        p.error("--scale-contexts, --scale-entries and --plot-scale go with --scale")
+    if ns.scale_contexts is not None or ns.scale_entries is not None or ns.scale_round_robin is not None \
+            or ns.plot_scale:
+        p.error("--scale-contexts, --scale-entries, --scale-round-robin and --plot-scale go with --scale")
     sizes = SMOKE if ns.smoke else QUICK if ns.quick else FULL
     mode_name = "smoke" if ns.smoke else "quick" if ns.quick else "full"
     only = set(ns.only.split(",")) if ns.only else None
@@ -143,10 +148,12 @@ def _scale_main(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     try:
         contexts = _sizes(ns.scale_contexts, scale.SMOKE_CONTEXTS if ns.smoke else scale.DEFAULT_CONTEXTS)
         entries = _sizes(ns.scale_entries, scale.SMOKE_ENTRIES if ns.smoke else scale.DEFAULT_ENTRIES)
+        round_robin = _sizes(ns.scale_round_robin,
+                             scale.SMOKE_ROUND_ROBIN if ns.smoke else scale.DEFAULT_ROUND_ROBIN)
     except ValueError as exc:
-        p.error(f"--scale-contexts/--scale-entries: {exc}")
-    if not contexts and not entries:
-        p.error("--scale: both curves are skipped")
+        p.error(f"--scale-contexts/--scale-entries/--scale-round-robin: {exc}")
+    if not contexts and not entries and not round_robin:
+        p.error("--scale: every curve is skipped")
     plot_path = ns.plot_scale
     if plot_path is None and not ns.smoke:
         if importlib.util.find_spec("matplotlib") is None:
@@ -159,7 +166,7 @@ def _scale_main(p: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
     workdir = ns.workdir or tempfile.mkdtemp(prefix="ledger-bench-scale-")
     os.makedirs(workdir, exist_ok=True)
     report, rc = _guarded(lambda: scale.run_scale(contexts, entries, workdir, ns.json, ns.scale_catch_up_timeout,
-                                                  ns.smoke), None if ns.workdir else workdir)
+                                                  ns.smoke, round_robin), None if ns.workdir else workdir)
     if report is None:
         return rc
     if ns.json:

@@ -61,6 +61,13 @@ DEFAULT_ENTRIES = (10_000, 100_000, 1_000_000, 10_000_000)
 FOLLOWER_GOAL_RATE = 125_000  # issue #15: an empty follower catches up 5M entries in <= 40 s
 SMOKE_CONTEXTS = (200, 1000)
 SMOKE_ENTRIES = (2000, 10_000)
+# round-robin: RR_CONTEXTS contexts appended in turn (an append_batch of RR_BATCH entries each), the
+# common case of an agent platform; each memtable then spans every context's key range
+RR_CONTEXTS = 1000
+RR_BATCH = 10
+RR_WINDOW = 8
+DEFAULT_ROUND_ROBIN = (1_000_000, 3_000_000, 10_000_000)
+SMOKE_ROUND_ROBIN = (5_000, 20_000)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,13 @@ ENTRY_FIGURES = (
     Figure("proof_p50_us", "proof p50 (random seqs)", "us", "<= 1.5x at smallest", _relative(1.5)),
     Figure("stall_ms", "longest request-loop stall (head probe)", "ms", "<= 500 ms", _at_most(500.0)),
 )
-CURVES = {"contexts": CONTEXT_FIGURES, "entries": ENTRY_FIGURES}
+ROUND_ROBIN_FIGURES = (
+    Figure("append_rate", "append_batch rate since the last size", "entries/s", cost=False),
+    Figure("write_amp", "write amplification", "x"),
+    Figure("stall_ms", "longest read stall (head probe)", "ms", "<= 500 ms", _at_most(500.0)),
+    Figure("append_max_ms", "longest append_batch round trip", "ms"),
+)
+CURVES = {"contexts": CONTEXT_FIGURES, "entries": ENTRY_FIGURES, "round_robin": ROUND_ROBIN_FIGURES}
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -437,6 +450,49 @@ def run_entries(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quie
         _progress("", quiet)
 
 
+def run_round_robin(sizes: Sequence[int], workdir: str, zctx: zmq.Context[Any], quiet: bool,
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """RR_CONTEXTS contexts appended in turn up to each size: the append rate, the longest read
+    stall (a `head` probe) and the longest append round trip; what the node held meanwhile."""
+    data = os.path.join(workdir, "round-robin")
+    node, _ = start_node(data, timeout=120)
+    rows: list[dict[str, Any]] = []
+    entries = [{"key": "k", "payload": b"\0" * ENTRY_PAYLOAD}] * RR_BATCH
+    entry_bytes = len(msgpack.packb(entries[0], use_bin_type=True))
+    try:
+        d = Dealer(zctx, node.address)
+        io0 = io_written(node.popen.pid)
+        counter = "write_bytes" if "write_bytes" in io0 else "wchar"
+        done = 0
+        t_start = time.monotonic()
+        for size in sizes:
+            probe = StallProbe(zctx, node.address)
+            first, secs, longest = done, 0.0, 0.0
+            while done < size:
+                k = min(1000, -(-(size - done) // RR_BATCH))
+                s = d.pipelined(d.frames(k, lambda rid: {"op": "append_batch", "context": f"rr-{rid % RR_CONTEXTS:04d}",
+                                                         "entries": entries}), window=RR_WINDOW)
+                done += k * RR_BATCH
+                secs += s.seconds
+                longest = max(longest, max(s.latencies))
+                _progress(f"scale round-robin: {done:,} / {sizes[-1]:,} ({time.monotonic() - t_start:.0f} s)", quiet)
+            stall = probe.stop()
+            io = io_written(node.popen.pid)
+            rows.append({"entries": done, "append_rate": round((done - first) / secs, 1) if secs else None,
+                         "write_amp": round((io.get(counter, 0) - io0.get(counter, 0)) / (done * entry_bytes), 3),
+                         "stall_ms": round(stall * 1e3, 1), "append_max_ms": round(longest * 1e3, 1)})
+        d.close()
+        with Client(node.address, zctx=zctx, timeout=60) as c:
+            st = c.status()
+        extra = {"contexts": RR_CONTEXTS, "batch": RR_BATCH, "write_counter": counter,
+                 "held_requests_total": st.get("held_requests_total"), "held_turns": st.get("held_turns"),
+                 "backpressure_waits": st.get("backpressure_waits")}
+        return rows, extra
+    finally:
+        node.stop()
+        _progress("", quiet)
+
+
 def _grow_frames(d: Dealer, counts: list[int]) -> list[bytes]:
     """One append_batch to the big context per count, of that many entries."""
     first = d.next_id
@@ -451,8 +507,9 @@ def _payloads(n: int) -> list[bytes]:
 
 
 def run_scale(contexts: Sequence[int], entries: Sequence[int], workdir: str, quiet: bool,
-              catch_up_timeout: float = 600.0, smoke: bool = False) -> dict[str, Any]:
-    """Both curves (an empty list skips one); the report (see `build_scale_report`)."""
+              catch_up_timeout: float = 600.0, smoke: bool = False,
+              round_robin: Sequence[int] = ()) -> dict[str, Any]:
+    """The curves (an empty list skips one); the report (see `build_scale_report`)."""
     zctx: zmq.Context[Any] = zmq.Context()
     try:
         crow = []
@@ -469,13 +526,23 @@ def run_scale(contexts: Sequence[int], entries: Sequence[int], workdir: str, qui
             for r in erows:
                 log(f"scale entries {r['entries']:,}: " + ", ".join(f"{k} {v}" for k, v in r.items()
                                                                    if k != "entries"), quiet)
+        rrows: list[dict[str, Any]] = []
+        rextra: dict[str, Any] = {}
+        if round_robin:
+            log(f"scale round-robin: {RR_CONTEXTS:,} contexts appended in turn up to "
+                f"{', '.join(f'{n:,}' for n in round_robin)} entries", quiet)
+            rrows, rextra = run_round_robin(round_robin, workdir, zctx, quiet)
+            for r in rrows:
+                log(f"scale round-robin {r['entries']:,}: " + ", ".join(f"{k} {v}" for k, v in r.items()
+                                                                       if k != "entries"), quiet)
     finally:
         zctx.destroy(linger=0)
-    return build_scale_report(crow, erows, extra, catch_up_timeout, smoke)
+    return build_scale_report(crow, erows, extra, catch_up_timeout, smoke, rrows, rextra)
 
 
 def build_scale_report(crow: list[dict[str, Any]], erows: list[dict[str, Any]], extra: dict[str, Any],
-                       catch_up_timeout: float, smoke: bool = False) -> dict[str, Any]:
+                       catch_up_timeout: float, smoke: bool = False, rrows: Sequence[dict[str, Any]] = (),
+                       rextra: dict[str, Any] | None = None) -> dict[str, Any]:
     notes = []
     for r in crow:
         if not r.get("catch_up_done", True):
@@ -498,6 +565,8 @@ def build_scale_report(crow: list[dict[str, Any]], erows: list[dict[str, Any]], 
                      "goals": judge(crow, CONTEXT_FIGURES, "contexts"), "catch_up_timeout_s": catch_up_timeout},
         "entries": {"rows": erows, "normalised": normalise(erows, ENTRY_FIGURES),
                     "goals": judge(erows, ENTRY_FIGURES, "entries"), **extra},
+        "round_robin": {"rows": list(rrows), "normalised": normalise(rrows, ROUND_ROBIN_FIGURES),
+                        "goals": judge(rrows, ROUND_ROBIN_FIGURES, "entries"), **(rextra or {})},
         "environment": environment(),
         "notes": notes,
     }
@@ -525,15 +594,18 @@ def _size(n: int) -> str:
 def print_scale_table(report: dict[str, Any]) -> None:
     env = report["environment"]
     print(f"ledger-bench ({report['mode']}), {env['cpus']} CPUs, Python {env['python']}, libzmq {env['libzmq']}")
-    for curve, size_key in (("contexts", "contexts"), ("entries", "entries")):
-        part = report[curve]
+    for curve, size_key in (("contexts", "contexts"), ("entries", "entries"), ("round_robin", "entries")):
+        part = report.get(curve)
+        if part is None:
+            continue
         rows = part["rows"]
         if not rows:
             continue
         print()
         names = {f.key: f"{f.label} ({f.unit})" for f in CURVES[curve]}
         w = max(map(len, names.values())) + 1
-        head = f"{curve} ({'x 10 entries' if curve == 'contexts' else 'in one context'})"
+        head = {"contexts": "contexts (x 10 entries)", "entries": "entries (in one context)",
+                "round_robin": f"entries ({part.get('contexts', RR_CONTEXTS):,} contexts in turn)"}[curve]
         print(f"{head:{w}s}" + "".join(f"{_size(r[size_key]):>10s}" for r in rows) + "  goal")
         for f in CURVES[curve]:
             g = part["goals"][f.key]
@@ -547,6 +619,10 @@ def print_scale_table(report: dict[str, Any]) -> None:
         if f is not None:
             print(f"an empty follower catches up {f['entries']:,} entries: {_fmt(f['catch_up_s'])} s "
                   f"({_fmt(f['rate'])} entries/s)  goal {f['goal']} {f['verdict']}")
+    r = report.get("round_robin")
+    if r and r["rows"]:
+        print(f"round-robin: write requests held while storage caught up (reads answered meanwhile): "
+              f"{_fmt(r.get('held_requests_total'))}; turns no request was read: {_fmt(r.get('backpressure_waits'))}")
     for n in report["notes"]:
         print(f"note: {n}")
 
@@ -556,20 +632,22 @@ GOAL_LINES = {  # issue #15's goals, under each panel's title ([PASS]/[MISS] in 
                 "1M <= 120 s; heads/data <= 0.2",
     "entries": "goals: at 10M, append rate >= 0.8x and reads <= 1.5x their values at 10k;\n"
                "write amplification <= 3; stall <= 0.5 s",
+    "round_robin": f"{RR_CONTEXTS:,} contexts appended in turn\ngoal: read stall <= 0.5 s",
 }
 
 
 def plot_scale(report: dict[str, Any], path: str) -> None:
-    """Two log-log panels (contexts, entries): each figure over its value at the smallest size."""
+    """Log-log panels (contexts, entries, round-robin): each figure over its value at the smallest size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, curve in zip(axes, ("contexts", "entries"), strict=True):
+    curves = [c for c in ("contexts", "entries", "round_robin") if c in report]
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5.5))
+    for ax, curve in zip(axes, curves, strict=True):
         part = report[curve]
-        sizes = [r[curve] for r in part["rows"]]
+        sizes = [r["contexts" if curve == "contexts" else "entries"] for r in part["rows"]]
         for f in CURVES[curve]:
             pts = [(s, v) for s, v in zip(sizes, part["normalised"][f.key], strict=True) if v]
             if not pts:
@@ -583,7 +661,8 @@ def plot_scale(report: dict[str, Any], path: str) -> None:
             ax.text(sizes[0] if sizes else 1, 1.55, "reads goal: 1.5x", fontsize=7, color="grey")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("contexts (x 10 entries)" if curve == "contexts" else "entries in one context")
+        ax.set_xlabel({"contexts": "contexts (x 10 entries)", "entries": "entries in one context",
+                       "round_robin": "entries (in all)"}[curve])
         ax.set_ylabel("x its value at the smallest size")
         ax.set_title(f"{curve}: cost vs size\n{GOAL_LINES[curve]}", fontsize=9)
         ax.grid(True, which="both", linewidth=0.3)
