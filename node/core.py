@@ -90,6 +90,7 @@ MAX_BUFFERED_KEYS = 200_000
 # request is read. A LevelDB write stall (a compaction of seconds) then stops the writes only.
 WRITE_OPS = frozenset(("append", "append_batch", "load"))
 MAX_HELD = 10_000
+HELD = "held"  # `last_op` of a request just held
 PAGE_BYTES = 4096  # replies this large count toward `outbox_bytes` (pages of entries; sockets.TRACK_MIN)
 SCRUB_EVERY_S = 0.025
 SCRUB_SLICE = 50  # entries per slice: at most 2,000 entries a second, ~0.2 ms of the loop per slice
@@ -272,6 +273,7 @@ class Core:
     # -- requests held while storage is behind ----------------------------------------------
 
     def _hold(self, frames: list[Any], who: Principal | None) -> None:
+        self.last_op = HELD  # (the request timer counts it when it is served, not now)
         self.held.append((frames, who))
         self.held_bytes += len(frames[-1])
         self.held_total += 1
@@ -282,11 +284,15 @@ class Core:
         """No more requests are to be read until a write finishes (the held ones fill the bounds)."""
         return len(self.held) >= MAX_HELD or self.held_bytes >= self.config.write_buffer
 
-    def release(self, now: float) -> int:
-        """Serve the held requests, in order, for as long as storage keeps up; how many (not
-        while `behind`: the server releases them between the turns it reads requests in)."""
+    def release(self, now: float, serve: Callable[[list[Any], float, Principal | None], bool] | None = None,
+                max_outbox: int | None = None) -> int:
+        """Serve the held requests, in order, for as long as storage keeps up, through `serve` (the
+        server's request wrapper: timed and logged as any request); how many. Stops once the
+        outbox holds `max_outbox` bytes of pages (the server sends them, then calls again). Not
+        while `behind`: the server releases them between the turns it reads requests in."""
         n = 0
         held = self.held
+        serve = serve or self._request
         while held and not self.behind and not self.backlogged():
             frames, who = held.popleft()
             self.held_bytes -= len(frames[-1])
@@ -297,10 +303,12 @@ class Core:
             else:
                 del self._held_from[sender]
             try:
-                self._request(frames, now, who)
+                serve(frames, now, who)
             except Exception:  # never let one request take the node down
                 log.exception("unexpected failure while answering a request; dropped it")
             n += 1
+            if max_outbox is not None and self.outbox_bytes >= max_outbox:
+                break  # (after one at least: every call moves on)
         return n
 
     def refuse_held(self) -> None:
@@ -317,9 +325,17 @@ class Core:
         self.held_bytes = 0
         self._held_from = {}
 
+    def holds_for(self, sender: Any) -> bool:
+        """Whether a request from `sender` now waits behind its held ones (answered in order)."""
+        return self.behind and sender in self._held_from
+
     def _request(self, frames: list[Any], now: float, who: Principal | None) -> bool:
         if len(frames) < 2:
             return False  # nothing after the identity: nobody to answer
+        if self.behind and frames[0] in self._held_from:
+            # behind its connection's held requests, even one that is not valid: answered in order
+            self._hold(frames, who)
+            return False
         to = frames[:-1]
         if len(to) > 2 or (len(to) == 2 and to[1] != b""):
             self.outbox.append([frames[0], codec.encode_error(
@@ -333,8 +349,7 @@ class Core:
             m = codec.unpack_request(frames[-1])
             env = codec.parse_request(m, self.ledger.max_payload)
             rid = env.id
-            if self.behind and (env.op in WRITE_OPS or to[0] in self._held_from):
-                # (a connection's later requests wait behind its held ones: answered in order)
+            if self.behind and env.op in WRITE_OPS:
                 self._hold(frames, who)  # (parsed again when it is served: only while storage is behind)
                 return False
             self.last_op = op = env.op
@@ -515,7 +530,7 @@ class Core:
             # loopback: serves only on loopback; insecure: beyond it, without authentication (SPEC 18)
             "security": "curve" if self.access is not None else "insecure" if cfg.insecure else "loopback",
             "forbidden_requests": self.refused_requests,
-            # write requests held while storage is behind (reads are answered meanwhile)
+            # requests held while storage is behind: writes and what their connections sent after them
             "held_requests": len(self.held),
             "held_requests_total": self.held_total,
         })

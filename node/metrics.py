@@ -80,6 +80,8 @@ class RequestTimer:
         junk = self._request(frames, now, who)
         took = clock() - t0
         op = self._last_op() if not junk else "invalid"
+        if op == "held":
+            return junk  # held until storage catches up (node/core.py): counted when it is served
         h = self.latency.get(op)
         if h is None:
             h = self.latency[op] = Histogram()
@@ -183,9 +185,9 @@ def render(st: Mapping[str, Any], op_counts: Mapping[str, int], error_counts: Ma
     t.one("ledger_written_keys_total", "counter", "Keys written to storage.", st.get("written_keys"))
     t.one("ledger_write_stalls_total", "counter", "Times the request loop waited for storage to catch up "
           "(back-pressure).", st.get("backpressure_waits"))
-    t.one("ledger_held_requests", "gauge", "Write requests held until storage catches up (reads are answered "
-          "meanwhile).", st.get("held_requests"))
-    t.one("ledger_held_requests_total", "counter", "Write requests held until storage caught up.",
+    t.one("ledger_held_requests", "gauge", "Requests held until storage catches up: writes, and what their "
+          "connections sent after them (other reads are answered meanwhile).", st.get("held_requests"))
+    t.one("ledger_held_requests_total", "counter", "Requests held until storage caught up.",
           st.get("held_requests_total"))
     if "storage_bytes" in proc:
         t.family("ledger_storage_bytes", "gauge", "Bytes of the data folder's files, by store.",

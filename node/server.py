@@ -326,7 +326,7 @@ class Server:
         if zap is not None:
             poller.register(zap.sock, zmq.POLLIN)
         for sock in (self.router, self._wake_rx, self.pub, *([self._metrics_rx] if self.metrics is not None else []),
-                     *([zap.sock] if zap is not None else [])):
+                     *([zap.sock] if zap is not None else []), *self.connections.monitors):
             self.held_poller.register(sock, zmq.POLLIN)
         secure = zap is not None
         core = self.core
@@ -343,8 +343,8 @@ class Server:
             ready()
         try:
             while not self.stopping:
-                if core.held and not core.backlogged():
-                    core.release(monotonic())
+                while core.held and not core.backlogged():
+                    core.release(monotonic(), self.request, OUTBOX_BYTES)  # (pages must not pile up)
                     self._send_replies()
                 if core.backlogged():
                     if core.hold_full():
@@ -464,7 +464,7 @@ class Server:
         ident = frames[0]
         if self.replies.cut and ident in self.replies.cut and self.replies.drop_request(ident):
             return
-        if self.junk.until and self.junk.holds(ident):
+        if self.junk.until and self.junk.holds(ident) and not self.core.holds_for(ident):
             self.core.outbox.append([*frames[:-1], codec.encode_error(
                 None, BAD_REQUEST, f"refused unread: a request of {BIG_REQUEST} bytes or more from this connection "
                 f"could not be decoded less than {clients.JUNK_HOLD_S:g} s ago")])
@@ -528,6 +528,8 @@ class Server:
                     elif not (self.replies.cut and frames[0] in self.replies.cut
                               and self.replies.drop_request(frames[0])):
                         self.request(frames, now)
+                    if core.outbox_bytes >= OUTBOX_BYTES:
+                        self._send_replies()  # pages must not pile up
                     if core.hold_full():
                         break
             finally:
@@ -539,6 +541,9 @@ class Server:
             self.publisher.on_subscriptions()
         if self.zap is not None and self.zap.sock in events:
             self.zap.handle()
+        for mon in self.connections.monitors:
+            if mon in events:
+                self.connections.on_events(mon)  # (--max-clients holds during a stall too)
         self._collect_done()
         self._hand_off(time.monotonic(), force=True)
 

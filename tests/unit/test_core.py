@@ -133,6 +133,50 @@ def test_while_storage_is_behind_writes_are_held_in_order_and_reads_answered_at_
     assert r["held_requests"] == 0 and r["held_requests_total"] == 3
 
 
+def test_a_held_connections_bad_requests_wait_behind_its_held_ones_and_replies_keep_their_order():
+    core, _ = make_core(write_buffer=1000)
+    ask(core, "append", context="notes", payload=b"a" * 2000)
+    core.behind = True
+    sent = [codec.encode_request("append", 3, {"context": "notes", "payload": b"x"}),
+            codec.encode_request("append", 4, {"context": 123}),  # not valid: answered in its turn
+            b"\xc1 not msgpack",
+            codec.encode_request("get", 6, {"context": "notes"})]
+    for body in sent:
+        core.request([CLIENT, body], 100.0)
+    core.request([CLIENT, b"", sent[0]], 100.0)  # (a frame count of its own: held too)
+    assert take(core) == [] and len(core.held) == 5 and core.holds_for(CLIENT) and not core.holds_for(OTHER)
+    core.behind = False
+    write(core, 100.0)
+    core.release(100.1)
+    replies = take(core)
+    assert [r["id"] for r in replies] == [3, 4, None, 6, 3]
+    assert [r.get("error", {}).get("code") for r in replies] == [None, "BAD_REQUEST", "BAD_REQUEST", None, None]
+    assert [e["seq"] for e in replies[3]["entries"]] == [1, 2] and replies[4]["entry"]["seq"] == 3  # (no dedup_id)
+
+
+def test_release_stops_once_the_outbox_holds_a_bound_of_pages_and_goes_on_when_called_again():
+    core, _ = make_core(write_buffer=1000)
+    ask(core, "append", context="notes", payload=b"a" * 5000)
+    core.behind = True
+    ask(core, "append", context="notes", payload=b"b")  # held; the gets behind it too (its connection)
+    for i in range(3):
+        core.request([CLIENT, codec.encode_request("get", 10 + i, {"context": "notes"})], 100.0)
+    core.behind = False
+    write(core, 100.0)
+    core.outbox_bytes = 0  # (the first append's reply, a page, was sent)
+    served: list[int] = []
+
+    def serve(frames, now, who):  # type: ignore[no-untyped-def]
+        served.append(len(frames[-1]))  # (the server passes its timed, logged request here)
+        return core.request(frames, now, who)
+
+    assert core.release(100.1, serve, max_outbox=4096) == 2  # the append, then a page of 5 KB: stop
+    assert core.outbox_bytes >= 4096 and len(core.held) == 2 and len(served) == 2
+    core.outbox_bytes = 0  # (what sending the replies does)
+    assert core.release(100.1, serve, max_outbox=4096) == 1 and core.release(100.1, serve, max_outbox=4096) == 1
+    assert [r["id"] for r in take(core)] == [7, 10, 11, 12] and not core.held
+
+
 def test_held_requests_stop_at_their_bounds_and_are_refused_unavailable_when_the_node_stops(monkeypatch):
     import node.core as core_mod
 

@@ -37,6 +37,18 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def test_a_request_held_for_storage_is_timed_when_it_is_served_not_when_it_is_held():
+    from node.core import HELD
+
+    ops = [HELD, "append"]
+    timer = metrics.RequestTimer(lambda frames, now, who=None: False, lambda: ops[0])
+    timer([b"id", b"x" * 10], 0.0)  # held: the core set last_op to HELD
+    assert timer.latency == {} and timer.bytes == {}
+    ops.pop(0)
+    timer([b"id", b"x" * 10], 0.0)  # served (Core.release through this wrapper)
+    assert set(timer.latency) == {"append"} and timer.bytes == {"append": 10}
+
+
 def test_the_text_reads_back_with_prometheus_clients_parser():
     timer = metrics.RequestTimer(lambda frames, now, who=None: False, lambda: "append")
     for _ in range(3):

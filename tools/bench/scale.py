@@ -644,8 +644,8 @@ def plot_scale(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     curves = [c for c in ("contexts", "entries", "round_robin") if c in report]
-    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5.5))
-    for ax, curve in zip(axes, curves, strict=True):
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5.5), squeeze=False)
+    for ax, curve in zip(axes[0], curves, strict=True):
         part = report[curve]
         sizes = [r["contexts" if curve == "contexts" else "entries"] for r in part["rows"]]
         for f in CURVES[curve]:
