@@ -644,14 +644,19 @@ class Recording:
         pass
 
 
-def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
-    sent: list[tuple[str, dict[str, Any]]] = []
-
+def writer_and_follower(sent: list[tuple[str, dict[str, Any]]]) -> tuple[Ledger, Mesh]:
+    """A writer's ledger "w" and a follower's mesh that knows it as the peer at w:1 (sends recorded)."""
     w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
     m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(sent), address="me:1", pub="me:2",
              seeds=[], heartbeat_s=0.5)
     m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
     sent.clear()
+    return w, m
+
+
+def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
+    sent: list[tuple[str, dict[str, Any]]] = []
+    w, m = writer_and_follower(sent)
 
     def push(n: int, ack: bool = False) -> None:
         blobs = [w.append(codec.Append("notes", "", bytes([i]), {})).blobs[0] for i in range(n)]
@@ -678,10 +683,7 @@ def test_acks_go_at_once_when_the_writer_waits_for_them_else_lazily():
 def test_pulled_entries_are_acknowledged_within_the_lazy_interval_not_after_every_reply():
     # a catch-up applies a reply of up to 64 contexts every few ms: an ack after each cost both nodes
     sent: list[tuple[str, dict[str, Any]]] = []
-    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
-    m = Mesh(Ledger(MemoryKV(), node_id="me", sync_meta=False), Recording(sent), address="me:1", pub="me:2",
-             seeds=[], heartbeat_s=0.5)
-    m.rpc_heartbeat(codec.Heartbeat("w", "w:1", "w:2", "w-boot", 1, 0, (), b"", "ledger"), 0.0)
+    w, m = writer_and_follower(sent)
     p = m.peers["w:1"]
     for name in ("x", "y"):
         w.append_batch(codec.AppendBatch(name, (("k", b"1", {}), ("k", b"2", {}))))
