@@ -1314,7 +1314,7 @@ class Mesh:
             contexts = self.ledger.contexts
             while p.pull_cursor and pulls:
                 name, target, _root = pulls[0]
-                ctx = contexts.cached(name)
+                ctx = contexts.peek(name)  # (in RAM: just applied; else read, not let in)
                 if ctx is None or ctx.size < target:
                     break
                 pulls.popleft()

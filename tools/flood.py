@@ -392,8 +392,10 @@ P50_MS, P99_MS = 5.0, 50.0  # issue #12: the second client's appends under any o
 
 def rss_bound_mib(start_mib: float, status: dict[str, Any]) -> float:
     """What one hostile client may add to a node's RSS (README, "Limits"): the hot tail filling up,
-    its unread replies, one request being read by ZeroMQ and one being decoded, and some slack."""
-    held = status.get("hot_limit", 64 << 20) + status["max_client_queue"] + 2 * status["max_request"]
+    its unread replies, one request being read by ZeroMQ and one being decoded, the requests held
+    while storage is behind (up to the write buffer again), and some slack."""
+    held = (status.get("hot_limit", 64 << 20) + status["max_client_queue"] + 2 * status["max_request"]
+            + (status.get("config") or {}).get("write-buffer", 16 << 20))
     return round(start_mib + held / (1 << 20) + RSS_SLACK_MIB, 1)
 
 

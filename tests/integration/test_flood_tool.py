@@ -84,3 +84,12 @@ def test_bounds_and_names_are_refused():
         flood.main(["big", "--frame-mib", "100"])
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--only", "flood_nope"])
+
+
+@pytest.mark.timeout(30)
+def test_the_rss_bound_counts_the_requests_held_while_storage_is_behind():
+    status = {"hot_limit": 64 << 20, "max_client_queue": 32 << 20, "max_request": 16 << 20}
+    small = flood.rss_bound_mib(100.0, {**status, "config": {"write-buffer": 1 << 20}})
+    default = flood.rss_bound_mib(100.0, {**status, "config": {"write-buffer": 16 << 20}})
+    assert default - small == 15.0 and flood.rss_bound_mib(100.0, status) == default  # (16 MiB if not told)
+    assert default == 100.0 + 64 + 32 + 32 + 16 + flood.RSS_SLACK_MIB
