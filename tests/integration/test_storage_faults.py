@@ -204,6 +204,40 @@ def test_while_a_write_stalls_reads_are_answered_and_the_writes_held_then_served
         assert st["held_requests"] == 0 and st["held_requests_total"] == 5 and st["held_turns"] > 0
 
 
+def test_writes_held_when_the_disk_fills_up_are_answered_storage_and_reads_go_on(zctx):
+    kv = GatedFaultyKV()
+    with serving(config("async", write_buffer=8 << 10), kv, zctx) as server, \
+            Client(server.router_address, zctx=zctx, timeout=5) as reader:
+        w = behind(server, kv, zctx)
+        try:
+            wait_held(reader, 5)
+            kv.room = False
+            kv.broken = True  # the next write fails: the disk is full
+            kv.gate.set()
+            replies = []
+            while len(replies) < 5:
+                assert w.poll(10_000), f"{len(replies)} of 5 held appends answered"
+                replies.append(codec.decode_reply(w.recv()))
+        finally:
+            kv.gate.set()
+            w.close()
+        assert [r["id"] for r in replies] == list(range(13, 18))
+        # served in order: acknowledged (in RAM, async) until the failed write is known, STORAGE after;
+        # nothing held is lost or answered twice
+        acked = [r["id"] for r in replies if r["ok"]]
+        refused = [r for r in replies if not r["ok"]]
+        assert acked == list(range(13, 13 + len(acked)))  # (which depends on when the failure is known)
+        assert all(r["error"]["code"] == "STORAGE" for r in refused)
+        deadline = time.monotonic() + 10
+        while reader.status()["storage"]["state"] != "failed":  # (the acked ones' write fails)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert reader.head("c").size == 12 + len(acked)  # reads go on
+        kv.room = True
+        wait_storage(reader, "ok")
+    assert stored(kv, "c") == [b"%04d" % i * 256 for i in range(1, 13 + len(acked))]  # every acknowledged one
+
+
 def test_requests_held_when_the_node_stops_are_answered_unavailable_and_what_was_acked_kept(zctx):
     kv = GatedFaultyKV()
     server = Server(config("async", write_buffer=8 << 10), Ledger(kv, node_id="sf", sync_meta=False), zctx=zctx)
