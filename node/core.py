@@ -387,6 +387,9 @@ class Core:
         else:
             assert type(out) is WhenReplicated
             self.for_replicas.append(Waiting(to, rid, out, now + self.replica_timeout_s))
+            if "deduplicated" in out.fields and self.mesh.replicated(out.ctx, out.seq) < out.replicas:
+                # a retry, maybe after its context left RAM and its acks with it: ask again
+                self.mesh.ask_acks(out.ctx.name, now + self.replica_timeout_s)
             self.check_replicated(now)
         return m is None
 
@@ -780,6 +783,8 @@ class Core:
             count = self.mesh.replicated(a.ctx, a.seq)
             if count >= a.replicas and (not self.sync or self.ledger.durable(a.ctx, a.seq)):
                 self.outbox.append([*w.to, codec.encode_reply(w.id, {**a.fields, "replicated": count}, a.raw)])
+                if self.mesh.want_acks:
+                    self.mesh.want_acks.pop(a.ctx.name, None)  # (asked again for a retry: answered)
             elif now > w.deadline:
                 self.outbox.append([*w.to, codec.encode_error(
                     w.id, UNAVAILABLE,

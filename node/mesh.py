@@ -175,6 +175,7 @@ class MeshStats:
     bad_peer_addresses: int = 0  # peer addresses (gossip, pub) that did not parse, skipped
     peer_errors: int = 0  # failures handling one peer's message or sending to it, isolated
     ignored_acks: int = 0  # acks from node ids that are not known members
+    acks_asked: int = 0  # contexts whose acks this node asked its replicas for again (`ask_acks`)
     unknown_gossip: int = 0  # gossiped peers whose node id is in no allowlist (with keys), not learned
     unsigned_pushes: int = 0  # pushed messages without a valid signature of their writer (with keys), not applied
     unsigned_pulls: int = 0  # pull chunks not covered by a head their writer signed (with keys), not applied
@@ -326,6 +327,8 @@ class Mesh:
         self.replica_sizes: dict[str, dict[str, int]] = {}  # our context -> peer id -> size it holds
         self.on_ack: Callable[[float], None] = lambda now: None  # acks came in (the core's replicas=N)
         self.awaited: Callable[[], Collection[str]] = frozenset  # contexts whose appends wait for acks
+        # our contexts whose acks the next heartbeats ask for again, until when (`ask_acks`)
+        self.want_acks: dict[str, float] = {}
         self.last_beat = -1e18
         self.unsent: dict[str, int] = {}  # peers whose last heartbeat could not be sent -> retries so far
         self._last_retry = -1e18
@@ -481,7 +484,28 @@ class Mesh:
             "entries": self.ledger.entries_total,
             "peers": [[p.node_id, a] for a, p in self.peers.items() if p.node_id and p.state in (ALIVE, SUSPECT)],
             "digest": digest.encode(buckets),
+            **self._want_acks_field(),
         }
+
+    def ask_acks(self, name: str, until: float) -> None:
+        """Have the heartbeats until `until` ask the replicas to acknowledge `name` (ours) again:
+        a retried `replicas` append answered from its dedup_id, after what they acknowledged of
+        its context was forgotten (acks of contexts out of RAM are not kept, `rpc_ack`), would
+        otherwise wait for acks that never come (followers ack only entries they apply)."""
+        want = self.want_acks
+        want.pop(name, None)
+        while len(want) >= codec.MAX_WANT_ACKS:
+            del want[next(iter(want))]  # the oldest ask goes
+        want[name] = until
+        self.stats.acks_asked += 1
+
+    def _want_acks_field(self) -> dict[str, Any]:
+        want = self.want_acks
+        if not want:
+            return {}
+        for name in [n for n, until in want.items() if until < self.now]:
+            del want[name]
+        return {"want_acks": list(want)} if want else {}
 
     def tick(self, now: float) -> None:
         """Liveness and heartbeats; call often (every loop turn is fine)."""
@@ -665,6 +689,8 @@ class Mesh:
             if hb.bad_peers:
                 self._bad_address(p, hb.bad_peer_error, hb.bad_peers)
             self._learn(p, hb.as_map(), now)
+            if hb.want_acks:
+                self._ack_again(hb.node_id, hb.want_acks)
         else:
             # this node itself, or refused for max_peers: nothing is learned from it (its clock
             # included: entries reach this node only from peers, which carry their own clocks)
@@ -674,6 +700,16 @@ class Mesh:
         if fresh:
             out["digest"] = digest.encode(self.ledger.digest(NBUCKETS))
         return out
+
+    def _ack_again(self, writer: str, names: Iterable[str]) -> None:
+        """The writer asks for acks of these contexts again (`ask_acks`): those we hold of its are
+        acknowledged at once, as far as `flush_acks` may (under `sync`, what is on our disk)."""
+        contexts = self.ledger.contexts
+        for name in names:
+            ctx = contexts.get(name)
+            if ctx is not None and ctx.writer == writer and writer != self.ledger.node_id and ctx.size:
+                self.ack_due[name] = writer
+                self.ack_now = True
 
     def pulled_by(self, conn: bytes | None) -> None:
         """Entries were served (snapshot, snapshots) on connection `conn`: when it is a peer's,

@@ -177,6 +177,9 @@ class Heartbeat:
     # heartbeat; the count and the first one's error, for the node to log and count
     bad_peers: int = 0
     bad_peer_error: str = ""
+    # contexts the sender writes whose acks it asks for again (SPEC 17.5): a retried `replicas`
+    # append answered from its dedup_id after the sender forgot what its replicas acknowledged
+    want_acks: tuple[str, ...] = ()
 
     def as_map(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "address": self.address, "pub": self.pub, "boot": self.boot,
@@ -492,6 +495,7 @@ MAX_DIGEST_BYTES = 1 << 16
 MAX_DIGEST_BUCKETS = 16  # top buckets per `sync_digest` (a reply of 2 KiB each)
 MAX_PULL_CHUNKS = 64  # contexts per `snapshots` request
 MAX_PULL_ENTRIES = MAX_GET_LIMIT  # entries asked by one `snapshots` request, all chunks together
+MAX_WANT_ACKS = 64  # contexts whose acks one heartbeat asks for again
 
 
 def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
@@ -514,6 +518,11 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
     digest = m.get("digest", b"")
     if not isinstance(digest, bytes) or len(digest) > MAX_DIGEST_BYTES:
         raise _bad(f"digest must be at most {MAX_DIGEST_BYTES} bytes of binary")
+    want = m.get("want_acks")
+    if want is None:
+        want = []
+    elif not isinstance(want, list) or len(want) > MAX_WANT_ACKS:
+        raise _bad(f"want_acks must be an array of at most {MAX_WANT_ACKS} context names")
     return Heartbeat(
         node_id=check_name("node_id", m.get("node_id"), MAX_ID_BYTES),
         address=parse_address(m.get("address"), "address"),
@@ -527,6 +536,7 @@ def _parse_heartbeat(m: Mapping[str, Any], max_payload: int) -> Heartbeat:
         cluster=check_name("cluster", m.get("cluster") or "ledger", MAX_ID_BYTES),
         bad_peers=bad_peers,
         bad_peer_error=bad_peer_error,
+        want_acks=tuple(check_name("want_acks item", c, MAX_CONTEXT_BYTES) for c in want),
     )
 
 

@@ -54,12 +54,12 @@ class Wire:
 
 
 def make_core(durability: str = "async", node_id: str = "me", identity: Identity | None = None,
-              **kw: Any) -> tuple[Core, Wire]:
+              address: str = "127.0.0.1:1", **kw: Any) -> tuple[Core, Wire]:
     cfg = Config(node_id=node_id, data=":memory:", host="127.0.0.1", port=1, pub_port=2, durability=durability,
                  flush_ms=10, max_payload=1 << 20, hot_bytes=8 << 20, log_level="info", **kw)
     wire = Wire()
     return Core(cfg, Ledger(MemoryKV(), node_id=node_id, sync_meta=False), wire, wire,
-                address="127.0.0.1:1", pub="127.0.0.1:2", started=100.0, identity=identity), wire
+                address=address, pub="127.0.0.1:2", started=100.0, identity=identity), wire
 
 
 def ask(core: Core, op: str, now: float = 100.0, ident: bytes = CLIENT, **fields: Any) -> list[dict[str, Any]]:
@@ -251,6 +251,88 @@ def test_replicas_n_answers_unavailable_at_its_deadline_and_the_entry_stays():
     assert {k: r["error"][k] for k in ("context", "seq", "replicated", "required")} == {
         "context": "notes", "seq": 1, "replicated": 0, "required": 1}
     assert core.ledger.contexts["notes"].size == 1
+
+
+def writer_and_replica() -> tuple[Core, Wire, Core, Wire]:
+    """A writer "me" and a replica "p" that know each other (their heartbeats exchanged)."""
+    w, wwire = make_core(replica_timeout_ms=3000)
+    f, fwire = make_core(node_id="p", address="127.0.0.1:9")
+    peer_heartbeat(w, node_id="p", address="127.0.0.1:9")
+    peer_heartbeat(f, node_id="me", address="127.0.0.1:1")
+    return w, wwire, f, fwire
+
+
+def sent(wire: Wire, op: str) -> list[dict[str, Any]]:
+    out = [fields for _addr, o, fields in wire.sent if o == op]
+    wire.sent.clear()
+    return out
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_retried_replicas_append_after_its_acks_were_forgotten_asks_the_replicas_again(batch):
+    from protocol.entry import entry_from_wire
+
+    w, wwire, f, fwire = writer_and_replica()
+    op, fields = (("append_batch", {"entries": [{"payload": b"x"}]}) if batch
+                  else ("append", {"payload": b"x"}))
+    dedup = {"dedup_id": b"d" * 16, "replicas": 1}
+    assert ask(w, op, context="notes", **fields, **dedup) == []
+    ctx = w.ledger.contexts["notes"]
+    blob = w.ledger.entry_blob(ctx, 1)
+    f.ledger.apply_replicated("notes", [entry_from_wire(codec.msgpack.unpackb(blob))], ctx.frontier.root())
+    ask(w, "ack", ident=b"peer", node_id="p", acks=[["notes", 1]], now=100.01)
+    (r,) = take(w)
+    assert r["ok"] and r["replicated"] == 1
+    # the context leaves the writer's RAM and what "p" acknowledged of it is swept (Mesh._prune_acks);
+    # the client, which never got that reply, sends the append again
+    w.mesh.replica_sizes.clear()
+    assert ask(w, op, now=101.0, context="notes", **fields, **dedup) == []
+    assert w.mesh.stats.acks_asked == 1 and list(w.mesh.want_acks) == ["notes"]
+    sent(wwire, "heartbeat")
+    w.tick(101.6)  # the next heartbeat asks "p" for its acks again
+    (hb,) = sent(wwire, "heartbeat")
+    assert hb["want_acks"] == ["notes"]
+    ask(f, "heartbeat", now=101.6, ident=b"w", **hb)
+    f.tick(101.61)
+    (ack,) = sent(fwire, "ack")  # at once, not lazily: a writer waits
+    assert ack == {"node_id": "p", "acks": [["notes", 1]]}
+    ask(w, "ack", ident=b"peer", now=101.62, **ack)
+    (r,) = take(w)  # without the ask: UNAVAILABLE at 104.0, although "p" holds the entry
+    assert r["ok"] and r["deduplicated"] and r["replicated"] == 1 and ctx.size == 1
+    assert w.mesh.want_acks == {}  # answered: the next heartbeats ask nothing
+    w.tick(102.2)
+    assert "want_acks" not in sent(wwire, "heartbeat")[0]
+
+
+def test_asked_acks_go_only_to_the_context_s_writer_for_what_is_held_and_the_ask_expires():
+    w, wwire, f, fwire = writer_and_replica()
+    ask(f, "append", context="mine", payload=b"y")  # written by "p" itself
+    hb = {**w.mesh.heartbeat_fields(), "want_acks": ["mine", "nothere"]}
+    ask(f, "heartbeat", now=100.1, ident=b"w", **hb)
+    f.tick(100.2)
+    assert sent(fwire, "ack") == [] and f.mesh.ack_due == {}
+    w.mesh.ask_acks("gone", until=100.5)
+    assert w.mesh.heartbeat_fields()["want_acks"] == ["gone"]
+    w.mesh.now = 100.6
+    assert "want_acks" not in w.mesh.heartbeat_fields() and w.mesh.want_acks == {}
+    for i in range(100):  # bounded: the oldest asks go
+        w.mesh.ask_acks(f"c{i}", until=200.0)
+    assert len(w.mesh.want_acks) == codec.MAX_WANT_ACKS and "c99" in w.mesh.want_acks and "c0" not in w.mesh.want_acks
+
+
+@pytest.mark.parametrize("want, message", [
+    ("notes", "want_acks must be an array"),
+    (["x"] * 65, "at most 64"),
+    ([7], "want_acks item must be a string"),
+    ([""], "want_acks item must not be empty"),
+    (["x" * 2000], "want_acks item must be 1.."),
+])
+def test_a_heartbeat_with_bad_want_acks_is_refused_and_changes_nothing(want, message):
+    f, fwire = make_core(node_id="p", address="127.0.0.1:9")
+    (r,) = ask(f, "heartbeat", ident=b"w", node_id="me", address="127.0.0.1:1", pub="127.0.0.1:2", boot="b",
+               lamport=0, entries=0, cluster="ledger", want_acks=want)
+    assert r["error"]["code"] == "BAD_REQUEST" and message in r["error"]["message"], r
+    assert f.mesh.peers == {} and f.mesh.ack_due == {}
 
 
 def test_replicas_more_than_alive_is_refused_before_anything_is_appended():
