@@ -152,9 +152,18 @@ class GatedFaultyKV(FaultyKV):
         return commit
 
 
+def payload(i: int) -> bytes:
+    """The i-th append's payload in `behind`: 11 of 64 B (4.8 KiB buffered with their encoding and
+    RAM overhead, below the 8 KiB write buffer however the loop's turns split them), a 12th of
+    3 KiB that takes the buffer past it, then 1 KiB each."""
+    return b"%04d" % i * (16 if i < 12 else 768 if i == 12 else 256)
+
+
 def behind(server: Server, kv: GatedFaultyKV, zctx):  # type: ignore[no-untyped-def]
-    """A writer's DEALER, after 12 appends of 1 KiB answered from RAM while the store's next write
-    waits (`kv.gate`): past the 8 KiB write buffer, so its next writes are held."""
+    """A writer's DEALER, after 12 appends answered from RAM while the store's writes wait
+    (`kv.gate`), the 12th taking the buffer past the 8 KiB write buffer, so its next five (13 to
+    17) are held. (The first version sent twelve of 1 KiB, which all had to be read in one turn
+    of the loop: on a slow machine a turn read fewer and the buffer filled before the 12th.)"""
     import zmq
 
     kv.gate.clear()
@@ -162,11 +171,11 @@ def behind(server: Server, kv: GatedFaultyKV, zctx):  # type: ignore[no-untyped-
     w.setsockopt(zmq.LINGER, 0)
     w.connect(server.router_address)
     for i in range(1, 13):
-        w.send(codec.encode_request("append", i, {"context": "c", "payload": b"%04d" % i * 256}))
+        w.send(codec.encode_request("append", i, {"context": "c", "payload": payload(i)}))
     for i in range(1, 13):
         assert w.poll(10_000) and codec.decode_reply(w.recv())["id"] == i
     for i in range(13, 18):
-        w.send(codec.encode_request("append", i, {"context": "c", "payload": b"%04d" % i * 256}))
+        w.send(codec.encode_request("append", i, {"context": "c", "payload": payload(i)}))
     return w
 
 
@@ -235,7 +244,7 @@ def test_writes_held_when_the_disk_fills_up_are_answered_storage_and_reads_go_on
         assert reader.head("c").size == 12 + len(acked)  # reads go on
         kv.room = True
         wait_storage(reader, "ok")
-    assert stored(kv, "c") == [b"%04d" % i * 256 for i in range(1, 13 + len(acked))]  # every acknowledged one
+    assert stored(kv, "c") == [payload(i) for i in range(1, 13 + len(acked))]  # every acknowledged one
 
 
 def test_requests_held_when_the_node_stops_are_answered_unavailable_and_what_was_acked_kept(zctx):
@@ -261,7 +270,7 @@ def test_requests_held_when_the_node_stops_are_answered_unavailable_and_what_was
             w.close()
     assert [r["id"] for r in replies] == list(range(13, 18))
     assert all(r["error"]["code"] == "UNAVAILABLE" and "not served" in r["error"]["message"] for r in replies)
-    assert stored(kv, "c") == [b"%04d" % i * 256 for i in range(1, 13)]  # every acknowledged one, none else
+    assert stored(kv, "c") == [payload(i) for i in range(1, 13)]  # every acknowledged one, none else
 
 
 def test_a_failed_write_on_the_loop_thread_refuses_what_waits_behind_it(zctx):
