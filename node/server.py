@@ -416,20 +416,10 @@ class Server:
                     self._send_replies()
                     publisher.publish()
                     busy.served(clock())
-                if self._wake_rx in events:
-                    self._drain_wake()
-                if self.metrics is not None and self._metrics_rx in events:
-                    self._serve_metrics()
-                if self.pub in events:
-                    publisher.on_subscriptions()
-                if zap is not None and zap.sock in events:
-                    zap.handle()
                 if self.reload_keys:
                     self._reload_keys()
                 if len(events) > 1 or router not in events:
-                    for mon in self.connections.monitors:
-                        if mon in events:
-                            self.connections.on_events(mon)
+                    self._side_events(events)
                     self.peers.receive(events, core)
                 self._collect_done()
                 now = monotonic()
@@ -509,8 +499,6 @@ class Server:
         self.held_turns += 1
         core = self.core
         events = dict(self.held_poller.poll(100))
-        if self._wake_rx in events:
-            self._drain_wake()
         if self.router in events:
             now = time.monotonic()
             secure = self.zap is not None
@@ -535,6 +523,15 @@ class Server:
             finally:
                 core.behind = False
             self._send_replies()
+        self._side_events(events)  # (--max-clients holds during a stall too)
+        self._collect_done()
+        self._hand_off(time.monotonic(), force=True)
+
+    def _side_events(self, events: dict[Any, int]) -> None:
+        """The sockets other than requests and peers, on any turn: a finished write's wake-up,
+        metrics, watch subscriptions, ZAP, connection monitors (`--max-clients`)."""
+        if self._wake_rx in events:
+            self._drain_wake()
         if self.metrics is not None and self._metrics_rx in events:
             self._serve_metrics()
         if self.pub in events:
@@ -543,9 +540,7 @@ class Server:
             self.zap.handle()
         for mon in self.connections.monitors:
             if mon in events:
-                self.connections.on_events(mon)  # (--max-clients holds during a stall too)
-        self._collect_done()
-        self._hand_off(time.monotonic(), force=True)
+                self.connections.on_events(mon)
 
     def _wait_for_flush(self) -> None:
         self.backpressure_waits += 1
