@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import collections
 import gc
+import hashlib
 import heapq
 import logging
 import os
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -34,6 +36,7 @@ from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import FINE, NBUCKETS, bucket_of, digest_item, fine_buckets
 from protocol.entry import (
+    MAX_WRITER_BYTES,
     Entry,
     decode_entry,
     encode_entry_parts,
@@ -172,6 +175,60 @@ class AppendResult(NamedTuple):
     blobs: list[bytes]
     last_seq: int
     deduplicated: bool
+
+
+_accel: types.ModuleType | None
+try:  # the per-entry work of a pull in C (node/_accel.c), where it was built
+    from node import _accel
+except ImportError:  # no C compiler where this was installed: the same work in pure Python
+    _accel = None
+if os.environ.get("LEDGER_PURE_PYTHON"):  # (to compare, or to rule the C code out)
+    _accel = None
+ACCELERATED = _accel is not None
+_sha256 = hashlib.sha256
+
+
+class WireParts:
+    """Replicated entries from seq `first` on, checked, hashed and encoded by `wire_parts`, for
+    `Ledger.apply_replicated`: what its Python loop would compute from the same entries."""
+
+    __slots__ = ("context", "writer", "first", "hashes", "keys", "blobs", "max_lamport", "last_lamport")
+
+    def __init__(self, context: str, writer: str, first: int, hashes: list[bytes], keys: list[str],
+                 blobs: list[bytes], max_lamport: int, last_lamport: int) -> None:
+        self.context = context
+        self.writer = writer
+        self.first = first
+        self.hashes = hashes
+        self.keys = keys
+        self.blobs = blobs
+        self.max_lamport = max_lamport
+        self.last_lamport = last_lamport
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
+def wire_parts(name: str, raw: list[Any], first: int) -> WireParts | None:
+    """The entries of a pull reply as msgpack decoded them (`raw`), seqs `first` on, of context
+    `name`: checked, hashed and encoded in C when every one is the plain case (ASCII key, no
+    metadata, the fields `entry_from_wire`'s fast path takes, consecutive seqs, one writer) and
+    its hash holds; else None, and the caller takes the Python path, which words any error. A
+    catch-up spends most of its CPU on this per entry (~2.5x less this way; docs/benchmarks.md)."""
+    if _accel is None or not raw:
+        return None
+    m = raw[0]
+    w = m.get("writer") if type(m) is dict else None
+    if type(w) is not str or not 0 < len(w) <= MAX_WRITER_BYTES or not w.isascii():
+        return None
+    out = _accel.replica_parts(raw, first, name, w, leaf_names(name.encode(), w.encode()), packed_str(name),
+                               packed_str(w))
+    if out is None:
+        return None
+    pre, hashes, keys, blobs, max_lamport, last_lamport = out
+    if [_sha256(p).digest() for p in pre] != hashes:
+        return None
+    return WireParts(name, w, first, hashes, keys, blobs, max_lamport, last_lamport)
 
 
 class Ledger:
@@ -1031,7 +1088,7 @@ class Ledger:
 
     # -- replicas ------------------------------------------------------------------
 
-    def apply_replicated(self, name: str, entries: list[Entry], root: bytes | None = None,
+    def apply_replicated(self, name: str, entries: list[Entry] | WireParts, root: bytes | None = None,
                          looked_up: tuple[ContextState | None] | None = None) -> ContextState | None:
         """Append entries another node wrote, extending the local replica of `name`.
 
@@ -1042,48 +1099,62 @@ class Ledger:
         when they do not, the histories differ, nothing is stored and the result
         is None. The clock advances past every lamport received. `looked_up`:
         (`contexts.get(name)`) when the caller has just asked (a pull of a context not here yet:
-        one look-up on disk, not two).
+        one look-up on disk, not two). `entries` may be the `WireParts` of `wire_parts` (checked
+        already, from the same replica size).
         """
         if not entries:
             raise BadRequest("no entries to apply")
         if self.storage.error is not None:
             raise self.refused()  # repair pulls them again once storage recovers
         ctx = self.contexts.get(name) if looked_up is None else looked_up[0]
-        writer = entries[0].writer
+        parts: WireParts | None = None
+        ents: list[Entry] = []
+        if isinstance(entries, WireParts):
+            parts, writer = entries, entries.writer
+        else:
+            ents, writer = entries, entries[0].writer
         if ctx is not None and ctx.writer != writer:
             raise Conflict(
                 f"context {name!r} is written by {ctx.writer!r} here; entries from writer {writer!r} fork it",
                 {"context": name, "writer": ctx.writer, "other_writer": writer},
             )
+        size = ctx.size if ctx is not None else 0
+        last = parts.first + len(parts) - 1 if parts is not None else ents[-1].seq
         repair = None
         if writer == self.node_id:
             # only while refilling a damaged context of ours from a replica, up to its mark
             repair = self.repairing(ctx) if ctx is not None else None
-            if repair is None or entries[-1].seq > repair[0]:
+            if repair is None or last > repair[0]:
                 raise Conflict(f"entries of {name!r} name this node as writer but it did not write them",
                                {"context": name})
-        size = ctx.size if ctx is not None else 0
-        names = leaf_names(name.encode(), writer.encode())
         # One pass checks every entry and builds the new frontier on a copy; the
         # replica changes only once all of it holds (it runs once per replicated entry).
         frontier = ctx.frontier.copy() if ctx is not None else merkle.Frontier()
-        hashes = []
-        seq = size
-        max_lamport = 0
-        for e in entries:
-            seq += 1
-            if e.seq != seq or e.context != name or e.writer != writer:
-                raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
-            h = e.hash
-            if leaf_hash_named(names, seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns) != h:
-                raise IntegrityError(f"entry {name!r}#{seq} does not match its hash")
-            hashes.append(h)
-            if e.lamport > max_lamport:
-                max_lamport = e.lamport
+        if parts is not None:
+            if parts.first != size + 1 or parts.context != name:
+                raise IntegrityError(f"replicated entries {parts.context!r}#{parts.first}.. do not extend {name!r} "
+                                     f"at #{size}")
+            hashes, max_lamport, last_lamport = parts.hashes, parts.max_lamport, parts.last_lamport
+        else:
+            names = leaf_names(name.encode(), writer.encode())
+            hashes = []
+            seq = size
+            max_lamport = 0
+            for e in ents:
+                seq += 1
+                if e.seq != seq or e.context != name or e.writer != writer:
+                    raise IntegrityError(f"replicated entry {e.context!r}#{e.seq} does not extend {name!r} at #{size}")
+                h = e.hash
+                if leaf_hash_named(names, seq, e.key.encode(), e.payload, e.metadata, e.lamport, e.ts_ns) != h:
+                    raise IntegrityError(f"entry {name!r}#{seq} does not match its hash")
+                hashes.append(h)
+                if e.lamport > max_lamport:
+                    max_lamport = e.lamport
+            last_lamport = ents[-1].lamport
         nodes = frontier.extend(hashes, STORED_MIN_LEVEL)
         if root is not None and frontier.root() != root:
             return None
-        if repair is not None and seq == repair[0] and frontier.root() != repair[1]:
+        if repair is not None and last == repair[0] and frontier.root() != repair[1]:
             return None  # not the history this node's mark says it wrote
         if ctx is None:
             ctx = self._create(name, writer)
@@ -1094,19 +1165,25 @@ class Ledger:
             pending[_node_key(cid, level, index)] = nh
         tail = ctx.tail
         hot_append = self._hot.append
-        cp, wp = ctx.name_packed, packed_str(writer)
         nbytes = 0
-        for e in entries:
+        if parts is not None:
+            keys, blobs = parts.keys, parts.blobs
+        else:
             # re-encoded rather than kept as received: every node stores the canonical bytes
-            seq = e.seq
-            blob = encode_entry_parts(cp, seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
+            cp, wp = ctx.name_packed, packed_str(writer)
+            keys = [e.key for e in ents]
+            blobs = [encode_entry_parts(cp, e.seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
+                     for e in ents]
+        seq = size
+        for key, blob in zip(keys, blobs, strict=True):
+            seq += 1
             pending[_entry_key(cid, seq)] = blob
-            tail[seq] = (e.key, blob)
+            tail[seq] = (key, blob)
             n = len(blob) + HOT_ENTRY_OVERHEAD
             hot_append((cid, seq, n))
             nbytes += n
         ctx.size = seq
-        ctx.last_lamport = entries[-1].lamport
+        ctx.last_lamport = last_lamport
         self.hot_bytes += nbytes
         self.pending_bytes += nbytes
         self._dirty[ctx] = seq
@@ -1539,6 +1616,11 @@ class Ledger:
     def verified(self, ctx: ContextState, seq: int, blob: bytes) -> bytes:
         """`blob`, read from storage as entry `seq` of `ctx`, once it matches its leaf hash: a byte
         flipped on disk must never be served or sent to a peer (an INTEGRITY error instead)."""
+        if _accel is not None:
+            # the canonical form read in C (node/_accel.c); anything else is decided below
+            pre = _accel.stored_preimage(blob, seq, ctx.leaf_names)
+            if pre is not None and _sha256(pre).digest() == blob[-32:]:
+                return blob
         try:
             e = _unpackb(blob)
             md = e["metadata"]

@@ -43,11 +43,11 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from node.ledger import ContextState, Ledger
+from node.ledger import ContextState, Ledger, WireParts, wire_parts
 from protocol import codec, digest, heads, merkle, watch
 from protocol.address import parse_address
 from protocol.digest import NBUCKETS
-from protocol.entry import Entry
+from protocol.entry import Entry, entry_from_wire
 from protocol.errors import BAD_REQUEST, NOT_FOUND, Conflict, LedgerError, NotWriter, RemoteProtocolError, Unavailable
 from protocol.heads import SignedHead
 from protocol.lamport import MAX_LAMPORT
@@ -1451,13 +1451,20 @@ class Mesh:
         end: int = fields["size"]
         ctx = self.ledger.contexts.get(name)
         size = ctx.size if ctx is not None else 0
-        chunk = codec.parse_chunk_reply(reply)
-        root = chunk.root
-        entries: list[Entry] = [e for e in chunk.entries if e.seq > size]  # pushes may have moved us on meanwhile
-        if entries and entries[0].seq == size + 1:
-            whole = entries[-1].seq == end
-            if whole and self.writer_key is not None and not self._pull_signed(p, name, entries[0].writer, end, root,
-                                                                               reply):
+        raw, root = codec.chunk_parts(reply)
+        # the common case, a whole chunk from our size on, checked and encoded in C where built
+        parts = wire_parts(name, raw, size + 1) if len(raw) == end - size else None
+        entries: list[Entry] | WireParts
+        if parts is not None:
+            entries, first, last, writer = parts, size + 1, end, parts.writer
+        else:
+            # (pushes may have moved us on meanwhile)
+            entries = [e for e in (entry_from_wire(m) for m in raw) if e.seq > size]
+            first, last, writer = ((entries[0].seq, entries[-1].seq, entries[0].writer) if entries
+                                   else (0, 0, ""))
+        if entries and first == size + 1:
+            whole = last == end
+            if whole and self.writer_key is not None and not self._pull_signed(p, name, writer, end, root, reply):
                 self._drop_pulls(p, name)
                 return False
             if whole:
@@ -1476,7 +1483,7 @@ class Mesh:
                     # the chunk is sound but does not end at the sender's root: two histories
                     self._drop_pulls(p)
                     p.syncing = False
-                    self._fork(p, ctx, end, root, entries[0].writer)
+                    self._fork(p, ctx, end, root, writer)
                     return False
                 self.stats.pulled_entries += len(entries)
                 p.pulled_entries += len(entries)
@@ -1490,7 +1497,6 @@ class Mesh:
                 return True
             else:
                 # a page cut short (reply size cap): ask for a smaller chunk ending where it ended
-                last = entries[-1].seq
                 f2 = {"context": name, "size": last, "after": size, "limit": last - size}
                 self._send(p, "snapshot", f2)
                 return False

@@ -880,10 +880,16 @@ def parse_chunks_reply(m: Mapping[str, Any], asked: int) -> list[Mapping[str, An
     return raw
 
 
-def parse_chunk_reply(m: Mapping[str, Any]) -> Chunk:
+def chunk_parts(m: Mapping[str, Any]) -> tuple[list[Any], bytes]:
+    """A `snapshot` reply's (or `snapshots` chunk's) entries, not checked yet, and its root."""
     raw, root = m.get("entries"), m.get("root")
     if not isinstance(raw, list) or type(root) is not bytes or len(root) != 32:
         raise _bad("snapshot reply without entries or root")
+    return raw, root
+
+
+def parse_chunk_reply(m: Mapping[str, Any]) -> Chunk:
+    raw, root = chunk_parts(m)
     return Chunk(tuple(entry_from_wire(e) for e in raw), root)
 
 

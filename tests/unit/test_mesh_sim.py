@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import zmq
 
+from node import ledger as ledger_mod
 from node import mesh as mesh_mod
 from node.config import Config
 from node.core import Core
@@ -356,6 +357,27 @@ def test_a_fixed_seed_replays_the_same_history():
     a = run(12345, steps=200, heal_steps=150)
     b = run(12345, steps=200, heal_steps=150)
     assert a == b
+
+
+@pytest.mark.skipif(not ledger_mod.ACCELERATED, reason="node._accel is not built here (no C compiler)")
+def test_pulls_through_the_c_path_or_without_it_replay_the_same_history(monkeypatch):
+    """node/_accel.c applies most pulled chunks; without it (no compiler) the Python path
+    applies them all: the same seed gives the same run, entry for entry."""
+    real = mesh_mod.wire_parts
+    used: list[bool] = []
+
+    def counted(name: str, raw: list[Any], first: int) -> Any:
+        out = real(name, raw, first) if accel else None
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mesh_mod, "wire_parts", counted)
+    accel = True
+    a = run(12345, steps=200, heal_steps=150)
+    assert a["pulled"] > 0 and sum(used) > 0, (a, len(used))
+    accel = False
+    used.clear()
+    assert run(12345, steps=200, heal_steps=150) == a and used and not any(used)
 
 
 def perfect_pair(a: str, b: str, seed: int) -> Network:

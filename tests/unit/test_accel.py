@@ -1,0 +1,293 @@
+"""node/_accel.c, the C path of a pull's per-entry work (`node.ledger.wire_parts`): it must compute
+what the Python path computes, byte for byte, and hand back to it (None) every entry that is not
+the plain case, so that the Python path words the error. Without the module (no C compiler where
+the project was installed) `wire_parts` is always None and the node runs the Python path only."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgpack
+import pytest
+
+from node import ledger as ledger_mod
+from node.ledger import Ledger, WireParts, wire_parts
+from node.storage import MemoryKV
+from protocol import codec
+from protocol.entry import encode_entry_parts, entry_from_wire, leaf_hash_named, leaf_names, packed_str
+from protocol.errors import IntegrityError, RemoteProtocolError
+from protocol.lamport import MAX_LAMPORT
+
+pytestmark = pytest.mark.skipif(not ledger_mod.ACCELERATED, reason="node._accel is not built here (no C compiler)")
+
+U64 = (1 << 64) - 1
+
+
+def wire(context: str, writer: str, seq: int, key: str = "k", payload: bytes = b"p", lamport: int = 1,
+         ts_ns: int = 5, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """An entry's wire map, as msgpack decodes it, with its true leaf hash."""
+    md = metadata or {}
+    h = leaf_hash_named(leaf_names(context.encode(), writer.encode()), seq, key.encode(), payload, md, lamport, ts_ns)
+    return {"context": context, "seq": seq, "key": key, "payload": payload, "metadata": md, "lamport": lamport,
+            "ts_ns": ts_ns, "writer": writer, "hash": h}
+
+
+def round_trip(maps: list[dict[str, Any]]) -> list[Any]:
+    """As a reply carries them: packed and decoded again."""
+    out: list[Any] = msgpack.unpackb(msgpack.packb(maps, use_bin_type=True), raw=False)
+    return out
+
+
+# sizes at every boundary of msgpack's encodings (fixint/uint8/16/32/64, fixstr/str8/16, bin8/16/32)
+INTS = [0, 1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, MAX_LAMPORT]
+KEYS = ["", "k", "a" * 31, "a" * 32, "a" * 255, "a" * 256]
+PAYLOADS = [b"", b"x", b"y" * 255, b"y" * 256, b"z" * 65535, b"z" * 65536, b"w" * 70000]
+
+
+def test_the_c_path_encodes_and_hashes_byte_for_byte_as_the_python_path():
+    maps = []
+    seq = 0
+    for i, (k, p) in enumerate([(k, p) for k in KEYS for p in PAYLOADS]):
+        seq += 1
+        maps.append(wire("ctx", "w1", seq, k, p, lamport=INTS[i % len(INTS)], ts_ns=[*INTS, U64][(i * 7) % 12]))
+    raw = round_trip(maps)
+    parts = wire_parts("ctx", raw, 1)
+    assert isinstance(parts, WireParts) and len(parts) == len(maps)
+    cp, wp = packed_str("ctx"), packed_str("w1")
+    entries = [entry_from_wire(m) for m in raw]
+    assert parts.blobs == [encode_entry_parts(cp, e.seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
+                           for e in entries]
+    assert parts.blobs == [e.encode() for e in entries]  # (the canonical map of SPEC 5)
+    assert parts.hashes == [e.hash for e in entries] and parts.keys == [e.key for e in entries]
+    assert parts.max_lamport == max(e.lamport for e in entries) and parts.last_lamport == entries[-1].lamport
+    assert (parts.writer, parts.first, parts.context) == ("w1", 1, "ctx")
+
+
+def test_a_seq_past_2_63_and_a_non_ascii_context_take_the_c_path_too():
+    raw = round_trip([wire("ctx-é", "w1", (1 << 63) + i) for i in range(3)])
+    parts = wire_parts("ctx-é", raw, 1 << 63)
+    assert parts is not None and parts.blobs == [entry_from_wire(m).encode() for m in raw]
+
+
+def applied_state(led: Ledger, name: str) -> tuple[Any, ...]:
+    ctx = led.contexts[name]
+    stored = {k: v for k, v in led.pending.items() if k[:1] in (b"E", b"N")}  # (not `C`: its created_ns)
+    assert len(stored) >= ctx.size
+    return (stored, ctx.size, ctx.frontier.root(), ctx.last_lamport, led.clock.value, dict(ctx.tail),
+            led.entries_total, led.hot_bytes)
+
+
+@pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
+def test_applying_through_the_c_path_leaves_the_ledger_as_the_python_path_does(chunks):
+    n = sum(chunks)
+    maps = [wire("c", "w1", s, f"k{s}", bytes([s]) * s, lamport=10 * s, ts_ns=s) for s in range(1, n + 1)]
+    from protocol import merkle
+
+    roots = []
+    f = merkle.Frontier()
+    for m in maps:
+        f.append(m["hash"])
+        roots.append(f.root())
+    fast, slow = (Ledger(MemoryKV(), node_id="me", sync_meta=False) for _ in range(2))
+    at = 0
+    for k in chunks:
+        raw = round_trip(maps[at:at + k])
+        root = roots[at + k - 1]
+        parts = wire_parts("c", raw, at + 1)
+        assert parts is not None
+        assert fast.apply_replicated("c", parts, root) is not None
+        assert slow.apply_replicated("c", [entry_from_wire(m) for m in raw], root) is not None
+        at += k
+    assert applied_state(fast, "c") == applied_state(slow, "c")
+
+
+def test_parts_that_do_not_extend_the_replica_are_refused_like_entries():
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    parts = wire_parts("c", round_trip([wire("c", "w1", 2)]), 2)
+    assert parts is not None
+    with pytest.raises(IntegrityError, match="do not extend"):
+        led.apply_replicated("c", parts)
+    parts = wire_parts("c", round_trip([wire("c", "w1", 1)]), 1)
+    assert parts is not None
+    with pytest.raises(IntegrityError, match="do not extend 'd'"):
+        led.apply_replicated("d", parts)
+    assert "c" not in led.contexts and "d" not in led.contexts
+
+
+def _set(field: str, value: Any):
+    def change(m: dict[str, Any]) -> None:
+        m[field] = value
+    return change
+
+
+def _drop(field: str):
+    def change(m: dict[str, Any]) -> None:
+        del m[field]
+    return change
+
+
+UNUSUAL = {
+    # (what the Python path then does: its fast path or its checked path; here only: not the C path)
+    "metadata": _set("metadata", {"a": "b"}),
+    "non-ASCII key": _set("key", "clé"),
+    "key of 257 bytes": _set("key", "a" * 257),
+    "missing hash": _drop("hash"),
+    "missing metadata": _drop("metadata"),
+    "seq out of turn": _set("seq", 7),
+    "seq a bool": _set("seq", True),
+    "seq a float": _set("seq", 2.0),
+    "seq negative": _set("seq", -1),
+    "lamport above the ceiling": _set("lamport", MAX_LAMPORT + 1),
+    "lamport negative": _set("lamport", -1),
+    "lamport a str": _set("lamport", "1"),
+    "ts_ns 2^64": _set("ts_ns", 1 << 64),
+    "ts_ns huge": _set("ts_ns", 1 << 200),
+    "payload a str": _set("payload", "p"),
+    "payload a bytearray": _set("payload", bytearray(b"p")),
+    "hash of 31 bytes": _set("hash", b"h" * 31),
+    "hash of another entry": _set("hash", b"h" * 32),
+    "another context": _set("context", "other"),
+    "another writer": _set("writer", "w2"),
+    "writer not a str": _set("writer", 5),
+    "key not a str": _set("key", b"k"),
+    "metadata a list": _set("metadata", []),
+    "a str subclass": _set("key", type("S", (str,), {})("k")),
+}
+
+
+@pytest.mark.parametrize("where", [0, 2])
+@pytest.mark.parametrize("what", sorted(UNUSUAL))
+def test_any_unusual_entry_sends_the_whole_chunk_to_the_python_path(what, where):
+    raw = round_trip([wire("c", "w1", s) for s in range(1, 4)])
+    UNUSUAL[what](raw[where])
+    assert wire_parts("c", raw, 1) is None
+
+
+def test_the_python_path_then_words_the_error_or_applies_what_is_sound():
+    raw = round_trip([wire("c", "w1", s) for s in range(1, 4)])
+    bad = copy.deepcopy(raw)
+    bad[1]["hash"] = b"h" * 32
+    assert wire_parts("c", bad, 1) is None
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    with pytest.raises(IntegrityError, match="'c'#2 does not match its hash"):
+        led.apply_replicated("c", [entry_from_wire(m) for m in bad])
+    odd = copy.deepcopy(raw)
+    odd[2]["seq"] = True
+    with pytest.raises(RemoteProtocolError, match="seq must be an unsigned 64-bit integer"):
+        codec.parse_chunk_reply({"entries": odd, "root": b"r" * 32})
+    meta = round_trip([wire("c", "w1", 1, metadata={"a": "b"})])
+    assert wire_parts("c", meta, 1) is None
+    assert led.apply_replicated("c", [entry_from_wire(m) for m in meta]) is not None  # sound: applied
+
+
+def test_not_a_list_or_an_empty_one_or_a_first_map_without_a_plain_writer_is_not_the_c_path():
+    assert wire_parts("c", [], 1) is None
+    assert wire_parts("c", ["junk"], 1) is None
+    for w in ("", "é", "w" * 65, None):
+        m = wire("c", "w1", 1)
+        m["writer"] = w
+        assert wire_parts("c", [m], 1) is None
+    with pytest.raises(TypeError):
+        ledger_mod._accel.replica_parts((), 1, "c", "w", b"", b"", b"")  # a tuple, not a list
+
+
+def test_without_the_module_the_python_path_does_everything(monkeypatch):
+    monkeypatch.setattr(ledger_mod, "_accel", None)
+    assert wire_parts("c", round_trip([wire("c", "w1", 1)]), 1) is None
+
+
+# -- the source's side: entries read from storage checked against their hash (Ledger.verified) ----
+
+def stored(seq: int, key: str = "k", payload: bytes = b"p", lamport: int = 1, ts_ns: int = 5,
+           metadata: dict[str, str] | None = None) -> bytes:
+    return entry_from_wire(wire("c", "w1", seq, key, payload, lamport, ts_ns, metadata)).encode()
+
+
+NAMES = leaf_names(b"c", b"w1")
+
+
+def test_a_stored_entry_s_preimage_is_read_in_c_at_every_encoding_boundary():
+    import hashlib
+
+    i = 0
+    for k in KEYS:
+        for p in PAYLOADS:
+            i += 1
+            seq, lamport, ts = INTS[i % len(INTS)] or 1, INTS[(i * 3) % len(INTS)], [*INTS, U64][(i * 7) % 12]
+            blob = stored(seq, k, p, lamport, ts)
+            pre = ledger_mod._accel.stored_preimage(blob, seq, NAMES)
+            assert pre is not None and hashlib.sha256(pre).digest() == blob[-32:], (k[:3], len(p), seq)
+
+
+STORED_UNUSUAL = {
+    "metadata": lambda: stored(1, metadata={"a": "b"}),
+    "non-ASCII key": lambda: stored(1, key="clé"),
+    "another seq": lambda: stored(2),
+    "cut short": lambda: stored(1)[:-1],
+    "a byte more": lambda: stored(1) + b"\0",
+    "empty": lambda: b"",
+    "junk": lambda: b"\xc1" * 40,
+    "keys in another order": lambda: msgpack.packb(dict(reversed(list(
+        msgpack.unpackb(stored(1), raw=False).items()))), use_bin_type=True),
+    "lamport negative": lambda: stored(1).replace(b"\xa7lamport\x01", b"\xa7lamport\xff"),
+    "payload as a str": lambda: stored(1).replace(b"\xa7payload\xc4\x01p", b"\xa7payload\xa1p"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(STORED_UNUSUAL))
+def test_a_stored_entry_not_in_the_canonical_plain_form_is_left_to_python(what, monkeypatch):
+    blob = STORED_UNUSUAL[what]()
+    assert ledger_mod._accel.stored_preimage(blob, 1, NAMES) is None
+    # and the decision is Python's, the same with the module or without it
+    decisions = []
+    for accel in (ledger_mod._accel, None):
+        monkeypatch.setattr(ledger_mod, "_accel", accel)
+        led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+        led.append(codec.Append("c", "k", b"p", {}))
+        ctx = led.contexts["c"]
+        ctx.leaf_names = NAMES  # (writer "w1", as the blobs here)
+        try:
+            decisions.append(led.verified(ctx, 1, blob) == blob)
+        except IntegrityError:
+            decisions.append(False)
+    assert decisions[0] == decisions[1]
+
+
+def test_a_uint_in_a_longer_form_than_needed_is_read_in_c_as_python_reads_it():
+    blob = stored(1).replace(b"\xa3seq\x01", b"\xa3seq\xcf" + (1).to_bytes(8, "big"))
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    led.append(codec.Append("c", "k", b"p", {}))
+    ctx = led.contexts["c"]
+    ctx.leaf_names = NAMES
+    assert ledger_mod._accel.stored_preimage(blob, 1, NAMES) is not None and led.verified(ctx, 1, blob) == blob
+
+
+def test_a_flipped_byte_in_storage_is_still_refused_and_the_python_path_still_decides_the_rest():
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    for i in range(3):
+        led.append(codec.Append("c", "k", b"payload-%d" % i, {"a": "b"} if i == 2 else {}))
+    ctx = led.contexts["c"]
+    blobs = [led.entry_blob(ctx, s) for s in (1, 2, 3)]
+    assert [led.verified(ctx, s, b) for s, b in zip((1, 2, 3), blobs, strict=True)] == blobs  # (3: metadata, Python)
+    flipped = blobs[0].replace(b"payload-0", b"payload-X")
+    with pytest.raises(IntegrityError, match="damaged"):
+        led.verified(ctx, 1, flipped)
+    with pytest.raises(IntegrityError, match="damaged"):
+        led.verified(ctx, 2, blobs[0])  # another entry's bytes
+    assert led.integrity_errors == 2
+
+
+def test_ledger_pure_python_turns_the_c_code_off_and_status_says_which():
+    import subprocess
+    import sys
+
+    from tests.unit.test_core import make_core
+
+    code = "import node.ledger as l; print(l.ACCELERATED, l._accel is None)"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}
+    out = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split() for extra in ({}, {"LEDGER_PURE_PYTHON": "1"})]
+    assert out == [["True", "False"], ["False", "True"]]
+    core, _ = make_core()
+    assert core.status_fields(100.0)["accelerated"] is True
