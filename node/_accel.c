@@ -313,30 +313,31 @@ static inline int take_raw(cursor *c, int str, const unsigned char **s, unsigned
     return 1;
 }
 
-/* stored_preimage(blob, seq, names) -> the pre-image of the leaf hash of entry `seq` as `blob`
+/* stored_preimage(blob, seq, names, context_packed, writer_packed) -> the pre-image of the leaf hash of entry `seq` as `blob`
    holds it (the hash is the blob's last 32 bytes), or None when the blob is not an entry laid out
    as encode_entry_parts writes it (its fields in that order, integers in any unsigned width, as
-   msgpack reads them) with an ASCII key and no metadata: the caller's Python path decides those */
+   msgpack reads them) with an ASCII key and no metadata, naming the context and writer exactly as
+   packed by the caller (its names): the caller's Python path decides the rest */
 static PyObject *stored_preimage(PyObject *self, PyObject *args) {
-    const unsigned char *b, *names;
-    Py_ssize_t bn, names_n;
+    const unsigned char *b, *names, *cp, *wp;
+    Py_ssize_t bn, names_n, cp_n, wp_n;
     PyObject *seq_obj;
-    if (!PyArg_ParseTuple(args, "y#Oy#", &b, &bn, &seq_obj, &names, &names_n)) {
+    if (!PyArg_ParseTuple(args, "y#Oy#y#y#", &b, &bn, &seq_obj, &names, &names_n, &cp, &cp_n, &wp, &wp_n)) {
         return NULL;
     }
-    unsigned long long want, seq, lamport, ts, n;
-    const unsigned char *key, *payload, *skip;
+    unsigned long long want, seq, lamport, ts;
+    const unsigned char *key, *payload;
     unsigned long long key_n, payload_n;
     if (as_u64(seq_obj, &want) < 0) {
         Py_RETURN_NONE;
     }
     cursor c = {b, b + bn};
-    if (!take(&c, "\x89\xa7" "context", 9) || !take_raw(&c, 1, &skip, &n) || !take(&c, "\xa3" "seq", 4) ||
+    if (!take(&c, "\x89\xa7" "context", 9) || !take(&c, (const char *)cp, (size_t)cp_n) || !take(&c, "\xa3" "seq", 4) ||
         !take_uint(&c, &seq) || seq != want || !take(&c, "\xa3" "key", 4) || !take_raw(&c, 1, &key, &key_n) ||
         !take(&c, "\xa7" "payload", 8) || !take_raw(&c, 0, &payload, &payload_n) ||
         !take(&c, "\xa8" "metadata" "\x80", 10) || !take(&c, "\xa7" "lamport", 8) || !take_uint(&c, &lamport) ||
         !take(&c, "\xa5" "ts_ns", 6) || !take_uint(&c, &ts) || !take(&c, "\xa6" "writer", 7) ||
-        !take_raw(&c, 1, &skip, &n) || !take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
+        !take(&c, (const char *)wp, (size_t)wp_n) || !take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
         Py_RETURN_NONE;
     }
     for (unsigned long long i = 0; i < key_n; i++) {
@@ -350,7 +351,8 @@ static PyObject *stored_preimage(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"stored_preimage", stored_preimage, METH_VARARGS,
-     "stored_preimage(blob, seq, names) -> the leaf hash's pre-image of a stored entry, or None"},
+     "stored_preimage(blob, seq, names, context_packed, writer_packed) -> the leaf hash's pre-image of a "
+     "stored entry, or None"},
     {"replica_parts", replica_parts, METH_VARARGS,
      "replica_parts(maps, first_seq, context, writer, names, context_packed, writer_packed) -> "
      "(preimages, hashes, keys, blobs, max_lamport, last_lamport) or None"},

@@ -784,8 +784,6 @@ class Core:
             count = self.mesh.replicated(a.ctx, a.seq)
             if count >= a.replicas and (not self.sync or self.ledger.durable(a.ctx, a.seq)):
                 self.outbox.append([*w.to, codec.encode_reply(w.id, {**a.fields, "replicated": count}, a.raw)])
-                if self.mesh.want_acks:
-                    self.mesh.want_acks.pop(a.ctx.name, None)  # (asked again for a retry: answered)
             elif now > w.deadline:
                 self.outbox.append([*w.to, codec.encode_error(
                     w.id, UNAVAILABLE,
@@ -796,6 +794,11 @@ class Core:
             else:
                 keep.append(w)
         self.for_replicas = keep
+        want = self.mesh.want_acks
+        if want:  # asked again for a retry (`Mesh.ask_acks`): no longer once nothing of it waits
+            waiting = {w.answer.ctx.name for w in keep}
+            for name in [n for n in want if n not in waiting]:
+                del want[name]
 
     # -- events: time ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from node.storage import KV
 from protocol import codec, merkle, watch
 from protocol.digest import FINE, NBUCKETS, bucket_of, digest_item, fine_buckets
 from protocol.entry import (
+    MAX_CONTEXT_BYTES,
     MAX_WRITER_BYTES,
     Entry,
     decode_entry,
@@ -215,8 +216,8 @@ def wire_parts(name: str, raw: list[Any], first: int) -> WireParts | None:
     metadata, the fields `entry_from_wire`'s fast path takes, consecutive seqs, one writer) and
     its hash holds; else None, and the caller takes the Python path, which words any error. A
     catch-up spends most of its CPU on this per entry (~2.5x less this way; docs/benchmarks.md)."""
-    if _accel is None or not raw:
-        return None
+    if _accel is None or not raw or not 0 < len(name) <= MAX_CONTEXT_BYTES or not name.isascii():
+        return None  # (a name no context can have, or one to check as UTF-8: the Python path's)
     m = raw[0]
     w = m.get("writer") if type(m) is dict else None
     if type(w) is not str or not 0 < len(w) <= MAX_WRITER_BYTES or not w.isascii():
@@ -1618,14 +1619,16 @@ class Ledger:
         flipped on disk must never be served or sent to a peer (an INTEGRITY error instead)."""
         if _accel is not None:
             # the canonical form read in C (node/_accel.c); anything else is decided below
-            pre = _accel.stored_preimage(blob, seq, ctx.leaf_names)
+            pre = _accel.stored_preimage(blob, seq, ctx.leaf_names, ctx.name_packed, packed_str(ctx.writer))
             if pre is not None and _sha256(pre).digest() == blob[-32:]:
                 return blob
         try:
             e = _unpackb(blob)
             md = e["metadata"]
-            ok = (e["seq"] == seq and e["hash"] == leaf_hash_named(
-                ctx.leaf_names, seq, e["key"].encode(), e["payload"], md, e["lamport"], e["ts_ns"]))
+            # (the names too: the leaf hash covers the context's, not the copies in the entry)
+            ok = (e["seq"] == seq and e["context"] == ctx.name and e["writer"] == ctx.writer
+                  and e["hash"] == leaf_hash_named(ctx.leaf_names, seq, e["key"].encode(), e["payload"], md,
+                                                   e["lamport"], e["ts_ns"]))
         except Exception:  # not even an entry: msgpack, key or type errors
             ok = False
         if not ok:

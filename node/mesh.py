@@ -706,7 +706,7 @@ class Mesh:
         acknowledged at once, as far as `flush_acks` may (under `sync`, what is on our disk)."""
         contexts = self.ledger.contexts
         for name in names:
-            ctx = contexts.get(name)
+            ctx = contexts.peek(name)  # (a look for a peer: not let into the cache)
             if ctx is not None and ctx.writer == writer and writer != self.ledger.node_id and ctx.size:
                 self.ack_due[name] = writer
                 self.ack_now = True

@@ -29,6 +29,7 @@ from protocol.digest import NBUCKETS, SUB
 from protocol.entry import (
     MAX_CONTEXT_BYTES,
     MAX_KEY_BYTES,
+    MAX_WRITER_BYTES,
     Entry,
     check_metadata,
     check_name,
@@ -821,16 +822,29 @@ class HeadsPage:
     malformed: int  # items skipped for a wrong shape or type (the rest of the page is used)
 
 
+def _name_ok(v: object, max_bytes: int) -> bool:
+    """`check_name`'s test (1..max_bytes of UTF-8), as a bool."""
+    if type(v) is not str:
+        return False
+    if v.isascii():
+        return 0 < len(v) <= max_bytes
+    try:
+        return 0 < len(v.encode()) <= max_bytes
+    except UnicodeEncodeError:
+        return False
+
+
 def parse_heads_reply(m: Mapping[str, Any]) -> HeadsPage:
-    """A `sync_heads` reply. A malformed item is skipped, not the page: one bad context of a
-    peer must not hold back the repair of its others."""
+    """A `sync_heads` reply. A malformed item (a name or writer no context can have among them) is
+    skipped, not the page: one bad context of a peer must not hold back the repair of its others."""
     heads = m.get("heads")
     if not isinstance(heads, list):
         raise _bad("sync_heads reply without heads")
     out = []
     for h in heads:
-        if (isinstance(h, list) and len(h) == 5 and type(h[0]) is str and type(h[1]) is int
-                and 0 <= h[1] < U64 and type(h[2]) is bytes and len(h[2]) == 32 and type(h[3]) is str):
+        if (isinstance(h, list) and len(h) == 5 and _name_ok(h[0], MAX_CONTEXT_BYTES) and type(h[1]) is int
+                and 0 <= h[1] < U64 and type(h[2]) is bytes and len(h[2]) == 32
+                and _name_ok(h[3], MAX_WRITER_BYTES)):
             out.append(HeadItem(h[0], h[1], h[2], h[3]))
     return HeadsPage(tuple(out), m.get("more") is True, len(heads) - len(out))
 

@@ -64,10 +64,15 @@ def test_the_c_path_encodes_and_hashes_byte_for_byte_as_the_python_path():
     assert (parts.writer, parts.first, parts.context) == ("w1", 1, "ctx")
 
 
-def test_a_seq_past_2_63_and_a_non_ascii_context_take_the_c_path_too():
-    raw = round_trip([wire("ctx-é", "w1", (1 << 63) + i) for i in range(3)])
-    parts = wire_parts("ctx-é", raw, 1 << 63)
+def test_a_seq_past_2_63_takes_the_c_path_and_a_name_to_check_as_utf8_or_no_context_s_name_does_not():
+    raw = round_trip([wire("ctx", "w1", (1 << 63) + i) for i in range(3)])
+    parts = wire_parts("ctx", raw, 1 << 63)
     assert parts is not None and parts.blobs == [entry_from_wire(m).encode() for m in raw]
+    for name in ("ctx-é", "", "c" * 257):  # (a peer's heads name the contexts pulled: Python checks them)
+        raw = round_trip([{**wire("x", "w1", 1), "context": name}])
+        assert wire_parts(name, raw, 1) is None
+    with pytest.raises(RemoteProtocolError, match="context must be 1..256 bytes"):
+        entry_from_wire(raw[0])
 
 
 def applied_state(led: Ledger, name: str) -> tuple[Any, ...]:
@@ -207,6 +212,12 @@ def stored(seq: int, key: str = "k", payload: bytes = b"p", lamport: int = 1, ts
 NAMES = leaf_names(b"c", b"w1")
 
 
+def preimage(blob: bytes, seq: int, context: str = "c", writer: str = "w1") -> bytes | None:
+    out: bytes | None = ledger_mod._accel.stored_preimage(blob, seq, leaf_names(context.encode(), writer.encode()),
+                                                          packed_str(context), packed_str(writer))
+    return out
+
+
 def test_a_stored_entry_s_preimage_is_read_in_c_at_every_encoding_boundary():
     import hashlib
 
@@ -216,7 +227,7 @@ def test_a_stored_entry_s_preimage_is_read_in_c_at_every_encoding_boundary():
             i += 1
             seq, lamport, ts = INTS[i % len(INTS)] or 1, INTS[(i * 3) % len(INTS)], [*INTS, U64][(i * 7) % 12]
             blob = stored(seq, k, p, lamport, ts)
-            pre = ledger_mod._accel.stored_preimage(blob, seq, NAMES)
+            pre = preimage(blob, seq)
             assert pre is not None and hashlib.sha256(pre).digest() == blob[-32:], (k[:3], len(p), seq)
 
 
@@ -232,35 +243,38 @@ STORED_UNUSUAL = {
         msgpack.unpackb(stored(1), raw=False).items()))), use_bin_type=True),
     "lamport negative": lambda: stored(1).replace(b"\xa7lamport\x01", b"\xa7lamport\xff"),
     "payload as a str": lambda: stored(1).replace(b"\xa7payload\xc4\x01p", b"\xa7payload\xa1p"),
+    "another context (one byte flipped)": lambda: stored(1).replace(b"\xa7context\xa1c", b"\xa7context\xa1\xe3"),
+    "another writer (valid UTF-8)": lambda: stored(1).replace(b"\xa6writer\xa2w1", b"\xa6writer\xa2w2"),
+    "another writer (a bit flipped)": lambda: stored(1).replace(b"\xa6writer\xa2w1", b"\xa6writer\xa2\xf71"),
 }
 
 
 @pytest.mark.parametrize("what", sorted(STORED_UNUSUAL))
 def test_a_stored_entry_not_in_the_canonical_plain_form_is_left_to_python(what, monkeypatch):
     blob = STORED_UNUSUAL[what]()
-    assert ledger_mod._accel.stored_preimage(blob, 1, NAMES) is None
+    assert preimage(blob, 1) is None
     # and the decision is Python's, the same with the module or without it
     decisions = []
     for accel in (ledger_mod._accel, None):
         monkeypatch.setattr(ledger_mod, "_accel", accel)
-        led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+        led = Ledger(MemoryKV(), node_id="w1", sync_meta=False)  # (the writer the blobs here name)
         led.append(codec.Append("c", "k", b"p", {}))
         ctx = led.contexts["c"]
-        ctx.leaf_names = NAMES  # (writer "w1", as the blobs here)
         try:
             decisions.append(led.verified(ctx, 1, blob) == blob)
         except IntegrityError:
             decisions.append(False)
     assert decisions[0] == decisions[1]
+    if what.startswith("another"):  # (the names in the entry are checked too, not only the hash)
+        assert decisions == [False, False]
 
 
 def test_a_uint_in_a_longer_form_than_needed_is_read_in_c_as_python_reads_it():
     blob = stored(1).replace(b"\xa3seq\x01", b"\xa3seq\xcf" + (1).to_bytes(8, "big"))
-    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    led = Ledger(MemoryKV(), node_id="w1", sync_meta=False)
     led.append(codec.Append("c", "k", b"p", {}))
     ctx = led.contexts["c"]
-    ctx.leaf_names = NAMES
-    assert ledger_mod._accel.stored_preimage(blob, 1, NAMES) is not None and led.verified(ctx, 1, blob) == blob
+    assert preimage(blob, 1) is not None and led.verified(ctx, 1, blob) == blob
 
 
 def test_a_flipped_byte_in_storage_is_still_refused_and_the_python_path_still_decides_the_rest():

@@ -320,6 +320,20 @@ def test_asked_acks_go_only_to_the_context_s_writer_for_what_is_held_and_the_ask
     assert len(w.mesh.want_acks) == codec.MAX_WANT_ACKS and "c99" in w.mesh.want_acks and "c0" not in w.mesh.want_acks
 
 
+def test_an_ask_for_acks_lasts_while_an_append_of_its_context_waits():
+    core, _ = make_core()
+    peer_heartbeat(core)
+    ask(core, "append", context="notes", payload=b"a", replicas=1)
+    ask(core, "append", context="notes", payload=b"b", replicas=1)
+    core.mesh.ask_acks("notes", until=200.0)
+    ask(core, "ack", ident=b"peer", node_id="p", acks=[["notes", 1]], now=100.1)
+    (r,) = take(core)
+    assert r["entry"]["seq"] == 1 and list(core.mesh.want_acks) == ["notes"]  # seq 2 still waits
+    ask(core, "ack", ident=b"peer", node_id="p", acks=[["notes", 2]], now=100.2)
+    (r,) = take(core)
+    assert r["entry"]["seq"] == 2 and core.mesh.want_acks == {}
+
+
 @pytest.mark.parametrize("want, message", [
     ("notes", "want_acks must be an array"),
     (["x"] * 65, "at most 64"),

@@ -334,6 +334,28 @@ def test_a_heads_page_keeps_its_well_formed_items_and_counts_the_rest():
         codec.parse_heads_reply({"heads": {"a": 1}})
 
 
+
+def test_a_heads_item_naming_a_context_or_writer_no_context_can_have_is_skipped():
+    # a peer's heads name what this node then pulls (and creates): 1..256 bytes of UTF-8, a writer 1..64
+    page = codec.parse_heads_reply({"heads": [["", 1, ROOT, "w", 1], ["c" * 257, 1, ROOT, "w", 1],
+                                              ["\udc80", 1, ROOT, "w", 1], ["é" * 128, 1, ROOT, "w", 1],
+                                              ["ok", 1, ROOT, "", 1], ["ok", 1, ROOT, "w" * 65, 1],
+                                              ["é" * 129, 1, ROOT, "w", 1]]})
+    assert page.heads == (codec.HeadItem("é" * 128, 1, ROOT, "w"),) and page.malformed == 6
+
+
+def test_asked_acks_look_contexts_up_without_letting_them_into_the_cache(tmp_path):
+    m, _kv = small_cache_mesh(tmp_path, 6)
+    led = m.ledger
+    m.ledger.node_id = "f"  # (a replica of the contexts "n1" writes)
+    out = [f"c{i}" for i in range(6) if led.contexts.cached(f"c{i}") is None]
+    assert len(out) == 4
+    loads = led.contexts.loads
+    m._ack_again("n1", out)
+    assert {n for n in out if led.contexts.cached(n) is not None} == set()
+    assert set(m.ack_due) == set(out) and m.ack_now and led.contexts.loads == loads
+
+
 @pytest.mark.parametrize("bad", [{"size": -1}, {"size": "3"}, {"root": b"x" * 31}, {"writer": None}, {"size": 1 << 64}])
 def test_a_head_reply_without_a_well_formed_size_root_and_writer_is_refused(bad):
     good = {"ok": True, "size": 3, "root": ROOT, "writer": "w"}
