@@ -47,37 +47,35 @@ static inline unsigned char *put_uint(unsigned char *p, unsigned long long v) {
     return p;
 }
 
-/* a str (use_bin_type=True: str8 exists) */
-static inline unsigned char *put_str(unsigned char *p, const char *s, Py_ssize_t n) {
-    if (n < 32) {
-        *p++ = (unsigned char)(0xa0 | n);
-    } else if (n < 0x100) {
-        *p++ = 0xd9;
+/* `n` bytes after the header of the shortest of three sizes (8-, 16-, 32-bit length) */
+static inline unsigned char *put_sized(unsigned char *p, const char *s, Py_ssize_t n, unsigned char h8,
+                                       unsigned char h16, unsigned char h32) {
+    if (n < 0x100) {
+        *p++ = h8;
         *p++ = (unsigned char)n;
     } else if (n < 0x10000) {
-        *p++ = 0xda;
+        *p++ = h16;
         p = put_be(p, (unsigned long long)n, 2);
     } else {
-        *p++ = 0xdb;
+        *p++ = h32;
         p = put_be(p, (unsigned long long)n, 4);
     }
     memcpy(p, s, (size_t)n);
     return p + n;
 }
 
-static inline unsigned char *put_bin(unsigned char *p, const char *s, Py_ssize_t n) {
-    if (n < 0x100) {
-        *p++ = 0xc4;
-        *p++ = (unsigned char)n;
-    } else if (n < 0x10000) {
-        *p++ = 0xc5;
-        p = put_be(p, (unsigned long long)n, 2);
-    } else {
-        *p++ = 0xc6;
-        p = put_be(p, (unsigned long long)n, 4);
+/* a str (use_bin_type=True: str8 exists) */
+static inline unsigned char *put_str(unsigned char *p, const char *s, Py_ssize_t n) {
+    if (n < 32) {
+        *p++ = (unsigned char)(0xa0 | n);
+        memcpy(p, s, (size_t)n);
+        return p + n;
     }
-    memcpy(p, s, (size_t)n);
-    return p + n;
+    return put_sized(p, s, n, 0xd9, 0xda, 0xdb);
+}
+
+static inline unsigned char *put_bin(unsigned char *p, const char *s, Py_ssize_t n) {
+    return put_sized(p, s, n, 0xc4, 0xc5, 0xc6);
 }
 
 static inline unsigned char *put_raw(unsigned char *p, const char *s, size_t n) {
