@@ -354,7 +354,9 @@ def test_sigterm_while_storage_is_broken_writes_if_the_last_try_works(zctx, capl
         acked = [c.append("c", "first").payload]
         kv.room = False
         kv.broken = True
-        acked += [c.append("c", f"in RAM {i}").payload for i in range(5)]
+        # five acknowledged in RAM by one request (five appends one by one: on a slow machine the
+        # failed flush of the first ones was known before the last, which were refused STORAGE)
+        acked += [e.payload for e in c.append_batch("c", [f"in RAM {i}" for i in range(5)])]
         wait_storage(c, "failed")
         # the disk has room again, but the node's own recovery does not see it (its probe
         # asks for more than is free, say): the stop's last try must write
