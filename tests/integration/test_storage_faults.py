@@ -179,6 +179,15 @@ def behind(server: Server, kv: GatedFaultyKV, zctx):  # type: ignore[no-untyped-
     return w
 
 
+def held_replies(w, n: int = 5) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The replies to the `n` held appends of `behind`'s DEALER, in the order they come."""
+    replies: list[dict] = []
+    while len(replies) < n:
+        assert w.poll(10_000), f"{len(replies)} of {n} held appends answered"
+        replies.append(codec.decode_reply(w.recv()))
+    return replies
+
+
 def wait_held(reader: Client, n: int) -> dict:
     deadline = time.monotonic() + 10
     while True:
@@ -200,10 +209,7 @@ def test_while_a_write_stalls_reads_are_answered_and_the_writes_held_then_served
             assert reader.head("c").size == 12 and len(list(reader.iter_entries("c"))) == 12
             assert not w.poll(100)  # the held appends are not answered while the write waits
             kv.gate.set()
-            replies = []
-            while len(replies) < 5:
-                assert w.poll(10_000), f"{len(replies)} of 5 held appends answered"
-                replies.append(codec.decode_reply(w.recv()))
+            replies = held_replies(w)
         finally:
             kv.gate.set()
             w.close()
@@ -223,10 +229,7 @@ def test_writes_held_when_the_disk_fills_up_are_answered_storage_and_reads_go_on
             kv.room = False
             kv.broken = True  # the next write fails: the disk is full
             kv.gate.set()
-            replies = []
-            while len(replies) < 5:
-                assert w.poll(10_000), f"{len(replies)} of 5 held appends answered"
-                replies.append(codec.decode_reply(w.recv()))
+            replies = held_replies(w)
         finally:
             kv.gate.set()
             w.close()
