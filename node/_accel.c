@@ -15,6 +15,8 @@
 #include <string.h>
 
 #define MAX_KEY_BYTES 256
+#define MAX_CONTEXT_BYTES 256
+#define MAX_WRITER_BYTES 64
 #define MAX_LAMPORT 0x7fffffffffffffffULL
 
 static PyObject *k_context, *k_seq, *k_key, *k_payload, *k_metadata, *k_lamport, *k_ts_ns, *k_writer, *k_hash;
@@ -347,10 +349,157 @@ static PyObject *stored_preimage(PyObject *self, PyObject *args) {
                     (const char *)payload, payload_n);
 }
 
+/* the same, insisting on the shortest forms msgpack-python writes (what encode_entry_parts gives):
+   an integer in the fewest bytes, a str or bin under the smallest header that holds it */
+static inline int take_uint_strict(cursor *c, unsigned long long *v) {
+    if (c->p >= c->end) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    if (!take_uint(c, v)) {
+        return 0;
+    }
+    switch (t) {
+    case 0xcc: return *v >= 0x80;
+    case 0xcd: return *v > 0xff;
+    case 0xce: return *v > 0xffff;
+    case 0xcf: return *v > 0xffffffffULL;
+    default: return 1;
+    }
+}
+
+static inline int take_raw_strict(cursor *c, int str, const unsigned char **s, unsigned long long *n) {
+    if (c->p >= c->end) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    if (!take_raw(c, str, s, n)) {
+        return 0;
+    }
+    if (str && (t & 0xe0) == 0xa0) {
+        return 1;
+    }
+    if (t == (str ? 0xd9 : 0xc4)) {
+        return !str || *n >= 32;
+    }
+    if (t == (str ? 0xda : 0xc5)) {
+        return *n > 0xff;
+    }
+    return *n > 0xffff;
+}
+
+static int ascii(const unsigned char *s, unsigned long long n) {
+    for (unsigned long long i = 0; i < n; i++) {
+        if (s[i] & 0x80) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* packed_parts(blobs, first_seq, context) -> (preimages, hashes, keys, max_lamport, last_lamport, writer)
+   or None: a pull reply's entries sent packed (each a bin holding the entry's stored bytes, SPEC
+   17.2), of ASCII context `context`, seqs first_seq on. Each blob must be exactly what
+   encode_entry_parts writes for it (the shortest forms, the fields in order, no metadata, an ASCII
+   key of at most MAX_KEY_BYTES, lamport <= MAX_LAMPORT), naming `context` and the first blob's writer
+   (ASCII, 1..MAX_WRITER_BYTES): then the caller stores the blobs as they came once their hashes
+   hold. Anything else: None, and the caller decodes the blobs and takes the Python path. */
+static PyObject *packed_parts(PyObject *self, PyObject *args) {
+    PyObject *blobs, *first_obj, *context;
+    if (!PyArg_ParseTuple(args, "O!OU", &PyList_Type, &blobs, &first_obj, &context)) {
+        return NULL;
+    }
+    unsigned long long seq;
+    Py_ssize_t n = PyList_GET_SIZE(blobs);
+    if (as_u64(first_obj, &seq) < 0 || seq == 0 || n == 0 || !PyUnicode_IS_READY(context) ||
+        !PyUnicode_IS_ASCII(context) || PyUnicode_GET_LENGTH(context) == 0 ||
+        PyUnicode_GET_LENGTH(context) > MAX_CONTEXT_BYTES) {
+        Py_RETURN_NONE;
+    }
+    const char *cs = (const char *)PyUnicode_DATA(context);
+    Py_ssize_t cn = PyUnicode_GET_LENGTH(context);
+    /* the context as packed (cp) and the leaf's names (lp(context) || lp(writer)), once the
+       first blob gave the writer */
+    unsigned char cp[8 + MAX_CONTEXT_BYTES], wp[8 + MAX_WRITER_BYTES], names[8 + MAX_CONTEXT_BYTES + MAX_WRITER_BYTES];
+    Py_ssize_t cp_n = put_str(cp, cs, cn) - cp, wp_n = 0, names_n = 0;
+    PyObject *writer = NULL;
+    PyObject *pre = PyList_New(n), *hashes = PyList_New(n), *keys = PyList_New(n);
+    if (pre == NULL || hashes == NULL || keys == NULL) {
+        return fail(pre, hashes, keys, NULL);
+    }
+    unsigned long long max_lamport = 0, lamport = 0;
+    for (Py_ssize_t i = 0; i < n; i++, seq++) {
+        PyObject *blob = PyList_GET_ITEM(blobs, i);
+        if (!PyBytes_CheckExact(blob) || seq == 0) {
+            return fail(pre, hashes, keys, writer);
+        }
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(blob);
+        cursor c = {b, b + PyBytes_GET_SIZE(blob)};
+        const unsigned char *key, *payload;
+        unsigned long long s, key_n, payload_n, ts;
+        if (!take(&c, "\x89\xa7" "context", 9) || !take(&c, (const char *)cp, (size_t)cp_n) ||
+            !take(&c, "\xa3" "seq", 4) || !take_uint_strict(&c, &s) || s != seq || !take(&c, "\xa3" "key", 4) ||
+            !take_raw_strict(&c, 1, &key, &key_n) || key_n > MAX_KEY_BYTES || !ascii(key, key_n) ||
+            !take(&c, "\xa7" "payload", 8) || !take_raw_strict(&c, 0, &payload, &payload_n) ||
+            !take(&c, "\xa8" "metadata" "\x80", 10) || !take(&c, "\xa7" "lamport", 8) ||
+            !take_uint_strict(&c, &lamport) || lamport > MAX_LAMPORT || !take(&c, "\xa5" "ts_ns", 6) ||
+            !take_uint_strict(&c, &ts) || !take(&c, "\xa6" "writer", 7)) {
+            return fail(pre, hashes, keys, writer);
+        }
+        if (writer == NULL) {
+            const unsigned char *w;
+            unsigned long long w_n;
+            const unsigned char *at = c.p;
+            if (!take_raw_strict(&c, 1, &w, &w_n) || w_n == 0 || w_n > MAX_WRITER_BYTES || !ascii(w, w_n)) {
+                return fail(pre, hashes, keys, writer);
+            }
+            wp_n = c.p - at;
+            memcpy(wp, at, (size_t)wp_n);
+            unsigned char *q = put_be(names, (unsigned long long)cn, 4);
+            q = put_raw(q, cs, (size_t)cn);
+            q = put_be(q, w_n, 4);
+            q = put_raw(q, (const char *)w, (size_t)w_n);
+            names_n = q - names;
+            writer = PyUnicode_DecodeASCII((const char *)w, (Py_ssize_t)w_n, NULL);
+            if (writer == NULL) {
+                return fail(pre, hashes, keys, NULL);
+            }
+        } else if (!take(&c, (const char *)wp, (size_t)wp_n)) {
+            return fail(pre, hashes, keys, writer);
+        }
+        if (!take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
+            return fail(pre, hashes, keys, writer);
+        }
+        PyObject *pi = preimage(seq, lamport, ts, (const char *)names, names_n, (const char *)key, key_n,
+                                (const char *)payload, payload_n);
+        if (pi == NULL) {
+            return fail(pre, hashes, keys, writer);
+        }
+        PyList_SET_ITEM(pre, i, pi);
+        PyObject *h = PyBytes_FromStringAndSize((const char *)c.p, 32);
+        if (h == NULL) {
+            return fail(pre, hashes, keys, writer);
+        }
+        PyList_SET_ITEM(hashes, i, h);
+        PyObject *k = PyUnicode_DecodeASCII((const char *)key, (Py_ssize_t)key_n, NULL);
+        if (k == NULL) {
+            return fail(pre, hashes, keys, writer);
+        }
+        PyList_SET_ITEM(keys, i, k);
+        if (lamport > max_lamport) {
+            max_lamport = lamport;
+        }
+    }
+    return Py_BuildValue("(NNNKKN)", pre, hashes, keys, max_lamport, lamport, writer);
+}
+
 static PyMethodDef methods[] = {
     {"stored_preimage", stored_preimage, METH_VARARGS,
      "stored_preimage(blob, seq, names, context_packed, writer_packed) -> the leaf hash's pre-image of a "
      "stored entry, or None"},
+    {"packed_parts", packed_parts, METH_VARARGS,
+     "packed_parts(blobs, first_seq, context) -> (preimages, hashes, keys, max_lamport, last_lamport, writer) "
+     "or None"},
     {"replica_parts", replica_parts, METH_VARARGS,
      "replica_parts(maps, first_seq, context, writer, names, context_packed, writer_packed) -> "
      "(preimages, hashes, keys, blobs, max_lamport, last_lamport) or None"},

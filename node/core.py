@@ -551,7 +551,7 @@ class Core:
         fields, blobs = self.ledger.snapshot_page(req)
         self.mesh.pulled_by(rq.to[0] if rq.to else None)
         self._sign_page(req.context, fields)
-        return Reply(codec.encode_reply(rq.id, fields, {"entries": blobs}))
+        return Reply(codec.encode_reply(rq.id, fields, {"entries": codec.packed_array(blobs) if req.packed else blobs}))
 
     def snapshots(self, rq: Request, req: codec.Snapshots) -> Answer:
         """Chunks of several contexts in one reply (SPEC 17.2): together at most a reply's
@@ -574,7 +574,7 @@ class Core:
             if req.signed:
                 self._sign_page(c.context, fields)
             used += sum(len(b) for b in blobs)
-            chunks.append(codec.encode_map(fields, {"entries": blobs}))
+            chunks.append(codec.encode_map(fields, {"entries": codec.packed_array(blobs) if req.packed else blobs}))
         return Reply(codec.encode_reply(rq.id, {}, {"chunks": chunks}))
 
     def _sign_page(self, name: str, fields: dict[str, Any]) -> None:

@@ -232,6 +232,23 @@ def wire_parts(name: str, raw: list[Any], first: int) -> WireParts | None:
     return WireParts(name, w, first, hashes, keys, blobs, max_lamport, last_lamport)
 
 
+def packed_parts(name: str, blobs: list[Any], first: int) -> WireParts | None:
+    """`wire_parts` for entries sent packed (SPEC 17.2: each a bin holding the entry's stored
+    bytes): checked in C to be exactly the bytes this node would store (the shortest encodings,
+    encode_entry_parts' layout, the plain case), their hashes hold; they are then stored as they
+    came, neither decoded into maps nor encoded again. Else None: the caller decodes them
+    (`codec.unpack_entries`) and takes the other paths."""
+    if _accel is None or not blobs or not 0 < len(name) <= MAX_CONTEXT_BYTES or not name.isascii():
+        return None
+    out = _accel.packed_parts(blobs, first, name)
+    if out is None:
+        return None
+    pre, hashes, keys, max_lamport, last_lamport, w = out
+    if [_sha256(p).digest() for p in pre] != hashes:
+        return None
+    return WireParts(name, w, first, hashes, keys, blobs, max_lamport, last_lamport)
+
+
 class Ledger:
     def __init__(
         self,

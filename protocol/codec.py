@@ -132,6 +132,9 @@ class Snapshot:
     size: int | None = None
     after: int = 0
     limit: int = DEFAULT_GET_LIMIT
+    # each entry as a bin holding its stored bytes, not as a map (SPEC 17.2): what a node pulling
+    # asks for, to store them as they come (a peer that does not know the field sends maps)
+    packed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,7 @@ class Snapshots:
 
     chunks: tuple[Snapshot, ...]
     signed: bool = True
+    packed: bool = False  # as for `Snapshot`, for every chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +448,15 @@ def _parse_snapshot(m: Mapping[str, Any], max_payload: int) -> Snapshot:
         size=_opt_uint(m, "size"),
         after=_opt_uint(m, "after", 0) or 0,
         limit=_limit(m, DEFAULT_GET_LIMIT, MAX_GET_LIMIT),
+        packed=_flag(m, "packed", False),
     )
+
+
+def _flag(m: Mapping[str, Any], name: str, default: bool) -> bool:
+    v = m.get(name, default)
+    if type(v) is not bool:
+        raise _bad(f"{name} must be a boolean")
+    return v
 
 
 def _parse_load(m: Mapping[str, Any], max_payload: int) -> Load:
@@ -573,10 +585,7 @@ def _parse_snapshots(m: Mapping[str, Any], max_payload: int) -> Snapshots:
         chunks.append(Snapshot(name, size, after, size - after))
     if total > MAX_PULL_ENTRIES:
         raise _bad(f"chunks ask for {total} entries; at most {MAX_PULL_ENTRIES} per request")
-    signed = m.get("signed", True)
-    if type(signed) is not bool:
-        raise _bad("signed must be a boolean")
-    return Snapshots(tuple(chunks), signed)
+    return Snapshots(tuple(chunks), _flag(m, "signed", True), _flag(m, "packed", False))
 
 
 def _parse_sync_digest(m: Mapping[str, Any], max_payload: int) -> SyncDigest:
@@ -902,8 +911,34 @@ def chunk_parts(m: Mapping[str, Any]) -> tuple[list[Any], bytes]:
     return raw, root
 
 
+def packed_array(blobs: Sequence[bytes]) -> bytes:
+    """Stored entries as a msgpack array of bins (a `packed` pull reply's entries, SPEC 17.2)."""
+    out = [array_header(len(blobs))]
+    for b in blobs:
+        n = len(b)
+        out.append(bytes((0xc4, n)) if n < 0x100 else
+                   b"\xc5" + n.to_bytes(2, "big") if n < 0x10000 else b"\xc6" + n.to_bytes(4, "big"))
+        out.append(b)
+    return b"".join(out)
+
+
+def unpack_entries(raw: list[Any]) -> list[Any]:
+    """A pull reply's entries with those sent packed (bins) decoded into maps, for the checks of
+    `entry_from_wire`; maps (from a node that does not pack) as they are."""
+    out = []
+    for i, e in enumerate(raw):
+        if type(e) is bytes:
+            try:
+                e = msgpack.unpackb(e, raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise _bad(f"entries[{i}]: a packed entry that is not one msgpack value ({type(exc).__name__})") from None
+        out.append(e)
+    return out
+
+
 def parse_chunk_reply(m: Mapping[str, Any]) -> Chunk:
     raw, root = chunk_parts(m)
+    raw = unpack_entries(raw)
     return Chunk(tuple(entry_from_wire(e) for e in raw), root)
 
 

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from node import ledger as ledger_mod
-from node.ledger import Ledger, WireParts, wire_parts
+from node.ledger import Ledger, WireParts, packed_parts, wire_parts
 from node.storage import MemoryKV
 from protocol import codec
 from protocol.entry import encode_entry_parts, entry_from_wire, leaf_hash_named, leaf_names, packed_str
@@ -200,6 +200,179 @@ def test_not_a_list_or_an_empty_one_or_a_first_map_without_a_plain_writer_is_not
 def test_without_the_module_the_python_path_does_everything(monkeypatch):
     monkeypatch.setattr(ledger_mod, "_accel", None)
     assert wire_parts("c", round_trip([wire("c", "w1", 1)]), 1) is None
+
+
+# -- entries sent packed (SPEC 17.2): each a bin of the entry's stored bytes, stored as it came ----
+
+def packed(maps: list[dict[str, Any]]) -> list[bytes]:
+    """As a `packed` reply carries them, decoded: the canonical bytes of each entry (names and
+    keys unchecked: a peer may send any)."""
+    return [encode_entry_parts(packed_str(m["context"]), m["seq"], m["key"], m["payload"], m["metadata"], m["lamport"],
+                               m["ts_ns"], packed_str(m["writer"]), m["hash"]) for m in maps]
+
+
+def test_packed_entries_are_checked_in_c_and_kept_as_they_came_at_every_encoding_boundary():
+    maps = []
+    seq = 0
+    for i, (k, p) in enumerate([(k, p) for k in KEYS for p in PAYLOADS]):
+        seq += 1
+        maps.append(wire("ctx", "w" * (1 + i % 64), 1, k, p))  # (writers of 1..64 bytes: checked alone below)
+    maps = [wire("ctx", "w1", s, m["key"], m["payload"], lamport=INTS[s % len(INTS)], ts_ns=[*INTS, U64][(s * 7) % 12])
+            for s, m in enumerate(maps, 1)]
+    blobs = packed(maps)
+    parts = packed_parts("ctx", blobs, 1)
+    from_maps = wire_parts("ctx", round_trip(maps), 1)
+    assert isinstance(parts, WireParts) and from_maps is not None
+    assert parts.blobs is blobs  # (not copied, not encoded again)
+    for f in WireParts.__slots__:
+        assert getattr(parts, f) == getattr(from_maps, f), f
+    for w in ("w", "w" * 31, "w" * 32, "w" * 64):
+        one = packed([wire("c" * 256, w, 7)])
+        got = packed_parts("c" * 256, one, 7)
+        assert got is not None and got.writer == w
+    assert packed_parts("c", packed([wire("c", "w1", (1 << 64) - 1)]), (1 << 64) - 1) is not None
+
+
+def _respell(old: bytes, new: bytes):
+    """A blob with one spelling replaced: the same value in another encoding, or another value."""
+    def change(blob: bytes) -> bytes:
+        assert old in blob
+        return blob.replace(old, new, 1)
+    return change
+
+
+PACKED_UNUSUAL = {
+    # a longer encoding than the shortest: the same entry, but not the bytes this node stores
+    "seq as a uint64": _respell(b"\xa3seq\x02", b"\xa3seq\xcf" + (2).to_bytes(8, "big")),
+    "seq as a uint8": _respell(b"\xa3seq\x02", b"\xa3seq\xcc\x02"),
+    "lamport as a uint16": _respell(b"\xa7lamport\x01", b"\xa7lamport\xcd\x00\x01"),
+    "ts_ns as a uint32": _respell(b"\xa5ts_ns\x05", b"\xa5ts_ns\xce\x00\x00\x00\x05"),
+    "key as a str8": _respell(b"\xa3key\xa1k", b"\xa3key\xd9\x01k"),
+    "payload as a bin16": _respell(b"\xa7payload\xc4\x01p", b"\xa7payload\xc5\x00\x01p"),
+    "writer as a str8": _respell(b"\xa6writer\xa2w1", b"\xa6writer\xd9\x02w1"),
+    "context as a str8": _respell(b"\xa7context\xa1c", b"\xa7context\xd9\x01c"),
+    # what the Python path must decide or word
+    "metadata": lambda b: entry_from_wire(wire("c", "w1", 2, metadata={"a": "b"})).encode(),
+    "non-ASCII key": lambda b: entry_from_wire(wire("c", "w1", 2, key="clé")).encode(),
+    "key of 257 bytes": lambda b: packed([wire("c", "w1", 2, key="a" * 257)])[0],
+    "lamport above the ceiling": _respell(b"\xa7lamport\x01", b"\xa7lamport\xcf" + (MAX_LAMPORT + 1).to_bytes(8, "big")),
+    "seq out of turn": _respell(b"\xa3seq\x02", b"\xa3seq\x07"),
+    "another context": _respell(b"\xa7context\xa1c", b"\xa7context\xa1d"),
+    "another writer": _respell(b"\xa6writer\xa2w1", b"\xa6writer\xa2w2"),
+    "hash of another entry": lambda b: b[:-32] + b"h" * 32,
+    "cut short": lambda b: b[:-1],
+    "a byte more": lambda b: b + b"\0",
+    "empty": lambda b: b"",
+    "keys in another order": lambda b: msgpack.packb(dict(reversed(list(msgpack.unpackb(b, raw=False).items()))),
+                                                     use_bin_type=True),
+    "a map, not a bin": lambda b: msgpack.unpackb(b, raw=False),
+    "a bytearray": lambda b: bytearray(b),
+}
+
+
+@pytest.mark.parametrize("what", sorted(PACKED_UNUSUAL))
+def test_any_packed_entry_not_exactly_as_stored_sends_the_chunk_to_the_python_path(what):
+    blobs = packed([wire("c", "w1", s) for s in range(1, 4)])
+    blobs[1] = PACKED_UNUSUAL[what](blobs[1])
+    assert packed_parts("c", blobs, 1) is None
+
+
+def test_the_python_path_stores_packed_entries_in_a_longer_encoding_as_their_canonical_bytes():
+    maps = [wire("c", "w1", s) for s in range(1, 4)]
+    blobs = packed(maps)
+    long = [PACKED_UNUSUAL["seq as a uint64"](blobs[1]) if i == 1 else b for i, b in enumerate(blobs)]
+    assert packed_parts("c", long, 1) is None
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    ctx = led.apply_replicated("c", [entry_from_wire(m) for m in codec.unpack_entries(long)])
+    assert ctx is not None and [led.entry_blob(ctx, s) for s in (1, 2, 3)] == blobs  # (not as they came)
+
+
+def test_a_packed_entry_that_does_not_hold_is_refused_by_the_python_path():
+    blobs = packed([wire("c", "w1", s) for s in range(1, 4)])
+    blobs[2] = blobs[2][:-32] + b"h" * 32
+    assert packed_parts("c", blobs, 1) is None
+    led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
+    with pytest.raises(IntegrityError, match="'c'#3 does not match its hash"):
+        led.apply_replicated("c", [entry_from_wire(m) for m in codec.unpack_entries(blobs)])
+    assert "c" not in led.contexts
+
+
+@pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
+def test_applying_packed_entries_leaves_the_ledger_as_the_python_path_does(chunks):
+    from protocol import merkle
+
+    n = sum(chunks)
+    maps = [wire("c", "w1", s, f"k{s}", bytes([s]) * s, lamport=10 * s, ts_ns=s) for s in range(1, n + 1)]
+    f = merkle.Frontier()
+    roots = []
+    for m in maps:
+        f.append(m["hash"])
+        roots.append(f.root())
+    fast, slow = (Ledger(MemoryKV(), node_id="me", sync_meta=False) for _ in range(2))
+    at = 0
+    for k in chunks:
+        parts = packed_parts("c", packed(maps[at:at + k]), at + 1)
+        assert parts is not None
+        assert fast.apply_replicated("c", parts, roots[at + k - 1]) is not None
+        assert slow.apply_replicated("c", [entry_from_wire(m) for m in round_trip(maps[at:at + k])],
+                                     roots[at + k - 1]) is not None
+        at += k
+    assert applied_state(fast, "c") == applied_state(slow, "c")
+
+
+def test_whatever_packed_bytes_the_c_path_takes_are_the_canonical_bytes_of_a_sound_entry():
+    """A seeded fuzz: bytes flipped, cut, inserted into packed entries. Whenever the C code takes a
+    chunk (before the hashes are compared), each blob is exactly the canonical encoding of the entry
+    msgpack reads from it, the entry names the context and the writer the C code reports, and the
+    pre-image, hash, key and lamports it gives are the Python path's."""
+    import hashlib
+    import random
+
+    rng = random.Random(20261208)
+    base = packed([wire("c", "w1", s, "k" * (s * 9), b"p" * (s * 70), lamport=s * 300, ts_ns=s << 20)
+                   for s in range(1, 4)])
+    taken = 0
+    for _ in range(3000):
+        blobs = list(base)
+        i = rng.randrange(3)
+        b = bytearray(blobs[i])
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(b) + 1)
+            op = rng.random()
+            if op < 0.6 and at < len(b):
+                b[at] = rng.randrange(256)
+            elif op < 0.8:
+                b[at:at] = bytes([rng.randrange(256)])
+            elif at < len(b):
+                del b[at]
+        blobs[i] = bytes(b)
+        out = ledger_mod._accel.packed_parts(blobs, 1, "c")  # (its structural checks: no hashing)
+        if out is None:
+            continue
+        taken += 1
+        pre, hashes, keys, max_lamport, last_lamport, writer = out
+        entries = [entry_from_wire(msgpack.unpackb(blob, raw=False)) for blob in blobs]
+        for seq, (e, blob) in enumerate(zip(entries, blobs, strict=True), 1):
+            assert e.encode() == blob and e.seq == seq and e.context == "c" and e.writer == writer
+            assert (hashes[seq - 1], keys[seq - 1]) == (e.hash, e.key)
+            assert hashlib.sha256(pre[seq - 1]).digest() == leaf_hash_named(
+                leaf_names(b"c", writer.encode()), seq, e.key.encode(), e.payload, {}, e.lamport, e.ts_ns)
+        assert (max_lamport, last_lamport) == (max(e.lamport for e in entries), entries[-1].lamport)
+    assert taken >= 500, taken  # (a changed payload, lamport, key... is sound in structure: ~700 here)
+
+
+def test_packed_parts_of_no_entries_or_a_name_no_context_can_have_or_a_first_seq_of_0_are_not_the_c_path(monkeypatch):
+    one = packed([wire("c", "w1", 1)])
+    assert packed_parts("c", [], 1) is None
+    assert packed_parts("c", one, 0) is None
+    for name in ("", "c" * 257, "é"):
+        assert packed_parts(name, packed([{**wire("x", "w1", 1), "context": name}]), 1) is None
+    for w in ("", "é", "w" * 65):
+        assert packed_parts("c", packed([{**wire("c", "w1", 1), "writer": w}]), 1) is None
+    with pytest.raises(TypeError):
+        ledger_mod._accel.packed_parts(tuple(one), 1, "c")  # a tuple, not a list
+    monkeypatch.setattr(ledger_mod, "_accel", None)
+    assert packed_parts("c", one, 1) is None
 
 
 # -- the source's side: entries read from storage checked against their hash (Ledger.verified) ----

@@ -140,6 +140,9 @@ def test_mesh_ops_parse_and_reject_bad_fields():
     assert decode(req("snapshots", chunks=[["a", 0, 10], ["b", 5, 6]])).request == codec.Snapshots(
         (codec.Snapshot("a", 10, 0, 10), codec.Snapshot("b", 6, 5, 1)), True)
     assert not decode(req("snapshots", chunks=[["a", 0, 1]], signed=False)).request.signed
+    assert decode(req("snapshots", chunks=[["a", 0, 1]], packed=True)).request.packed
+    assert not decode(req("snapshots", chunks=[["a", 0, 1]])).request.packed  # (maps unless asked)
+    assert decode(req("snapshot", context="a", packed=True)).request == codec.Snapshot("a", None, 0, codec.DEFAULT_GET_LIMIT, True)
     assert decode(req("ack", node_id="n", acks=[["c", 3]])).request == codec.Ack("n", (("c", 3),))
     assert decode(req("append", context="c", payload=b"x", replicas=2)).request.replicas == 2
     for bad in (
@@ -167,6 +170,9 @@ def test_mesh_ops_parse_and_reject_bad_fields():
         req("snapshots", chunks=[["", 0, 1]]),
         req("snapshots", chunks=[["a", 0, 6000], ["b", 0, 6000]]),  # past MAX_PULL_ENTRIES together
         req("snapshots", chunks=[["a", 0, 1]], signed="yes"),
+        req("snapshots", chunks=[["a", 0, 1]], packed=1),
+        req("snapshots", chunks=[["a", 0, 1]], packed=None),
+        req("snapshot", context="a", packed="true"),
         req("ack", node_id="n", acks=[["c"]]),
         req("ack", node_id="n", acks=[["c", -1]]),
         req("append", context="c", replicas=65),
@@ -174,6 +180,26 @@ def test_mesh_ops_parse_and_reject_bad_fields():
     ):
         with pytest.raises(RemoteProtocolError):
             decode(bad)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 70000])
+def test_packed_entries_are_one_bin_each_in_the_shortest_header(n):
+    blobs = [b"x" * n, b"", b"y" * (n // 2)]
+    out = codec.packed_array(blobs)
+    assert msgpack.unpackb(out) == blobs
+    assert out == msgpack.packb(blobs, use_bin_type=True)  # (what any msgpack library writes)
+    assert codec.packed_array([]) == b"\x90"
+
+
+def test_packed_entries_are_decoded_for_the_python_path_and_junk_is_a_bad_reply():
+    e = make_entry(1)
+    assert codec.unpack_entries([e.encode(), e.to_wire()]) == [e.to_wire(), e.to_wire()]  # (maps as they are)
+    assert codec.parse_chunk_reply({"entries": [e.encode()], "root": ROOT}).entries == (e,)
+    for junk in (b"", b"\xc1", e.encode()[:-1], e.encode() + b"\x00", b"\xa1x\xa1y"):
+        with pytest.raises(RemoteProtocolError, match=r"entries\[1\]: a packed entry that is not one msgpack value"):
+            codec.unpack_entries([e.encode(), junk])
+    with pytest.raises(RemoteProtocolError, match="an entry must be a map"):
+        codec.parse_chunk_reply({"entries": [msgpack.packb([1, 2])], "root": ROOT})
 
 
 def test_every_op_is_covered():

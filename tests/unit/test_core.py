@@ -9,6 +9,7 @@ import ast
 import pathlib
 from typing import Any
 
+import msgpack
 import pytest
 
 from node.config import Config
@@ -511,6 +512,21 @@ def test_snapshots_answers_several_contexts_with_an_error_item_for_one_it_cannot
     monkeypatch.setattr(core_mod, "MAX_REPLY_BYTES", 300)
     (r,) = ask(core, "snapshots", chunks=[["a", 0, 5], ["b", 0, 5]], signed=False)
     assert len(r["chunks"]) == 1 and 1 <= len(r["chunks"][0]["entries"]) < 5 and r["chunks"][0]["more"]
+
+
+def test_snapshot_and_snapshots_send_entries_packed_when_asked_the_stored_bytes_each_in_a_bin():
+    core, _ = make_core()
+    ask(core, "append_batch", context="a", entries=[{"payload": bytes([i]) * 300, "key": f"k{i}"} for i in range(3)])
+    ctx = core.ledger.contexts["a"]
+    stored = [core.ledger.entry_blob(ctx, s) for s in (1, 2, 3)]
+    (maps,) = ask(core, "snapshot", context="a", limit=3)
+    (one,) = ask(core, "snapshot", context="a", limit=3, packed=True)
+    assert one["entries"] == stored and [msgpack.unpackb(b, raw=False) for b in one["entries"]] == maps["entries"]
+    assert {k: v for k, v in one.items() if k != "entries"} == {k: v for k, v in maps.items() if k != "entries"}
+    (r,) = ask(core, "snapshots", chunks=[["a", 1, 3]], signed=False, packed=True)
+    assert r["chunks"][0]["entries"] == stored[1:]
+    (bad,) = ask(core, "snapshot", context="a", packed="yes")
+    assert bad["error"]["code"] == "BAD_REQUEST" and "packed must be a boolean" in bad["error"]["message"]
 
 
 def test_snapshots_is_for_nodes_only():

@@ -399,6 +399,51 @@ def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork(grouped):
     assert m.forks == {} and "c" not in m.ledger.aside and m.ledger.contexts["c"].size == 1
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["snapshot", "snapshots"])
+@pytest.mark.parametrize("answer", ["packed", "maps", "junk", "a longer encoding"])
+def test_a_pull_asks_for_packed_entries_and_takes_them_or_maps_and_refuses_junk(grouped, answer, caplog):
+    """SPEC 17.2: a node with the C path asks for entries packed (each a bin of its stored bytes)
+    and stores them as they came; a peer that does not know the field answers maps, taken as
+    before; a packed entry that is not msgpack stops that peer's pulls for now, nothing stored; one
+    in a longer encoding than the shortest is stored as its canonical bytes."""
+    from node import ledger as ledger_mod
+
+    w = Ledger(MemoryKV(), node_id="w", sync_meta=False)
+    for i in range(4):
+        w.append(codec.Append("c", f"k{i}", bytes([i]) * 300, {}))
+    t = Recording()
+    m = mesh(t, seeds=["10.0.0.2:7400"])
+    m.on_reply("10.0.0.2:7400", {"ok": True, "node_id": "w", "pub": "10.0.0.2:7401", "boot": "b"}, 1.0)
+    p = m.peers["10.0.0.2:7400"]
+    root = w.head("c")["root"]
+    p.pulls.append(("c", 4, root))
+    p.no_group = not grouped
+    m._next_pull(p)
+    rid, (_a, op, fields, _t) = next(iter(m.pending.items()))
+    assert fields["packed"] is ledger_mod.ACCELERATED
+    page, blobs = w.snapshot_page(codec.Snapshot(context="c", after=0, limit=4, size=4))
+    entries: Any = codec.packed_array(blobs) if answer != "maps" else blobs
+    if answer == "junk":
+        entries = codec.packed_array([*blobs[:2], b"\xc1", blobs[3]])
+    elif answer == "a longer encoding":
+        entries = codec.packed_array([*blobs[:2], blobs[2].replace(b"\xa3seq\x03", b"\xa3seq\xcc\x03"), blobs[3]])
+    if grouped:
+        assert op == "snapshots" and fields["chunks"] == [["c", 0, 4]]
+        reply = codec.encode_reply(rid, {"node_id": "w"}, {"chunks": [codec.encode_map(page, {"entries": entries})]})
+    else:
+        assert op == "snapshot" and fields["after"] == 0
+        reply = codec.encode_reply(rid, {"node_id": "w", **page}, {"entries": entries})
+    with caplog.at_level(logging.WARNING, logger="node.mesh"):
+        m.on_reply("10.0.0.2:7400", codec.decode_reply(reply), 1.1)
+    if answer == "junk":
+        assert "c" not in m.ledger.contexts and not p.pulls and m.stats.pulled_entries == 0
+        assert "entries[2]: a packed entry that is not one msgpack value" in caplog.text
+        return
+    ctx = m.ledger.contexts["c"]
+    assert ctx.size == 4 and ctx.frontier.root() == root and m.stats.pulled_entries == 4
+    assert [m.ledger.entry_blob(ctx, s) for s in range(1, 5)] == blobs  # (the canonical bytes, whichever way)
+
+
 # -- peer liveness ------------------------------------------------------------------------------
 
 

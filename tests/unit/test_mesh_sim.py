@@ -361,23 +361,34 @@ def test_a_fixed_seed_replays_the_same_history():
 
 @pytest.mark.skipif(not ledger_mod.ACCELERATED, reason="node._accel is not built here (no C compiler)")
 def test_pulls_through_the_c_path_or_without_it_replay_the_same_history(monkeypatch):
-    """node/_accel.c applies most pulled chunks; without it (no compiler) the Python path
-    applies them all: the same seed gives the same run, entry for entry."""
-    real = mesh_mod.wire_parts
-    used: list[bool] = []
+    """node/_accel.c applies most pulled chunks, packed (SPEC 17.2: stored as they came) or as
+    maps (encoded again); without it (no compiler) the Python path applies them all: the same
+    seed gives the same run, entry for entry, in all three ways."""
+    real_maps, real_packed = mesh_mod.wire_parts, mesh_mod.packed_parts
+    used: dict[str, list[bool]] = {"maps": [], "packed": []}
+    mode = "packed"
 
-    def counted(name: str, raw: list[Any], first: int) -> Any:
-        out = real(name, raw, first) if accel else None
-        used.append(out is not None)
-        return out
+    def counted(kind: str, real: Any) -> Any:
+        def f(name: str, raw: list[Any], first: int) -> Any:
+            out = real(name, raw, first) if mode != "python" else None
+            used[kind].append(out is not None)
+            return out
+        return f
 
-    monkeypatch.setattr(mesh_mod, "wire_parts", counted)
-    accel = True
+    monkeypatch.setattr(mesh_mod, "wire_parts", counted("maps", real_maps))
+    monkeypatch.setattr(mesh_mod, "packed_parts", counted("packed", real_packed))
     a = run(12345, steps=200, heal_steps=150)
-    assert a["pulled"] > 0 and sum(used) > 0, (a, len(used))
-    accel = False
-    used.clear()
-    assert run(12345, steps=200, heal_steps=150) == a and used and not any(used)
+    assert a["pulled"] > 0 and sum(used["packed"]) > 0 and not any(used["maps"]), (a, used)
+
+    mode = "maps"  # a node that does not ask for packed entries (or a peer that does not send them)
+    monkeypatch.setattr(ledger_mod, "ACCELERATED", False)
+    used = {"maps": [], "packed": []}
+    assert run(12345, steps=200, heal_steps=150) == a
+    assert sum(used["maps"]) > 0 and not used["packed"], used
+
+    mode = "python"
+    used = {"maps": [], "packed": []}
+    assert run(12345, steps=200, heal_steps=150) == a and used["maps"] and not any(used["maps"])
 
 
 def perfect_pair(a: str, b: str, seed: int) -> Network:
