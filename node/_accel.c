@@ -12,6 +12,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <string.h>
 
 #define MAX_KEY_BYTES 256
@@ -102,14 +103,13 @@ static inline int as_u64(PyObject *o, unsigned long long *out) {
 /* the leaf hash's pre-image (protocol.entry.leaf_hash_named, no metadata): LEAF_PREFIX, seq,
    lamport, ts_ns as u64, the context's and writer's names as the caller laid them out, then the
    key, an empty metadata count and the payload, each length-prefixed (u32) */
-static PyObject *preimage(unsigned long long seq, unsigned long long lamport, unsigned long long ts,
-                          const char *names, Py_ssize_t names_n, const char *key, unsigned long long key_n,
-                          const char *payload, unsigned long long payload_n) {
-    PyObject *pi = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(1 + 24 + names_n + 4 + key_n + 4 + 4 + payload_n));
-    if (pi == NULL) {
-        return NULL;
-    }
-    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(pi);
+static Py_ssize_t preimage_size(Py_ssize_t names_n, unsigned long long key_n, unsigned long long payload_n) {
+    return (Py_ssize_t)(1 + 24 + names_n + 4 + key_n + 4 + 4 + payload_n);
+}
+
+static void put_preimage(unsigned char *p, unsigned long long seq, unsigned long long lamport, unsigned long long ts,
+                         const char *names, Py_ssize_t names_n, const char *key, unsigned long long key_n,
+                         const char *payload, unsigned long long payload_n) {
     *p++ = 0x00;
     p = put_be(p, seq, 8);
     p = put_be(p, lamport, 8);
@@ -120,7 +120,101 @@ static PyObject *preimage(unsigned long long seq, unsigned long long lamport, un
     p = put_be(p, 0, 4);
     p = put_be(p, payload_n, 4);
     put_raw(p, payload, (size_t)payload_n);
+}
+
+static PyObject *preimage(unsigned long long seq, unsigned long long lamport, unsigned long long ts,
+                          const char *names, Py_ssize_t names_n, const char *key, unsigned long long key_n,
+                          const char *payload, unsigned long long payload_n) {
+    PyObject *pi = PyBytes_FromStringAndSize(NULL, preimage_size(names_n, key_n, payload_n));
+    if (pi == NULL) {
+        return NULL;
+    }
+    put_preimage((unsigned char *)PyBytes_AS_STRING(pi), seq, lamport, ts, names, names_n, key, key_n, payload,
+                 payload_n);
     return pi;
+}
+
+/* SHA-256, where this process has OpenSSL's libcrypto (Python's hashlib loads it): its low-level
+   SHA256_Init/Update/Final, found at import by dlopen (no OpenSSL headers needed to build; the
+   one-shot SHA256() of OpenSSL 3 looks the algorithm up at every call, several times slower for
+   the short inputs here). Without them (or with `set_hashing(False)`) the functions below leave
+   the hashing to the caller, as before. */
+typedef int (*sha_init_fn)(void *);
+typedef int (*sha_update_fn)(void *, const void *, size_t);
+typedef int (*sha_final_fn)(unsigned char *, void *);
+static sha_init_fn sha_init;
+static sha_update_fn sha_update;
+static sha_final_fn sha_final;
+static int sha_found = 0, sha_on = 0;
+
+/* (SHA256_CTX is 112 bytes in every OpenSSL since 0.9.8; room to spare) */
+static void sha256_of(const unsigned char *d, size_t n, unsigned char *md) {
+    _Alignas(16) unsigned char ctx[256];
+    sha_init(ctx);
+    sha_update(ctx, d, n);
+    sha_final(md, ctx);
+}
+
+static void find_sha256(void) {
+    const char *libs[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so"};
+    for (int load = 0; load < 2 && !sha_found; load++) {
+        for (int i = 0; i < 3 && !sha_found; i++) {
+            void *h = dlopen(libs[i], RTLD_NOW | RTLD_LOCAL | (load ? 0 : RTLD_NOLOAD));
+            if (h == NULL) {
+                continue;
+            }
+            sha_init = (sha_init_fn)dlsym(h, "SHA256_Init");
+            sha_update = (sha_update_fn)dlsym(h, "SHA256_Update");
+            sha_final = (sha_final_fn)dlsym(h, "SHA256_Final");
+            sha_found = sha_init != NULL && sha_update != NULL && sha_final != NULL;
+        }
+    }
+    if (sha_found) {
+        /* FIPS 180-2's examples: "abc", and 56 bytes (two blocks) */
+        static const unsigned char abc[32] = {
+            0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22, 0x23,
+            0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00, 0x15, 0xad};
+        static const unsigned char two[32] = {
+            0x24, 0x8d, 0x6a, 0x61, 0xd2, 0x06, 0x38, 0xb8, 0xe5, 0xc0, 0x26, 0x93, 0x0c, 0x3e, 0x60, 0x39,
+            0xa3, 0x3c, 0xe4, 0x59, 0x64, 0xff, 0x21, 0x67, 0xf6, 0xec, 0xed, 0xd4, 0x19, 0xdb, 0x06, 0xc1};
+        unsigned char got[32];
+        sha256_of((const unsigned char *)"abc", 3, got);
+        int ok = memcmp(got, abc, 32) == 0;
+        sha256_of((const unsigned char *)"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", 56, got);
+        sha_found = ok && memcmp(got, two, 32) == 0;
+    }
+    sha_on = sha_found;
+}
+
+/* a reusable buffer for pre-images (grown as needed; the GIL is held) */
+static unsigned char *scratch = NULL;
+static Py_ssize_t scratch_n = 0;
+
+static unsigned char *scratch_of(Py_ssize_t n) {
+    if (n > scratch_n) {
+        unsigned char *p = PyMem_Realloc(scratch, (size_t)n);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        scratch = p;
+        scratch_n = n;
+    }
+    return scratch;
+}
+
+/* whether the leaf hash of these fields is `h` (32 bytes); -1 on an error (raised) */
+static int leaf_holds(const unsigned char *h, unsigned long long seq, unsigned long long lamport, unsigned long long ts,
+                      const char *names, Py_ssize_t names_n, const char *key, unsigned long long key_n,
+                      const char *payload, unsigned long long payload_n) {
+    Py_ssize_t n = preimage_size(names_n, key_n, payload_n);
+    unsigned char *buf = scratch_of(n), out[32];
+    if (buf == NULL) {
+        return -1;
+    }
+    put_preimage(buf, seq, lamport, ts, names, names_n, key, key_n, payload, payload_n);
+    sha256_of(buf, (size_t)n, out);
+    return memcmp(out, h, 32) == 0;
 }
 
 static inline PyObject *item(PyObject *m, PyObject *k) {
@@ -423,7 +517,9 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
     unsigned char cp[8 + MAX_CONTEXT_BYTES], wp[8 + MAX_WRITER_BYTES], names[8 + MAX_CONTEXT_BYTES + MAX_WRITER_BYTES];
     Py_ssize_t cp_n = put_str(cp, cs, cn) - cp, wp_n = 0, names_n = 0;
     PyObject *writer = NULL;
-    PyObject *pre = PyList_New(n), *hashes = PyList_New(n), *keys = PyList_New(n);
+    /* with SHA-256 here, each leaf hash is checked now and no pre-images are returned */
+    PyObject *pre = sha_on ? Py_NewRef(Py_None) : PyList_New(n), *hashes = PyList_New(n),
+             *keys = PyList_New(n);
     if (pre == NULL || hashes == NULL || keys == NULL) {
         return fail(pre, hashes, keys, NULL);
     }
@@ -470,12 +566,20 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
         if (!take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
             return fail(pre, hashes, keys, writer);
         }
-        PyObject *pi = preimage(seq, lamport, ts, (const char *)names, names_n, (const char *)key, key_n,
+        if (sha_on) {
+            int ok = leaf_holds(c.p, seq, lamport, ts, (const char *)names, names_n, (const char *)key, key_n,
                                 (const char *)payload, payload_n);
-        if (pi == NULL) {
-            return fail(pre, hashes, keys, writer);
+            if (ok <= 0) {
+                return fail(pre, hashes, keys, writer); /* (a hash that does not hold: Python words it) */
+            }
+        } else {
+            PyObject *pi = preimage(seq, lamport, ts, (const char *)names, names_n, (const char *)key, key_n,
+                                    (const char *)payload, payload_n);
+            if (pi == NULL) {
+                return fail(pre, hashes, keys, writer);
+            }
+            PyList_SET_ITEM(pre, i, pi);
         }
-        PyList_SET_ITEM(pre, i, pi);
         PyObject *h = PyBytes_FromStringAndSize((const char *)c.p, 32);
         if (h == NULL) {
             return fail(pre, hashes, keys, writer);
@@ -493,7 +597,142 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
     return Py_BuildValue("(NNNKKN)", pre, hashes, keys, max_lamport, lamport, writer);
 }
 
+/* frontier_extend(nodes, size, leaves, keep_from) -> [(level, index, hash)] of the nodes of level >=
+   keep_from (>= 1) completed, as protocol.merkle.Frontier.extend, whose `nodes` list it updates in
+   place (the caller moves its size on); None without SHA-256 here (nothing changed) */
+static PyObject *frontier_extend(PyObject *self, PyObject *args) {
+    PyObject *nodes, *size_obj, *leaves;
+    int keep_from;
+    if (!PyArg_ParseTuple(args, "O!OO!i", &PyList_Type, &nodes, &size_obj, &PyList_Type, &leaves, &keep_from)) {
+        return NULL;
+    }
+    unsigned long long size;
+    if (!sha_on || as_u64(size_obj, &size) < 0 || keep_from < 1) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(leaves), depth = PyList_GET_SIZE(nodes);
+    /* the frontier as it must be: one 32-byte node per level where `size` has a 1 bit, and
+       checked before anything changes */
+    if (depth > 64) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t l = 0; l < depth; l++) {
+        PyObject *x = PyList_GET_ITEM(nodes, l);
+        if (!PyBytes_CheckExact(x) || PyBytes_GET_SIZE(x) != 32) {
+            Py_RETURN_NONE;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = PyList_GET_ITEM(leaves, i);
+        if (!PyBytes_CheckExact(x) || PyBytes_GET_SIZE(x) != 32) {
+            Py_RETURN_NONE;
+        }
+    }
+    unsigned char cur[65][32];  /* the frontier's nodes, by level, while extending */
+    int have = (int)depth;
+    for (int l = 0; l < have; l++) {
+        memcpy(cur[l], PyBytes_AS_STRING(PyList_GET_ITEM(nodes, l)), 32);
+    }
+    PyObject *done = PyList_New(0);
+    if (done == NULL) {
+        return NULL;
+    }
+    unsigned char buf[65];
+    buf[0] = 0x01; /* INNER_PREFIX */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long index = size;
+        unsigned char node[32];
+        memcpy(node, PyBytes_AS_STRING(PyList_GET_ITEM(leaves, i)), 32);
+        int level = 0;
+        while (index & 1) {
+            if (level >= have) {  /* (a frontier that does not match its size) */
+                Py_DECREF(done);
+                Py_RETURN_NONE;
+            }
+            memcpy(buf + 1, cur[level], 32);
+            memcpy(buf + 33, node, 32);
+            memcpy(cur[level], node, 32);
+            sha256_of(buf, 65, node);
+            level++;
+            index >>= 1;
+            if (level >= keep_from) {
+                PyObject *t = Py_BuildValue("(iKy#)", level, index, (const char *)node, (Py_ssize_t)32);
+                if (t == NULL || PyList_Append(done, t) < 0) {
+                    Py_XDECREF(t);
+                    Py_DECREF(done);
+                    return NULL;
+                }
+                Py_DECREF(t);
+            }
+        }
+        memcpy(cur[level], node, 32);
+        if (level >= have) {
+            have = level + 1;
+        }
+        size++;
+    }
+    for (int l = 0; l < have; l++) {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)cur[l], 32);
+        if (b == NULL) {
+            Py_DECREF(done);
+            return NULL;
+        }
+        if (l < PyList_GET_SIZE(nodes)) {
+            if (PyList_SetItem(nodes, l, b) < 0) {  /* (steals b) */
+                Py_DECREF(done);
+                return NULL;
+            }
+        } else {
+            int r = PyList_Append(nodes, b);
+            Py_DECREF(b);
+            if (r < 0) {
+                Py_DECREF(done);
+                return NULL;
+            }
+        }
+    }
+    return done;
+}
+
+/* stored_holds(blob, seq, names, context_packed, writer_packed) -> True when `blob` is entry `seq` in
+   the form stored_preimage reads and its hash holds; None when that is not decided here (another
+   form, a hash that does not hold, no SHA-256 here): the caller's Python path decides */
+static PyObject *stored_holds(PyObject *self, PyObject *args) {
+    if (!sha_on || PyTuple_GET_SIZE(args) < 1 || !PyBytes_CheckExact(PyTuple_GET_ITEM(args, 0))) {
+        Py_RETURN_NONE;
+    }
+    PyObject *pre = stored_preimage(self, args);
+    if (pre == NULL || pre == Py_None) {
+        return pre;
+    }
+    unsigned char out[32];
+    PyObject *blob = PyTuple_GET_ITEM(args, 0);
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(blob);
+    Py_ssize_t bn = PyBytes_GET_SIZE(blob); /* (>= 32: stored_preimage read a hash at its end) */
+    sha256_of((const unsigned char *)PyBytes_AS_STRING(pre), (size_t)PyBytes_GET_SIZE(pre), out);
+    Py_DECREF(pre);
+    if (memcmp(out, b + bn - 32, 32) == 0) {
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_hashing(on) -> whether SHA-256 is now done here (False when it was not found): for tests */
+static PyObject *set_hashing(PyObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) {
+        return NULL;
+    }
+    sha_on = on && sha_found;
+    return PyBool_FromLong(sha_on);
+}
+
 static PyMethodDef methods[] = {
+    {"frontier_extend", frontier_extend, METH_VARARGS,
+     "frontier_extend(nodes, size, leaves, keep_from) -> [(level, index, hash)] or None"},
+    {"stored_holds", stored_holds, METH_VARARGS,
+     "stored_holds(blob, seq, names, context_packed, writer_packed) -> True or None"},
+    {"set_hashing", set_hashing, METH_O, "set_hashing(on) -> whether SHA-256 is done in C now"},
     {"stored_preimage", stored_preimage, METH_VARARGS,
      "stored_preimage(blob, seq, names, context_packed, writer_packed) -> the leaf hash's pre-image of a "
      "stored entry, or None"},
@@ -517,5 +756,11 @@ PyMODINIT_FUNC PyInit__accel(void) {
             return NULL;
         }
     }
+    PyObject *hl = PyImport_ImportModule("_hashlib"); /* (loads libcrypto, where Python has it) */
+    if (hl == NULL) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(hl);
+    find_sha256();
     return PyModule_Create(&module);
 }

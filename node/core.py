@@ -57,7 +57,7 @@ from typing import Any, NamedTuple, Protocol
 from node import __version__
 from node.access import Access, Principal
 from node.config import Config
-from node.ledger import ACCELERATED, MAX_REPLY_BYTES, ContextState, Ledger
+from node.ledger import ACCELERATED, HASHING_IN_C, MAX_REPLY_BYTES, ContextState, Ledger
 from node.mesh import ACK_LAZY_S, Mesh, Transport
 from node.publisher import MAX_MSG_BYTES
 from protocol import codec
@@ -520,6 +520,7 @@ class Core:
             "version": __version__,
             "protocol": codec.PROTOCOL_VERSION,
             "accelerated": ACCELERATED,  # node/_accel.c built and used for pulled entries
+            "accelerated_sha256": HASHING_IN_C,  # and SHA-256 done in it (OpenSSL's libcrypto found)
             "uptime_s": round(now - self.started, 3),
             "durability": cfg.durability,
             "flush_ms": cfg.flush_ms,

@@ -186,7 +186,11 @@ except ImportError:  # no C compiler where this was installed: the same work in 
 if os.environ.get("LEDGER_PURE_PYTHON"):  # (to compare, or to rule the C code out)
     _accel = None
 ACCELERATED = _accel is not None
+# SHA-256 in that C code too: OpenSSL's, where this process has libcrypto (node/_accel.c finds it);
+# else the C code leaves the hashing to hashlib
+HASHING_IN_C = _accel is not None and _accel.set_hashing(True)
 _sha256 = hashlib.sha256
+_fast_extend = _accel.frontier_extend if HASHING_IN_C else None
 
 
 class WireParts:
@@ -244,7 +248,7 @@ def packed_parts(name: str, blobs: list[Any], first: int) -> WireParts | None:
     if out is None:
         return None
     pre, hashes, keys, max_lamport, last_lamport, w = out
-    if [_sha256(p).digest() for p in pre] != hashes:
+    if pre is not None and [_sha256(p).digest() for p in pre] != hashes:  # (None: checked in C)
         return None
     return WireParts(name, w, first, hashes, keys, blobs, max_lamport, last_lamport)
 
@@ -1091,7 +1095,7 @@ class Ledger:
             hot_append((cid, seq, n))
             nbytes += n
             blobs.append(blob)
-        for level, index, nh in ctx.frontier.extend(hashes, STORED_MIN_LEVEL):
+        for level, index, nh in ctx.frontier.extend(hashes, STORED_MIN_LEVEL, _fast_extend):
             pending[_node_key(cid, level, index)] = nh
         ctx.size = seq
         ctx.last_lamport = lamport
@@ -1169,7 +1173,7 @@ class Ledger:
                 if e.lamport > max_lamport:
                     max_lamport = e.lamport
             last_lamport = ents[-1].lamport
-        nodes = frontier.extend(hashes, STORED_MIN_LEVEL)
+        nodes = frontier.extend(hashes, STORED_MIN_LEVEL, _fast_extend)
         if root is not None and frontier.root() != root:
             return None
         if repair is not None and last == repair[0] and frontier.root() != repair[1]:
@@ -1635,10 +1639,14 @@ class Ledger:
         """`blob`, read from storage as entry `seq` of `ctx`, once it matches its leaf hash: a byte
         flipped on disk must never be served or sent to a peer (an INTEGRITY error instead)."""
         if _accel is not None:
-            # the canonical form read in C (node/_accel.c); anything else is decided below
-            pre = _accel.stored_preimage(blob, seq, ctx.leaf_names, ctx.name_packed, packed_str(ctx.writer))
-            if pre is not None and _sha256(pre).digest() == blob[-32:]:
-                return blob
+            # the canonical form read (and hashed) in C (node/_accel.c); anything else is decided below
+            if HASHING_IN_C:
+                if _accel.stored_holds(blob, seq, ctx.leaf_names, ctx.name_packed, packed_str(ctx.writer)):
+                    return blob
+            else:
+                pre = _accel.stored_preimage(blob, seq, ctx.leaf_names, ctx.name_packed, packed_str(ctx.writer))
+                if pre is not None and _sha256(pre).digest() == blob[-32:]:
+                    return blob
         try:
             e = _unpackb(blob)
             md = e["metadata"]

@@ -15,7 +15,7 @@ from node import __version__, clients, reqlog
 from node.access import AccessError, load_access
 from node.config import ConfigError, parse
 from node.identity import KEY_FILE, IdentityError, load_or_create
-from node.ledger import ACCELERATED, DataDirError, Ledger
+from node.ledger import ACCELERATED, HASHING_IN_C, DataDirError, Ledger
 from node.marks import Journal
 from node.server import Server
 from node.sockets import AddressInUse
@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ACCELERATED:
         log.info("node/_accel.c is not built (no C compiler where this was installed): pulled entries are "
                  "applied in pure Python, which takes ~2x the CPU of a catch-up; everything else is the same")
+    elif not HASHING_IN_C:
+        log.info("node/_accel.c found no OpenSSL libcrypto in this process: SHA-256 is left to hashlib "
+                 "(a catch-up takes a little more CPU; everything else is the same)")
     # Descriptors: the soft limit goes up to the hard one, and clients get what is left after
     # storage's and the process's reserve, so LevelDB never meets "Too many open files".
     fd_limit = clients.raise_fd_limit()

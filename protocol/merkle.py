@@ -292,8 +292,19 @@ class Frontier:
         self._root = None
         return done
 
-    def extend(self, leaves: Sequence[bytes], keep_from: int) -> list[tuple[int, int, bytes]]:
-        """`append` of each leaf in turn (keep_from >= 1), in one call: a batch's hot loop."""
+    def extend(self, leaves: Sequence[bytes], keep_from: int,
+               fast: Callable[[list[bytes], int, Sequence[bytes], int], list[tuple[int, int, bytes]] | None]
+               | None = None) -> list[tuple[int, int, bytes]]:
+        """`append` of each leaf in turn (keep_from >= 1), in one call: a batch's hot loop.
+
+        `fast(nodes, size, leaves, keep_from)`: the same work done elsewhere (the node's C code), which
+        updates `nodes` in place and returns what this returns, or None (nothing done: done here)."""
+        if fast is not None:
+            out = fast(self.nodes, self.size, leaves, keep_from)
+            if out is not None:
+                self.size += len(leaves)
+                self._root = None
+                return out
         done: list[tuple[int, int, bytes]] = []
         nodes = self.nodes
         size = self.size

@@ -24,6 +24,19 @@ pytestmark = pytest.mark.skipif(not ledger_mod.ACCELERATED, reason="node._accel 
 U64 = (1 << 64) - 1
 
 
+@pytest.fixture(params=[True, False], ids=["sha256-in-c", "sha256-by-hashlib"])
+def hashing(request: Any, monkeypatch: Any) -> Any:
+    """Both ways of the C code: SHA-256 done in it (OpenSSL's, found at import) or by hashlib."""
+    accel = ledger_mod._accel
+    on = accel.set_hashing(request.param)
+    if request.param and not on:
+        pytest.skip("no libcrypto with SHA256() in this process")
+    monkeypatch.setattr(ledger_mod, "HASHING_IN_C", on)
+    monkeypatch.setattr(ledger_mod, "_fast_extend", accel.frontier_extend if on else None)
+    yield on
+    accel.set_hashing(True)  # (as at import)
+
+
 def wire(context: str, writer: str, seq: int, key: str = "k", payload: bytes = b"p", lamport: int = 1,
          ts_ns: int = 5, metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """An entry's wire map, as msgpack decodes it, with its true leaf hash."""
@@ -84,6 +97,7 @@ def applied_state(led: Ledger, name: str) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
+@pytest.mark.usefixtures("hashing")
 def test_applying_through_the_c_path_leaves_the_ledger_as_the_python_path_does(chunks):
     n = sum(chunks)
     maps = [wire("c", "w1", s, f"k{s}", bytes([s]) * s, lamport=10 * s, ts_ns=s) for s in range(1, n + 1)]
@@ -211,6 +225,7 @@ def packed(maps: list[dict[str, Any]]) -> list[bytes]:
                                m["ts_ns"], packed_str(m["writer"]), m["hash"]) for m in maps]
 
 
+@pytest.mark.usefixtures("hashing")
 def test_packed_entries_are_checked_in_c_and_kept_as_they_came_at_every_encoding_boundary():
     maps = []
     seq = 0
@@ -271,6 +286,7 @@ PACKED_UNUSUAL = {
 
 
 @pytest.mark.parametrize("what", sorted(PACKED_UNUSUAL))
+@pytest.mark.usefixtures("hashing")
 def test_any_packed_entry_not_exactly_as_stored_sends_the_chunk_to_the_python_path(what):
     blobs = packed([wire("c", "w1", s) for s in range(1, 4)])
     blobs[1] = PACKED_UNUSUAL[what](blobs[1])
@@ -287,6 +303,7 @@ def test_the_python_path_stores_packed_entries_in_a_longer_encoding_as_their_can
     assert ctx is not None and [led.entry_blob(ctx, s) for s in (1, 2, 3)] == blobs  # (not as they came)
 
 
+@pytest.mark.usefixtures("hashing")
 def test_a_packed_entry_that_does_not_hold_is_refused_by_the_python_path():
     blobs = packed([wire("c", "w1", s) for s in range(1, 4)])
     blobs[2] = blobs[2][:-32] + b"h" * 32
@@ -298,6 +315,7 @@ def test_a_packed_entry_that_does_not_hold_is_refused_by_the_python_path():
 
 
 @pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
+@pytest.mark.usefixtures("hashing")
 def test_applying_packed_entries_leaves_the_ledger_as_the_python_path_does(chunks):
     from protocol import merkle
 
@@ -325,10 +343,18 @@ def test_whatever_packed_bytes_the_c_path_takes_are_the_canonical_bytes_of_a_sou
     chunk (before the hashes are compared), each blob is exactly the canonical encoding of the entry
     msgpack reads from it, the entry names the context and the writer the C code reports, and the
     pre-image, hash, key and lamports it gives are the Python path's."""
-    import hashlib
     import random
 
-    rng = random.Random(20261208)
+    ledger_mod._accel.set_hashing(False)  # (the pre-images back, hashes not compared: structure only)
+    try:
+        _fuzz_packed(random.Random(20261208))
+    finally:
+        ledger_mod._accel.set_hashing(True)
+
+
+def _fuzz_packed(rng: Any) -> None:
+    import hashlib
+
     base = packed([wire("c", "w1", s, "k" * (s * 9), b"p" * (s * 70), lamport=s * 300, ts_ns=s << 20)
                    for s in range(1, 4)])
     taken = 0
@@ -373,6 +399,58 @@ def test_packed_parts_of_no_entries_or_a_name_no_context_can_have_or_a_first_seq
         ledger_mod._accel.packed_parts(tuple(one), 1, "c")  # a tuple, not a list
     monkeypatch.setattr(ledger_mod, "_accel", None)
     assert packed_parts("c", one, 1) is None
+
+
+# -- the Merkle frontier extended in C (SHA-256 found at import) ------------------------------------
+
+def _leaves(n: int, salt: int = 0) -> list[bytes]:
+    import hashlib
+
+    return [hashlib.sha256(b"leaf %d %d" % (salt, i)).digest() for i in range(n)]
+
+
+@pytest.mark.parametrize("keep_from", [1, 2, 5])
+def test_the_frontier_extended_in_c_is_the_python_frontier_node_for_node(keep_from):
+    from protocol import merkle
+
+    if not ledger_mod._accel.set_hashing(True):
+        pytest.skip("no libcrypto with SHA256() in this process")
+    fast, slow = merkle.Frontier(), merkle.Frontier()
+    for i, n in enumerate([0, 1, 1, 2, 3, 5, 8, 13, 64, 1, 255, 256, 1000]):
+        leaves = _leaves(n, i)
+        got = fast.extend(leaves, keep_from, ledger_mod._accel.frontier_extend)
+        assert got == slow.extend(leaves, keep_from)
+        assert (fast.size, fast.nodes, fast.root()) == (slow.size, slow.nodes, slow.root())
+
+
+def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
+    from protocol import merkle
+
+    accel = ledger_mod._accel
+    if not accel.set_hashing(True):
+        pytest.skip("no libcrypto with SHA256() in this process")
+    f = merkle.Frontier()
+    f.extend(_leaves(5), 1)
+    nodes = list(f.nodes)
+    for bad_nodes, size, leaves, keep in [
+        ([*nodes[:-1], b"x" * 31], 5, _leaves(3), 1),  # a node not of 32 bytes
+        (nodes, 5, [b"x" * 33], 1),  # a leaf not of 32 bytes
+        (nodes, 5, [bytearray(32)], 1),
+        (nodes[:1], 7, _leaves(1), 1),  # fewer nodes than the size has levels
+        (nodes, -1, _leaves(1), 1),
+        (nodes, 5, _leaves(1), 0),  # keep_from 0: level 0 is the caller's
+        ([b"x" * 32] * 65, 5, _leaves(1), 1),
+    ]:
+        before = list(bad_nodes)
+        assert accel.frontier_extend(bad_nodes, size, leaves, keep) is None
+        assert bad_nodes == before
+    accel.set_hashing(False)
+    try:
+        assert accel.frontier_extend(nodes, 5, _leaves(1), 1) is None  # (without SHA-256: Python's)
+        g = merkle.Frontier(f.size, list(f.nodes))
+        assert g.extend(_leaves(2), 1, accel.frontier_extend) == f.copy().extend(_leaves(2), 1)
+    finally:
+        accel.set_hashing(True)
 
 
 # -- the source's side: entries read from storage checked against their hash (Ledger.verified) ----
@@ -423,6 +501,7 @@ STORED_UNUSUAL = {
 
 
 @pytest.mark.parametrize("what", sorted(STORED_UNUSUAL))
+@pytest.mark.usefixtures("hashing")
 def test_a_stored_entry_not_in_the_canonical_plain_form_is_left_to_python(what, monkeypatch):
     blob = STORED_UNUSUAL[what]()
     assert preimage(blob, 1) is None
@@ -442,6 +521,7 @@ def test_a_stored_entry_not_in_the_canonical_plain_form_is_left_to_python(what, 
         assert decisions == [False, False]
 
 
+@pytest.mark.usefixtures("hashing")
 def test_a_uint_in_a_longer_form_than_needed_is_read_in_c_as_python_reads_it():
     blob = stored(1).replace(b"\xa3seq\x01", b"\xa3seq\xcf" + (1).to_bytes(8, "big"))
     led = Ledger(MemoryKV(), node_id="w1", sync_meta=False)
@@ -450,6 +530,7 @@ def test_a_uint_in_a_longer_form_than_needed_is_read_in_c_as_python_reads_it():
     assert preimage(blob, 1) is not None and led.verified(ctx, 1, blob) == blob
 
 
+@pytest.mark.usefixtures("hashing")
 def test_a_flipped_byte_in_storage_is_still_refused_and_the_python_path_still_decides_the_rest():
     led = Ledger(MemoryKV(), node_id="me", sync_meta=False)
     for i in range(3):
@@ -471,10 +552,16 @@ def test_ledger_pure_python_turns_the_c_code_off_and_status_says_which():
 
     from tests.unit.test_core import make_core
 
-    code = "import node.ledger as l; print(l.ACCELERATED, l._accel is None)"
+    code = "import node.ledger as l; print(l.ACCELERATED, l._accel is None, l.HASHING_IN_C)"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2])}
     out = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
                           timeout=60, check=True).stdout.split() for extra in ({}, {"LEDGER_PURE_PYTHON": "1"})]
-    assert out == [["True", "False"], ["False", "True"]]
+    assert out[0][:2] == ["True", "False"] and out[1] == ["False", "True", "False"]
     core, _ = make_core()
-    assert core.status_fields(100.0)["accelerated"] is True
+    st = core.status_fields(100.0)
+    assert st["accelerated"] is True and st["accelerated_sha256"] is ledger_mod.HASHING_IN_C
+
+
+def test_sha256_in_c_is_found_where_python_s_hashlib_uses_openssl():
+    pytest.importorskip("_hashlib")  # (CPython's OpenSSL binding: where it is, so is libcrypto's SHA256_Init)
+    assert ledger_mod.HASHING_IN_C is True
