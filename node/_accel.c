@@ -694,6 +694,62 @@ static PyObject *frontier_extend(PyObject *self, PyObject *args) {
     return done;
 }
 
+/* frontier_root(nodes, size) -> the root of a tree of `size` leaves from its frontier's nodes, as
+   protocol.merkle.root_at (the right edge climbed from the smallest peak, an odd last node paired
+   with itself, the size bound in); None for size 0, a frontier that does not hold the nodes the
+   size needs, or without SHA-256 here */
+static PyObject *frontier_root(PyObject *self, PyObject *args) {
+    PyObject *nodes, *size_obj;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &nodes, &size_obj)) {
+        return NULL;
+    }
+    unsigned long long size;
+    if (!sha_on || as_u64(size_obj, &size) < 0 || size == 0) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t depth = PyList_GET_SIZE(nodes);
+    int level = 0;
+    while (!((size >> level) & 1)) {
+        level++;
+    }
+    unsigned long long count = size >> level;
+    unsigned char edge[32], buf[65];
+    if (level >= depth) {
+        Py_RETURN_NONE;
+    }
+    PyObject *x = PyList_GET_ITEM(nodes, level);
+    if (!PyBytes_CheckExact(x) || PyBytes_GET_SIZE(x) != 32) {
+        Py_RETURN_NONE;
+    }
+    memcpy(edge, PyBytes_AS_STRING(x), 32);
+    buf[0] = 0x01;
+    while (count > 1) {
+        if (count % 2 == 0) {
+            if (level >= depth) {
+                Py_RETURN_NONE;
+            }
+            x = PyList_GET_ITEM(nodes, level);
+            if (!PyBytes_CheckExact(x) || PyBytes_GET_SIZE(x) != 32) {
+                Py_RETURN_NONE;
+            }
+            memcpy(buf + 1, PyBytes_AS_STRING(x), 32);
+        } else {
+            memcpy(buf + 1, edge, 32);
+        }
+        memcpy(buf + 33, edge, 32);
+        sha256_of(buf, 65, edge);
+        count = (count + 1) / 2;
+        level++;
+    }
+    unsigned char root[41];
+    root[0] = 0x02; /* ROOT_PREFIX */
+    put_be(root + 1, size, 8);
+    memcpy(root + 9, edge, 32);
+    unsigned char out[32];
+    sha256_of(root, 41, out);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
 /* stored_holds(blob, seq, names, context_packed, writer_packed) -> True when `blob` is entry `seq` in
    the form stored_preimage reads and its hash holds; None when that is not decided here (another
    form, a hash that does not hold, no SHA-256 here): the caller's Python path decides */
@@ -730,6 +786,7 @@ static PyObject *set_hashing(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"frontier_extend", frontier_extend, METH_VARARGS,
      "frontier_extend(nodes, size, leaves, keep_from) -> [(level, index, hash)] or None"},
+    {"frontier_root", frontier_root, METH_VARARGS, "frontier_root(nodes, size) -> the root, or None"},
     {"stored_holds", stored_holds, METH_VARARGS,
      "stored_holds(blob, seq, names, context_packed, writer_packed) -> True or None"},
     {"set_hashing", set_hashing, METH_O, "set_hashing(on) -> whether SHA-256 is done in C now"},

@@ -190,7 +190,9 @@ ACCELERATED = _accel is not None
 # else the C code leaves the hashing to hashlib
 HASHING_IN_C = _accel is not None and _accel.set_hashing(True)
 _sha256 = hashlib.sha256
-_fast_extend = _accel.frontier_extend if HASHING_IN_C else None
+if HASHING_IN_C:
+    merkle.Frontier.accel_extend = _accel.frontier_extend
+    merkle.Frontier.accel_root = _accel.frontier_root
 
 
 class WireParts:
@@ -1095,7 +1097,7 @@ class Ledger:
             hot_append((cid, seq, n))
             nbytes += n
             blobs.append(blob)
-        for level, index, nh in ctx.frontier.extend(hashes, STORED_MIN_LEVEL, _fast_extend):
+        for level, index, nh in ctx.frontier.extend(hashes, STORED_MIN_LEVEL):
             pending[_node_key(cid, level, index)] = nh
         ctx.size = seq
         ctx.last_lamport = lamport
@@ -1173,7 +1175,7 @@ class Ledger:
                 if e.lamport > max_lamport:
                     max_lamport = e.lamport
             last_lamport = ents[-1].lamport
-        nodes = frontier.extend(hashes, STORED_MIN_LEVEL, _fast_extend)
+        nodes = frontier.extend(hashes, STORED_MIN_LEVEL)
         if root is not None and frontier.root() != root:
             return None
         if repair is not None and last == repair[0] and frontier.root() != repair[1]:

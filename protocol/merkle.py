@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from protocol.errors import IntegrityError
 
@@ -256,6 +257,14 @@ class Frontier:
 
     __slots__ = ("size", "nodes", "_root")
 
+    # The same work done faster elsewhere, where a node plugs it in (node/ledger.py: its C code,
+    # node/_accel.c): `accel_extend(nodes, size, leaves, keep_from)` updates `nodes` in place and
+    # returns what `extend` returns, `accel_root(nodes, size)` returns `root()`; either may return
+    # None (not done there: done here). This module stays pure; its results are the same either way.
+    accel_extend: ClassVar[Callable[[list[bytes], int, Sequence[bytes], int], list[tuple[int, int, bytes]] | None]
+                           | None] = None
+    accel_root: ClassVar[Callable[[list[bytes], int], bytes | None] | None] = None
+
     def __init__(self, size: int = 0, nodes: list[bytes] | None = None, root: bytes | None = None) -> None:
         self.size = size
         self.nodes: list[bytes] = nodes if nodes is not None else []
@@ -292,13 +301,9 @@ class Frontier:
         self._root = None
         return done
 
-    def extend(self, leaves: Sequence[bytes], keep_from: int,
-               fast: Callable[[list[bytes], int, Sequence[bytes], int], list[tuple[int, int, bytes]] | None]
-               | None = None) -> list[tuple[int, int, bytes]]:
-        """`append` of each leaf in turn (keep_from >= 1), in one call: a batch's hot loop.
-
-        `fast(nodes, size, leaves, keep_from)`: the same work done elsewhere (the node's C code), which
-        updates `nodes` in place and returns what this returns, or None (nothing done: done here)."""
+    def extend(self, leaves: Sequence[bytes], keep_from: int) -> list[tuple[int, int, bytes]]:
+        """`append` of each leaf in turn (keep_from >= 1), in one call: a batch's hot loop."""
+        fast = Frontier.accel_extend
         if fast is not None:
             out = fast(self.nodes, self.size, leaves, keep_from)
             if out is not None:
@@ -332,7 +337,9 @@ class Frontier:
 
     def root(self) -> bytes:
         if self._root is None:
-            self._root = root_at(self.size, self.get)
+            fast = Frontier.accel_root
+            root = fast(self.nodes, self.size) if fast is not None else None
+            self._root = root if root is not None else root_at(self.size, self.get)
         return self._root
 
     def get(self, level: int, index: int) -> bytes:

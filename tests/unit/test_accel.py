@@ -14,7 +14,7 @@ import pytest
 from node import ledger as ledger_mod
 from node.ledger import Ledger, WireParts, packed_parts, wire_parts
 from node.storage import MemoryKV
-from protocol import codec
+from protocol import codec, merkle
 from protocol.entry import encode_entry_parts, entry_from_wire, leaf_hash_named, leaf_names, packed_str
 from protocol.errors import IntegrityError, RemoteProtocolError
 from protocol.lamport import MAX_LAMPORT
@@ -32,7 +32,8 @@ def hashing(request: Any, monkeypatch: Any) -> Any:
     if request.param and not on:
         pytest.skip("no libcrypto with SHA256() in this process")
     monkeypatch.setattr(ledger_mod, "HASHING_IN_C", on)
-    monkeypatch.setattr(ledger_mod, "_fast_extend", accel.frontier_extend if on else None)
+    monkeypatch.setattr(merkle.Frontier, "accel_extend", accel.frontier_extend if on else None)
+    monkeypatch.setattr(merkle.Frontier, "accel_root", accel.frontier_root if on else None)
     yield on
     accel.set_hashing(True)  # (as at import)
 
@@ -409,26 +410,52 @@ def _leaves(n: int, salt: int = 0) -> list[bytes]:
     return [hashlib.sha256(b"leaf %d %d" % (salt, i)).digest() for i in range(n)]
 
 
+def _in_c(on: bool) -> None:
+    accel = ledger_mod._accel
+    merkle.Frontier.accel_extend = accel.frontier_extend if on else None
+    merkle.Frontier.accel_root = accel.frontier_root if on else None
+
+
+@pytest.fixture
+def frontier_hooks() -> Any:
+    """The Frontier's hooks as the node set them at import, put back after the test."""
+    if not ledger_mod._accel.set_hashing(True):
+        pytest.skip("no libcrypto with SHA256_Init() in this process")
+    saved = merkle.Frontier.accel_extend, merkle.Frontier.accel_root
+    yield
+    merkle.Frontier.accel_extend, merkle.Frontier.accel_root = saved
+
+
+@pytest.mark.usefixtures("frontier_hooks")
 @pytest.mark.parametrize("keep_from", [1, 2, 5])
 def test_the_frontier_extended_in_c_is_the_python_frontier_node_for_node(keep_from):
-    from protocol import merkle
-
-    if not ledger_mod._accel.set_hashing(True):
-        pytest.skip("no libcrypto with SHA256() in this process")
     fast, slow = merkle.Frontier(), merkle.Frontier()
     for i, n in enumerate([0, 1, 1, 2, 3, 5, 8, 13, 64, 1, 255, 256, 1000]):
         leaves = _leaves(n, i)
-        got = fast.extend(leaves, keep_from, ledger_mod._accel.frontier_extend)
+        _in_c(True)
+        got = fast.extend(leaves, keep_from)
+        fast_root = fast.root()
+        _in_c(False)
         assert got == slow.extend(leaves, keep_from)
-        assert (fast.size, fast.nodes, fast.root()) == (slow.size, slow.nodes, slow.root())
+        assert (fast.size, fast.nodes, fast_root) == (slow.size, slow.nodes, slow.root())
 
 
-def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
-    from protocol import merkle
-
+@pytest.mark.usefixtures("frontier_hooks")
+def test_the_root_taken_in_c_is_the_python_root_at_every_size_up_to_3000():
+    f = merkle.Frontier()
     accel = ledger_mod._accel
-    if not accel.set_hashing(True):
-        pytest.skip("no libcrypto with SHA256() in this process")
+    assert accel.frontier_root([], 0) is None  # (the empty root: Python's)
+    for i in range(3000):
+        f.extend(_leaves(1, i), 1)
+        assert accel.frontier_root(f.nodes, f.size) == merkle.root_at(f.size, f.get), f.size
+    assert accel.frontier_root(f.nodes[:3], f.size) is None  # (nodes missing: Python's)
+    assert accel.frontier_root([*f.nodes[:-1], b"x"], f.size) is None
+
+
+@pytest.mark.usefixtures("frontier_hooks")
+def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
+    accel = ledger_mod._accel
+    _in_c(False)
     f = merkle.Frontier()
     f.extend(_leaves(5), 1)
     nodes = list(f.nodes)
@@ -444,11 +471,15 @@ def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
         before = list(bad_nodes)
         assert accel.frontier_extend(bad_nodes, size, leaves, keep) is None
         assert bad_nodes == before
+    g = merkle.Frontier(f.size, list(f.nodes))
+    _in_c(True)
+    assert g.extend(_leaves(1), 0) == f.copy().extend(_leaves(1), 0)  # (keep_from 0: done in Python)
     accel.set_hashing(False)
     try:
         assert accel.frontier_extend(nodes, 5, _leaves(1), 1) is None  # (without SHA-256: Python's)
+        assert accel.frontier_root(nodes, 5) is None
         g = merkle.Frontier(f.size, list(f.nodes))
-        assert g.extend(_leaves(2), 1, accel.frontier_extend) == f.copy().extend(_leaves(2), 1)
+        assert g.extend(_leaves(2), 1) == f.copy().extend(_leaves(2), 1)
     finally:
         accel.set_hashing(True)
 

@@ -107,6 +107,46 @@ def test_a_name_removed_is_not_loaded_back_from_its_record_until_created_again()
     assert t.get("a") == "new" and not t.gone("a") and len(t) == 1
 
 
+def test_a_name_found_nowhere_is_looked_up_once_until_created_and_the_memory_of_it_is_bounded(monkeypatch):
+    import node.contexts as contexts_mod
+
+    looked: list[str] = []
+
+    def load(n: str) -> str | None:
+        looked.append(n)
+        return None
+
+    t = ContextTable(load, lambda s: True, lambda s: None, lambda s: None, capacity=2)
+    assert t.get("a") is None and t.peek("a") is None and t.get("a") is None and "a" not in t
+    assert looked == ["a"]  # (a catch-up asks twice before it creates: once on disk)
+    assert t.peek("b") is None and t.get("b") is None and looked == ["a", "b"]
+    t.add("a", "new")
+    assert t.get("a") == "new" and t.peek("a") == "new"
+    t.pop("a", gone=False)  # (a creation undone: it never reached the disk)
+    assert t.get("a") is None and looked == ["a", "b", "a"]
+    monkeypatch.setattr(contexts_mod, "MAX_ABSENT", 3)
+    for n in ("c", "d", "e"):
+        t.get(n)
+    assert len(t._absent) <= 3
+    del looked[:]
+    t.get("a")
+    t.get("b")
+    assert looked  # forgotten once past the bound: looked up again
+
+
+def test_a_ledger_creates_a_context_it_looked_up_and_did_not_find(tmp_path):
+    kv = CountingKV()
+    led = make(kv, tmp_path)
+    reads = kv.ctx_reads
+    assert led.contexts.get("new") is None and led.contexts.get("new") is None and led.contexts.peek("new") is None
+    assert kv.ctx_reads == reads + 1
+    fill(led, "new", 3)  # (created now: no longer absent)
+    assert led.contexts.get("new").size == 3 and led.head("new")["size"] == 3
+    settle(led)
+    led2 = make(kv, tmp_path / "2")
+    assert led2.contexts.get("new") is not None  # (another table: read from disk)
+
+
 def test_a_cache_of_no_context_is_refused():
     with pytest.raises(ValueError):
         ContextTable(lambda n: None, lambda s: True, lambda s: None, lambda s: None, capacity=0)
