@@ -156,18 +156,17 @@ static void sha256_of(const unsigned char *d, size_t n, unsigned char *md) {
 }
 
 static void find_sha256(void) {
+    /* only a libcrypto this process has loaded already (RTLD_NOLOAD): never a second OpenSSL */
     const char *libs[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so"};
-    for (int load = 0; load < 2 && !sha_found; load++) {
-        for (int i = 0; i < 3 && !sha_found; i++) {
-            void *h = dlopen(libs[i], RTLD_NOW | RTLD_LOCAL | (load ? 0 : RTLD_NOLOAD));
-            if (h == NULL) {
-                continue;
-            }
-            sha_init = (sha_init_fn)dlsym(h, "SHA256_Init");
-            sha_update = (sha_update_fn)dlsym(h, "SHA256_Update");
-            sha_final = (sha_final_fn)dlsym(h, "SHA256_Final");
-            sha_found = sha_init != NULL && sha_update != NULL && sha_final != NULL;
+    for (int i = 0; i < 3 && !sha_found; i++) {
+        void *h = dlopen(libs[i], RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (h == NULL) {
+            continue;
         }
+        sha_init = (sha_init_fn)dlsym(h, "SHA256_Init");
+        sha_update = (sha_update_fn)dlsym(h, "SHA256_Update");
+        sha_final = (sha_final_fn)dlsym(h, "SHA256_Final");
+        sha_found = sha_init != NULL && sha_update != NULL && sha_final != NULL;
     }
     if (sha_found) {
         /* FIPS 180-2's examples: "abc", and 56 bytes (two blocks) */
@@ -189,6 +188,17 @@ static void find_sha256(void) {
 /* a reusable buffer for pre-images (grown as needed; the GIL is held) */
 static unsigned char *scratch = NULL;
 static Py_ssize_t scratch_n = 0;
+
+#define SCRATCH_KEEP (1 << 20)
+
+/* let go of a buffer grown past SCRATCH_KEEP (a peer's large entry) */
+static void scratch_trim(void) {
+    if (scratch_n > SCRATCH_KEEP) {
+        PyMem_Free(scratch);
+        scratch = NULL;
+        scratch_n = 0;
+    }
+}
 
 static unsigned char *scratch_of(Py_ssize_t n) {
     if (n > scratch_n) {
@@ -510,6 +520,7 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
         PyUnicode_GET_LENGTH(context) > MAX_CONTEXT_BYTES) {
         Py_RETURN_NONE;
     }
+    scratch_trim();
     const char *cs = (const char *)PyUnicode_DATA(context);
     Py_ssize_t cn = PyUnicode_GET_LENGTH(context);
     /* the context as packed (cp) and the leaf's names (lp(context) || lp(writer)), once the
@@ -601,16 +612,20 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
    keep_from (>= 1) completed, as protocol.merkle.Frontier.extend, whose `nodes` list it updates in
    place (the caller moves its size on); None without SHA-256 here (nothing changed) */
 static PyObject *frontier_extend(PyObject *self, PyObject *args) {
-    PyObject *nodes, *size_obj, *leaves;
-    int keep_from;
-    if (!PyArg_ParseTuple(args, "O!OO!i", &PyList_Type, &nodes, &size_obj, &PyList_Type, &leaves, &keep_from)) {
+    PyObject *nodes, *size_obj, *leaves, *keep_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &nodes, &size_obj, &leaves, &keep_obj)) {
         return NULL;
     }
-    unsigned long long size;
-    if (!sha_on || as_u64(size_obj, &size) < 0 || keep_from < 1) {
-        Py_RETURN_NONE;
+    unsigned long long size, keep;
+    if (!sha_on || !PyList_CheckExact(nodes) || !PyList_CheckExact(leaves) || as_u64(size_obj, &size) < 0 ||
+        as_u64(keep_obj, &keep) < 0 || keep < 1 || keep > 64) {
+        Py_RETURN_NONE; /* (not the plain case: Frontier.extend does it in Python) */
     }
+    int keep_from = (int)keep;
     Py_ssize_t n = PyList_GET_SIZE(leaves), depth = PyList_GET_SIZE(nodes);
+    if ((unsigned long long)n > 0xffffffffffffffffULL - size) {
+        Py_RETURN_NONE; /* (a size past 2^64 - 1: Python's, which words it) */
+    }
     /* the frontier as it must be: one 32-byte node per level where `size` has a 1 bit, and
        checked before anything changes */
     if (depth > 64) {
@@ -671,24 +686,38 @@ static PyObject *frontier_extend(PyObject *self, PyObject *args) {
         }
         size++;
     }
+    /* every new node made before `nodes` changes, so that a failure leaves it as it was */
+    PyObject *fresh[65];
     for (int l = 0; l < have; l++) {
-        PyObject *b = PyBytes_FromStringAndSize((const char *)cur[l], 32);
-        if (b == NULL) {
+        fresh[l] = PyBytes_FromStringAndSize((const char *)cur[l], 32);
+        if (fresh[l] == NULL) {
+            for (int k = 0; k < l; k++) {
+                Py_DECREF(fresh[k]);
+            }
             Py_DECREF(done);
             return NULL;
         }
-        if (l < PyList_GET_SIZE(nodes)) {
-            if (PyList_SetItem(nodes, l, b) < 0) {  /* (steals b) */
-                Py_DECREF(done);
-                return NULL;
+    }
+    Py_ssize_t old_n = depth;
+    for (int l = (int)depth; l < have; l++) { /* (levels the tree grew by) */
+        if (PyList_Append(nodes, fresh[l]) < 0) {
+            if (PyList_SetSlice(nodes, old_n, PyList_GET_SIZE(nodes), NULL) < 0) {
+                PyErr_Clear(); /* (shrinking a list does not fail) */
             }
+            for (int k = 0; k < have; k++) {
+                Py_DECREF(fresh[k]);
+            }
+            Py_DECREF(done);
+            return NULL;
+        }
+    }
+    for (int l = 0; l < have; l++) {
+        if (l < depth) {
+            PyObject *old = PyList_GET_ITEM(nodes, l);
+            PyList_SET_ITEM(nodes, l, fresh[l]); /* (steals it) */
+            Py_DECREF(old);
         } else {
-            int r = PyList_Append(nodes, b);
-            Py_DECREF(b);
-            if (r < 0) {
-                Py_DECREF(done);
-                return NULL;
-            }
+            Py_DECREF(fresh[l]); /* (the list holds its own reference) */
         }
     }
     return done;
@@ -738,7 +767,7 @@ static PyObject *frontier_root(PyObject *self, PyObject *args) {
         }
         memcpy(buf + 33, edge, 32);
         sha256_of(buf, 65, edge);
-        count = (count + 1) / 2;
+        count = (count >> 1) + (count & 1); /* (count + 1) / 2, without wrapping at 2^64 - 1 */
         level++;
     }
     unsigned char root[41];

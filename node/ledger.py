@@ -190,7 +190,7 @@ ACCELERATED = _accel is not None
 # else the C code leaves the hashing to hashlib
 HASHING_IN_C = _accel is not None and _accel.set_hashing(True)
 _sha256 = hashlib.sha256
-if HASHING_IN_C:
+if _accel is not None and HASHING_IN_C:
     merkle.Frontier.accel_extend = _accel.frontier_extend
     merkle.Frontier.accel_root = _accel.frontier_root
 

@@ -1462,10 +1462,10 @@ class Mesh:
         parts = None
         if raw and type(raw[0]) is bytes:
             parts = packed_parts(name, raw, size + 1) if whole else None
-            if parts is None:
-                raw = codec.unpack_entries(raw)
-        if parts is None and whole:
-            parts = wire_parts(name, raw, size + 1)
+        if parts is None:
+            raw = codec.unpack_entries(raw)  # (bins decoded, maps as they are: a peer may mix them)
+            if whole:
+                parts = wire_parts(name, raw, size + 1)
         entries: list[Entry] | WireParts
         if parts is not None:
             entries, first, last, writer = parts, size + 1, end, parts.writer

@@ -286,8 +286,52 @@ PACKED_UNUSUAL = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(PACKED_UNUSUAL))
+def _canonical(context: str, writer: str, seq: int, key: str = "k", payload: bytes = b"p", lamport: int = 1,
+               ts_ns: int = 5) -> bytes:
+    """An entry's canonical bytes with its true hash, whatever its fields (no checks)."""
+    return packed([wire(context, writer, seq, key, payload, lamport, ts_ns)])[0]
+
+
+def _rehashed(blob: bytes, old: bytes, new: bytes) -> bytes:
+    """`blob` with one spelling replaced (the same value in a longer form): its hash still true."""
+    assert old in blob
+    return blob.replace(old, new, 1)
+
+
+TRUE_HASH_UNUSUAL = {
+    # each with its true leaf hash: only the C code's own checks can refuse it
+    "lamport above the ceiling": lambda: _canonical("c", "w1", 1, lamport=MAX_LAMPORT + 1),
+    "writer empty": lambda: _canonical("c", "", 1),
+    "writer of 65 bytes": lambda: _canonical("c", "w" * 65, 1),
+    "writer not ASCII": lambda: _canonical("c", "wé", 1),
+    "key of 257 bytes": lambda: _canonical("c", "w1", 1, key="k" * 257),
+    "payload as a bin32": lambda: _rehashed(_canonical("c", "w1", 1), b"\xa7payload\xc4\x01p",
+                                            b"\xa7payload\xc6\x00\x00\x00\x01p"),
+    "payload as a bin16 of 255 bytes": lambda: _rehashed(_canonical("c", "w1", 1, payload=b"q" * 255),
+                                                         b"\xa7payload\xc4\xff", b"\xa7payload\xc5\x00\xff"),
+    "key as a str32": lambda: _rehashed(_canonical("c", "w1", 1), b"\xa3key\xa1k", b"\xa3key\xdb\x00\x00\x00\x01k"),
+    "key as a str16": lambda: _rehashed(_canonical("c", "w1", 1), b"\xa3key\xa1k", b"\xa3key\xda\x00\x01k"),
+    "writer as a str32": lambda: _rehashed(_canonical("c", "w1", 1), b"\xa6writer\xa2w1",
+                                           b"\xa6writer\xdb\x00\x00\x00\x02w1"),
+    "seq as a uint32": lambda: _rehashed(_canonical("c", "w1", 1), b"\xa3seq\x01", b"\xa3seq\xce\x00\x00\x00\x01"),
+}
+
+
 @pytest.mark.usefixtures("hashing")
+@pytest.mark.parametrize("what", sorted(TRUE_HASH_UNUSUAL))
+def test_a_packed_entry_with_its_true_hash_that_python_would_refuse_or_store_otherwise_is_not_taken(what):
+    blob = TRUE_HASH_UNUSUAL[what]()
+    writer = msgpack.unpackb(blob, raw=False)["writer"]
+    assert packed_parts("c", [blob], 1) is None
+    ledger_mod._accel.set_hashing(False)  # (and not by its hash: by its form)
+    try:
+        assert ledger_mod._accel.packed_parts([blob], 1, "c") is None, writer
+    finally:
+        ledger_mod._accel.set_hashing(ledger_mod.HASHING_IN_C)
+
+
+@pytest.mark.usefixtures("hashing")
+@pytest.mark.parametrize("what", sorted(PACKED_UNUSUAL))
 def test_any_packed_entry_not_exactly_as_stored_sends_the_chunk_to_the_python_path(what):
     blobs = packed([wire("c", "w1", s) for s in range(1, 4)])
     blobs[1] = PACKED_UNUSUAL[what](blobs[1])
@@ -453,6 +497,40 @@ def test_the_root_taken_in_c_is_the_python_root_at_every_size_up_to_3000():
 
 
 @pytest.mark.usefixtures("frontier_hooks")
+def test_the_root_in_c_near_2_64_is_python_s_and_odd_arguments_are_left_to_python():
+    accel = ledger_mod._accel
+    for n in ((1 << 64) - 1, (1 << 64) - 2, 1 << 63, (1 << 63) + 5):
+        nodes = [bytes([i]) * 32 for i in range(64)]
+        assert accel.frontier_root(nodes, n) == merkle.root_at(n, merkle.Frontier(n, list(nodes)).get), n
+    nodes = [bytes([i]) * 32 for i in range(64)]
+    assert accel.frontier_extend(nodes, (1 << 64) - 1, _leaves(1), 1) is None  # (past 2^64 - 1)
+    assert accel.frontier_extend(nodes, 0, tuple(_leaves(2)), 1) is None  # (a tuple: Python's)
+    assert accel.frontier_extend(nodes, 0, _leaves(2), 1 << 40) is None
+    assert accel.frontier_extend(tuple(nodes), 0, _leaves(2), 1) is None
+    f = merkle.Frontier()
+    _in_c(True)
+    assert f.extend(tuple(_leaves(3)), 1) == merkle.Frontier().extend(_leaves(3), 1) and f.size == 3
+
+
+def test_the_c_frontier_keeps_no_references_it_should_not():
+    import sys
+
+    if not ledger_mod._accel.set_hashing(True):
+        pytest.skip("no libcrypto with SHA256_Init() in this process")
+    accel = ledger_mod._accel
+    leaves = _leaves(7)
+    nodes: list[bytes] = []
+    before = [sys.getrefcount(x) for x in leaves]
+    size = 0
+    for _ in range(200):
+        accel.frontier_extend(nodes, size, leaves, 1)
+        size += len(leaves)
+    assert [sys.getrefcount(x) for x in leaves] == before
+    assert [sys.getrefcount(nodes[i]) for i in range(len(nodes))] == [2] * len(nodes)  # (the list's, the call's)
+    assert len(nodes) == size.bit_length()
+
+
+@pytest.mark.usefixtures("frontier_hooks")
 def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
     accel = ledger_mod._accel
     _in_c(False)
@@ -594,5 +672,8 @@ def test_ledger_pure_python_turns_the_c_code_off_and_status_says_which():
 
 
 def test_sha256_in_c_is_found_where_python_s_hashlib_uses_openssl():
-    pytest.importorskip("_hashlib")  # (CPython's OpenSSL binding: where it is, so is libcrypto's SHA256_Init)
+    pytest.importorskip("_hashlib")  # (CPython's OpenSSL binding)
+    with open("/proc/self/maps") as f:
+        if "libcrypto.so" not in f.read():
+            pytest.skip("OpenSSL is linked into this Python statically: no libcrypto to find")
     assert ledger_mod.HASHING_IN_C is True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgpack
 import pytest
 
 from node.ledger import Ledger
@@ -400,7 +401,8 @@ def test_a_chunk_with_a_malformed_root_is_not_taken_for_a_fork(grouped):
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["snapshot", "snapshots"])
-@pytest.mark.parametrize("answer", ["packed", "maps", "junk", "a longer encoding"])
+@pytest.mark.parametrize("answer", ["packed", "maps", "junk", "a longer encoding", "mixed, a map first",
+                                    "mixed, a bin first"])
 def test_a_pull_asks_for_packed_entries_and_takes_them_or_maps_and_refuses_junk(grouped, answer, caplog):
     """SPEC 17.2: a node with the C path asks for entries packed (each a bin of its stored bytes)
     and stores them as they came; a peer that does not know the field answers maps, taken as
@@ -425,6 +427,10 @@ def test_a_pull_asks_for_packed_entries_and_takes_them_or_maps_and_refuses_junk(
     entries: Any = codec.packed_array(blobs) if answer != "maps" else blobs
     if answer == "junk":
         entries = codec.packed_array([*blobs[:2], b"\xc1", blobs[3]])
+    elif answer.startswith("mixed"):  # (SPEC 17.2: item by item; no node of ours mixes them)
+        items = [msgpack.packb(msgpack.unpackb(b, raw=False), use_bin_type=True) if (i % 2 == 0) == answer.endswith(
+            "map first") else codec.packed_array([b])[1:] for i, b in enumerate(blobs)]
+        entries = codec.array_header(len(items)) + b"".join(items)
     elif answer == "a longer encoding":
         entries = codec.packed_array([*blobs[:2], blobs[2].replace(b"\xa3seq\x03", b"\xa3seq\xcc\x03"), blobs[3]])
     if grouped:
