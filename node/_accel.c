@@ -802,6 +802,62 @@ static PyObject *stored_holds(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* stage(pending, tail, hot_append, cid, first_seq, keys, blobs, overhead) -> the bytes held, or None:
+   node.ledger._stage_py's loop (each entry's blob under its storage key in `pending`, (key, blob)
+   under its seq in `tail`, (cid, seq, len(blob) + overhead) given to `hot_append`), for the
+   plain case: dicts, lists of equal length, bytes blobs, cid below 2^32, no seq past 2^64 - 1.
+   None before anything changed: the caller runs the Python loop. */
+static PyObject *stage(PyObject *self, PyObject *args) {
+    PyObject *pending, *tail, *hot_append, *cid_obj, *first_obj, *keys, *blobs, *over_obj;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &pending, &tail, &hot_append, &cid_obj, &first_obj, &keys, &blobs,
+                          &over_obj)) {
+        return NULL;
+    }
+    unsigned long long cid, first, over;
+    if (!PyDict_CheckExact(pending) || !PyDict_CheckExact(tail) || !PyList_CheckExact(keys) ||
+        !PyList_CheckExact(blobs) || PyList_GET_SIZE(keys) != PyList_GET_SIZE(blobs) || as_u64(cid_obj, &cid) < 0 ||
+        cid > 0xffffffffULL || as_u64(first_obj, &first) < 0 || as_u64(over_obj, &over) < 0 ||
+        over > 0xffffffffULL) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(blobs);
+    if (n > 0 && (first == 0 || (unsigned long long)(n - 1) > 0xffffffffffffffffULL - first)) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_CheckExact(PyList_GET_ITEM(blobs, i))) {
+            Py_RETURN_NONE;
+        }
+    }
+    unsigned long long nbytes = 0;
+    unsigned char kb[13];
+    kb[0] = 'E'; /* node.storage.ENTRY */
+    put_be(kb + 1, cid, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long seq = first + (unsigned long long)i;
+        PyObject *blob = PyList_GET_ITEM(blobs, i), *key = PyList_GET_ITEM(keys, i);
+        put_be(kb + 5, seq, 8);
+        PyObject *k = PyBytes_FromStringAndSize((const char *)kb, 13);
+        PyObject *s = PyLong_FromUnsignedLongLong(seq);
+        PyObject *kv = PyTuple_Pack(2, key, blob);
+        unsigned long long size = (unsigned long long)PyBytes_GET_SIZE(blob) + over;
+        PyObject *hot = Py_BuildValue("(KKK)", cid, seq, size);
+        int bad = k == NULL || s == NULL || kv == NULL || hot == NULL || PyDict_SetItem(pending, k, blob) < 0 ||
+                  PyDict_SetItem(tail, s, kv) < 0;
+        PyObject *r = bad ? NULL : PyObject_CallOneArg(hot_append, hot);
+        Py_XDECREF(k);
+        Py_XDECREF(s);
+        Py_XDECREF(kv);
+        Py_XDECREF(hot);
+        if (r == NULL) {
+            return NULL; /* (out of memory: raised) */
+        }
+        Py_DECREF(r);
+        nbytes += size;
+    }
+    return PyLong_FromUnsignedLongLong(nbytes);
+}
+
 /* set_hashing(on) -> whether SHA-256 is now done here (False when it was not found): for tests */
 static PyObject *set_hashing(PyObject *self, PyObject *arg) {
     int on = PyObject_IsTrue(arg);
@@ -815,6 +871,8 @@ static PyObject *set_hashing(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"frontier_extend", frontier_extend, METH_VARARGS,
      "frontier_extend(nodes, size, leaves, keep_from) -> [(level, index, hash)] or None"},
+    {"stage", stage, METH_VARARGS,
+     "stage(pending, tail, hot_append, cid, first_seq, keys, blobs, overhead) -> bytes held, or None"},
     {"frontier_root", frontier_root, METH_VARARGS, "frontier_root(nodes, size) -> the root, or None"},
     {"stored_holds", stored_holds, METH_VARARGS,
      "stored_holds(blob, seq, names, context_packed, writer_packed) -> True or None"},

@@ -195,6 +195,34 @@ if _accel is not None and HASHING_IN_C:
     merkle.Frontier.accel_root = _accel.frontier_root
 
 
+def _stage_py(pending: dict[bytes, bytes], tail: dict[int, tuple[str, bytes]],
+              hot_append: Callable[[tuple[int, int, int]], None], cid: int, first: int, keys: list[str],
+              blobs: list[bytes], overhead: int) -> int:
+    """Entries of context `cid` from seq `first` on, staged: each blob under its storage key in
+    `pending` (the next write), (key, blob) in the context's hot `tail`, its size given to the hot
+    tail's accounting; the bytes held. (node/_accel.c's `stage` where built: a catch-up's loop.)"""
+    nbytes = 0
+    seq = first
+    for key, blob in zip(keys, blobs, strict=True):
+        pending[_entry_key(cid, seq)] = blob
+        tail[seq] = (key, blob)
+        n = len(blob) + overhead
+        hot_append((cid, seq, n))
+        nbytes += n
+        seq += 1
+    return nbytes
+
+
+def _stage(pending: dict[bytes, bytes], tail: dict[int, tuple[str, bytes]],
+           hot_append: Callable[[tuple[int, int, int]], None], cid: int, first: int, keys: list[str],
+           blobs: list[bytes], overhead: int) -> int:
+    if _accel is not None:
+        out: int | None = _accel.stage(pending, tail, hot_append, cid, first, keys, blobs, overhead)
+        if out is not None:
+            return out
+    return _stage_py(pending, tail, hot_append, cid, first, keys, blobs, overhead)
+
+
 class WireParts:
     """Replicated entries from seq `first` on, checked, hashed and encoded by `wire_parts`, for
     `Ledger.apply_replicated`: what its Python loop would compute from the same entries."""
@@ -1198,14 +1226,8 @@ class Ledger:
             keys = [e.key for e in ents]
             blobs = [encode_entry_parts(cp, e.seq, e.key, e.payload, e.metadata, e.lamport, e.ts_ns, wp, e.hash)
                      for e in ents]
-        seq = size
-        for key, blob in zip(keys, blobs, strict=True):
-            seq += 1
-            pending[_entry_key(cid, seq)] = blob
-            tail[seq] = (key, blob)
-            n = len(blob) + HOT_ENTRY_OVERHEAD
-            hot_append((cid, seq, n))
-            nbytes += n
+        nbytes = _stage(pending, tail, hot_append, cid, size + 1, keys, blobs, HOT_ENTRY_OVERHEAD)
+        seq = size + len(blobs)
         ctx.size = seq
         ctx.last_lamport = last_lamport
         self.hot_bytes += nbytes

@@ -13,6 +13,7 @@ import pytest
 
 from node import ledger as ledger_mod
 from node.ledger import Ledger, WireParts, packed_parts, wire_parts
+from node import storage as node_storage
 from node.storage import MemoryKV
 from protocol import codec, merkle
 from protocol.entry import encode_entry_parts, entry_from_wire, leaf_hash_named, leaf_names, packed_str
@@ -560,6 +561,41 @@ def test_a_frontier_the_c_code_cannot_extend_is_left_to_python_unchanged():
         assert g.extend(_leaves(2), 1) == f.copy().extend(_leaves(2), 1)
     finally:
         accel.set_hashing(True)
+
+
+# -- staging applied entries (the pending write, the hot tail) in C ---------------------------------
+
+def _staged(stage: Any, cid: int, first: int, keys: list[Any], blobs: list[Any]) -> tuple[Any, ...]:
+    import collections
+
+    pending: dict[bytes, bytes] = {b"x": b"kept"}
+    tail: dict[int, tuple[str, bytes]] = {}
+    hot: collections.deque[tuple[int, int, int]] = collections.deque()
+    out = stage(pending, tail, hot.append, cid, first, keys, blobs, 320)
+    return out, pending, tail, list(hot)
+
+
+def test_entries_are_staged_in_c_exactly_as_the_python_loop_stages_them():
+    keys = ["", "k", "clé", "k" * 256]
+    blobs = [b"", b"a", b"b" * 300, b"c" * 70000]
+    for cid, first in ((1, 1), (0, 1), ((1 << 32) - 1, (1 << 64) - 4), (7, 1 << 40)):
+        got = _staged(ledger_mod._accel.stage, cid, first, keys, blobs)
+        assert got == _staged(ledger_mod._stage_py, cid, first, keys, blobs), (cid, first)
+        assert got[1][node_storage.entry_key(cid, first)] == b""
+    assert _staged(ledger_mod._accel.stage, 1, 1, [], []) == (0, {b"x": b"kept"}, {}, [])
+
+
+@pytest.mark.parametrize("cid, first, keys, blobs", [
+    (1 << 32, 1, ["k"], [b"a"]),  # (an id past u32: the key would not be the storage's)
+    (-1, 1, ["k"], [b"a"]),
+    (1, 0, ["k"], [b"a"]),
+    (1, (1 << 64) - 1, ["k", "k"], [b"a", b"b"]),  # (a seq past 2^64 - 1)
+    (1, 1, ["k"], [bytearray(b"a")]),
+    (1, 1, ("k",), [b"a"]),
+    (1, 1, ["k", "k"], [b"a"]),
+])
+def test_staging_anything_but_the_plain_case_is_left_to_python_with_nothing_changed(cid, first, keys, blobs):
+    assert _staged(ledger_mod._accel.stage, cid, first, keys, blobs) == (None, {b"x": b"kept"}, {}, [])
 
 
 # -- the source's side: entries read from storage checked against their hash (Ledger.verified) ----
