@@ -98,27 +98,32 @@ def applied_state(led: Ledger, name: str) -> tuple[Any, ...]:
             led.entries_total, led.hot_bytes)
 
 
+@pytest.mark.parametrize("way", ["maps", "packed"])
 @pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
 @pytest.mark.usefixtures("hashing")
-def test_applying_through_the_c_path_leaves_the_ledger_as_the_python_path_does(chunks):
+def test_applying_through_the_c_path_leaves_the_ledger_as_the_pure_python_path_does(chunks, way, monkeypatch):
     n = sum(chunks)
     maps = [wire("c", "w1", s, f"k{s}", bytes([s]) * s, lamport=10 * s, ts_ns=s) for s in range(1, n + 1)]
-    from protocol import merkle
-
     roots = []
     f = merkle.Frontier()
     for m in maps:
         f.append(m["hash"])
         roots.append(f.root())
     fast, slow = (Ledger(MemoryKV(), node_id="me", sync_meta=False) for _ in range(2))
+    accel, hooks = ledger_mod._accel, (merkle.Frontier.accel_extend, merkle.Frontier.accel_root)
     at = 0
     for k in chunks:
-        raw = round_trip(maps[at:at + k])
-        root = roots[at + k - 1]
-        parts = wire_parts("c", raw, at + 1)
+        chunk, root = maps[at:at + k], roots[at + k - 1]
+        parts = wire_parts("c", round_trip(chunk), at + 1) if way == "maps" else packed_parts("c", packed(chunk), at + 1)
         assert parts is not None
         assert fast.apply_replicated("c", parts, root) is not None
-        assert slow.apply_replicated("c", [entry_from_wire(m) for m in raw], root) is not None
+        # the same entries through the Python path only (as on a node without the module)
+        monkeypatch.setattr(ledger_mod, "_accel", None)
+        monkeypatch.setattr(merkle.Frontier, "accel_extend", None)
+        monkeypatch.setattr(merkle.Frontier, "accel_root", None)
+        assert slow.apply_replicated("c", [entry_from_wire(m) for m in round_trip(chunk)], root) is not None
+        monkeypatch.setattr(ledger_mod, "_accel", accel)
+        merkle.Frontier.accel_extend, merkle.Frontier.accel_root = hooks
         at += k
     assert applied_state(fast, "c") == applied_state(slow, "c")
 
@@ -358,30 +363,6 @@ def test_a_packed_entry_that_does_not_hold_is_refused_by_the_python_path():
     with pytest.raises(IntegrityError, match="'c'#3 does not match its hash"):
         led.apply_replicated("c", [entry_from_wire(m) for m in codec.unpack_entries(blobs)])
     assert "c" not in led.contexts
-
-
-@pytest.mark.parametrize("chunks", [[5], [1, 4], [3, 3, 2]])
-@pytest.mark.usefixtures("hashing")
-def test_applying_packed_entries_leaves_the_ledger_as_the_python_path_does(chunks):
-    from protocol import merkle
-
-    n = sum(chunks)
-    maps = [wire("c", "w1", s, f"k{s}", bytes([s]) * s, lamport=10 * s, ts_ns=s) for s in range(1, n + 1)]
-    f = merkle.Frontier()
-    roots = []
-    for m in maps:
-        f.append(m["hash"])
-        roots.append(f.root())
-    fast, slow = (Ledger(MemoryKV(), node_id="me", sync_meta=False) for _ in range(2))
-    at = 0
-    for k in chunks:
-        parts = packed_parts("c", packed(maps[at:at + k]), at + 1)
-        assert parts is not None
-        assert fast.apply_replicated("c", parts, roots[at + k - 1]) is not None
-        assert slow.apply_replicated("c", [entry_from_wire(m) for m in round_trip(maps[at:at + k])],
-                                     roots[at + k - 1]) is not None
-        at += k
-    assert applied_state(fast, "c") == applied_state(slow, "c")
 
 
 def test_whatever_packed_bytes_the_c_path_takes_are_the_canonical_bytes_of_a_sound_entry():
