@@ -417,42 +417,6 @@ static inline int take_raw(cursor *c, int str, const unsigned char **s, unsigned
     return 1;
 }
 
-/* stored_preimage(blob, seq, names, context_packed, writer_packed) -> the pre-image of the leaf hash of entry `seq` as `blob`
-   holds it (the hash is the blob's last 32 bytes), or None when the blob is not an entry laid out
-   as encode_entry_parts writes it (its fields in that order, integers in any unsigned width, as
-   msgpack reads them) with an ASCII key and no metadata, naming the context and writer exactly as
-   packed by the caller (its names): the caller's Python path decides the rest */
-static PyObject *stored_preimage(PyObject *self, PyObject *args) {
-    const unsigned char *b, *names, *cp, *wp;
-    Py_ssize_t bn, names_n, cp_n, wp_n;
-    PyObject *seq_obj;
-    if (!PyArg_ParseTuple(args, "y#Oy#y#y#", &b, &bn, &seq_obj, &names, &names_n, &cp, &cp_n, &wp, &wp_n)) {
-        return NULL;
-    }
-    unsigned long long want, seq, lamport, ts;
-    const unsigned char *key, *payload;
-    unsigned long long key_n, payload_n;
-    if (as_u64(seq_obj, &want) < 0) {
-        Py_RETURN_NONE;
-    }
-    cursor c = {b, b + bn};
-    if (!take(&c, "\x89\xa7" "context", 9) || !take(&c, (const char *)cp, (size_t)cp_n) || !take(&c, "\xa3" "seq", 4) ||
-        !take_uint(&c, &seq) || seq != want || !take(&c, "\xa3" "key", 4) || !take_raw(&c, 1, &key, &key_n) ||
-        !take(&c, "\xa7" "payload", 8) || !take_raw(&c, 0, &payload, &payload_n) ||
-        !take(&c, "\xa8" "metadata" "\x80", 10) || !take(&c, "\xa7" "lamport", 8) || !take_uint(&c, &lamport) ||
-        !take(&c, "\xa5" "ts_ns", 6) || !take_uint(&c, &ts) || !take(&c, "\xa6" "writer", 7) ||
-        !take(&c, (const char *)wp, (size_t)wp_n) || !take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
-        Py_RETURN_NONE;
-    }
-    for (unsigned long long i = 0; i < key_n; i++) {
-        if (key[i] & 0x80) {
-            Py_RETURN_NONE; /* (a non-ASCII key: Python checks its UTF-8) */
-        }
-    }
-    return preimage(seq, lamport, ts, (const char *)names, names_n, (const char *)key, key_n,
-                    (const char *)payload, payload_n);
-}
-
 /* the same, insisting on the shortest forms msgpack-python writes (what encode_entry_parts gives):
    an integer in the fewest bytes, a str or bin under the smallest header that holds it */
 static inline int take_uint_strict(cursor *c, unsigned long long *v) {
@@ -501,6 +465,58 @@ static int ascii(const unsigned char *s, unsigned long long n) {
     return 1;
 }
 
+/* the first fields of an entry in encode_entry_parts' layout, from its start through the key
+   "writer": the context as `cp` packs it, an ASCII key, no metadata; every integer, str and bin
+   header in its shortest form when `strict` (the bytes this node stores), in any width msgpack
+   reads otherwise. 0 on anything else. */
+typedef struct {
+    unsigned long long seq, lamport, ts, key_n, payload_n;
+    const unsigned char *key, *payload;
+} entry_head;
+
+static inline int take_u(cursor *c, int strict, unsigned long long *v) {
+    return strict ? take_uint_strict(c, v) : take_uint(c, v);
+}
+
+static inline int take_r(cursor *c, int strict, int str, const unsigned char **s, unsigned long long *n) {
+    return strict ? take_raw_strict(c, str, s, n) : take_raw(c, str, s, n);
+}
+
+static int take_head(cursor *c, const unsigned char *cp, Py_ssize_t cp_n, int strict, entry_head *e) {
+    return take(c, "\x89\xa7" "context", 9) && take(c, (const char *)cp, (size_t)cp_n) && take(c, "\xa3" "seq", 4) &&
+           take_u(c, strict, &e->seq) && take(c, "\xa3" "key", 4) && take_r(c, strict, 1, &e->key, &e->key_n) &&
+           ascii(e->key, e->key_n) && take(c, "\xa7" "payload", 8) &&
+           take_r(c, strict, 0, &e->payload, &e->payload_n) && take(c, "\xa8" "metadata" "\x80", 10) &&
+           take(c, "\xa7" "lamport", 8) && take_u(c, strict, &e->lamport) && take(c, "\xa5" "ts_ns", 6) &&
+           take_u(c, strict, &e->ts) && take(c, "\xa6" "writer", 7);
+}
+
+/* stored_preimage(blob, seq, names, context_packed, writer_packed) -> the pre-image of the leaf hash of entry `seq` as `blob`
+   holds it (the hash is the blob's last 32 bytes), or None when the blob is not an entry laid out
+   as encode_entry_parts writes it (its fields in that order, integers in any unsigned width, as
+   msgpack reads them) with an ASCII key and no metadata, naming the context and writer exactly as
+   packed by the caller (its names): the caller's Python path decides the rest */
+static PyObject *stored_preimage(PyObject *self, PyObject *args) {
+    const unsigned char *b, *names, *cp, *wp;
+    Py_ssize_t bn, names_n, cp_n, wp_n;
+    PyObject *seq_obj;
+    if (!PyArg_ParseTuple(args, "y#Oy#y#y#", &b, &bn, &seq_obj, &names, &names_n, &cp, &cp_n, &wp, &wp_n)) {
+        return NULL;
+    }
+    unsigned long long want;
+    entry_head e;
+    if (as_u64(seq_obj, &want) < 0) {
+        Py_RETURN_NONE;
+    }
+    cursor c = {b, b + bn};
+    if (!take_head(&c, cp, cp_n, 0, &e) || e.seq != want || !take(&c, (const char *)wp, (size_t)wp_n) ||
+        !take(&c, "\xa4" "hash" "\xc4\x20", 7) || c.end - c.p != 32) {
+        Py_RETURN_NONE; /* (a non-ASCII key among them: Python checks its UTF-8) */
+    }
+    return preimage(e.seq, e.lamport, e.ts, (const char *)names, names_n, (const char *)e.key, e.key_n,
+                    (const char *)e.payload, e.payload_n);
+}
+
 /* packed_parts(blobs, first_seq, context) -> (preimages, hashes, keys, max_lamport, last_lamport, writer)
    or None: a pull reply's entries sent packed (each a bin holding the entry's stored bytes, SPEC
    17.2), of ASCII context `context`, seqs first_seq on. Each blob must be exactly what
@@ -542,17 +558,13 @@ static PyObject *packed_parts(PyObject *self, PyObject *args) {
         }
         const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(blob);
         cursor c = {b, b + PyBytes_GET_SIZE(blob)};
-        const unsigned char *key, *payload;
-        unsigned long long s, key_n, payload_n, ts;
-        if (!take(&c, "\x89\xa7" "context", 9) || !take(&c, (const char *)cp, (size_t)cp_n) ||
-            !take(&c, "\xa3" "seq", 4) || !take_uint_strict(&c, &s) || s != seq || !take(&c, "\xa3" "key", 4) ||
-            !take_raw_strict(&c, 1, &key, &key_n) || key_n > MAX_KEY_BYTES || !ascii(key, key_n) ||
-            !take(&c, "\xa7" "payload", 8) || !take_raw_strict(&c, 0, &payload, &payload_n) ||
-            !take(&c, "\xa8" "metadata" "\x80", 10) || !take(&c, "\xa7" "lamport", 8) ||
-            !take_uint_strict(&c, &lamport) || lamport > MAX_LAMPORT || !take(&c, "\xa5" "ts_ns", 6) ||
-            !take_uint_strict(&c, &ts) || !take(&c, "\xa6" "writer", 7)) {
+        entry_head e;
+        if (!take_head(&c, cp, cp_n, 1, &e) || e.seq != seq || e.key_n > MAX_KEY_BYTES || e.lamport > MAX_LAMPORT) {
             return fail(pre, hashes, keys, writer);
         }
+        const unsigned char *key = e.key, *payload = e.payload;
+        unsigned long long key_n = e.key_n, payload_n = e.payload_n, ts = e.ts;
+        lamport = e.lamport;
         if (writer == NULL) {
             const unsigned char *w;
             unsigned long long w_n;

@@ -244,14 +244,20 @@ class WireParts:
         return len(self.hashes)
 
 
+def _plain_name(name: str) -> bool:
+    """A context name the C code takes: ASCII, 1..256 bytes (a name no context can have, or one to
+    check as UTF-8, is the Python path's, which words the error)."""
+    return 0 < len(name) <= MAX_CONTEXT_BYTES and name.isascii()
+
+
 def wire_parts(name: str, raw: list[Any], first: int) -> WireParts | None:
     """The entries of a pull reply as msgpack decoded them (`raw`), seqs `first` on, of context
     `name`: checked, hashed and encoded in C when every one is the plain case (ASCII key, no
     metadata, the fields `entry_from_wire`'s fast path takes, consecutive seqs, one writer) and
     its hash holds; else None, and the caller takes the Python path, which words any error. A
     catch-up spends most of its CPU on this per entry (~2.5x less this way; docs/benchmarks.md)."""
-    if _accel is None or not raw or not 0 < len(name) <= MAX_CONTEXT_BYTES or not name.isascii():
-        return None  # (a name no context can have, or one to check as UTF-8: the Python path's)
+    if _accel is None or not raw or not _plain_name(name):
+        return None
     m = raw[0]
     w = m.get("writer") if type(m) is dict else None
     if type(w) is not str or not 0 < len(w) <= MAX_WRITER_BYTES or not w.isascii():
@@ -272,7 +278,7 @@ def packed_parts(name: str, blobs: list[Any], first: int) -> WireParts | None:
     encode_entry_parts' layout, the plain case), their hashes hold; they are then stored as they
     came, neither decoded into maps nor encoded again. Else None: the caller decodes them
     (`codec.unpack_entries`) and takes the other paths."""
-    if _accel is None or not blobs or not 0 < len(name) <= MAX_CONTEXT_BYTES or not name.isascii():
+    if _accel is None or not blobs or not _plain_name(name):
         return None
     out = _accel.packed_parts(blobs, first, name)
     if out is None:
@@ -1217,7 +1223,6 @@ class Ledger:
             pending[_node_key(cid, level, index)] = nh
         tail = ctx.tail
         hot_append = self._hot.append
-        nbytes = 0
         if parts is not None:
             keys, blobs = parts.keys, parts.blobs
         else:
