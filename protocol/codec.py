@@ -912,14 +912,10 @@ def chunk_parts(m: Mapping[str, Any]) -> tuple[list[Any], bytes]:
 
 
 def packed_array(blobs: Sequence[bytes]) -> bytes:
-    """Stored entries as a msgpack array of bins (a `packed` pull reply's entries, SPEC 17.2)."""
-    out = [array_header(len(blobs))]
-    for b in blobs:
-        n = len(b)
-        out.append(bytes((0xc4, n)) if n < 0x100 else
-                   b"\xc5" + n.to_bytes(2, "big") if n < 0x10000 else b"\xc6" + n.to_bytes(4, "big"))
-        out.append(b)
-    return b"".join(out)
+    """Stored entries as a msgpack array of bins (a `packed` pull reply's entries, SPEC 17.2):
+    what msgpack packs a list of bytes into, with its shortest headers."""
+    out: bytes = _pack(list(blobs))
+    return out
 
 
 def unpack_entries(raw: list[Any]) -> list[Any]:
